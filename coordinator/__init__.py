@@ -1,0 +1,1 @@
+"""edgefm coordinator: federated rounds over MQTT, LoRA-aware aggregation (no torch)."""

@@ -1,0 +1,1 @@
+"""edgefm devices: hardware profiles and the fleet simulator."""

@@ -1,0 +1,317 @@
+"""Wire messages shared by agent and coordinator, validated once at the boundary.
+
+Binary update envelope (device -> coordinator)::
+
+    b"EFMU" | u32 LE header length | header JSON (UTF-8) | payload (codec output)
+
+JSON messages (status, global pointer, round announcement, ack) are UTF-8 JSON objects with a
+``"protocol"`` field. ``docs/protocol.md`` is the user-facing description; keep it in step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import math
+import re
+import struct
+import time
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.errors import ProtocolError, RejectReason
+from edge_runtime.protocol.codec import CodecSpec, decode_payload, encode_payload
+
+PROTOCOL_VERSION = 1
+UPDATE_MAGIC = b"EFMU"
+MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _fail(reason: RejectReason, msg: str):
+    raise ProtocolError(reason, msg)
+
+
+def check_id(value: Any, what: str) -> str:
+    """Validate an identifier (device id, update id, fleet): 1-64 of [A-Za-z0-9_.-]."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        _fail(RejectReason.BAD_FIELD, f"{what} must be 1-64 characters of [A-Za-z0-9_.-], got {value!r}")
+    return value
+
+
+def _int(obj: dict, key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
+    v = obj.get(key)
+    if v is None and optional:
+        return None
+    if type(v) is not int or v < minimum:
+        _fail(RejectReason.BAD_FIELD, f"field {key!r} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _str(obj: dict, key: str, *, optional: bool = False, max_len: int = 256) -> str | None:
+    v = obj.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or len(v) > max_len:
+        _fail(RejectReason.BAD_FIELD, f"field {key!r} must be a string of at most {max_len} chars, got {v!r}")
+    return v
+
+
+def _metrics(obj: Any) -> dict[str, float]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict) or len(obj) > 64:
+        _fail(RejectReason.BAD_FIELD, "metrics must be an object of at most 64 entries")
+    out = {}
+    for k, v in obj.items():
+        if not isinstance(k, str) or len(k) > 64 or isinstance(v, bool) or not isinstance(v, (int, float)):
+            _fail(RejectReason.BAD_FIELD, f"metric {k!r} must be a number")
+        if not math.isfinite(v):
+            _fail(RejectReason.NON_FINITE, f"metric {k!r} is not finite")
+        out[k] = float(v)
+    return out
+
+
+def parse_json_message(data: bytes, max_bytes: int = 1 << 20) -> dict:
+    """Parse a JSON message and check its protocol version."""
+    if len(data) > max_bytes:
+        _fail(RejectReason.OVERSIZE, f"JSON message of {len(data)} bytes over {max_bytes}")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        _fail(RejectReason.MALFORMED, f"not UTF-8 JSON: {exc}")
+    if not isinstance(obj, dict):
+        _fail(RejectReason.MALFORMED, "message must be a JSON object")
+    version = obj.get("protocol")
+    if version != PROTOCOL_VERSION:
+        _fail(RejectReason.UNSUPPORTED_VERSION, f"protocol {version!r} not supported (this side speaks {PROTOCOL_VERSION})")
+    return obj
+
+
+def dump_json_message(obj: dict) -> bytes:
+    """Serialize a JSON message with the protocol version."""
+    return json.dumps({"protocol": PROTOCOL_VERSION, **obj}, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclasses.dataclass
+class UpdateHeader:
+    """Header of one adapter update sent by a device."""
+
+    device_id: str
+    update_id: str
+    base_version: int
+    num_examples: int
+    base_fingerprint: str
+    round: int | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    codec: CodecSpec = dataclasses.field(default_factory=CodecSpec)
+    created_at: float = dataclasses.field(default_factory=time.time)
+    payload_sha256: str = ""
+    payload_size: int = 0
+    signature: str | None = None
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (signature included when set)."""
+        d = dataclasses.asdict(self)
+        d["codec"] = self.codec.to_json()
+        d["protocol"] = PROTOCOL_VERSION
+        d["kind"] = "update"
+        return d
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "UpdateHeader":
+        """Validate a decoded header object."""
+        if not isinstance(obj, dict):
+            _fail(RejectReason.MALFORMED, "update header must be a JSON object")
+        if obj.get("protocol") != PROTOCOL_VERSION:
+            _fail(RejectReason.UNSUPPORTED_VERSION, f"protocol {obj.get('protocol')!r} not supported (want {PROTOCOL_VERSION})")
+        if obj.get("kind") != "update":
+            _fail(RejectReason.BAD_FIELD, f"kind must be 'update', got {obj.get('kind')!r}")
+        codec = obj.get("codec")
+        if not isinstance(codec, dict) or not isinstance(codec.get("dtype"), str) or not isinstance(codec.get("compression"), str):
+            _fail(RejectReason.BAD_FIELD, "codec must be {dtype, compression}")
+        created = obj.get("created_at")
+        if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+            _fail(RejectReason.BAD_FIELD, "created_at must be a finite number")
+        sha = _str(obj, "payload_sha256")
+        if not SHA_RE.match(sha):
+            _fail(RejectReason.BAD_FIELD, "payload_sha256 must be 64 lowercase hex digits")
+        sig = _str(obj, "signature", optional=True)
+        return cls(
+            device_id=check_id(obj.get("device_id"), "device_id"),
+            update_id=check_id(obj.get("update_id"), "update_id"),
+            base_version=_int(obj, "base_version"),
+            num_examples=_int(obj, "num_examples", minimum=1),
+            base_fingerprint=_str(obj, "base_fingerprint"),
+            round=_int(obj, "round", optional=True),
+            metrics=_metrics(obj.get("metrics")),
+            codec=CodecSpec(codec["dtype"], codec["compression"]),
+            created_at=float(created),
+            payload_sha256=sha,
+            payload_size=_int(obj, "payload_size"),
+            signature=sig,
+        )
+
+
+@dataclasses.dataclass
+class Update:
+    """A decoded, validated update: header and fp32 delta tensors."""
+
+    header: UpdateHeader
+    tensors: dict[str, np.ndarray]
+
+
+def _sign(header_json: dict, payload: bytes, key: bytes) -> str:
+    unsigned = {k: v for k, v in header_json.items() if k != "signature"}
+    msg = json.dumps(unsigned, sort_keys=True, separators=(",", ":")).encode() + payload
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray], *, sign_key: bytes | None = None) -> bytes:
+    """Build the binary update message; fills in payload hash/size and the optional HMAC signature."""
+    payload = encode_payload(tensors, header.codec)
+    header.payload_sha256 = hashlib.sha256(payload).hexdigest()
+    header.payload_size = len(payload)
+    header.signature = None
+    hj = header.to_json()
+    if sign_key is not None:
+        header.signature = hj["signature"] = _sign(hj, payload, sign_key)
+    hbytes = json.dumps(hj, separators=(",", ":"), allow_nan=False).encode()
+    return UPDATE_MAGIC + struct.pack("<I", len(hbytes)) + hbytes + payload
+
+
+def decode_update_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[UpdateHeader, memoryview]:
+    """Validate the envelope and header only (cheap: used for dedupe before decoding tensors)."""
+    mv = memoryview(data)
+    if len(mv) > max_bytes:
+        _fail(RejectReason.OVERSIZE, f"update of {len(mv)} bytes over the {max_bytes}-byte limit")
+    if len(mv) < 8:
+        _fail(RejectReason.TRUNCATED, f"update of {len(mv)} bytes is shorter than its envelope")
+    if bytes(mv[:4]) != UPDATE_MAGIC:
+        _fail(RejectReason.BAD_MAGIC, "not an edgefm update (magic bytes differ)")
+    (hlen,) = struct.unpack("<I", mv[4:8])
+    if hlen > MAX_HEADER_BYTES:
+        _fail(RejectReason.MALFORMED, f"header of {hlen} bytes over {MAX_HEADER_BYTES}")
+    if 8 + hlen > len(mv):
+        _fail(RejectReason.TRUNCATED, f"header claims {hlen} bytes, {len(mv) - 8} present")
+    try:
+        hobj = json.loads(bytes(mv[8:8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        _fail(RejectReason.MALFORMED, f"header is not UTF-8 JSON: {exc}")
+    header = UpdateHeader.from_json(hobj)
+    payload = mv[8 + hlen:]
+    if len(payload) != header.payload_size:
+        _fail(RejectReason.TRUNCATED if len(payload) < header.payload_size else RejectReason.MALFORMED,
+              f"payload is {len(payload)} bytes, header says {header.payload_size}")
+    return header, payload
+
+
+def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                  max_decoded_bytes: int | None = None, verify_key: bytes | None = None) -> Update:
+    """Validate and decode an update message, or raise ``ProtocolError`` with the reason."""
+    header, payload = decode_update_header(data, max_bytes=max_bytes)
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        _fail(RejectReason.HASH_MISMATCH, "payload does not match payload_sha256")
+    if verify_key is not None:
+        want = _sign(header.to_json(), bytes(payload), verify_key)
+        if not header.signature or not hmac.compare_digest(want, header.signature):
+            _fail(RejectReason.BAD_SIGNATURE, "signature missing or wrong for this fleet key")
+    tensors = decode_payload(bytes(payload), header.codec,
+                             max_decoded_bytes=max_decoded_bytes or 4 * max_bytes)
+    return Update(header, tensors)
+
+
+def check_tensors_match(tensors: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Require exactly the schema's tensor names with the schema's shapes (raises ProtocolError)."""
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    if missing or extra:
+        _fail(RejectReason.BAD_SHAPE, f"tensor names differ from the adapter schema: missing {missing[:3]}, unexpected {extra[:3]}")
+    for k, shape in shapes.items():
+        if tuple(tensors[k].shape) != tuple(shape):
+            _fail(RejectReason.BAD_SHAPE, f"tensor {k!r} has shape {tuple(tensors[k].shape)}, schema says {tuple(shape)}")
+
+
+@dataclasses.dataclass
+class GlobalPointer:
+    """Retained description of the current global adapter; its bytes travel as chunks."""
+
+    version: int
+    parent: int | None
+    base_fingerprint: str
+    sha256: str
+    size: int
+    chunk_size: int
+    chunk_sha256: list[str]
+    round: int | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Serialize as a JSON message."""
+        return dump_json_message({"kind": "global", **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_size: int = 1 << 30) -> "GlobalPointer":
+        """Parse and validate a pointer message."""
+        obj = parse_json_message(data)
+        if obj.get("kind") != "global":
+            _fail(RejectReason.BAD_FIELD, "kind must be 'global'")
+        sha = _str(obj, "sha256")
+        chunks = obj.get("chunk_sha256")
+        size = _int(obj, "size", minimum=1)
+        csize = _int(obj, "chunk_size", minimum=1)
+        if not SHA_RE.match(sha):
+            _fail(RejectReason.BAD_FIELD, "sha256 must be 64 lowercase hex digits")
+        if size > max_size:
+            _fail(RejectReason.OVERSIZE, f"global adapter of {size} bytes over {max_size}")
+        if not isinstance(chunks, list) or len(chunks) != -(-size // csize) or not all(isinstance(c, str) and SHA_RE.match(c) for c in chunks):
+            _fail(RejectReason.BAD_FIELD, "chunk_sha256 must list one sha256 per chunk")
+        return cls(version=_int(obj, "version", minimum=1), parent=_int(obj, "parent", optional=True),
+                   base_fingerprint=_str(obj, "base_fingerprint"), sha256=sha, size=size, chunk_size=csize,
+                   chunk_sha256=chunks, round=_int(obj, "round", optional=True), metrics=_metrics(obj.get("metrics")))
+
+
+def make_pointer(version: int, parent: int | None, base_fingerprint: str, blob: bytes, *,
+                 chunk_size: int = 256 * 1024, round: int | None = None,
+                 metrics: dict[str, float] | None = None) -> tuple[GlobalPointer, list[bytes]]:
+    """Split an adapter file into chunks and describe them in a pointer."""
+    chunks = [blob[i:i + chunk_size] for i in range(0, len(blob), chunk_size)] or [b""]
+    ptr = GlobalPointer(version, parent, base_fingerprint, hashlib.sha256(blob).hexdigest(), len(blob), chunk_size,
+                        [hashlib.sha256(c).hexdigest() for c in chunks], round, dict(metrics or {}))
+    return ptr, chunks
+
+
+class ChunkAssembler:
+    """Collects the chunks of one global adapter in any order, verifying each; pure and resumable."""
+
+    def __init__(self, pointer: GlobalPointer, have: dict[int, bytes] | None = None):
+        self.pointer = pointer
+        self.chunks: dict[int, bytes] = {}
+        for i, c in (have or {}).items():
+            self.add(i, c)
+
+    def add(self, index: int, data: bytes) -> bool:
+        """Add chunk ``index``; return True when all chunks are in. Raises ProtocolError on a bad chunk."""
+        n = len(self.pointer.chunk_sha256)
+        if not 0 <= index < n:
+            _fail(RejectReason.BAD_FIELD, f"chunk index {index} outside 0..{n - 1}")
+        if hashlib.sha256(data).hexdigest() != self.pointer.chunk_sha256[index]:
+            _fail(RejectReason.HASH_MISMATCH, f"chunk {index} does not match its sha256")
+        self.chunks[index] = bytes(data)
+        return self.complete
+
+    @property
+    def complete(self) -> bool:
+        """Whether every chunk is present."""
+        return len(self.chunks) == len(self.pointer.chunk_sha256)
+
+    def assemble(self) -> bytes:
+        """Join the chunks and check the whole-object hash."""
+        blob = b"".join(self.chunks[i] for i in range(len(self.pointer.chunk_sha256)))
+        if len(blob) != self.pointer.size or hashlib.sha256(blob).hexdigest() != self.pointer.sha256:
+            _fail(RejectReason.HASH_MISMATCH, "assembled adapter does not match the pointer's sha256")
+        return blob

@@ -1,0 +1,1 @@
+"""edgefm exporter: foundation models -> quantized ONNX device bundles (needs the [export] extra)."""

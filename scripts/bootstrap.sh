@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Bootstraps everything edgefm needs on a fresh Linux machine; sourced by scripts/test.sh and scripts/demo.sh.
+# Idempotent: re-running skips what is already there (a stamp file records the installed pyproject).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+log() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
+
+ensure_mosquitto() {
+  if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then return; fi
+  log "installing the Mosquitto broker (apt-get)"
+  local SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+}
+
+# make_venv DIR EXTRAS: a venv with the project installed (EXTRAS empty = the device/base install, no torch)
+make_venv() {
+  local dir="$1" extras="$2" stamp
+  stamp="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$extras"
+  if [ -f "$dir/.edgefm-stamp" ] && [ "$(cat "$dir/.edgefm-stamp")" = "$stamp" ]; then return; fi
+  log "creating $dir (extras: ${extras:-none})"
+  [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --upgrade pip
+  if [ -n "$extras" ]; then
+    # The CPU build of torch first, exactly this version: an unpinned torch pulls gigabytes of CUDA packages.
+    "$dir/bin/python" -m pip install -q "torch==2.13.0"
+    "$dir/bin/python" -m pip install -q -e "$ROOT[$extras]"
+  else
+    "$dir/bin/python" -m pip install -q "$ROOT" pytest pytest-timeout hypothesis
+  fi
+  echo "$stamp" > "$dir/.edgefm-stamp"
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: bootstraps, runs the device-path tests in a torch-free
+# venv, then every test in the full venv. Extra arguments go to the full pytest run.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+cd "$ROOT"
+ensure_mosquitto
+make_venv "$ROOT/.venv" "export,torch-train,dev"
+make_venv "$ROOT/.venv-device" ""
+
+log "device path: base install only (no torch)"
+if .venv-device/bin/python -c "import torch" 2>/dev/null; then echo "FAIL: torch is installed in the base install" >&2; exit 1; fi
+# Run from tests/ with the installed (non-editable) package, so the device venv really tests `pip install .`.
+(cd tests && ../.venv-device/bin/python -c "import edge_runtime, coordinator, edge_runtime.protocol; print('device imports ok')" \
+  && ../.venv-device/bin/python -m pytest -q -m device -p no:cacheprovider --rootdir=. -c ../pyproject.toml .)
+
+log "full suite"
+.venv/bin/python -m pytest -q "$@"

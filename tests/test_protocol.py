@@ -1,0 +1,283 @@
+"""Wire contracts: codecs, update envelope, adapters, pointers/chunks, topics. Pure, torch-free."""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edge_runtime.errors import ProtocolError, RejectReason
+from edge_runtime.protocol import (AdapterMeta, ChunkAssembler, CodecSpec, GlobalPointer, Topics, UpdateHeader,
+                                   adapter_from_bytes, adapter_to_bytes, check_tensors_match, decode_payload,
+                                   decode_update, encode_payload, encode_update, make_pointer, topic_matches)
+from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
+
+pytestmark = pytest.mark.device
+
+
+def header(**kw):
+    base = dict(device_id="dev-1", update_id="u1", base_version=0, num_examples=10, base_fingerprint="f" * 64)
+    base.update(kw)
+    return UpdateHeader(**base)
+
+
+def tensors():
+    return {"layers.0.q_proj.lora_A": np.arange(8, dtype=np.float32).reshape(2, 4) / 7,
+            "layers.0.q_proj.lora_B": -np.ones((4, 2), np.float32) * 0.25}
+
+
+# --- tensor container -------------------------------------------------------------------------------------
+
+def test_tensor_container_reads_what_safetensors_writes():
+    # Prepare: the reference library writes a file
+    from safetensors.numpy import save
+    data = save({"a": np.ones((2, 3), np.float32), "b": np.arange(4, dtype=np.int8)}, metadata={"k": "v"})
+    # Execute
+    out, meta = decode_tensors(data)
+    # Assert
+    assert meta == {"k": "v"} and out["a"].shape == (2, 3) and out["b"].tolist() == [0, 1, 2, 3]
+
+
+def test_safetensors_reads_what_we_write():
+    from safetensors.numpy import load
+    blob = encode_tensors(tensors(), {"x": "y"})
+    back = load(blob)
+    for k, v in tensors().items():
+        np.testing.assert_array_equal(back[k], v)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda b: b[:5], RejectReason.TRUNCATED),
+    (lambda b: b[:-3], RejectReason.TRUNCATED),
+    (lambda b: struct.pack("<Q", 1 << 40) + b[8:], RejectReason.MALFORMED),
+    (lambda b: struct.pack("<Q", 2) + b"{]" + b[10:], RejectReason.MALFORMED),
+])
+def test_tensor_container_rejects_damage(mutate, reason):
+    blob = encode_tensors(tensors())
+    with pytest.raises(ProtocolError) as e:
+        decode_tensors(mutate(blob))
+    assert e.value.reason == reason
+
+
+def test_tensor_container_rejects_inconsistent_shape_and_overlap():
+    hdr = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
+    raw = json.dumps(hdr).encode()
+    with pytest.raises(ProtocolError) as e:
+        decode_tensors(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
+    assert e.value.reason == RejectReason.BAD_SHAPE
+    hdr = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    raw = json.dumps(hdr).encode()
+    with pytest.raises(ProtocolError) as e:
+        decode_tensors(struct.pack("<Q", len(raw)) + raw + b"\0" * 12)
+    assert e.value.reason == RejectReason.MALFORMED
+
+
+# --- codecs -----------------------------------------------------------------------------------------------
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=6), elements=finite)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arr=arrays, dtype=st.sampled_from(["fp32", "fp16", "int8"]), comp=st.sampled_from(["none", "zstd"]))
+def test_every_codec_round_trips_within_its_stated_error(arr, dtype, comp):
+    spec = CodecSpec(dtype, comp)
+    out = decode_payload(encode_payload({"t": arr}, spec), spec, max_decoded_bytes=1 << 20)["t"]
+    assert out.shape == arr.shape and out.dtype == np.float32
+    if dtype == "fp32":
+        np.testing.assert_array_equal(out, arr)
+    elif dtype == "fp16":
+        # fp16 normal range: relative 2^-11; below 2^-14 absolute error of the subnormal step 2^-25
+        assert np.all(np.abs(out - arr) <= np.maximum(np.abs(arr) * 2.0 ** -11, 2.0 ** -24))
+    else:
+        rows = arr.reshape(arr.shape[0], -1)
+        scale = np.abs(rows).max(axis=1, keepdims=True) / 127
+        assert np.all(np.abs(out.reshape(rows.shape) - rows) <= scale / 2 * (1 + 1e-5) + 1e-30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=512), dtype=st.sampled_from(["fp32", "fp16", "int8"]), comp=st.sampled_from(["none", "zstd"]))
+def test_decoding_arbitrary_bytes_only_raises_protocol_error(data, dtype, comp):
+    try:
+        decode_payload(data, CodecSpec(dtype, comp), max_decoded_bytes=1 << 16)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=1024))
+def test_decoding_arbitrary_update_bytes_only_raises_protocol_error(data):
+    with pytest.raises(ProtocolError):
+        decode_update(b"EFMU" + data if data[:1] == b"\x00" else data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cut=st.integers(0, 400), flip=st.integers(0, 400))
+def test_damaged_updates_only_raise_protocol_error(cut, flip):
+    msg = bytearray(encode_update(header(), tensors()))
+    flip %= len(msg)
+    msg[flip] ^= 0x5A
+    for candidate in (bytes(msg), bytes(msg[:cut])):
+        try:
+            decode_update(candidate)
+        except ProtocolError:
+            pass
+
+
+def test_codec_refuses_nan_on_encode_and_on_decode():
+    with pytest.raises(ValueError):
+        encode_payload({"t": np.array([np.nan], np.float32)}, CodecSpec())
+    raw = encode_tensors({"t": np.array([1.0, np.inf], np.float32)})
+    with pytest.raises(ProtocolError) as e:
+        decode_payload(raw, CodecSpec(), max_decoded_bytes=1 << 10)
+    assert e.value.reason == RejectReason.NON_FINITE
+
+
+def test_codec_refuses_wrong_dtype_and_zip_bomb():
+    raw = encode_tensors({"t": np.ones(4, np.float64)})
+    with pytest.raises(ProtocolError) as e:
+        decode_payload(raw, CodecSpec(), max_decoded_bytes=1 << 10)
+    assert e.value.reason == RejectReason.BAD_DTYPE
+    bomb = encode_payload({"t": np.zeros(1 << 20, np.float32)}, CodecSpec("fp32", "zstd"))
+    assert len(bomb) < 10_000
+    with pytest.raises(ProtocolError) as e:
+        decode_payload(bomb, CodecSpec("fp32", "zstd"), max_decoded_bytes=1 << 16)
+    assert e.value.reason == RejectReason.OVERSIZE
+
+
+def test_unknown_codec_is_refused():
+    with pytest.raises(ProtocolError) as e:
+        CodecSpec("bf17")
+    assert e.value.reason == RejectReason.UNKNOWN_CODEC
+
+
+# --- update envelope --------------------------------------------------------------------------------------
+
+def test_update_round_trip_with_signature():
+    msg = encode_update(header(metrics={"loss": 1.5}, codec=CodecSpec("int8", "zstd")), tensors(), sign_key=b"k")
+    upd = decode_update(msg, verify_key=b"k")
+    assert upd.header.update_id == "u1" and upd.header.metrics == {"loss": 1.5}
+    np.testing.assert_allclose(upd.tensors["layers.0.q_proj.lora_B"], -0.25, atol=1e-6)
+    with pytest.raises(ProtocolError) as e:
+        decode_update(msg, verify_key=b"other")
+    assert e.value.reason == RejectReason.BAD_SIGNATURE
+
+
+def _rewrite_header(msg: bytes, **changes) -> bytes:
+    (hlen,) = struct.unpack("<I", msg[4:8])
+    hobj = json.loads(msg[8:8 + hlen])
+    hobj.update(changes)
+    hb = json.dumps(hobj).encode()
+    return msg[:4] + struct.pack("<I", len(hb)) + hb + msg[8 + hlen:]
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"protocol": 2}, RejectReason.UNSUPPORTED_VERSION),
+    ({"num_examples": 0}, RejectReason.BAD_FIELD),
+    ({"device_id": "a/b/#"}, RejectReason.BAD_FIELD),
+    ({"metrics": {"loss": "NaN"}}, RejectReason.BAD_FIELD),
+    ({"codec": {"dtype": "bf17", "compression": "none"}}, RejectReason.UNKNOWN_CODEC),
+    ({"payload_sha256": "0" * 64}, RejectReason.HASH_MISMATCH),
+    ({"payload_size": 3}, RejectReason.MALFORMED),
+])
+def test_bad_update_headers_rejected_with_reason(changes, reason):
+    msg = _rewrite_header(encode_update(header(), tensors()), **changes)
+    with pytest.raises(ProtocolError) as e:
+        decode_update(msg)
+    assert e.value.reason == reason
+
+
+def test_nan_metric_in_raw_json_rejected():
+    msg = encode_update(header(), tensors())
+    (hlen,) = struct.unpack("<I", msg[4:8])
+    hb = msg[8:8 + hlen].replace(b'"metrics":{}', b'"metrics":{"loss":NaN}')
+    msg = msg[:4] + struct.pack("<I", len(hb)) + hb + msg[8 + hlen:]
+    with pytest.raises(ProtocolError) as e:
+        decode_update(msg)
+    assert e.value.reason == RejectReason.NON_FINITE
+
+
+def test_oversize_truncated_and_magic():
+    msg = encode_update(header(), tensors())
+    for data, reason in ((msg, RejectReason.OVERSIZE), (msg[:-1], RejectReason.TRUNCATED), (b"XXXX" + msg[4:], RejectReason.BAD_MAGIC)):
+        with pytest.raises(ProtocolError) as e:
+            decode_update(data, max_bytes=len(msg) - 1 if reason == RejectReason.OVERSIZE else 1 << 20)
+        assert e.value.reason == reason
+
+
+def test_shape_check_against_schema():
+    t = tensors()
+    check_tensors_match(t, {k: v.shape for k, v in t.items()})
+    with pytest.raises(ProtocolError) as e:
+        check_tensors_match(t, {"layers.0.q_proj.lora_A": (2, 4), "layers.0.q_proj.lora_B": (4, 3)})
+    assert e.value.reason == RejectReason.BAD_SHAPE
+
+
+# --- adapters, pointers, chunks ---------------------------------------------------------------------------
+
+def meta_for(t, fp="f" * 64):
+    return AdapterMeta(base_fingerprint=fp, target_modules=["q_proj"], rank=2, alpha=4.0,
+                       shapes={k: list(v.shape) for k, v in t.items()}, version=3, parent_version=2)
+
+
+def test_adapter_round_trip_and_fingerprint_check():
+    t = tensors()
+    blob = adapter_to_bytes(t, meta_for(t))
+    back, meta = adapter_from_bytes(blob, expect_fingerprint="f" * 64)
+    assert meta.version == 3 and meta.scale == 2.0
+    np.testing.assert_array_equal(back["layers.0.q_proj.lora_A"], t["layers.0.q_proj.lora_A"])
+    with pytest.raises(ProtocolError) as e:
+        adapter_from_bytes(blob, expect_fingerprint="0" * 64)
+    assert e.value.reason == RejectReason.FINGERPRINT_MISMATCH
+
+
+def test_chunked_pointer_resumes_in_any_order_and_rejects_bad_chunks():
+    blob = bytes(range(256)) * 40
+    ptr, chunks = make_pointer(5, 4, "f" * 64, blob, chunk_size=1000)
+    ptr2 = GlobalPointer.from_bytes(ptr.to_bytes())
+    assert ptr2 == ptr and len(chunks) == 11
+    asm = ChunkAssembler(ptr2, have={3: chunks[3]})  # resumed with one chunk already on disk
+    with pytest.raises(ProtocolError) as e:
+        asm.add(0, chunks[1])
+    assert e.value.reason == RejectReason.HASH_MISMATCH
+    for i in reversed(range(11)):
+        asm.add(i, chunks[i])
+    assert asm.complete and asm.assemble() == blob
+    assert hashlib.sha256(asm.assemble()).hexdigest() == ptr.sha256
+
+
+# --- topics -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filt, topic, expected", [
+    ("a/b", "a/b", True), ("a/b", "a/c", False), ("a/+", "a/b", True), ("a/+", "a/b/c", False),
+    ("a/#", "a", True), ("a/#", "a/b/c", True), ("#", "a/b", True), ("+/+", "a/b", True),
+    ("+", "$SYS", False), ("#", "$SYS/x", False), ("$SYS/#", "$SYS/x", True), ("a/+/c", "a//c", True),
+    ("a/b/#", "a/bc", False), ("a/b#", "a/b#", False), ("$share/g/a/+", "a/x", True), ("$share//a", "a", False),
+    ("a", "a/b", False), ("", "a", False),
+])
+def test_topic_matcher_table(filt, topic, expected):
+    assert topic_matches(filt, topic) is expected
+
+
+def test_topics_builder_and_parser():
+    t = Topics("fleet-1")
+    assert t.update("dev-1") == "edgefm/v1/fleet-1/device/dev-1/update"
+    assert t.parse_device_topic(t.status("dev-2")) == ("dev-2", "status")
+    assert t.parse_chunk_topic(t.global_chunk(7, 3)) == (7, 3)
+    assert topic_matches(t.all_devices("update"), t.update("x")) and not topic_matches(t.all_devices("update"), t.status("x"))
+    with pytest.raises(ProtocolError):
+        t.update("bad/id")
+
+
+@settings(max_examples=200, deadline=None)
+@given(levels=st.lists(st.text(alphabet="ab$", min_size=0, max_size=3), min_size=1, max_size=4))
+def test_topic_matches_itself_and_hash(levels):
+    topic = "/".join(levels)
+    if not topic or "+" in topic or "#" in topic:
+        return
+    assert topic_matches(topic, topic)
+    assert topic_matches("#", topic) == (not topic.startswith("$"))
