@@ -206,3 +206,25 @@ class BertGraph(nn.Module):
     def forward(self, input_ids, attention_mask, *lora_flat):
         loras = {t: (lora_flat[2 * j], lora_flat[2 * j + 1]) for j, t in enumerate(self.lora.targets)}
         return self.head(self.encode(input_ids, attention_mask, loras), attention_mask)
+
+
+def hf_module(hf_model, family: str, layer: int, target: str):
+    """The torch Linear a LoRA target refers to in the Hugging Face model."""
+    if family == "llama":
+        lyr = hf_model.model.layers[layer]
+        return getattr(lyr.self_attn, target) if target in ("q_proj", "k_proj", "v_proj", "o_proj") else getattr(lyr.mlp, target)
+    bert = hf_model.bert if hasattr(hf_model, "bert") else hf_model
+    lyr = bert.encoder.layer[layer]
+    return {"query": lyr.attention.self.query, "key": lyr.attention.self.key, "value": lyr.attention.self.value,
+            "attn_out": lyr.attention.output.dense, "ffn_in": lyr.intermediate.dense, "ffn_out": lyr.output.dense}[target]
+
+
+def peft_module_path(family: str, task: str, layer: int, target: str) -> str:
+    """Module path PEFT uses for a LoRA target (for adapter_model.safetensors keys)."""
+    if family == "llama":
+        group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        return f"model.layers.{layer}.{group}.{target}"
+    prefix = "bert." if task == "classification" else ""
+    sub = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+           "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}[target]
+    return f"{prefix}encoder.layer.{layer}.{sub}"

@@ -40,6 +40,7 @@ class Manifest:
     opset: int = 17
     source: str = ""
     checks: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe_fingerprint: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 

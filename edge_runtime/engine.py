@@ -1,0 +1,228 @@
+"""Inference engine over a device bundle: onnxruntime sessions, KV-cache generation, adapters (no torch)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edge_runtime.errors import BundleError, ConfigError, EdgefmError
+from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
+from edge_runtime.protocol.manifest import Manifest, open_bundle, verify_files
+from edge_runtime.sampling import sample_next
+
+
+@dataclasses.dataclass(frozen=True)
+class ActiveAdapter:
+    """An adapter ready to feed: immutable, so swapping the reference is atomic for readers."""
+
+    version: int
+    meta: AdapterMeta
+    tensors: dict[str, np.ndarray]
+    feeds: dict[str, np.ndarray]
+
+
+def stack_adapter(tensors: dict[str, np.ndarray], targets: list[str], layers: int) -> dict[str, np.ndarray]:
+    """Per-layer adapter tensors -> the graph's stacked ``lora_A.<m>`` [L, r, in] / ``lora_B.<m>`` [L, out, r]."""
+    out = {}
+    for t in targets:
+        a = [tensors[lora_names(i, t)[0]] for i in range(layers)]
+        b = [tensors[lora_names(i, t)[1]] for i in range(layers)]
+        out[f"lora_A.{t}"] = np.ascontiguousarray(np.stack(a).astype(np.float32))
+        out[f"lora_B.{t}"] = np.ascontiguousarray(np.stack(b).astype(np.float32))
+    return out
+
+
+def unstack_adapter(stacked: dict[str, np.ndarray], targets: list[str]) -> dict[str, np.ndarray]:
+    """Inverse of ``stack_adapter``."""
+    out = {}
+    for t in targets:
+        for i in range(stacked[f"lora_A.{t}"].shape[0]):
+            na, nb = lora_names(i, t)
+            out[na] = np.array(stacked[f"lora_A.{t}"][i])
+            out[nb] = np.array(stacked[f"lora_B.{t}"][i])
+    return out
+
+
+def session_options(threads: int | None):
+    """ORT session options with bounded threads (serving must leave cores to the rest of the device)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+class Engine:
+    """Loads a bundle and runs it: ``generate`` (causal LM), ``embed``, ``classify``, ``score``."""
+
+    def __init__(self, bundle: str | Path, *, threads: int | None = None, verify: bool = True):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.dir = open_bundle(bundle)
+        self.manifest = verify_files(self.dir) if verify else Manifest.load(self.dir)
+        m = self.manifest
+        self.task = m.task
+        self.dims = m.model
+        self.targets = list(m.adapter["targets"])
+        self.layers = int(m.model["layers"])
+        try:
+            self.session = ort.InferenceSession(str(self.dir / "model.onnx"), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BundleError(f"{self.dir}: onnxruntime cannot load model.onnx: {exc}") from None
+        self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
+        tc = self.dir / "tokenizer" / "tokenizer_config.json"
+        self.tokenizer_config = json.loads(tc.read_text()) if tc.is_file() else {}
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        tensors, meta = load_adapter(self.dir / "adapter.safetensors", expect_fingerprint=m.base_fingerprint)
+        self._lock = threading.Lock()
+        self.adapter = ActiveAdapter(meta.version, meta, tensors, stack_adapter(tensors, self.targets, self.layers))
+
+    # -- adapters --
+    def make_active(self, tensors: dict[str, np.ndarray], meta: AdapterMeta) -> ActiveAdapter:
+        """Validate an adapter against this bundle and precompute its feeds."""
+        from edge_runtime.protocol.adapter import check_adapter
+        if meta.base_fingerprint != self.manifest.base_fingerprint:
+            raise BundleError("adapter was trained for another base model (fingerprint differs)")
+        if meta.shapes != {k: list(v) for k, v in self.manifest.adapter["shapes"].items()}:
+            raise BundleError("adapter shapes differ from this bundle's LoRA slots")
+        check_adapter(tensors, meta)
+        return ActiveAdapter(meta.version, meta, tensors, stack_adapter(tensors, self.targets, self.layers))
+
+    def set_adapter(self, active: ActiveAdapter) -> None:
+        """Swap the active adapter (one reference assignment: requests in flight keep the old one)."""
+        self.adapter = active
+
+    # -- low level --
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length KV cache feeds."""
+        shape = (batch, int(self.dims["kv_heads"]), 0, int(self.dims["head_dim"]))
+        return {f"past.{i}.{kv}": np.zeros(shape, np.float32) for i in range(self.layers) for kv in ("key", "value")}
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray],
+                adapter: ActiveAdapter | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One decoder call: returns logits [b, s, V] and the new KV cache."""
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
+                 "position_ids": positions.astype(np.int64), **past, **(adapter or self.adapter).feeds}
+        outs = self.session.run(None, feeds)
+        present = {n.replace("present.", "past.", 1): v for n, v in zip(self.output_names[1:], outs[1:])}
+        return outs[0], present
+
+    # -- text --
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids (special tokens dropped)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Render a chat with the tokenizer's template (jinja2), adding the generation prompt."""
+        template = self.tokenizer_config.get("chat_template")
+        if isinstance(template, list):
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not template:
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        import jinja2
+        env = jinja2.Environment(undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ConfigError(msg))
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=self.tokenizer_config.get("bos_token", ""),
+                                                eos_token=self.tokenizer_config.get("eos_token", ""))
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end generation."""
+        eos = self.dims.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        for name in ("eos_token",):
+            tok = self.tokenizer_config.get(name)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str) and self.tokenizer.token_to_id(tok) is not None:
+                ids.add(self.tokenizer.token_to_id(tok))
+        return ids
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_ids: set[int] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
+        """Yield new token ids one at a time, using the KV cache (prefill once, then one token per step)."""
+        if self.task != "causal-lm":
+            raise ConfigError(f"this bundle is for {self.task}; generation needs a causal-lm bundle")
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        max_pos = int(self.dims.get("max_positions", 2048))
+        if len(prompt_ids) + max_new_tokens > max_pos:
+            raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the model's {max_pos} positions")
+        adapter = self.adapter  # one adapter for the whole request, even if a swap happens meanwhile
+        rng = np.random.default_rng(seed)
+        stop_ids = self.eos_ids if stop_ids is None else stop_ids
+        ids = np.array([prompt_ids], np.int64)
+        n = ids.shape[1]
+        logits, past = self.forward(ids, np.ones((1, n), np.int64), np.arange(n)[None], self.empty_past(1), adapter)
+        for step in range(max_new_tokens):
+            tok = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+            if tok in stop_ids:
+                return
+            yield tok
+            if step == max_new_tokens - 1 or (should_stop and should_stop()):
+                return
+            n += 1
+            logits, past = self.forward(np.array([[tok]], np.int64), np.ones((1, n), np.int64), np.array([[n - 1]]), past, adapter)
+
+    def score(self, ids: list[int], adapter: ActiveAdapter | None = None) -> tuple[float, int]:
+        """Sum of next-token negative log-likelihoods over ``ids`` and how many tokens were scored."""
+        arr = np.array([ids], np.int64)
+        n = arr.shape[1]
+        if n < 2:
+            return 0.0, 0
+        logits, _ = self.forward(arr, np.ones((1, n), np.int64), np.arange(n)[None], self.empty_past(1), adapter)
+        z = logits[0, :-1].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        nll = -logp[np.arange(n - 1), arr[0, 1:]]
+        return float(nll.sum()), n - 1
+
+    def perplexity(self, text: str, window: int = 256, adapter: ActiveAdapter | None = None) -> float:
+        """Perplexity of ``text`` in non-overlapping windows."""
+        ids = self.encode(text)
+        total, count = 0.0, 0
+        for i in range(0, len(ids), window):
+            s, c = self.score(ids[i:i + window], adapter)
+            total, count = total + s, count + c
+        if count == 0:
+            raise ConfigError("text too short to score")
+        return float(np.exp(total / count))
+
+    def _encoder_feeds(self, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
+        enc = [self.tokenizer.encode(t).ids[:max_len] or [0] for t in texts]
+        width = max(len(e) for e in enc)
+        ids = np.zeros((len(enc), width), np.int64)
+        mask = np.zeros((len(enc), width), np.int64)
+        for i, e in enumerate(enc):
+            ids[i, :len(e)] = e
+            mask[i, :len(e)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised sentence embeddings [n, hidden] (embedding bundles)."""
+        if self.task != "embedding":
+            raise ConfigError(f"this bundle is for {self.task}; embeddings need an embedding bundle")
+        return self.session.run(None, {**self._encoder_feeds(texts, int(self.dims["max_positions"])), **self.adapter.feeds})[0]
+
+    def classify(self, texts: list[str]) -> np.ndarray:
+        """Class logits [n, labels] (classification bundles)."""
+        if self.task != "classification":
+            raise ConfigError(f"this bundle is for {self.task}; classification needs a classification bundle")
+        return self.session.run(None, {**self._encoder_feeds(texts, int(self.dims["max_positions"])), **self.adapter.feeds})[0]

@@ -1,0 +1,44 @@
+"""Next-token selection (pure numpy): greedy, temperature, top-k, top-p, repetition penalty."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def sample_next(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                rng: np.random.Generator | None = None) -> int:
+    """Pick a token id from one row of logits; temperature 0 means greedy."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - np.max(z))
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        keep = order[: int(np.searchsorted(cum, top_p) + 1)]
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    rng = rng or np.random.default_rng()
+    return int(rng.choice(p.size, p=p))
+
+
+def find_stop(text: str, stops: list[str]) -> int:
+    """Index where the earliest stop sequence starts in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def holdback(text: str, stops: list[str]) -> int:
+    """How many trailing characters may be the start of a stop sequence (not safe to stream yet)."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    return n

@@ -1,0 +1,319 @@
+"""Build a device bundle: load -> trace/export (inference + training graphs) -> quantize -> verify -> write.
+
+Written to a temporary directory beside the output and renamed at the end, so a failure never leaves
+a half-written bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import EdgefmError, ExportError
+from edge_runtime.protocol.adapter import AdapterMeta, lora_names, save_adapter
+from edge_runtime.protocol.manifest import Manifest, hash_files
+from export.graphs import BERT_TARGETS, LLAMA_TARGETS, BertGraph, LlamaGraph, LoraSpec, lora_input_names
+from export.quantize import QuantRecipe, quantize_graph
+
+OPSET = 18
+
+
+class Progress:
+    """Stage-by-stage progress lines with times and sizes (stderr)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.t0 = time.time()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[export {time.time() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def mb(path: Path) -> str:
+    """Human size of a file."""
+    return f"{Path(path).stat().st_size / 1e6:.1f} MB"
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """Everything `edgefm-export build` can set."""
+
+    task: str = "causal-lm"
+    quant: QuantRecipe = dataclasses.field(default_factory=QuantRecipe)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
+    train_batch: int = 8
+    train_seq: int = 128
+    with_training: bool = True
+    verify: bool = True
+    archive: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.task not in ("causal-lm", "classification", "embedding"):
+            raise ExportError(f"unknown task {self.task!r}; choose causal-lm, classification or embedding")
+        if self.lora_rank < 1 or self.lora_rank > 256:
+            raise ExportError("--lora-rank must be between 1 and 256")
+        if self.train_batch < 1 or self.train_seq < 4:
+            raise ExportError("training batch must be >= 1 and sequence >= 4")
+        allowed = LLAMA_TARGETS if self.task == "causal-lm" else BERT_TARGETS
+        if not self.lora_targets:
+            self.lora_targets = ("q_proj", "v_proj") if self.task == "causal-lm" else ("query", "value")
+        bad = [t for t in self.lora_targets if t not in allowed]
+        if bad:
+            raise ExportError(f"LoRA targets {bad} do not exist for {self.task}; choose from {list(allowed)}")
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None):
+    import torch
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(args), str(path), input_names=input_names, output_names=output_names,
+                          dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=False,
+                          verbose=False)
+
+
+def initial_adapter(dims: dict[str, tuple[int, int]], targets, layers: int, rank: int, seed: int) -> dict[str, np.ndarray]:
+    """PEFT-style init: A ~ kaiming-uniform, B = 0, so the adapter starts as the base model."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in range(layers):
+        for t in targets:
+            fan_in, fan_out = dims[t]
+            bound = 1.0 / np.sqrt(fan_in)
+            na, nb = lora_names(i, t)
+            out[na] = rng.uniform(-bound, bound, (rank, fan_in)).astype(np.float32)
+            out[nb] = np.zeros((fan_out, rank), np.float32)
+    return out
+
+
+def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
+    """Inference graph with KV cache (dynamic batch/seq/past) and the training graph (fixed batch/seq)."""
+    import torch
+    from torch.export import Dim
+    L, kvh, hd = graph.n_layers, graph.n_kv, graph.head_dim
+    dims = graph.module_dims()
+    loras = []
+    for t in opts.lora_targets:
+        fin, fout = dims[t]
+        loras += [torch.zeros(L, opts.lora_rank, fin), torch.zeros(L, fout, opts.lora_rank)]
+    # past 5 / seq 3 avoids 0/1 shape specialisation; an empty past then works for prefill.
+    b, s, p = 2, 3, 5
+    ids = torch.randint(0, 100, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    pos = torch.arange(p, p + s)[None].expand(b, s).contiguous()
+    past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * L)]
+    past_names = [f"past.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+    B, S, P, T = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
+    io = {"inputs": ["input_ids", "attention_mask", "position_ids"] + past_names + lora_input_names(opts.lora_targets),
+          "outputs": ["logits"] + [n.replace("past.", "present.") for n in past_names]}
+    log(f"exporting inference graph ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
+    _export(graph, (ids, mask, pos, *past, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
+            ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))))
+    log(f"inference graph: {mb(tmp / 'model.fp32.onnx')}")
+    if opts.with_training:
+        log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_batch} x seq {opts.train_seq})")
+        _export_train(graph, tmp, opts, loras, log)
+    return io
+
+
+def causal_lm_loss(graph: LlamaGraph, targets):
+    """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
+    backward came out scaled by the batch size)."""
+    import torch
+
+    def loss_fn(lora, input_ids, attention_mask, loss_mask):
+        loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras)
+        logp = torch.log_softmax(h[:, :-1] @ graph.head_wT, dim=-1)
+        nll = -torch.gather(logp, -1, input_ids[:, 1:, None])[..., 0]
+        w = loss_mask[:, 1:]
+        return (nll * w).sum() / w.sum().clamp(min=1.0)
+    return loss_fn
+
+
+def classification_loss(graph: BertGraph, targets):
+    """Mean cross-entropy of class logits (hand-written log-softmax/gather)."""
+    import torch
+
+    def loss_fn(lora, input_ids, attention_mask, labels):
+        loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
+        logits = graph.head(graph.encode(input_ids, attention_mask, loras), attention_mask)
+        logp = torch.log_softmax(logits, dim=-1)
+        return -torch.gather(logp, -1, labels[:, None]).mean()
+    return loss_fn
+
+
+def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log) -> None:
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+    loss_fn = causal_lm_loss(graph, opts.lora_targets) if opts.task == "causal-lm" else classification_loss(graph, opts.lora_targets)
+
+    def step(input_ids, attention_mask, third, *lora):
+        grads, loss = torch.func.grad_and_value(loss_fn)(tuple(lora), input_ids, attention_mask, third)
+        return (loss, *grads)
+
+    B, S = opts.train_batch, opts.train_seq
+    ids = torch.randint(0, 100, (B, S))
+    am = torch.ones(B, S, dtype=torch.long)
+    third = am.float() if opts.task == "causal-lm" else torch.zeros(B, dtype=torch.long)
+    lora_rand = [torch.randn_like(t) * 0.01 for t in loras]
+    gm = make_fx(step)(ids, am, third, *lora_rand)
+
+    class Step(torch.nn.Module):
+        def __init__(self, gm):
+            super().__init__()
+            self.gm = gm
+
+        def forward(self, input_ids, attention_mask, third, *lora):
+            return self.gm(input_ids, attention_mask, third, *lora)
+
+    names = lora_input_names(opts.lora_targets)
+    third_name = "loss_mask" if opts.task == "causal-lm" else "labels"
+    _export(Step(gm), (ids, am, third, *lora_rand), tmp / "train.fp32.onnx",
+            ["input_ids", "attention_mask", third_name] + names, ["loss"] + [f"grad.{n}" for n in names])
+    log(f"training graph: {mb(tmp / 'train.fp32.onnx')}")
+
+
+def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log) -> dict:
+    """Encoder graph (dynamic batch/seq) and, for classification, the training graph."""
+    import torch
+    from torch.export import Dim
+    L = len(graph.bert.encoder.layer)
+    dims = graph.module_dims()
+    loras = []
+    for t in opts.lora_targets:
+        fin, fout = dims[t]
+        loras += [torch.zeros(L, opts.lora_rank, fin), torch.zeros(L, fout, opts.lora_rank)]
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    out = "logits" if opts.task == "classification" else "embeddings"
+    io = {"inputs": ["input_ids", "attention_mask"] + lora_input_names(opts.lora_targets), "outputs": [out]}
+    B, S = Dim("batch"), Dim("seq")
+    log(f"exporting {opts.task} graph ({L} layers)")
+    _export(graph, (ids, mask, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
+            ({0: B, 1: S}, {0: B, 1: S}, tuple([None] * len(loras))))
+    log(f"encoder graph: {mb(tmp / 'model.fp32.onnx')}")
+    if opts.with_training and opts.task == "classification":
+        _export_train(graph, tmp, opts, loras, log)
+    return io
+
+
+def add_lora_defaults(path: Path, shapes: dict[str, list[int]]) -> None:
+    """Give each LoRA input a zero initializer of the same name: not feeding it serves the base model."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(path))
+    have = {i.name for i in model.graph.initializer}
+    for name, shape in shapes.items():
+        if name not in have:
+            model.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), name))
+    onnx.save(model, str(path))
+
+
+def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -> Manifest:
+    """Export ``model`` into a bundle at ``out`` (directory; plus ``out.tar`` with ``archive``)."""
+    import torch
+
+    import export
+    from export.source import load_model, normalized_dims, weights_hash
+    log = log or Progress()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
+        raise ExportError(f"{out} already exists; remove it or choose another -o")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t = time.time()
+        log(f"loading {model} for {opts.task}")
+        hf, config, src, family = load_model(model, opts.task, log)
+        dims = normalized_dims(config, family)
+        nparams = sum(p.numel() for p in hf.parameters())
+        log(f"loaded {config.model_type}: {nparams / 1e6:.1f}M parameters in {time.time() - t:.1f}s")
+        spec = LoraSpec(tuple(opts.lora_targets), opts.lora_rank, opts.lora_alpha)
+        with torch.no_grad():
+            graph = LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()
+        io = export_llama(graph, tmp, opts, log) if family == "llama" else export_bert(graph, tmp, opts, log)
+        module_dims = graph.module_dims()
+        layers = int(dims["layers"])
+        stacked_shapes = {}
+        for tname in opts.lora_targets:
+            fin, fout = module_dims[tname]
+            stacked_shapes[f"lora_A.{tname}"] = [layers, opts.lora_rank, fin]
+            stacked_shapes[f"lora_B.{tname}"] = [layers, fout, opts.lora_rank]
+        head_out = "logits" if family == "llama" else None
+        for g in ("model", "train"):
+            src_g = tmp / f"{g}.fp32.onnx"
+            if not src_g.exists():
+                continue
+            t = time.time()
+            quantize_graph(src_g, tmp / f"{g}.onnx", opts.quant, head_output=head_out if g == "model" else None)
+            if g == "model":
+                add_lora_defaults(tmp / "model.onnx", stacked_shapes)
+            log(f"quantized {g} graph to {opts.quant.scheme}: {mb(src_g)} -> {mb(tmp / f'{g}.onnx')} in {time.time() - t:.1f}s")
+            src_g.unlink()
+        # tokenizer
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(src)
+        tok.save_pretrained(tmp / "tokenizer")
+        if not (tmp / "tokenizer" / "tokenizer.json").is_file():
+            raise ExportError("the model's tokenizer has no fast (tokenizer.json) form; the device runtime needs one")
+        # fingerprints and adapter
+        recipe = dataclasses.asdict(opts.quant)
+        base_fp = hashlib.sha256(json.dumps({"weights": weights_hash(hf), "task": opts.task, "family": family},
+                                            sort_keys=True).encode()).hexdigest()
+        adapter = initial_adapter(module_dims, opts.lora_targets, layers, opts.lora_rank, opts.seed)
+        meta = AdapterMeta(base_fingerprint=base_fp, target_modules=list(opts.lora_targets), rank=opts.lora_rank,
+                           alpha=opts.lora_alpha, shapes={k: list(v.shape) for k, v in adapter.items()}, version=0)
+        save_adapter(tmp / "adapter.safetensors", adapter, meta)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        import onnxruntime
+        versions = {"edgefm": "0.1.0", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+        for mod in ("transformers", "onnx", "optimum"):
+            try:
+                versions[mod] = __import__(mod).__version__
+            except (ImportError, AttributeError):
+                pass
+        manifest = Manifest(
+            task=opts.task, architecture=family, model=dims, quant=recipe,
+            adapter={"rank": opts.lora_rank, "alpha": opts.lora_alpha, "targets": list(opts.lora_targets),
+                     "shapes": meta.shapes, "stacked_shapes": stacked_shapes},
+            files=hash_files(tmp, files), base_fingerprint=base_fp,
+            io=io, training={"batch": opts.train_batch, "seq": opts.train_seq,
+                             "graph": "train.onnx" if (tmp / "train.onnx").exists() else None},
+            versions=versions, opset=OPSET, source=str(model),
+            recipe_fingerprint=hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest())
+        manifest.save(tmp)
+        if opts.verify:
+            from export.verify import verify_against_source
+            manifest.checks = verify_against_source(tmp, hf, graph, opts, log)
+            manifest.save(tmp)
+        if out.is_dir():
+            out.rmdir()
+        tmp.replace(out)
+        if opts.archive:
+            with tarfile.open(out.with_suffix(".tar"), "w") as tar:
+                for p in sorted(out.rglob("*")):
+                    tar.add(p, arcname=p.relative_to(out).as_posix(), recursive=False)
+            log(f"archive: {out.with_suffix('.tar')} ({mb(out.with_suffix('.tar'))})")
+        total = sum(f["size"] for f in manifest.files.values())
+        log(f"bundle written to {out} ({total / 1e6:.1f} MB)")
+        return manifest
+    except EdgefmError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"export failed: {type(exc).__name__}: {exc}") from exc
