@@ -47,6 +47,13 @@ def convert_gguf(path: Path, log=print) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # The weights are now plain fp32; drop the GGUF "quantized" marker so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in vars(model):
+            delattr(model, attr)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.replace(out)

@@ -1,0 +1,493 @@
+"""The edge agent: serves the bundle locally, trains its LoRA adapter on local data, syncs over MQTT.
+
+Threads: HTTP server (one thread per request), trainer loop, inbox watcher, MQTT network + flush loop.
+Serving never waits on training, the broker or the coordinator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.engine import ActiveAdapter, Engine
+from edge_runtime.errors import ConfigError, EdgefmError, ProtocolError, TrainingError
+from edge_runtime.metrics import Metrics
+from edge_runtime.optim import AdamWConfig
+from edge_runtime.policy import TrainDecision, TrainPolicy, decide
+from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, load_adapter, save_adapter
+from edge_runtime.protocol.codec import CodecSpec
+from edge_runtime.protocol.messages import GlobalPointer, UpdateHeader, check_id, encode_update
+from edge_runtime.protocol.topics import Topics
+from edge_runtime.store import Store
+
+log = logging.getLogger("edgefm.agent")
+
+
+class AgentState(str, enum.Enum):
+    """What the agent is doing."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    TRAINING = "training"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    """Every `edgefm-agent run` setting (CLI flag or config-file key of the same name)."""
+
+    bundle: str = ""
+    data_dir: str = "./edgefm-agent-data"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    broker: str | None = None
+    fleet: str = "default"
+    device_id: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0][:64] or "device")
+    profile: str | None = None
+    threads_inference: int = 2
+    threads_training: int = 1
+    steps_per_round: int = 8
+    max_train_seconds: float = 120.0
+    min_new_examples: int = 16
+    learning_rate: float = 2e-4
+    train_cooldown_s: float = 5.0
+    auto_train: bool = True
+    keep_adapters: int = 5
+    eval_tolerance: float = 0.02          # adopt a candidate unless held-out loss worsens by more than this (relative)
+    max_prompt_tokens: int = 2048
+    max_request_bytes: int = 1 << 20
+    max_examples: int = 100_000
+    min_free_disk_mb: float = 50.0
+    update_codec: str = "fp16"
+    update_compression: str = "zstd"
+    inbox: str | None = None              # folder watched for *.jsonl files of examples
+    sign_key: str | None = None           # fleet HMAC key for update signatures (runtime only, never saved)
+    verify_bundle: bool = True
+
+    def __post_init__(self):
+        check_id(self.device_id, "device_id")
+        check_id(self.fleet, "fleet")
+        if not 0 < self.port < 65536:
+            raise ConfigError("port must be 1-65535")
+        if self.keep_adapters < 1:
+            raise ConfigError("keep_adapters must be >= 1")
+        CodecSpec(self.update_codec, self.update_compression)
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "AgentConfig":
+        """Defaults < profile < config file < command-line flags."""
+        values: dict[str, Any] = {}
+        if config_file:
+            import tomllib
+            try:
+                values.update(tomllib.loads(Path(config_file).read_text()))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config {config_file}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        profile = values.get("profile")
+        if profile:
+            from_profile = profile_defaults(profile)
+            values = {**from_profile, **values}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigError(f"unknown agent settings {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**values)
+
+
+def profile_defaults(name: str) -> dict[str, Any]:
+    """Agent settings implied by a device profile (devices/ is data; imported lazily)."""
+    from devices.profiles import load_profile
+    p = load_profile(name)
+    t = p.training
+    return {"threads_inference": p.threads_inference, "threads_training": p.threads_training,
+            "steps_per_round": t.get("steps_per_round", 8), "max_train_seconds": t.get("max_seconds_per_round", 120),
+            "min_new_examples": t.get("min_new_examples", 16), "learning_rate": t.get("learning_rate", 2e-4),
+            "profile": p.name}
+
+
+class Agent:
+    """One device."""
+
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.state = AgentState.STARTING
+        self.data_dir = Path(cfg.data_dir)
+        (self.data_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.engine = Engine(cfg.bundle, threads=cfg.threads_inference, verify=cfg.verify_bundle)
+        if cfg.profile:
+            from devices.profiles import load_profile
+            self.profile_fit = load_profile(cfg.profile).check_bundle_fits(self.engine.dir)
+        self.manifest = self.engine.manifest
+        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples)
+        self.topics = Topics(cfg.fleet)
+        self.inflight = 0
+        self._inflight_lock = threading.Lock()
+        self._train_lock = threading.Lock()
+        self._swap_lock = threading.Lock()
+        self._train_now = threading.Event()
+        self._stop = threading.Event()
+        self.last_train_at = 0.0
+        self.last_decision = TrainDecision.NOT_ENOUGH_DATA
+        self.paused_reason: str | None = None
+        self.round: dict | None = None
+        self.events: list[dict] = []
+        self.trainer = None
+        if self.manifest.training.get("graph"):
+            from edge_runtime.trainer import OnnxTrainer
+            self.trainer = OnnxTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, threads=cfg.threads_training,
+                                       optim=AdamWConfig(lr=cfg.learning_rate))
+        self._restore_adapters()
+        self.sync = None
+        if cfg.broker:
+            from edge_runtime.sync import FederatedSync
+            self.sync = FederatedSync(cfg.broker, cfg.fleet, cfg.device_id, self.store, self.data_dir / "chunks",
+                                      base_fingerprint=self.manifest.base_fingerprint,
+                                      current_version=lambda: self.global_version, on_global=self.receive_global,
+                                      on_round=self._on_round, status=self.status_summary, metrics=self.metrics)
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ adapters
+    def _event(self, kind: str, **info) -> None:
+        e = {"ts": time.time(), "event": kind, **info}
+        self.events.append(e)
+        del self.events[:-200]
+        log.info("%s %s", kind, json.dumps(info, default=str))
+
+    def _restore_adapters(self) -> None:
+        """After a restart (or crash): serve the last active adapter that still validates, else the bundle's."""
+        bundle_tensors, bundle_meta = load_adapter(self.engine.dir / "adapter.safetensors")
+        self.global_version = int(self.store.get("global_version", 0))
+        self.global_tensors = bundle_tensors
+        gpath = self.store.get("global_path")
+        if gpath:
+            try:
+                self.global_tensors, _ = load_adapter(gpath, expect_fingerprint=self.manifest.base_fingerprint)
+            except (OSError, EdgefmError) as exc:
+                self._event("global_adapter_unreadable", path=gpath, error=str(exc))
+                self.global_version, self.global_tensors = 0, bundle_tensors
+        active_id = self.store.get("active_adapter")
+        for entry in self.store.adapters():
+            if active_id and entry["id"] != active_id:
+                continue
+            try:
+                tensors, meta = load_adapter(entry["path"], expect_fingerprint=self.manifest.base_fingerprint)
+                self.engine.set_adapter(self.engine.make_active(tensors, meta))
+                self.active_id = entry["id"]
+                return
+            except (OSError, EdgefmError) as exc:
+                self._event("adapter_unreadable", id=entry["id"], error=str(exc))
+                self.store.forget_adapter(entry["id"])
+        self.active_id = "bundle"
+        path = self.data_dir / "adapters" / "bundle.safetensors"
+        if not path.exists():
+            shutil.copyfile(self.engine.dir / "adapter.safetensors", path)
+        self.store.record_adapter("bundle", 0, "bundle", str(path), {})
+        self.store.put("active_adapter", "bundle")
+
+    def _activate(self, adapter_id: str, tensors: dict, meta: AdapterMeta, kind: str, metrics: dict, note: str = "") -> None:
+        """Persist an adapter file, record it, and swap it in atomically (between requests)."""
+        path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
+        active = self.engine.make_active(tensors, meta)  # validates before anything changes
+        save_adapter(path, tensors, meta)
+        with self._swap_lock:
+            self.store.record_adapter(adapter_id, meta.version, kind, str(path), metrics, note)
+            self.store.put("active_adapter", adapter_id)
+            self.engine.set_adapter(active)
+            self.active_id = adapter_id
+        self.metrics.set("edgefm_adapter_version", meta.version, help="version of the serving adapter")
+        self._prune()
+
+    def _prune(self) -> None:
+        keep = self.cfg.keep_adapters
+        entries = [e for e in self.store.adapters() if e["kind"] != "bundle"]
+        for e in entries[keep:]:
+            if e["id"] == self.active_id:
+                continue
+            self.store.forget_adapter(e["id"])
+            Path(e["path"]).unlink(missing_ok=True)
+
+    def rollback(self, to: str | None = None) -> dict:
+        """Serve an earlier adapter: ``to`` an id from `adapters`, else the one before the current."""
+        entries = self.store.adapters()
+        ids = [e["id"] for e in entries]
+        if to is None:
+            if self.active_id not in ids or ids.index(self.active_id) + 1 >= len(ids):
+                raise ConfigError("no earlier adapter to roll back to")
+            target = entries[ids.index(self.active_id) + 1]
+        else:
+            if to not in ids:
+                raise ConfigError(f"unknown adapter {to!r}; see `edgefm-agent adapters`")
+            target = entries[ids.index(to)]
+        tensors, meta = load_adapter(target["path"], expect_fingerprint=self.manifest.base_fingerprint)
+        active = self.engine.make_active(tensors, meta)
+        with self._swap_lock:
+            previous = self.active_id
+            self.engine.set_adapter(active)
+            self.active_id = target["id"]
+            self.store.put("active_adapter", target["id"])
+            # Move it to the front of the history so a second rollback goes further back, not forward.
+            self.store.record_adapter(target["id"], target["version"], target["kind"], target["path"], target["metrics"],
+                                      f"rolled back from {previous}")
+        self._event("rollback", frm=previous, to=target["id"])
+        return {"active": target["id"], "previous": previous}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, adapter: ActiveAdapter, limit: int = 32) -> float | None:
+        """Mean held-out loss (NLL per token for LMs, cross-entropy for classifiers); None without held-out data."""
+        examples = self.store.heldout(limit)
+        if not examples:
+            return None
+        if self.manifest.task == "causal-lm":
+            S = int(self.manifest.training.get("seq", 128))
+            total, count = 0.0, 0
+            for ex in examples:
+                ids = self.engine.encode(ex["text"])[:S]
+                s, c = self.engine.score(ids, adapter)
+                total, count = total + s, count + c
+            return total / count if count else None
+        feeds = self.engine._encoder_feeds([e["text"] for e in examples], 128)
+        logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        labels = np.array([e["label"] or 0 for e in examples])
+        return float(-logp[np.arange(len(labels)), labels].mean())
+
+    # ------------------------------------------------------------------ training
+    def disk_ok(self) -> bool:
+        """Enough free disk for data intake and checkpoints (else pause both; inference continues)."""
+        free_mb = shutil.disk_usage(self.data_dir).free / 2**20
+        self.metrics.set("edgefm_disk_free_mb", free_mb, help="free disk space in the data dir")
+        if free_mb < self.cfg.min_free_disk_mb:
+            self.paused_reason = f"disk nearly full: {free_mb:.0f} MB free < {self.cfg.min_free_disk_mb:.0f} MB; training and data intake paused"
+            return False
+        if self.paused_reason and self.paused_reason.startswith("disk"):
+            self.paused_reason = None
+        return True
+
+    def train_once(self, forced: bool = False) -> dict:
+        """One training session from the current global/local adapter; returns what happened."""
+        if self.trainer is None:
+            raise ConfigError("this bundle has no training graph")
+        if not self._train_lock.acquire(blocking=False):
+            return {"status": "already_training"}
+        ckpt_path = self.data_dir / "checkpoint.safetensors"
+        try:
+            counts = self.store.count_examples()
+            decision = decide(TrainPolicy(self.cfg.min_new_examples, cooldown_s=self.cfg.train_cooldown_s),
+                              new_examples=counts["new"], inflight_requests=0, hour=time.localtime().tm_hour,
+                              paused=not self.disk_ok(), seconds_since_last=time.time() - self.last_train_at, forced=forced)
+            self.last_decision = decision
+            if decision != TrainDecision.TRAIN:
+                return {"status": decision.value}
+            if counts["train"] == 0:
+                return {"status": TrainDecision.NOT_ENOUGH_DATA.value}
+            self.state = AgentState.TRAINING
+            base_version = self.global_version
+            start = self._training_start()
+            resume = None
+            from edge_runtime.trainer import load_checkpoint, save_checkpoint
+            loaded = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+            if loaded and loaded[1].get("base_version") == base_version:
+                resume = loaded[0]
+                self._event("training_resumed", step=resume["step"])
+            round_id = (self.round or {}).get("round")
+            result = self.trainer.train(
+                start, lambda n: self.store.training_batch(n), max_steps=self.cfg.steps_per_round,
+                max_seconds=self.cfg.max_train_seconds, should_yield=lambda: self.inflight > 0, resume=resume,
+                checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}))
+            self.metrics.inc("edgefm_training_steps_total", result.steps, help="optimizer steps run")
+            self.last_train_at = time.time()
+            if result.steps == 0:
+                return {"status": "no_steps", "stopped": result.stopped}
+            # Local eval gate: adopt the candidate for serving only if held-out loss does not get worse.
+            meta = self.engine.adapter.meta
+            cand_meta = AdapterMeta(**{**meta.to_json(), "version": base_version, "parent_version": base_version,
+                                       "metrics": {"train_loss": float(np.mean(result.losses[-4:]))}})
+            candidate = self.engine.make_active(result.tensors, cand_meta)
+            cur_loss, cand_loss = self.evaluate(self.engine.adapter), self.evaluate(candidate)
+            adopted = cur_loss is None or cand_loss is None or cand_loss <= cur_loss * (1 + self.cfg.eval_tolerance)
+            n_local = int(self.store.get("local_counter", 0)) + 1
+            self.store.put("local_counter", n_local)
+            adapter_id = f"local-{base_version}.{n_local}"
+            metrics = {"train_loss": float(np.mean(result.losses[-4:])), "heldout_loss": cand_loss,
+                       "heldout_loss_before": cur_loss}
+            if adopted:
+                self._activate(adapter_id, result.tensors, cand_meta, "local", metrics)
+            self.store.put("local_tensors_path", str(self.data_dir / "adapters" / f"{adapter_id}.safetensors") if adopted else None)
+            self._latest_local = (base_version, result.tensors)
+            # The update (delta from the global it started from) goes to the outbox before anything is sent.
+            update_id = self._queue_update(result, base_version, round_id, metrics)
+            self.store.mark_trained(result.examples_used)
+            ckpt_path.unlink(missing_ok=True)
+            self._event("trained", steps=result.steps, loss_first=result.losses[0], loss_last=result.losses[-1],
+                        heldout_before=cur_loss, heldout_after=cand_loss, adopted=adopted, update_id=update_id)
+            return {"status": "trained", "steps": result.steps, "losses": result.losses, "adopted": adopted,
+                    "adapter": adapter_id if adopted else self.active_id, "update_id": update_id,
+                    "heldout_loss_before": cur_loss, "heldout_loss_after": cand_loss, "seconds": result.seconds}
+        except TrainingError as exc:
+            self._event("training_failed", error=str(exc))
+            return {"status": "failed", "error": str(exc)}
+        finally:
+            self.state = AgentState.PAUSED if self.paused_reason else AgentState.SERVING
+            self._train_lock.release()
+
+    def _training_start(self) -> dict[str, np.ndarray]:
+        """Continue the local lineage while it sits on the current global, else start from the global."""
+        latest = getattr(self, "_latest_local", None)
+        if latest and latest[0] == self.global_version:
+            return latest[1]
+        return self.global_tensors
+
+    def _queue_update(self, result, base_version: int, round_id, metrics: dict) -> str:
+        delta = {k: (result.tensors[k] - self.global_tensors[k]).astype(np.float32) for k in result.tensors}
+        update_id = uuid.uuid4().hex
+        header = UpdateHeader(device_id=self.cfg.device_id, update_id=update_id, base_version=base_version,
+                              num_examples=max(1, len(result.examples_used)), base_fingerprint=self.manifest.base_fingerprint,
+                              round=round_id, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+                              codec=CodecSpec(self.cfg.update_codec, self.cfg.update_compression))
+        payload = encode_update(header, delta, sign_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
+        self.store.enqueue_update(update_id, self.topics.update(self.cfg.device_id), payload, base_version)
+        self.metrics.inc("edgefm_updates_queued_total", help="updates written to the outbox")
+        self.metrics.inc("edgefm_update_bytes_total", len(payload), help="bytes of updates queued")
+        if self.sync:
+            self.sync.flush()
+        return update_id
+
+    # ------------------------------------------------------------------ federated
+    def _on_round(self, msg: dict) -> None:
+        self.round = msg
+        selected = msg.get("selected")
+        if selected is None or self.cfg.device_id in selected:
+            if self.store.count_examples()["train"] > 0:
+                self._train_now.set()
+
+    def receive_global(self, pointer: GlobalPointer, blob: bytes) -> None:
+        """A verified global adapter arrived: check, evaluate, adopt (or refuse with a recorded reason)."""
+        try:
+            tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.manifest.base_fingerprint,
+                                               expect_shapes=self.manifest.adapter["shapes"])
+        except ProtocolError as exc:
+            self._event("global_refused", version=pointer.version, reason=exc.reason.value, detail=exc.detail)
+            self.metrics.inc("edgefm_global_refused_total", labels={"reason": exc.reason.value}, help="global adapters refused")
+            return
+        if pointer.version <= self.global_version:
+            return
+        meta.version = pointer.version
+        candidate = self.engine.make_active(tensors, meta)
+        cur_loss, new_loss = self.evaluate(self.engine.adapter), self.evaluate(candidate)
+        path = self.data_dir / "adapters" / f"global-{pointer.version}.safetensors"
+        save_adapter(path, tensors, meta)
+        # The new global is always the base of further training (that is what the fleet agreed on) ...
+        self.global_version, self.global_tensors = pointer.version, tensors
+        self.store.put("global_path", str(path))
+        self.store.put("global_version", pointer.version)
+        metrics = {"heldout_loss": new_loss, "heldout_loss_before": cur_loss}
+        # ... but it serves only if the local held-out data does not get worse.
+        if cur_loss is None or new_loss is None or new_loss <= cur_loss * (1 + self.cfg.eval_tolerance):
+            self._activate(f"global-{pointer.version}", tensors, meta, "global", metrics)
+            self._event("global_adopted", version=pointer.version, **metrics)
+        else:
+            self.store.record_adapter(f"global-{pointer.version}", pointer.version, "global", str(path), metrics,
+                                      "not serving: local held-out loss got worse")
+            self._event("global_not_served", version=pointer.version, reason="held-out loss worse", **metrics)
+        self.metrics.set("edgefm_global_version", pointer.version, help="latest global adapter version received")
+
+    # ------------------------------------------------------------------ status
+    def status_summary(self) -> dict:
+        """Small status for MQTT status messages."""
+        return {"adapter": self.active_id, "adapter_version": self.engine.adapter.version, "global_version": self.global_version,
+                "profile": self.cfg.profile, "state": self.state.value, "outbox": self.store.outbox_stats()}
+
+    def status(self) -> dict:
+        """Full status for the API and CLI."""
+        return {"device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "state": self.state.value,
+                "paused_reason": self.paused_reason, "task": self.manifest.task,
+                "active_adapter": self.active_id, "adapter_version": self.engine.adapter.version,
+                "global_version": self.global_version, "examples": self.store.count_examples(),
+                "outbox": self.store.outbox_stats(), "broker_connected": bool(self.sync and self.sync.connected),
+                "last_train_decision": self.last_decision.value, "round": self.round,
+                "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],
+                "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant["scheme"]}
+
+    # ------------------------------------------------------------------ lifecycle
+    def request_started(self) -> None:
+        with self._inflight_lock:
+            self.inflight += 1
+
+    def request_finished(self) -> None:
+        with self._inflight_lock:
+            self.inflight -= 1
+
+    def add_examples(self, items: list[dict], source: str = "api") -> dict:
+        """Validate and store training examples (refused while the disk is nearly full)."""
+        if not self.disk_ok():
+            from edge_runtime.store import StoreFull
+            raise StoreFull(self.paused_reason)
+        res = self.store.add_examples(items, source)
+        self.metrics.inc("edgefm_examples_added_total", res["added"], help="training examples stored")
+        return res
+
+    def _train_loop(self) -> None:
+        while not self._stop.is_set():
+            forced = self._train_now.wait(1.0)
+            if self._stop.is_set():
+                return
+            self._train_now.clear()
+            if forced or self.cfg.auto_train:
+                try:
+                    self.train_once(forced=forced)
+                except Exception:  # the daemon keeps serving whatever a training bug does
+                    log.exception("training session failed")
+
+    def _inbox_loop(self) -> None:
+        inbox = Path(self.cfg.inbox)
+        inbox.mkdir(parents=True, exist_ok=True)
+        while not self._stop.wait(1.0):
+            for f in sorted(inbox.glob("*.jsonl")):
+                try:
+                    items = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                    self.add_examples(items, source=f"inbox:{f.name}")
+                    f.rename(f.with_suffix(".jsonl.done"))
+                except (ValueError, EdgefmError) as exc:
+                    self._event("inbox_file_refused", file=f.name, error=str(exc))
+                    f.rename(f.with_suffix(".jsonl.bad"))
+
+    def start(self) -> None:
+        """Start background work (trainer, inbox, sync). The HTTP server is started by the caller."""
+        self.state = AgentState.SERVING
+        if self.trainer is not None:
+            self._threads.append(threading.Thread(target=self._train_loop, name="edgefm-trainer", daemon=True))
+        if self.cfg.inbox:
+            self._threads.append(threading.Thread(target=self._inbox_loop, name="edgefm-inbox", daemon=True))
+        for t in self._threads:
+            t.start()
+        if self.sync:
+            self.sync.start()
+        self._event("started", bundle=str(self.engine.dir), adapter=self.active_id, global_version=self.global_version)
+
+    def train_now(self) -> None:
+        """Ask the trainer loop to run a session as soon as possible."""
+        self._train_now.set()
+
+    def stop(self) -> None:
+        """Stop background work and say goodbye on MQTT."""
+        self.state = AgentState.STOPPING
+        self._stop.set()
+        self._train_now.set()
+        if self.sync:
+            self.sync.close()

@@ -1,0 +1,181 @@
+"""The agent's durable state in SQLite (WAL, synchronous=FULL): examples, the update outbox, adapter history."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from edge_runtime.errors import ConfigError, EdgefmError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS examples (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, prompt TEXT, label INTEGER,
+  split TEXT NOT NULL, source TEXT, sha TEXT UNIQUE, created_at REAL NOT NULL, trained INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS outbox (
+  update_id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0, base_version INTEGER);
+CREATE TABLE IF NOT EXISTS sent (update_id TEXT PRIMARY KEY, acked_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (
+  id TEXT PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, created_at REAL NOT NULL,
+  metrics TEXT NOT NULL DEFAULT '{}', note TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreFull(EdgefmError):
+    """The data quota or the disk is full: intake pauses (inference continues)."""
+
+
+class Store:
+    """Thread-safe wrapper over one SQLite file."""
+
+    def __init__(self, path: Path, *, max_examples: int = 100_000, heldout_fraction: float = 0.1, seed: int = 0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+        self.max_examples = max_examples
+        self.heldout_fraction = heldout_fraction
+        self._rng = random.Random(seed)
+
+    # -- key/value --
+    def get(self, key: str, default=None):
+        """Read a JSON value."""
+        with self.lock:
+            row = self.db.execute("SELECT value FROM kv WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def put(self, key: str, value) -> None:
+        """Write a JSON value."""
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+
+    # -- examples --
+    def add_examples(self, items: list[dict], source: str = "api") -> dict:
+        """Store examples ({text} or {prompt, completion} or {text, label}); duplicates are skipped.
+
+        Every ~1/heldout_fraction-th example goes to the held-out split (chosen by content hash, so the
+        split is stable across restarts). Over the quota, the oldest training examples are evicted."""
+        added = dup = 0
+        now = time.time()
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for it in items:
+                    text, prompt, label = it.get("text"), it.get("prompt"), it.get("label")
+                    if prompt is not None:
+                        text = str(prompt) + str(it.get("completion", ""))
+                    if not isinstance(text, str) or not text.strip():
+                        raise ConfigError("each example needs a non-empty 'text' (or 'prompt' + 'completion')")
+                    if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
+                        raise ConfigError("'label' must be a non-negative integer")
+                    sha = hashlib.sha256(json.dumps([text, prompt, label]).encode()).hexdigest()
+                    split = "heldout" if int(sha[:8], 16) / 0xFFFFFFFF < self.heldout_fraction else "train"
+                    cur = self.db.execute("INSERT OR IGNORE INTO examples (text, prompt, label, split, source, sha, created_at) "
+                                          "VALUES (?,?,?,?,?,?,?)", (text, prompt, label, split, source, sha, now))
+                    added += cur.rowcount
+                    dup += 1 - cur.rowcount
+                n = self.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+                evicted = 0
+                if n > self.max_examples:
+                    evicted = self.db.execute("DELETE FROM examples WHERE id IN (SELECT id FROM examples WHERE split='train' "
+                                              "ORDER BY id LIMIT ?)", (n - self.max_examples,)).rowcount
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return {"added": added, "duplicates": dup, "evicted": evicted}
+
+    def count_examples(self) -> dict:
+        """Counts by split, and training examples not yet trained on."""
+        with self.lock:
+            rows = dict(self.db.execute("SELECT split, COUNT(*) FROM examples GROUP BY split").fetchall())
+            new = self.db.execute("SELECT COUNT(*) FROM examples WHERE split='train' AND trained=0").fetchone()[0]
+        return {"train": rows.get("train", 0), "heldout": rows.get("heldout", 0), "new": new}
+
+    def training_batch(self, n: int, replay_fraction: float = 0.5) -> list[dict]:
+        """New examples first, mixed with a replay sample of older ones so new data does not erase old skills."""
+        n_replay = int(n * replay_fraction)
+        with self.lock:
+            new = self.db.execute("SELECT id, text, prompt, label FROM examples WHERE split='train' AND trained=0 "
+                                  "ORDER BY id LIMIT ?", (n - n_replay,)).fetchall()
+            old = self.db.execute("SELECT id, text, prompt, label FROM examples WHERE split='train' AND trained=1 "
+                                  "ORDER BY RANDOM() LIMIT ?", (n - len(new),)).fetchall()
+        return [{"id": r[0], "text": r[1], "prompt": r[2], "label": r[3]} for r in new + old]
+
+    def mark_trained(self, ids: list[int]) -> None:
+        """Record that these examples were used."""
+        with self.lock:
+            self.db.executemany("UPDATE examples SET trained=1 WHERE id=?", [(i,) for i in ids])
+
+    def heldout(self, limit: int = 64) -> list[dict]:
+        """The held-out slice for local evaluation (stable order)."""
+        with self.lock:
+            rows = self.db.execute("SELECT id, text, prompt, label FROM examples WHERE split='heldout' ORDER BY id LIMIT ?",
+                                   (limit,)).fetchall()
+        return [{"id": r[0], "text": r[1], "prompt": r[2], "label": r[3]} for r in rows]
+
+    def apply_retention(self, max_age_s: float) -> int:
+        """Delete training examples older than ``max_age_s`` that were already trained on."""
+        with self.lock:
+            return self.db.execute("DELETE FROM examples WHERE split='train' AND trained=1 AND created_at < ?",
+                                   (time.time() - max_age_s,)).rowcount
+
+    # -- outbox --
+    def enqueue_update(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
+        """Persist an update before any attempt to send it."""
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,0,?)",
+                            (update_id, topic, payload, time.time(), base_version))
+
+    def pending_updates(self) -> list[tuple[str, str, bytes]]:
+        """Queued updates, oldest first."""
+        with self.lock:
+            return self.db.execute("SELECT update_id, topic, payload FROM outbox ORDER BY created_at").fetchall()
+
+    def mark_attempt(self, update_id: str) -> None:
+        """Count a send attempt."""
+        with self.lock:
+            self.db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE update_id=?", (update_id,))
+
+    def ack_update(self, update_id: str) -> None:
+        """The broker acknowledged (PUBACK): drop from the outbox, remember it was sent."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,))
+            self.db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (update_id, time.time()))
+            self.db.execute("COMMIT")
+
+    def outbox_stats(self) -> dict:
+        """Queued and sent counts."""
+        with self.lock:
+            q = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)),0) FROM outbox").fetchone()
+            s = self.db.execute("SELECT COUNT(*) FROM sent").fetchone()[0]
+        return {"queued": q[0], "queued_bytes": q[1], "acknowledged": s}
+
+    # -- adapter history --
+    def record_adapter(self, adapter_id: str, version: int, kind: str, path: str, metrics: dict, note: str = "") -> None:
+        """Remember an adapter file the agent may serve or roll back to."""
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?)",
+                            (adapter_id, version, kind, path, time.time(), json.dumps(metrics), note))
+
+    def adapters(self) -> list[dict]:
+        """Adapter history, newest first."""
+        with self.lock:
+            rows = self.db.execute("SELECT id, version, kind, path, created_at, metrics, note FROM adapters "
+                                   "ORDER BY created_at DESC, rowid DESC").fetchall()
+        return [{"id": r[0], "version": r[1], "kind": r[2], "path": r[3], "created_at": r[4],
+                 "metrics": json.loads(r[5]), "note": r[6]} for r in rows]
+
+    def forget_adapter(self, adapter_id: str) -> None:
+        """Drop one adapter from the history."""
+        with self.lock:
+            self.db.execute("DELETE FROM adapters WHERE id=?", (adapter_id,))

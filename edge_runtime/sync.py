@@ -1,0 +1,218 @@
+"""Federated sync of one device: outbox-first updates (QoS 1), status + last will, global adapters by chunks.
+
+Offline-first: nothing here blocks serving. Updates are written to the SQLite outbox before any
+send and leave it only on the broker's PUBACK; after a reconnect or a restart everything still queued
+is sent again (the coordinator deduplicates by update id).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from edge_runtime.errors import ProtocolError
+from edge_runtime.protocol.messages import ChunkAssembler, GlobalPointer, dump_json_message, parse_json_message
+from edge_runtime.protocol.topics import Topics
+from edge_runtime.store import Store
+from edge_runtime.transport import MqttLink
+
+log = logging.getLogger(__name__)
+
+
+class FederatedSync:
+    """MQTT side of the agent."""
+
+    def __init__(self, url: str, fleet: str, device_id: str, store: Store, chunk_dir: Path, *,
+                 base_fingerprint: str, current_version: Callable[[], int],
+                 on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[dict], None] | None = None,
+                 status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0):
+        self.topics = Topics(fleet)
+        self.device_id = device_id
+        self.store = store
+        self.chunk_dir = Path(chunk_dir)
+        self.base_fingerprint = base_fingerprint
+        self.current_version = current_version
+        self.on_global, self.on_round, self.status = on_global, on_round, status or (lambda: {})
+        self.metrics = metrics
+        self.status_interval_s = status_interval_s
+        self._inflight: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._assembler: ChunkAssembler | None = None
+        self._stop = threading.Event()
+        self.rejected: list[dict] = []
+        will = (self.topics.status(device_id), dump_json_message({"kind": "status", "device_id": device_id, "state": "offline"}), 1, True)
+        self.link = MqttLink(url, f"edgefm-{fleet}-{device_id}", on_message=self._on_message, on_connect=self._on_connect,
+                             on_published=self._on_published, will=will)
+        self.link.subscribe(self.topics.global_pointer, 1)
+        self.link.subscribe(self.topics.round, 1)
+        self._thread = threading.Thread(target=self._loop, name="edgefm-sync", daemon=True)
+
+    def start(self) -> None:
+        """Connect in the background and start the flush/status loop."""
+        self.link.start()
+        self._thread.start()
+
+    def close(self) -> None:
+        """Publish offline status and disconnect."""
+        self._stop.set()
+        if self.link.connected.is_set():
+            self.link.publish(self.topics.status(self.device_id), self._status_payload("offline"), qos=1, retain=True)
+            time.sleep(0.1)
+        self.link.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker is reachable right now."""
+        return self.link.connected.is_set()
+
+    # -- outgoing --
+    def _status_payload(self, state: str) -> bytes:
+        return dump_json_message({"kind": "status", "device_id": self.device_id, "state": state, "ts": time.time(),
+                                  "base_fingerprint": self.base_fingerprint, **self.status()})
+
+    def publish_status(self) -> None:
+        """Retained presence/status message."""
+        self.link.publish(self.topics.status(self.device_id), self._status_payload("online"), qos=1, retain=True)
+
+    def flush(self) -> int:
+        """Send every queued update not already in flight; returns how many were handed to paho."""
+        if not self.connected:
+            return 0
+        sent = 0
+        for update_id, topic, payload in self.store.pending_updates():
+            with self._lock:
+                if update_id in self._inflight.values():
+                    continue
+            mid = self.link.publish(topic, bytes(payload), qos=1)
+            if mid is None:
+                break
+            with self._lock:
+                self._inflight[mid] = update_id
+            self.store.mark_attempt(update_id)
+            sent += 1
+        return sent
+
+    def _on_published(self, mid: int) -> None:
+        with self._lock:
+            update_id = self._inflight.pop(mid, None)
+        if update_id:
+            self.store.ack_update(update_id)
+            if self.metrics:
+                self.metrics.inc("edgefm_updates_acknowledged_total", help="updates acknowledged by the broker")
+
+    def _on_connect(self) -> None:
+        with self._lock:
+            self._inflight.clear()  # resend whatever was unacknowledged before the disconnect
+        self.publish_status()
+        self.flush()
+
+    def _loop(self) -> None:
+        last_status = 0.0
+        while not self._stop.wait(0.5):
+            if not self.connected:
+                continue
+            self.flush()
+            if time.time() - last_status > self.status_interval_s:
+                self.publish_status()
+                last_status = time.time()
+
+    # -- incoming --
+    def _reject(self, what: str, exc: ProtocolError) -> None:
+        log.warning("refused %s: %s", what, exc)
+        self.rejected.append({"what": what, "reason": exc.reason.value, "detail": exc.detail, "ts": time.time()})
+        del self.rejected[:-50]
+        if self.metrics:
+            self.metrics.inc("edgefm_rejected_messages_total", labels={"reason": exc.reason.value}, help="refused messages")
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.topics.global_pointer:
+            if not payload:
+                return
+            try:
+                ptr = GlobalPointer.from_bytes(payload)
+            except ProtocolError as exc:
+                self._reject("global pointer", exc)
+                return
+            self._start_fetch(ptr)
+        elif topic == self.topics.round:
+            if not payload or not self.on_round:
+                return
+            try:
+                self.on_round(parse_json_message(payload))
+            except ProtocolError as exc:
+                self._reject("round announcement", exc)
+        else:
+            parsed = self.topics.parse_chunk_topic(topic)
+            if parsed:
+                self._on_chunk(*parsed, payload)
+
+    def _start_fetch(self, ptr: GlobalPointer) -> None:
+        if ptr.version <= self.current_version():
+            return
+        if ptr.base_fingerprint != self.base_fingerprint:
+            self._reject(f"global v{ptr.version}", ProtocolError(
+                __import__("edge_runtime.errors", fromlist=["RejectReason"]).RejectReason.FINGERPRINT_MISMATCH,
+                "global adapter is for another base model"))
+            return
+        with self._lock:
+            if self._assembler and self._assembler.pointer.version >= ptr.version:
+                return
+            # Resume: chunks already verified and saved on disk from an earlier attempt count.
+            vdir = self.chunk_dir / f"v{ptr.version}"
+            have = {}
+            if vdir.is_dir():
+                for f in vdir.glob("*.chunk"):
+                    have[int(f.stem)] = f.read_bytes()
+            try:
+                self._assembler = ChunkAssembler(ptr, {})
+                for i, c in have.items():
+                    try:
+                        self._assembler.add(i, c)
+                    except ProtocolError:
+                        (vdir / f"{i}.chunk").unlink(missing_ok=True)
+            except ProtocolError as exc:
+                self._reject(f"global v{ptr.version}", exc)
+                return
+            old = [a for a in list(self.link._subs) if "/chunk/" in a]
+        for f in old:
+            self.link.unsubscribe(f)
+        if self._assembler.complete:
+            self._finish()
+        else:
+            self.link.subscribe(self.topics.global_chunks(ptr.version), 1)
+
+    def _on_chunk(self, version: int, index: int, data: bytes) -> None:
+        with self._lock:
+            asm = self._assembler
+            if asm is None or asm.pointer.version != version or index in asm.chunks:
+                return
+            try:
+                asm.add(index, data)
+            except ProtocolError as exc:
+                self._reject(f"chunk {index} of v{version}", exc)
+                return
+            vdir = self.chunk_dir / f"v{version}"
+            vdir.mkdir(parents=True, exist_ok=True)
+            (vdir / f"{index}.chunk").write_bytes(data)
+            done = asm.complete
+        if done:
+            self._finish()
+
+    def _finish(self) -> None:
+        with self._lock:
+            asm, self._assembler = self._assembler, None
+        if asm is None:
+            return
+        self.link.unsubscribe(self.topics.global_chunks(asm.pointer.version))
+        try:
+            blob = asm.assemble()
+        except ProtocolError as exc:
+            self._reject(f"global v{asm.pointer.version}", exc)
+            return
+        try:
+            self.on_global(asm.pointer, blob)
+        finally:
+            import shutil
+            shutil.rmtree(self.chunk_dir / f"v{asm.pointer.version}", ignore_errors=True)

@@ -1,0 +1,158 @@
+"""On-device LoRA training with stock onnxruntime: train.onnx gives loss + gradients, AdamW runs in numpy."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edge_runtime.engine import session_options, stack_adapter, unstack_adapter
+from edge_runtime.errors import BundleError, TrainingError
+from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
+from edge_runtime.protocol.manifest import Manifest
+from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What one training session did."""
+
+    tensors: dict[str, np.ndarray]      # per-layer adapter tensors after training
+    steps: int
+    losses: list[float]
+    examples_used: list[int]
+    seconds: float
+    stopped: str                         # budget | steps | yielded | data
+
+
+class OnnxTrainer:
+    """Runs train.onnx steps over batches built from stored examples."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, tokenizer, *, threads: int | None = 1,
+                 optim: AdamWConfig | None = None):
+        self.bundle = Path(bundle)
+        self.m = manifest
+        self.tok = tokenizer
+        self.threads = threads
+        self.optim = optim or AdamWConfig()
+        if not manifest.training.get("graph"):
+            raise BundleError(f"{bundle}: this bundle has no training graph (exported with --no-train-graph or an embedding task)")
+        self.B, self.S = int(manifest.training["batch"]), int(manifest.training["seq"])
+        self.targets = list(manifest.adapter["targets"])
+        self.layers = int(manifest.model["layers"])
+        self._session = None
+
+    @property
+    def session(self):
+        """The training session, created on first use (keeps memory low while idle)."""
+        if self._session is None:
+            import onnxruntime as ort
+            so = session_options(self.threads)
+            so.enable_mem_pattern = False
+            self._session = ort.InferenceSession(str(self.bundle / "train.onnx"), so, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def release(self) -> None:
+        """Drop the training session (frees its memory)."""
+        self._session = None
+
+    def make_batch(self, examples: list[dict]) -> dict[str, np.ndarray]:
+        """Tokenize into a fixed [B, S] batch; loss only on real (and, with a prompt, completion) tokens."""
+        B, S = self.B, self.S
+        ids = np.zeros((B, S), np.int64)
+        am = np.zeros((B, S), np.int64)
+        lm = np.zeros((B, S), np.float32)
+        if self.m.task == "causal-lm":
+            for r, ex in enumerate(examples[:B]):
+                toks = self.tok.encode(ex["text"], add_special_tokens=False).ids[:S]
+                n = len(toks)
+                ids[r, :n] = toks
+                am[r, :n] = 1
+                start = len(self.tok.encode(ex["prompt"], add_special_tokens=False).ids) if ex.get("prompt") else 0
+                lm[r, min(start, n):n] = 1
+            return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
+        labels = np.zeros((B,), np.int64)
+        rows = [examples[i % len(examples)] for i in range(B)]
+        for r, ex in enumerate(rows):
+            toks = self.tok.encode(ex["text"]).ids[:S]
+            ids[r, :len(toks)] = toks
+            am[r, :len(toks)] = 1
+            labels[r] = int(ex.get("label") or 0)
+        return {"input_ids": ids, "attention_mask": am, "labels": labels}
+
+    def loss_and_grads(self, stacked: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        """One forward+backward through train.onnx."""
+        outs = self.session.run(None, {**batch, **stacked})
+        names = [o.name for o in self.session.get_outputs()]
+        loss = float(outs[0])
+        grads = {n[len("grad."):]: g for n, g in zip(names[1:], outs[1:])}
+        if not np.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values()):
+            raise TrainingError("non-finite loss or gradient; step skipped and adapter left unchanged")
+        return loss, grads
+
+    def train(self, start: dict[str, np.ndarray], next_examples: Callable[[int], list[dict]], *, max_steps: int,
+              max_seconds: float, should_yield: Callable[[], bool] = lambda: False,
+              resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
+              checkpoint_every: int = 4) -> TrainResult:
+        """Run up to ``max_steps`` AdamW steps within ``max_seconds``, pausing while ``should_yield()``."""
+        t0 = time.time()
+        params = stack_adapter(start, self.targets, self.layers)
+        m = {k: np.zeros_like(v) for k, v in params.items()}
+        v = {k: np.zeros_like(p) for k, p in params.items()}
+        step, losses, used = 0, [], []
+        if resume:  # crash recovery: continue from the last checkpoint of this session
+            params, m, v, step = resume["params"], resume["m"], resume["v"], resume["step"]
+            losses, used = list(resume.get("losses", [])), list(resume.get("used", []))
+        stopped = "steps"
+        while step < max_steps:
+            if time.time() - t0 > max_seconds:
+                stopped = "budget"
+                break
+            waited = 0.0
+            while should_yield() and waited < max_seconds:  # serving first: wait for requests to finish
+                time.sleep(0.01)
+                waited += 0.01
+            examples = next_examples(self.B)
+            if not examples:
+                stopped = "data"
+                break
+            loss, grads = self.loss_and_grads(params, self.make_batch(examples))
+            grads, _ = clip_by_global_norm(grads, self.optim.max_grad_norm)
+            step += 1
+            params, m, v, _ = adamw_step(params, grads, m, v, step, self.optim)
+            losses.append(loss)
+            used.extend(e["id"] for e in examples if "id" in e)
+            if checkpoint and step % checkpoint_every == 0:
+                checkpoint({"params": params, "m": m, "v": v, "step": step, "losses": losses, "used": used})
+        return TrainResult(unstack_adapter(params, self.targets), step, losses, sorted(set(used)), time.time() - t0, stopped)
+
+
+def save_checkpoint(path: Path, state: dict, extra: dict) -> None:
+    """Atomically write optimizer state + params (safetensors, no pickle)."""
+    import json
+    tensors = {}
+    for group in ("params", "m", "v"):
+        for k, a in state[group].items():
+            tensors[f"{group}/{k}"] = a
+    meta = {"step": str(state["step"]), "losses": json.dumps(state["losses"]), "used": json.dumps(state["used"]),
+            "extra": json.dumps(extra)}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_bytes(encode_tensors(tensors, meta))
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict] | None:
+    """Read a checkpoint; None if missing or unreadable (a torn write is discarded, never trusted)."""
+    import json
+    try:
+        tensors, meta = decode_tensors(Path(path).read_bytes())
+        state = {"params": {}, "m": {}, "v": {}, "step": int(meta["step"]), "losses": json.loads(meta["losses"]),
+                 "used": json.loads(meta["used"])}
+        for k, a in tensors.items():
+            group, name = k.split("/", 1)
+            state[group][name] = a
+        return state, json.loads(meta["extra"])
+    except Exception:
+        return None

