@@ -309,7 +309,8 @@ class Agent:
             result = self.trainer.train(
                 start, lambda n: self.store.training_batch(n), max_steps=self.cfg.steps_per_round,
                 max_seconds=self.cfg.max_train_seconds, should_yield=lambda: self.inflight > 0, resume=resume,
-                checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}))
+                checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}),
+                train_a=bool((self.round or {}).get("train_a", True)))
             self.metrics.inc("edgefm_training_steps_total", result.steps, help="optimizer steps run")
             self.last_train_at = time.time()
             if result.steps == 0:

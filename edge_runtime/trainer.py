@@ -95,7 +95,7 @@ class OnnxTrainer:
     def train(self, start: dict[str, np.ndarray], next_examples: Callable[[int], list[dict]], *, max_steps: int,
               max_seconds: float, should_yield: Callable[[], bool] = lambda: False,
               resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-              checkpoint_every: int = 4) -> TrainResult:
+              checkpoint_every: int = 4, train_a: bool = True) -> TrainResult:
         """Run up to ``max_steps`` AdamW steps within ``max_seconds``, pausing while ``should_yield()``."""
         t0 = time.time()
         params = stack_adapter(start, self.targets, self.layers)
@@ -119,9 +119,12 @@ class OnnxTrainer:
                 stopped = "data"
                 break
             loss, grads = self.loss_and_grads(params, self.make_batch(examples))
+            if not train_a:  # frozen-A rounds: only B moves, so the server's average is exact
+                grads = {k: (np.zeros_like(g) if k.startswith("lora_A.") else g) for k, g in grads.items()}
             grads, _ = clip_by_global_norm(grads, self.optim.max_grad_norm)
             step += 1
-            params, m, v, _ = adamw_step(params, grads, m, v, step, self.optim)
+            new_params, m, v, _ = adamw_step(params, grads, m, v, step, self.optim)
+            params = new_params if train_a else {k: (params[k] if k.startswith("lora_A.") else p) for k, p in new_params.items()}
             losses.append(loss)
             used.extend(e["id"] for e in examples if "id" in e)
             if checkpoint and step % checkpoint_every == 0:

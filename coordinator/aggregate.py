@@ -1,0 +1,232 @@
+"""Aggregation: pure functions over dicts of numpy arrays (name -> tensor). No I/O, no MQTT.
+
+Conventions: an *update* is the delta a device's training made to the global adapter it started
+from (``local - global``), per tensor name ``layers.<i>.<module>.lora_A|lora_B``. Strategies return
+the new global adapter tensors; "keep the previous model" is returned explicitly as ``None``.
+
+Why more than FedAvg: averaging A and B separately is not the average of the products B·A. The
+LoRA-aware choices are ``frozen_a`` (devices train only B, so averaging is exact) and ``svd``
+(average the products exactly, then re-factorize to rank r by truncated SVD).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+import numpy as np
+
+Tensors = dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------------------- basic folds
+
+def weighted_mean(updates: list[tuple[float, Tensors]]) -> Tensors:
+    """Weighted mean of updates; weights are e.g. numbers of examples (must sum to > 0)."""
+    total = float(sum(w for w, _ in updates))
+    if not updates or total <= 0:
+        raise ValueError("weighted_mean needs at least one update with positive weight")
+    out = {k: np.zeros_like(v, dtype=np.float64) for k, v in updates[0][1].items()}
+    for w, t in updates:
+        for k in out:
+            out[k] += w * t[k]
+    return {k: (v / total).astype(np.float32) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class RunningSum:
+    """Streaming weighted sum: memory is one update's size whatever the number folded in.
+
+    Associative: partial sums from several workers combine with ``merge`` (MQTT shared subscriptions)."""
+
+    sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+
+    def add(self, weight: float, tensors: Tensors) -> None:
+        """Fold one update in."""
+        if weight <= 0:
+            raise ValueError("weights must be positive")
+        for k, v in tensors.items():
+            if k in self.sums:
+                self.sums[k] += weight * v.astype(np.float64)
+            else:
+                self.sums[k] = weight * v.astype(np.float64)
+        self.weight += weight
+        self.count += 1
+
+    def merge(self, other: "RunningSum") -> "RunningSum":
+        """Combine two partial sums (returns a new one)."""
+        out = RunningSum({k: v.copy() for k, v in self.sums.items()}, self.weight, self.count)
+        for k, v in other.sums.items():
+            out.sums[k] = out.sums[k] + v if k in out.sums else v.copy()
+        out.weight += other.weight
+        out.count += other.count
+        return out
+
+    def mean(self) -> Tensors:
+        """The weighted mean so far."""
+        if self.weight <= 0:
+            raise ValueError("no updates folded in")
+        return {k: (v / self.weight).astype(np.float32) for k, v in self.sums.items()}
+
+
+def global_norm(t: Tensors) -> float:
+    """L2 norm over all tensors."""
+    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in t.values())))
+
+
+def clip_update(t: Tensors, max_norm: float) -> Tensors:
+    """Scale an update down to L2 norm ``max_norm`` (no-op if already within)."""
+    n = global_norm(t)
+    if n <= max_norm or n == 0:
+        return t
+    f = max_norm / n
+    return {k: (v * f).astype(np.float32) for k, v in t.items()}
+
+
+def trimmed_mean(updates: list[Tensors], trim: int) -> Tensors:
+    """Coordinate-wise mean after dropping the ``trim`` largest and smallest values per coordinate."""
+    if len(updates) <= 2 * trim:
+        raise ValueError(f"trimmed mean with trim={trim} needs more than {2 * trim} updates, got {len(updates)}")
+    out = {}
+    for k in updates[0]:
+        stack = np.sort(np.stack([u[k] for u in updates]), axis=0)
+        out[k] = stack[trim:len(updates) - trim].mean(axis=0).astype(np.float32)
+    return out
+
+
+def coordinate_median(updates: list[Tensors]) -> Tensors:
+    """Coordinate-wise median."""
+    if not updates:
+        raise ValueError("median of no updates")
+    return {k: np.median(np.stack([u[k] for u in updates]), axis=0).astype(np.float32) for k in updates[0]}
+
+
+# ---------------------------------------------------------------------------- LoRA-aware
+
+def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+    """(A name, B name) pairs present in a tensor dict."""
+    names = set(names)
+    return sorted((n, n[:-len("lora_A")] + "lora_B") for n in names if n.endswith("lora_A") and n[:-len("lora_A")] + "lora_B" in names)
+
+
+def pad_or_truncate_rank(t: Tensors, rank: int) -> Tensors:
+    """Bring an adapter (or update) of any rank to ``rank``: zero-pad A rows / B columns, or truncate them.
+
+    Truncation keeps the first ``rank`` components; combine with ``svd_refactor`` for the best rank-r fit."""
+    out = {}
+    for a, b in lora_pairs(t):
+        A, B = t[a], t[b]
+        r = A.shape[0]
+        if r >= rank:
+            out[a], out[b] = A[:rank].copy(), B[:, :rank].copy()
+        else:
+            out[a] = np.concatenate([A, np.zeros((rank - r, A.shape[1]), A.dtype)], 0)
+            out[b] = np.concatenate([B, np.zeros((B.shape[0], rank - r), B.dtype)], 1)
+    return out
+
+
+def svd_refactor(delta_w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best rank-r factorization B @ A of a matrix (truncated SVD, singular values split evenly)."""
+    U, S, Vt = np.linalg.svd(delta_w.astype(np.float64), full_matrices=False)
+    r = min(rank, S.size)
+    root = np.sqrt(S[:r])
+    B = np.zeros((delta_w.shape[0], rank))
+    A = np.zeros((rank, delta_w.shape[1]))
+    B[:, :r] = U[:, :r] * root
+    A[:r] = root[:, None] * Vt[:r]
+    return A.astype(np.float32), B.astype(np.float32)
+
+
+@dataclasses.dataclass
+class ProductSum:
+    """Streaming weighted sum of the products B·A per module (for exact LoRA aggregation)."""
+
+    sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+
+    def add(self, weight: float, adapter: Tensors) -> None:
+        """Fold one device's full adapter (global + its delta) in."""
+        for a, b in lora_pairs(adapter):
+            prod = adapter[b].astype(np.float64) @ adapter[a].astype(np.float64)
+            self.sums[a] = self.sums[a] + weight * prod if a in self.sums else weight * prod
+        self.weight += weight
+        self.count += 1
+
+    def refactor(self, rank: int) -> Tensors:
+        """Rank-r factors of the weighted mean product of each module."""
+        out = {}
+        for a, s in self.sums.items():
+            A, B = svd_refactor(s / self.weight, rank)
+            out[a], out[a[:-len("lora_A")] + "lora_B"] = A, B
+        return out
+
+
+# ---------------------------------------------------------------------------- server optimizers
+
+@dataclasses.dataclass
+class ServerOptState:
+    """Server-side optimizer state (FedAvgM momentum, FedAdam/FedYogi moments)."""
+
+    m: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    v: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    t: int = 0
+
+
+def apply_server_update(global_t: Tensors, avg_delta: Tensors, opt: str, state: ServerOptState, *,
+                        lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> Tensors:
+    """New global = global + step(avg_delta) for opt in {fedavg, fedavgm, fedadam, fedyogi} (updates ``state``)."""
+    state.t += 1
+    out = {}
+    for k, g in global_t.items():
+        d = avg_delta[k].astype(np.float64)
+        if opt == "fedavg":
+            step = lr * d
+        elif opt == "fedavgm":
+            state.m[k] = beta1 * state.m.get(k, np.zeros_like(d)) + d
+            step = lr * state.m[k]
+        elif opt in ("fedadam", "fedyogi"):
+            m = beta1 * state.m.get(k, np.zeros_like(d)) + (1 - beta1) * d
+            v0 = state.v.get(k, np.full_like(d, tau * tau))
+            if opt == "fedadam":
+                v = beta2 * v0 + (1 - beta2) * d * d
+            else:
+                v = v0 - (1 - beta2) * d * d * np.sign(v0 - d * d)
+            state.m[k], state.v[k] = m, v
+            step = lr * m / (np.sqrt(v) + tau)
+        else:
+            raise ValueError(f"unknown server optimizer {opt!r}")
+        out[k] = (g.astype(np.float64) + step).astype(np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------- differential privacy
+
+def dp_noise(sum_t: Tensors, clip: float, noise_multiplier: float, rng: np.random.Generator) -> Tensors:
+    """Add Gaussian noise N(0, (noise_multiplier * clip)^2) to a sum of clipped updates."""
+    sd = noise_multiplier * clip
+    return {k: (v + rng.normal(0.0, sd, v.shape)).astype(np.float32) for k, v in sum_t.items()}
+
+
+def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float, sample_rate: float = 1.0) -> float:
+    """(epsilon, delta) after ``rounds`` Gaussian-mechanism releases with client-level sensitivity 1 (RDP accountant).
+
+    Uses the RDP of the Gaussian mechanism, alpha / (2 sigma^2) per round, composed over rounds and
+    converted with eps = rdp + log(1/delta) / (alpha - 1). ``sample_rate`` < 1 applies the
+    small-q amplification bound 2 q^2 alpha / sigma^2 (valid for sigma >= 1, small alpha), else no
+    amplification is claimed. Conservative: a tighter accountant can only report a smaller epsilon."""
+    if noise_multiplier <= 0:
+        return math.inf
+    if not 0 < delta < 1 or rounds < 0:
+        raise ValueError("delta must be in (0, 1) and rounds >= 0")
+    if rounds == 0:
+        return 0.0
+    best = math.inf
+    for alpha in [1 + x / 10 for x in range(1, 100)] + list(range(12, 257)):
+        per = alpha / (2 * noise_multiplier ** 2)
+        if sample_rate < 1 and noise_multiplier >= 1 and alpha <= noise_multiplier ** 2 * math.log(1 / sample_rate):
+            per = min(per, 2 * sample_rate ** 2 * alpha / noise_multiplier ** 2)
+        best = min(best, rounds * per + math.log(1 / delta) / (alpha - 1))
+    return best

@@ -1,0 +1,63 @@
+"""Embedded broker for the quickstart: a mosquitto child process on a free loopback port."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from edge_runtime.errors import ConfigError
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary, if installed."""
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+
+
+class EmbeddedBroker:
+    """Start/stop a local mosquitto (persistence on, loopback only)."""
+
+    def __init__(self, workdir: Path | None = None, port: int | None = None):
+        self.binary = find_mosquitto()
+        if not self.binary:
+            raise ConfigError("no MQTT broker: install mosquitto (apt-get install mosquitto) or pass --broker mqtt://HOST:PORT")
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgefm-broker-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
+        self.url = f"mqtt://127.0.0.1:{port}"
+        (self.workdir / "mosquitto.conf").write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {self.workdir}/\n"
+            "max_packet_size 268435455\nmax_queued_messages 100000\nmax_inflight_messages 100\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "EmbeddedBroker":
+        """Start and wait for the port."""
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.workdir / "mosquitto.conf")],
+                                     stdout=open(self.workdir / "mosquitto.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ConfigError(f"mosquitto exited at start; see {self.workdir / 'mosquitto.log'}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise ConfigError("embedded mosquitto did not start within 10 s")
+
+    def stop(self) -> None:
+        """Terminate the broker."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None

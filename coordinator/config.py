@@ -1,0 +1,73 @@
+"""Coordinator configuration (TOML file and/or flags), validated on load."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_runtime.errors import ConfigError
+
+
+@dataclasses.dataclass
+class CoordinatorConfig:
+    """Every coordinator setting; a TOML file uses the same keys."""
+
+    bundle: str = ""                        # the bundle (or just its manifest + adapter) devices run: initial adapter v0
+    state_dir: str = "./edgefm-coordinator"
+    broker: str | None = None               # None: start an embedded broker (mosquitto child process)
+    fleet: str = "default"
+    mode: Literal["sync", "async"] = "sync"
+    strategy: str = "fedavg"
+    server_lr: float = 1.0
+    devices_per_round: int = 0              # 0: every online device
+    over_selection: float = 0.3
+    min_updates: int = 1                    # quorum to close a round at its deadline
+    round_timeout_s: float = 120.0
+    max_rounds: int = 0                     # 0: run forever
+    buffer_size: int = 4                    # async: publish a version every N updates
+    max_staleness: int = 4
+    staleness_exponent: float = 0.5
+    clip_norm: float = 0.0                  # 0: off; else clip each update to this L2 norm before folding
+    max_update_norm: float = 1e4            # reject updates above this L2 norm
+    max_update_bytes: int = 64 * 1024 * 1024
+    trim: int = 1                           # trimmed_mean
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 1.0
+    dp_delta: float = 1e-5
+    keep_versions: int = 10                 # retained chunk sets on the broker
+    chunk_size: int = 256 * 1024
+    sign_key: str | None = None             # require HMAC-signed updates (runtime only)
+    seed: int = 0
+
+    def __post_init__(self):
+        from coordinator.strategies import STRATEGIES
+        if self.mode not in ("sync", "async"):
+            raise ConfigError("mode must be 'sync' or 'async'")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        if self.min_updates < 1 or self.buffer_size < 1 or self.round_timeout_s <= 0:
+            raise ConfigError("min_updates and buffer_size must be >= 1 and round_timeout_s > 0")
+        if self.strategy == "dp_fedavg" and self.dp_noise_multiplier <= 0:
+            raise ConfigError("dp_fedavg needs dp_noise_multiplier > 0 (e.g. 1.0)")
+        if self.chunk_size < 1024:
+            raise ConfigError("chunk_size must be at least 1024 bytes")
+
+    @classmethod
+    def from_sources(cls, path: str | None, overrides: dict[str, Any]) -> "CoordinatorConfig":
+        """Defaults < TOML file < flags."""
+        import tomllib
+        values: dict[str, Any] = {}
+        if path:
+            try:
+                values.update(tomllib.loads(Path(path).read_text()))
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read {path}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ConfigError(f"unknown coordinator settings {sorted(unknown)}; known: {sorted(names)}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None

@@ -1,0 +1,328 @@
+"""The coordinator process: ingest updates over MQTT, validate, fold, close rounds, publish global adapters.
+
+Durability: an update is written to the blob store and recorded in SQLite inside the MQTT message
+callback, and paho sends the PUBACK only after the callback returns, so every acknowledged update
+survives a SIGKILL. After a restart, accepted updates not yet folded into a published version are
+replayed into the accumulator (each exactly once: ``updates.update_id`` is the primary key).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from coordinator import aggregate as agg
+from coordinator.config import CoordinatorConfig
+from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round,
+                                staleness_weight)
+from coordinator.state import State
+from coordinator.strategies import make_strategy
+from edge_runtime.errors import BundleError, ProtocolError, RejectReason
+from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
+from edge_runtime.protocol.manifest import Manifest
+from edge_runtime.protocol.messages import (check_tensors_match, decode_update, decode_update_header, dump_json_message,
+                                            make_pointer, parse_json_message)
+from edge_runtime.protocol.topics import Topics
+
+log = logging.getLogger("edgefm.coordinator")
+
+
+class Coordinator:
+    """One coordinator over one fleet."""
+
+    def __init__(self, cfg: CoordinatorConfig):
+        self.cfg = cfg
+        self.state = State(Path(cfg.state_dir))
+        self.topics = Topics(cfg.fleet)
+        bundle = Path(cfg.bundle)
+        if not (bundle / "manifest.json").is_file() or not (bundle / "adapter.safetensors").is_file():
+            raise BundleError(f"{bundle}: the coordinator needs the bundle's manifest.json and adapter.safetensors")
+        self.manifest = Manifest.load(bundle)
+        self.fingerprint = self.manifest.base_fingerprint
+        self.schema = {k: tuple(v) for k, v in self.manifest.adapter["shapes"].items()}
+        self.rank = int(self.manifest.adapter["rank"])
+        self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, rank=self.rank, trim=cfg.trim,
+                                      dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
+        self.rng = random.Random(cfg.seed)
+        self.lock = threading.RLock()
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self.link = None
+        if self.state.current_version() is None:
+            blob = (bundle / "adapter.safetensors").read_bytes()
+            tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
+            self._store_version(0, None, tensors, meta, note="initial adapter from the bundle")
+        self.version = self.state.current_version()
+        self.global_tensors, self.global_meta = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(self.version)))
+        self.acc = self.strategy.begin(self.global_tensors)
+        self.folded_ids: list[str] = []
+        self.plan: RoundPlan | None = None
+        self._restore()
+
+    # ------------------------------------------------------------------ durable state
+    def _store_version(self, version: int, parent, tensors, meta: AdapterMeta, *, round_id=None, num_updates=0, num_examples=0,
+                       metrics=None, note="", folded=None) -> str:
+        meta = AdapterMeta(**{**meta.to_json(), "version": version, "parent_version": parent, "metrics": metrics or {}})
+        sha = self.state.blobs.put(adapter_to_bytes(tensors, meta))
+        self.state.add_version(version, parent, sha, round_id=round_id, strategy=self.cfg.strategy, num_updates=num_updates,
+                               num_examples=num_examples, metrics=metrics, note=note, folded=folded)
+        return sha
+
+    def _restore(self) -> None:
+        """Resume after a restart: the open round and every accepted-but-unpublished update."""
+        rows = self.state.q("SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
+                            "WHERE status IN ('open', 'extended') ORDER BY round DESC LIMIT 1")
+        if rows and self.cfg.mode == "sync":
+            r = rows[0]
+            import json
+            self.plan = RoundPlan(r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
+        replayed = 0
+        for update_id, blob, weight in self.state.pending_accepted():
+            try:
+                upd = decode_update(self.state.blobs.get(blob), max_bytes=self.cfg.max_update_bytes)
+            except (OSError, ProtocolError) as exc:
+                log.error("stored update %s unreadable after restart (%s); dropping it", update_id, exc)
+                self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
+                continue
+            delta = agg.clip_update(upd.tensors, self.cfg.clip_norm) if self.cfg.clip_norm else upd.tensors
+            self.strategy.fold(self.acc, weight, delta, self.global_tensors)
+            self.folded_ids.append(update_id)
+            if self.plan is not None:
+                self.plan.accepted[upd.header.device_id] = update_id
+            replayed += 1
+        if replayed:
+            log.info("restart: replayed %d accepted updates into the open aggregate", replayed)
+        self.replayed = replayed
+
+    # ------------------------------------------------------------------ MQTT
+    def start(self) -> None:
+        """Connect (persistent session) and start the round loop."""
+        from edge_runtime.transport import MqttLink
+        self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.on_message,
+                             on_connect=self._on_connect, clean_start=False)
+        self.link.subscribe(self.topics.all_devices("status"), 1)
+        self.link.subscribe(self.topics.all_devices("update"), 1)
+        self.link.start()
+        self._thread = threading.Thread(target=self._loop, name="edgefm-rounds", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop and disconnect."""
+        self._stop.set()
+        if self.link:
+            self.link.close()
+
+    def _on_connect(self) -> None:
+        self.publish_global(self.version)
+        if self.plan is not None:
+            self._announce(self.plan)
+
+    def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """Route one MQTT message (runs on paho's thread; PUBACK follows its return)."""
+        parsed = self.topics.parse_device_topic(topic)
+        if not parsed:
+            return
+        device_id, kind = parsed
+        if kind == "status":
+            try:
+                msg = parse_json_message(payload)
+                self.state.seen_device(device_id, msg)
+            except ProtocolError as exc:
+                log.warning("bad status from %s: %s", device_id, exc)
+        elif kind == "update":
+            self.handle_update(device_id, payload)
+
+    # ------------------------------------------------------------------ updates
+    def _reject(self, device_id: str, update_id: str | None, reason: RejectReason, detail: str, header=None, nbytes=0) -> dict:
+        uid = update_id or f"unparsed-{time.time_ns()}"
+        self.state.record_update(update_id=uid, device_id=device_id, round_id=getattr(header, "round", None),
+                                 base_version=getattr(header, "base_version", -1), num_examples=getattr(header, "num_examples", 0),
+                                 status="rejected", reason=reason.value, detail=detail[:500], blob=None, nbytes=nbytes, weight=0.0)
+        self.state.count_device(device_id, accepted=False)
+        log.info("rejected update %s from %s: %s (%s)", uid, device_id, reason.value, detail)
+        return {"accepted": False, "reason": reason.value, "detail": detail}
+
+    def handle_update(self, device_id: str, payload: bytes) -> dict:
+        """Validate one update and fold it in, or record why not. Never raises on bad input."""
+        with self.lock:
+            header = None
+            try:
+                header, _ = decode_update_header(payload, max_bytes=self.cfg.max_update_bytes)
+                if self.state.has_update(header.update_id):
+                    return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted"}
+                if header.device_id != device_id:
+                    raise ProtocolError(RejectReason.BAD_FIELD, f"header says device {header.device_id!r}, topic says {device_id!r}")
+                upd = decode_update(payload, max_bytes=self.cfg.max_update_bytes,
+                                    verify_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
+                if header.base_fingerprint != self.fingerprint:
+                    raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
+                check_tensors_match(upd.tensors, self.schema)
+                norm = agg.global_norm(upd.tensors)
+                if norm > self.cfg.max_update_norm:
+                    raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.3g} > bound {self.cfg.max_update_norm:.3g}")
+                if self.cfg.mode == "sync":
+                    if self.plan is None:
+                        raise ProtocolError(RejectReason.STALE, "no round is open")
+                    why = check_sync_update(self.plan, device_id, header.base_version, header.round)
+                    weight = float(header.num_examples)
+                else:
+                    why = check_async_update(self.version, header.base_version, self.cfg.max_staleness)
+                    weight = staleness_weight(header.num_examples, self.version - header.base_version, self.cfg.staleness_exponent)
+                if why is not None:
+                    raise ProtocolError(why, f"update from base v{header.base_version} round {header.round} does not fit "
+                                             f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
+            except ProtocolError as exc:
+                return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
+            blob = self.state.blobs.put(bytes(payload))
+            if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
+                                            base_version=header.base_version, num_examples=header.num_examples,
+                                            status="accepted", reason=None, detail=None, blob=blob, nbytes=len(payload),
+                                            weight=weight):
+                return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted"}
+            self.state.count_device(device_id, accepted=True)
+            delta = agg.clip_update(upd.tensors, self.cfg.clip_norm) if self.cfg.clip_norm else upd.tensors
+            self.strategy.fold(self.acc, weight, delta, self.global_tensors)
+            self.folded_ids.append(header.update_id)
+            if self.plan is not None:
+                self.plan.accepted[device_id] = header.update_id
+            if self.cfg.mode == "async" and self.strategy.count(self.acc) >= self.cfg.buffer_size:
+                self._aggregate(round_id=None)
+            return {"accepted": True, "weight": weight}
+
+    # ------------------------------------------------------------------ rounds
+    def _announce(self, plan: RoundPlan | None) -> None:
+        msg = {"kind": "round", "mode": self.cfg.mode, "base_version": self.version,
+               "train_a": getattr(self.strategy, "train_a", True)}
+        if plan is not None:
+            msg.update(round=plan.round, deadline=plan.deadline, selected=plan.selected)
+        else:
+            msg.update(round=self.version, selected=None)
+        if self.link:
+            self.link.publish(self.topics.round, dump_json_message(msg), qos=1, retain=True)
+
+    def open_round(self) -> RoundPlan:
+        """Open the next synchronous round and announce it (retained)."""
+        import json
+        last = self.state.q("SELECT MAX(round) FROM rounds")[0][0] or 0
+        plan = plan_round(last + 1, self.version, time.time(), online=self.state.online_devices(),
+                          per_round=self.cfg.devices_per_round, over_selection=self.cfg.over_selection,
+                          min_updates=self.cfg.min_updates, timeout_s=self.cfg.round_timeout_s, rng=self.rng)
+        self.state.x("INSERT INTO rounds (round, mode, base_version, opened_at, deadline, status, selected, target, quorum) "
+                     "VALUES (?,?,?,?,?,?,?,?,?)", (plan.round, "sync", plan.base_version, plan.opened_at, plan.deadline, "open",
+                                                  json.dumps(plan.selected), plan.target, plan.quorum))
+        self.plan = plan
+        self._announce(plan)
+        log.info("round %d open: base v%d, target %d, quorum %d, deadline in %.0fs", plan.round, plan.base_version,
+                 plan.target, plan.quorum, plan.deadline - plan.opened_at)
+        return plan
+
+    def tick(self, now: float | None = None) -> None:
+        """Periodic work: open/close/extend rounds (sync mode)."""
+        now = now or time.time()
+        with self.lock:
+            if self.cfg.mode != "sync" or self.done.is_set():
+                return
+            if self.plan is None:
+                if self.cfg.max_rounds and self.completed_rounds() >= self.cfg.max_rounds:
+                    self.done.set()
+                    return
+                self.open_round()
+                return
+            d = close_decision(self.plan, now)
+            if d == CloseDecision.CLOSE:
+                self._aggregate(round_id=self.plan.round)
+            elif d == CloseDecision.EXTEND:
+                self.plan.deadline = now + self.cfg.round_timeout_s
+                self.state.x("UPDATE rounds SET deadline=?, status='extended' WHERE round=?", (self.plan.deadline, self.plan.round))
+                log.info("round %d below quorum (%d/%d) at deadline: previous model kept, extended", self.plan.round,
+                         len(self.plan.accepted), self.plan.quorum)
+
+    def completed_rounds(self) -> int:
+        """Rounds closed with a new version."""
+        return self.state.q("SELECT COUNT(*) FROM rounds WHERE status='closed'")[0][0]
+
+    def _aggregate(self, round_id: int | None) -> int | None:
+        """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
+        import json
+        ids = list(self.folded_ids)
+        rows = self.state.q(f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(ids))})", tuple(ids)) if ids else []
+        new = self.strategy.finish(self.acc, self.global_tensors)
+        if new is None:
+            return None
+        bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
+        if bad:  # never publish NaN: keep the previous model, explicitly
+            log.error("aggregate has non-finite values in %s; keeping v%d", bad[:3], self.version)
+            return None
+        num_examples = sum(r[0] for r in rows)
+        metrics = {"num_updates": len(ids), "num_examples": num_examples, "bytes": sum(r[1] for r in rows),
+                   "update_norm": agg.global_norm({k: new[k] - self.global_tensors[k] for k in new})}
+        if self.cfg.strategy == "dp_fedavg":
+            metrics["epsilon"] = agg.gaussian_epsilon(self.cfg.dp_noise_multiplier, self.completed_rounds() + 1, self.cfg.dp_delta)
+        version = self.version + 1
+        self._store_version(version, self.version, new, self.global_meta, round_id=round_id, num_updates=len(ids),
+                            num_examples=num_examples, metrics=metrics, folded=ids)
+        for (blob,) in self.state.q(f"SELECT blob FROM updates WHERE update_id IN ({','.join('?' * len(ids))})", tuple(ids)) if ids else []:
+            if blob:
+                self.state.blobs.delete(blob)
+        self.version, self.global_tensors = version, new
+        self.acc = self.strategy.begin(new)
+        self.folded_ids = []
+        participants = sorted({r[2] for r in rows})
+        if round_id is not None:
+            self.state.x("UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",
+                         (time.time(), version, json.dumps({**metrics, "participants": participants}), round_id))
+            self.plan = None
+        self.publish_global(version)
+        if self.link:
+            self.link.publish(self.topics.summary, dump_json_message({"kind": "summary", "round": round_id, "version": version,
+                                                                        "participants": participants, **metrics}), qos=1)
+        log.info("published global v%d from %d updates (%d examples)", version, len(ids), num_examples)
+        if self.cfg.mode == "async":
+            self._announce(None)
+            if self.cfg.max_rounds and version >= self.cfg.max_rounds:
+                self.done.set()
+        return version
+
+    def publish_global(self, version: int) -> None:
+        """Retained chunks first, then the retained pointer; clear chunk sets older than keep_versions."""
+        if not self.link:
+            return
+        row = self.state.q("SELECT parent, sha256, round, metrics FROM versions WHERE version=?", (version,))[0]
+        import json
+        blob = self.state.blobs.get(row[1])
+        ptr, chunks = make_pointer(version, row[0], self.fingerprint, blob, chunk_size=self.cfg.chunk_size, round=row[2],
+                                   metrics={k: v for k, v in json.loads(row[3] or "{}").items() if isinstance(v, (int, float))})
+        for i, c in enumerate(chunks):
+            self.link.publish(self.topics.global_chunk(version, i), c, qos=1, retain=True)
+        self.link.publish(self.topics.global_pointer, ptr.to_bytes(), qos=1, retain=True)
+        old = version - self.cfg.keep_versions
+        if old >= 0:
+            prev = self.state.q("SELECT sha256 FROM versions WHERE version=?", (old,))
+            if prev:
+                n = -(-len(self.state.blobs.get(prev[0][0])) // self.cfg.chunk_size)
+                for i in range(n):  # an empty retained message deletes the retained chunk
+                    self.link.publish(self.topics.global_chunk(old, i), b"", qos=1, retain=True)
+
+    def publish_adapter(self, tensors, note: str) -> int:
+        """Publish given tensors as a new version (manual publish / rollback): lineage stays monotonic."""
+        with self.lock:
+            version = self.version + 1
+            self._store_version(version, self.version, tensors, self.global_meta, note=note)
+            self.version, self.global_tensors = version, tensors
+            self.acc = self.strategy.begin(tensors)
+            self.publish_global(version)
+            return version
+
+    def _loop(self) -> None:
+        if self.cfg.mode == "async":
+            time.sleep(0.5)
+            self._announce(None)
+        while not self._stop.wait(0.2):
+            try:
+                self.tick()
+            except Exception:  # the coordinator keeps running; the error is in the log
+                log.exception("round loop error")

@@ -1,0 +1,147 @@
+"""Aggregation strategies: small classes in a registry, each folding updates as they arrive.
+
+A strategy turns validated updates into a new global adapter by calling the pure functions of
+``coordinator.aggregate``; it never sends anything. Streaming strategies keep one running sum (memory
+independent of the number of updates); robust rules (median, trimmed mean) need every update of
+the round and say so with ``streaming = False``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from coordinator import aggregate as agg
+
+Tensors = dict[str, np.ndarray]
+
+
+class Strategy:
+    """FedAvg by number of examples, optionally followed by a server optimizer."""
+
+    name = "fedavg"
+    streaming = True
+    server_opt = "fedavg"
+
+    def __init__(self, *, server_lr: float = 1.0, rank: int = 8, trim: int = 1, dp_noise_multiplier: float = 0.0,
+                 dp_clip: float = 1.0, seed: int = 0):
+        self.server_lr, self.rank, self.trim = server_lr, rank, trim
+        self.dp_noise_multiplier, self.dp_clip = dp_noise_multiplier, dp_clip
+        self.rng = np.random.default_rng(seed)
+        self.opt_state = agg.ServerOptState()
+
+    def begin(self, global_t: Tensors):
+        """A fresh accumulator for one aggregation."""
+        return {"sum": agg.RunningSum(), "all": []}
+
+    def fold(self, acc, weight: float, delta: Tensors, global_t: Tensors) -> None:
+        """Fold one validated update in."""
+        if self.streaming:
+            acc["sum"].add(weight, delta)
+        else:
+            acc["all"].append((weight, delta))
+
+    def count(self, acc) -> int:
+        """How many updates are folded in."""
+        return acc["sum"].count if self.streaming else len(acc["all"])
+
+    def avg_delta(self, acc) -> Tensors:
+        """The aggregated delta."""
+        return acc["sum"].mean()
+
+    def finish(self, acc, global_t: Tensors) -> Tensors | None:
+        """New global tensors, or None to keep the previous model (nothing usable was folded in)."""
+        if self.count(acc) == 0:
+            return None
+        return agg.apply_server_update(global_t, self.avg_delta(acc), self.server_opt, self.opt_state, lr=self.server_lr)
+
+
+class FedAvgM(Strategy):
+    name, server_opt = "fedavgm", "fedavgm"
+
+
+class FedAdam(Strategy):
+    name, server_opt = "fedadam", "fedadam"
+
+    def __init__(self, **kw):
+        kw.setdefault("server_lr", 0.01)
+        super().__init__(**kw)
+
+
+class FedYogi(FedAdam):
+    name, server_opt = "fedyogi", "fedyogi"
+
+
+class FrozenA(Strategy):
+    """Devices train only B (the round message says train_a=false); averaging B is then exact."""
+
+    name = "frozen_a"
+    train_a = False
+
+    def finish(self, acc, global_t):
+        if self.count(acc) == 0:
+            return None
+        d = self.avg_delta(acc)
+        return {k: (global_t[k] if k.endswith("lora_A") else global_t[k] + d[k]).astype(np.float32) for k in global_t}
+
+
+class SvdProduct(Strategy):
+    """Exact mean of the products B·A of each device's adapter, re-factorized to rank r by truncated SVD."""
+
+    name = "svd"
+
+    def begin(self, global_t):
+        return {"prod": agg.ProductSum()}
+
+    def fold(self, acc, weight, delta, global_t):
+        full = {k: global_t[k] + delta[k] for k in global_t}
+        acc["prod"].add(weight, agg.pad_or_truncate_rank(full, max(self.rank, 1)) if self.rank else full)
+
+    def count(self, acc):
+        return acc["prod"].count
+
+    def finish(self, acc, global_t):
+        if self.count(acc) == 0:
+            return None
+        return acc["prod"].refactor(self.rank)
+
+
+class Median(Strategy):
+    """Coordinate-wise median of deltas (robust to a minority of bad devices)."""
+
+    name, streaming = "median", False
+
+    def avg_delta(self, acc):
+        return agg.coordinate_median([d for _, d in acc["all"]])
+
+
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean of deltas."""
+
+    name, streaming = "trimmed_mean", False
+
+    def avg_delta(self, acc):
+        return agg.trimmed_mean([d for _, d in acc["all"]], self.trim)
+
+
+class DpFedAvg(Strategy):
+    """Client-level DP: every update clipped to dp_clip, equal weights, Gaussian noise on the sum."""
+
+    name = "dp_fedavg"
+
+    def fold(self, acc, weight, delta, global_t):
+        acc["sum"].add(1.0, agg.clip_update(delta, self.dp_clip))
+
+    def avg_delta(self, acc):
+        s = acc["sum"]
+        noisy = agg.dp_noise({k: v for k, v in s.sums.items()}, self.dp_clip, self.dp_noise_multiplier, self.rng)
+        return {k: (v / s.count).astype(np.float32) for k, v in noisy.items()}
+
+
+STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (Strategy, FedAvgM, FedAdam, FedYogi, FrozenA, SvdProduct,
+                                                             Median, TrimmedMean, DpFedAvg)}
+
+
+def make_strategy(name: str, **kw) -> Strategy:
+    """Instantiate a strategy by name (ValueError lists the known ones)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](**kw)

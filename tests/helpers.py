@@ -1,0 +1,56 @@
+"""Test helpers: tiny bundles (built once per session), waiting, in-process agents and coordinators."""
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+_CACHE: dict = {}
+
+
+def tiny_bundle(tmp_root: Path, model_dir: Path, quant: str = "fp32", task: str = "causal-lm", **kw) -> Path:
+    """Export a tiny bundle once per (quant, task, options) and reuse it."""
+    key = (str(model_dir), quant, task, tuple(sorted(kw.items())))
+    if key not in _CACHE:
+        from export.build import BuildOptions, Progress, build_bundle
+        from export.quantize import QuantRecipe
+        out = Path(tmp_root) / f"bundle-{task}-{quant}-{abs(hash(key)) % 10**8}"
+        opts = BuildOptions(task=task, quant=QuantRecipe(scheme=quant), lora_rank=kw.pop("lora_rank", 4),
+                            train_batch=kw.pop("train_batch", 4), train_seq=kw.pop("train_seq", 32), **kw)
+        build_bundle(str(model_dir), out, opts, log=Progress(quiet=True))
+        _CACHE[key] = out
+    return _CACHE[key]
+
+
+def wait_for(pred, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):
+    """Poll ``pred`` until truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TEXTS = [
+    "sensor 4 reports temperature 21 degrees and humidity 40 percent",
+    "the pump in hall b was restarted after a pressure alarm",
+    "valve 7 closed at noon and reopened at two",
+    "battery level on node 12 dropped to 30 percent overnight",
+    "the conveyor belt speed was set to 1.5 meters per second",
+    "maintenance replaced the filter on unit 3",
+    "the fan on rack 2 is running at full speed",
+    "door sensor on gate a reported open for ten minutes",
+]
+
+
+def examples(n: int, offset: int = 0) -> list[dict]:
+    """n distinct short training texts."""
+    return [{"text": f"{TEXTS[(i + offset) % len(TEXTS)]} (log {i + offset})"} for i in range(n)]
