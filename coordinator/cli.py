@@ -1,0 +1,195 @@
+"""`edgefm-coordinator`: run federated rounds, inspect and manage the fleet's global adapters."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from edge_runtime.errors import ConfigError, EdgefmError
+
+EPILOG = """examples:
+  edgefm-coordinator serve --bundle bundles/smollm2-int4                   # embedded broker (mosquitto) on loopback
+  edgefm-coordinator serve --bundle B --broker mqtts://broker:8883?ca=ca.crt --config fleet.toml
+  edgefm-coordinator status | devices | rounds | adapters [--json]         # read the state dir (works offline)
+  edgefm-coordinator publish adapter.safetensors --broker URL              # push an adapter as the next version
+  edgefm-coordinator rollback --to 3 --broker URL                          # republish v3's content as a new version
+  edgefm-coordinator export --version 5 --format peft -o out/              # needs the [export] extra for peft
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgefm-coordinator", description="Lightweight federated-learning coordinator: "
+                                "collects LoRA adapter updates over MQTT, aggregates them (FedAvg, LoRA-aware, robust, DP), "
+                                "and publishes versioned global adapters.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--state-dir", default=None, help="state directory (default ./edgefm-coordinator)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the coordinator")
+    s.add_argument("--bundle", help="the device bundle (manifest.json + adapter.safetensors are read)")
+    s.add_argument("--broker", help="mqtt(s)://... ; omit to start an embedded mosquitto on loopback")
+    s.add_argument("--config", help="TOML file with coordinator settings")
+    s.add_argument("--fleet")
+    s.add_argument("--mode", choices=["sync", "async"])
+    s.add_argument("--strategy", help="fedavg, fedavgm, fedadam, fedyogi, frozen_a, svd, median, trimmed_mean, dp_fedavg")
+    s.add_argument("--rounds", dest="max_rounds", type=int, help="stop after this many rounds (default: run forever)")
+    s.add_argument("--min-updates", dest="min_updates", type=int)
+    s.add_argument("--round-timeout", dest="round_timeout_s", type=float)
+    for name in ("status", "devices", "rounds", "adapters"):
+        x = sub.add_parser(name, help=f"show {name}")
+        x.add_argument("--json", action="store_true")
+    pub = sub.add_parser("publish", help="publish an adapter file as the next global version")
+    pub.add_argument("adapter")
+    pub.add_argument("--broker", required=True)
+    pub.add_argument("--bundle", required=True)
+    pub.add_argument("--fleet", default="default")
+    rb = sub.add_parser("rollback", help="republish an earlier version's adapter as the next version")
+    rb.add_argument("--to", type=int, required=True)
+    rb.add_argument("--broker", required=True)
+    rb.add_argument("--bundle", required=True)
+    rb.add_argument("--fleet", default="default")
+    ex = sub.add_parser("export", help="write a global adapter as our format, PEFT, or .onnx_adapter")
+    ex.add_argument("--version", type=int, default=None, help="default: newest")
+    ex.add_argument("--format", choices=["edgefm", "peft", "onnx_adapter"], default="edgefm")
+    ex.add_argument("--bundle", help="needed for peft/onnx_adapter")
+    ex.add_argument("-o", "--output", required=True)
+    return p
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(fmt(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def _state(args):
+    from coordinator.state import State
+    d = Path(args.state_dir or "./edgefm-coordinator")
+    if not (d / "coordinator.sqlite").is_file():
+        raise ConfigError(f"no coordinator state in {d}; pass --state-dir or run `edgefm-coordinator serve` first")
+    return State(d)
+
+
+def serve(args) -> int:
+    from coordinator.broker import EmbeddedBroker
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    keys = ("bundle", "broker", "fleet", "mode", "strategy", "max_rounds", "min_updates", "round_timeout_s")
+    overrides = {k: getattr(args, k) for k in keys}
+    overrides["state_dir"] = args.state_dir
+    cfg = CoordinatorConfig.from_sources(args.config, overrides)
+    if not cfg.bundle:
+        raise ConfigError("no bundle: pass --bundle PATH (the bundle the devices run)")
+    embedded = None
+    if not cfg.broker:
+        embedded = EmbeddedBroker(Path(cfg.state_dir) / "broker").start()
+        cfg.broker = embedded.url
+        print(f"embedded broker on {embedded.url}", flush=True)
+    coord = Coordinator(cfg)
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
+    signal.signal(signal.SIGINT, lambda *a: stop.update(flag=True))
+    coord.start()
+    print(f"edgefm-coordinator: fleet {cfg.fleet}, {cfg.mode} rounds, strategy {cfg.strategy}, global v{coord.version}, "
+          f"broker {cfg.broker}" + (f", resumed with {coord.replayed} pending updates" if coord.replayed else ""), flush=True)
+    try:
+        while not stop["flag"] and not coord.done.is_set():
+            time.sleep(0.2)
+    finally:
+        coord.stop()
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        if args.cmd == "serve":
+            return serve(args)
+        if args.cmd in ("status", "devices", "rounds", "adapters"):
+            st = _state(args)
+            if args.cmd == "status":
+                data = {"version": st.current_version(), "devices": len(st.devices()), "online": len(st.online_devices()),
+                        "rounds": len(st.rounds()), "updates": st.update_counts()}
+                print(json.dumps(data, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in data.items()))
+            elif args.cmd == "devices":
+                rows = st.devices()
+                print(json.dumps(rows, indent=2) if args.json else _table(rows, ["device_id", "state", "profile", "global_version",
+                                                                               "adapter_version", "accepted", "rejected", "last_seen"]))
+            elif args.cmd == "rounds":
+                rows = st.rounds()
+                for r in rows:
+                    r["participants"] = len(r["summary"].get("participants", []))
+                print(json.dumps(rows, indent=2) if args.json else _table(rows, ["round", "status", "base_version", "result_version",
+                                                                               "participants", "target", "quorum"]))
+            else:
+                rows = st.versions()
+                print(json.dumps(rows, indent=2) if args.json else _table(rows, ["version", "parent", "status", "round", "strategy",
+                                                                               "num_updates", "num_examples", "note"]))
+            return 0
+        if args.cmd in ("publish", "rollback"):
+            from coordinator.config import CoordinatorConfig
+            from coordinator.service import Coordinator
+            from edge_runtime.protocol.adapter import adapter_from_bytes, load_adapter
+            cfg = CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet,
+                                    state_dir=args.state_dir or "./edgefm-coordinator")
+            coord = Coordinator(cfg)
+            if args.cmd == "publish":
+                tensors, _ = load_adapter(args.adapter, expect_fingerprint=coord.fingerprint)
+                note = f"published by hand from {args.adapter}"
+            else:
+                try:
+                    tensors, _ = adapter_from_bytes(coord.state.blobs.get(coord.state.version_sha(args.to)))
+                except KeyError:
+                    raise ConfigError(f"no version {args.to}; see `edgefm-coordinator adapters`") from None
+                note = f"rollback to v{args.to}"
+            from edge_runtime.transport import MqttLink
+            coord.link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
+            coord.link.start()
+            if not coord.link.wait_connected(10):
+                raise ConfigError(f"cannot reach broker {args.broker}")
+            v = coord.publish_adapter(tensors, note)
+            if args.cmd == "rollback":
+                coord.state.x("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (args.to, v))
+            time.sleep(0.5)
+            coord.link.close()
+            print(f"published v{v} ({note})")
+            return 0
+        if args.cmd == "export":
+            st = _state(args)
+            version = args.version if args.version is not None else st.current_version()
+            blob = st.blobs.get(st.version_sha(version))
+            out = Path(args.output)
+            if args.format == "edgefm":
+                out.write_bytes(blob)
+            else:
+                if not args.bundle:
+                    raise ConfigError("--bundle is needed to convert to peft / onnx_adapter")
+                tmp = out.with_suffix(".edgefm.safetensors") if args.format == "onnx_adapter" else out / "edgefm.safetensors"
+                tmp.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_bytes(blob)
+                from export import interop
+                (interop.to_peft if args.format == "peft" else interop.to_onnx_adapter)(tmp, Path(args.bundle), out)
+                tmp.unlink()
+            print(f"v{version} -> {out}")
+            return 0
+    except EdgefmError as exc:
+        if args.debug:
+            raise
+        print(f"edgefm-coordinator: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

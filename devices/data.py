@@ -1,0 +1,83 @@
+"""Device data for the fleet: text domains and non-IID partitions (Dirichlet over domains). Pure, seeded."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+import random
+import sys
+
+import numpy as np
+
+SYNTHETIC_DOMAINS = {
+    "factory": ["pump {n} pressure {v} bar at line {m}", "conveyor {n} speed set to {v} m/s", "valve {n} closed after alarm {m}"],
+    "weather": ["station {n} temperature {v} degrees wind {m} km/h", "rain gauge {n} measured {v} mm", "humidity at site {n} is {v} percent"],
+    "retail": ["order {n} shipped {v} items to store {m}", "customer {n} returned item {v}", "shelf {n} restocked with {v} boxes"],
+    "health": ["patient {n} heart rate {v} bpm at {m}", "dose {n} given at {v} mg", "room {n} cleaned at {m} o'clock"],
+}
+
+
+def synthetic_domain_texts(domain: str, n: int, seed: int) -> list[str]:
+    """Short templated sentences of one domain (tiny-model runs)."""
+    rng = random.Random(f"{domain}-{seed}")
+    tpl = SYNTHETIC_DOMAINS[domain]
+    return [rng.choice(tpl).format(n=rng.randint(1, 99), v=rng.randint(1, 999), m=rng.randint(1, 24)) for _ in range(n)]
+
+
+STDLIB_FAMILIES = {
+    "text": ["string", "textwrap", "difflib", "re", "unicodedata", "html", "email", "json", "csv"],
+    "files": ["os", "pathlib", "shutil", "tempfile", "glob", "fnmatch", "zipfile", "tarfile", "io"],
+    "net": ["socket", "ssl", "http", "urllib", "smtplib", "ftplib", "ipaddress", "selectors", "socketserver"],
+    "concurrency": ["threading", "multiprocessing", "concurrent", "asyncio", "queue", "sched", "subprocess", "signal"],
+    "data": ["collections", "heapq", "bisect", "array", "enum", "dataclasses", "statistics", "decimal", "fractions"],
+}
+
+
+def stdlib_docstrings(family: str, max_chars: int = 600) -> list[str]:
+    """Docstrings of the Python standard library modules of one family (present on every machine)."""
+    out: list[str] = []
+    for modname in STDLIB_FAMILIES[family]:
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue
+        objs = [mod] + [getattr(mod, n) for n in sorted(dir(mod)) if not n.startswith("_")]
+        if hasattr(mod, "__path__"):
+            for info in pkgutil.iter_modules(mod.__path__):
+                try:
+                    objs.append(importlib.import_module(f"{modname}.{info.name}"))
+                except Exception:
+                    continue
+        for o in objs:
+            doc = inspect.getdoc(o) if (inspect.ismodule(o) or inspect.isclass(o) or inspect.isfunction(o) or inspect.isbuiltin(o)) else None
+            if doc and len(doc) > 80:
+                out.append(" ".join(doc.split())[:max_chars])
+    return sorted(set(out))
+
+
+def dirichlet_partition(domains: list[str], devices: int, alpha: float, seed: int) -> list[dict[str, float]]:
+    """Per device, a mixture over domains drawn from Dirichlet(alpha): small alpha = very non-IID."""
+    rng = np.random.default_rng(seed)
+    return [dict(zip(domains, rng.dirichlet([alpha] * len(domains)).tolist())) for _ in range(devices)]
+
+
+def device_datasets(texts_by_domain: dict[str, list[str]], mixtures: list[dict[str, float]], per_device: int,
+                    heldout_per_domain: int, seed: int) -> tuple[list[list[dict]], dict[str, list[str]]]:
+    """Split each domain into held-out (shared for evaluation) and a training pool, then draw each device's
+    examples from the pool by its mixture. Returns (per-device examples, held-out texts per domain)."""
+    rng = random.Random(seed)
+    heldout, pools = {}, {}
+    for d, texts in texts_by_domain.items():
+        t = list(texts)
+        rng.shuffle(t)
+        heldout[d], pools[d] = t[:heldout_per_domain], t[heldout_per_domain:]
+    out = []
+    for mix in mixtures:
+        counts = {d: int(round(w * per_device)) for d, w in mix.items()}
+        ex = []
+        for d, c in counts.items():
+            if pools[d]:
+                ex += [{"text": rng.choice(pools[d]), "domain": d} for _ in range(c)]
+        rng.shuffle(ex)
+        out.append(ex or [{"text": rng.choice(pools[next(iter(pools))]), "domain": next(iter(pools))}])
+    return out, heldout
