@@ -204,7 +204,7 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log) -> dict:
     B, S = Dim("batch"), Dim("seq")
     log(f"exporting {opts.task} graph ({L} layers)")
     _export(graph, (ids, mask, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
-            ({0: B, 1: S}, {0: B, 1: S}, tuple([None] * len(loras))))
+            ({0: B, 1: S}, {0: B, 1: S}, tuple({} for _ in loras)))
     log(f"encoder graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training and opts.task == "classification":
         _export_train(graph, tmp, opts, loras, log)

@@ -156,12 +156,12 @@ class BertGraph(nn.Module):
         self.eps = self.bert.config.layer_norm_eps
         self.n_heads = self.bert.config.num_attention_heads
 
-    def _modules(self, layer):
+    def _target_modules(self, layer):
         return {"query": layer.attention.self.query, "key": layer.attention.self.key, "value": layer.attention.self.value,
                 "attn_out": layer.attention.output.dense, "ffn_in": layer.intermediate.dense, "ffn_out": layer.output.dense}
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
-        return {k: (m.in_features, m.out_features) for k, m in self._modules(self.bert.encoder.layer[0]).items()}
+        return {k: (m.in_features, m.out_features) for k, m in self._target_modules(self.bert.encoder.layer[0]).items()}
 
     def encode(self, input_ids, attention_mask, loras):
         """Final hidden states [b, s, h]."""
@@ -174,7 +174,7 @@ class BertGraph(nn.Module):
         bsz, hdim = x.shape[0], x.shape[-1]
         hd = hdim // self.n_heads
         for i, layer in enumerate(self.bert.encoder.layer):
-            mods = self._modules(layer)
+            mods = self._target_modules(layer)
 
             def proj(name, inp):
                 if name in loras:

@@ -1,0 +1,97 @@
+"""Agent-side pure logic: optimizer, policy, sampling, stop sequences, store, metrics (torch-free)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm, learning_rate
+from edge_runtime.policy import TrainDecision, TrainPolicy, decide
+from edge_runtime.sampling import find_stop, holdback, sample_next
+from edge_runtime.store import Store
+
+pytestmark = pytest.mark.device
+
+
+def test_adamw_first_step_matches_hand_computation():
+    cfg = AdamWConfig(lr=0.1, weight_decay=0.1)
+    p, g = {"w": np.array([1.0, -1.0], np.float32)}, {"w": np.array([0.5, -2.0], np.float32)}
+    z = {"w": np.zeros(2, np.float32)}
+    new, m, v, lr = adamw_step(p, g, z, dict(z), 1, cfg)
+    # bias-corrected m/v at step 1 equal g and g^2, so the step is lr * sign(g) (plus decoupled decay)
+    np.testing.assert_allclose(new["w"], p["w"] * (1 - 0.1 * 0.1) - 0.1 * np.sign(g["w"]), rtol=1e-5)
+
+
+def test_adamw_matches_torch_when_available():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(3, 4)).astype(np.float32)
+    tw = torch.tensor(w0, requires_grad=True)
+    opt = torch.optim.AdamW([tw], lr=1e-2, weight_decay=0.01)
+    p, m, v = {"w": w0.copy()}, {"w": np.zeros_like(w0)}, {"w": np.zeros_like(w0)}
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.01)
+    for step in range(1, 6):
+        g = rng.normal(size=(3, 4)).astype(np.float32)
+        tw.grad = torch.tensor(g)
+        opt.step()
+        p, m, v, _ = adamw_step(p, {"w": g}, m, v, step, cfg)
+    np.testing.assert_allclose(p["w"], tw.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_and_schedule():
+    g, n = clip_by_global_norm({"a": np.array([3.0]), "b": np.array([4.0])}, 1.0)
+    assert n == pytest.approx(5.0) and float(g["a"][0]) == pytest.approx(0.6)
+    cfg = AdamWConfig(lr=1.0, warmup_steps=4, schedule="cosine", total_steps=14)
+    assert learning_rate(cfg, 0) == 0.25 and learning_rate(cfg, 3) == 1.0
+    assert learning_rate(cfg, 14) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(new_examples=3, inflight_requests=0, hour=3, paused=False, seconds_since_last=99), TrainDecision.NOT_ENOUGH_DATA),
+    (dict(new_examples=30, inflight_requests=2, hour=3, paused=False, seconds_since_last=99), TrainDecision.BUSY),
+    (dict(new_examples=30, inflight_requests=0, hour=12, paused=False, seconds_since_last=99), TrainDecision.OUTSIDE_WINDOW),
+    (dict(new_examples=30, inflight_requests=0, hour=3, paused=True, seconds_since_last=99), TrainDecision.PAUSED),
+    (dict(new_examples=30, inflight_requests=0, hour=3, paused=False, seconds_since_last=1), TrainDecision.COOLDOWN),
+    (dict(new_examples=30, inflight_requests=0, hour=3, paused=False, seconds_since_last=99), TrainDecision.TRAIN),
+    (dict(new_examples=0, inflight_requests=0, hour=12, paused=False, seconds_since_last=0, forced=True), TrainDecision.TRAIN),
+])
+def test_training_policy_table(kw, expected):
+    assert decide(TrainPolicy(min_new_examples=16, window_hours=(22, 6), cooldown_s=10), **kw) == expected
+
+
+def test_sampling_and_stops():
+    logits = np.array([0.0, 5.0, 1.0])
+    assert sample_next(logits) == 1
+    rng = np.random.default_rng(0)
+    assert all(sample_next(logits, temperature=1.0, top_k=1, rng=rng) == 1 for _ in range(20))
+    assert {sample_next(logits, temperature=5.0, top_p=1.0, rng=rng) for _ in range(200)} == {0, 1, 2}
+    assert find_stop("hello END there", ["END", "x"]) == 6 and find_stop("abc", ["z"]) == -1
+    assert holdback("text EN", ["END"]) == 2 and holdback("text", ["END"]) == 0
+
+
+def test_store_examples_split_dedupe_quota_and_outbox(tmp_path):
+    s = Store(tmp_path / "a.sqlite", max_examples=50, heldout_fraction=0.2)
+    r = s.add_examples([{"text": f"example {i}"} for i in range(60)])
+    assert r["added"] == 60 and r["evicted"] == 10
+    assert s.add_examples([{"text": "example 59"}])["duplicates"] == 1
+    c = s.count_examples()
+    assert c["train"] + c["heldout"] == 50 and 0 < c["heldout"] < 25
+    with pytest.raises(Exception):
+        s.add_examples([{"text": ""}])
+    s.enqueue_update("u1", "t", b"payload", 0)
+    s.enqueue_update("u1", "t", b"payload", 0)
+    assert s.outbox_stats()["queued"] == 1
+    s.ack_update("u1")
+    assert s.outbox_stats() == {"queued": 0, "queued_bytes": 0, "acknowledged": 1}
+    # state survives reopening (what a restart sees)
+    s2 = Store(tmp_path / "a.sqlite")
+    assert s2.count_examples() == c
+
+
+def test_metrics_render():
+    from edge_runtime.metrics import Metrics
+    m = Metrics()
+    m.inc("edgefm_x_total", 2, {"a": "b"}, help="x")
+    m.observe("edgefm_lat_seconds", 0.03)
+    text = m.render()
+    assert 'edgefm_x_total{a="b"} 2.0' in text and 'edgefm_lat_seconds_bucket{le="0.05"} 1' in text
+    assert "edgefm_lat_seconds_count 1" in text
