@@ -32,8 +32,9 @@ class EmbeddedBroker:
                 port = s.getsockname()[1]
         self.port = port
         self.url = f"mqtt://127.0.0.1:{port}"
+        user = "user root\n" if os.getuid() == 0 else ""  # as root mosquitto would drop to 'mosquitto' and lose our files
         (self.workdir / "mosquitto.conf").write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {self.workdir}/\n"
+            user + f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {self.workdir}/\n"
             "max_packet_size 268435455\nmax_queued_messages 100000\nmax_inflight_messages 100\n")
         self.proc: subprocess.Popen | None = None
 

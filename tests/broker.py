@@ -52,7 +52,9 @@ class Mosquitto:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.certs = make_ca_and_certs(self.workdir / "certs") if tls else {}
-        lines = [f"listener {self.port} 127.0.0.1", "max_packet_size 268435455", "max_inflight_messages 100",
+        # As root, mosquitto would drop to the 'mosquitto' user and lose access to our temp files.
+        lines = ([f"user {__import__('pwd').getpwuid(os.getuid()).pw_name}"] if os.getuid() == 0 else [])
+        lines += [f"listener {self.port} 127.0.0.1", "max_packet_size 268435455", "max_inflight_messages 100",
                  "max_queued_messages 100000", "max_queued_bytes 0"]
         lines += [f"persistence {'true' if persistence else 'false'}", f"persistence_location {self.workdir}/"]
         if users:

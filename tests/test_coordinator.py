@@ -1,0 +1,261 @@
+"""Coordinator over a real Mosquitto with simulated devices: sync/async aggregation equals the strategy
+function on accepted updates; bad updates are recorded with reasons; drop-outs and SIGKILL survived."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from helpers import tiny_bundle, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bundle(tmp_path_factory, tiny_llama_dir):
+    return tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+
+
+def schema(bundle):
+    from edge_runtime.protocol.adapter import load_adapter
+    t, m = load_adapter(bundle / "adapter.safetensors")
+    return t, m
+
+
+def make_update(meta, device, base_version, n, rng, round_id=None, scale=0.01, fingerprint=None, shapes=None):
+    from edge_runtime.protocol.codec import CodecSpec
+    from edge_runtime.protocol.messages import UpdateHeader, encode_update
+    shapes = shapes or meta.shapes
+    delta = {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
+    h = UpdateHeader(device_id=device, update_id=uuid.uuid4().hex, base_version=base_version, num_examples=n,
+                     base_fingerprint=fingerprint or meta.base_fingerprint, round=round_id, codec=CodecSpec("fp32", "zstd"))
+    return h.update_id, delta, encode_update(h, delta)
+
+
+def nan_update(meta, device, base_version, round_id):
+    """Well-formed envelope with a NaN inside (encode_update refuses NaN, so build it by hand)."""
+    from edge_runtime.protocol.tensors import encode_tensors
+    t = {k: np.zeros(s, np.float32) for k, s in meta.shapes.items()}
+    next(iter(t.values())).flat[0] = np.nan
+    payload = encode_tensors(t)
+    h = {"protocol": 1, "kind": "update", "device_id": device, "update_id": uuid.uuid4().hex, "base_version": base_version,
+         "num_examples": 5, "base_fingerprint": meta.base_fingerprint, "round": round_id, "metrics": {},
+         "codec": {"dtype": "fp32", "compression": "none"}, "created_at": time.time(),
+         "payload_sha256": hashlib.sha256(payload).hexdigest(), "payload_size": len(payload), "signature": None}
+    hb = json.dumps(h).encode()
+    return b"EFMU" + struct.pack("<I", len(hb)) + hb + payload
+
+
+class Devices:
+    """Simulated devices: one MQTT client publishing status and updates like an agent would."""
+
+    def __init__(self, url, fleet, ids):
+        from edge_runtime.protocol.messages import dump_json_message
+        from edge_runtime.protocol.topics import Topics
+        from edge_runtime.transport import MqttLink
+        self.topics = Topics(fleet)
+        self.rounds = []
+        self.link = MqttLink(url, f"sim-{uuid.uuid4().hex[:6]}", on_message=self._msg)
+        self.link.subscribe(self.topics.round, 1)
+        self.link.start()
+        assert self.link.wait_connected(10)
+        for d in ids:
+            self.link.publish(self.topics.status(d), dump_json_message({"kind": "status", "device_id": d, "state": "online"}), retain=True)
+
+    def _msg(self, topic, payload, retained):
+        if payload:
+            self.rounds.append(json.loads(payload))
+
+    def send(self, device, msg):
+        assert self.link.publish(self.topics.update(device), msg, qos=1) is not None
+
+
+def coordinator(bundle, tmp_path, url, **kw):
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    c = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "state"), broker=url, fleet="c", **kw))
+    c.start()
+    return c
+
+
+def test_sync_round_equals_fedavg_of_accepted_updates(bundle, tmp_path, broker):
+    from edge_runtime.protocol.adapter import adapter_from_bytes
+    v0, meta = schema(bundle)
+    devs = Devices(broker.url, "c", ["d1", "d2", "d3", "d4"])
+    c = coordinator(bundle, tmp_path, broker.url, min_updates=3, round_timeout_s=6, max_rounds=1)
+    try:
+        wait_for(lambda: c.plan is not None, 10, what="round 1 open")
+        rng = np.random.default_rng(0)
+        good = []
+        for dev, n in (("d1", 10), ("d2", 30)):
+            uid, delta, msg = make_update(meta, dev, 0, n, rng, round_id=1)
+            good.append((n, delta))
+            devs.send(dev, msg)
+        devs.send("d3", nan_update(meta, "d3", 0, 1))                                   # NaN
+        devs.send("d3", make_update(meta, "d3", 0, 5, rng, 1, fingerprint="0" * 64)[2])  # other base model
+        devs.send("d3", make_update(meta, "d3", 0, 5, rng, 1, shapes={k: [s[0] + 1, *s[1:]] for k, s in meta.shapes.items()})[2])
+        devs.send("d4", make_update(meta, "d4", 0, 5, rng, 1, scale=1e6)[2])            # norm bound (default 1e4)
+        devs.send("d3", make_update(meta, "d3", 7, 5, rng, 1)[2])                        # stale base version
+        devs.send("d3", b"\x00garbage")                                                 # not an envelope
+        devs.send("d1", make_update(meta, "d2", 0, 5, rng, 1)[2])                        # header/topic device mismatch
+        uid, delta, msg = make_update(meta, "d3", 0, 60, rng, round_id=1)
+        good.append((60, delta))
+        devs.send("d3", msg)
+        devs.send("d3", msg)                                                            # duplicate delivery
+        wait_for(lambda: c.version == 1, 30, what="v1 published")
+        time.sleep(0.5)
+        reasons = c.state.update_counts()["reasons"]
+        for r in ("non_finite", "fingerprint_mismatch", "bad_shape", "norm_bound", "stale", "bad_magic", "bad_field"):
+            assert reasons.get(r, 0) >= 1, (r, reasons)
+        assert c.state.update_counts()["accepted"] == 3
+        v1, m1 = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(1)))
+        total = sum(n for n, _ in good)
+        for k in v0:
+            expect = v0[k] + sum(n * d[k] for n, d in good) / total
+            np.testing.assert_allclose(v1[k], expect, rtol=1e-5, atol=1e-6)
+        assert m1.version == 1 and m1.parent_version == 0
+        devices = {d["device_id"]: d for d in c.state.devices()}
+        assert devices["d3"]["rejected"] >= 4 and devices["d1"]["accepted"] == 1
+    finally:
+        c.stop()
+        devs.link.close()
+
+
+def test_async_fedbuff_staleness_weighted(bundle, tmp_path, broker):
+    from coordinator.rounds import staleness_weight
+    from edge_runtime.protocol.adapter import adapter_from_bytes
+    v0, meta = schema(bundle)
+    devs = Devices(broker.url, "c", ["a", "b", "e"])
+    c = coordinator(bundle, tmp_path, broker.url, mode="async", buffer_size=2, max_staleness=1)
+    try:
+        wait_for(lambda: c.link.connected.is_set(), 10)
+        rng = np.random.default_rng(1)
+        _, d1, m1 = make_update(meta, "a", 0, 10, rng)
+        _, d2, m2 = make_update(meta, "b", 0, 20, rng)
+        devs.send("a", m1)
+        devs.send("b", m2)
+        wait_for(lambda: c.version == 1, 20, what="v1")
+        _, d3, m3 = make_update(meta, "e", 0, 10, rng)   # one version stale: weight 10 / sqrt(2)
+        _, d4, m4 = make_update(meta, "a", 1, 10, rng)
+        devs.send("e", m3)
+        devs.send("a", m4)
+        wait_for(lambda: c.version == 2, 20, what="v2")
+        devs.send("b", make_update(meta, "b", 0, 10, rng)[2])  # two versions stale: rejected
+        wait_for(lambda: c.state.update_counts()["reasons"].get("stale") == 1, 10, what="stale rejection")
+        v1, _ = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(1)))
+        v2, _ = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(2)))
+        w3, w4 = staleness_weight(10, 1), staleness_weight(10, 0)
+        for k in v0:
+            np.testing.assert_allclose(v1[k], v0[k] + (10 * d1[k] + 20 * d2[k]) / 30, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(v2[k], v1[k] + (w3 * d3[k] + w4 * d4[k]) / (w3 + w4), rtol=1e-5, atol=1e-6)
+    finally:
+        c.stop()
+        devs.link.close()
+
+
+def test_dropouts_close_at_deadline_with_quorum_and_below_quorum_extends(bundle, tmp_path, broker):
+    v0, meta = schema(bundle)
+    devs = Devices(broker.url, "c", ["x", "y", "z"])
+    time.sleep(0.3)
+    c = coordinator(bundle, tmp_path, broker.url, min_updates=2, round_timeout_s=2.0, max_rounds=2)
+    try:
+        wait_for(lambda: c.plan is not None, 10)
+        rng = np.random.default_rng(2)
+        devs.send("x", make_update(meta, "x", 0, 5, rng, 1)[2])
+        time.sleep(2.5)                                    # deadline passes with 1 < quorum 2: extended, v0 kept
+        assert c.version == 0 and c.state.rounds()[0]["status"] == "extended"
+        devs.send("y", make_update(meta, "y", 0, 5, rng, 1)[2])   # z dropped out: round closes at the deadline
+        wait_for(lambda: c.version == 1, 10, what="round closed with quorum")
+        r = c.state.rounds()[-1]
+        assert r["status"] == "closed" and len(r["summary"]["participants"]) == 2
+    finally:
+        c.stop()
+        devs.link.close()
+
+
+def test_sigkill_mid_round_resumes_without_double_counting(bundle, tmp_path, broker):
+    from coordinator.state import State
+    from edge_runtime.protocol.adapter import adapter_from_bytes
+    v0, meta = schema(bundle)
+    devs = Devices(broker.url, "c", ["p", "q", "r"])
+    state_dir = tmp_path / "state"
+    cmd = [sys.executable, "-m", "coordinator.cli", "--state-dir", str(state_dir), "serve", "--bundle", str(bundle),
+           "--broker", broker.url, "--fleet", "c", "--min-updates", "3", "--round-timeout", "120", "--rounds", "1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any(r.get("round") == 1 for r in devs.rounds), 30, what="round 1 announced")
+        rng = np.random.default_rng(3)
+        sent = {d: make_update(meta, d, 0, n, rng, 1) for d, n in (("p", 4), ("q", 8), ("r", 12))}
+        devs.send("p", sent["p"][2])
+        devs.send("q", sent["q"][2])
+        wait_for(lambda: (state_dir / "coordinator.sqlite").exists() and
+                 State(state_dir).update_counts()["accepted"] == 2, 20, what="two updates recorded")
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        devs.send("p", sent["p"][2])        # redelivered while down: must not count twice
+        devs.send("r", sent["r"][2])        # sent while down: queued by the broker for the persistent session
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: State(state_dir).current_version() == 1, 40, what="v1 after restart")
+        st = State(state_dir)
+        assert st.update_counts()["accepted"] == 3
+        v1, _ = adapter_from_bytes(st.blobs.get(st.version_sha(1)))
+        for k in v0:
+            expect = v0[k] + sum(n * sent[d][1][k] for d, n in (("p", 4), ("q", 8), ("r", 12))) / 24
+            np.testing.assert_allclose(v1[k], expect, rtol=1e-5, atol=1e-6)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        devs.link.close()
+
+
+def test_acl_broker_stops_device_impersonation(bundle, tmp_path, broker_acl):
+    from edge_runtime.protocol.topics import Topics
+    from edge_runtime.transport import MqttLink
+    v0, meta = schema(bundle)
+    host = f"127.0.0.1:{broker_acl.port}"
+    c = coordinator(bundle, tmp_path, f"mqtt://coordinator:cpass@{host}", mode="async", buffer_size=1)
+    dev1 = MqttLink(f"mqtt://dev-1:p1@{host}", "dev-1").start()
+    try:
+        assert dev1.wait_connected(10) and c.link.wait_connected(10)
+        rng = np.random.default_rng(4)
+        t = Topics("c")
+        dev1.publish(t.update("dev-2"), make_update(meta, "dev-2", 0, 5, rng)[2])   # denied by the ACL
+        dev1.publish(t.update("dev-1"), make_update(meta, "dev-1", 0, 5, rng)[2])   # allowed
+        wait_for(lambda: c.version == 1, 15, what="own update counted")
+        time.sleep(0.5)
+        assert [d["device_id"] for d in c.state.devices()] == ["dev-1"]
+        wrong = MqttLink(f"mqtt://dev-1:wrong@{host}", "dev-x").start()
+        time.sleep(1.5)
+        assert not wrong.connected.is_set() and wrong.last_error
+        wrong.close()
+    finally:
+        dev1.close()
+        c.stop()
+
+
+def test_tls_broker_end_to_end(bundle, tmp_path, broker_tls):
+    from edge_runtime.agent import Agent, AgentConfig
+    from helpers import examples
+    url = f"mqtts://localhost:{broker_tls.port}?ca={broker_tls.certs['ca.crt']}"
+    c = coordinator(bundle, tmp_path, url, mode="async", buffer_size=1)
+    a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), broker=url, fleet="c", device_id="tls-dev",
+                          auto_train=False, min_new_examples=1, steps_per_round=2))
+    try:
+        a.add_examples(examples(12))
+        a.start()
+        wait_for(lambda: a.sync.connected and c.link.connected.is_set(), 15, what="TLS connections")
+        a.train_once(forced=True)
+        wait_for(lambda: a.global_version == 1, 20, what="global over TLS")
+    finally:
+        a.stop()
+        c.stop()

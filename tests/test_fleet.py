@@ -1,0 +1,51 @@
+"""`edgefm-fleet run` with tiny models and 3 agents against a real Mosquitto; profiles."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_fleet_run_three_agents_real_broker_with_chaos(tmp_path, broker):
+    out = tmp_path / "fleet"
+    r = subprocess.run([sys.executable, "-m", "devices.cli", "run", "--devices", "3", "--rounds", "3", "--model", "tiny",
+                        "--broker", broker.url, "--out", str(out), "--chaos", "--timeout", "400"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["rounds_completed"] == 3 and rep["final_version"] == 3
+    assert set(rep["devices"]) == {"dev-0", "dev-1", "dev-2"}
+    for name, d in rep["devices"].items():
+        assert d["global_version"] == 3, (name, d)                 # every agent on the final global version
+        assert d["updates_queued"] == 0 and d["updates_counted"] == 3
+        assert d["updates_recorded"] >= d["updates_acknowledged"]  # nothing acknowledged was lost
+    assert rep["devices"]["dev-0"]["restarts"] == 1 and rep["nothing_lost"] is True
+    assert [x["version"] for x in rep["rounds"]] == [0, 1, 2, 3]
+    first, last = rep["rounds"][0]["heldout_mean"], rep["rounds"][-1]["heldout_mean"]
+    assert last < first                                            # the fleet learned
+    assert rep["inference_latency_ms"]["answered"] >= 1
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "dev-2" in html
+
+
+def test_profiles_load_and_refuse_a_bundle_that_does_not_fit(tmp_path_factory, tiny_llama_dir):
+    from devices.profiles import list_profiles, load_profile
+    from edge_runtime.errors import BundleError, ConfigError
+    from helpers import tiny_bundle
+    assert {"tiny", "rpi4", "rpi5", "jetson-orin-nano", "x86-gateway"} <= set(list_profiles())
+    for n in list_profiles():
+        p = load_profile(n)
+        assert p.export["quant"] in ("fp32", "int8", "int4", "nf4") and p.training["backend"] in ("onnx", "torch")
+    assert load_profile("auto").name in list_profiles()
+    with pytest.raises(ConfigError, match="available"):
+        load_profile("toaster")
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+    assert load_profile("tiny").check_bundle_fits(b)["estimated_bytes"] > 0
+    small = load_profile("tiny")
+    small.ram_mb, small.memory_budget_fraction = 256, 0.25
+    with pytest.raises(BundleError, match="MB"):
+        small.check_bundle_fits(b)
