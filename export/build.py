@@ -254,15 +254,17 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             stacked_shapes[f"lora_A.{tname}"] = [layers, opts.lora_rank, fin]
             stacked_shapes[f"lora_B.{tname}"] = [layers, fout, opts.lora_rank]
         head_out = "logits" if family == "llama" else None
+        applied = {}
         for g in ("model", "train"):
             src_g = tmp / f"{g}.fp32.onnx"
             if not src_g.exists():
                 continue
             t = time.time()
-            quantize_graph(src_g, tmp / f"{g}.onnx", opts.quant, head_output=head_out if g == "model" else None)
+            applied[g] = quantize_graph(src_g, tmp / f"{g}.onnx", opts.quant, module_shapes=module_dims,
+                                        head_output=head_out if g == "model" else None, training=g == "train")
             if g == "model":
                 add_lora_defaults(tmp / "model.onnx", stacked_shapes)
-            log(f"quantized {g} graph to {opts.quant.scheme}: {mb(src_g)} -> {mb(tmp / f'{g}.onnx')} in {time.time() - t:.1f}s")
+            log(f"quantized {g} graph ({applied[g]}): {mb(src_g)} -> {mb(tmp / f'{g}.onnx')} in {time.time() - t:.1f}s")
             src_g.unlink()
         # tokenizer
         from transformers import AutoTokenizer
@@ -272,6 +274,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             raise ExportError("the model's tokenizer has no fast (tokenizer.json) form; the device runtime needs one")
         # fingerprints and adapter
         recipe = dataclasses.asdict(opts.quant)
+        recipe["applied"] = applied
         base_fp = hashlib.sha256(json.dumps({"weights": weights_hash(hf), "task": opts.task, "family": family},
                                             sort_keys=True).encode()).hexdigest()
         adapter = initial_adapter(module_dims, opts.lora_targets, layers, opts.lora_rank, opts.seed)
