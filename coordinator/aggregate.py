@@ -48,10 +48,11 @@ class RunningSum:
         if weight <= 0:
             raise ValueError("weights must be positive")
         for k, v in tensors.items():
-            if k in self.sums:
-                self.sums[k] += weight * v.astype(np.float64)
-            else:
-                self.sums[k] = weight * v.astype(np.float64)
+            acc = self.sums.get(k)
+            if acc is None:
+                self.sums[k] = np.asarray(v, np.float64) * weight
+            else:  # in place: no temporaries the size of the adapter
+                acc += np.asarray(v, np.float32) * np.float32(weight)
         self.weight += weight
         self.count += 1
 
@@ -73,7 +74,11 @@ class RunningSum:
 
 def global_norm(t: Tensors) -> float:
     """L2 norm over all tensors."""
-    return float(math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in t.values())))
+    total = 0.0
+    for v in t.values():
+        f = np.asarray(v, np.float32).ravel()
+        total += float(np.dot(f, f))
+    return math.sqrt(total)
 
 
 def clip_update(t: Tensors, max_norm: float) -> Tensors:

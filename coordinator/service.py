@@ -8,6 +8,7 @@ replayed into the accumulator (each exactly once: ``updates.update_id`` is the p
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -52,6 +53,7 @@ class Coordinator:
         self.done = threading.Event()
         self._stop = threading.Event()
         self.link = None
+        self._inbox: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure onto the broker
         if self.state.current_version() is None:
             blob = (bundle / "adapter.safetensors").read_bytes()
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
@@ -102,13 +104,31 @@ class Coordinator:
     def start(self) -> None:
         """Connect (persistent session) and start the round loop."""
         from edge_runtime.transport import MqttLink
-        self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.on_message,
-                             on_connect=self._on_connect, clean_start=False)
+        self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self._enqueue,
+                             on_connect=self._on_connect, clean_start=False, manual_ack=True)
         self.link.subscribe(self.topics.all_devices("status"), 1)
         self.link.subscribe(self.topics.all_devices("update"), 1)
         self.link.start()
         self._thread = threading.Thread(target=self._loop, name="edgefm-rounds", daemon=True)
         self._thread.start()
+        self._worker = threading.Thread(target=self._work, name="edgefm-ingest", daemon=True)
+        self._worker.start()
+
+    def _enqueue(self, topic: str, payload: bytes, retained: bool, ack) -> None:
+        """paho's thread only queues; the worker persists, then acks (PUBACK only for what is durable)."""
+        self._inbox.put((topic, payload, retained, ack))
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                topic, payload, retained, ack = self._inbox.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.on_message(topic, payload, retained)
+            except Exception:  # a bug must not stop ingestion; the message is acked (it was recorded or refused)
+                log.exception("ingest failed for %s", topic)
+            ack()
 
     def stop(self) -> None:
         """Stop the loop and disconnect."""
@@ -177,7 +197,7 @@ class Coordinator:
                                              f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
             except ProtocolError as exc:
                 return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
-            blob = self.state.blobs.put(bytes(payload))
+            blob = self.state.blobs.put(bytes(payload), name=f"u-{header.update_id}")
             if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
                                             base_version=header.base_version, num_examples=header.num_examples,
                                             status="accepted", reason=None, detail=None, blob=blob, nbytes=len(payload),

@@ -60,7 +60,7 @@ class MqttLink:
     def __init__(self, url: str, client_id: str, *, on_message: MessageHandler | None = None,
                  on_connect: Callable[[], None] | None = None, on_published: Callable[[int], None] | None = None,
                  will: tuple[str, bytes, int, bool] | None = None, clean_start: bool = False,
-                 session_expiry_s: int = 7 * 24 * 3600, keepalive: int = 15):
+                 session_expiry_s: int = 7 * 24 * 3600, keepalive: int = 15, manual_ack: bool = False):
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
@@ -68,8 +68,11 @@ class MqttLink:
 
         self.addr = BrokerAddress.parse(url)
         self._mqtt = mqtt
+        # manual_ack: the PUBACK for a QoS 1 message is sent only when the handler calls ack(),
+        # so a consumer can persist on another thread and still acknowledge only what is durable.
+        self.manual_ack = manual_ack
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv5, reconnect_on_failure=True)
+                                  protocol=mqtt.MQTTv5, reconnect_on_failure=True, manual_ack=manual_ack)
         self.client.max_inflight_messages_set(50)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -122,7 +125,11 @@ class MqttLink:
     def _handle_message(self, client, userdata, msg):
         if self._on_message:
             try:
-                self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+                if self.manual_ack:
+                    mid, qos = msg.mid, msg.qos
+                    self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain), lambda: client.ack(mid, qos))
+                else:
+                    self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
             except Exception:
                 log.exception("message handler failed for %s", msg.topic)
 
