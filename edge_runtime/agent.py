@@ -76,12 +76,19 @@ class AgentConfig:
     inbox: str | None = None              # folder watched for *.jsonl files of examples
     sign_key: str | None = None           # fleet HMAC key for update signatures (runtime only, never saved)
     verify_bundle: bool = True
+    trainer_backend: str = "onnx"         # onnx | torch (extra [torch-train]; PEFT, optional 4-bit base on CUDA)
+    torch_model: str | None = None        # the source checkpoint the torch backend loads
+    torch_load_4bit: bool = False         # QLoRA: bitsandbytes NF4 base (CUDA only)
 
     def __post_init__(self):
         check_id(self.device_id, "device_id")
         check_id(self.fleet, "fleet")
         if not 0 < self.port < 65536:
             raise ConfigError("port must be 1-65535")
+        if self.trainer_backend not in ("onnx", "torch"):
+            raise ConfigError("trainer_backend must be 'onnx' or 'torch'")
+        if self.trainer_backend == "torch" and not self.torch_model:
+            raise ConfigError("trainer_backend = 'torch' needs torch_model (the source checkpoint directory)")
         if self.keep_adapters < 1:
             raise ConfigError("keep_adapters must be >= 1")
         CodecSpec(self.update_codec, self.update_compression)
@@ -147,7 +154,12 @@ class Agent:
         self.round: dict | None = None
         self.events: list[dict] = []
         self.trainer = None
-        if self.manifest.training.get("graph"):
+        if cfg.trainer_backend == "torch":
+            from edge_runtime.torch_trainer import TorchTrainer  # lazy: torch only where this backend is chosen
+            self.trainer = TorchTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, model_dir=cfg.torch_model,
+                                        load_4bit=cfg.torch_load_4bit, threads=cfg.threads_training,
+                                        optim=AdamWConfig(lr=cfg.learning_rate))
+        elif self.manifest.training.get("graph"):
             from edge_runtime.trainer import OnnxTrainer
             self.trainer = OnnxTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, threads=cfg.threads_training,
                                        optim=AdamWConfig(lr=cfg.learning_rate))

@@ -1,0 +1,146 @@
+"""SmolLM2-135M decode: torch eager fp32 `generate` vs edgefm ONNX bundles (fp32/int8/int4), one run.
+
+Batch 1, 2 threads, greedy, KV cache, 64 new tokens. Reports decode tokens/s, time to first token,
+peak RSS (each variant in its own process), perplexity on the held-out text, and the int4 bundle
+against the memory-bandwidth roofline (bandwidth measured in this run / weight bytes read per token).
+Usage: python bench/decode.py [--tokens 64] [--variants torch,fp32,int8,int4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import PY, ROOT, peak_rss_mb, record, run_json  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench"
+PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
+
+
+def bundle_for(scheme: str) -> Path:
+    """Build (once) an inference-only SmolLM2 bundle for a scheme."""
+    out = CACHE / f"smollm2-{scheme}"
+    if not (out / "manifest.json").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", scheme, "--no-train-graph"],
+                       check=True)
+    return out
+
+
+def child_torch(tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from export.source import resolve
+    from export.verify import HELD_OUT_TEXT
+    torch.set_num_threads(2)
+    src = resolve("smollm2", log=lambda *_: None)
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        total = time.perf_counter() - t0
+        n = out.shape[1] - ids.shape[1]
+        enc = tok(HELD_OUT_TEXT, return_tensors="pt").input_ids[:, :256]
+        ppl = float(torch.exp(model(input_ids=enc, labels=enc).loss))
+    return {"tok_s": (n - 1) / (total - ttft), "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
+            "file_mb": sum(p.numel() * 4 for p in model.parameters()) / 1e6}
+
+
+def child_onnx(scheme: str, tokens: int) -> dict:
+    from edge_runtime.engine import Engine
+    from export.verify import HELD_OUT_TEXT
+    b = bundle_for(scheme)
+    eng = Engine(b, threads=2, verify=False)
+    ids = eng.encode(PROMPT)
+    list(eng.generate(ids, max_new_tokens=4, stop_ids=set()))  # warm-up
+    t0 = time.perf_counter()
+    gen = eng.generate(ids, max_new_tokens=tokens, stop_ids=set())
+    next(gen)
+    ttft = time.perf_counter() - t0
+    n = 1 + sum(1 for _ in gen)
+    total = time.perf_counter() - t0
+    ppl = eng.perplexity(HELD_OUT_TEXT)
+    return {"tok_s": (n - 1) / (total - ttft), "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
+            "file_mb": (b / "model.onnx").stat().st_size / 1e6, "weight_bytes_per_token": weight_bytes_per_token(b / "model.onnx")}
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of initializers read for one decode step: everything but the embedding table (one row is read)."""
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    gathered = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
+    total = 0
+    for init in m.graph.initializer:
+        size = len(init.raw_data) or np.prod(init.dims) * 4
+        if init.name in gathered or init.name.startswith("lora_"):
+            continue
+        total += int(size)
+    return total
+
+
+def memory_bandwidth_gbs() -> float:
+    """Copy bandwidth (read + write bytes per second), best of 5, 512 MB buffers."""
+    a = np.ones(64 * 2**20, np.float64)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--variants", default="torch,fp32,int8,int4")
+    ap.add_argument("--child", default=None)
+    args = ap.parse_args()
+    if args.child:
+        res = child_torch(args.tokens) if args.child == "torch" else child_onnx(args.child, args.tokens)
+        print(json.dumps(res))
+        return
+    variants = args.variants.split(",")
+    for v in variants:
+        if v != "torch":
+            bundle_for(v)
+    bw = memory_bandwidth_gbs()
+    res = {v: run_json([PY, __file__, "--child", v, "--tokens", str(args.tokens)]) for v in variants}
+    base = res.get("torch")
+    rows = []
+    for v in variants:
+        r = res[v]
+        name = "torch eager fp32 `generate`" if v == "torch" else f"edgefm ONNX {v}"
+        speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
+        ppl_rel = f"{(r['ppl'] / res['fp32']['ppl'] - 1) * 100:+.2f}%" if "fp32" in res else ""
+        roof = ""
+        if "weight_bytes_per_token" in r:
+            roofline = bw * 1e9 / r["weight_bytes_per_token"]
+            roof = f"{r['tok_s'] / roofline:.0%} of {roofline:.0f}"
+        rows.append(f"| {name} | {r['file_mb']:.0f} MB | {r['tok_s']:.1f} | {speed} | {r['ttft_ms']:.0f} ms | "
+                    f"{r['peak_rss_mb']:.0f} MB | {r['ppl']:.2f} | {ppl_rel} | {roof} |")
+    body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens; each variant in its own process; perplexity on
+the held-out prose passage of `export/verify.py` (256-token windows). Memory copy bandwidth measured in this run:
+{bw:.1f} GB/s (read + write). Roofline = bandwidth / weight bytes read per token (all initializers but the
+embedding table). The source is the GGUF Q4_1 file expanded to fp32.
+
+| variant | model file | decode tok/s | vs torch | time to first token | peak RSS | perplexity | vs fp32 | roofline use (tok/s) |
+|---|---|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + "\n\nGoals (issue 3): int4 >= 4x torch decode tok/s and >= 50% of roofline; int4 / int8 perplexity within 5% / 1% of fp32."
+    record("SmolLM2-135M decode and perplexity (issue 3)", body, f"python bench/decode.py --tokens {args.tokens} --variants {args.variants}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One LoRA training step on SmolLM2-135M (batch 8 x seq 128, rank 8 on q/v): edgefm's ONNX training graph
+(stock onnxruntime + numpy AdamW) vs torch eager + PEFT, each in its own process, same machine, same run.
+Usage: python bench/train_step.py [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import PY, ROOT, peak_rss_mb, record, run_json  # noqa: E402
+
+CACHE = ROOT / ".cache" / "bench"
+B, S = 8, 128
+
+
+def bundle(scheme: str) -> Path:
+    out = CACHE / f"smollm2-{scheme}-train"
+    if not (out / "manifest.json").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", scheme, "--train-batch", str(B),
+                        "--train-seq", str(S), "--no-verify"], check=True)
+    return out
+
+
+def batch(vocab: int):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab, (B, S)).astype(np.int64)
+
+
+def child_torch(steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from export.source import resolve
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(resolve("smollm2", log=lambda *_: None), dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    ids = torch.from_numpy(batch(model.config.vocab_size))
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times[1:])), "peak_rss_mb": peak_rss_mb(), "loss": float(loss)}
+
+
+def child_onnx(scheme: str, steps: int) -> dict:
+    from edge_runtime.engine import stack_adapter
+    from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
+    from edge_runtime.protocol.adapter import load_adapter
+    from edge_runtime.protocol.manifest import Manifest
+    from edge_runtime.trainer import OnnxTrainer
+    from tokenizers import Tokenizer
+    b = bundle(scheme)
+    m = Manifest.load(b)
+    tr = OnnxTrainer(b, m, Tokenizer.from_file(str(b / "tokenizer" / "tokenizer.json")), threads=2)
+    tensors, _ = load_adapter(b / "adapter.safetensors")
+    params = stack_adapter(tensors, tr.targets, tr.layers)
+    mom = {k: np.zeros_like(v) for k, v in params.items()}
+    vel = {k: np.zeros_like(v) for k, v in params.items()}
+    ids = batch(int(m.model["vocab"]))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, np.float32)}
+    cfg = AdamWConfig(lr=2e-4)
+    times = []
+    for step in range(1, steps + 2):
+        t = time.perf_counter()
+        loss, grads = tr.loss_and_grads(params, feeds)
+        grads, _ = clip_by_global_norm(grads, 1.0)
+        params, mom, vel, _ = adamw_step(params, grads, mom, vel, step, cfg)
+        times.append(time.perf_counter() - t)
+    return {"step_s": float(np.median(times[1:])), "peak_rss_mb": peak_rss_mb(), "loss": loss,
+            "train_graph_mb": (b / "train.onnx").stat().st_size / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--schemes", default="int4")
+    ap.add_argument("--child", default=None)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child_torch(args.steps) if args.child == "torch" else child_onnx(args.child, args.steps)))
+        return
+    schemes = args.schemes.split(",")
+    for s in schemes:
+        bundle(s)
+    res = {"torch": run_json([PY, __file__, "--child", "torch", "--steps", str(args.steps)])}
+    for s in schemes:
+        res[s] = run_json([PY, __file__, "--child", s, "--steps", str(args.steps)])
+    t = res["torch"]
+    rows = [f"| torch eager + PEFT (fp32 base) | {t['step_s']:.2f} s | 1.00x | {t['peak_rss_mb']:.0f} MB | 1.00 | {t['loss']:.3f} |"]
+    for s in schemes:
+        r = res[s]
+        rows.append(f"| edgefm train.onnx ({s} bundle, 8-bit frozen base, {r['train_graph_mb']:.0f} MB graph) | {r['step_s']:.2f} s | "
+                    f"{t['step_s'] / r['step_s']:.2f}x | {r['peak_rss_mb']:.0f} MB | {r['peak_rss_mb'] / t['peak_rss_mb']:.2f} | {r['loss']:.3f} |")
+    body = f"""One optimizer step (forward, backward, clipping, AdamW), batch {B} x sequence {S}, LoRA rank 8 on q_proj/v_proj,
+2 threads, median of {args.steps} steps after one warm-up, each variant in its own process (peak RSS of that process).
+
+| variant | step time | speed vs torch | peak RSS | memory vs torch | loss |
+|---|---|---|---|---|---|
+""" + "\n".join(rows) + "\n\nGoal (issue 3): at least as fast as torch + PEFT, with peak memory at most half of it."
+    record("SmolLM2-135M training step (issue 3)", body, f"python bench/train_step.py --steps {args.steps} --schemes {args.schemes}")
+
+
+if __name__ == "__main__":
+    main()
