@@ -23,12 +23,16 @@ CACHE = ROOT / ".cache" / "bench"
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
 
-def bundle_for(scheme: str) -> Path:
-    """Build (once) an inference-only SmolLM2 bundle for a scheme."""
-    out = CACHE / f"smollm2-{scheme}"
+VARIANT_FLAGS = {"int4-hqq": ["--quant", "int4", "--int4-algo", "hqq", "--sensitive-8bit", "down_proj"]}
+
+
+def bundle_for(variant: str) -> Path:
+    """Build (once) an inference-only SmolLM2 bundle for a variant (a scheme name or an entry of VARIANT_FLAGS)."""
+    out = CACHE / f"smollm2-{variant}"
     if not (out / "manifest.json").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", scheme, "--no-train-graph"],
+        flags = VARIANT_FLAGS.get(variant, ["--quant", variant])
+        subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), *flags, "--no-train-graph", "--no-verify"],
                        check=True)
     return out
 
@@ -105,7 +109,7 @@ def memory_bandwidth_gbs() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--variants", default="torch,fp32,int8,int4")
+    ap.add_argument("--variants", default="torch,fp32,int8,int8-dynamic,int4,int4-hqq")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -122,7 +126,9 @@ def main() -> None:
     rows = []
     for v in variants:
         r = res[v]
-        name = "torch eager fp32 `generate`" if v == "torch" else f"edgefm ONNX {v}"
+        name = {"torch": "torch eager fp32 `generate`", "int8": "edgefm ONNX int8 (8-bit weight-only)",
+                "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (RTN, 8-bit head)",
+                "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head"}.get(v, f"edgefm ONNX {v}")
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
         ppl_rel = f"{(r['ppl'] / res['fp32']['ppl'] - 1) * 100:+.2f}%" if "fp32" in res else ""
         roof = ""

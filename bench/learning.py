@@ -27,12 +27,9 @@ GENERAL = ("The lighthouse keeper climbed the narrow stairs every evening, count
 
 
 def bundle() -> Path:
-    out = CACHE / "smollm2-int4-b4s64"
-    if not (out / "manifest.json").is_file():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", "int4", "--train-batch", "4",
-                        "--train-seq", "64", "--no-verify"], check=True)
-    return out
+    """The same bundle the demo uses (rpi5 profile: int4, rank 8 q/v), batch 4 x 64 training graph."""
+    from devices.fleet import cached_bundle
+    return cached_bundle("smollm2", "rpi5")
 
 
 def main() -> None:
@@ -133,7 +130,7 @@ def main() -> None:
     small = bytes_round[("fedavg", "int8", "zstd")]
     rel = (results["FedAvg (int8+zstd updates)"], results["FedAvg (fp32 updates)"])
     rel_loss = float(np.mean([abs(rel[0][d] - rel[1][d]) / rel[1][d] for d in FAMILIES]))
-    body = f"""SmolLM2-135M int4 bundle (8-bit frozen base in train.onnx, batch 4 x 64 tokens, LoRA rank 8 q/v), {N} devices,
+    body = f"""SmolLM2-135M rpi5-profile bundle (int4 inference, 8-bit frozen base in train.onnx, batch 4 x 64 tokens, LoRA rank 8 q/v), {N} devices,
 one stdlib docstring family each, {R} rounds x {K} local steps (local-only: {R * K} steps per device; centralized:
 {R * K * N} steps on the pooled data), AdamW lr {args.lr}. Cells: held-out loss (nats/token, lower is better) per
 family; general-text perplexity (forgetting) and its change from the base; share of the centralized improvement.

@@ -60,6 +60,23 @@ def _http(url: str, body: dict | None = None, timeout: float = 60) -> dict:
         return json.loads(r.read())
 
 
+def cached_bundle(model: str, profile: str, *, train_batch: int = 4, train_seq: int = 64, log=print, quiet: bool = False) -> Path:
+    """Export ``model`` for a device profile once (training graph batch x seq) and reuse it from the cache."""
+    import argparse
+    from export.build import Progress, build_bundle
+    from export.cli import build_options
+    from export.source import cache_root
+    name = Path(model).name.replace(".", "-")
+    out = cache_root() / "bundles" / f"{name}-{profile}-b{train_batch}s{train_seq}"
+    if not (out / "manifest.json").is_file():
+        log(f"exporting {model} for profile {profile} (once; cached in {out})")
+        args = argparse.Namespace(quant=None, block_size=None, accuracy_level=None, head=None, task=None, lora_rank=None,
+                                  lora_alpha=None, lora_targets=None, train_batch=train_batch, train_seq=train_seq,
+                                  no_train_graph=False, no_verify=True, archive=False, profile=profile)
+        build_bundle(model, out, build_options(args), log=Progress(quiet=quiet))
+    return out
+
+
 class Fleet:
     """Runs one simulation and returns the report."""
 
@@ -100,16 +117,7 @@ class Fleet:
                 build_bundle(str(src), out, BuildOptions(quant=QuantRecipe("fp32"), lora_rank=4, train_batch=4, train_seq=32),
                              log=Progress(quiet=self.o.quiet))
             return out
-        import argparse
-        name = Path(m).name.replace(".", "-")
-        out = self.out / f"bundle-{name}-{self.o.profile}"
-        if not (out / "manifest.json").is_file():
-            self.log(f"exporting {m} for profile {self.o.profile}")
-            args = argparse.Namespace(quant=None, block_size=None, accuracy_level=None, head=None, task=None,
-                                      lora_rank=None, lora_alpha=None, lora_targets=None, train_batch=4, train_seq=64,
-                                      no_train_graph=False, no_verify=True, archive=False, profile=self.o.profile)
-            build_bundle(m, out, build_options(args), log=Progress(quiet=self.o.quiet))
-        return out
+        return cached_bundle(m, self.o.profile, log=self.log, quiet=self.o.quiet)
 
     def datasets(self):
         """Per-device examples and per-domain held-out texts."""

@@ -27,14 +27,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("model", help="HF checkpoint dir, .gguf file, hub id, or a packaged model: smollm2, minilm")
     b.add_argument("-o", "--output", required=True, help="bundle directory to create")
     b.add_argument("--task", choices=["causal-lm", "classification", "embedding"], default=None, help="default: causal-lm")
-    b.add_argument("--quant", choices=["fp32", "int8", "int4", "nf4"], default=None, help="weight quantization (default: int4, or the profile's)")
+    b.add_argument("--quant", choices=["fp32", "int8", "int8-dynamic", "int4", "nf4"], default=None,
+                   help="weight quantization (default: int4, or the profile's); int8 is 8-bit weight-only")
     b.add_argument("--block-size", type=int, default=None, help="int4/nf4 block size (default 32)")
     b.add_argument("--accuracy-level", type=int, default=None, help="int4 MatMulNBits accuracy level 0-4 (default 4)")
     b.add_argument("--head", choices=["quant", "int8", "fp32"], default=None,
                    help="LM head precision: the scheme's, 8-bit weight-only (default), or fp32")
-    b.add_argument("--int4-algo", choices=["hqq", "rtn"], default=None, help="int4 algorithm (default hqq)")
+    b.add_argument("--int4-algo", choices=["hqq", "rtn"], default=None, help="int4 algorithm: rtn (default, fast kernels) or hqq (closer to fp32, slow on CPU)")
     b.add_argument("--sensitive-8bit", nargs="*", default=None, metavar="MODULE",
-                   help="int4/nf4: modules kept 8-bit (default: down_proj); give none for pure 4-bit")
+                   help="int4/nf4: modules kept 8-bit weight-only, e.g. down_proj (default: none)")
     b.add_argument("--train-base", choices=["same", "int8", "fp32"], default=None,
                    help="frozen base inside train.onnx (default int8 weight-only)")
     b.add_argument("--profile", default=None, help="device profile name (devices/profiles), or 'auto'")
@@ -71,8 +72,8 @@ def build_options(args):
     pick = lambda flag, key, default: flag if flag is not None else prof.get(key, default)  # noqa: E731
     recipe = QuantRecipe(scheme=pick(args.quant, "quant", "int4"), block_size=pick(args.block_size, "block_size", 32),
                          accuracy_level=pick(args.accuracy_level, "accuracy_level", 4), head=pick(args.head, "head", "int8"),
-                         algo=pick(getattr(args, "int4_algo", None), "algo", "hqq"),
-                         sensitive_8bit=tuple(pick(getattr(args, "sensitive_8bit", None), "sensitive_8bit", ("down_proj",))),
+                         algo=pick(getattr(args, "int4_algo", None), "algo", "rtn"),
+                         sensitive_8bit=tuple(pick(getattr(args, "sensitive_8bit", None), "sensitive_8bit", ())),
                          train_base=pick(getattr(args, "train_base", None), "train_base", "int8"))
     return BuildOptions(task=pick(args.task, "task", "causal-lm"), quant=recipe, lora_rank=pick(args.lora_rank, "lora_rank", 8),
                         lora_alpha=pick(args.lora_alpha, "lora_alpha", 16.0),

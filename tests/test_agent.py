@@ -264,3 +264,27 @@ def test_sigkill_keeps_queued_updates(bundle, tmp_path):
     s = Store(data / "agent.sqlite")
     assert sorted(u for u, _, _ in s.pending_updates()) == sorted(ids)
     a.stop()
+
+
+def test_inbox_folder_and_disk_full_pause(bundle, tmp_path, monkeypatch):
+    import shutil as _sh
+    inbox = tmp_path / "inbox"
+    agent, srv, url = start_agent(bundle, tmp_path / "a", inbox=str(inbox))
+    try:
+        inbox.mkdir(exist_ok=True)
+        (inbox / "batch1.jsonl").write_text("\n".join(json.dumps(e) for e in examples(5)) + "\n")
+        (inbox / "bad.jsonl").write_text("{not json\n")
+        wait_for(lambda: (inbox / "batch1.jsonl.done").exists() and (inbox / "bad.jsonl.bad").exists(), 10, what="inbox processed")
+        assert agent.store.count_examples()["train"] + agent.store.count_examples()["heldout"] == 5
+        # a nearly full disk pauses intake and training, inference continues
+        real = _sh.disk_usage
+        monkeypatch.setattr("edge_runtime.agent.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+        status, resp = post(url + "/v1/examples", {"examples": examples(2, offset=50)})
+        assert status == 503 and "disk" in resp["error"]["message"]
+        assert agent.train_once(forced=True)["status"] == "paused"
+        assert post(url + "/v1/completions", {"prompt": "still serving", "max_tokens": 2})[0] == 200
+        monkeypatch.setattr("edge_runtime.agent.shutil.disk_usage", real)
+        assert post(url + "/v1/examples", {"examples": examples(2, offset=50)})[0] == 200
+    finally:
+        srv.shutdown()
+        agent.stop()

@@ -259,3 +259,36 @@ def test_tls_broker_end_to_end(bundle, tmp_path, broker_tls):
     finally:
         a.stop()
         c.stop()
+
+
+def test_admin_cli_adapters_rollback_export(bundle, tmp_path, broker):
+    from edge_runtime.protocol.adapter import load_adapter
+    v0, meta = schema(bundle)
+    devs = Devices(broker.url, "c", ["a"])
+    c = coordinator(bundle, tmp_path, broker.url, mode="async", buffer_size=1)
+    try:
+        rng = np.random.default_rng(9)
+        devs.send("a", make_update(meta, "a", 0, 5, rng)[2])
+        wait_for(lambda: c.version == 1, 15, what="v1")
+    finally:
+        c.stop()
+        devs.link.close()
+    state = str(tmp_path / "state")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "coordinator.cli", "--state-dir", state, *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("adapters", "--json")
+    assert r.returncode == 0 and [v["version"] for v in json.loads(r.stdout)] == [1, 0]
+    assert "version" in run("adapters").stdout and "a" in run("devices").stdout
+    r = run("rollback", "--to", "0", "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
+    assert r.returncode == 0 and "v2" in r.stdout, r.stderr
+    out = tmp_path / "v2.safetensors"
+    assert run("export", "--version", "2", "-o", str(out)).returncode == 0
+    t2, m2 = load_adapter(out)
+    for k in v0:
+        np.testing.assert_array_equal(t2[k], v0[k])       # rollback republished v0's content as v2
+    assert m2.version == 2 and m2.parent_version == 1
+    peft_dir = tmp_path / "peft"
+    assert run("export", "--format", "peft", "--bundle", str(bundle), "-o", str(peft_dir)).returncode == 0
+    assert (peft_dir / "adapter_config.json").is_file()
+    bad = run("rollback", "--to", "9", "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
+    assert bad.returncode == 1 and "no version 9" in bad.stderr

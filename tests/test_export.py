@@ -13,7 +13,7 @@ from helpers import tiny_bundle
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("quant", ["fp32", "int8", "int4", "nf4"])
+@pytest.mark.parametrize("quant", ["fp32", "int8", "int8-dynamic", "int4", "nf4"])
 def test_causal_lm_bundle_every_scheme(tmp_path_factory, tiny_llama_dir, quant):
     from edge_runtime.engine import Engine
     from edge_runtime.protocol.manifest import Manifest, verify_files
@@ -164,3 +164,17 @@ def test_cli_help_explains_itself():
     for mod in ("export.cli", "edge_runtime.cli", "coordinator.cli", "devices.cli"):
         r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage:" in r.stdout and len(r.stdout) > 300, mod
+
+
+def test_archive_bundle_serves_from_tar(tmp_path, tiny_llama_dir):
+    from edge_runtime.engine import Engine
+    out = tmp_path / "b"
+    r = subprocess.run([sys.executable, "-m", "export.cli", "build", str(tiny_llama_dir), "-o", str(out), "--quant", "fp32",
+                        "--archive", "--no-verify", "--no-train-graph", "--lora-rank", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[export" in r.stderr and "bundle written" in r.stderr     # progress per stage
+    tar = out.with_suffix(".tar")
+    import shutil
+    shutil.rmtree(out)                                                # only the archive is shipped to the device
+    eng = Engine(tar)
+    assert len(list(eng.generate(eng.encode("hello"), max_new_tokens=3, stop_ids=set()))) == 3
