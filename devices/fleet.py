@@ -144,7 +144,8 @@ class Fleet:
         cfg.write_text(f'steps_per_round = {self.o.steps_per_round}\nlearning_rate = {self.o.learning_rate}\n'
                        f'min_new_examples = 1\nthreads_inference = 1\nthreads_training = 1\nmax_train_seconds = 300\n'
                        f'update_codec = "{self.o.codec}"\nupdate_compression = "{self.o.compression}"\n'
-                       f'eval_tolerance = 1.0\n')
+                       f'eval_tolerance = 1.0\n'
+                       + (f'train_step_delay_s = 1.0\n' if self.o.chaos and i == self.o.devices - 1 else ""))
         self.cmds[name] = [sys.executable, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--broker", broker,
                            "--fleet", self.o.fleet, "--device-id", name, "--data-dir", str(ddir), "--port", str(port),
                            "--config", str(cfg), "--no-auto-train"]
@@ -227,7 +228,8 @@ class Fleet:
                                     "--rounds", str(o.rounds), "--min-updates", str(o.devices if o.mode == "sync" else max(1, o.devices - 1)),
                                     "--round-timeout", str(o.round_timeout_s)]
         self._spawn("coordinator")
-        self.log(f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)")
+        self.log(f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)"
+                 + (f"; chaos: {names[-1]} is a slow device (+1 s per training step)" if o.chaos else ""))
         eng = self.evaluator(bundle)
         seq = int(eng.manifest.training.get("seq", 64))
         from coordinator.state import State

@@ -76,6 +76,7 @@ class AgentConfig:
     inbox: str | None = None              # folder watched for *.jsonl files of examples
     sign_key: str | None = None           # fleet HMAC key for update signatures (runtime only, never saved)
     verify_bundle: bool = True
+    train_step_delay_s: float = 0.0       # simulation only (fleet --chaos): a slow device's extra time per step
     trainer_backend: str = "onnx"         # onnx | torch (extra [torch-train]; PEFT, optional 4-bit base on CUDA)
     torch_model: str | None = None        # the source checkpoint the torch backend loads
     torch_load_4bit: bool = False         # QLoRA: bitsandbytes NF4 base (CUDA only)
@@ -318,8 +319,13 @@ class Agent:
                 resume = loaded[0]
                 self._event("training_resumed", step=resume["step"])
             round_id = (self.round or {}).get("round")
+            def next_examples(n):
+                if self.cfg.train_step_delay_s:
+                    time.sleep(self.cfg.train_step_delay_s)
+                return self.store.training_batch(n)
+
             result = self.trainer.train(
-                start, lambda n: self.store.training_batch(n), max_steps=self.cfg.steps_per_round,
+                start, next_examples, max_steps=self.cfg.steps_per_round,
                 max_seconds=self.cfg.max_train_seconds, should_yield=lambda: self.inflight > 0, resume=resume,
                 checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}),
                 train_a=bool((self.round or {}).get("train_a", True)))
