@@ -79,7 +79,9 @@ def main() -> None:
     agent.add_examples([{"text": f"{p} number {i} reported normal operation and no alarms."} for i, p in enumerate(PROMPTS * 20)])
     th = threading.Thread(target=agent.train_once, kwargs={"forced": True}, daemon=True)
     th.start()
-    time.sleep(3.0)
+    t_wait = time.time()
+    while agent.metrics.get("edgefm_training_steps_total") < 1 and time.time() - t_wait < 120:
+        time.sleep(0.2)  # measure once training is really under way
     t_lat = []
     for i in range(n):
         t_lat.append(api(PROMPTS[i % len(PROMPTS)])[0])

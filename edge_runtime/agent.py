@@ -328,8 +328,9 @@ class Agent:
                 start, next_examples, max_steps=self.cfg.steps_per_round,
                 max_seconds=self.cfg.max_train_seconds, should_yield=lambda: self.inflight > 0, resume=resume,
                 checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}),
-                train_a=bool((self.round or {}).get("train_a", True)))
-            self.metrics.inc("edgefm_training_steps_total", result.steps, help="optimizer steps run")
+                train_a=bool((self.round or {}).get("train_a", True)),
+                on_step=lambda step, loss: (self.metrics.inc("edgefm_training_steps_total", help="optimizer steps run"),
+                                            self.metrics.set("edgefm_training_loss", loss, help="last training loss")))
             self.last_train_at = time.time()
             if result.steps == 0:
                 return {"status": "no_steps", "stopped": result.stopped}

@@ -95,7 +95,8 @@ class OnnxTrainer:
     def train(self, start: dict[str, np.ndarray], next_examples: Callable[[int], list[dict]], *, max_steps: int,
               max_seconds: float, should_yield: Callable[[], bool] = lambda: False,
               resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-              checkpoint_every: int = 4, train_a: bool = True) -> TrainResult:
+              checkpoint_every: int = 4, train_a: bool = True,
+              on_step: Callable[[int, float], None] | None = None) -> TrainResult:
         """Run up to ``max_steps`` AdamW steps within ``max_seconds``, pausing while ``should_yield()``."""
         t0 = time.time()
         params = stack_adapter(start, self.targets, self.layers)
@@ -126,6 +127,8 @@ class OnnxTrainer:
             new_params, m, v, _ = adamw_step(params, grads, m, v, step, self.optim)
             params = new_params if train_a else {k: (params[k] if k.startswith("lora_A.") else p) for k, p in new_params.items()}
             losses.append(loss)
+            if on_step:
+                on_step(step, loss)
             used.extend(e["id"] for e in examples if "id" in e)
             if checkpoint and step % checkpoint_every == 0:
                 checkpoint({"params": params, "m": m, "v": v, "step": step, "losses": losses, "used": used})

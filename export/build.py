@@ -128,18 +128,59 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
     return io
 
 
-def causal_lm_loss(graph: LlamaGraph, targets):
-    """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
-    backward came out scaled by the batch size)."""
+def _fused_head_nll():
+    """Head matmul + NLL with a hand-written backward, evaluated in sequence chunks.
+
+    Forward returns (loss, d loss / d h) so that backward only scales the saved [b, s, hidden] gradient:
+    the [b, s, vocab] logits, softmax and their gradients exist one chunk at a time (about 200 MB per
+    full copy for SmolLM2 at batch 8 x 128, several copies in a plain autograd graph)."""
     import torch
+
+    class FusedHeadNLL(torch.autograd.Function):
+        @staticmethod
+        def forward(h, w_t, targets, weights, chunk):
+            loss = h.new_zeros(())
+            grads = []
+            for s0 in range(0, h.shape[1], chunk):
+                hc, tc, wc = h[:, s0:s0 + chunk], targets[:, s0:s0 + chunk], weights[:, s0:s0 + chunk]
+                logits = hc @ w_t
+                lse = torch.logsumexp(logits, dim=-1)
+                tgt = torch.gather(logits, -1, tc[..., None])[..., 0]
+                loss = loss + ((lse - tgt) * wc).sum()
+                onehot = torch.zeros_like(logits).scatter(-1, tc[..., None], 1.0)
+                p = torch.exp(logits - lse[..., None]) - onehot
+                grads.append((p * wc[..., None]) @ w_t.transpose(0, 1))
+            return loss, torch.cat(grads, dim=1)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(output[1])
+
+        @staticmethod
+        def backward(ctx, grad_loss, _grad_of_grad):
+            (grad_h,) = ctx.saved_tensors
+            return grad_loss * grad_h, None, None, None, None
+
+    return FusedHeadNLL
+
+
+def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: int = 16):
+    """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
+    backward came out scaled by the batch size). ``fused`` exports the memory-lean head/NLL; the plain
+    form is the autograd reference the exported gradients are checked against."""
+    import torch
+    fused_fn = _fused_head_nll() if fused else None
 
     def loss_fn(lora, input_ids, attention_mask, loss_mask):
         loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras)
+        w = loss_mask[:, 1:]
+        if fused_fn is not None:
+            loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), chunk)
+            return loss
         logp = torch.log_softmax(h[:, :-1] @ graph.head_wT, dim=-1)
         nll = -torch.gather(logp, -1, input_ids[:, 1:, None])[..., 0]
-        w = loss_mask[:, 1:]
         return (nll * w).sum() / w.sum().clamp(min=1.0)
     return loss_fn
 
@@ -159,7 +200,8 @@ def classification_loss(graph: BertGraph, targets):
 def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log) -> None:
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
-    loss_fn = causal_lm_loss(graph, opts.lora_targets) if opts.task == "causal-lm" else classification_loss(graph, opts.lora_targets)
+    loss_fn = (causal_lm_loss(graph, opts.lora_targets, fused=True) if opts.task == "causal-lm"
+               else classification_loss(graph, opts.lora_targets))
 
     def step(input_ids, attention_mask, third, *lora):
         grads, loss = torch.func.grad_and_value(loss_fn)(tuple(lora), input_ids, attention_mask, third)
