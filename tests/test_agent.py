@@ -150,17 +150,17 @@ def test_offline_first_updates_queue_and_arrive_exactly_once(bundle, tmp_path, b
     assert sub.wait_connected(10)
     agent, srv, url = start_agent(bundle, tmp_path / "a", broker=broker.url, fleet="f", device_id="dev-1")
     try:
-        wait_for(lambda: agent.sync.connected, 15, what="agent connected")
+        wait_for(lambda: agent.sync.connected, 30, what="agent connected")
         agent.add_examples(examples(40))
         broker.stop()
-        wait_for(lambda: not agent.sync.connected, 15, what="agent to notice the outage")
+        wait_for(lambda: not agent.sync.connected, 30, what="agent to notice the outage")
         ids = [agent.train_once(forced=True)["update_id"] for _ in range(3)]
         assert agent.store.outbox_stats()["queued"] == 3
         status, resp = post(url + "/v1/completions", {"prompt": "offline", "max_tokens": 3})
         assert status == 200                                   # inference keeps answering without the broker
         broker.start()
         wait_for(lambda: agent.store.outbox_stats()["queued"] == 0, 40, what="outbox to drain")
-        wait_for(lambda: len(set(received)) == 3, 20, what="subscriber to receive all updates")
+        wait_for(lambda: len(set(received)) == 3, 40, what="subscriber to receive all updates")
         time.sleep(1.0)
         assert sorted(received) == sorted(ids)                 # each exactly once
     finally:
@@ -178,7 +178,7 @@ def test_corrupt_or_foreign_global_adapter_is_refused(bundle, tmp_path, broker):
     pub = MqttLink(broker.url, "test-pub").start()
     try:
         assert pub.wait_connected(10)
-        wait_for(lambda: agent.sync.connected, 15, what="agent connected")
+        wait_for(lambda: agent.sync.connected, 30, what="agent connected")
         tensors, meta = load_adapter(bundle / "adapter.safetensors")
         topics = Topics("f")
 
@@ -196,15 +196,15 @@ def test_corrupt_or_foreign_global_adapter_is_refused(bundle, tmp_path, broker):
         import json as _json
         blob = encode_tensors(bad, {"edgefm.adapter": _json.dumps(meta.to_json())})
         publish(1, blob, meta.base_fingerprint)
-        wait_for(lambda: any(e["event"] == "global_refused" for e in agent.events), 15, what="NaN adapter refused")
+        wait_for(lambda: any(e["event"] == "global_refused" for e in agent.events), 30, what="NaN adapter refused")
         assert agent.active_id == "bundle" and agent.global_version == 0
         # a pointer for another base model
         publish(2, adapter_to_bytes(tensors, meta), "0" * 64)
-        wait_for(lambda: any(r["reason"] == "fingerprint_mismatch" for r in agent.sync.rejected), 15, what="foreign adapter refused")
+        wait_for(lambda: any(r["reason"] == "fingerprint_mismatch" for r in agent.sync.rejected), 30, what="foreign adapter refused")
         # a good one is adopted
         good = {k: v + 0.001 for k, v in tensors.items()}
         publish(3, adapter_to_bytes(good, AdapterMeta(**{**meta.to_json(), "version": 3})), meta.base_fingerprint)
-        wait_for(lambda: agent.global_version == 3, 15, what="good adapter adopted")
+        wait_for(lambda: agent.global_version == 3, 30, what="good adapter adopted")
         assert post(url + "/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
     finally:
         pub.close()
@@ -274,7 +274,7 @@ def test_inbox_folder_and_disk_full_pause(bundle, tmp_path, monkeypatch):
         inbox.mkdir(exist_ok=True)
         (inbox / "batch1.jsonl").write_text("\n".join(json.dumps(e) for e in examples(5)) + "\n")
         (inbox / "bad.jsonl").write_text("{not json\n")
-        wait_for(lambda: (inbox / "batch1.jsonl.done").exists() and (inbox / "bad.jsonl.bad").exists(), 10, what="inbox processed")
+        wait_for(lambda: (inbox / "batch1.jsonl.done").exists() and (inbox / "bad.jsonl.bad").exists(), 20, what="inbox processed")
         assert agent.store.count_examples()["train"] + agent.store.count_examples()["heldout"] == 5
         # a nearly full disk pauses intake and training, inference continues
         real = _sh.disk_usage

@@ -93,7 +93,7 @@ def test_sync_round_equals_fedavg_of_accepted_updates(bundle, tmp_path, broker):
     devs = Devices(broker.url, "c", ["d1", "d2", "d3", "d4"])
     c = coordinator(bundle, tmp_path, broker.url, min_updates=3, round_timeout_s=6, max_rounds=1)
     try:
-        wait_for(lambda: c.plan is not None, 10, what="round 1 open")
+        wait_for(lambda: c.plan is not None, 20, what="round 1 open")
         rng = np.random.default_rng(0)
         good = []
         for dev, n in (("d1", 10), ("d2", 30)):
@@ -143,14 +143,14 @@ def test_async_fedbuff_staleness_weighted(bundle, tmp_path, broker):
         _, d2, m2 = make_update(meta, "b", 0, 20, rng)
         devs.send("a", m1)
         devs.send("b", m2)
-        wait_for(lambda: c.version == 1, 20, what="v1")
+        wait_for(lambda: c.version == 1, 40, what="v1")
         _, d3, m3 = make_update(meta, "e", 0, 10, rng)   # one version stale: weight 10 / sqrt(2)
         _, d4, m4 = make_update(meta, "a", 1, 10, rng)
         devs.send("e", m3)
         devs.send("a", m4)
-        wait_for(lambda: c.version == 2, 20, what="v2")
+        wait_for(lambda: c.version == 2, 40, what="v2")
         devs.send("b", make_update(meta, "b", 0, 10, rng)[2])  # two versions stale: rejected
-        wait_for(lambda: c.state.update_counts()["reasons"].get("stale") == 1, 10, what="stale rejection")
+        wait_for(lambda: c.state.update_counts()["reasons"].get("stale") == 1, 20, what="stale rejection")
         v1, _ = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(1)))
         v2, _ = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(2)))
         w3, w4 = staleness_weight(10, 1), staleness_weight(10, 0)
@@ -174,7 +174,7 @@ def test_dropouts_close_at_deadline_with_quorum_and_below_quorum_extends(bundle,
         time.sleep(2.5)                                    # deadline passes with 1 < quorum 2: extended, v0 kept
         assert c.version == 0 and c.state.rounds()[0]["status"] == "extended"
         devs.send("y", make_update(meta, "y", 0, 5, rng, 1)[2])   # z dropped out: round closes at the deadline
-        wait_for(lambda: c.version == 1, 10, what="round closed with quorum")
+        wait_for(lambda: c.version == 1, 20, what="round closed with quorum")
         r = c.state.rounds()[-1]
         assert r["status"] == "closed" and len(r["summary"]["participants"]) == 2
     finally:
@@ -231,7 +231,7 @@ def test_acl_broker_stops_device_impersonation(bundle, tmp_path, broker_acl):
         t = Topics("c")
         dev1.publish(t.update("dev-2"), make_update(meta, "dev-2", 0, 5, rng)[2])   # denied by the ACL
         dev1.publish(t.update("dev-1"), make_update(meta, "dev-1", 0, 5, rng)[2])   # allowed
-        wait_for(lambda: c.version == 1, 15, what="own update counted")
+        wait_for(lambda: c.version == 1, 30, what="own update counted")
         time.sleep(0.5)
         assert [d["device_id"] for d in c.state.devices()] == ["dev-1"]
         wrong = MqttLink(f"mqtt://dev-1:wrong@{host}", "dev-x").start()
@@ -253,9 +253,9 @@ def test_tls_broker_end_to_end(bundle, tmp_path, broker_tls):
     try:
         a.add_examples(examples(12))
         a.start()
-        wait_for(lambda: a.sync.connected and c.link.connected.is_set(), 15, what="TLS connections")
+        wait_for(lambda: a.sync.connected and c.link.connected.is_set(), 30, what="TLS connections")
         a.train_once(forced=True)
-        wait_for(lambda: a.global_version == 1, 20, what="global over TLS")
+        wait_for(lambda: a.global_version == 1, 40, what="global over TLS")
     finally:
         a.stop()
         c.stop()
@@ -269,7 +269,7 @@ def test_admin_cli_adapters_rollback_export(bundle, tmp_path, broker):
     try:
         rng = np.random.default_rng(9)
         devs.send("a", make_update(meta, "a", 0, 5, rng)[2])
-        wait_for(lambda: c.version == 1, 15, what="v1")
+        wait_for(lambda: c.version == 1, 30, what="v1")
     finally:
         c.stop()
         devs.link.close()
