@@ -14,6 +14,7 @@ from edge_runtime.errors import ProtocolError, RejectReason
 from edge_runtime.protocol import (AdapterMeta, ChunkAssembler, CodecSpec, GlobalPointer, Topics, UpdateHeader,
                                    adapter_from_bytes, adapter_to_bytes, check_tensors_match, decode_payload,
                                    decode_update, encode_payload, encode_update, make_pointer, topic_matches)
+from edge_runtime.protocol.codec import CODECS
 from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
 
 pytestmark = pytest.mark.device
@@ -83,7 +84,7 @@ arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_sid
 
 
 @settings(max_examples=60, deadline=None)
-@given(arr=arrays, dtype=st.sampled_from(["fp32", "fp16", "int8"]), comp=st.sampled_from(["none", "zstd"]))
+@given(arr=arrays, dtype=st.sampled_from(["fp32", "fp16", "int8", "int4"]), comp=st.sampled_from(["none", "zstd"]))
 def test_every_codec_round_trips_within_its_stated_error(arr, dtype, comp):
     spec = CodecSpec(dtype, comp)
     out = decode_payload(encode_payload({"t": arr}, spec), spec, max_decoded_bytes=1 << 20)["t"]
@@ -93,14 +94,21 @@ def test_every_codec_round_trips_within_its_stated_error(arr, dtype, comp):
     elif dtype == "fp16":
         # fp16 normal range: relative 2^-11; below 2^-14 absolute error of the subnormal step 2^-25
         assert np.all(np.abs(out - arr) <= np.maximum(np.abs(arr) * 2.0 ** -11, 2.0 ** -24))
-    else:
+    elif dtype == "int8":
         rows = arr.reshape(arr.shape[0], -1)
         scale = np.abs(rows).max(axis=1, keepdims=True) / 127
         assert np.all(np.abs(out.reshape(rows.shape) - rows) <= scale / 2 * (1 + 1e-5) + 1e-30)
+    else:  # int4: blocks of 64 flattened values, bound s/2 with s = max|block|/7 rounded up to fp16 (<= 2^-10 up)
+        flat = np.zeros(-(-arr.size // 64) * 64, np.float32)
+        flat[:arr.size] = arr.ravel()
+        s = np.abs(flat.reshape(-1, 64)).max(axis=1) / 7 * (1 + 2.0 ** -9)
+        err = np.zeros_like(flat)
+        err[:arr.size] = np.abs(out.ravel() - arr.ravel())
+        assert np.all(err.reshape(-1, 64) <= s[:, None] / 2 + 6e-8)
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=512), dtype=st.sampled_from(["fp32", "fp16", "int8"]), comp=st.sampled_from(["none", "zstd"]))
+@given(data=st.binary(max_size=512), dtype=st.sampled_from(["fp32", "fp16", "int8", "int4"]), comp=st.sampled_from(["none", "zstd"]))
 def test_decoding_arbitrary_bytes_only_raises_protocol_error(data, dtype, comp):
     try:
         decode_payload(data, CodecSpec(dtype, comp), max_decoded_bytes=1 << 16)
@@ -147,6 +155,19 @@ def test_codec_refuses_wrong_dtype_and_zip_bomb():
     with pytest.raises(ProtocolError) as e:
         decode_payload(bomb, CodecSpec("fp32", "zstd"), max_decoded_bytes=1 << 16)
     assert e.value.reason == RejectReason.OVERSIZE
+
+
+def test_int4_codec_is_about_8x_smaller_and_rejects_inconsistent_sizes():
+    rng = np.random.default_rng(0)
+    t = {"a": rng.standard_normal((576, 64)).astype(np.float32), "b": rng.standard_normal((64, 576)).astype(np.float32)}
+    fp32 = len(encode_payload(t, CodecSpec("fp32")))
+    int4 = len(encode_payload(t, CodecSpec("int4")))
+    assert fp32 / int4 > 7.3  # 4 bits + an fp16 scale per 64 values = 7.53x at most before compression
+    wire = CODECS["int4"].encode(t)
+    wire["a.__shape"] = np.array([577, 64], np.int64)
+    with pytest.raises(ProtocolError) as e:
+        decode_payload(encode_tensors(wire), CodecSpec("int4"), max_decoded_bytes=1 << 20)
+    assert e.value.reason == RejectReason.BAD_SHAPE
 
 
 def test_unknown_codec_is_refused():
