@@ -70,6 +70,7 @@ class AgentConfig:
     max_prompt_tokens: int = 2048
     max_request_bytes: int = 1 << 20
     max_examples: int = 100_000
+    retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
     min_free_disk_mb: float = 50.0
     update_codec: str = "fp16"
     update_compression: str = "zstd"
@@ -463,11 +464,17 @@ class Agent:
         return res
 
     def _train_loop(self) -> None:
+        last_retention = 0.0
         while not self._stop.is_set():
             forced = self._train_now.wait(1.0)
             if self._stop.is_set():
                 return
             self._train_now.clear()
+            if time.time() - last_retention > 3600:
+                last_retention = time.time()
+                removed = self.store.apply_retention(self.cfg.retention_days * 86400)
+                if removed:
+                    self._event("retention", removed=removed)
             if forced or self.cfg.auto_train:
                 try:
                     self.train_once(forced=forced)

@@ -82,6 +82,11 @@ def test_store_examples_split_dedupe_quota_and_outbox(tmp_path):
     assert s.outbox_stats()["queued"] == 1
     s.ack_update("u1")
     assert s.outbox_stats() == {"queued": 0, "queued_bytes": 0, "acknowledged": 1}
+    # retention drops only trained-on training examples past the age limit
+    ids = [e["id"] for e in s.training_batch(5, replay_fraction=0.0)]
+    s.mark_trained(ids)
+    assert s.apply_retention(max_age_s=-1) == 5 and s.apply_retention(max_age_s=-1) == 0
+    c = s.count_examples()
     # state survives reopening (what a restart sees)
     s2 = Store(tmp_path / "a.sqlite")
     assert s2.count_examples() == c
