@@ -7,7 +7,7 @@ safetensors bytes; ``decode`` turns them back into fp32 arrays. Stated error bou
 - ``fp16``: relative error <= 2**-11 for |x| in fp16's normal range; |x| > 65504 is refused at encode.
 - ``int8``: symmetric per row (axis 0) with an fp32 scale per row; |x - x'| <= scale / 2 where
   scale = max|row| / 127.
-- ``int4``: symmetric per block of 64 values (flattened), two values per byte, an fp16 scale per
+- ``int4``: symmetric per block of 128 values (flattened), two values per byte, an fp16 scale per
   block; |x - x'| <= s / 2 where s is the stored scale (max|block| / 7, rounded up to fp16).
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Int4Codec(TensorCodec):
 
     name = "int4"
     wire_dtypes = frozenset({"U8", "F16", "I64"})
-    block = 64
+    block = 128
 
     def encode(self, tensors):
         out = {}
