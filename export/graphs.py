@@ -78,8 +78,9 @@ class LlamaGraph(nn.Module):
         return {k: (m.in_features, m.out_features) for k, m in mods.items()}
 
     def _rms(self, x, w):
+        # Written as x / sqrt(mean(x^2) + eps) * w: the form onnxruntime fuses into SimplifiedLayerNormalization.
         var = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(var + self.eps) * w
+        return x / torch.sqrt(var + self.eps) * w
 
     def _proj(self, name, module, x, layer, loras):
         if name in loras:
