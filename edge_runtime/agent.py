@@ -77,6 +77,7 @@ class AgentConfig:
     inbox: str | None = None              # folder watched for *.jsonl files of examples
     sign_key: str | None = None           # fleet HMAC key for update signatures (runtime only, never saved)
     verify_bundle: bool = True
+    train_nice: int = 10                  # OS priority of the training thread (serving keeps the CPU when both want it)
     train_step_delay_s: float = 0.0       # simulation only (fleet --chaos): a slow device's extra time per step
     trainer_backend: str = "onnx"         # onnx | torch (extra [torch-train]; PEFT, optional 4-bit base on CUDA)
     torch_model: str | None = None        # the source checkpoint the torch backend loads
@@ -311,6 +312,7 @@ class Agent:
             if counts["train"] == 0:
                 return {"status": TrainDecision.NOT_ENOUGH_DATA.value}
             self.state = AgentState.TRAINING
+            self._lower_thread_priority()
             base_version = self.global_version
             start = self._training_start()
             resume = None
@@ -366,6 +368,17 @@ class Agent:
         finally:
             self.state = AgentState.PAUSED if self.paused_reason else AgentState.SERVING
             self._train_lock.release()
+
+    def _lower_thread_priority(self) -> None:
+        """Nice this thread (Linux: per thread); onnxruntime with one intra-op thread computes on it."""
+        if self.cfg.train_nice and threading.current_thread() is not threading.main_thread():
+            try:
+                tid = threading.get_native_id()
+                current = os.getpriority(os.PRIO_PROCESS, tid)
+                if current < self.cfg.train_nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, self.cfg.train_nice)
+            except (OSError, AttributeError):
+                pass  # not Linux / not permitted: training still works, just without the priority hint
 
     def _training_start(self) -> dict[str, np.ndarray]:
         """Continue the local lineage while it sits on the current global, else start from the global."""
