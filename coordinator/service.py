@@ -247,6 +247,8 @@ class Coordinator:
             if self.cfg.mode != "sync" or self.done.is_set():
                 return
             if self.plan is None:
+                if self.link is not None and not self.link.connected.is_set():
+                    return  # a round nobody can hear about would only time out
                 if self.cfg.max_rounds and self.completed_rounds() >= self.cfg.max_rounds:
                     self.done.set()
                     return

@@ -107,11 +107,11 @@ class MqttLink:
             self.last_error = f"broker refused the connection: {reason_code}"
             log.warning("%s", self.last_error)
             return
-        self.connected.set()
         with self._lock:
             subs = list(self._subs.items())
-        for f, qos in subs:
+        for f, qos in subs:  # subscribe first, so "connected" implies the subscriptions are on their way
             client.subscribe(f, qos=qos)
+        self.connected.set()
         if self._on_connect:
             try:
                 self._on_connect()

@@ -18,7 +18,11 @@ ensure_mosquitto() {
 make_venv() {
   local dir="$1" extras="$2" stamp
   stamp="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-$extras"
-  if [ -f "$dir/.edgefm-stamp" ] && [ "$(cat "$dir/.edgefm-stamp")" = "$stamp" ]; then return; fi
+  if [ -f "$dir/.edgefm-stamp" ] && [ "$(cat "$dir/.edgefm-stamp")" = "$stamp" ]; then
+    # Dependencies are current; the base-install venv holds a copy of the project (not editable), so refresh it.
+    [ -z "$extras" ] && "$dir/bin/python" -m pip install -q --no-deps --force-reinstall "$ROOT" 2>&1 | grep -v "^WARNING: Location" || true
+    return
+  fi
   log "creating $dir (extras: ${extras:-none})"
   [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
   "$dir/bin/python" -m pip install -q --upgrade pip

@@ -137,7 +137,8 @@ def test_async_fedbuff_staleness_weighted(bundle, tmp_path, broker):
     devs = Devices(broker.url, "c", ["a", "b", "e"])
     c = coordinator(bundle, tmp_path, broker.url, mode="async", buffer_size=2, max_staleness=1)
     try:
-        wait_for(lambda: c.link.connected.is_set(), 10)
+        wait_for(lambda: c.link.connected.is_set(), 20)
+        time.sleep(0.5)
         rng = np.random.default_rng(1)
         _, d1, m1 = make_update(meta, "a", 0, 10, rng)
         _, d2, m2 = make_update(meta, "b", 0, 20, rng)
@@ -226,7 +227,8 @@ def test_acl_broker_stops_device_impersonation(bundle, tmp_path, broker_acl):
     c = coordinator(bundle, tmp_path, f"mqtt://coordinator:cpass@{host}", mode="async", buffer_size=1)
     dev1 = MqttLink(f"mqtt://dev-1:p1@{host}", "dev-1").start()
     try:
-        assert dev1.wait_connected(10) and c.link.wait_connected(10)
+        assert dev1.wait_connected(20) and c.link.wait_connected(20)
+        time.sleep(0.5)
         rng = np.random.default_rng(4)
         t = Topics("c")
         dev1.publish(t.update("dev-2"), make_update(meta, "dev-2", 0, 5, rng)[2])   # denied by the ACL
@@ -267,6 +269,8 @@ def test_admin_cli_adapters_rollback_export(bundle, tmp_path, broker):
     devs = Devices(broker.url, "c", ["a"])
     c = coordinator(bundle, tmp_path, broker.url, mode="async", buffer_size=1)
     try:
+        wait_for(lambda: c.link.connected.is_set(), 20, what="coordinator connected")
+        time.sleep(0.5)  # its subscription must exist before the first update (no session to queue into yet)
         rng = np.random.default_rng(9)
         devs.send("a", make_update(meta, "a", 0, 5, rng)[2])
         wait_for(lambda: c.version == 1, 30, what="v1")
