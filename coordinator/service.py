@@ -25,8 +25,8 @@ from coordinator.strategies import make_strategy
 from edge_runtime.errors import BundleError, ProtocolError, RejectReason
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import (check_tensors_match, decode_update, decode_update_header, dump_json_message,
-                                            make_pointer, parse_json_message)
+from edge_runtime.protocol.messages import (check_tensors_match, decode_update, decode_update_body, decode_update_header,
+                                            dump_json_message, make_pointer, parse_json_message)
 from edge_runtime.protocol.topics import Topics
 
 log = logging.getLogger("edgefm.coordinator")
@@ -171,13 +171,13 @@ class Coordinator:
         with self.lock:
             header = None
             try:
-                header, _ = decode_update_header(payload, max_bytes=self.cfg.max_update_bytes)
+                header, body = decode_update_header(payload, max_bytes=self.cfg.max_update_bytes)
                 if self.state.has_update(header.update_id):
                     return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted"}
                 if header.device_id != device_id:
                     raise ProtocolError(RejectReason.BAD_FIELD, f"header says device {header.device_id!r}, topic says {device_id!r}")
-                upd = decode_update(payload, max_bytes=self.cfg.max_update_bytes,
-                                    verify_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
+                upd = decode_update_body(header, body, max_decoded_bytes=4 * self.cfg.max_update_bytes,
+                                         verify_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
                 if header.base_fingerprint != self.fingerprint:
                     raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
                 check_tensors_match(upd.tensors, self.schema)

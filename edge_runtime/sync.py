@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from edge_runtime.errors import ProtocolError
+from edge_runtime.errors import ProtocolError, RejectReason
 from edge_runtime.protocol.messages import ChunkAssembler, GlobalPointer, dump_json_message, parse_json_message
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
@@ -152,9 +152,8 @@ class FederatedSync:
         if ptr.version <= self.current_version():
             return
         if ptr.base_fingerprint != self.base_fingerprint:
-            self._reject(f"global v{ptr.version}", ProtocolError(
-                __import__("edge_runtime.errors", fromlist=["RejectReason"]).RejectReason.FINGERPRINT_MISMATCH,
-                "global adapter is for another base model"))
+            self._reject(f"global v{ptr.version}", ProtocolError(RejectReason.FINGERPRINT_MISMATCH,
+                                                                 "global adapter is for another base model"))
             return
         with self._lock:
             if self._assembler and self._assembler.pointer.version >= ptr.version:

@@ -214,14 +214,19 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                   max_decoded_bytes: int | None = None, verify_key: bytes | None = None) -> Update:
     """Validate and decode an update message, or raise ``ProtocolError`` with the reason."""
     header, payload = decode_update_header(data, max_bytes=max_bytes)
+    return decode_update_body(header, payload, max_decoded_bytes=max_decoded_bytes or 4 * max_bytes, verify_key=verify_key)
+
+
+def decode_update_body(header: UpdateHeader, payload: memoryview, *, max_decoded_bytes: int,
+                       verify_key: bytes | None = None) -> Update:
+    """Second half of ``decode_update`` for a header already validated (the coordinator dedupes in between)."""
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         _fail(RejectReason.HASH_MISMATCH, "payload does not match payload_sha256")
     if verify_key is not None:
         want = _sign(header.to_json(), bytes(payload), verify_key)
         if not header.signature or not hmac.compare_digest(want, header.signature):
             _fail(RejectReason.BAD_SIGNATURE, "signature missing or wrong for this fleet key")
-    tensors = decode_payload(bytes(payload), header.codec,
-                             max_decoded_bytes=max_decoded_bytes or 4 * max_bytes)
+    tensors = decode_payload(bytes(payload), header.codec, max_decoded_bytes=max_decoded_bytes)
     return Update(header, tensors)
 
 
