@@ -17,6 +17,25 @@ def find_mosquitto() -> str | None:
     return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
 
 
+def start_mosquitto(conf: Path, port: int, log_path: Path, timeout: float = 10.0) -> subprocess.Popen:
+    """Start mosquitto with ``conf`` and wait until ``port`` accepts connections (shared with the test fixtures)."""
+    binary = find_mosquitto()
+    if not binary:
+        raise ConfigError("no MQTT broker: install mosquitto (apt-get install mosquitto) or pass --broker mqtt://HOST:PORT")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"mosquitto exited at start: {Path(log_path).read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise ConfigError(f"mosquitto did not start listening on {port} within {timeout:.0f} s")
+
+
 class EmbeddedBroker:
     """Start/stop a local mosquitto (persistence on, loopback only)."""
 
@@ -40,18 +59,8 @@ class EmbeddedBroker:
 
     def start(self) -> "EmbeddedBroker":
         """Start and wait for the port."""
-        self.proc = subprocess.Popen([self.binary, "-c", str(self.workdir / "mosquitto.conf")],
-                                     stdout=open(self.workdir / "mosquitto.log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise ConfigError(f"mosquitto exited at start; see {self.workdir / 'mosquitto.log'}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise ConfigError("embedded mosquitto did not start within 10 s")
+        self.proc = start_mosquitto(self.workdir / "mosquitto.conf", self.port, self.workdir / "mosquitto.log")
+        return self
 
     def stop(self) -> None:
         """Terminate the broker."""

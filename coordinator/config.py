@@ -55,18 +55,8 @@ class CoordinatorConfig:
     @classmethod
     def from_sources(cls, path: str | None, overrides: dict[str, Any]) -> "CoordinatorConfig":
         """Defaults < TOML file < flags."""
-        import tomllib
-        values: dict[str, Any] = {}
-        if path:
-            try:
-                values.update(tomllib.loads(Path(path).read_text()))
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"cannot read {path}: {exc}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ConfigError(f"unknown coordinator settings {sorted(unknown)}; known: {sorted(names)}")
+        from edge_runtime.settings import merge_settings
+        values = merge_settings(cls, path, overrides)
         try:
             return cls(**values)
         except TypeError as exc:

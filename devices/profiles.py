@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import BundleError, ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
@@ -74,10 +68,8 @@ def load_profile(name: str) -> Profile:
     path = Path(name) if name.endswith(".toml") else PROFILE_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown device profile {name!r}; available: {', '.join(list_profiles())}")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    from edge_runtime.settings import read_toml
+    data = read_toml(path)
     fields = {f.name for f in dataclasses.fields(Profile)}
     unknown = set(data) - fields
     if unknown:

@@ -99,22 +99,10 @@ class AgentConfig:
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> "AgentConfig":
         """Defaults < profile < config file < command-line flags."""
-        values: dict[str, Any] = {}
-        if config_file:
-            import tomllib
-            try:
-                values.update(tomllib.loads(Path(config_file).read_text()))
-            except (OSError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"cannot read config {config_file}: {exc}") from None
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        profile = values.get("profile")
-        if profile:
-            from_profile = profile_defaults(profile)
-            values = {**from_profile, **values}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ConfigError(f"unknown agent settings {sorted(unknown)}; known: {sorted(names)}")
+        from edge_runtime.settings import merge_settings
+        values = merge_settings(cls, config_file, overrides)
+        if values.get("profile"):
+            values = merge_settings(cls, None, values, base=profile_defaults(values["profile"]))
         return cls(**values)
 
 

@@ -2,19 +2,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
-
-
-def find_mosquitto() -> str:
-    """Path of the mosquitto binary (scripts/test.sh installs it when missing)."""
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    if not path:
-        raise RuntimeError("mosquitto not found: run the tests through scripts/test.sh, which installs it")
-    return path
 
 
 def free_port() -> int:
@@ -81,18 +71,9 @@ class Mosquitto:
 
     def start(self) -> "Mosquitto":
         """Start and wait until the port accepts connections."""
-        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf)], stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT)
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
+        from coordinator.broker import start_mosquitto
+        self.proc = start_mosquitto(self.conf, self.port, self.log)
+        return self
 
     def stop(self) -> None:
         """Stop the broker (it saves its persistence file)."""
