@@ -36,6 +36,17 @@ def start_mosquitto(conf: Path, port: int, log_path: Path, timeout: float = 10.0
     raise ConfigError(f"mosquitto did not start listening on {port} within {timeout:.0f} s")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    """Terminate a child (mosquitto saves its persistence file on SIGTERM); kill and reap it if it hangs."""
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class EmbeddedBroker:
     """Start/stop a local mosquitto (persistence on, loopback only)."""
 
@@ -64,10 +75,5 @@ class EmbeddedBroker:
 
     def stop(self) -> None:
         """Terminate the broker."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self.proc = None

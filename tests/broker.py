@@ -77,13 +77,8 @@ class Mosquitto:
 
     def stop(self) -> None:
         """Stop the broker (it saves its persistence file)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from coordinator.broker import stop_process
+        stop_process(self.proc)
         self.proc = None
 
     def restart(self) -> None:
