@@ -141,15 +141,19 @@ def _fused_head_nll():
         def forward(h, w_t, targets, weights, chunk):
             loss = h.new_zeros(())
             grads = []
+            b, hidden = h.shape[0], h.shape[-1]
             for s0 in range(0, h.shape[1], chunk):
-                hc, tc, wc = h[:, s0:s0 + chunk], targets[:, s0:s0 + chunk], weights[:, s0:s0 + chunk]
+                # 2-D matmuls against the constant head: exported as MatMul(x, const) (quantizable, no
+                # [b, hidden, vocab] Expand of the weight, which cost 900 MB at batch 8)
+                hc = h[:, s0:s0 + chunk].reshape(-1, hidden)
+                tc, wc = targets[:, s0:s0 + chunk].reshape(-1), weights[:, s0:s0 + chunk].reshape(-1)
                 logits = hc @ w_t
                 lse = torch.logsumexp(logits, dim=-1)
-                tgt = torch.gather(logits, -1, tc[..., None])[..., 0]
+                tgt = torch.gather(logits, -1, tc[:, None])[:, 0]
                 loss = loss + ((lse - tgt) * wc).sum()
-                onehot = torch.zeros_like(logits).scatter(-1, tc[..., None], 1.0)
-                p = torch.exp(logits - lse[..., None]) - onehot
-                grads.append((p * wc[..., None]) @ w_t.transpose(0, 1))
+                onehot = torch.zeros_like(logits).scatter(-1, tc[:, None], 1.0)
+                p = torch.exp(logits - lse[:, None]) - onehot
+                grads.append(((p * wc[:, None]) @ w_t.transpose(0, 1)).reshape(b, -1, hidden))
             return loss, torch.cat(grads, dim=1)
 
         @staticmethod

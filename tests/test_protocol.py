@@ -159,15 +159,25 @@ def test_codec_refuses_wrong_dtype_and_zip_bomb():
 
 def test_int4_codec_is_about_8x_smaller_and_rejects_inconsistent_sizes():
     rng = np.random.default_rng(0)
-    t = {"a": rng.standard_normal((576, 64)).astype(np.float32), "b": rng.standard_normal((64, 576)).astype(np.float32)}
+    t = {"a": rng.standard_normal((576, 64)).astype(np.float32), "b": rng.standard_normal((64, 576)).astype(np.float32),
+         "odd": rng.standard_normal((3, 5)).astype(np.float32)}
     fp32 = len(encode_payload(t, CodecSpec("fp32")))
     int4 = len(encode_payload(t, CodecSpec("int4")))
-    assert fp32 / int4 > 7.5  # 4 bits + an fp16 scale per 128 values = 7.76x at most before compression
+    assert fp32 / int4 > 7.8  # 4 bits + an fp16 scale per 256 values = 7.88x at most before compression
+    back = decode_payload(encode_payload(t, CodecSpec("int4")), CodecSpec("int4"), max_decoded_bytes=1 << 24)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in t.items()}
     wire = CODECS["int4"].encode(t)
-    wire["a.__shape"] = np.array([577, 64], np.int64)
-    with pytest.raises(ProtocolError) as e:
-        decode_payload(encode_tensors(wire), CodecSpec("int4"), max_decoded_bytes=1 << 20)
-    assert e.value.reason == RejectReason.BAD_SHAPE
+    bad_shape = dict(wire, **{"int4.index": np.frombuffer(b'[["a",[577,64]],["b",[64,576]],["odd",[3,5]]]', np.uint8)})
+    dup = dict(wire, **{"int4.index": np.frombuffer(b'[["a",[576,64]],["a",[64,576]],["odd",[3,5]]]', np.uint8)})
+    not_json = dict(wire, **{"int4.index": np.frombuffer(b'[["a",', np.uint8)})
+    negative = dict(wire, **{"int4.index": np.frombuffer(b'[["a",[-1,64]]]', np.uint8)})
+    short = dict(wire, **{"int4.data": wire["int4.data"][:-1]})
+    extra = dict(wire, **{"a.__scale": np.ones(3, np.float16)})
+    for bad, reason in ((bad_shape, RejectReason.BAD_SHAPE), (short, RejectReason.BAD_SHAPE), (dup, RejectReason.MALFORMED),
+                        (not_json, RejectReason.MALFORMED), (negative, RejectReason.MALFORMED), (extra, RejectReason.MALFORMED)):
+        with pytest.raises(ProtocolError) as e:
+            decode_payload(encode_tensors(bad), CodecSpec("int4"), max_decoded_bytes=1 << 24)
+        assert e.value.reason == reason
 
 
 def test_unknown_codec_is_refused():

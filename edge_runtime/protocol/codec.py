@@ -7,12 +7,14 @@ safetensors bytes; ``decode`` turns them back into fp32 arrays. Stated error bou
 - ``fp16``: relative error <= 2**-11 for |x| in fp16's normal range; |x| > 65504 is refused at encode.
 - ``int8``: symmetric per row (axis 0) with an fp32 scale per row; |x - x'| <= scale / 2 where
   scale = max|row| / 127.
-- ``int4``: symmetric per block of 128 values (flattened), two values per byte, an fp16 scale per
-  block; |x - x'| <= s / 2 where s is the stored scale (max|block| / 7, rounded up to fp16).
+- ``int4``: symmetric per block of 256 values (each tensor flattened, all tensors in one stream), two
+  values per byte, an fp16 scale per block; |x - x'| <= s / 2 where s is the stored scale
+  (max|block| / 7, rounded up to fp16).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 
@@ -100,61 +102,77 @@ class Int8Codec(TensorCodec):
 
 
 class Int4Codec(TensorCodec):
-    """4-bit blockwise codec: ~8x smaller than fp32 before compression (updates are noise-tolerant:
-    the server averages many of them)."""
+    """4-bit blockwise codec over one packed stream: ~8x smaller than fp32 before compression (updates
+    are noise-tolerant: the server averages many of them).
+
+    Wire arrays: ``int4.index`` (U8, UTF-8 JSON ``[[name, shape], ...]`` in stream order),
+    ``int4.data`` (U8, two values per byte, low nibble first; each tensor starts on a block boundary)
+    and ``int4.scales`` (F16, one per block of 256). One stream instead of three entries per tensor
+    keeps the header small: per-tensor entries cost ~12% of a rank-8 adapter's int4 payload."""
 
     name = "int4"
-    wire_dtypes = frozenset({"U8", "F16", "I64"})
-    block = 128
+    wire_dtypes = frozenset({"U8", "F16"})
+    block = 256
+    max_index_bytes = 1 << 20
 
     def encode(self, tensors):
-        out = {}
-        for k, v in tensors.items():
-            flat = np.asarray(v, dtype=np.float32).ravel()
-            n = flat.size
-            nb = -(-n // self.block)
-            padded = np.zeros(nb * self.block, np.float32)
-            padded[:n] = flat
-            blocks = padded.reshape(nb, self.block)
-            # fp16 scale rounded up, so |x| / scale <= 7 and the rounding bound holds with the stored scale
-            scale = (np.abs(blocks).max(axis=1) / 7.0).astype(np.float16)
-            scale = np.where(scale.astype(np.float32) * 7.0 < np.abs(blocks).max(axis=1),
-                             np.nextafter(scale, np.float16(np.inf)), scale).astype(np.float16)
-            s32 = scale.astype(np.float32)
-            q = np.clip(np.rint(blocks / np.where(s32 > 0, s32, 1.0)[:, None]), -7, 7).astype(np.int8).ravel()
-            nib = (q + 8).astype(np.uint8)
-            if nib.size % 2:
-                nib = np.append(nib, np.uint8(8))
-            out[k] = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
-            out[k + SCALE_SUFFIX] = scale
-            out[k + ".__shape"] = np.array(v.shape, np.int64)
-        return out
+        names = sorted(tensors)
+        flats = [np.asarray(tensors[k], dtype=np.float32).ravel() for k in names]
+        nbs = [-(-f.size // self.block) for f in flats]
+        blocks = np.zeros((sum(nbs), self.block), np.float32)
+        row = 0
+        for f, nb in zip(flats, nbs):
+            blocks[row:row + nb].ravel()[:f.size] = f
+            row += nb
+        amax = np.abs(blocks).max(axis=1) if blocks.size else np.zeros(0, np.float32)
+        # fp16 scale rounded up, so |x| / scale <= 7 and the rounding bound holds with the stored scale
+        scale = (amax / 7.0).astype(np.float16)
+        scale = np.where(scale.astype(np.float32) * 7.0 < amax, np.nextafter(scale, np.float16(np.inf)), scale).astype(np.float16)
+        s32 = scale.astype(np.float32)
+        q = np.clip(np.rint(blocks / np.where(s32 > 0, s32, 1.0)[:, None]), -7, 7).astype(np.int8).ravel()
+        nib = (q + 8).astype(np.uint8)
+        index = json.dumps([[k, list(np.shape(tensors[k]))] for k in names], separators=(",", ":")).encode()
+        return {"int4.index": np.frombuffer(index, np.uint8), "int4.data": (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8),
+                "int4.scales": scale}
+
+    def _index(self, wire) -> list[tuple[str, list[int]]]:
+        raw = wire.get("int4.index")
+        if raw is None or raw.dtype != np.uint8 or raw.ndim != 1 or raw.size > self.max_index_bytes:
+            raise ProtocolError(RejectReason.MALFORMED, "int4 codec: missing or oversized int4.index")
+        try:
+            index = json.loads(raw.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(RejectReason.MALFORMED, f"int4 codec: int4.index is not JSON: {exc}") from None
+        if not isinstance(index, list) or not all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
+                and len(e[1]) <= 8 and all(type(d) is int and 0 <= d < 1 << 31 for d in e[1]) for e in index):
+            raise ProtocolError(RejectReason.MALFORMED, "int4 codec: int4.index must be a list of [name, shape]")
+        if len({e[0] for e in index}) != len(index):
+            raise ProtocolError(RejectReason.MALFORMED, "int4 codec: duplicate tensor names in int4.index")
+        return index
 
     def decode(self, wire):
-        out = {}
-        for k, v in wire.items():
-            if k.endswith(SCALE_SUFFIX) or k.endswith(".__shape"):
-                base = k[: -len(SCALE_SUFFIX)] if k.endswith(SCALE_SUFFIX) else k[: -len(".__shape")]
-                if base not in wire:
-                    raise ProtocolError(RejectReason.MALFORMED, f"{k!r} has no tensor")
-                continue
-            scale, shape = wire.get(k + SCALE_SUFFIX), wire.get(k + ".__shape")
-            if v.dtype != np.uint8 or v.ndim != 1 or scale is None or scale.dtype != np.float16 or shape is None \
-                    or shape.dtype != np.int64 or shape.ndim != 1 or shape.size > 8 or np.any(shape < 0):
-                raise ProtocolError(RejectReason.BAD_DTYPE, f"int4 codec: {k!r} needs U8 data, an F16 scale and an I64 shape")
-            n = 1
-            for d in shape.tolist():
-                n *= d
-                if n > 1 << 34:
-                    raise ProtocolError(RejectReason.BAD_SHAPE, f"int4 codec: shape of {k!r} too large")
-            nb = -(-n // self.block)
-            if v.size != -(-nb * self.block // 2) or scale.shape != (nb,):
-                raise ProtocolError(RejectReason.BAD_SHAPE, f"int4 codec: sizes of {k!r} do not match its shape")
-            q = np.empty(v.size * 2, np.int8)
-            q[0::2] = (v & 0x0F).astype(np.int8) - 8
-            q[1::2] = (v >> 4).astype(np.int8) - 8
-            vals = q[: nb * self.block].reshape(nb, self.block).astype(np.float32) * scale.astype(np.float32)[:, None]
-            out[k] = vals.ravel()[:n].reshape(shape.tolist())
+        extra = set(wire) - {"int4.index", "int4.data", "int4.scales"}
+        if extra:
+            raise ProtocolError(RejectReason.MALFORMED, f"int4 codec: unexpected arrays {sorted(extra)[:3]}")
+        index = self._index(wire)
+        data, scale = wire.get("int4.data"), wire.get("int4.scales")
+        if data is None or data.dtype != np.uint8 or data.ndim != 1 or scale is None or scale.dtype != np.float16 \
+                or scale.ndim != 1:
+            raise ProtocolError(RejectReason.BAD_DTYPE, "int4 codec: needs U8 int4.data and F16 int4.scales")
+        sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in index]
+        nbs = [-(-n // self.block) for n in sizes]
+        total = sum(nbs)
+        if total > 1 << 28 or data.size != total * self.block // 2 or scale.size != total:
+            raise ProtocolError(RejectReason.BAD_SHAPE, "int4 codec: data / scales sizes do not match int4.index")
+        q = np.empty(data.size * 2, np.int8)
+        q[0::2] = (data & 0x0F).astype(np.int8) - 8
+        q[1::2] = (data >> 4).astype(np.int8) - 8
+        vals = q.reshape(total, self.block).astype(np.float32) * scale.astype(np.float32)[:, None]
+        out, row = {}, 0
+        for (name, shape), n, nb in zip(index, sizes, nbs):
+            out[name] = vals[row:row + nb].ravel()[:n].reshape(shape).copy()
+            row += nb
         return out
 
 
@@ -176,10 +194,11 @@ class Compression:
 
 class ZstdCompression(Compression):
     name = "zstd"
+    small = 4 << 20   # payloads up to this size get the strongest level (~0.1 s for a 0.25 MB update on x86)
 
     def compress(self, data):
         import zstandard
-        return zstandard.ZstdCompressor(level=3).compress(data)
+        return zstandard.ZstdCompressor(level=19 if len(data) <= self.small else 3).compress(data)
 
     def decompress(self, data, max_size):
         import zstandard
@@ -224,8 +243,8 @@ class CodecSpec:
 def encode_payload(tensors: dict[str, np.ndarray], spec: CodecSpec) -> bytes:
     """Encode fp32 tensors with ``spec`` into payload bytes."""
     for k, v in tensors.items():
-        if SCALE_SUFFIX in k or k.endswith(".__shape"):
-            raise ValueError(f"tensor name {k!r} uses a reserved suffix ({SCALE_SUFFIX!r}, '.__shape')")
+        if SCALE_SUFFIX in k:
+            raise ValueError(f"tensor name {k!r} uses the reserved suffix {SCALE_SUFFIX!r}")
         if not np.all(np.isfinite(v)):
             raise ValueError(f"tensor {k!r} has NaN or Inf; refusing to encode it")
     raw = encode_tensors(CODECS[spec.dtype].encode(tensors))
