@@ -23,7 +23,8 @@ CACHE = ROOT / ".cache" / "bench"
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
 
-VARIANT_FLAGS = {"int4-hqq": ["--quant", "int4", "--int4-algo", "hqq", "--sensitive-8bit", "down_proj"]}
+VARIANT_FLAGS = {"int4-hqq": ["--quant", "int4", "--int4-algo", "hqq", "--sensitive-8bit", "down_proj"],
+                 "int4-rtn": ["--quant", "int4", "--int4-algo", "rtn"]}
 
 
 def bundle_for(variant: str) -> Path:
@@ -127,7 +128,8 @@ def main() -> None:
     for v in variants:
         r = res[v]
         name = {"torch": "torch eager fp32 `generate`", "int8": "edgefm ONNX int8 (8-bit weight-only)",
-                "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (RTN, 8-bit head)",
+                "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (asym blocks + offset, 8-bit head)",
+                "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)",
                 "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head"}.get(v, f"edgefm ONNX {v}")
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
         ppl_rel = f"{(r['ppl'] / res['fp32']['ppl'] - 1) * 100:+.2f}%" if "fp32" in res else ""

@@ -30,6 +30,7 @@ class CoordinatorConfig:
     clip_norm: float = 0.0                  # 0: off; else clip each update to this L2 norm before folding
     max_update_norm: float = 1e4            # reject updates above this L2 norm
     max_update_bytes: int = 64 * 1024 * 1024
+    ingest_batch: int = 32                  # updates made durable together (one log sync + one commit), then acked
     trim: int = 1                           # trimmed_mean
     dp_noise_multiplier: float = 0.0
     dp_clip: float = 1.0
@@ -49,6 +50,8 @@ class CoordinatorConfig:
             raise ConfigError("min_updates and buffer_size must be >= 1 and round_timeout_s > 0")
         if self.strategy == "dp_fedavg" and self.dp_noise_multiplier <= 0:
             raise ConfigError("dp_fedavg needs dp_noise_multiplier > 0 (e.g. 1.0)")
+        if self.ingest_batch < 1:
+            raise ConfigError("ingest_batch must be >= 1")
         if self.chunk_size < 1024:
             raise ConfigError("chunk_size must be at least 1024 bytes")
 

@@ -1,15 +1,20 @@
 """The coordinator process: ingest updates over MQTT, validate, fold, close rounds, publish global adapters.
 
-Durability: an update is written to the blob store and recorded in SQLite inside the MQTT message
-callback, and paho sends the PUBACK only after the callback returns, so every acknowledged update
-survives a SIGKILL. After a restart, accepted updates not yet folded into a published version are
-replayed into the accumulator (each exactly once: ``updates.update_id`` is the primary key).
+Durability: paho's thread only queues messages; the ingest worker takes what is queued (up to
+``ingest_batch``), validates and folds each, appends accepted payloads to the update log, then makes
+the batch durable with one log sync and one SQLite commit (group commit), and only then sends the
+PUBACKs (manual acknowledgement). So every acknowledged update survives a SIGKILL; an update whose
+batch did not commit is not acknowledged and the broker delivers it again. After a restart, accepted
+updates not yet folded into a published version are replayed into the accumulator (each exactly
+once: ``updates.update_id`` is the primary key).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -82,10 +87,20 @@ class Coordinator:
             r = rows[0]
             import json
             self.plan = RoundPlan(r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
+        self.replayed = self._replay()
+        if self.replayed:
+            log.info("restart: replayed %d accepted updates into the open aggregate", self.replayed)
+
+    def _replay(self) -> int:
+        """Fold every accepted, unpublished update from durable state into a fresh accumulator."""
+        self.acc = self.strategy.begin(self.global_tensors)
+        self.folded_ids = []
+        if self.plan is not None:
+            self.plan.accepted = {}
         replayed = 0
         for update_id, blob, weight in self.state.pending_accepted():
             try:
-                upd = decode_update(self.state.blobs.get(blob), max_bytes=self.cfg.max_update_bytes)
+                upd = decode_update(self.state.read_update(blob), max_bytes=self.cfg.max_update_bytes)
             except (OSError, ProtocolError) as exc:
                 log.error("stored update %s unreadable after restart (%s); dropping it", update_id, exc)
                 self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
@@ -96,9 +111,28 @@ class Coordinator:
             if self.plan is not None:
                 self.plan.accepted[upd.header.device_id] = update_id
             replayed += 1
-        if replayed:
-            log.info("restart: replayed %d accepted updates into the open aggregate", replayed)
-        self.replayed = replayed
+        return replayed
+
+    @contextlib.contextmanager
+    def _batch(self):
+        """Hold the lock and one state transaction; if it does not commit, the in-memory aggregate is
+        rebuilt from durable state (it may hold folds of updates that are now not recorded)."""
+        with self.lock:
+            try:
+                with self.state.transaction():
+                    yield
+            except BaseException:
+                log.exception("ingest batch did not commit; rebuilding the aggregate from durable state")
+                self._replay()
+                raise
+
+    def _aggregate_due(self) -> bool:
+        return self.cfg.mode == "async" and self.strategy.count(self.acc) >= self.cfg.buffer_size
+
+    def _after_batch(self) -> None:
+        with self.lock:
+            if self._aggregate_due():
+                self._aggregate(round_id=None)
 
     # ------------------------------------------------------------------ MQTT
     def start(self) -> None:
@@ -121,14 +155,33 @@ class Coordinator:
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                topic, payload, retained, ack = self._inbox.get(timeout=0.2)
+                item = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            acks = []
             try:
-                self.on_message(topic, payload, retained)
-            except Exception:  # a bug must not stop ingestion; the message is acked (it was recorded or refused)
-                log.exception("ingest failed for %s", topic)
-            ack()
+                with self._batch():
+                    while True:
+                        topic, payload, retained, ack = item
+                        acks.append(ack)
+                        try:
+                            self.on_message(topic, payload, retained)
+                        except (sqlite3.Error, OSError):
+                            raise  # storage failed: the whole batch stays unacknowledged
+                        except Exception:  # a bug in one message must not stop ingestion; it is recorded or refused
+                            log.exception("ingest failed for %s", topic)
+                        if len(acks) >= self.cfg.ingest_batch or self._aggregate_due():
+                            break
+                        try:
+                            item = self._inbox.get_nowait()
+                        except queue.Empty:
+                            break
+                self._after_batch()
+            except Exception:  # not committed: no PUBACK, the broker delivers these again after a reconnect
+                log.exception("%d messages not acknowledged", len(acks))
+                continue
+            for ack in acks:
+                ack()
 
     def stop(self) -> None:
         """Stop the loop and disconnect."""
@@ -154,7 +207,8 @@ class Coordinator:
             except ProtocolError as exc:
                 log.warning("bad status from %s: %s", device_id, exc)
         elif kind == "update":
-            self.handle_update(device_id, payload)
+            with self._batch():  # joins the worker's batch
+                self._handle_update(device_id, payload)
 
     # ------------------------------------------------------------------ updates
     def _reject(self, device_id: str, update_id: str | None, reason: RejectReason, detail: str, header=None, nbytes=0) -> dict:
@@ -167,7 +221,14 @@ class Coordinator:
         return {"accepted": False, "reason": reason.value, "detail": detail}
 
     def handle_update(self, device_id: str, payload: bytes) -> dict:
-        """Validate one update and fold it in, or record why not. Never raises on bad input."""
+        """Validate one update and fold it in durably, or record why not. Never raises on bad input."""
+        with self._batch():
+            res = self._handle_update(device_id, payload)
+        self._after_batch()
+        return res
+
+    def _handle_update(self, device_id: str, payload: bytes) -> dict:
+        """Validate and fold one update inside the current batch (durable when the batch commits)."""
         with self.lock:
             header = None
             try:
@@ -197,7 +258,7 @@ class Coordinator:
                                              f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
             except ProtocolError as exc:
                 return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
-            blob = self.state.blobs.put(bytes(payload), name=f"u-{header.update_id}")
+            blob = self.state.log.append(payload)
             if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
                                             base_version=header.base_version, num_examples=header.num_examples,
                                             status="accepted", reason=None, detail=None, blob=blob, nbytes=len(payload),
@@ -209,8 +270,6 @@ class Coordinator:
             self.folded_ids.append(header.update_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = header.update_id
-            if self.cfg.mode == "async" and self.strategy.count(self.acc) >= self.cfg.buffer_size:
-                self._aggregate(round_id=None)
             return {"accepted": True, "weight": weight}
 
     # ------------------------------------------------------------------ rounds
@@ -287,9 +346,9 @@ class Coordinator:
         version = self.version + 1
         self._store_version(version, self.version, new, self.global_meta, round_id=round_id, num_updates=len(ids),
                             num_examples=num_examples, metrics=metrics, folded=ids)
-        for (blob,) in self.state.q(f"SELECT blob FROM updates WHERE update_id IN ({','.join('?' * len(ids))})", tuple(ids)) if ids else []:
-            if blob:
-                self.state.blobs.delete(blob)
+        refs = [b for (b,) in self.state.q(f"SELECT blob FROM updates WHERE update_id IN ({','.join('?' * len(ids))})",
+                                            tuple(ids)) if b] if ids else []
+        self.state.delete_updates(refs)
         self.version, self.global_tensors = version, new
         self.acc = self.strategy.begin(new)
         self.folded_ids = []

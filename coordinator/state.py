@@ -1,7 +1,12 @@
-"""Coordinator state: SQLite (WAL, synchronous=FULL) for devices, rounds, updates and versions, plus a
-content-addressed blob store (``blobs/<sha[:2]>/<sha>``) for adapters and accepted updates."""
+"""Coordinator state: SQLite (WAL, synchronous=FULL) for devices, rounds, updates and versions, a
+content-addressed blob store (``blobs/<sha[:2]>/<sha>``) for adapters, and an append-only update log
+(``updates/seg-*.log``) for accepted update payloads.
+
+Ingest writes a batch of updates with one ``fdatasync`` of the log and one SQLite commit (group
+commit), instead of a file, an fsync and two commits per update."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,6 +69,82 @@ class BlobStore:
         self.path(sha).unlink(missing_ok=True)
 
 
+class UpdateLog:
+    """Append-only segment files holding accepted update payloads; a reference is ``seg:offset:length``.
+
+    Appends are not synced one by one: ``sync`` makes everything appended so far durable (called once
+    per ingest batch, before the SQLite commit that records the references). A segment is rotated when
+    its updates have been folded into a published version and is then deleted as a whole."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._f = None
+        self._name = ""
+        self._dirty = False
+        self._new = False
+
+    def append(self, data: bytes) -> str:
+        """Append one payload; returns its reference (durable only after ``sync``)."""
+        if self._f is None:
+            self._name = f"seg-{time.time_ns()}.log"
+            self._f = open(self.root / self._name, "ab")
+            self._new = True
+        offset = self._f.tell()
+        self._f.write(data)
+        self._dirty = True
+        return f"{self._name}:{offset}:{len(data)}"
+
+    def sync(self) -> None:
+        """Make every append so far durable (file data, and the directory entry of a new segment)."""
+        if self._f is not None and self._dirty:
+            self._f.flush()
+            os.fdatasync(self._f.fileno()) if hasattr(os, "fdatasync") else os.fsync(self._f.fileno())
+            self._dirty = False
+        if self._new:
+            fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._new = False
+
+    def rotate(self) -> None:
+        """Start a new segment on the next append."""
+        if self._f is not None:
+            self.sync()
+            self._f.close()
+            self._f = None
+
+    @staticmethod
+    def is_ref(ref: str) -> bool:
+        """Whether a stored blob reference points into the log (older state dirs used per-update blobs)."""
+        return ref.startswith("seg-") and ref.count(":") == 2
+
+    def read(self, ref: str) -> bytes:
+        """The payload a reference points at (OSError if the log is missing or short)."""
+        name, off, n = ref.split(":")
+        if "/" in name or not name.endswith(".log"):
+            raise OSError(f"bad update-log reference {ref!r}")
+        off, n = int(off), int(n)
+        if self._f is not None:
+            self._f.flush()
+        with open(self.root / name, "rb") as f:
+            f.seek(off)
+            data = f.read(n)
+        if len(data) != n:
+            raise OSError(f"update log {name} is short at {off}+{n}")
+        return data
+
+    def delete_segments(self, refs: list[str]) -> None:
+        """Delete the segments these references live in (rotating first if the open one is among them)."""
+        names = {r.split(":")[0] for r in refs if self.is_ref(r)}
+        if self._name in names:
+            self.rotate()
+        for name in names:
+            (self.root / name).unlink(missing_ok=True)
+
+
 class State:
     """All durable coordinator state."""
 
@@ -75,7 +156,44 @@ class State:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self.blobs = BlobStore(self.dir / "blobs")
+        self.log = UpdateLog(self.dir / "updates")
         self.lock = threading.RLock()
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One SQLite transaction (re-entrant: nested uses join the outer one). The update log is synced
+        before the commit, so a committed row never points at payload bytes that are not on disk."""
+        with self.lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield
+                self.log.sync()
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
+
+    def read_update(self, ref: str) -> bytes:
+        """Payload of a stored accepted update."""
+        return self.log.read(ref) if UpdateLog.is_ref(ref) else self.blobs.get(ref)
+
+    def delete_updates(self, refs: list[str]) -> None:
+        """Drop stored payloads that are folded into a published version."""
+        self.log.delete_segments(refs)
+        for ref in refs:
+            if ref and not UpdateLog.is_ref(ref):
+                self.blobs.delete(ref)
 
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Run a query, return rows."""
@@ -97,7 +215,7 @@ class State:
     # -- devices --
     def seen_device(self, device_id: str, msg: dict) -> None:
         """Upsert a device from a status message (or the last will)."""
-        with self.lock:
+        with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO devices (device_id, last_seen) VALUES (?, ?)", (device_id, time.time()))
             self.db.execute("UPDATE devices SET state=?, profile=COALESCE(?, profile), base_fingerprint=COALESCE(?, base_fingerprint), "
                             "adapter_version=COALESCE(?, adapter_version), global_version=COALESCE(?, global_version), "
@@ -109,7 +227,7 @@ class State:
     def count_device(self, device_id: str, accepted: bool) -> None:
         """Count an accepted or rejected update for a device."""
         col = "accepted" if accepted else "rejected"
-        with self.lock:
+        with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO devices (device_id, last_seen) VALUES (?, ?)", (device_id, time.time()))
             self.db.execute(f"UPDATE devices SET {col} = {col} + 1, last_seen=? WHERE device_id=?", (time.time(), device_id))
 
@@ -148,19 +266,13 @@ class State:
     def add_version(self, version: int, parent: int | None, sha: str, *, round_id=None, strategy="", num_updates=0,
                     num_examples=0, metrics=None, note="", folded: list[str] | None = None) -> None:
         """Record a new global version and mark the updates folded into it, atomically."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.execute("UPDATE versions SET status='superseded' WHERE status='published'")
-                self.db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                                (version, parent, sha, time.time(), round_id, strategy, num_updates, num_examples,
-                                 json.dumps(metrics or {}), "published", note))
-                for uid in folded or []:
-                    self.db.execute("UPDATE updates SET folded_into=? WHERE update_id=?", (version, uid))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction():
+            self.db.execute("UPDATE versions SET status='superseded' WHERE status='published'")
+            self.db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                            (version, parent, sha, time.time(), round_id, strategy, num_updates, num_examples,
+                             json.dumps(metrics or {}), "published", note))
+            for uid in folded or []:
+                self.db.execute("UPDATE updates SET folded_into=? WHERE update_id=?", (version, uid))
 
     def versions(self) -> list[dict]:
         """Version lineage, newest first."""

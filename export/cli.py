@@ -33,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--accuracy-level", type=int, default=None, help="int4 MatMulNBits accuracy level 0-4 (default 4)")
     b.add_argument("--head", choices=["quant", "int8", "fp32"], default=None,
                    help="LM head precision: the scheme's, 8-bit weight-only (default), or fp32")
-    b.add_argument("--int4-algo", choices=["hqq", "rtn"], default=None, help="int4 algorithm: rtn (default, fast kernels) or hqq (closer to fp32, slow on CPU)")
+    b.add_argument("--int4-algo", choices=["asym", "rtn", "hqq"], default=None,
+                   help="int4 algorithm: asym (default: per-block min/max grid on the fast symmetric kernel plus an offset term), "
+                        "rtn (symmetric round-to-nearest, fewest nodes) or hqq (float zero points, slow on CPU)")
     b.add_argument("--sensitive-8bit", nargs="*", default=None, metavar="MODULE",
                    help="int4/nf4: modules kept 8-bit weight-only, e.g. down_proj (default: none)")
     b.add_argument("--train-base", choices=["same", "int8", "fp32"], default=None,
@@ -72,7 +74,7 @@ def build_options(args):
     pick = lambda flag, key, default: flag if flag is not None else prof.get(key, default)  # noqa: E731
     recipe = QuantRecipe(scheme=pick(args.quant, "quant", "int4"), block_size=pick(args.block_size, "block_size", 32),
                          accuracy_level=pick(args.accuracy_level, "accuracy_level", 4), head=pick(args.head, "head", "int8"),
-                         algo=pick(getattr(args, "int4_algo", None), "algo", "rtn"),
+                         algo=pick(getattr(args, "int4_algo", None), "algo", "asym"),
                          sensitive_8bit=tuple(pick(getattr(args, "sensitive_8bit", None), "sensitive_8bit", ())),
                          train_base=pick(getattr(args, "train_base", None), "train_base", "int8"))
     return BuildOptions(task=pick(args.task, "task", "causal-lm"), quant=recipe, lora_rank=pick(args.lora_rank, "lora_rank", 8),

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import onnx
 
 from edge_runtime.errors import ExportError
@@ -35,7 +36,7 @@ class QuantRecipe:
     block_size: int = 32          # int4 / nf4 block
     accuracy_level: int = 4       # MatMulNBits compute precision (0 default, 1 fp32, 4 int8)
     head: Literal["quant", "int8", "fp32"] = "int8"   # the (tied) LM head: the scheme, 8-bit weight-only, or fp32
-    algo: Literal["hqq", "rtn"] = "rtn"               # int4 algorithm: RTN (fast kernels) or HQQ (better fit, slow on CPU)
+    algo: Literal["asym", "hqq", "rtn"] = "asym"      # int4: asym (min/max grid on the fast kernel), rtn (symmetric), hqq (slow on CPU)
     sensitive_8bit: tuple[str, ...] = ()              # int4/nf4: modules kept in 8-bit weight-only (e.g. down_proj)
     train_base: Literal["same", "int8", "fp32"] = "int8"   # frozen base inside train.onnx (8-bit keeps gradients close)
 
@@ -48,8 +49,8 @@ class QuantRecipe:
             raise ExportError("accuracy level must be 0-4 (see onnxruntime MatMulNBits)")
         if self.head not in ("quant", "int8", "fp32"):
             raise ExportError("head must be 'quant', 'int8' or 'fp32'")
-        if self.algo not in ("hqq", "rtn"):
-            raise ExportError("int4 algo must be 'hqq' or 'rtn'")
+        if self.algo not in ("asym", "hqq", "rtn"):
+            raise ExportError("int4 algo must be 'asym', 'rtn' or 'hqq'")
         self.sensitive_8bit = tuple(self.sensitive_8bit)
 
 
@@ -150,6 +151,90 @@ class Int8WeightOnlyQuantizer(Quantizer):
         onnx.save(_nbits(model, 8, recipe, exclude=head if recipe.head == "fp32" else []), str(dst))
 
 
+def asym_int4_blocks(w: np.ndarray, block: int, divisors=(15, 14, 13, 12)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric 4-bit blocks along axis 0 of ``w`` [K, N]: w ~= s * (q - 8) + c per block.
+
+    Returns codes q [N, K/block, block] (0..15), scales s [N, K/block] and offsets c [N, K/block].
+    Per block, the step is (max - min) / d for the divisor d in ``divisors`` with the least squared
+    error, then refit by least squares on the chosen codes: a block whose values already sit on a
+    16-level grid (a GGUF Q4_0/Q4_1 source) is reproduced exactly."""
+    K, N = w.shape
+    x = np.ascontiguousarray(w.T, dtype=np.float64).reshape(N, K // block, block)
+    mn, mx = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
+    best = None
+    for d in divisors:
+        s = np.maximum((mx - mn) / d, 1e-30)
+        c = mn + 8 * s
+        q = np.clip(np.rint((x - c) / s) + 8, 0, 15)
+        err = ((s * (q - 8) + c - x) ** 2).sum(-1, keepdims=True)
+        if best is None:
+            best = [q, s, c, err]
+        else:
+            better = err < best[3]
+            for i, v in enumerate((q, s, c, err)):
+                best[i] = np.where(better, v, best[i])
+    q, s, c, err = best
+    # least-squares refit of (s, c) for the chosen codes; kept only where it lowers the error
+    u = q - 8
+    um, xm = u.mean(-1, keepdims=True), x.mean(-1, keepdims=True)
+    var = ((u - um) ** 2).sum(-1, keepdims=True)
+    s2 = np.where(var > 0, ((u - um) * (x - xm)).sum(-1, keepdims=True) / np.where(var > 0, var, 1), s)
+    s2 = np.where(s2 > 0, s2, s)
+    c2 = xm - s2 * um
+    q2 = np.clip(np.rint((x - c2) / s2) + 8, 0, 15)
+    err2 = ((s2 * (q2 - 8) + c2 - x) ** 2).sum(-1, keepdims=True)
+    take = err2 < err
+    q, s, c = np.where(take, q2, q), np.where(take, s2, s), np.where(take, c2, c)
+    return q.astype(np.uint8), s[..., 0].astype(np.float32), c[..., 0].astype(np.float32)
+
+
+def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exclude: set[str]) -> list[str]:
+    """Replace each MatMul(x, const W) (not excluded, K divisible by ``block``) by
+    ``MatMulNBits(x, q, s) + (x @ P) @ C``: the symmetric 4-bit kernel (implicit zero point 8) plus
+    a per-block offset, P [K, K/block] summing x over each block and C [K/block, N] the offsets.
+    P is shared by the linears reading the same x (q/k/v, gate/up). Returns the names of the new
+    small MatMuls (callers keep them out of later quantization passes)."""
+    from onnx import helper, numpy_helper
+    inits = {i.name: i for i in model.graph.initializer}
+    aux, nodes, new_inits, sums = [], [], [], {}
+    for node in model.graph.node:
+        b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        init = inits.get(b) if b else None
+        if init is None or node.name in exclude or len(init.dims) != 2 or init.dims[0] % block \
+                or init.data_type != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(init)
+        K, N = w.shape
+        q, s, c = asym_int4_blocks(w, block)
+        packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+        x, y, tag = node.input[0], node.output[0], node.name or b
+        new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales"),
+                      numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets")]
+        nodes.append(helper.make_node("MatMulNBits", [x, f"{b}_Q4a", f"{b}_scales"], [f"{y}_q4"], name=f"{tag}_Q4a",
+                                      domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level))
+        if (x, K) not in sums:
+            p = np.zeros((K, K // block), np.float32)
+            p[np.arange(K), np.arange(K) // block] = 1.0
+            pname = f"{x}_blocksum{block}"
+            new_inits.append(numpy_helper.from_array(p, f"{pname}_P"))
+            nodes.append(helper.make_node("MatMul", [x, f"{pname}_P"], [pname], name=pname))
+            aux.append(pname)
+            sums[(x, K)] = pname
+        nodes.append(helper.make_node("MatMul", [sums[(x, K)], f"{b}_offsets"], [f"{y}_offset"], name=f"{tag}_offset"))
+        nodes.append(helper.make_node("Add", [f"{y}_q4", f"{y}_offset"], [y], name=f"{tag}_addoffset"))
+        aux.append(f"{tag}_offset")
+    replaced = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"} - {n.input[1] for n in nodes if len(n.input) > 1}
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for i in [i for i in model.graph.initializer if i.name in replaced]:
+        model.graph.initializer.remove(i)
+    model.graph.initializer.extend(new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return aux
+
+
 class Int4Quantizer(Quantizer):
     name = "int4"
 
@@ -158,8 +243,11 @@ class Int4Quantizer(Quantizer):
         model = onnx.load(str(src))
         keep8 = list(sensitive) + (head if recipe.head == "int8" else [])
         keep32 = head if recipe.head == "fp32" else []
-        algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4) if recipe.algo == "hqq" else None
-        model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
+        if recipe.algo == "asym":
+            keep32 = keep32 + apply_asym_int4(model, recipe.block_size, recipe.accuracy_level, set(keep8 + keep32))
+        else:
+            algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4) if recipe.algo == "hqq" else None
+            model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
         if keep8:  # second pass: what is still a float MatMul (minus fp32-kept nodes) goes 8-bit
             model = _nbits(model, 8, recipe, exclude=keep32)
         onnx.save(model, str(dst))

@@ -296,3 +296,66 @@ def test_admin_cli_adapters_rollback_export(bundle, tmp_path, broker):
     assert (peft_dir / "adapter_config.json").is_file()
     bad = run("rollback", "--to", "9", "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
     assert bad.returncode == 1 and "no version 9" in bad.stderr
+
+
+def test_update_log_refs_sync_rotate_and_damage(tmp_path):
+    from coordinator.state import UpdateLog
+    lg = UpdateLog(tmp_path / "u")
+    r1, r2 = lg.append(b"one"), lg.append(b"second payload")
+    assert lg.read(r1) == b"one" and lg.read(r2) == b"second payload"   # readable before the sync too
+    lg.sync()
+    lg.rotate()
+    r3 = lg.append(b"three")
+    assert r3.split(":")[0] != r1.split(":")[0]                          # a new segment after rotate
+    lg.delete_segments([r1])
+    with pytest.raises(OSError):
+        lg.read(r2)                                                      # its segment is gone
+    assert lg.read(r3) == b"three"
+    for bad in ("seg-x.log:0:5", "../seg-1.log:0:1", f"{r3.split(':')[0]}:0:999"):
+        with pytest.raises(OSError):
+            lg.read(bad)
+
+
+def _offline_coordinator(bundle, tmp_path, **kw):
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    return Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "state"), fleet="c", **kw))
+
+
+def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle, tmp_path):
+    import threading
+    from coordinator.state import State
+    v0, meta = schema(bundle)
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, ingest_batch=8)
+    rng = np.random.default_rng(5)
+    ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(10)]
+    acked, commits = [], []
+    real_sync = c.state.log.sync
+
+    def counting_sync():
+        commits.append(len(acked))
+        real_sync()
+    c.state.log.sync = counting_sync
+    for i, (uid, _, msg) in enumerate(ups):
+        c._inbox.put((c.topics.update(f"d{i}"), msg, False, lambda u=uid: acked.append(u)))
+    worker = threading.Thread(target=c._work, daemon=True)
+    worker.start()
+    wait_for(lambda: len(acked) == 10, 20, what="all ten acknowledged")
+    assert len(commits) <= 3                           # 10 updates, batches of <= 8: two or three group commits
+    assert State(c.state.dir).update_counts()["accepted"] == 10   # durable (seen by a fresh connection) before the ack
+    assert c.strategy.count(c.acc) == 10
+    # the log sync fails: nothing is acknowledged, nothing recorded, the aggregate is rebuilt from disk
+    def failing_sync():
+        raise OSError(28, "No space left on device")
+    c.state.log.sync = failing_sync
+    uid, delta, msg = make_update(meta, "d0", 0, 3, rng)
+    c._inbox.put((c.topics.update("d0"), msg, False, lambda: acked.append(uid)))
+    wait_for(lambda: c._inbox.empty(), 10, what="message taken")
+    time.sleep(0.5)
+    assert uid not in acked and not c.state.has_update(uid)
+    assert c.strategy.count(c.acc) == 10
+    c.state.log.sync = real_sync
+    c._stop.set()
+    worker.join(5)
+    # delivered again (as the broker would after a reconnect): counted once
+    assert c.handle_update("d0", msg)["accepted"] and c.strategy.count(c.acc) == 11

@@ -178,3 +178,40 @@ def test_archive_bundle_serves_from_tar(tmp_path, tiny_llama_dir):
     shutil.rmtree(out)                                                # only the archive is shipped to the device
     eng = Engine(tar)
     assert len(list(eng.generate(eng.encode("hello"), max_new_tokens=3, stop_ids=set()))) == 3
+
+
+def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from export.quantize import apply_asym_int4, asym_int4_blocks
+    rng = np.random.default_rng(0)
+    K, N, blk = 96, 40, 32
+    # weights on a GGUF Q4_1-style grid (min m, step d, 16 levels per block of 32 along K)
+    d = rng.uniform(0.01, 0.03, (N, K // blk, 1))
+    m = rng.uniform(-0.3, 0.0, (N, K // blk, 1))
+    levels = rng.integers(0, 16, (N, K // blk, blk))
+    w_grid = (m + d * levels).reshape(N, K).T.astype(np.float32)
+    q, s, c = asym_int4_blocks(w_grid, blk)
+    rec = (s[..., None] * (q.astype(np.float32) - 8) + c[..., None]).reshape(N, K).T
+    assert np.abs(rec - w_grid).max() < 1e-6                      # exact up to float rounding
+    # generic weights: lower error than symmetric round-to-nearest with the same block
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    q, s, c = asym_int4_blocks(w, blk)
+    rec = (s[..., None] * (q.astype(np.float32) - 8) + c[..., None]).reshape(N, K).T
+    blocks = w.T.reshape(N, K // blk, blk)
+    sym_s = np.abs(blocks).max(-1, keepdims=True) / 7
+    sym = (np.clip(np.rint(blocks / sym_s), -7, 7) * sym_s).reshape(N, K).T
+    assert np.sqrt(((rec - w) ** 2).mean()) < 0.8 * np.sqrt(((sym - w) ** 2).mean())
+    # the graph rewrite: MatMulNBits (implicit zero point 8) + block sums @ offsets == dequantized weights
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, N])],
+                              [numpy_helper.from_array(w_grid, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    aux = apply_asym_int4(model, blk, accuracy_level=1, exclude=set())
+    assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 1 and len(aux) == 2
+    assert "W" not in {i.name for i in model.graph.initializer}   # the fp32 weight is gone
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 3, K)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w_grid, rtol=1e-4, atol=1e-4)
