@@ -21,6 +21,7 @@ from edge_runtime.errors import EdgefmError, ExportError
 from edge_runtime.protocol.adapter import AdapterMeta, lora_names, save_adapter
 from edge_runtime.protocol.manifest import Manifest, hash_files
 from export.graphs import BERT_TARGETS, LLAMA_TARGETS, BertGraph, LlamaGraph, LoraSpec, lora_input_names
+from export.llama_onnx import build_llama_onnx, unsupported
 from export.quantize import QuantRecipe, quantize_graph
 
 OPSET = 18
@@ -58,6 +59,7 @@ class BuildOptions:
     verify: bool = True
     archive: bool = False
     seed: int = 0
+    torch_inference_graph: bool = False     # decoders: torch.onnx export instead of the fused-operator builder
 
     def __post_init__(self):
         if self.task not in ("causal-lm", "classification", "embedding"):
@@ -118,9 +120,15 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
     B, S, P, T = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
     io = {"inputs": ["input_ids", "attention_mask", "position_ids"] + past_names + lora_input_names(opts.lora_targets),
           "outputs": ["logits"] + [n.replace("past.", "present.") for n in past_names]}
-    log(f"exporting inference graph ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
-    _export(graph, (ids, mask, pos, *past, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
-            ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))))
+    why_not = None if opts.torch_inference_graph else unsupported(graph)
+    if why_not is None and not opts.torch_inference_graph:
+        log(f"writing inference graph with fused attention ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
+        build_llama_onnx(graph, tmp / "model.fp32.onnx", list(opts.lora_targets), OPSET)
+    else:
+        log(f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
+            + (f"; the fused builder does not cover {why_not}" if why_not else ""))
+        _export(graph, (ids, mask, pos, *past, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
+                ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))))
     log(f"inference graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training:
         log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_batch} x seq {opts.train_seq})")
@@ -170,7 +178,8 @@ def _fused_head_nll():
 
 def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: int = 16):
     """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
-    backward came out scaled by the batch size). ``fused`` exports the memory-lean head/NLL; the plain
+    backward came out scaled by the batch size). ``fused`` exports the memory-lean form (chunked head/NLL,
+    per-layer activation recomputation); the plain
     form is the autograd reference the exported gradients are checked against."""
     import torch
     fused_fn = _fused_head_nll() if fused else None
@@ -178,7 +187,7 @@ def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: in
     def loss_fn(lora, input_ids, attention_mask, loss_mask):
         loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras)
+        h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras, recompute=fused)
         w = loss_mask[:, 1:]
         if fused_fn is not None:
             loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), chunk)

@@ -46,6 +46,40 @@ def _lora(x, w, b, A, B, scale):
     return y + (x @ A.transpose(-1, -2)) @ B.transpose(-1, -2) * scale
 
 
+def _recomputed_layer(graph, i, x, cos, sin, bias, loras):
+    """Layer ``i`` with activation checkpointing, written so that it survives tracing and ORT.
+
+    A custom autograd function saves only the layer input; its backward re-runs the layer under
+    ``torch.func.vjp``. The recomputation reads its input through ``x + 0 * g[0]`` (g: the incoming
+    gradient), which (1) orders it after the gradient arrives, so the runtime cannot schedule it early
+    and keep everything alive anyway, and (2) keeps common-subexpression elimination from merging it
+    with the forward copy."""
+    targets = list(loras)
+    flat = [t for name in targets for t in (loras[name][0][i], loras[name][1][i])]
+
+    def run(x_, *ab):
+        lo = {name: (ab[2 * j], ab[2 * j + 1]) for j, name in enumerate(targets)}
+        return graph.layer(i, x_, cos, sin, bias, None, lo)[0]
+
+    class Layer(torch.autograd.Function):
+        @staticmethod
+        def forward(x_, *ab):
+            return run(x_, *ab)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
+
+        @staticmethod
+        def backward(ctx, g):
+            x_, *ab = ctx.saved_tensors
+            x_ = x_ + 0.0 * g.reshape(-1)[0]
+            _, vjp = torch.func.vjp(run, x_, *ab)
+            return vjp(g)
+
+    return Layer.apply(x, *flat)
+
+
 class LlamaGraph(nn.Module):
     """Llama-family decoder: (ids, mask, positions, past kv..., lora...) -> (logits, present kv...)."""
 
@@ -82,19 +116,16 @@ class LlamaGraph(nn.Module):
         var = x.pow(2).mean(-1, keepdim=True)
         return x / torch.sqrt(var + self.eps) * w
 
-    def _proj(self, name, module, x, layer, loras):
-        if name in loras:
-            A, B = loras[name]
-            return _lora(x, module.weight, module.bias, A[layer], B[layer], self.lora.scale)
-        return F.linear(x, module.weight, module.bias)
-
     def _rope(self, x, cos, sin):
         half = x.shape[-1] // 2
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
-    def hidden_states(self, input_ids, attention_mask, position_ids, past, loras):
-        """Run the decoder; returns final hidden states and the new (key, value) per layer."""
+    def hidden_states(self, input_ids, attention_mask, position_ids, past, loras, recompute: bool = False):
+        """Run the decoder; returns final hidden states and the new (key, value) per layer.
+
+        ``recompute`` (training graphs): each layer keeps only its input for the backward pass and
+        recomputes its activations there (activation checkpointing; no present key/values)."""
         bsz, seq = input_ids.shape
         x = F.embedding(input_ids, self.embed)
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [b, s, hd/2]
@@ -108,34 +139,49 @@ class LlamaGraph(nn.Module):
         allowed = (k_pos <= q_pos)[None, None] & (attention_mask[:, None, None, :] > 0)
         bias = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
         presents = []
-        rep = self.n_heads // self.n_kv
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = self._rms(x, layer.input_layernorm.weight)
-            q = self._proj("q_proj", attn.q_proj, h, i, loras).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
-            k = self._proj("k_proj", attn.k_proj, h, i, loras).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
-            v = self._proj("v_proj", attn.v_proj, h, i, loras).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
-            if getattr(attn, "q_norm", None) is not None:  # Qwen3
-                q = self._rms(q, attn.q_norm.weight)
-                k = self._rms(k, attn.k_norm.weight)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            if past is not None:
-                k = torch.cat([past[2 * i], k], dim=2)
-                v = torch.cat([past[2 * i + 1], v], dim=2)
+        for i in range(self.n_layers):
+            if recompute:
+                x = _recomputed_layer(self, i, x, cos, sin, bias, loras)
+                continue
+            x, k, v = self.layer(i, x, cos, sin, bias, None if past is None else (past[2 * i], past[2 * i + 1]),
+                                 {t: (A[i], B[i]) for t, (A, B) in loras.items()})
             presents += [k, v]
-            if rep > 1:
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
-            a = torch.softmax(scores, dim=-1) @ v
-            a = a.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim)
-            x = x + self._proj("o_proj", attn.o_proj, a, i, loras)
-            h = self._rms(x, layer.post_attention_layernorm.weight)
-            mlp = layer.mlp
-            g = self._proj("gate_proj", mlp.gate_proj, h, i, loras)
-            u = self._proj("up_proj", mlp.up_proj, h, i, loras)
-            x = x + self._proj("down_proj", mlp.down_proj, F.silu(g) * u, i, loras)
         return self._rms(x, self.norm_w), presents
+
+    def layer(self, i, x, cos, sin, bias, past_kv, loras):
+        """Decoder layer ``i``: returns the new hidden states and this step's full key/value.
+        ``loras`` maps a target to this layer's (A [r, in], B [out, r])."""
+        layer = self.layers[i]
+        attn = layer.self_attn
+        bsz, seq = x.shape[0], x.shape[1]
+        rep = self.n_heads // self.n_kv
+
+        def proj(name, module, inp):
+            if name in loras:
+                return _lora(inp, module.weight, module.bias, loras[name][0], loras[name][1], self.lora.scale)
+            return F.linear(inp, module.weight, module.bias)
+
+        h = self._rms(x, layer.input_layernorm.weight)
+        q = proj("q_proj", attn.q_proj, h).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = proj("k_proj", attn.k_proj, h).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        v = proj("v_proj", attn.v_proj, h).view(bsz, seq, self.n_kv, self.head_dim).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:  # Qwen3
+            q = self._rms(q, attn.q_norm.weight)
+            k = self._rms(k, attn.k_norm.weight)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        if past_kv is not None:
+            k = torch.cat([past_kv[0], k], dim=2)
+            v = torch.cat([past_kv[1], v], dim=2)
+        kr, vr = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+        scores = (q @ kr.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
+        a = torch.softmax(scores, dim=-1) @ vr
+        a = a.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim)
+        x = x + proj("o_proj", attn.o_proj, a)
+        h = self._rms(x, layer.post_attention_layernorm.weight)
+        mlp = layer.mlp
+        g = proj("gate_proj", mlp.gate_proj, h)
+        u = proj("up_proj", mlp.up_proj, h)
+        return x + proj("down_proj", mlp.down_proj, F.silu(g) * u), k, v
 
     def forward(self, input_ids, attention_mask, position_ids, *rest):
         n_past = 2 * self.n_layers

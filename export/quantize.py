@@ -136,7 +136,7 @@ class Int8DynamicQuantizer(Quantizer):
         # MatMul only: quantizing the embedding Gather makes decode slower (dequantize every step).
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=head if recipe.head == "fp32" else [],
-                         extra_options={"MatMulConstBOnly": True})
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 class Int8WeightOnlyQuantizer(Quantizer):
