@@ -76,36 +76,38 @@ def nodes_for_modules(model: onnx.ModelProto, module_shapes: dict[str, tuple[int
 
 
 def fold_initializer_transposes(model: onnx.ModelProto) -> int:
-    """Replace ``Transpose(initializer)`` by a pre-transposed initializer (in place); returns how many.
+    """Replace ``Transpose(initializer)`` by a pre-transposed initializer (in place, through chains of
+    transposes, to a fixpoint); returns how many were folded.
 
     The exported training graph feeds many MatMuls with a transposed frozen weight; weight-only
     quantizers only act on MatMuls whose B is a constant, so without this pass those weights stay
     fp32 next to their quantized copies (the file grew instead of shrinking)."""
     from onnx import numpy_helper
-    inits = {i.name: i for i in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
-    folded = 0
-    keep_nodes = []
-    new_inits = []
-    for node in model.graph.node:
-        src = node.input[0] if node.op_type == "Transpose" and node.input else None
-        if src in inits and src not in graph_inputs:
-            arr = numpy_helper.to_array(inits[src])
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            new_inits.append(numpy_helper.from_array(arr.transpose(perm) if perm else arr.T, node.output[0]))
-            folded += 1
-            continue
-        keep_nodes.append(node)
-    if not folded:
-        return 0
-    del model.graph.node[:]
-    model.graph.node.extend(keep_nodes)
-    model.graph.initializer.extend(new_inits)
-    used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
-    unused = [i for i in model.graph.initializer if i.name not in used]
-    for i in unused:
-        model.graph.initializer.remove(i)
-    return folded
+    total = 0
+    while True:
+        inits = {i.name: i for i in model.graph.initializer}
+        folded = 0
+        keep_nodes = []
+        new_inits = []
+        for node in model.graph.node:
+            src = node.input[0] if node.op_type == "Transpose" and node.input else None
+            if src in inits and src not in graph_inputs:
+                arr = numpy_helper.to_array(inits[src])
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                new_inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.transpose(perm) if perm else arr.T), node.output[0]))
+                folded += 1
+                continue
+            keep_nodes.append(node)
+        if not folded:
+            return total
+        total += folded
+        del model.graph.node[:]
+        model.graph.node.extend(keep_nodes)
+        model.graph.initializer.extend(new_inits)
+        used = {x for n in model.graph.node for x in n.input} | {o.name for o in model.graph.output}
+        for i in [i for i in model.graph.initializer if i.name not in used]:
+            model.graph.initializer.remove(i)
 
 
 def _nbits(model, bits, recipe, exclude=(), algo=None):
