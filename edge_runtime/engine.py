@@ -168,8 +168,8 @@ class Engine:
         adapter = self.adapter  # one adapter for the whole request, even if a swap happens meanwhile
         rng = np.random.default_rng(seed)
         stop_ids = self.eos_ids if stop_ids is None else stop_ids
-        step_fn = self._decoder(adapter)
         n = len(prompt_ids)
+        step_fn = self._decoder(adapter, capacity=min(max_pos, -(-(n + max_new_tokens) // 64) * 64))
         logits = step_fn(np.array([prompt_ids], np.int64), n)
         for step in range(max_new_tokens):
             tok = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
@@ -181,33 +181,51 @@ class Engine:
             n += 1
             logits = step_fn(np.array([[tok]], np.int64), n)
 
-    def _decoder(self, adapter: ActiveAdapter):
+    def _decoder(self, adapter: ActiveAdapter, capacity: int = 0):
         """A stateful step function over IO binding: the KV cache stays in ORT-owned OrtValues between
-        steps (no numpy round trip of ~60 tensors per token); LoRA tensors are bound once per request."""
+        steps (no numpy round trip of ~60 tensors per token); LoRA tensors are bound once per request.
+
+        Bundles whose graph appends to the cache in place (``io.kv_cache == "shared"``, the fused
+        builder) get one preallocated buffer of ``capacity`` positions per layer, bound as both past
+        and present: nothing is reallocated or copied per token."""
         import onnxruntime as ort
         sess = self.session
         binding = sess.io_binding()
         for name, arr in adapter.feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        for name, arr in self.empty_past(1).items():
-            binding.bind_cpu_input(name, arr)
         outs = self.output_names
+        shared = self.manifest.io.get("kv_cache") == "shared" and capacity > 0
+        binding.bind_output(outs[0], "cpu")  # logits first: values[0] below
+        if shared:
+            shape = (1, int(self.dims["kv_heads"]), capacity, int(self.dims["head_dim"]))
+            for o in outs[1:]:
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                binding.bind_ortvalue_input(o.replace("present.", "past.", 1), buf)
+                binding.bind_ortvalue_output(o, buf)
+        else:
+            for name, arr in self.empty_past(1).items():
+                binding.bind_cpu_input(name, arr)
         keep = []  # the numpy inputs bound this step must outlive the run
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
             seq = ids.shape[1]
+            if shared and total > capacity:
+                raise ConfigError(f"sequence of {total} tokens exceeds the cache of {capacity}")
             mask = np.ones((1, total), np.int64)
             pos = np.arange(total - seq, total, dtype=np.int64)[None]
             keep[:] = [ids, mask, pos]
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask)
             binding.bind_cpu_input("position_ids", pos)
-            for o in outs:
-                binding.bind_output(o, "cpu")
+            binding.bind_output(outs[0], "cpu")
+            if not shared:
+                for o in outs[1:]:
+                    binding.bind_output(o, "cpu")
             sess.run_with_iobinding(binding)
             values = binding.get_outputs()
-            for o, v in zip(outs[1:], values[1:]):
-                binding.bind_ortvalue_input(o.replace("present.", "past.", 1), v)
+            if not shared:
+                for o, v in zip(outs[1:], values[1:]):
+                    binding.bind_ortvalue_input(o.replace("present.", "past.", 1), v)
             return values[0].numpy()
 
         return step

@@ -147,6 +147,7 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
     if why_not is None and not opts.torch_inference_graph:
         log(f"writing inference graph with fused attention ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
         build_llama_onnx(graph, tmp / "model.fp32.onnx", list(opts.lora_targets), OPSET)
+        io["kv_cache"] = "shared"   # GroupQueryAttention appends in place when past and present are one buffer
     else:
         log(f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
             + (f"; the fused builder does not cover {why_not}" if why_not else ""))

@@ -39,9 +39,12 @@ def test_causal_lm_bundle_every_scheme(tmp_path_factory, tiny_llama_dir, quant):
         assert m.files["model.onnx"]["size"] < fp.files["model.onnx"]["size"]
 
 
-def test_kv_cache_generation_equals_full_recompute(tmp_path_factory, tiny_llama_dir):
+@pytest.mark.parametrize("torch_graph", [False, True], ids=["fused-builder", "torch-onnx"])
+def test_kv_cache_generation_equals_full_recompute(tmp_path_factory, tiny_llama_dir, torch_graph):
     from edge_runtime.engine import Engine
-    eng = Engine(tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32"))
+    eng = Engine(tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32", torch_inference_graph=torch_graph))
+    assert eng.manifest.io.get("kv_cache") == (None if torch_graph else "shared")
+    assert (eng.manifest.checks["logits_max_abs_diff_with_adapter"] <= 1e-4)   # both graphs match torch
     prompt = eng.encode("sensors report the temperature")
     cached = list(eng.generate(prompt, max_new_tokens=8, stop_ids=set()))
     ids = list(prompt)
