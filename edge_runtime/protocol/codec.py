@@ -255,9 +255,10 @@ def decode_payload(payload: bytes, spec: CodecSpec, *, max_decoded_bytes: int) -
     """Decode payload bytes into finite fp32 tensors, or raise ``ProtocolError``."""
     raw = COMPRESSIONS[spec.compression].decompress(payload, max_decoded_bytes)
     codec = CODECS[spec.dtype]
-    wire, _ = decode_tensors(raw, allowed_dtypes=codec.wire_dtypes)
+    # no per-tensor copies: the arrays are read-only views of ``raw`` (or new arrays from a codec)
+    wire, _ = decode_tensors(raw, allowed_dtypes=codec.wire_dtypes, copy=False)
     tensors = codec.decode(wire)
-    for k, v in tensors.items():
-        if not np.all(np.isfinite(v)):
-            raise ProtocolError(RejectReason.NON_FINITE, f"tensor {k!r} contains NaN or Inf")
+    if tensors and not np.isfinite(np.concatenate([v.ravel() for v in tensors.values()])).all():  # one pass
+        bad = next(k for k, v in tensors.items() if not np.isfinite(v).all())
+        raise ProtocolError(RejectReason.NON_FINITE, f"tensor {bad!r} contains NaN or Inf")
     return tensors
