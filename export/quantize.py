@@ -1,19 +1,22 @@
-"""Weight quantizers for exported graphs: a registry of small classes around onnxruntime.quantization.
+"""Weight quantizers for exported graphs: a registry of small classes around onnxruntime.quantization,
+plus our own asymmetric 4-bit recipe.
 
 Measured on SmolLM2-135M (GGUF Q4_1 source expanded to fp32; held-out perplexity 41.18 in fp32;
-2-core x86, onnxruntime 1.31, decode tok/s; torch eager fp32 = 22.5):
+2-core x86, onnxruntime 1.31, fused-operator graph; BENCHMARKS.md has the run with its command):
 
-| recipe | tok/s | perplexity |
+| recipe | decode vs torch fp32 | perplexity vs fp32 |
 |---|---|---|
-| int8 = 8-bit weight-only MatMulNBits, symmetric, accuracy level 4 | 92.9 | 41.23 (+0.1%) |
-| int8-dynamic (quantize_dynamic, per-channel) | 97.3 | 68.07 (+65%) |
-| int4 RTN symmetric block 32 + 8-bit head (default int4) | 98.3 | 45.56 (+10.6%) |
-| int4 RTN symmetric everywhere | 107.7 | 49.61 (+20%) |
-| int4 HQQ + 8-bit down_proj and head (`--int4-algo hqq --sensitive-8bit down_proj`) | 17.1 | 41.67 (+1.2%) |
+| int8 = 8-bit weight-only MatMulNBits, symmetric, accuracy level 4 | 7.6x | +0.6% |
+| int8-dynamic (quantize_dynamic, per-channel) | 7.0x | +54% |
+| int4 asym (default): min/max grid per block of 32 + offset term, 8-bit head | 5.9x | +0.01% |
+| int4 RTN symmetric block 32 + 8-bit head (`--int4-algo rtn`) | 7.3x | +11.6% |
+| int4 HQQ + 8-bit down_proj and head (`--int4-algo hqq --sensitive-8bit down_proj`) | 0.7x | +0.9% |
 
-HQQ stores float zero points, which take onnxruntime's slow dequantize path on CPU; it is the
-quality option, not the default. The source weights already sit on the GGUF Q4_1 grid, which no
-integer-zero-point 4-bit grid reproduces: that is what costs RTN its perplexity here.
+Why asym: the source weights already sit on the GGUF Q4_1 grid (16 levels m + d*k per block of 32),
+which no symmetric or integer-zero-point 4-bit grid reproduces, and float zero points (HQQ) take
+onnxruntime's slow dequantize path on CPU. ``apply_asym_int4`` keeps the fast symmetric kernel
+(implicit zero point 8) and adds the per-block offset as ``(x @ P) @ C`` with P summing x over each
+block: exact for grid-sourced weights, a better min/max fit than RTN for any other.
 """
 from __future__ import annotations
 
@@ -110,8 +113,17 @@ def fold_initializer_transposes(model: onnx.ModelProto) -> int:
             model.graph.initializer.remove(i)
 
 
+def _quiet_ort_quantizers() -> None:
+    """onnxruntime's quantizers log one INFO line per node (hundreds); our progress lines say enough."""
+    import logging
+    for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
+                 "onnxruntime.quantization.matmul_bnb4_quantizer"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _nbits(model, bits, recipe, exclude=(), algo=None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    _quiet_ort_quantizers()
     q = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=bits == 8 or recipe.algo == "rtn",
                              accuracy_level=recipe.accuracy_level, nodes_to_exclude=list(exclude), algo_config=algo)
     q.process()
