@@ -3,7 +3,8 @@
 The torch exporter turns each decoder layer into ~60 small nodes (rotary slices, head reshapes,
 GQA repeats, mask arithmetic, cache concatenation); at batch 1 their dispatch cost is larger than
 the 4-bit matmuls themselves. This builder emits per layer: two SkipSimplifiedLayerNormalization
-(residual add + RMSNorm), seven MatMuls (what the quantizers act on), one GroupQueryAttention (rotary,
+(residual add + RMSNorm), four MatMuls (what the quantizers act on: q/k/v packed into one and
+gate/up into one, each followed by a Split, then o and down), one GroupQueryAttention (rotary,
 KV-cache append, grouped heads, causal softmax), SiLU as Sigmoid + Mul, and per LoRA target a
 Gather + FusedMatMul pair for A and for B. Same inputs and outputs as the torch-exported graph
 (``export.graphs.LlamaGraph``), so bundles, engine and verification are unchanged; ``position_ids``
@@ -75,18 +76,32 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
     const("sin_cache", np.sin(freqs).astype(np.float32))
     x = node("Gather", [const("embed.weight", t(graph.embed)), "input_ids"], ["embeds"], "embed", axis=0)
 
-    def linear(name, inp, module, i):
-        y = node("MatMul", [inp, const(f"{name}.weight.T", t(module.weight).T)], [f"{name}.mm"], f"{name}.mm")
-        if getattr(module, "bias", None) is not None:
-            y = node("Add", [y, const(f"{name}.bias", t(module.bias))], [f"{name}.b"], f"{name}.bias")
-        target = name.split(".")[-1]
-        if target in lora_targets:
-            a = node("Gather", [f"lora_A.{target}", const(f"idx{i}", np.array(i, np.int64))], [f"{name}.A"], f"{name}.A", axis=0)
-            b = node("Gather", [f"lora_B.{target}", f"idx{i}"], [f"{name}.B"], f"{name}.B", axis=0)
-            xa = node("FusedMatMul", [inp, a], [f"{name}.xa"], f"{name}.xa", domain=MS, transB=1, alpha=1.0)
-            d = node("FusedMatMul", [xa, b], [f"{name}.lora"], f"{name}.lora", domain=MS, transB=1, alpha=scale)
-            y = node("Add", [y, d], [f"{name}.out"], f"{name}.out")
-        return y
+    def lora(y, name, target, inp, i):
+        if target not in lora_targets:
+            return y
+        a = node("Gather", [f"lora_A.{target}", const(f"idx{i}", np.array(i, np.int64))], [f"{name}.A"], f"{name}.A", axis=0)
+        b = node("Gather", [f"lora_B.{target}", f"idx{i}"], [f"{name}.B"], f"{name}.B", axis=0)
+        xa = node("FusedMatMul", [inp, a], [f"{name}.xa"], f"{name}.xa", domain=MS, transB=1, alpha=1.0)
+        d = node("FusedMatMul", [xa, b], [f"{name}.lora"], f"{name}.lora", domain=MS, transB=1, alpha=scale)
+        return node("Add", [y, d], [f"{name}.out"], f"{name}.out")
+
+    def linears(prefix, inp, modules: dict, i):
+        """One MatMul for the modules that read the same input (q/k/v, gate/up), split after; the node
+        is named ``<prefix>.<m1>+<m2>...`` so quantizer options can still find a module by name."""
+        names = list(modules)
+        w = np.concatenate([t(modules[m].weight).T for m in names], axis=1)
+        tag = f"{prefix}.{'+'.join(names)}"
+        y = node("MatMul", [inp, const(f"{tag}.weight.T", w)], [f"{tag}.mm"], f"{tag}.mm")
+        if any(getattr(modules[m], "bias", None) is not None for m in names):
+            bias = np.concatenate([t(modules[m].bias) if getattr(modules[m], "bias", None) is not None
+                                   else np.zeros(modules[m].out_features, np.float32) for m in names])
+            y = node("Add", [y, const(f"{tag}.bias", bias)], [f"{tag}.b"], f"{tag}.bias")
+        if len(names) == 1:
+            outs = [y]
+        else:
+            sizes = const(f"{tag}.sizes", np.array([modules[m].out_features for m in names], np.int64))
+            outs = node("Split", [y, sizes], [f"{tag}.{m}" for m in names], f"{tag}.split", axis=-1)
+        return [lora(o, f"{prefix}.{m}", m, inp, i) for o, m in zip(outs, names)]
 
     residual, delta = x, None
     for i in range(L):
@@ -99,22 +114,19 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
         else:
             h, residual = node("SkipSimplifiedLayerNormalization", [residual, delta, w_in],
                                [f"{p}.h_attn", "", "", f"{p}.resid_in"], f"{p}.norm_in", domain=MS, epsilon=eps)
-        q = linear(f"{p}.q_proj", h, attn.q_proj, i)
-        k = linear(f"{p}.k_proj", h, attn.k_proj, i)
-        v = linear(f"{p}.v_proj", h, attn.v_proj, i)
+        q, k, v = linears(p, h, {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}, i)
         a = node("GroupQueryAttention", [q, k, v, f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_len",
                                          "cos_cache", "sin_cache"],
                  [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"], f"{p}.gqa", domain=MS,
                  num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(hd)))[0]
-        o = linear(f"{p}.o_proj", a, attn.o_proj, i)
+        (o,) = linears(p, a, {"o_proj": attn.o_proj}, i)
         w_post = const(f"{p}.post_attention_layernorm.weight", t(layer.post_attention_layernorm.weight))
         h2, residual = node("SkipSimplifiedLayerNormalization", [residual, o, w_post],
                             [f"{p}.h_mlp", "", "", f"{p}.resid_mlp"], f"{p}.norm_post", domain=MS, epsilon=eps)
-        g = linear(f"{p}.gate_proj", h2, mlp.gate_proj, i)
-        u = linear(f"{p}.up_proj", h2, mlp.up_proj, i)
+        g, u = linears(p, h2, {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}, i)
         sg = node("Sigmoid", [g], [f"{p}.sig"], f"{p}.sig")
         act = node("Mul", [node("Mul", [g, sg], [f"{p}.silu"], f"{p}.silu"), u], [f"{p}.act"], f"{p}.act")
-        delta = linear(f"{p}.down_proj", act, mlp.down_proj, i)
+        (delta,) = linears(p, act, {"down_proj": mlp.down_proj}, i)
     hf = node("SkipSimplifiedLayerNormalization", [residual, delta, const("norm.weight", t(graph.norm_w))],
               ["final_norm"], "final_norm", domain=MS, epsilon=eps)
     node("MatMul", [hf, const("lm_head.weight.T", t(graph.head_wT))], ["logits"], "lm_head")

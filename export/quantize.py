@@ -69,13 +69,22 @@ def head_nodes(model: onnx.ModelProto, output_name: str = "logits") -> list[str]
 
 
 def nodes_for_modules(model: onnx.ModelProto, module_shapes: dict[str, tuple[int, int]], modules: tuple[str, ...]) -> list[str]:
-    """MatMul nodes whose constant B has the (in, out) shape of one of ``modules``.
+    """MatMul nodes that compute one of ``modules``.
 
-    Shapes identify Llama linears unambiguously (down_proj is the only [intermediate, hidden] one)."""
+    Graphs from the fused builder name them ``layers.<i>.<m1>+<m2>.mm`` (a packed q/k/v or gate/up
+    matmul is selected when any of its modules is asked for); torch-exported graphs are matched by the
+    (in, out) shape of the constant B, which identifies Llama linears unambiguously (down_proj is the
+    only [intermediate, hidden] one)."""
     wanted = {tuple(module_shapes[m]) for m in modules if m in module_shapes}
     others = {tuple(s) for m, s in module_shapes.items() if m not in modules}
     wanted -= others  # never catch a module we did not ask for when shapes coincide
-    return [n for n, s in const_matmuls(model).items() if s in wanted]
+    out = []
+    for n, shape in const_matmuls(model).items():
+        parts = n.split(".")
+        named = len(parts) == 4 and parts[0] == "layers" and parts[3] == "mm"
+        if (named and set(parts[2].split("+")) & set(modules)) or (not named and shape in wanted):
+            out.append(n)
+    return out
 
 
 def fold_initializer_transposes(model: onnx.ModelProto) -> int:

@@ -218,3 +218,18 @@ def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, 3, K)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w_grid, rtol=1e-4, atol=1e-4)
+
+
+def test_sensitive_modules_stay_8bit_in_packed_graphs(tmp_path, tmp_path_factory, tiny_llama_dir):
+    import onnx
+    from export.quantize import QuantRecipe, quantize_graph
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+    dst = tmp_path / "m.onnx"
+    quantize_graph(b / "model.onnx", dst, QuantRecipe("int4", sensitive_8bit=("down_proj",)), module_shapes={})
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(dst), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    down = {k: v for k, v in bits.items() if "down_proj" in k}
+    packed = {k: v for k, v in bits.items() if "q_proj+k_proj+v_proj" in k or "gate_proj+up_proj" in k}
+    assert down and set(down.values()) == {8}            # the sensitive module: 8-bit
+    assert packed and set(packed.values()) == {4}        # packed q/k/v and gate/up: 4-bit
+    assert [v for k, v in bits.items() if k.startswith("lm_head")] == [8]   # the head: 8-bit by default
