@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PY, ROOT, peak_rss_mb, record, run_json  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
+REPEATS = 3
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
 
@@ -50,16 +51,19 @@ def child_torch(tokens: int) -> dict:
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        ttft = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        total = time.perf_counter() - t0
-        n = out.shape[1] - ids.shape[1]
+        best_tok_s, ttft = 0.0, float("inf")
+        for _ in range(REPEATS):  # best of N: the shared machine's load comes and goes
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            total = time.perf_counter() - t0
+            n = out.shape[1] - ids.shape[1]
+            best_tok_s, ttft = max(best_tok_s, (n - 1) / (total - first)), min(ttft, first)
         enc = tok(HELD_OUT_TEXT, return_tensors="pt").input_ids[:, :256]
         ppl = float(torch.exp(model(input_ids=enc, labels=enc).loss))
-    return {"tok_s": (n - 1) / (total - ttft), "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
+    return {"tok_s": best_tok_s, "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
             "file_mb": sum(p.numel() * 4 for p in model.parameters()) / 1e6}
 
 
@@ -70,14 +74,17 @@ def child_onnx(scheme: str, tokens: int) -> dict:
     eng = Engine(b, threads=2, verify=False)
     ids = eng.encode(PROMPT)
     list(eng.generate(ids, max_new_tokens=4, stop_ids=set()))  # warm-up
-    t0 = time.perf_counter()
-    gen = eng.generate(ids, max_new_tokens=tokens, stop_ids=set())
-    next(gen)
-    ttft = time.perf_counter() - t0
-    n = 1 + sum(1 for _ in gen)
-    total = time.perf_counter() - t0
+    best_tok_s, ttft = 0.0, float("inf")
+    for _ in range(REPEATS):  # best of N, as for torch
+        t0 = time.perf_counter()
+        gen = eng.generate(ids, max_new_tokens=tokens, stop_ids=set())
+        next(gen)
+        first = time.perf_counter() - t0
+        n = 1 + sum(1 for _ in gen)
+        total = time.perf_counter() - t0
+        best_tok_s, ttft = max(best_tok_s, (n - 1) / (total - first)), min(ttft, first)
     ppl = eng.perplexity(HELD_OUT_TEXT)
-    return {"tok_s": (n - 1) / (total - ttft), "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
+    return {"tok_s": best_tok_s, "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
             "file_mb": (b / "model.onnx").stat().st_size / 1e6, "weight_bytes_per_token": weight_bytes_per_token(b / "model.onnx")}
 
 
@@ -139,7 +146,8 @@ def main() -> None:
             roof = f"{r['tok_s'] / roofline:.0%} of {roofline:.0f}"
         rows.append(f"| {name} | {r['file_mb']:.0f} MB | {r['tok_s']:.1f} | {speed} | {r['ttft_ms']:.0f} ms | "
                     f"{r['peak_rss_mb']:.0f} MB | {r['ppl']:.2f} | {ppl_rel} | {roof} |")
-    body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens; each variant in its own process; perplexity on
+    body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens, best of {REPEATS} runs (time to first token: the
+lowest); each variant in its own process; perplexity on
 the held-out prose passage of `export/verify.py` (256-token windows). Memory copy bandwidth measured in this run:
 {bw:.1f} GB/s (read + write). Roofline = bandwidth / weight bytes read per token (all initializers but the
 embedding table). The source is the GGUF Q4_1 file expanded to fp32.
