@@ -59,6 +59,7 @@ class Coordinator:
         self._stop = threading.Event()
         self.link = None
         self._inbox: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure onto the broker
+        self._batch_depth = 0
         if self.state.current_version() is None:
             blob = (bundle / "adapter.safetensors").read_bytes()
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
@@ -118,6 +119,14 @@ class Coordinator:
         """Hold the lock and one state transaction; if it does not commit, the in-memory aggregate is
         rebuilt from durable state (it may hold folds of updates that are now not recorded)."""
         with self.lock:
+            if self._batch_depth:  # joins the enclosing batch, which commits or rebuilds
+                self._batch_depth += 1
+                try:
+                    yield
+                finally:
+                    self._batch_depth -= 1
+                return
+            self._batch_depth = 1
             try:
                 with self.state.transaction():
                     yield
@@ -125,6 +134,8 @@ class Coordinator:
                 log.exception("ingest batch did not commit; rebuilding the aggregate from durable state")
                 self._replay()
                 raise
+            finally:
+                self._batch_depth = 0
 
     def _aggregate_due(self) -> bool:
         return self.cfg.mode == "async" and self.strategy.count(self.acc) >= self.cfg.buffer_size

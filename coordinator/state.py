@@ -38,10 +38,9 @@ class BlobStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def put(self, data: bytes, name: str | None = None) -> str:
-        """Store bytes durably (fsync + rename); returns the key: the sha256, or ``name`` when the caller
-        already has a unique, verified key (an update id) and hashing again would be wasted work."""
-        sha = name or hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes) -> str:
+        """Store bytes durably (fsync + rename); returns the key, the sha256 of the content."""
+        sha = hashlib.sha256(data).hexdigest()
         path = self.path(sha)
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
@@ -58,7 +57,8 @@ class BlobStore:
         return self.root / sha[:2] / sha
 
     def get(self, sha: str) -> bytes:
-        """Read a blob and check its hash (named blobs are checked by their own envelope hashes)."""
+        """Read a blob and check its hash (``u-<id>`` blobs from older state dirs are checked by their
+        own envelope hashes)."""
         data = self.path(sha).read_bytes()
         if len(sha) == 64 and not sha.startswith("u-") and hashlib.sha256(data).hexdigest() != sha:
             raise OSError(f"blob {sha} is corrupt")
