@@ -169,14 +169,16 @@ class Coordinator:
                 item = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
-            acks = []
+            acks, receipts = [], []
             try:
                 with self._batch():
                     while True:
                         topic, payload, retained, ack = item
                         acks.append(ack)
                         try:
-                            self.on_message(topic, payload, retained)
+                            res = self.on_message(topic, payload, retained)
+                            if res is not None:
+                                receipts.append(res)
                         except (sqlite3.Error, OSError):
                             raise  # storage failed: the whole batch stays unacknowledged
                         except Exception:  # a bug in one message must not stop ingestion; it is recorded or refused
@@ -193,6 +195,7 @@ class Coordinator:
                 continue
             for ack in acks:
                 ack()
+            self._send_receipts(receipts)
 
     def stop(self) -> None:
         """Stop the loop and disconnect."""
@@ -205,8 +208,8 @@ class Coordinator:
         if self.plan is not None:
             self._announce(self.plan)
 
-    def on_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        """Route one MQTT message (runs on paho's thread; PUBACK follows its return)."""
+    def on_message(self, topic: str, payload: bytes, retained: bool) -> tuple[str, dict] | None:
+        """Route one MQTT message (inside an ingest batch); for an update, (device id, result)."""
         parsed = self.topics.parse_device_topic(topic)
         if not parsed:
             return
@@ -219,7 +222,24 @@ class Coordinator:
                 log.warning("bad status from %s: %s", device_id, exc)
         elif kind == "update":
             with self._batch():  # joins the worker's batch
-                self._handle_update(device_id, payload)
+                return device_id, self._handle_update(device_id, payload)
+        return None
+
+    def _send_receipts(self, receipts: list[tuple[str, dict]]) -> None:
+        """After the commit: tell each device its update is recorded (accepted / rejected / duplicate),
+        so it can drop it from its outbox. Updates without a readable id get none (they resend until
+        their ``resend_after_s`` and are refused again)."""
+        if not self.link:
+            return
+        for device_id, res in receipts:
+            uid = res.get("update_id")
+            if not uid or uid.startswith("unparsed-"):
+                continue
+            status = "accepted" if res.get("accepted") else ("duplicate" if res.get("reason") == RejectReason.DUPLICATE.value
+                                                             else "rejected")
+            self.link.publish(self.topics.ack(device_id), dump_json_message(
+                {"kind": "receipt", "update_id": uid, "status": status, "reason": res.get("reason"),
+                 "version": self.version}), qos=1)
 
     # ------------------------------------------------------------------ updates
     def _reject(self, device_id: str, update_id: str | None, reason: RejectReason, detail: str, header=None, nbytes=0) -> dict:
@@ -229,13 +249,14 @@ class Coordinator:
                                  status="rejected", reason=reason.value, detail=detail[:500], blob=None, nbytes=nbytes, weight=0.0)
         self.state.count_device(device_id, accepted=False)
         log.info("rejected update %s from %s: %s (%s)", uid, device_id, reason.value, detail)
-        return {"accepted": False, "reason": reason.value, "detail": detail}
+        return {"accepted": False, "reason": reason.value, "detail": detail, "update_id": uid}
 
     def handle_update(self, device_id: str, payload: bytes) -> dict:
         """Validate one update and fold it in durably, or record why not. Never raises on bad input."""
         with self._batch():
             res = self._handle_update(device_id, payload)
         self._after_batch()
+        self._send_receipts([(device_id, res)])
         return res
 
     def _handle_update(self, device_id: str, payload: bytes) -> dict:
@@ -245,7 +266,8 @@ class Coordinator:
             try:
                 header, body = decode_update_header(payload, max_bytes=self.cfg.max_update_bytes)
                 if self.state.has_update(header.update_id):
-                    return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted"}
+                    return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
+                            "update_id": header.update_id}
                 if header.device_id != device_id:
                     raise ProtocolError(RejectReason.BAD_FIELD, f"header says device {header.device_id!r}, topic says {device_id!r}")
                 upd = decode_update_body(header, body, max_decoded_bytes=4 * self.cfg.max_update_bytes,
@@ -274,14 +296,15 @@ class Coordinator:
                                             base_version=header.base_version, num_examples=header.num_examples,
                                             status="accepted", reason=None, detail=None, blob=blob, nbytes=len(payload),
                                             weight=weight):
-                return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted"}
+                return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
+                        "update_id": header.update_id}
             self.state.count_device(device_id, accepted=True)
             delta = agg.clip_update(upd.tensors, self.cfg.clip_norm) if self.cfg.clip_norm else upd.tensors
             self.strategy.fold(self.acc, weight, delta, self.global_tensors)
             self.folded_ids.append(header.update_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = header.update_id
-            return {"accepted": True, "weight": weight}
+            return {"accepted": True, "weight": weight, "update_id": header.update_id}
 
     # ------------------------------------------------------------------ rounds
     def _announce(self, plan: RoundPlan | None) -> None:

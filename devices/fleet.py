@@ -294,7 +294,8 @@ class Fleet:
                     statuses[n] = _http(f"http://127.0.0.1:{self.ports[n]}/v1/status", timeout=10)
                 except OSError:
                     pass
-            if len(statuses) == len(names) and all(s["global_version"] == final_version and s["outbox"]["queued"] == 0 for s in statuses.values()):
+            if len(statuses) == len(names) and all(s["global_version"] == final_version and s["outbox"]["queued"] == 0
+                                                   and s["outbox"].get("awaiting_receipt", 0) == 0 for s in statuses.values()):
                 break
             time.sleep(0.5)
         counted = dict(st.q("SELECT device_id, COUNT(*) FROM updates WHERE status='accepted' GROUP BY device_id")) if st else {}
@@ -305,9 +306,12 @@ class Fleet:
             ob = s.get("outbox", {})
             devices[n] = {"global_version": s.get("global_version"), "adapter": s.get("active_adapter"),
                           "updates_sent": ob.get("acknowledged", 0) + ob.get("queued", 0), "updates_acknowledged": ob.get("acknowledged", 0),
-                          "updates_queued": ob.get("queued", 0), "updates_counted": counted.get(n, 0), "updates_recorded": recorded.get(n, 0),
+                          "updates_queued": ob.get("queued", 0), "updates_awaiting_receipt": ob.get("awaiting_receipt", 0),
+                          "updates_receipted": sum((ob.get("receipts") or {}).values()),
+                          "updates_counted": counted.get(n, 0), "updates_recorded": recorded.get(n, 0),
                           "restarts": self.restarts.get(n, 0), "mixture": mixtures[names.index(n)]}
-        nothing_lost = all(d["updates_queued"] == 0 and d["updates_recorded"] >= d["updates_acknowledged"] for d in devices.values())
+        nothing_lost = all(d["updates_queued"] == 0 and d["updates_awaiting_receipt"] == 0
+                           and d["updates_recorded"] >= d["updates_acknowledged"] for d in devices.values())
         rounds_completed = sum(1 for r in st.rounds() if r["status"] == "closed") if (st and o.mode == "sync") else (final_version or 0)
         lat = [p["latency_ms"] for p in probes if p.get("latency_ms") is not None]
         report = {"mode": o.mode, "strategy": o.strategy, "model": o.model, "bundle": str(bundle), "devices_count": o.devices,

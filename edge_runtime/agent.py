@@ -74,6 +74,7 @@ class AgentConfig:
     min_free_disk_mb: float = 50.0
     update_codec: str = "fp16"
     update_compression: str = "zstd"
+    resend_after_s: float = 120.0         # resend a broker-acknowledged update that got no coordinator receipt
     inbox: str | None = None              # folder watched for *.jsonl files of examples
     sign_key: str | None = None           # fleet HMAC key for update signatures (runtime only, never saved)
     verify_bundle: bool = True
@@ -161,7 +162,8 @@ class Agent:
             self.sync = FederatedSync(cfg.broker, cfg.fleet, cfg.device_id, self.store, self.data_dir / "chunks",
                                       base_fingerprint=self.manifest.base_fingerprint,
                                       current_version=lambda: self.global_version, on_global=self.receive_global,
-                                      on_round=self._on_round, status=self.status_summary, metrics=self.metrics)
+                                      on_round=self._on_round, status=self.status_summary, metrics=self.metrics,
+                                      resend_after_s=cfg.resend_after_s)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ adapters

@@ -17,8 +17,9 @@ CREATE TABLE IF NOT EXISTS examples (
   split TEXT NOT NULL, source TEXT, sha TEXT UNIQUE, created_at REAL NOT NULL, trained INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS outbox (
   update_id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL,
-  attempts INTEGER NOT NULL DEFAULT 0, base_version INTEGER);
+  attempts INTEGER NOT NULL DEFAULT 0, base_version INTEGER, delivered_at REAL);
 CREATE TABLE IF NOT EXISTS sent (update_id TEXT PRIMARY KEY, acked_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS receipts (update_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters (
   id TEXT PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, created_at REAL NOT NULL,
   metrics TEXT NOT NULL DEFAULT '{}', note TEXT NOT NULL DEFAULT '');
@@ -40,6 +41,8 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        if "delivered_at" not in {r[1] for r in self.db.execute("PRAGMA table_info(outbox)")}:  # stores from before receipts
+            self.db.execute("ALTER TABLE outbox ADD COLUMN delivered_at REAL")
         self.lock = threading.RLock()
         self.max_examples = max_examples
         self.heldout_fraction = heldout_fraction
@@ -132,13 +135,18 @@ class Store:
     def enqueue_update(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
         """Persist an update before any attempt to send it."""
         with self.lock:
-            self.db.execute("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,0,?)",
+            self.db.execute("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,0,?,NULL)",
                             (update_id, topic, payload, time.time(), base_version))
 
-    def pending_updates(self) -> list[tuple[str, str, bytes]]:
-        """Queued updates, oldest first."""
+    def pending_updates(self, resend_after_s: float | None = None) -> list[tuple[str, str, bytes]]:
+        """Updates to send, oldest first: never acknowledged by the broker, or acknowledged more than
+        ``resend_after_s`` ago without a receipt from the coordinator (None: never resend those)."""
         with self.lock:
-            return self.db.execute("SELECT update_id, topic, payload FROM outbox ORDER BY created_at").fetchall()
+            if resend_after_s is None:
+                return self.db.execute("SELECT update_id, topic, payload FROM outbox WHERE delivered_at IS NULL "
+                                       "ORDER BY created_at").fetchall()
+            return self.db.execute("SELECT update_id, topic, payload FROM outbox WHERE delivered_at IS NULL OR delivered_at < ? "
+                                   "ORDER BY created_at", (time.time() - resend_after_s,)).fetchall()
 
     def mark_attempt(self, update_id: str) -> None:
         """Count a send attempt."""
@@ -146,19 +154,36 @@ class Store:
             self.db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE update_id=?", (update_id,))
 
     def ack_update(self, update_id: str) -> None:
-        """The broker acknowledged (PUBACK): drop from the outbox, remember it was sent."""
+        """The broker acknowledged (PUBACK): remember it was delivered; the update stays in the outbox
+        until the coordinator's receipt (a broker may drop a message nobody had subscribed to yet)."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,))
+            self.db.execute("UPDATE outbox SET delivered_at=? WHERE update_id=?", (time.time(), update_id))
             self.db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (update_id, time.time()))
             self.db.execute("COMMIT")
 
-    def outbox_stats(self) -> dict:
-        """Queued and sent counts."""
+    def receipt(self, update_id: str, status: str, reason: str | None) -> bool:
+        """The coordinator recorded this update (accepted, rejected or duplicate): it leaves the outbox.
+        Returns False for an update this device does not know."""
         with self.lock:
-            q = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)),0) FROM outbox").fetchone()
+            self.db.execute("BEGIN IMMEDIATE")
+            known = self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,)).rowcount == 1 or \
+                self.db.execute("SELECT 1 FROM sent WHERE update_id=?", (update_id,)).fetchone() is not None
+            if known:
+                self.db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (update_id, time.time()))
+                self.db.execute("INSERT OR REPLACE INTO receipts VALUES (?,?,?,?)", (update_id, status, reason, time.time()))
+            self.db.execute("COMMIT")
+            return known
+
+    def outbox_stats(self) -> dict:
+        """queued: not yet acknowledged by the broker; awaiting_receipt: acknowledged, not yet confirmed
+        by the coordinator; acknowledged: ever acknowledged; receipts: confirmed by the coordinator."""
+        with self.lock:
+            q = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)),0) FROM outbox WHERE delivered_at IS NULL").fetchone()
+            w = self.db.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NOT NULL").fetchone()[0]
             s = self.db.execute("SELECT COUNT(*) FROM sent").fetchone()[0]
-        return {"queued": q[0], "queued_bytes": q[1], "acknowledged": s}
+            r = dict(self.db.execute("SELECT status, COUNT(*) FROM receipts GROUP BY status").fetchall())
+        return {"queued": q[0], "queued_bytes": q[1], "awaiting_receipt": w, "acknowledged": s, "receipts": r}
 
     # -- adapter history --
     def record_adapter(self, adapter_id: str, version: int, kind: str, path: str, metrics: dict, note: str = "") -> None:

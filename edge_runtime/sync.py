@@ -1,8 +1,11 @@
 """Federated sync of one device: outbox-first updates (QoS 1), status + last will, global adapters by chunks.
 
 Offline-first: nothing here blocks serving. Updates are written to the SQLite outbox before any
-send and leave it only on the broker's PUBACK; after a reconnect or a restart everything still queued
-is sent again (the coordinator deduplicates by update id).
+send. The broker's PUBACK marks one delivered; it leaves the outbox only on the coordinator's receipt
+(``device/<id>/ack``: accepted, rejected or duplicate), because a broker drops a message that no
+session had subscribed to yet (a coordinator that never connected). Undelivered updates are sent
+again after a reconnect or a restart, delivered ones without a receipt after ``resend_after_s``;
+the coordinator deduplicates by update id.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ class FederatedSync:
     def __init__(self, url: str, fleet: str, device_id: str, store: Store, chunk_dir: Path, *,
                  base_fingerprint: str, current_version: Callable[[], int],
                  on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[dict], None] | None = None,
-                 status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0):
+                 status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0,
+                 resend_after_s: float = 120.0):
         self.topics = Topics(fleet)
         self.device_id = device_id
         self.store = store
@@ -37,6 +41,7 @@ class FederatedSync:
         self.on_global, self.on_round, self.status = on_global, on_round, status or (lambda: {})
         self.metrics = metrics
         self.status_interval_s = status_interval_s
+        self.resend_after_s = resend_after_s
         self._inflight: dict[int, str] = {}
         self._lock = threading.Lock()
         self._assembler: ChunkAssembler | None = None
@@ -47,6 +52,7 @@ class FederatedSync:
                              on_published=self._on_published, will=will)
         self.link.subscribe(self.topics.global_pointer, 1)
         self.link.subscribe(self.topics.round, 1)
+        self.link.subscribe(self.topics.ack(device_id), 1)
         self._thread = threading.Thread(target=self._loop, name="edgefm-sync", daemon=True)
 
     def start(self) -> None:
@@ -81,7 +87,7 @@ class FederatedSync:
         if not self.connected:
             return 0
         sent = 0
-        for update_id, topic, payload in self.store.pending_updates():
+        for update_id, topic, payload in self.store.pending_updates(self.resend_after_s):
             with self._lock:
                 if update_id in self._inflight.values():
                     continue
@@ -143,10 +149,30 @@ class FederatedSync:
                 self.on_round(parse_json_message(payload))
             except ProtocolError as exc:
                 self._reject("round announcement", exc)
+        elif topic == self.topics.ack(self.device_id):
+            self._on_receipt(payload)
         else:
             parsed = self.topics.parse_chunk_topic(topic)
             if parsed:
                 self._on_chunk(*parsed, payload)
+
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            msg = parse_json_message(payload)
+            uid, status = msg.get("update_id"), msg.get("status")
+            if not isinstance(uid, str) or status not in ("accepted", "rejected", "duplicate"):
+                raise ProtocolError(RejectReason.BAD_FIELD, "a receipt needs update_id and status accepted|rejected|duplicate")
+        except ProtocolError as exc:
+            self._reject("receipt", exc)
+            return
+        reason = msg.get("reason") if isinstance(msg.get("reason"), str) else None
+        if not self.store.receipt(uid, status, reason):
+            log.info("receipt for unknown update %s ignored", uid)
+            return
+        if status == "rejected":
+            log.warning("coordinator rejected update %s: %s", uid, reason)
+        if self.metrics:
+            self.metrics.inc("edgefm_update_receipts_total", labels={"status": status}, help="coordinator receipts by status")
 
     def _start_fetch(self, ptr: GlobalPointer) -> None:
         if ptr.version <= self.current_version():

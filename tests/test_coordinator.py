@@ -359,3 +359,37 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     worker.join(5)
     # delivered again (as the broker would after a reconnect): counted once
     assert c.handle_update("d0", msg)["accepted"] and c.strategy.count(c.acc) == 11
+
+
+def test_update_sent_before_any_coordinator_is_resent_until_receipted(bundle, tmp_path, broker):
+    """The broker acknowledges an update nobody had subscribed to and drops it; the device keeps it
+    until the coordinator's receipt and sends it again, and it is counted once."""
+    from coordinator.state import State
+    from edge_runtime.store import Store
+    from edge_runtime.sync import FederatedSync
+    v0, meta = schema(bundle)
+    store = Store(tmp_path / "agent.sqlite")
+    fleet = f"fresh-{uuid.uuid4().hex[:6]}"            # no coordinator session for this fleet exists on the broker
+    sync = FederatedSync(broker.url, fleet, "dev-9", store, tmp_path / "chunks", base_fingerprint=meta.base_fingerprint,
+                         current_version=lambda: 0, on_global=lambda p, b: None, resend_after_s=1.0)
+    sync.start()
+    c = None
+    try:
+        uid, _, msg = make_update(meta, "dev-9", 0, 5, np.random.default_rng(9))
+        store.enqueue_update(uid, sync.topics.update("dev-9"), msg, 0)
+        wait_for(lambda: store.outbox_stats()["awaiting_receipt"] == 1, 20, what="broker PUBACK")
+        assert store.outbox_stats()["queued"] == 0          # delivered to the broker, which had no subscriber
+        from coordinator.config import CoordinatorConfig
+        from coordinator.service import Coordinator
+        c = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "state"), broker=broker.url, fleet=fleet,
+                                          mode="async", buffer_size=100))
+        c.start()
+        wait_for(lambda: store.outbox_stats()["awaiting_receipt"] == 0, 30, what="receipt after a resend")
+        assert store.outbox_stats()["receipts"].get("accepted") == 1
+        time.sleep(1.5)                                      # any later resend is answered as a duplicate
+        assert State(tmp_path / "state").update_counts()["accepted"] == 1
+        assert c.strategy.count(c.acc) == 1
+    finally:
+        sync.close()
+        if c:
+            c.stop()
