@@ -27,11 +27,11 @@ from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, ch
                                 staleness_weight)
 from coordinator.state import State
 from coordinator.strategies import make_strategy
+from coordinator.validate import Limits, validate_update
 from edge_runtime.errors import BundleError, ProtocolError, RejectReason
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import (check_tensors_match, decode_update, decode_update_body, decode_update_header,
-                                            dump_json_message, make_pointer, parse_json_message)
+from edge_runtime.protocol.messages import decode_update, dump_json_message, make_pointer, parse_json_message
 from edge_runtime.protocol.topics import Topics
 
 log = logging.getLogger("edgefm.coordinator")
@@ -51,6 +51,7 @@ class Coordinator:
         self.fingerprint = self.manifest.base_fingerprint
         self.schema = {k: tuple(v) for k, v in self.manifest.adapter["shapes"].items()}
         self.rank = int(self.manifest.adapter["rank"])
+        self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key)
         self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, rank=self.rank, trim=cfg.trim,
                                       dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
         self.rng = random.Random(cfg.seed)
@@ -163,17 +164,31 @@ class Coordinator:
         """paho's thread only queues; the worker persists, then acks (PUBACK only for what is durable)."""
         self._inbox.put((topic, payload, retained, ack))
 
+    def _take_batch(self, first) -> list:
+        """The first message plus whatever is already queued, up to ``ingest_batch``; in async mode never
+        more updates than fill the buffer (the version is published between batches)."""
+        cap = self.cfg.ingest_batch
+        if self.cfg.mode == "async":
+            cap = max(1, min(cap, self.cfg.buffer_size - self.strategy.count(self.acc)))
+        items = [first]
+        while len(items) < cap:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
     def _work(self) -> None:
         while not self._stop.is_set():
             try:
-                item = self._inbox.get(timeout=0.2)
+                first = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
+            items = self._take_batch(first)
             acks, receipts = [], []
             try:
                 with self._batch():
-                    while True:
-                        topic, payload, retained, ack = item
+                    for topic, payload, retained, ack in items:
                         acks.append(ack)
                         try:
                             res = self.on_message(topic, payload, retained)
@@ -183,15 +198,9 @@ class Coordinator:
                             raise  # storage failed: the whole batch stays unacknowledged
                         except Exception:  # a bug in one message must not stop ingestion; it is recorded or refused
                             log.exception("ingest failed for %s", topic)
-                        if len(acks) >= self.cfg.ingest_batch or self._aggregate_due():
-                            break
-                        try:
-                            item = self._inbox.get_nowait()
-                        except queue.Empty:
-                            break
                 self._after_batch()
             except Exception:  # not committed: no PUBACK, the broker delivers these again after a reconnect
-                log.exception("%d messages not acknowledged", len(acks))
+                log.exception("%d messages not acknowledged", len(items))
                 continue
             for ack in acks:
                 ack()
@@ -202,6 +211,8 @@ class Coordinator:
         self._stop.set()
         if self.link:
             self.link.close()
+        if getattr(self, "_worker", None) is not None:
+            self._worker.join(2)
 
     def _on_connect(self) -> None:
         self.publish_global(self.version)
@@ -260,24 +271,22 @@ class Coordinator:
         return res
 
     def _handle_update(self, device_id: str, payload: bytes) -> dict:
-        """Validate and fold one update inside the current batch (durable when the batch commits)."""
+        """Check and fold one update inside the current batch (durable when the batch commits)."""
         with self.lock:
             header = None
             try:
-                header, body = decode_update_header(payload, max_bytes=self.cfg.max_update_bytes)
-                if self.state.has_update(header.update_id):
+                upd = validate_update(device_id, payload, self.limits)
+                header = upd.header
+            except ProtocolError as exc:
+                header = getattr(exc, "header", None)
+                if header is not None and self.state.has_update(header.update_id):
                     return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
                             "update_id": header.update_id}
-                if header.device_id != device_id:
-                    raise ProtocolError(RejectReason.BAD_FIELD, f"header says device {header.device_id!r}, topic says {device_id!r}")
-                upd = decode_update_body(header, body, max_decoded_bytes=4 * self.cfg.max_update_bytes,
-                                         verify_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
-                if header.base_fingerprint != self.fingerprint:
-                    raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
-                check_tensors_match(upd.tensors, self.schema)
-                norm = agg.global_norm(upd.tensors)
-                if norm > self.cfg.max_update_norm:
-                    raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.3g} > bound {self.cfg.max_update_norm:.3g}")
+                return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
+            if self.state.has_update(header.update_id):
+                return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
+                        "update_id": header.update_id}
+            try:
                 if self.cfg.mode == "sync":
                     if self.plan is None:
                         raise ProtocolError(RejectReason.STALE, "no round is open")
@@ -290,7 +299,7 @@ class Coordinator:
                     raise ProtocolError(why, f"update from base v{header.base_version} round {header.round} does not fit "
                                              f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
             except ProtocolError as exc:
-                return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
+                return self._reject(device_id, header.update_id, exc.reason, exc.detail, header, len(payload))
             blob = self.state.log.append(payload)
             if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
                                             base_version=header.base_version, num_examples=header.num_examples,

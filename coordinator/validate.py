@@ -1,0 +1,59 @@
+"""Update validation that needs no coordinator state.
+
+``validate_update`` is a pure function of the payload and fixed settings: envelope and header,
+payload hash, signature, codec, finite values, base fingerprint, tensor names and shapes, L2 norm.
+What needs state (duplicates, rounds, staleness) stays in the coordinator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.errors import ProtocolError, RejectReason
+from edge_runtime.protocol.messages import UpdateHeader, check_tensors_match, decode_update_body, decode_update_header
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The fixed settings validation depends on."""
+
+    fingerprint: str
+    shapes: dict[str, tuple[int, ...]]
+    max_update_bytes: int
+    max_update_norm: float
+    sign_key: str | None = None
+
+
+@dataclass
+class Validated:
+    """A structurally valid update: header, tensors (schema order) and their global L2 norm."""
+
+    header: UpdateHeader
+    tensors: dict[str, np.ndarray]
+    norm: float
+
+
+def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated:
+    """Everything about an update that does not depend on coordinator state; raises ``ProtocolError``
+    (with ``.header`` set once the header parsed)."""
+    header = None
+    try:
+        header, body = decode_update_header(payload, max_bytes=limits.max_update_bytes)
+        if header.device_id != device_id:
+            raise ProtocolError(RejectReason.BAD_FIELD, f"header says device {header.device_id!r}, topic says {device_id!r}")
+        upd = decode_update_body(header, body, max_decoded_bytes=4 * limits.max_update_bytes,
+                                 verify_key=limits.sign_key.encode() if limits.sign_key else None)
+        if header.base_fingerprint != limits.fingerprint:
+            raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
+        check_tensors_match(upd.tensors, limits.shapes)
+        tensors = {k: upd.tensors[k] for k in limits.shapes}
+        flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in tensors.values()]) if tensors else np.zeros(0, np.float32)
+        norm = math.sqrt(float(np.dot(flat, flat)))
+        if norm > limits.max_update_norm:
+            raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.3g} > bound {limits.max_update_norm:.3g}")
+        return Validated(header, tensors, norm)
+    except ProtocolError as exc:
+        exc.header = header
+        raise
