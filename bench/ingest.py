@@ -122,10 +122,10 @@ def coordinator_child(url: str, state: str, bundle: str, n: int, codec: str) -> 
     acked: list[float] = []
     handle, enqueue = c._handle_update, c._enqueue
 
-    def timed(device_id, payload, validated=None):
+    def timed(device_id, payload):
         if not first:
             first.append(time.perf_counter())
-        return handle(device_id, payload, validated)
+        return handle(device_id, payload)
 
     def enqueue_timed(topic, payload, retained, ack):
         # the PUBACK is sent only once the update is durable (group commit): time that, not the fold

@@ -30,7 +30,7 @@ class CoordinatorConfig:
     clip_norm: float = 0.0                  # 0: off; else clip each update to this L2 norm before folding
     max_update_norm: float = 1e4            # reject updates above this L2 norm
     max_update_bytes: int = 64 * 1024 * 1024
-    ingest_batch: int = 32                  # updates made durable together (one log sync + one commit), then acked
+    ingest_batch: int = 16                  # updates made durable together (one log sync + one commit), then acked
     trim: int = 1                           # trimmed_mean
     dp_noise_multiplier: float = 0.0
     dp_clip: float = 1.0

@@ -59,7 +59,9 @@ class Coordinator:
         self.done = threading.Event()
         self._stop = threading.Event()
         self.link = None
-        self._inbox: queue.Queue = queue.Queue(maxsize=64)  # bounded: back-pressure onto the broker
+        # bounded: back-pressure onto the broker; with the batch being worked on, at most 2 x ingest_batch
+        # payloads are in memory whatever the number of updates in a round
+        self._inbox: queue.Queue = queue.Queue(maxsize=cfg.ingest_batch)
         self._batch_depth = 0
         if self.state.current_version() is None:
             blob = (bundle / "adapter.safetensors").read_bytes()
