@@ -2,7 +2,7 @@
 
 Updates are SmolLM2-135M rank-8 q/v adapters (30 layers; 460,800 parameters), fp32 codec.
 Baseline: the same encoded payloads published by one paho client and received by another through the
-same Mosquitto, in the same run. Coordinator: publish -> validate -> blob store + SQLite -> fold.
+same Mosquitto, in the same run. Coordinator: publish -> validate -> fold -> update log + SQLite (group commit) -> PUBACK.
 Usage: python bench/ingest.py [--updates 200]
 """
 from __future__ import annotations
@@ -176,7 +176,8 @@ def main() -> None:
     ratio = res["rate"] / base
     body = f"""Updates of a SmolLM2-135M rank-8 q/v adapter (460,800 parameters), {size / 1e6:.2f} MB each (fp32 codec), through one
 Mosquitto on loopback; {args.updates} updates sent by a publisher in its own process; rate timed on the receiving side
-(first to last message), best of {args.repeat} runs each.
+(baseline: first to last message received; coordinator: first update handled to the last PUBACK, which is sent only
+after the update is validated, folded and durably committed), best of {args.repeat} runs each.
 
 | path | updates/s | MB/s |
 |---|---|---|
