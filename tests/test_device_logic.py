@@ -81,7 +81,12 @@ def test_store_examples_split_dedupe_quota_and_outbox(tmp_path):
     s.enqueue_update("u1", "t", b"payload", 0)
     assert s.outbox_stats()["queued"] == 1
     s.ack_update("u1")
-    assert s.outbox_stats() == {"queued": 0, "queued_bytes": 0, "acknowledged": 1}
+    assert s.outbox_stats() == {"queued": 0, "queued_bytes": 0, "awaiting_receipt": 1, "acknowledged": 1, "receipts": {}}
+    assert s.pending_updates() == []                       # delivered: not resent on reconnect ...
+    assert [r[0] for r in s.pending_updates(resend_after_s=0.0)] == ["u1"]   # ... but after the receipt timeout
+    assert s.receipt("u1", "accepted", None) and not s.receipt("nope", "accepted", None)
+    assert s.outbox_stats() == {"queued": 0, "queued_bytes": 0, "awaiting_receipt": 0, "acknowledged": 1,
+                                "receipts": {"accepted": 1}}
     # retention drops only trained-on training examples past the age limit
     ids = [e["id"] for e in s.training_batch(5, replay_fraction=0.0)]
     s.mark_trained(ids)
