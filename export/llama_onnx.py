@@ -51,8 +51,12 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
     max_pos = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
     nodes, inits = [], []
 
+    names: set[str] = set()
+
     def const(name, arr):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        if name not in names:  # shared constants (layer indices) are written once
+            names.add(name)
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
     def node(op, ins, outs, name, domain="", **attrs):

@@ -336,12 +336,15 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
         commits.append(len(acked))
         real_sync()
     c.state.log.sync = counting_sync
-    for i, (uid, _, msg) in enumerate(ups):
-        c._inbox.put((c.topics.update(f"d{i}"), msg, False, lambda u=uid: acked.append(u)))
+    items = [(c.topics.update(f"d{i}"), msg, False, lambda u=uid: acked.append(u)) for i, (uid, _, msg) in enumerate(ups)]
+    for it in items[:8]:                     # the inbox holds ingest_batch (8) messages
+        c._inbox.put(it)
     worker = threading.Thread(target=c._work, daemon=True)
     worker.start()
+    for it in items[8:]:
+        c._inbox.put(it, timeout=20)
     wait_for(lambda: len(acked) == 10, 20, what="all ten acknowledged")
-    assert len(commits) <= 3                           # 10 updates, batches of <= 8: two or three group commits
+    assert len(commits) <= 3                           # 8 queued + 2 more: one group commit for the 8, then one or two
     assert State(c.state.dir).update_counts()["accepted"] == 10   # durable (seen by a fresh connection) before the ack
     assert c.strategy.count(c.acc) == 10
     # the log sync fails: nothing is acknowledged, nothing recorded, the aggregate is rebuilt from disk

@@ -45,6 +45,9 @@ def test_kv_cache_generation_equals_full_recompute(tmp_path_factory, tiny_llama_
     eng = Engine(tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32", torch_inference_graph=torch_graph))
     assert eng.manifest.io.get("kv_cache") == (None if torch_graph else "shared")
     assert (eng.manifest.checks["logits_max_abs_diff_with_adapter"] <= 1e-4)   # both graphs match torch
+    import onnx
+    inits = [i.name for i in onnx.load(str(eng.dir / "model.onnx"), load_external_data=False).graph.initializer]
+    assert len(inits) == len(set(inits))                                          # every constant written once
     prompt = eng.encode("sensors report the temperature")
     cached = list(eng.generate(prompt, max_new_tokens=8, stop_ids=set()))
     ids = list(prompt)
