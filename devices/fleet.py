@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,8 +193,15 @@ class Fleet:
         return out
 
     # ------------------------------------------------------------------ run
+    RUN_STATE = ("agents", "coordinator", "broker", "logs")   # per-run state; bundles and models stay cached
+
     def run(self) -> dict:
         o = self.o
+        stale = [d for d in self.RUN_STATE if (self.out / d).exists()]
+        if stale:  # every run is a fresh fleet: old stores would make agents skip their data and rounds look done
+            for d in stale:
+                shutil.rmtree(self.out / d, ignore_errors=True)
+            self.log(f"removed the previous run's state in {self.out} ({', '.join(stale)})")
         (self.out / "logs").mkdir(exist_ok=True)
         bundle = self.bundle()
         per_dev, heldout, mixtures = self.datasets()

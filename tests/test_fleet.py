@@ -12,16 +12,20 @@ pytestmark = pytest.mark.slow
 
 def test_fleet_run_three_agents_real_broker_with_chaos(tmp_path, broker):
     out = tmp_path / "fleet"
+    (out / "coordinator").mkdir(parents=True)
+    (out / "coordinator" / "coordinator.sqlite").write_bytes(b"state of an earlier run")   # a run starts fresh
     r = subprocess.run([sys.executable, "-m", "devices.cli", "run", "--devices", "3", "--rounds", "3", "--model", "tiny",
                         "--broker", broker.url, "--out", str(out), "--chaos", "--timeout", "400"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "removed the previous run's state" in r.stdout + r.stderr
     rep = json.loads((out / "report.json").read_text())
     assert rep["rounds_completed"] == 3 and rep["final_version"] == 3
     assert set(rep["devices"]) == {"dev-0", "dev-1", "dev-2"}
     for name, d in rep["devices"].items():
         assert d["global_version"] == 3, (name, d)                 # every agent on the final global version
         assert d["updates_queued"] == 0 and d["updates_counted"] == 3
+        assert d["updates_awaiting_receipt"] == 0 and d["updates_receipted"] >= 3  # the coordinator confirmed each
         assert d["updates_recorded"] >= d["updates_acknowledged"]  # nothing acknowledged was lost
     assert rep["devices"]["dev-0"]["restarts"] == 1 and rep["nothing_lost"] is True
     assert [x["version"] for x in rep["rounds"]] == [0, 1, 2, 3]
