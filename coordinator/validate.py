@@ -6,11 +6,11 @@ What needs state (duplicates, rounds, staleness) stays in the coordinator.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.aggregate import global_norm
 from edge_runtime.errors import ProtocolError, RejectReason
 from edge_runtime.protocol.messages import UpdateHeader, check_tensors_match, decode_update_body, decode_update_header
 
@@ -49,8 +49,7 @@ def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated
             raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
         check_tensors_match(upd.tensors, limits.shapes)
         tensors = {k: upd.tensors[k] for k in limits.shapes}
-        flat = np.concatenate([np.asarray(v, np.float32).ravel() for v in tensors.values()]) if tensors else np.zeros(0, np.float32)
-        norm = math.sqrt(float(np.dot(flat, flat)))
+        norm = global_norm(tensors)
         if norm > limits.max_update_norm:
             raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.3g} > bound {limits.max_update_norm:.3g}")
         return Validated(header, tensors, norm)
