@@ -16,6 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
+from edge_runtime.protocol.tensors import flatten
+
 Tensors = dict[str, np.ndarray]
 
 
@@ -38,24 +40,26 @@ class RunningSum:
     """Streaming weighted sum: memory is one update's size whatever the number folded in.
 
     The sums live in one flat float64 vector (``sums`` holds reshaped views of it), so folding an
-    update is one concatenation and one multiply-add rather than a numpy call per tensor.
+    update is one multiply-add over a flat view of it (no copy for decoded fp32 payloads) rather than
+    a numpy call per tensor.
     Associative: partial sums from several workers combine with ``merge`` (MQTT shared subscriptions)."""
 
     sums: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     weight: float = 0.0
     count: int = 0
 
-    def add(self, weight: float, tensors: Tensors) -> None:
-        """Fold one update in."""
+    def add(self, weight: float, tensors: Tensors, flat: np.ndarray | None = None) -> None:
+        """Fold one update in. ``flat``, if given, is ``tensors`` as one vector in their order (e.g.
+        from validation); else it is built here (a view where possible)."""
         if weight <= 0:
             raise ValueError("weights must be positive")
         keys = list(self.sums) or list(tensors)
         if set(tensors) != set(keys):
             raise ValueError(f"update tensors differ from the running sum's ({len(tensors)} vs {len(keys)})")
-        flat = np.concatenate([np.asarray(tensors[k], np.float32).ravel() for k in keys])
-        flat *= np.float32(weight)
+        if flat is None or list(tensors) != keys:  # ``flat`` follows the update's order: usable if it is ours
+            flat = flatten([tensors[k] for k in keys])
         if not self.sums:
-            acc = flat.astype(np.float64)
+            acc = flat.astype(np.float64) * weight
             off = 0
             for k in keys:
                 shape = np.shape(tensors[k])
@@ -69,10 +73,14 @@ class RunningSum:
                 off = 0
                 for k in keys:
                     n = self.sums[k].size
-                    self.sums[k] += flat[off:off + n].reshape(self.sums[k].shape)
+                    self.sums[k] += weight * flat[off:off + n].reshape(self.sums[k].shape)
                     off += n
             else:
-                flat_acc += flat
+                scratch = getattr(self, "_scratch", None)
+                if scratch is None or scratch.shape != flat_acc.shape:
+                    scratch = self._scratch = np.empty_like(flat_acc)
+                np.multiply(flat, np.float64(weight), out=scratch)  # float64 product into a reused buffer
+                flat_acc += scratch
         self.weight += weight
         self.count += 1
 
@@ -92,11 +100,36 @@ class RunningSum:
         return {k: (v / self.weight).astype(np.float32) for k, v in self.sums.items()}
 
 
+def running_sum_state(rs: RunningSum) -> tuple[np.ndarray, dict]:
+    """A running sum as one flat float64 vector plus a JSON-able description (names, shapes, weight,
+    count): what an accumulator checkpoint stores. The vector is a view where possible (no copy)."""
+    flat = getattr(rs, "_flat", None)
+    if flat is None:
+        flat = np.concatenate([np.asarray(v, np.float64).ravel() for v in rs.sums.values()]) if rs.sums else np.zeros(0)
+    names = [[k, list(v.shape)] for k, v in rs.sums.items()]
+    return flat, {"names": names, "weight": rs.weight, "count": rs.count}
+
+
+def running_sum_from_state(flat: np.ndarray, meta: dict) -> RunningSum:
+    """Inverse of ``running_sum_state`` (ValueError if the vector and the description disagree)."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in meta["names"]]
+    if flat.ndim != 1 or flat.size != sum(sizes):
+        raise ValueError(f"checkpoint holds {flat.size} values, its description {sum(sizes)}")
+    acc = np.array(flat, np.float64)  # writable, owned
+    rs = RunningSum(weight=float(meta["weight"]), count=int(meta["count"]))
+    off = 0
+    for (k, shape), n in zip(meta["names"], sizes):
+        rs.sums[k] = acc[off:off + n].reshape(shape)
+        off += n
+    if rs.sums:
+        rs._flat = acc
+    return rs
+
 def global_norm(t: Tensors) -> float:
     """L2 norm over all tensors (one flat pass)."""
     if not t:
         return 0.0
-    f = np.concatenate([np.asarray(v, np.float32).ravel() for v in t.values()])
+    f = flatten(list(t.values()))
     return math.sqrt(float(np.dot(f, f)))
 
 

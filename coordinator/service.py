@@ -25,7 +25,7 @@ from coordinator import aggregate as agg
 from coordinator.config import CoordinatorConfig
 from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round,
                                 staleness_weight)
-from coordinator.state import State
+from coordinator.state import CHECKPOINTED, State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits, validate_update
 from edge_runtime.errors import BundleError, ProtocolError, RejectReason
@@ -49,7 +49,8 @@ class Coordinator:
             raise BundleError(f"{bundle}: the coordinator needs the bundle's manifest.json and adapter.safetensors")
         self.manifest = Manifest.load(bundle)
         self.fingerprint = self.manifest.base_fingerprint
-        self.schema = {k: tuple(v) for k, v in self.manifest.adapter["shapes"].items()}
+        # sorted: the order tensors lie in a payload, so the accumulator folds a payload as one flat view
+        self.schema = {k: tuple(v) for k, v in sorted(self.manifest.adapter["shapes"].items())}
         self.rank = int(self.manifest.adapter["rank"])
         self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key)
         self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, rank=self.rank, trim=cfg.trim,
@@ -63,6 +64,7 @@ class Coordinator:
         # payloads are in memory whatever the number of updates in a round
         self._inbox: queue.Queue = queue.Queue(maxsize=cfg.ingest_batch)
         self._batch_depth = 0
+        self._batch_payloads: list[tuple[str, bytes]] = []  # accepted in the open batch, stored before it commits
         if self.state.current_version() is None:
             blob = (bundle / "adapter.safetensors").read_bytes()
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
@@ -92,17 +94,47 @@ class Coordinator:
             import json
             self.plan = RoundPlan(r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
         self.replayed = self._replay()
+        self.state.prune_after_checkpoint()  # files a crash left behind (a checkpoint whose commit never happened)
         if self.replayed:
             log.info("restart: replayed %d accepted updates into the open aggregate", self.replayed)
 
     def _replay(self) -> int:
-        """Fold every accepted, unpublished update from durable state into a fresh accumulator."""
+        """Rebuild the accumulator from durable state: the checkpoint (if one was taken since the last
+        publish) plus every accepted update stored in the log after it."""
         self.acc = self.strategy.begin(self.global_tensors)
         self.folded_ids = []
+        self._batch_payloads = []
         if self.plan is not None:
             self.plan.accepted = {}
+        rows = self.state.pending_accepted()
+        covered = [r for r in rows if r[2] == CHECKPOINTED]
+        ck = None
+        if covered:
+            try:
+                ck = self.state.load_checkpoint()
+                if ck is not None:
+                    flat, rec = ck
+                    acc = self.strategy.restore(flat, rec, self.global_tensors)
+                    if self.strategy.count(acc) != len(covered):
+                        raise OSError(f"checkpoint holds {self.strategy.count(acc)} updates, state says {len(covered)}")
+                    self.acc = acc
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("accumulator checkpoint unusable after restart (%s)", exc)
+                ck = None
+            if ck is None:
+                log.error("%d accepted updates were held only by the accumulator checkpoint; dropping them", len(covered))
+                self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
+                             "folded_into IS NULL AND blob=?", (CHECKPOINTED,))
+                covered = []
         replayed = 0
-        for update_id, blob, weight in self.state.pending_accepted():
+        for update_id, device_id, _, _ in covered:
+            self.folded_ids.append(update_id)
+            if self.plan is not None:
+                self.plan.accepted[device_id] = update_id
+            replayed += 1
+        for update_id, device_id, blob, weight in rows:
+            if blob == CHECKPOINTED:
+                continue
             try:
                 upd = decode_update(self.state.read_update(blob), max_bytes=self.cfg.max_update_bytes)
             except (OSError, ProtocolError) as exc:
@@ -113,9 +145,25 @@ class Coordinator:
             self.strategy.fold(self.acc, weight, delta, self.global_tensors)
             self.folded_ids.append(update_id)
             if self.plan is not None:
-                self.plan.accepted[upd.header.device_id] = update_id
+                self.plan.accepted[device_id] = update_id
             replayed += 1
         return replayed
+
+    def _persist_batch(self) -> bool:
+        """Before the batch commits: make its accepted updates durable the cheaper way, a checkpoint of
+        the accumulator when that is smaller than their payloads, else the payloads in the log.
+        Returns whether a checkpoint was written."""
+        pending, self._batch_payloads = self._batch_payloads, []
+        if not pending:
+            return False
+        ck_bytes = self.strategy.checkpoint_nbytes(self.acc)
+        if ck_bytes is not None and ck_bytes <= sum(len(p) for _, p in pending):
+            flat, meta = self.strategy.checkpoint(self.acc)
+            self.state.save_checkpoint(flat, meta)
+            return True
+        for update_id, payload in pending:
+            self.state.set_update_blob(update_id, self.state.log.append(payload))
+        return False
 
     @contextlib.contextmanager
     def _batch(self):
@@ -130,15 +178,19 @@ class Coordinator:
                     self._batch_depth -= 1
                 return
             self._batch_depth = 1
+            self._batch_payloads = []
             try:
                 with self.state.transaction():
                     yield
+                    checkpointed = self._persist_batch()
             except BaseException:
                 log.exception("ingest batch did not commit; rebuilding the aggregate from durable state")
                 self._replay()
                 raise
             finally:
                 self._batch_depth = 0
+            if checkpointed:
+                self.state.prune_after_checkpoint()
 
     def _aggregate_due(self) -> bool:
         return self.cfg.mode == "async" and self.strategy.count(self.acc) >= self.cfg.buffer_size
@@ -152,6 +204,9 @@ class Coordinator:
     def start(self) -> None:
         """Connect (persistent session) and start the round loop."""
         from edge_runtime.transport import MqttLink
+        if self.cfg.keep_large_buffers:
+            from edge_runtime.memory import keep_large_buffers
+            keep_large_buffers()
         self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self._enqueue,
                              on_connect=self._on_connect, clean_start=False, manual_ack=True)
         self.link.subscribe(self.topics.all_devices("status"), 1)
@@ -274,7 +329,7 @@ class Coordinator:
 
     def _handle_update(self, device_id: str, payload: bytes) -> dict:
         """Check and fold one update inside the current batch (durable when the batch commits)."""
-        with self.lock:
+        with self._batch():
             header = None
             try:
                 upd = validate_update(device_id, payload, self.limits)
@@ -302,16 +357,18 @@ class Coordinator:
                                              f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
             except ProtocolError as exc:
                 return self._reject(device_id, header.update_id, exc.reason, exc.detail, header, len(payload))
-            blob = self.state.log.append(payload)
             if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
                                             base_version=header.base_version, num_examples=header.num_examples,
-                                            status="accepted", reason=None, detail=None, blob=blob, nbytes=len(payload),
+                                            status="accepted", reason=None, detail=None, blob=None, nbytes=len(payload),
                                             weight=weight):
                 return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
                         "update_id": header.update_id}
+            self._batch_payloads.append((header.update_id, payload))  # stored by _persist_batch before the commit
             self.state.count_device(device_id, accepted=True)
-            delta = agg.clip_update(upd.tensors, self.cfg.clip_norm) if self.cfg.clip_norm else upd.tensors
-            self.strategy.fold(self.acc, weight, delta, self.global_tensors)
+            if self.cfg.clip_norm and upd.norm > self.cfg.clip_norm:
+                self.strategy.fold(self.acc, weight, agg.clip_update(upd.tensors, self.cfg.clip_norm), self.global_tensors)
+            else:
+                self.strategy.fold(self.acc, weight, upd.tensors, self.global_tensors, flat=upd.flat)
             self.folded_ids.append(header.update_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = header.update_id
@@ -394,6 +451,7 @@ class Coordinator:
         refs = [b for (b,) in self.state.q(f"SELECT blob FROM updates WHERE update_id IN ({','.join('?' * len(ids))})",
                                             tuple(ids)) if b] if ids else []
         self.state.delete_updates(refs)
+        self.state.drop_checkpoint()  # every update it covered is folded into this version
         self.version, self.global_tensors = version, new
         self.acc = self.strategy.begin(new)
         self.folded_ids = []
@@ -439,7 +497,7 @@ class Coordinator:
             version = self.version + 1
             self._store_version(version, self.version, tensors, self.global_meta, note=note)
             self.version, self.global_tensors = version, tensors
-            self.acc = self.strategy.begin(tensors)
+            self._replay()  # accepted, unpublished updates stay pending: folded into the next version
             self.publish_global(version)
             return version
 

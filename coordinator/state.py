@@ -2,8 +2,11 @@
 content-addressed blob store (``blobs/<sha[:2]>/<sha>``) for adapters, and an append-only update log
 (``updates/seg-*.log``) for accepted update payloads.
 
-Ingest writes a batch of updates with one ``fdatasync`` of the log and one SQLite commit (group
-commit), instead of a file, an fsync and two commits per update."""
+Ingest writes a batch of updates with one ``fdatasync`` and one SQLite commit (group commit). What
+it syncs is whichever is smaller: the batch's payloads appended to the log, or a checkpoint of the
+streaming accumulator (``acc/ckpt-*.f64``, the running sum of every accepted, unpublished update).
+A checkpoint covers all pending updates, so the log segments before it are deleted; after a restart
+the accumulator is the checkpoint plus the log entries written since."""
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +32,9 @@ CREATE TABLE IF NOT EXISTS versions (version INTEGER PRIMARY KEY, parent INTEGER
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round, status);
 """
+
+
+CHECKPOINTED = "ckpt"  # updates.blob of an accepted update held only by the accumulator checkpoint
 
 
 class BlobStore:
@@ -95,6 +101,11 @@ class UpdateLog:
         self._dirty = True
         return f"{self._name}:{offset}:{len(data)}"
 
+    @property
+    def open_segment(self) -> str | None:
+        """The segment being appended to, if any."""
+        return self._name if self._f is not None else None
+
     def sync(self) -> None:
         """Make every append so far durable (file data, and the directory entry of a new segment)."""
         if self._f is not None and self._dirty:
@@ -145,6 +156,49 @@ class UpdateLog:
             (self.root / name).unlink(missing_ok=True)
 
 
+class Checkpoints:
+    """Accumulator checkpoints: raw little-endian float64 files, written once and fsynced; which one
+    is current (with its sha256 and description) is recorded in SQLite by the same commit that
+    marks the updates it covers."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, flat) -> dict:
+        """Write a vector durably under a new name; returns {"file", "sha256", "nbytes"}."""
+        import numpy as np
+        data = memoryview(np.ascontiguousarray(flat, dtype="<f8")).cast("B")
+        name = f"ckpt-{time.time_ns()}.f64"
+        with open(self.root / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)}
+
+    def read(self, rec: dict):
+        """The vector a record points at (OSError if missing, short or corrupt)."""
+        import numpy as np
+        name = rec["file"]
+        if "/" in name or not name.endswith(".f64"):
+            raise OSError(f"bad checkpoint name {name!r}")
+        data = (self.root / name).read_bytes()
+        if len(data) != rec["nbytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
+            raise OSError(f"checkpoint {name} is damaged ({len(data)} bytes, {rec['nbytes']} expected, or hash differs)")
+        return np.frombuffer(data, "<f8")
+
+    def prune(self, keep: str | None) -> None:
+        """Delete every checkpoint file but ``keep`` (superseded ones, or ones whose commit failed)."""
+        for p in self.root.glob("ckpt-*.f64"):
+            if p.name != keep:
+                p.unlink(missing_ok=True)
+
+
 class State:
     """All durable coordinator state."""
 
@@ -157,6 +211,7 @@ class State:
         self.db.executescript(SCHEMA)
         self.blobs = BlobStore(self.dir / "blobs")
         self.log = UpdateLog(self.dir / "updates")
+        self.checkpoints = Checkpoints(self.dir / "acc")
         self.lock = threading.RLock()
         self._depth = 0
 
@@ -184,15 +239,55 @@ class State:
             finally:
                 self._depth = 0
 
-    def read_update(self, ref: str) -> bytes:
+    def read_update(self, ref: str | None) -> bytes:
         """Payload of a stored accepted update."""
+        if not ref or ref == CHECKPOINTED:
+            raise OSError(f"update has no stored payload ({ref!r})")
         return self.log.read(ref) if UpdateLog.is_ref(ref) else self.blobs.get(ref)
+
+    def set_update_blob(self, update_id: str, ref: str) -> None:
+        """Where an accepted update's payload is stored."""
+        self.x("UPDATE updates SET blob=? WHERE update_id=?", (ref, update_id))
+
+    def save_checkpoint(self, flat, meta: dict) -> dict:
+        """Inside an ingest transaction: write the accumulator (every accepted update not yet in a
+        published version) and mark those updates as covered by it. The log is rotated; after the
+        commit, ``prune_after_checkpoint`` drops what this supersedes."""
+        rec = {**self.checkpoints.write(flat), **meta}
+        self.put("acc_checkpoint", rec)
+        self.x("UPDATE updates SET blob=? WHERE status='accepted' AND folded_into IS NULL", (CHECKPOINTED,))
+        self.log.rotate()
+        return rec
+
+    def prune_after_checkpoint(self) -> None:
+        """After a checkpoint committed (or at start): no pending update points into the log any more,
+        and older checkpoint files are superseded."""
+        rec = self.get("acc_checkpoint")
+        self.checkpoints.prune(rec["file"] if rec else None)
+        live = {r[0].split(":")[0] for r in self.q("SELECT blob FROM updates WHERE status='accepted' AND folded_into IS NULL "
+                                                   "AND blob LIKE 'seg-%'")}
+        for p in self.log.root.glob("seg-*.log"):
+            if p.name not in live and p.name != self.log.open_segment:
+                p.unlink(missing_ok=True)
+
+    def load_checkpoint(self):
+        """(vector, record) of the current checkpoint, None if there is none; OSError if its file is
+        damaged."""
+        rec = self.get("acc_checkpoint")
+        if not rec:
+            return None
+        return self.checkpoints.read(rec), rec
+
+    def drop_checkpoint(self) -> None:
+        """After a version is published: the checkpoint's updates are in it."""
+        self.x("DELETE FROM kv WHERE key='acc_checkpoint'")
+        self.checkpoints.prune(None)
 
     def delete_updates(self, refs: list[str]) -> None:
         """Drop stored payloads that are folded into a published version."""
         self.log.delete_segments(refs)
         for ref in refs:
-            if ref and not UpdateLog.is_ref(ref):
+            if ref and ref != CHECKPOINTED and not UpdateLog.is_ref(ref):
                 self.blobs.delete(ref)
 
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -253,9 +348,11 @@ class State:
                       (update_id, device_id, round_id, base_version, num_examples, status, reason, detail, time.time(), blob,
                        nbytes, weight)) == 1
 
-    def pending_accepted(self) -> list[tuple[str, str, float]]:
-        """Accepted updates not yet folded into a published version (replayed after a restart)."""
-        return self.q("SELECT update_id, blob, weight FROM updates WHERE status='accepted' AND folded_into IS NULL ORDER BY received_at")
+    def pending_accepted(self) -> list[tuple[str, str, str | None, float]]:
+        """(update id, device id, blob, weight) of accepted updates not yet folded into a published
+        version (replayed after a restart)."""
+        return self.q("SELECT update_id, device_id, blob, weight FROM updates WHERE status='accepted' AND folded_into IS NULL "
+                      "ORDER BY received_at")
 
     # -- versions --
     def current_version(self) -> int | None:

@@ -32,16 +32,32 @@ class Strategy:
         """A fresh accumulator for one aggregation."""
         return {"sum": agg.RunningSum(), "all": []}
 
-    def fold(self, acc, weight: float, delta: Tensors, global_t: Tensors) -> None:
-        """Fold one validated update in."""
+    def fold(self, acc, weight: float, delta: Tensors, global_t: Tensors, flat: np.ndarray | None = None) -> None:
+        """Fold one validated update in (``flat``: ``delta`` as one vector in schema order, if at hand)."""
         if self.streaming:
-            acc["sum"].add(weight, delta)
+            acc["sum"].add(weight, delta, flat)
         else:
             acc["all"].append((weight, delta))
 
     def count(self, acc) -> int:
         """How many updates are folded in."""
         return acc["sum"].count if self.streaming else len(acc["all"])
+
+    def checkpoint_nbytes(self, acc) -> int | None:
+        """Size of ``checkpoint(acc)``, or None where the accumulator cannot be checkpointed (it keeps
+        every update, or is too large to be worth it): then the updates themselves are stored."""
+        s = acc.get("sum")
+        if not self.streaming or s is None or not s.count:
+            return None
+        return 8 * sum(v.size for v in s.sums.values())
+
+    def checkpoint(self, acc) -> tuple[np.ndarray, dict]:
+        """The accumulator as (flat float64 vector, description): enough to ``restore`` it exactly."""
+        return agg.running_sum_state(acc["sum"])
+
+    def restore(self, flat: np.ndarray, meta: dict, global_t: Tensors):
+        """An accumulator equal to the one ``checkpoint`` saw."""
+        return {"sum": agg.running_sum_from_state(flat, meta), "all": []}
 
     def avg_delta(self, acc) -> Tensors:
         """The aggregated delta."""
@@ -91,12 +107,15 @@ class SvdProduct(Strategy):
     def begin(self, global_t):
         return {"prod": agg.ProductSum()}
 
-    def fold(self, acc, weight, delta, global_t):
+    def fold(self, acc, weight, delta, global_t, flat=None):
         full = {k: global_t[k] + delta[k] for k in global_t}
         acc["prod"].add(weight, agg.pad_or_truncate_rank(full, max(self.rank, 1)) if self.rank else full)
 
     def count(self, acc):
         return acc["prod"].count
+
+    def checkpoint_nbytes(self, acc):
+        return None  # the product sums are out x in per module: larger than the updates; store those
 
     def finish(self, acc, global_t):
         if self.count(acc) == 0:
@@ -127,7 +146,7 @@ class DpFedAvg(Strategy):
 
     name = "dp_fedavg"
 
-    def fold(self, acc, weight, delta, global_t):
+    def fold(self, acc, weight, delta, global_t, flat=None):
         acc["sum"].add(1.0, agg.clip_update(delta, self.dp_clip))
 
     def avg_delta(self, acc):

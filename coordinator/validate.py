@@ -6,12 +6,13 @@ What needs state (duplicates, rounds, staleness) stays in the coordinator.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from coordinator.aggregate import global_norm
 from edge_runtime.errors import ProtocolError, RejectReason
+from edge_runtime.protocol.tensors import flatten
 from edge_runtime.protocol.messages import UpdateHeader, check_tensors_match, decode_update_body, decode_update_header
 
 
@@ -28,11 +29,13 @@ class Limits:
 
 @dataclass
 class Validated:
-    """A structurally valid update: header, tensors (schema order) and their global L2 norm."""
+    """A structurally valid update: header, tensors (schema order), their global L2 norm, and all of
+    them as one fp32 vector in schema order (a view of the payload where possible)."""
 
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
     norm: float
+    flat: np.ndarray
 
 
 def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated:
@@ -49,10 +52,15 @@ def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated
             raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
         check_tensors_match(upd.tensors, limits.shapes)
         tensors = {k: upd.tensors[k] for k in limits.shapes}
-        norm = global_norm(tensors)
+        if list(upd.tensors) == list(tensors):  # the payload's order: reuse its flat view and sum of squares
+            flat, norm = upd.tensors.flat, math.sqrt(upd.tensors.sumsq)
+        else:
+            flat = flatten(list(tensors.values()))
+            with np.errstate(over="ignore"):
+                norm = math.sqrt(float(np.dot(flat, flat)))
         if norm > limits.max_update_norm:
             raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.3g} > bound {limits.max_update_norm:.3g}")
-        return Validated(header, tensors, norm)
+        return Validated(header, tensors, norm, flat)
     except ProtocolError as exc:
         exc.header = header
         raise

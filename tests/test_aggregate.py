@@ -1,6 +1,7 @@
 """Aggregation strategies and round decisions: hand-checkable cases and properties."""
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -41,6 +42,37 @@ def test_running_sum_equals_batch_mean_and_merges():
     for k in ref:
         np.testing.assert_allclose(merged[k], ref[k], rtol=1e-6)
 
+
+
+def test_running_sum_state_round_trips_exactly_and_keeps_folding():
+    rng = np.random.default_rng(1)
+    ups = [(float(rng.integers(1, 10)), t(rng.normal(size=(1, 2)), rng.normal(size=(2, 1)))) for _ in range(5)]
+    a = agg.RunningSum()
+    for w, u in ups[:3]:
+        a.add(w, u)
+    flat, meta = agg.running_sum_state(a)
+    assert flat.dtype == np.float64 and flat.size == 4 and meta["count"] == 3
+    b = agg.running_sum_from_state(flat.copy(), json.loads(json.dumps(meta)))  # the description survives JSON
+    for w, u in ups[3:]:
+        a.add(w, u)
+        b.add(w, u)
+    assert b.count == 5 and b.weight == a.weight
+    for k, v in a.mean().items():
+        np.testing.assert_array_equal(b.mean()[k], v)   # bit-identical: same float64 sums
+    with pytest.raises(ValueError):
+        agg.running_sum_from_state(flat[:3], meta)
+
+
+def test_running_sum_uses_a_given_flat_vector_only_in_its_own_order():
+    u = t([[1.0, 2.0]], [[3.0], [4.0]])
+    rev = dict(reversed(list(u.items())))
+    wrong = np.array([9.0, 9.0, 9.0, 9.0], np.float32)
+    a = agg.RunningSum()
+    a.add(1.0, u)
+    a.add(1.0, rev, flat=wrong)                  # order differs from the sum's: the vector is not trusted
+    np.testing.assert_allclose(a.mean()["layers.0.q.lora_A"], [[1.0, 2.0]])
+    a.add(2.0, u, flat=np.array([1, 2, 3, 4], np.float32))
+    np.testing.assert_allclose(a.sums["layers.0.q.lora_B"], [[12.0], [16.0]])
 
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 6))

@@ -364,6 +364,60 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     assert c.handle_update("d0", msg)["accepted"] and c.strategy.count(c.acc) == 11
 
 
+
+def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_path):
+    """A batch whose payloads outweigh the accumulator is made durable as a checkpoint of the running
+    sum (and the log before it is dropped); a lone update goes to the log. A fresh process (as after
+    SIGKILL) resumes with checkpoint + log and publishes the FedAvg of every accepted update."""
+    from edge_runtime.protocol.adapter import adapter_from_bytes
+    v0, meta = schema(bundle)
+    rng = np.random.default_rng(11)
+    ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(6)]
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    c.handle_update("d0", ups[0][2])                                    # alone: smaller than a checkpoint -> log
+    with c._batch():                                                    # one ingest batch of three
+        for i in (1, 2, 3):
+            assert c._handle_update(f"d{i}", ups[i][2])["accepted"]
+    st = c.state
+    ck = st.get("acc_checkpoint")
+    assert ck["count"] == 4 and ck["nbytes"] == 8 * sum(int(np.prod(s)) for s in meta.shapes.values())
+    blobs = dict(st.q("SELECT update_id, blob FROM updates"))
+    assert {blobs[ups[i][0]] for i in range(4)} == {"ckpt"}            # d0's log entry is covered too
+    assert not list((st.dir / "updates").glob("seg-*.log"))             # so the log segment was dropped
+    assert len(list((st.dir / "acc").glob("ckpt-*.f64"))) == 1
+    c.handle_update("d4", ups[4][2])
+    assert st.q("SELECT blob FROM updates WHERE update_id=?", (ups[4][0],))[0][0].startswith("seg-")
+
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)   # restart on the same state
+    assert c2.replayed == 5 and c2.strategy.count(c2.acc) == 5
+    assert c2.handle_update("d5", ups[5][2])["accepted"]
+    assert c2._aggregate(round_id=None) == 1
+    v1, _ = adapter_from_bytes(c2.state.blobs.get(c2.state.version_sha(1)))
+    w = [1 + i for i in range(6)]
+    for k in v0:
+        expect = v0[k] + sum(wi * u[1][k] for wi, u in zip(w, ups)) / sum(w)
+        np.testing.assert_allclose(v1[k], expect, rtol=1e-5, atol=1e-7)
+    assert c2.state.get("acc_checkpoint") is None and not list((st.dir / "acc").glob("ckpt-*.f64"))
+
+
+def test_damaged_checkpoint_is_reported_and_the_rest_replays(bundle, tmp_path):
+    v0, meta = schema(bundle)
+    rng = np.random.default_rng(12)
+    ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(4)]
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    with c._batch():
+        for i in (0, 1, 2):
+            c._handle_update(f"d{i}", ups[i][2])
+    c.handle_update("d3", ups[3][2])                                    # in the log, after the checkpoint
+    f = next((c.state.dir / "acc").glob("ckpt-*.f64"))
+    data = bytearray(f.read_bytes())
+    data[8] ^= 0xFF
+    f.write_bytes(bytes(data))
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    assert c2.replayed == 1 and c2.strategy.count(c2.acc) == 1
+    counts = c2.state.update_counts()
+    assert counts["accepted"] == 1 and counts["reasons"] == {"corrupt_store": 3}
+
 def test_update_sent_before_any_coordinator_is_resent_until_receipted(bundle, tmp_path, broker):
     """The broker acknowledges an update nobody had subscribed to and drops it; the device keeps it
     until the coordinator's receipt and sends it again, and it is counted once."""

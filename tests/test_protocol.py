@@ -98,13 +98,14 @@ def test_every_codec_round_trips_within_its_stated_error(arr, dtype, comp):
         rows = arr.reshape(arr.shape[0], -1)
         scale = np.abs(rows).max(axis=1, keepdims=True) / 127
         assert np.all(np.abs(out.reshape(rows.shape) - rows) <= scale / 2 * (1 + 1e-5) + 1e-30)
-    else:  # int4: blocks of 128 flattened values, bound s/2 with s = max|block|/7 rounded up to fp16 (<= 2^-10 up)
-        flat = np.zeros(-(-arr.size // 128) * 128, np.float32)
+    else:  # int4: blocks of flattened values, bound s/2 with s = max|block|/7 rounded up to fp16 (<= 2^-10 up)
+        b = CODECS["int4"].block
+        flat = np.zeros(-(-arr.size // b) * b, np.float32)
         flat[:arr.size] = arr.ravel()
-        s = np.abs(flat.reshape(-1, 128)).max(axis=1) / 7 * (1 + 2.0 ** -9)
+        s = np.abs(flat.reshape(-1, b)).max(axis=1) / 7 * (1 + 2.0 ** -9)
         err = np.zeros_like(flat)
         err[:arr.size] = np.abs(out.ravel() - arr.ravel())
-        assert np.all(err.reshape(-1, 128) <= s[:, None] / 2 + 6e-8)
+        assert np.all(err.reshape(-1, b) <= s[:, None] / 2 + 6e-8)
 
 
 @settings(max_examples=300, deadline=None)
@@ -144,6 +145,36 @@ def test_codec_refuses_nan_on_encode_and_on_decode():
         decode_payload(raw, CodecSpec(), max_decoded_bytes=1 << 10)
     assert e.value.reason == RejectReason.NON_FINITE
 
+
+
+def test_flat_view_spans_back_to_back_tensors_without_copying():
+    from edge_runtime.protocol.tensors import flat_view, flatten
+    t = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(6, 10, dtype=np.float32)}
+    dec, _ = decode_tensors(encode_tensors(t), copy=False)
+    v = flat_view([dec["a"], dec["b"]])
+    assert v is not None and not v.flags.owndata
+    np.testing.assert_array_equal(v, np.arange(10, dtype=np.float32))
+    assert flat_view([dec["b"], dec["a"]]) is None                     # not in buffer order
+    assert flat_view([dec["a"]]) is not None and flat_view([dec["b"]]).size == 4
+    assert flat_view([t["a"], t["b"]]) is None                         # separate allocations
+    assert flat_view([dec["a"].T]) is None                             # not C-contiguous
+    assert flat_view([dec["a"]], dtype=np.float64) is None
+    np.testing.assert_array_equal(flatten([dec["b"], dec["a"]]), [6, 7, 8, 9, 0, 1, 2, 3, 4, 5])   # falls back to a copy
+    out = decode_payload(encode_tensors(t), CodecSpec(), max_decoded_bytes=1 << 10)
+    np.testing.assert_array_equal(out.flat, np.arange(10, dtype=np.float32))
+    assert out.sumsq == float(np.sum(np.arange(10) ** 2))
+
+
+def test_huge_finite_values_are_not_called_non_finite():
+    """The one-pass check squares the values: a float32 overflow there must not be reported as NaN/Inf
+    (the norm bound is what rejects such an update)."""
+    big = encode_tensors({"t": np.array([3e38, 1.0], np.float32)})
+    out = decode_payload(big, CodecSpec(), max_decoded_bytes=1 << 10)
+    assert out["t"][0] == np.float32(3e38) and not np.isfinite(out.sumsq)
+    nan = encode_tensors({"a": np.array([3e38], np.float32), "b": np.array([np.nan], np.float32)})
+    with pytest.raises(ProtocolError) as e:
+        decode_payload(nan, CodecSpec(), max_decoded_bytes=1 << 10)
+    assert e.value.reason == RejectReason.NON_FINITE and "'b'" in str(e.value)
 
 def test_codec_refuses_wrong_dtype_and_zip_bomb():
     raw = encode_tensors({"t": np.ones(4, np.float64)})

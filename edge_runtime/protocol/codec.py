@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
+from edge_runtime.protocol.tensors import decode_tensors, encode_tensors, flatten
 
 SCALE_SUFFIX = ".__scale"
 FP16_MAX = 65504.0
@@ -251,14 +251,27 @@ def encode_payload(tensors: dict[str, np.ndarray], spec: CodecSpec) -> bytes:
     return COMPRESSIONS[spec.compression].compress(raw)
 
 
-def decode_payload(payload: bytes, spec: CodecSpec, *, max_decoded_bytes: int) -> dict[str, np.ndarray]:
-    """Decode payload bytes into finite fp32 tensors, or raise ``ProtocolError``."""
+class DecodedTensors(dict):
+    """Decoded tensors (name -> fp32 array), plus ``flat``: all of them as one fp32 vector in this
+    dict's order (a view of the payload for the fp32 codec, else a copy), for one-pass consumers."""
+
+    flat: np.ndarray
+    sumsq: float  # sum of squares of ``flat`` (float32 accumulation; inf if huge)
+
+
+def decode_payload(payload, spec: CodecSpec, *, max_decoded_bytes: int) -> DecodedTensors:
+    """Decode payload bytes (any buffer) into finite fp32 tensors, or raise ``ProtocolError``."""
     raw = COMPRESSIONS[spec.compression].decompress(payload, max_decoded_bytes)
     codec = CODECS[spec.dtype]
     # no per-tensor copies: the arrays are read-only views of ``raw`` (or new arrays from a codec)
     wire, _ = decode_tensors(raw, allowed_dtypes=codec.wire_dtypes, copy=False)
-    tensors = codec.decode(wire)
-    if tensors and not np.isfinite(np.concatenate([v.ravel() for v in tensors.values()])).all():  # one pass
+    tensors = DecodedTensors(codec.decode(wire))
+    tensors.flat = flatten(list(tensors.values()))
+    # one BLAS pass: a sum of squares is finite iff every value is (or the values are huge: then look
+    # closer, and leave those to the norm bound)
+    with np.errstate(over="ignore", invalid="ignore"):
+        tensors.sumsq = float(np.dot(tensors.flat, tensors.flat))
+    if not np.isfinite(tensors.sumsq) and not np.isfinite(tensors.flat).all():
         bad = next(k for k, v in tensors.items() if not np.isfinite(v).all())
         raise ProtocolError(RejectReason.NON_FINITE, f"tensor {bad!r} contains NaN or Inf")
     return tensors

@@ -226,7 +226,7 @@ def decode_update_body(header: UpdateHeader, payload: memoryview, *, max_decoded
         want = _sign(header.to_json(), bytes(payload), verify_key)
         if not header.signature or not hmac.compare_digest(want, header.signature):
             _fail(RejectReason.BAD_SIGNATURE, "signature missing or wrong for this fleet key")
-    tensors = decode_payload(bytes(payload), header.codec, max_decoded_bytes=max_decoded_bytes)
+    tensors = decode_payload(payload, header.codec, max_decoded_bytes=max_decoded_bytes)  # views, no copy
     return Update(header, tensors)
 
 

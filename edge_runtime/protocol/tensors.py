@@ -71,32 +71,82 @@ def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
     body = mv[8 + hlen:]
     out: dict[str, np.ndarray] = {}
     spans = []
+    nbody = len(body)
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        if type(info) is not dict or len(info) != 3 or "dtype" not in info or "shape" not in info or "data_offsets" not in info:
             raise ProtocolError(RejectReason.MALFORMED, f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
         dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype_name not in DTYPES or (allowed_dtypes is not None and dtype_name not in allowed_dtypes):
+        dt = DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        if dt is None or (allowed_dtypes is not None and dtype_name not in allowed_dtypes):
             raise ProtocolError(RejectReason.BAD_DTYPE, f"tensor {name!r}: dtype {dtype_name!r} not allowed")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
-            raise ProtocolError(RejectReason.BAD_SHAPE, f"tensor {name!r}: bad shape {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
-            raise ProtocolError(RejectReason.MALFORMED, f"tensor {name!r}: bad data_offsets {offsets!r}")
-        dt = DTYPES[dtype_name]
         count = 1
-        for d in shape:
-            count *= d
-        if count * dt.itemsize != offsets[1] - offsets[0]:
+        if type(shape) is not list or len(shape) > 8:
+            count = -1
+        else:
+            for d in shape:
+                if type(d) is not int or not 0 <= d < 1 << 40:
+                    count = -1
+                    break
+                count *= d
+        if count < 0:
+            raise ProtocolError(RejectReason.BAD_SHAPE, f"tensor {name!r}: bad shape {shape!r}")
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ProtocolError(RejectReason.MALFORMED, f"tensor {name!r}: bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if count * dt.itemsize != end - begin:
             raise ProtocolError(RejectReason.BAD_SHAPE,
-                                f"tensor {name!r}: shape {shape} needs {count * dt.itemsize} bytes, offsets span {offsets[1] - offsets[0]}")
-        if offsets[1] > len(body):
-            raise ProtocolError(RejectReason.TRUNCATED, f"tensor {name!r}: data ends at {offsets[1]}, buffer has {len(body)}")
-        spans.append((offsets[0], offsets[1], name))
-        arr = np.frombuffer(body[offsets[0]:offsets[1]], dtype=dt).reshape(shape)
+                                f"tensor {name!r}: shape {shape} needs {count * dt.itemsize} bytes, offsets span {end - begin}")
+        if end > nbody:
+            raise ProtocolError(RejectReason.TRUNCATED, f"tensor {name!r}: data ends at {end}, buffer has {nbody}")
+        spans.append((begin, end, name))
+        arr = np.frombuffer(body, dtype=dt, count=count, offset=begin).reshape(shape)
         out[name] = arr.copy() if copy else arr
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
             raise ProtocolError(RejectReason.MALFORMED, f"tensors {a!r} and {b!r} overlap")
     return out, metadata
+
+
+def _root(a: np.ndarray):
+    """The object that owns an array's memory (bytes, bytearray, mmap, or an array)."""
+    while isinstance(a, np.ndarray) and a.base is not None:
+        a = a.base
+    return a.obj if isinstance(a, memoryview) else a
+
+
+def flat_view(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray | None:
+    """One 1-D view over ``arrays`` if they are C-contiguous ``dtype`` arrays lying back to back, in
+    this order, in one buffer (as decoded fp32 tensors do); else None. Saves a concatenation (a copy)
+    per pass over an update. The view is of the buffer owning the first array, bounds-checked, so
+    it is valid whoever owns the arrays after it."""
+    if not arrays:
+        return None
+    dt = np.dtype(dtype)
+    start = end = None
+    for a in arrays:
+        if a.dtype != dt or not a.flags.c_contiguous:
+            return None
+        ptr = a.__array_interface__["data"][0]
+        if start is None:
+            start = ptr
+        elif ptr != end:
+            return None
+        end = ptr + a.nbytes
+    try:
+        base = np.frombuffer(_root(arrays[0]), np.uint8)
+    except (TypeError, ValueError):
+        return None
+    off = start - base.__array_interface__["data"][0]
+    if off < 0 or off + (end - start) > base.nbytes:
+        return None
+    return base[off:off + (end - start)].view(dt)
+
+
+def flatten(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray:
+    """``arrays`` as one 1-D ``dtype`` vector: a view when ``flat_view`` finds one, else a copy."""
+    v = flat_view(arrays, dtype)
+    if v is not None:
+        return v
+    return np.concatenate([np.asarray(a, dtype).ravel() for a in arrays]) if arrays else np.zeros(0, dtype)
