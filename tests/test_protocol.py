@@ -160,7 +160,12 @@ def test_flat_view_spans_back_to_back_tensors_without_copying():
     assert flat_view([dec["a"].T]) is None                             # not C-contiguous
     assert flat_view([dec["a"]], dtype=np.float64) is None
     np.testing.assert_array_equal(flatten([dec["b"], dec["a"]]), [6, 7, 8, 9, 0, 1, 2, 3, 4, 5])   # falls back to a copy
+    from edge_runtime.protocol.tensors import span_view
+    assert span_view(dec, ["a", "b"]) is not None and span_view(dec, ["b", "a"]) is None
+    assert span_view(dec, ["a", "b"], np.float64) is None
+    assert span_view(decode_tensors(encode_tensors(t))[0], ["a", "b"]) is None      # copies: no shared buffer
     out = decode_payload(encode_tensors(t), CodecSpec(), max_decoded_bytes=1 << 10)
+    assert not out.flat.flags.owndata
     np.testing.assert_array_equal(out.flat, np.arange(10, dtype=np.float32))
     assert out.sumsq == float(np.sum(np.arange(10) ** 2))
 

@@ -19,7 +19,7 @@ import json
 import numpy as np
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.tensors import decode_tensors, encode_tensors, flatten
+from edge_runtime.protocol.tensors import decode_tensors, encode_tensors, flatten, span_view
 
 SCALE_SUFFIX = ".__scale"
 FP16_MAX = 65504.0
@@ -266,7 +266,10 @@ def decode_payload(payload, spec: CodecSpec, *, max_decoded_bytes: int) -> Decod
     # no per-tensor copies: the arrays are read-only views of ``raw`` (or new arrays from a codec)
     wire, _ = decode_tensors(raw, allowed_dtypes=codec.wire_dtypes, copy=False)
     tensors = DecodedTensors(codec.decode(wire))
-    tensors.flat = flatten(list(tensors.values()))
+    names = list(tensors)
+    same = all(tensors[k] is wire.get(k) for k in names)  # the codec passed the wire arrays through (fp32)
+    flat = span_view(wire, names) if same else None
+    tensors.flat = flat if flat is not None else flatten(list(tensors.values()))
     # one BLAS pass: a sum of squares is finite iff every value is (or the values are huge: then look
     # closer, and leave those to the norm bound)
     with np.errstate(over="ignore", invalid="ignore"):

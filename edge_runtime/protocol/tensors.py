@@ -46,8 +46,32 @@ def encode_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | No
     return struct.pack("<Q", len(hjson)) + hjson + b"".join(blobs)
 
 
+class TensorMap(dict):
+    """``decode_tensors``' result: name -> array, plus where each one's bytes lie in ``buffer`` (the
+    data section), for views spanning several tensors (``span_view``)."""
+
+    buffer: memoryview | None  # None when the arrays are copies
+    spans: dict[str, tuple[int, int]]
+
+
+def span_view(m: TensorMap, names: list[str], dtype=np.float32) -> np.ndarray | None:
+    """One 1-D ``dtype`` view of ``m.buffer`` covering the named tensors if they lie back to back in
+    this order (as an encoder writes them); else None."""
+    if not names or m.buffer is None:
+        return None
+    first, end = m.spans[names[0]]
+    for k in names[1:]:
+        b, e = m.spans[k]
+        if b != end:
+            return None
+        end = e
+    if any(m[k].dtype != dtype for k in names):
+        return None
+    return np.frombuffer(m.buffer, dtype=dtype, count=(end - first) // np.dtype(dtype).itemsize, offset=first)
+
+
 def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
-                   copy: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                   copy: bool = True) -> tuple[TensorMap, dict[str, str]]:
     """Parse safetensors bytes; raise ``ProtocolError`` for anything that is not well formed."""
     mv = memoryview(data)
     if len(mv) < 8:
@@ -69,7 +93,8 @@ def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
     if len(header) > MAX_TENSORS:
         raise ProtocolError(RejectReason.MALFORMED, f"{len(header)} tensors (max {MAX_TENSORS})")
     body = mv[8 + hlen:]
-    out: dict[str, np.ndarray] = {}
+    out = TensorMap()
+    out.buffer, out.spans = body, {}
     spans = []
     nbody = len(body)
     for name, info in header.items():
@@ -100,12 +125,15 @@ def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
         if end > nbody:
             raise ProtocolError(RejectReason.TRUNCATED, f"tensor {name!r}: data ends at {end}, buffer has {nbody}")
         spans.append((begin, end, name))
+        out.spans[name] = (begin, end)
         arr = np.frombuffer(body, dtype=dt, count=count, offset=begin).reshape(shape)
         out[name] = arr.copy() if copy else arr
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:
             raise ProtocolError(RejectReason.MALFORMED, f"tensors {a!r} and {b!r} overlap")
+    if copy:
+        out.buffer = None  # copies do not keep the input alive
     return out, metadata
 
 
