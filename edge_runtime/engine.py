@@ -206,6 +206,10 @@ class Engine:
             for name, arr in self.empty_past(1).items():
                 binding.bind_cpu_input(name, arr)
         keep = []  # the numpy inputs bound this step must outlive the run
+        # one-token steps write their logits into one preallocated buffer (no output allocation, no
+        # wrapping of every output per token); the array returned is valid until the next step
+        logits1 = np.empty((1, 1, self.session.get_outputs()[0].shape[-1]), np.float32) if shared else None
+        logits1_val = ort.OrtValue.ortvalue_from_numpy(logits1) if shared else None
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:
             seq = ids.shape[1]
@@ -217,6 +221,10 @@ class Engine:
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask)
             binding.bind_cpu_input("position_ids", pos)
+            if shared and seq == 1:
+                binding.bind_ortvalue_output(outs[0], logits1_val)
+                sess.run_with_iobinding(binding)
+                return logits1
             binding.bind_output(outs[0], "cpu")
             if not shared:
                 for o in outs[1:]:
