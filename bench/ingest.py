@@ -264,7 +264,9 @@ after the update is validated, folded and durably committed). {args.repeat} runs
 
 Receiving is most of a plain paho client's cost: with glibc's defaults each multi-megabyte copy paho makes of a
 message is a fresh mmap that faults in page by page. The coordinator raises glibc's mmap/trim thresholds at start
-(`keep_large_buffers`, `edge_runtime/memory.py`), which the second row applies to the plain subscriber too.
+(`keep_large_buffers`, `edge_runtime/memory.py`), which the second row applies to the plain subscriber too
+(that row is erratic on this machine: its subscriber costs ~1 ms per message, but the broker's CPU per message
+then swings between ~1.5 and ~5 ms from run to run, so it is shown for completeness, not as the goal's baseline).
 Accepted updates are made durable per batch as a checkpoint of the running sum when that is smaller than the
 batch's payloads (3.7 MB for up to 16 x 1.8 MB here), else as payloads in the update log.
 
