@@ -34,6 +34,15 @@ CREATE INDEX IF NOT EXISTS updates_round ON updates(round, status);
 """
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 CHECKPOINTED = "ckpt"  # updates.blob of an accepted update held only by the accumulator checkpoint
 
 
@@ -113,11 +122,7 @@ class UpdateLog:
             os.fdatasync(self._f.fileno()) if hasattr(os, "fdatasync") else os.fsync(self._f.fileno())
             self._dirty = False
         if self._new:
-            fd = os.open(self.root, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.root)
             self._new = False
 
     def rotate(self) -> None:
@@ -174,11 +179,7 @@ class Checkpoints:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)
         return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "nbytes": len(data)}
 
     def read(self, rec: dict):

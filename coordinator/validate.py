@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from coordinator.aggregate import global_norm
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.tensors import flatten
 from edge_runtime.protocol.messages import UpdateHeader, check_tensors_match, decode_update_body, decode_update_header
 
 
@@ -30,12 +30,12 @@ class Limits:
 @dataclass
 class Validated:
     """A structurally valid update: header, tensors (schema order), their global L2 norm, and all of
-    them as one fp32 vector in schema order (a view of the payload where possible)."""
+    them as one fp32 vector in schema order when the payload had them in that order (a view of it)."""
 
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
     norm: float
-    flat: np.ndarray
+    flat: np.ndarray | None
 
 
 def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated:
@@ -55,9 +55,7 @@ def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated
         if list(upd.tensors) == list(tensors):  # the payload's order: reuse its flat view and sum of squares
             flat, norm = upd.tensors.flat, math.sqrt(upd.tensors.sumsq)
         else:
-            flat = flatten(list(tensors.values()))
-            with np.errstate(over="ignore"):
-                norm = math.sqrt(float(np.dot(flat, flat)))
+            flat, norm = None, global_norm(tensors)
         if norm > limits.max_update_norm:
             raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.3g} > bound {limits.max_update_norm:.3g}")
         return Validated(header, tensors, norm, flat)

@@ -200,3 +200,32 @@ def test_async_staleness():
     assert check_async_update(5, 5, 2) is None and check_async_update(5, 3, 2) is None
     assert check_async_update(5, 2, 2) == RejectReason.STALE and check_async_update(5, 6, 2) == RejectReason.STALE
     assert staleness_weight(8, 0) == 8 and staleness_weight(8, 3, 0.5) == pytest.approx(4.0)
+
+
+def test_validate_update_norm_flat_view_and_reasons():
+    import math
+    import uuid
+
+    from coordinator.validate import Limits, validate_update
+    from edge_runtime.errors import ProtocolError
+    from edge_runtime.protocol.codec import CodecSpec
+    from edge_runtime.protocol.messages import UpdateHeader, encode_update
+    rng = np.random.default_rng(2)
+    shapes = {"layers.0.q.lora_A": (2, 3), "layers.0.q.lora_B": (3, 2)}
+    delta = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    h = UpdateHeader(device_id="d1", update_id=uuid.uuid4().hex, base_version=0, num_examples=3, base_fingerprint="f" * 64,
+                     codec=CodecSpec("fp32", "none"))
+    msg = encode_update(h, delta)
+    expect = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
+    v = validate_update("d1", msg, Limits("f" * 64, shapes, 1 << 20, 100.0))
+    assert math.isclose(v.norm, expect, rel_tol=1e-6) and not v.flat.flags.owndata   # a view of the message
+    np.testing.assert_array_equal(v.flat, np.concatenate([delta[k].ravel() for k in sorted(shapes)]))
+    rev = dict(reversed(list(shapes.items())))                                          # schema in another order
+    v2 = validate_update("d1", msg, Limits("f" * 64, rev, 1 << 20, 100.0))
+    assert list(v2.tensors) == list(rev) and v2.flat is None and math.isclose(v2.norm, expect, rel_tol=1e-6)
+    for limits, device, reason in ((Limits("f" * 64, shapes, 1 << 20, expect / 2), "d1", RejectReason.NORM_BOUND),
+                                   (Limits("f" * 64, shapes, 1 << 20, 100.0), "d2", RejectReason.BAD_FIELD),
+                                   (Limits("0" * 64, shapes, 1 << 20, 100.0), "d1", RejectReason.FINGERPRINT_MISMATCH)):
+        with pytest.raises(ProtocolError) as e:
+            validate_update(device, msg, limits)
+        assert e.value.reason == reason and e.value.header.update_id == h.update_id
