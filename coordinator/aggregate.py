@@ -234,6 +234,21 @@ class ServerOptState:
     t: int = 0
 
 
+def opt_state_tensors(state: ServerOptState) -> tuple[Tensors, dict[str, str]]:
+    """A server-optimizer state as named float64 arrays (``m.<name>``, ``v.<name>``) and string
+    metadata (the step count): what the coordinator stores next to each version it publishes."""
+    t = {f"m.{k}": np.asarray(v, np.float64) for k, v in state.m.items()}
+    t.update({f"v.{k}": np.asarray(v, np.float64) for k, v in state.v.items()})
+    return t, {"t": str(state.t)}
+
+
+def opt_state_from_tensors(t: Tensors, meta: dict[str, str]) -> ServerOptState:
+    """Inverse of ``opt_state_tensors``."""
+    return ServerOptState(m={k[2:]: np.array(v, np.float64) for k, v in t.items() if k.startswith("m.")},
+                          v={k[2:]: np.array(v, np.float64) for k, v in t.items() if k.startswith("v.")},
+                          t=int(meta.get("t", "0")))
+
+
 def apply_server_update(global_t: Tensors, avg_delta: Tensors, opt: str, state: ServerOptState, *,
                         lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> Tensors:
     """New global = global + step(avg_delta) for opt in {fedavg, fedavgm, fedadam, fedyogi} (updates ``state``)."""

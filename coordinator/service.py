@@ -85,6 +85,35 @@ class Coordinator:
                                num_examples=num_examples, metrics=metrics, note=note, folded=folded)
         return sha
 
+    def _save_opt_state(self, version: int) -> str | None:
+        """Store the server optimizer's state (momentum, moments) as of ``version``, so a restart
+        continues it instead of starting from zero (FedAvgM, FedAdam, FedYogi); returns the blob
+        it supersedes."""
+        opt = getattr(self.strategy, "opt_state", None)
+        if opt is None or not (opt.m or opt.v):
+            return None
+        from edge_runtime.protocol.tensors import encode_tensors
+        tensors, meta = agg.opt_state_tensors(opt)
+        old = (self.state.get("server_opt") or {}).get("sha256")
+        sha = self.state.blobs.put(encode_tensors(tensors, meta))
+        self.state.put("server_opt", {"version": version, "sha256": sha})
+        return old if old != sha else None  # superseded: deleted once this commits
+
+    def _load_opt_state(self) -> None:
+        rec = self.state.get("server_opt")
+        if not rec or getattr(self.strategy, "opt_state", None) is None:
+            return
+        if rec.get("version") != self.version:
+            log.warning("server optimizer state is from v%s, the current version is v%d (published by hand?): "
+                        "starting it afresh", rec.get("version"), self.version)
+            return
+        from edge_runtime.protocol.tensors import decode_tensors
+        try:
+            tensors, meta = decode_tensors(self.state.blobs.get(rec["sha256"]))
+            self.strategy.opt_state = agg.opt_state_from_tensors(tensors, meta)
+        except (OSError, ProtocolError, ValueError) as exc:
+            log.error("server optimizer state unreadable (%s): starting it afresh", exc)
+
     def _restore(self) -> None:
         """Resume after a restart: the open round and every accepted-but-unpublished update."""
         rows = self.state.q("SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
@@ -93,6 +122,7 @@ class Coordinator:
             r = rows[0]
             import json
             self.plan = RoundPlan(r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
+        self._load_opt_state()
         self.replayed = self._replay()
         self.state.prune_after_checkpoint()  # files a crash left behind (a checkpoint whose commit never happened)
         if self.replayed:
@@ -446,8 +476,12 @@ class Coordinator:
         if self.cfg.strategy == "dp_fedavg":
             metrics["epsilon"] = agg.gaussian_epsilon(self.cfg.dp_noise_multiplier, self.completed_rounds() + 1, self.cfg.dp_delta)
         version = self.version + 1
-        self._store_version(version, self.version, new, self.global_meta, round_id=round_id, num_updates=len(ids),
-                            num_examples=num_examples, metrics=metrics, folded=ids)
+        with self.state.transaction():  # the version and the optimizer state that produced it, together
+            self._store_version(version, self.version, new, self.global_meta, round_id=round_id, num_updates=len(ids),
+                                num_examples=num_examples, metrics=metrics, folded=ids)
+            old_opt = self._save_opt_state(version)
+        if old_opt:
+            self.state.blobs.delete(old_opt)
         refs = [b for (b,) in self.state.q(f"SELECT blob FROM updates WHERE update_id IN ({','.join('?' * len(ids))})",
                                             tuple(ids)) if b] if ids else []
         self.state.delete_updates(refs)
