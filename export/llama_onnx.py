@@ -3,10 +3,11 @@
 The torch exporter turns each decoder layer into ~60 small nodes (rotary slices, head reshapes,
 GQA repeats, mask arithmetic, cache concatenation); at batch 1 their dispatch cost is larger than
 the 4-bit matmuls themselves. This builder emits per layer: two SkipSimplifiedLayerNormalization
-(residual add + RMSNorm), four MatMuls (what the quantizers act on: q/k/v packed into one and
-gate/up into one, each followed by a Split, then o and down), one GroupQueryAttention (rotary,
-KV-cache append, grouped heads, causal softmax), SiLU as Sigmoid + Mul, and per LoRA target a
-Gather + FusedMatMul pair for A and for B. Same inputs and outputs as the torch-exported graph
+(residual add + RMSNorm), four MatMuls (what the quantizers act on: q/k/v packed into one, fed
+packed to attention, gate/up into one and split, then o and down), one GroupQueryAttention (rotary,
+KV-cache append, grouped heads, causal softmax), SiLU as Sigmoid + Mul, and per group of modules
+with LoRA targets one Gather + FusedMatMul pair for A and for B (the stacked LoRA inputs are packed
+per group once per run). Same inputs and outputs as the torch-exported graph
 (``export.graphs.LlamaGraph``), so bundles, engine and verification are unchanged; ``position_ids``
 is accepted but positions come from the attention mask (contiguous, right-padded sequences, which is
 what the engine feeds).
@@ -80,18 +81,43 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
     const("sin_cache", np.sin(freqs).astype(np.float32))
     x = node("Gather", [const("embed.weight", t(graph.embed)), "input_ids"], ["embeds"], "embed", axis=0)
 
-    def lora(y, name, target, inp, i):
-        if target not in lora_targets:
-            return y
-        a = node("Gather", [f"lora_A.{target}", const(f"idx{i}", np.array(i, np.int64))], [f"{name}.A"], f"{name}.A", axis=0)
-        b = node("Gather", [f"lora_B.{target}", f"idx{i}"], [f"{name}.B"], f"{name}.B", axis=0)
-        xa = node("FusedMatMul", [inp, a], [f"{name}.xa"], f"{name}.xa", domain=MS, transB=1, alpha=1.0)
-        d = node("FusedMatMul", [xa, b], [f"{name}.lora"], f"{name}.lora", domain=MS, transB=1, alpha=scale)
-        return node("Add", [y, d], [f"{name}.out"], f"{name}.out")
+    packed_lora: dict[str, tuple[str, str]] = {}
 
-    def linears(prefix, inp, modules: dict, i):
-        """One MatMul for the modules that read the same input (q/k/v, gate/up), split after; the node
-        is named ``<prefix>.<m1>+<m2>...`` so quantizer options can still find a module by name."""
+    def group_lora(names: list[str], modules: dict) -> tuple[str, str] | None:
+        """Once per run, for a group of modules sharing one MatMul: the stacked LoRA inputs of its
+        targets packed so one FusedMatMul pair serves the whole group, A as [L, r*T, in] (targets'
+        rows one after another) and B as [L, sum(out), r*T] (each target's B in its rows and its own r
+        columns, zeros elsewhere). Each layer then gathers its slice: 2 Gathers and 2 FusedMatMuls
+        per group instead of per target, and the delta is added before the split."""
+        tg = [m for m in names if m in lora_targets]
+        if not tg:
+            return None
+        key = "+".join(names)
+        if key in packed_lora:
+            return packed_lora[key]
+        r = graph.lora.rank
+        if len(tg) == 1 and len(names) == 1:
+            packed_lora[key] = (f"lora_A.{tg[0]}", f"lora_B.{tg[0]}")
+            return packed_lora[key]
+        a = f"lora_A.{tg[0]}" if len(tg) == 1 else node("Concat", [f"lora_A.{m}" for m in tg], [f"lora.{key}.A"],
+                                                          f"lora.{key}.A", axis=1)
+        parts = []
+        for m in names:
+            if m in tg:
+                j = tg.index(m)
+                pads = const(f"lora.{key}.{m}.pads", np.array([0, 0, j * r, 0, 0, (len(tg) - 1 - j) * r], np.int64))
+                parts.append(node("Pad", [f"lora_B.{m}", pads], [f"lora.{key}.{m}.B"], f"lora.{key}.{m}.pad") if len(tg) > 1
+                             else f"lora_B.{m}")
+            else:
+                parts.append(const(f"{key}.lora_zeros.{m}", np.zeros((L, modules[m].out_features, r * len(tg)), np.float32)))
+        b = node("Concat", parts, [f"lora.{key}.B"], f"lora.{key}.B", axis=1)
+        packed_lora[key] = (a, b)
+        return packed_lora[key]
+
+    def linears(prefix, inp, modules: dict, i, split: bool = True):
+        """One MatMul for the modules that read the same input (q/k/v, gate/up), plus the group's LoRA
+        delta, split after (unless ``split`` is False: the packed output is returned); the node is
+        named ``<prefix>.<m1>+<m2>...`` so quantizer options can still find a module by name."""
         names = list(modules)
         w = np.concatenate([t(modules[m].weight).T for m in names], axis=1)
         tag = f"{prefix}.{'+'.join(names)}"
@@ -100,12 +126,18 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
             bias = np.concatenate([t(modules[m].bias) if getattr(modules[m], "bias", None) is not None
                                    else np.zeros(modules[m].out_features, np.float32) for m in names])
             y = node("Add", [y, const(f"{tag}.bias", bias)], [f"{tag}.b"], f"{tag}.bias")
-        if len(names) == 1:
-            outs = [y]
-        else:
-            sizes = const(f"{tag}.sizes", np.array([modules[m].out_features for m in names], np.int64))
-            outs = node("Split", [y, sizes], [f"{tag}.{m}" for m in names], f"{tag}.split", axis=-1)
-        return [lora(o, f"{prefix}.{m}", m, inp, i) for o, m in zip(outs, names)]
+        packed = group_lora(names, modules)
+        if packed is not None:
+            idx = const(f"idx{i}", np.array(i, np.int64))
+            a = node("Gather", [packed[0], idx], [f"{tag}.A"], f"{tag}.A", axis=0)
+            b = node("Gather", [packed[1], idx], [f"{tag}.B"], f"{tag}.B", axis=0)
+            xa = node("FusedMatMul", [inp, a], [f"{tag}.xa"], f"{tag}.xa", domain=MS, transB=1, alpha=1.0)
+            d = node("FusedMatMul", [xa, b], [f"{tag}.lora"], f"{tag}.lora", domain=MS, transB=1, alpha=scale)
+            y = node("Add", [y, d], [f"{tag}.out"], f"{tag}.out")
+        if len(names) == 1 or not split:
+            return [y]
+        sizes = const(f"{tag}.sizes", np.array([modules[m].out_features for m in names], np.int64))
+        return node("Split", [y, sizes], [f"{tag}.{m}" for m in names], f"{tag}.split", axis=-1)
 
     residual, delta = x, None
     for i in range(L):
@@ -118,9 +150,9 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
         else:
             h, residual = node("SkipSimplifiedLayerNormalization", [residual, delta, w_in],
                                [f"{p}.h_attn", "", "", f"{p}.resid_in"], f"{p}.norm_in", domain=MS, epsilon=eps)
-        q, k, v = linears(p, h, {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}, i)
-        a = node("GroupQueryAttention", [q, k, v, f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_len",
-                                         "cos_cache", "sin_cache"],
+        (qkv,) = linears(p, h, {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}, i, split=False)
+        a = node("GroupQueryAttention", [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_len",
+                                         "cos_cache", "sin_cache"],  # packed q/k/v: no Split
                  [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"], f"{p}.gqa", domain=MS,
                  num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(hd)))[0]
         (o,) = linears(p, a, {"o_proj": attn.o_proj}, i)
