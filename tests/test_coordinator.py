@@ -476,3 +476,32 @@ def test_server_optimizer_state_survives_a_restart(bundle, tmp_path):
         np.testing.assert_array_equal(restarted[k], straight[k])
     blobs = [p for p in (c.state.dir / "blobs").rglob("*") if p.is_file()]
     assert c.strategy.opt_state.t == 3 and len(blobs) == 4 + 1      # v0..v3 + the newest optimizer state only
+
+
+def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle, tmp_path):
+    v0, meta = schema(bundle)
+    rng = np.random.default_rng(14)
+    ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(6)]
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    with c._batch():
+        for i in (0, 1, 2):
+            c._handle_update(f"d{i}", ups[i][2])
+    first = c.state.get("acc_checkpoint")
+    assert first["count"] == 3
+    real_sync = c.state.log.sync
+
+    def failing_sync():
+        raise OSError(28, "No space left on device")
+    c.state.log.sync = failing_sync
+    with pytest.raises(OSError):
+        with c._batch():                                   # a second checkpoint is written, its commit fails
+            for i in (3, 4, 5):
+                c._handle_update(f"d{i}", ups[i][2])
+    c.state.log.sync = real_sync
+    assert c.state.get("acc_checkpoint") == first        # still the committed one
+    assert c.strategy.count(c.acc) == 3 and not any(c.state.has_update(ups[i][0]) for i in (3, 4, 5))
+    files = sorted(p.name for p in (c.state.dir / "acc").glob("ckpt-*.f64"))
+    assert len(files) == 2                                # the orphan of the failed commit is still there
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    assert c2.replayed == 3
+    assert [p.name for p in (c2.state.dir / "acc").glob("ckpt-*.f64")] == [first["file"]]   # orphan pruned at start
