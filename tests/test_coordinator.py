@@ -400,14 +400,21 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     assert c2.state.get("acc_checkpoint") is None and not list((st.dir / "acc").glob("ckpt-*.f64"))
 
 
-def test_damaged_checkpoint_is_reported_and_the_rest_replays(bundle, tmp_path):
-    v0, meta = schema(bundle)
-    rng = np.random.default_rng(12)
-    ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(4)]
+def _three_in_a_checkpoint(bundle, tmp_path, seed, n):
+    """An offline coordinator whose first ingest batch (three updates) was made durable as a
+    checkpoint; returns it and ``n`` prepared updates (the first three already in)."""
+    _, meta = schema(bundle)
+    rng = np.random.default_rng(seed)
+    ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(n)]
     c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
     with c._batch():
         for i in (0, 1, 2):
             c._handle_update(f"d{i}", ups[i][2])
+    return c, ups
+
+
+def test_damaged_checkpoint_is_reported_and_the_rest_replays(bundle, tmp_path):
+    c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
     c.handle_update("d3", ups[3][2])                                    # in the log, after the checkpoint
     f = next((c.state.dir / "acc").glob("ckpt-*.f64"))
     data = bytearray(f.read_bytes())
@@ -479,13 +486,7 @@ def test_server_optimizer_state_survives_a_restart(bundle, tmp_path):
 
 
 def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle, tmp_path):
-    v0, meta = schema(bundle)
-    rng = np.random.default_rng(14)
-    ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(6)]
-    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
-    with c._batch():
-        for i in (0, 1, 2):
-            c._handle_update(f"d{i}", ups[i][2])
+    c, ups = _three_in_a_checkpoint(bundle, tmp_path, 14, 6)
     first = c.state.get("acc_checkpoint")
     assert first["count"] == 3
     real_sync = c.state.log.sync
