@@ -124,7 +124,6 @@ class Coordinator:
             self.plan = RoundPlan(r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
         self._load_opt_state()
         self.replayed = self._replay()
-        self.state.prune_after_checkpoint()  # files a crash left behind (a checkpoint whose commit never happened)
         if self.replayed:
             log.info("restart: replayed %d accepted updates into the open aggregate", self.replayed)
 
@@ -234,6 +233,9 @@ class Coordinator:
     def start(self) -> None:
         """Connect (persistent session) and start the round loop."""
         from edge_runtime.transport import MqttLink
+        # files a crash left behind (a checkpoint whose commit never happened); only here, in the
+        # serving process: admin commands open the same state while a coordinator may be writing it
+        self.state.prune_after_checkpoint()
         if self.cfg.keep_large_buffers:
             from edge_runtime.memory import keep_large_buffers
             keep_large_buffers()
