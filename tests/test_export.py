@@ -236,3 +236,22 @@ def test_sensitive_modules_stay_8bit_in_packed_graphs(tmp_path, tmp_path_factory
     assert down and set(down.values()) == {8}            # the sensitive module: 8-bit
     assert packed and set(packed.values()) == {4}        # packed q/k/v and gate/up: 4-bit
     assert [v for k, v in bits.items() if k.startswith("lm_head")] == [8]   # the head: 8-bit by default
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                                     ("k_proj", "up_proj")])
+def test_fused_graph_packs_lora_per_module_group(tmp_path_factory, tiny_llama_dir, targets):
+    """LoRA on any subset of the linears: the packed per-group delta equals HF with B·A merged into the
+    weights (the build's own check, <= 1e-4, raises otherwise), one FusedMatMul pair per group and
+    layer, and q/k/v reach attention packed (no Split there)."""
+    import onnx
+    from edge_runtime.protocol.manifest import Manifest
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32", lora_targets=targets)
+    m = Manifest.load(b)
+    assert m.checks["logits_max_abs_diff_with_adapter"] <= 1e-4
+    g = onnx.load(str(b / "model.onnx")).graph
+    layers = int(m.model["layers"])
+    groups = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "gu", "up_proj": "gu",
+              "down_proj": "down"}
+    assert sum(n.op_type == "FusedMatMul" for n in g.node) == 2 * layers * len({groups[t] for t in targets})
+    assert not any(n.op_type == "Split" and "q_proj+k_proj+v_proj" in n.name for n in g.node)
