@@ -365,7 +365,7 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
 
 
 
-def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_path):
+def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_path, capsys):
     """A batch whose payloads outweigh the accumulator is made durable as a checkpoint of the running
     sum (and the log before it is dropped); a lone update goes to the log. A fresh process (as after
     SIGKILL) resumes with checkpoint + log and publishes the FedAvg of every accepted update."""
@@ -387,6 +387,9 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     assert len(list((st.dir / "acc").glob("ckpt-*.f64"))) == 1
     c.handle_update("d4", ups[4][2])
     assert st.q("SELECT blob FROM updates WHERE update_id=?", (ups[4][0],))[0][0].startswith("seg-")
+    from coordinator.cli import main as cli
+    assert cli(["--state-dir", str(st.dir), "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pending"] == {"updates": 5, "in_checkpoint": 4, "in_log": 1}
 
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)   # restart on the same state
     assert c2.replayed == 5 and c2.strategy.count(c2.acc) == 5
