@@ -98,11 +98,13 @@ def wait_cpu(p) -> float:
 
 def proc_cpu(pid: int) -> float:
     """CPU seconds a running process has used so far (from /proc)."""
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu() -> float:
+    """CPU seconds this process has used so far."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
