@@ -25,6 +25,8 @@ from export.llama_onnx import build_llama_onnx, unsupported
 from export.quantize import QuantRecipe, quantize_graph
 
 OPSET = 18
+# one ONNX protobuf holds at most 2 GiB; graphs are written whole (no external data yet)
+MAX_GRAPH_BYTES = 2_000_000_000
 
 
 class Progress:
@@ -322,6 +324,12 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         dims = normalized_dims(config, family)
         nparams = sum(p.numel() for p in hf.parameters())
         log(f"loaded {config.model_type}: {nparams / 1e6:.1f}M parameters in {time.time() - t:.1f}s")
+        tied = family == "llama" and getattr(config, "tie_word_embeddings", False)
+        fp32_bytes = 4 * (nparams + (hf.get_input_embeddings().weight.numel() if tied else 0))  # + the head's own copy
+        if fp32_bytes > MAX_GRAPH_BYTES:
+            raise ExportError(f"{config.model_type} with {nparams / 1e6:.0f}M parameters makes a {fp32_bytes / 1e9:.1f} GB fp32 "
+                              f"graph; ONNX files over 2 GB need external data, which this exporter does not write yet "
+                              f"(models up to ~{MAX_GRAPH_BYTES / 4 / 1e6 * 0.85:.0f}M parameters export)")
         spec = LoraSpec(tuple(opts.lora_targets), opts.lora_rank, opts.lora_alpha)
         with torch.no_grad():
             graph = LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()

@@ -255,3 +255,14 @@ def test_fused_graph_packs_lora_per_module_group(tmp_path_factory, tiny_llama_di
               "down_proj": "down"}
     assert sum(n.op_type == "FusedMatMul" for n in g.node) == 2 * layers * len({groups[t] for t in targets})
     assert not any(n.op_type == "Split" and "q_proj+k_proj+v_proj" in n.name for n in g.node)
+
+
+def test_graph_over_the_protobuf_limit_is_refused_up_front(tmp_path, tiny_llama_dir, monkeypatch):
+    import export.build as build
+    from edge_runtime.errors import ExportError
+    from export.quantize import QuantRecipe
+    monkeypatch.setattr(build, "MAX_GRAPH_BYTES", 1000)       # as if the tiny model were a 2 GB one
+    out = tmp_path / "bundle"
+    with pytest.raises(ExportError, match="external data"):
+        build.build_bundle(str(tiny_llama_dir), out, build.BuildOptions(quant=QuantRecipe("int4")), log=build.Progress(quiet=True))
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
