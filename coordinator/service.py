@@ -170,13 +170,22 @@ class Coordinator:
                 log.error("stored update %s unreadable after restart (%s); dropping it", update_id, exc)
                 self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
                 continue
-            delta = agg.clip_update(upd.tensors, self.cfg.clip_norm) if self.cfg.clip_norm else upd.tensors
-            self.strategy.fold(self.acc, weight, delta, self.global_tensors)
+            self._fold(weight, upd.tensors, upd.tensors.flat)
             self.folded_ids.append(update_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = update_id
             replayed += 1
         return replayed
+
+    def _fold(self, weight: float, tensors, flat=None, norm: float | None = None) -> None:
+        """Fold one update into the accumulator, clipped to ``clip_norm`` first if configured
+        (``flat``: the tensors as one vector in their order, when at hand; ``norm``: theirs, if known)."""
+        if self.cfg.clip_norm:
+            n = agg.global_norm(tensors) if norm is None else norm
+            if n > self.cfg.clip_norm:
+                self.strategy.fold(self.acc, weight, agg.clip_update(tensors, self.cfg.clip_norm), self.global_tensors)
+                return
+        self.strategy.fold(self.acc, weight, tensors, self.global_tensors, flat=flat)
 
     def _persist_batch(self) -> bool:
         """Before the batch commits: make its accepted updates durable the cheaper way, a checkpoint of
@@ -321,8 +330,7 @@ class Coordinator:
             except ProtocolError as exc:
                 log.warning("bad status from %s: %s", device_id, exc)
         elif kind == "update":
-            with self._batch():  # joins the worker's batch
-                return device_id, self._handle_update(device_id, payload)
+            return device_id, self._handle_update(device_id, payload)  # joins the worker's batch
         return None
 
     def _send_receipts(self, receipts: list[tuple[str, dict]]) -> None:
@@ -353,8 +361,7 @@ class Coordinator:
 
     def handle_update(self, device_id: str, payload: bytes) -> dict:
         """Validate one update and fold it in durably, or record why not. Never raises on bad input."""
-        with self._batch():
-            res = self._handle_update(device_id, payload)
+        res = self._handle_update(device_id, payload)  # its own batch: durable when this returns
         self._after_batch()
         self._send_receipts([(device_id, res)])
         return res
@@ -397,10 +404,7 @@ class Coordinator:
                         "update_id": header.update_id}
             self._batch_payloads.append((header.update_id, payload))  # stored by _persist_batch before the commit
             self.state.count_device(device_id, accepted=True)
-            if self.cfg.clip_norm and upd.norm > self.cfg.clip_norm:
-                self.strategy.fold(self.acc, weight, agg.clip_update(upd.tensors, self.cfg.clip_norm), self.global_tensors)
-            else:
-                self.strategy.fold(self.acc, weight, upd.tensors, self.global_tensors, flat=upd.flat)
+            self._fold(weight, upd.tensors, upd.flat, upd.norm)
             self.folded_ids.append(header.update_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = header.update_id
