@@ -106,6 +106,8 @@ Goals (issue 4): API p50/p99 and tokens/s within 15% of direct calls; p99 while 
     srv.shutdown()
     record("Agent API latency and serving while training (issue 4)", body, f"python bench/api_latency.py --requests {n}")
     import os
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
     os._exit(0)  # the training thread is a daemon mid-step; do not wait for it
 
 

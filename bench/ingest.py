@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -228,6 +229,7 @@ def main() -> None:
             m1000 = run_json([PY, __file__, "--child", broker.url, str(tmp / "state-1000"), str(bundle), "1000", "--codec", "fp16"])
     finally:
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # state dirs of a run are ~1-3 GB of update logs and checkpoints
     import statistics
     rows = (("two plain paho clients (baseline)", bases), ("the same, subscriber with the coordinator's allocator setting", tuned),
             ("coordinator: receive, validate, store durably, fold", runs))
