@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edge_runtime.errors import BundleError, ConfigError, EdgefmError
+from edge_runtime.lowrank import LowRankLayout
 from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
 from edge_runtime.protocol.manifest import Manifest, open_bundle, verify_files
 from edge_runtime.sampling import sample_next
@@ -84,9 +85,16 @@ class Engine:
         self.tokenizer_config = json.loads(tc.read_text()) if tc.is_file() else {}
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.lowrank = LowRankLayout.from_bundle(self.dir, m)
         tensors, meta = load_adapter(self.dir / "adapter.safetensors", expect_fingerprint=m.base_fingerprint)
         self._lock = threading.Lock()
-        self.adapter = ActiveAdapter(meta.version, meta, tensors, stack_adapter(tensors, self.targets, self.layers))
+        self.adapter = ActiveAdapter(meta.version, meta, tensors, self.adapter_feeds(tensors))
+
+    def adapter_feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An adapter's per-layer tensors as this bundle's graph inputs (low-rank slots or stacked)."""
+        if self.lowrank is not None:
+            return self.lowrank.feeds(tensors)
+        return stack_adapter(tensors, self.targets, self.layers)
 
     # -- adapters --
     def make_active(self, tensors: dict[str, np.ndarray], meta: AdapterMeta) -> ActiveAdapter:
@@ -97,7 +105,7 @@ class Engine:
         if meta.shapes != {k: list(v) for k, v in self.manifest.adapter["shapes"].items()}:
             raise BundleError("adapter shapes differ from this bundle's LoRA slots")
         check_adapter(tensors, meta)
-        return ActiveAdapter(meta.version, meta, tensors, stack_adapter(tensors, self.targets, self.layers))
+        return ActiveAdapter(meta.version, meta, tensors, self.adapter_feeds(tensors))
 
     def set_adapter(self, active: ActiveAdapter) -> None:
         """Swap the active adapter (one reference assignment: requests in flight keep the old one)."""
@@ -183,7 +191,7 @@ class Engine:
 
     def _decoder(self, adapter: ActiveAdapter, capacity: int = 0):
         """A stateful step function over IO binding: the KV cache stays in ORT-owned OrtValues between
-        steps (no numpy round trip of ~60 tensors per token); LoRA tensors are bound once per request.
+        steps (no numpy round trip of ~60 tensors per token); LoRA inputs are bound once per request.
 
         Bundles whose graph appends to the cache in place (``io.kv_cache == "shared"``, the fused
         builder) get one preallocated buffer of ``capacity`` positions per layer, bound as both past

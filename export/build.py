@@ -148,8 +148,11 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
     why_not = None if opts.torch_inference_graph else unsupported(graph)
     if why_not is None and not opts.torch_inference_graph:
         log(f"writing inference graph with fused attention ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
-        build_llama_onnx(graph, tmp / "model.fp32.onnx", list(opts.lora_targets), OPSET)
+        slots = build_llama_onnx(graph, tmp / "model.fp32.onnx", list(opts.lora_targets), OPSET)
         io["kv_cache"] = "shared"   # GroupQueryAttention appends in place when past and present are one buffer
+        io["lora_layout"] = "lowrank"  # per-layer low-rank inputs, packed once per adapter (edge_runtime.lowrank)
+        io["lowrank"] = slots
+        io["inputs"] = io["inputs"][:3 + 2 * L] + [n for sl in slots for n in (sl["L"], sl["R"])]
     else:
         log(f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
             + (f"; the fused builder does not cover {why_not}" if why_not else ""))
@@ -305,6 +308,31 @@ def add_lora_defaults(path: Path, shapes: dict[str, list[int]]) -> None:
     onnx.save(model, str(path))
 
 
+def finish_lowrank(model_path: Path, slots: list[dict], rank: int, out_dir: Path) -> list[dict]:
+    """After quantization: the base prefix a quantizer put in front of each low-rank input's default
+    (asymmetric int4 offsets) goes to ``lowrank.safetensors`` and its width into the slot, so the
+    engine can rebuild the inputs for any adapter. Returns the updated slots."""
+    import onnx
+    from onnx import numpy_helper
+    from safetensors.numpy import save_file
+    from edge_runtime.lowrank import BASE_FILE
+    model = onnx.load(str(model_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    base, out = {}, []
+    for sl in slots:
+        L, R = numpy_helper.to_array(inits[sl["L"]]), numpy_helper.to_array(inits[sl["R"]])
+        prefix = L.shape[1] - rank * len(sl["targets"])
+        if prefix < 0 or R.shape[0] != L.shape[1] or np.any(L[:, prefix:]) or np.any(R[prefix:]):
+            raise ExportError(f"low-rank input {sl['L']}/{sl['R']} has an unexpected default (shape {L.shape}/{R.shape})")
+        if prefix:
+            base[sl["L"]] = np.ascontiguousarray(L[:, :prefix])
+            base[sl["R"]] = np.ascontiguousarray(R[:prefix])
+        out.append({**sl, "prefix": int(prefix)})
+    if base:
+        save_file(base, str(out_dir / BASE_FILE))
+    return out
+
+
 def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -> Manifest:
     """Export ``model`` into a bundle at ``out`` (directory; plus ``out.tar`` with ``archive``)."""
     import torch
@@ -350,7 +378,9 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             t = time.time()
             applied[g] = quantize_graph(src_g, tmp / f"{g}.onnx", opts.quant, module_shapes=module_dims,
                                         head_output=head_out if g == "model" else None, training=g == "train")
-            if g == "model":
+            if g == "model" and io.get("lora_layout") == "lowrank":
+                io["lowrank"] = finish_lowrank(tmp / "model.onnx", io["lowrank"], opts.lora_rank, tmp)
+            elif g == "model":
                 add_lora_defaults(tmp / "model.onnx", stacked_shapes)
             log(f"quantized {g} graph ({applied[g]}): {mb(src_g)} -> {mb(tmp / f'{g}.onnx')} in {time.time() - t:.1f}s")
             src_g.unlink()

@@ -72,14 +72,17 @@ def from_peft(peft_dir: Path, bundle: Path, out_path: Path, *, version: int = 0)
 
 
 def to_onnx_adapter(adapter_path: Path, bundle: Path, out_path: Path) -> Path:
-    """Write an ORT ``.onnx_adapter`` holding the stacked LoRA inputs of the bundle's model.onnx.
-
-    Note: the graph multiplies by alpha/rank itself, so the file holds the raw A/B tensors."""
+    """Write an ORT ``.onnx_adapter`` holding the LoRA inputs of the bundle's model.onnx for an adapter:
+    the per-layer low-rank inputs of fused decoder graphs (base part included, alpha/rank applied; see
+    ``edge_runtime.lowrank``), or the raw stacked A/B tensors of torch-exported graphs (which scale
+    by alpha/rank themselves)."""
     import onnxruntime as ort
     from edge_runtime.engine import stack_adapter
+    from edge_runtime.lowrank import LowRankLayout
     m = Manifest.load(bundle)
     tensors, meta = load_adapter(adapter_path, expect_fingerprint=m.base_fingerprint)
-    stacked = stack_adapter(tensors, list(meta.target_modules), int(m.model["layers"]))
+    layout = LowRankLayout.from_bundle(Path(bundle), m)
+    stacked = layout.feeds(tensors) if layout else stack_adapter(tensors, list(meta.target_modules), int(m.model["layers"]))
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(int(meta.version))
     fmt.set_model_version(1)

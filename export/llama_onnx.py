@@ -6,11 +6,11 @@ the 4-bit matmuls themselves. This builder emits per layer: two SkipSimplifiedLa
 (residual add + RMSNorm), four MatMuls (what the quantizers act on: q/k/v packed into one, fed
 packed to attention, gate/up into one and split, then o and down), one GroupQueryAttention (rotary,
 KV-cache append, grouped heads, causal softmax), SiLU as Sigmoid + Mul, and per group of modules
-with LoRA targets one Gather + FusedMatMul pair for A and for B (the stacked LoRA inputs are packed
-per group once per run). Same inputs and outputs as the torch-exported graph
-(``export.graphs.LlamaGraph``), so bundles, engine and verification are unchanged; ``position_ids``
-is accepted but positions come from the attention mask (contiguous, right-padded sequences, which is
-what the engine feeds).
+with LoRA targets one low-rank term over per-layer inputs that the engine packs once per adapter
+(``edge_runtime.lowrank``; the asymmetric 4-bit recipe folds its offsets into the same term). Same
+token/cache inputs and outputs as the torch-exported graph (``export.graphs.LlamaGraph``);
+``position_ids`` is accepted but positions come from the attention mask (contiguous, right-padded
+sequences, which is what the engine feeds).
 
 Limits (the builder says so and the torch path is used instead): Qwen3's per-head q/k norms, rotary
 scaling other than plain RoPE, attention biases other than q/k/v.
@@ -39,8 +39,9 @@ def unsupported(graph) -> str | None:
     return None
 
 
-def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
-    """Write the inference graph of ``graph`` (an ``export.graphs.LlamaGraph``) to ``path``."""
+def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
+    """Write the inference graph of ``graph`` (an ``export.graphs.LlamaGraph``) to ``path``; returns its
+    low-rank LoRA slots (``edge_runtime.lowrank.Slot`` as JSON) for the manifest."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -48,7 +49,6 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
     cfg = graph.cfg
     vocab = graph.head_wT.shape[1]
     eps = float(graph.eps)
-    scale = float(graph.lora.scale)
     max_pos = int(getattr(cfg, "max_position_embeddings", 2048) or 2048)
     nodes, inits = [], []
 
@@ -81,38 +81,32 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
     const("sin_cache", np.sin(freqs).astype(np.float32))
     x = node("Gather", [const("embed.weight", t(graph.embed)), "input_ids"], ["embeds"], "embed", axis=0)
 
-    packed_lora: dict[str, tuple[str, str]] = {}
+    slots: list[dict] = []
+    r = graph.lora.rank
+    lowrank_inputs = []
 
-    def group_lora(names: list[str], modules: dict) -> tuple[str, str] | None:
-        """Once per run, for a group of modules sharing one MatMul: the stacked LoRA inputs of its
-        targets packed so one FusedMatMul pair serves the whole group, A as [L, r*T, in] (targets'
-        rows one after another) and B as [L, sum(out), r*T] (each target's B in its rows and its own r
-        columns, zeros elsewhere). Each layer then gathers its slice: 2 Gathers and 2 FusedMatMuls
-        per group instead of per target, and the delta is added before the split."""
+    def lowrank(tag: str, names: list[str], modules: dict, i: int, inp: str) -> str | None:
+        """The group's LoRA term ``(x @ L) @ R`` over per-layer inputs packed once per adapter by the
+        engine (``edge_runtime.lowrank``): one matmul pair for all of the group's targets, added before
+        the split. Zero defaults serve the base model; quantizers may prepend a base prefix."""
         tg = [m for m in names if m in lora_targets]
         if not tg:
             return None
-        key = "+".join(names)
-        if key in packed_lora:
-            return packed_lora[key]
-        r = graph.lora.rank
-        if len(tg) == 1 and len(names) == 1:
-            packed_lora[key] = (f"lora_A.{tg[0]}", f"lora_B.{tg[0]}")
-            return packed_lora[key]
-        a = f"lora_A.{tg[0]}" if len(tg) == 1 else node("Concat", [f"lora_A.{m}" for m in tg], [f"lora.{key}.A"],
-                                                          f"lora.{key}.A", axis=1)
-        parts = []
+        cols, c = {}, 0
         for m in names:
-            if m in tg:
-                j = tg.index(m)
-                pads = const(f"lora.{key}.{m}.pads", np.array([0, 0, j * r, 0, 0, (len(tg) - 1 - j) * r], np.int64))
-                parts.append(node("Pad", [f"lora_B.{m}", pads], [f"lora.{key}.{m}.B"], f"lora.{key}.{m}.pad") if len(tg) > 1
-                             else f"lora_B.{m}")
-            else:
-                parts.append(const(f"{key}.lora_zeros.{m}", np.zeros((L, modules[m].out_features, r * len(tg)), np.float32)))
-        b = node("Concat", parts, [f"lora.{key}.B"], f"lora.{key}.B", axis=1)
-        packed_lora[key] = (a, b)
-        return packed_lora[key]
+            cols[m] = c
+            c += modules[m].out_features
+        k_in = modules[names[0]].in_features
+        ln, rn = f"lowrank.{i}.{'+'.join(names)}.L", f"lowrank.{i}.{'+'.join(names)}.R"
+        const(ln, np.zeros((k_in, r * len(tg)), np.float32))
+        const(rn, np.zeros((r * len(tg), c), np.float32))
+        lowrank_inputs.append(helper.make_tensor_value_info(ln, TensorProto.FLOAT, [k_in, r * len(tg)]))
+        lowrank_inputs.append(helper.make_tensor_value_info(rn, TensorProto.FLOAT, [r * len(tg), c]))
+        slots.append({"layer": i, "L": ln, "R": rn, "in": k_in, "out": c, "prefix": 0,
+                      "targets": [[m, cols[m], modules[m].out_features] for m in tg]})
+        # FusedMatMul, not MatMul: weight quantizers must leave these (graph inputs with defaults) alone
+        u = node("FusedMatMul", [inp, ln], [f"{tag}.lr_u"], f"{tag}.lr_u", domain=MS, alpha=1.0)
+        return node("FusedMatMul", [u, rn], [f"{tag}.lr_d"], f"{tag}.lr_d", domain=MS, alpha=1.0)
 
     def linears(prefix, inp, modules: dict, i, split: bool = True):
         """One MatMul for the modules that read the same input (q/k/v, gate/up), plus the group's LoRA
@@ -126,13 +120,8 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
             bias = np.concatenate([t(modules[m].bias) if getattr(modules[m], "bias", None) is not None
                                    else np.zeros(modules[m].out_features, np.float32) for m in names])
             y = node("Add", [y, const(f"{tag}.bias", bias)], [f"{tag}.b"], f"{tag}.bias")
-        packed = group_lora(names, modules)
-        if packed is not None:
-            idx = const(f"idx{i}", np.array(i, np.int64))
-            a = node("Gather", [packed[0], idx], [f"{tag}.A"], f"{tag}.A", axis=0)
-            b = node("Gather", [packed[1], idx], [f"{tag}.B"], f"{tag}.B", axis=0)
-            xa = node("FusedMatMul", [inp, a], [f"{tag}.xa"], f"{tag}.xa", domain=MS, transB=1, alpha=1.0)
-            d = node("FusedMatMul", [xa, b], [f"{tag}.lora"], f"{tag}.lora", domain=MS, transB=1, alpha=scale)
+        d = lowrank(tag, names, modules, i, inp)
+        if d is not None:
             y = node("Add", [y, d], [f"{tag}.out"], f"{tag}.out")
         if len(names) == 1 or not split:
             return [y]
@@ -167,7 +156,6 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
               ["final_norm"], "final_norm", domain=MS, epsilon=eps)
     node("MatMul", [hf, const("lm_head.weight.T", t(graph.head_wT))], ["logits"], "lm_head")
 
-    dims = {m: graph.module_dims()[m] for m in lora_targets}
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
@@ -176,11 +164,9 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> None:
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past.{i}.{kv}", TensorProto.FLOAT, ["batch", nkv, "past", hd]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", nkv, "total", hd]))
-    for tname in lora_targets:
-        fin, fout = dims[tname]
-        inputs.append(helper.make_tensor_value_info(f"lora_A.{tname}", TensorProto.FLOAT, [L, graph.lora.rank, fin]))
-        inputs.append(helper.make_tensor_value_info(f"lora_B.{tname}", TensorProto.FLOAT, [L, fout, graph.lora.rank]))
+    inputs += lowrank_inputs
     g = helper.make_graph(nodes, "edgefm_llama", inputs, outputs, inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                               producer_name="edgefm", ir_version=9)
     onnx.save(model, str(path))
+    return slots

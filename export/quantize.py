@@ -215,10 +215,14 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     """Replace each MatMul(x, const W) (not excluded, K divisible by ``block``) by
     ``MatMulNBits(x, q, s) + (x @ P) @ C``: the symmetric 4-bit kernel (implicit zero point 8) plus
     a per-block offset, P [K, K/block] summing x over each block and C [K/block, N] the offsets.
-    P is shared by the linears reading the same x (q/k/v, gate/up). Returns the names of the new
-    small MatMuls (callers keep them out of later quantization passes)."""
+    P is shared by the linears reading the same x (q/k/v, gate/up). Where the MatMul already has a
+    low-rank LoRA term (``<tag>.lr_u``/``<tag>.lr_d`` over inputs L, R; see ``edge_runtime.lowrank``),
+    P and C are prepended to L's and R's defaults instead: one matmul pair for offsets and LoRA. Returns
+    the names of the new small MatMuls (callers keep them out of later quantization passes)."""
     from onnx import helper, numpy_helper
     inits = {i.name: i for i in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    graph_inputs = {i.name: i for i in model.graph.input}
     aux, nodes, new_inits, sums = [], [], [], {}
     for node in model.graph.node:
         b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -232,13 +236,22 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
         q, s, c = asym_int4_blocks(w, block)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or b
-        new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales"),
-                      numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets")]
+        new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
+        p = np.zeros((K, K // block), np.float32)
+        p[np.arange(K), np.arange(K) // block] = 1.0
+        group = tag[:-len(".mm")] if tag.endswith(".mm") else None
+        lr_u, lr_d = (by_name.get(f"{group}.lr_u"), by_name.get(f"{group}.lr_d")) if group else (None, None)
+        if lr_u is not None and lr_d is not None and lr_u.input[0] == x:
+            nodes.append(helper.make_node("MatMulNBits", [x, f"{b}_Q4a", f"{b}_scales"], [y], name=f"{tag}_Q4a",
+                                          domain="com.microsoft", K=K, N=N, bits=4, block_size=block,
+                                          accuracy_level=accuracy_level))
+            _prepend_lowrank(inits, graph_inputs, lr_u.input[1], p, axis=1)
+            _prepend_lowrank(inits, graph_inputs, lr_d.input[1], np.ascontiguousarray(c.T), axis=0)
+            continue
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
         nodes.append(helper.make_node("MatMulNBits", [x, f"{b}_Q4a", f"{b}_scales"], [f"{y}_q4"], name=f"{tag}_Q4a",
                                       domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level))
         if (x, K) not in sums:
-            p = np.zeros((K, K // block), np.float32)
-            p[np.arange(K), np.arange(K) // block] = 1.0
             pname = f"{x}_blocksum{block}"
             new_inits.append(numpy_helper.from_array(p, f"{pname}_P"))
             nodes.append(helper.make_node("MatMul", [x, f"{pname}_P"], [pname], name=pname))
@@ -256,6 +269,20 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return aux
+
+
+def _prepend_lowrank(inits: dict, graph_inputs: dict, name: str, part: np.ndarray, axis: int) -> None:
+    """Put ``part`` in front of low-rank input ``name``'s default (columns for L, rows for R) and widen
+    the declared input shape to match."""
+    from onnx import numpy_helper
+    init, gi = inits.get(name), graph_inputs.get(name)
+    if init is None or gi is None:
+        raise ExportError(f"low-rank input {name} has no default initializer or is not a graph input")
+    merged = np.concatenate([part.astype(np.float32), numpy_helper.to_array(init)], axis=axis)
+    init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(merged), name))
+    dims = gi.type.tensor_type.shape.dim
+    for d, v in zip(dims, merged.shape):
+        d.dim_value = int(v)
 
 
 class Int4Quantizer(Quantizer):

@@ -11,5 +11,6 @@ from export.tiny import make_tiny_llama  # noqa: E402
 
 out = Path(__file__).parent / "data" / "tiny-bundle"
 shutil.rmtree(out, ignore_errors=True)
-src = make_tiny_llama(Path(tempfile.mkdtemp()) / "tiny")
-build_bundle(str(src), out, BuildOptions(quant=QuantRecipe("fp32"), lora_rank=4, train_batch=4, train_seq=32), log=Progress())
+with tempfile.TemporaryDirectory() as tmp:
+    src = make_tiny_llama(Path(tmp) / "tiny")
+    build_bundle(str(src), out, BuildOptions(quant=QuantRecipe("fp32"), lora_rank=4, train_batch=4, train_seq=32), log=Progress())

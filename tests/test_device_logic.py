@@ -105,3 +105,20 @@ def test_metrics_render():
     text = m.render()
     assert 'edgefm_x_total{a="b"} 2.0' in text and 'edgefm_lat_seconds_bucket{le="0.05"} 1' in text
     assert "edgefm_lat_seconds_count 1" in text
+
+
+def test_lowrank_slot_places_base_prefix_then_each_target():
+    from edge_runtime.lowrank import Slot, pack_slot
+    # q (2 outputs) + k (1) + v (1) share an input of 3; LoRA rank 1 on q and v; a base prefix of width 1
+    slot = Slot(layer=0, L="l", R="r", in_features=3, out_features=4, prefix=1, targets=(("q_proj", 0, 2), ("v_proj", 3, 1)))
+    t = {"layers.0.q_proj.lora_A": np.array([[1.0, 2.0, 3.0]], np.float32), "layers.0.q_proj.lora_B": np.array([[1.0], [-1.0]], np.float32),
+         "layers.0.v_proj.lora_A": np.array([[0.0, 1.0, 0.0]], np.float32), "layers.0.v_proj.lora_B": np.array([[4.0]], np.float32)}
+    L, R = pack_slot(slot, t, rank=1, scale=0.5, base_L=np.ones((3, 1), np.float32), base_R=np.full((1, 4), 0.25, np.float32))
+    np.testing.assert_array_equal(L, [[1, 1, 0], [1, 2, 1], [1, 3, 0]])
+    np.testing.assert_array_equal(R, [[0.25, 0.25, 0.25, 0.25], [0.5, -0.5, 0, 0], [0, 0, 0, 2.0]])
+    x = np.array([[1.0, 1.0, 2.0]], np.float32)
+    # (x @ L) @ R = base (sum(x) * 0.25 everywhere) + q delta (scale * B_q A_q x) in cols 0-1 + v delta in col 3
+    np.testing.assert_allclose(x @ L @ R, [[4 * 0.25 + 0.5 * 9, 4 * 0.25 - 0.5 * 9, 4 * 0.25, 4 * 0.25 + 0.5 * 4]])
+    from edge_runtime.errors import BundleError
+    with pytest.raises(BundleError, match="base part"):
+        pack_slot(slot, t, rank=1, scale=0.5)          # a prefix but no base tensors: refused, not zero-filled

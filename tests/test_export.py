@@ -101,13 +101,14 @@ def test_peft_round_trip_same_logits(tmp_path, tmp_path_factory, tiny_llama_dir)
         np.testing.assert_array_equal(back[k], ours[k])
 
 
-def test_onnx_adapter_file_overrides_lora_inputs(tmp_path, tmp_path_factory, tiny_llama_dir):
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_onnx_adapter_file_overrides_lora_inputs(tmp_path, tmp_path_factory, tiny_llama_dir, quant):
     import onnxruntime as ort
     from edge_runtime.engine import Engine
     from edge_runtime.protocol.adapter import load_adapter, save_adapter
     from export.interop import to_onnx_adapter
     from export.verify import random_adapter
-    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, quant)
     _, meta = load_adapter(b / "adapter.safetensors")
     ours = random_adapter(meta.shapes, seed=3, scale=0.1)
     save_adapter(tmp_path / "a.safetensors", ours, meta)
@@ -255,14 +256,90 @@ def test_fused_graph_packs_lora_per_module_group(tmp_path_factory, tiny_llama_di
               "down_proj": "down"}
     assert sum(n.op_type == "FusedMatMul" for n in g.node) == 2 * layers * len({groups[t] for t in targets})
     assert not any(n.op_type == "Split" and "q_proj+k_proj+v_proj" in n.name for n in g.node)
+    assert len(m.io["lowrank"]) == layers * len({groups[t] for t in targets})       # one slot per group and layer
 
 
-def test_graph_over_the_protobuf_limit_is_refused_up_front(tmp_path, tiny_llama_dir, monkeypatch):
-    import export.build as build
-    from edge_runtime.errors import ExportError
-    from export.quantize import QuantRecipe
-    monkeypatch.setattr(build, "MAX_GRAPH_BYTES", 1000)       # as if the tiny model were a 2 GB one
-    out = tmp_path / "bundle"
-    with pytest.raises(ExportError, match="external data"):
-        build.build_bundle(str(tiny_llama_dir), out, build.BuildOptions(quant=QuantRecipe("int4")), log=build.Progress(quiet=True))
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
+def test_asym_int4_offsets_join_the_lowrank_lora_term():
+    """Where a linear has a low-rank LoRA term, the int4 offsets are prepended to its L/R defaults (no
+    separate offset path) and the packed feeds give exactly x @ (W + scale * A^T B^T) for grid weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from edge_runtime.lowrank import Slot, pack_slot
+    from export.quantize import apply_asym_int4
+    rng = np.random.default_rng(1)
+    K, N, blk, r = 64, 24, 32, 2
+    d = rng.uniform(0.01, 0.03, (N, K // blk, 1))
+    levels = rng.integers(0, 16, (N, K // blk, blk))
+    w = (rng.uniform(-0.3, 0.0, (N, K // blk, 1)) + d * levels).reshape(N, K).T.astype(np.float32)
+    ms = "com.microsoft"
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y0"], name="g.mm"),
+             helper.make_node("FusedMatMul", ["x", "L"], ["u"], name="g.lr_u", domain=ms, alpha=1.0),
+             helper.make_node("FusedMatMul", ["u", "R"], ["dl"], name="g.lr_d", domain=ms, alpha=1.0),
+             helper.make_node("Add", ["y0", "dl"], ["y"], name="g.out")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K]),
+                                           helper.make_tensor_value_info("L", TensorProto.FLOAT, [K, r]),
+                                           helper.make_tensor_value_info("R", TensorProto.FLOAT, [r, N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, N])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros((K, r), np.float32), "L"),
+                               numpy_helper.from_array(np.zeros((r, N), np.float32), "R")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)], ir_version=9)
+    assert apply_asym_int4(model, blk, accuracy_level=1, exclude=set()) == []      # no separate offset nodes
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "FusedMatMul", "FusedMatMul", "Add"]
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    prefix = K // blk
+    assert inits["L"].shape == (K, prefix + r) and inits["R"].shape == (prefix + r, N)
+    assert [d.dim_value for d in model.graph.input[1].type.tensor_type.shape.dim] == [K, prefix + r]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 3, K)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w, rtol=1e-4, atol=1e-4)   # defaults: the base
+    a, b = rng.standard_normal((r, K)).astype(np.float32), rng.standard_normal((N, r)).astype(np.float32)
+    slot = Slot(0, "L", "R", K, N, prefix, (("m", 0, N),))
+    L, R = pack_slot(slot, {"layers.0.m.lora_A": a, "layers.0.m.lora_B": b}, r, 0.5, inits["L"][:, :prefix], inits["R"][:prefix])
+    np.testing.assert_allclose(sess.run(None, {"x": x, "L": L, "R": R})[0], x @ (w + 0.5 * a.T @ b.T), rtol=1e-4, atol=1e-4)
+
+
+def test_int4_bundle_feeds_lora_through_the_offset_slots(tmp_path, tiny_llama_dir):
+    """A real int4 bundle: q/k/v offsets live in the low-rank slots (lowrank.safetensors holds them),
+    the other groups keep their offset path. With weights already on the 4-bit grid and fp32 compute
+    (accuracy level 1) the int4 graph is exact, so with an adapter it must give the fp32 bundle's logits."""
+    import shutil
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+    from edge_runtime.engine import Engine
+    from edge_runtime.protocol.adapter import load_adapter
+    from export.build import BuildOptions, Progress, build_bundle
+    from export.quantize import QuantRecipe, asym_int4_blocks
+    from export.verify import random_adapter
+    src = tmp_path / "grid"
+    shutil.copytree(tiny_llama_dir, src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():   # snap every decoder linear onto the asym grid (blocks of 32 along the input)
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                q, sc, c = asym_int4_blocks(mod.weight.numpy().T, 32)
+                rec = (sc[..., None] * (q.astype(np.float32) - 8) + c[..., None]).reshape(mod.out_features, -1)
+                mod.weight.copy_(torch.from_numpy(rec))
+    model.save_pretrained(src)
+    bundles = {}
+    for name, recipe in (("fp32", QuantRecipe("fp32")), ("int4", QuantRecipe("int4", accuracy_level=1, head="fp32"))):
+        bundles[name] = tmp_path / name
+        build_bundle(str(src), bundles[name], BuildOptions(quant=recipe, lora_rank=4, with_training=False, verify=False),
+                     log=Progress(quiet=True))
+    m = Engine(bundles["int4"]).manifest
+    assert m.io["lora_layout"] == "lowrank" and "lowrank.safetensors" in m.files
+    assert all(sl["prefix"] == int(m.model["hidden"]) // 32 for sl in m.io["lowrank"])
+    names = [n.name for n in onnx.load(str(bundles["int4"] / "model.onnx"), load_external_data=False).graph.node]
+    assert not any("q_proj+k_proj+v_proj" in n and n.endswith("_offset") for n in names)
+    assert any("down_proj" in n and n.endswith("_offset") for n in names)
+    _, meta = load_adapter(bundles["int4"] / "adapter.safetensors")
+    ad = random_adapter(meta.shapes, seed=11, scale=0.3)
+    out = {}
+    for q, b in bundles.items():
+        eng = Engine(b)
+        ids = eng.encode("pump 3 pressure rising")
+        args = (np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None], eng.empty_past(1))
+        out[q] = (eng.forward(*args)[0], eng.forward(*args, eng.make_active(ad, meta))[0])
+    assert np.abs(out["fp32"][1] - out["fp32"][0]).max() > 0.5                 # the adapter changes the logits
+    np.testing.assert_allclose(out["int4"][0], out["fp32"][0], atol=2e-4)      # base: exact on grid weights
+    np.testing.assert_allclose(out["int4"][1], out["fp32"][1], atol=2e-4)      # with the adapter: the same
