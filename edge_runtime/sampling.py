@@ -7,9 +7,9 @@ import numpy as np
 def sample_next(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 rng: np.random.Generator | None = None) -> int:
     """Pick a token id from one row of logits; temperature 0 means greedy."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if temperature <= 0:
+    if temperature <= 0:  # argmax needs no float64 copy of the vocabulary-sized row (once per token)
         return int(np.argmax(logits))
+    logits = np.asarray(logits, dtype=np.float64)
     z = logits / temperature
     if 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
