@@ -64,11 +64,17 @@ def _http(url: str, body: dict | None = None, timeout: float = 60) -> dict:
 def cached_bundle(model: str, profile: str, *, train_batch: int = 4, train_seq: int = 64, log=print, quiet: bool = False) -> Path:
     """Export ``model`` for a device profile once (training graph batch x seq) and reuse it from the cache."""
     import argparse
-    from export.build import Progress, build_bundle
+    import shutil
+    from export.build import BUNDLE_FORMAT, Progress, build_bundle
     from export.cli import build_options
     from export.source import cache_root
     name = Path(model).name.replace(".", "-")
-    out = cache_root() / "bundles" / f"{name}-{profile}-b{train_batch}s{train_seq}"
+    key = f"{name}-{profile}-b{train_batch}s{train_seq}"
+    out = cache_root() / "bundles" / f"{key}-f{BUNDLE_FORMAT}"
+    for stale in out.parent.glob(f"{key}*"):  # bundles an older exporter wrote for the same settings
+        if stale != out and (stale.name == key or stale.name.startswith(f"{key}-f")):
+            log(f"removing {stale.name} (written by an older exporter)")
+            shutil.rmtree(stale, ignore_errors=True)
     if not (out / "manifest.json").is_file():
         log(f"exporting {model} for profile {profile} (once; cached in {out})")
         args = argparse.Namespace(quant=None, block_size=None, accuracy_level=None, head=None, task=None, lora_rank=None,

@@ -25,6 +25,9 @@ from export.llama_onnx import build_llama_onnx, unsupported
 from export.quantize import QuantRecipe, quantize_graph
 
 OPSET = 18
+# Raised whenever bundles from this exporter differ in layout from earlier ones (2: per-layer low-rank LoRA
+# inputs in fused decoder graphs); caches of exported bundles key on it so an upgrade re-exports once.
+BUNDLE_FORMAT = 2
 # one ONNX protobuf holds at most 2 GiB; graphs are written whole (no external data yet)
 MAX_GRAPH_BYTES = 2_000_000_000
 
@@ -401,7 +404,8 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         save_adapter(tmp / "adapter.safetensors", adapter, meta)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         import onnxruntime
-        versions = {"edgefm": "0.1.0", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+        versions = {"edgefm": "0.1.0", "bundle_format": str(BUNDLE_FORMAT), "torch": torch.__version__,
+                    "onnxruntime": onnxruntime.__version__}
         for mod in ("transformers", "onnx", "optimum"):
             try:
                 versions[mod] = __import__(mod).__version__
