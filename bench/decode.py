@@ -110,6 +110,45 @@ def weight_bytes_per_token(path: Path) -> int:
     return total
 
 
+def kernel_floor(variant: str) -> dict:
+    """The 4/8-bit matmul kernels alone: every MatMulNBits node of the bundle's graph, fed from graph
+    inputs of the right width, run once per "token" on 2 threads (the weights do not fit the caches, so
+    each run streams them from memory as a decode step does). Its time bounds the roofline ratio
+    that any graph around these kernels can reach."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    m = onnx.load(str(bundle_for(variant) / "model.onnx"))
+    keep = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    used = {i for n in keep for i in n.input[1:] if i}
+    inits = [i for i in m.graph.initializer if i.name in used]
+    attrs = [{a.name: a.i for a in n.attribute} for n in keep]
+    widths = sorted({a["K"] for a in attrs})
+    nodes = [helper.make_node("MatMulNBits", [f"x{a['K']}", *n.input[1:]], [f"y{j}"], domain="com.microsoft", **a)
+             for j, (n, a) in enumerate(zip(keep, attrs))]
+    g = helper.make_graph(nodes, "kernels", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
+                          [helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, None) for j in range(len(nodes))], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=9)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 2, 1, 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    b = sess.io_binding()
+    for k in widths:
+        b.bind_cpu_input(f"x{k}", np.random.default_rng(0).standard_normal((1, k)).astype(np.float32))
+    for o in sess.get_outputs():
+        b.bind_output(o.name, "cpu")
+    for _ in range(10):
+        sess.run_with_iobinding(b)
+    best = float("inf")
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        for _ in range(50):
+            sess.run_with_iobinding(b)
+        best = min(best, (time.perf_counter() - t) / 50)
+    nbytes = sum(len(i.raw_data) for i in inits)
+    return {"ms": best * 1e3, "mb": nbytes / 1e6, "gbs": nbytes / best / 1e9, "nodes": len(nodes)}
+
+
 def memory_bandwidth_gbs() -> float:
     """Copy bandwidth (read + write bytes per second), best of 5, 512 MB buffers."""
     a = np.ones(64 * 2**20, np.float64)
@@ -131,6 +170,8 @@ def main() -> None:
     if args.child:
         if args.child == "bandwidth":
             res = {"bw_gbs": memory_bandwidth_gbs()}
+        elif args.child.startswith("floor:"):
+            res = kernel_floor(args.child.split(":", 1)[1])
         else:
             res = child_torch(args.tokens) if args.child == "torch" else child_onnx(args.child, args.tokens)
         print(json.dumps(res))
@@ -145,6 +186,7 @@ def main() -> None:
         res[v] = run_json([PY, __file__, "--child", v, "--tokens", str(args.tokens)])
         if v != "torch":  # next to each timing, in its own process (its buffers must not count in a variant's RSS)
             seen.append(run_json([PY, __file__, "--child", "bandwidth"])["bw_gbs"])
+    floor = run_json([PY, __file__, "--child", "floor:int4"]) if "int4" in variants else None
     bw = max(seen)  # the highest bandwidth seen anywhere in the run: the most demanding roofline
     base = res.get("torch")
     rows = []
@@ -173,6 +215,16 @@ embedding table and the LoRA tensors; of the low-rank LoRA inputs, the int4 offs
 | variant | model file | decode tok/s (best / median) | vs torch | time to first token | peak RSS | perplexity | vs fp32 | roofline use (tok/s) |
 |---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n\nGoals (issue 3): int4 >= 4x torch decode tok/s and >= 50% of roofline; int4 / int8 perplexity within 5% / 1% of fp32."
+    if floor:
+        r4 = res["int4"]
+        roof_ms = r4["weight_bytes_per_token"] / (bw * 1e9) * 1e3
+        body += f"""
+
+What bounds the int4 ratio, measured in this run: the {floor['nodes']} MatMulNBits kernels of the int4 graph alone
+({floor['mb']:.0f} MB of 4/8-bit weights, nothing else in the graph) take {floor['ms']:.2f} ms per token on 2 threads =
+{floor['gbs']:.1f} GB/s, against the {roof_ms:.2f} ms the roofline allows for the whole step ({r4['weight_bytes_per_token'] / 1e6:.0f} MB at {bw:.1f} GB/s):
+with every other operation free the ratio would be {roof_ms / floor['ms']:.0%}. The full step takes {1e3 / r4['tok_s']:.2f} ms; attention, the
+offsets of o/gate-up/down, norms and the run itself are the other {1e3 / r4['tok_s'] - floor['ms']:.2f} ms (docs/architecture.md, Known limits)."""
     record("SmolLM2-135M decode and perplexity (issue 3)", body, f"python bench/decode.py --tokens {args.tokens} --variants {args.variants}")
 
 
