@@ -231,11 +231,11 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     graph_inputs = {i.name: i for i in model.graph.input}
     aux, nodes, new_inits, sums = [], [], [], {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    small: dict[str, str] = {}
+    small: set[str] = set()
 
     def const_i64(name: str, values) -> str:
         if name not in small:
-            small[name] = name
+            small.add(name)
             new_inits.append(numpy_helper.from_array(np.array(values, np.int64), name))
         return name
 
@@ -268,7 +268,7 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
                                       domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level))
         if (x, K) not in sums:
             pname = f"{x}_blocksum{block}"
-            if opset >= 15:  # reshape to [..., K/block, block] and sum: no P matrix to read (~5-15 us cold per linear)
+            if opset >= 15:  # reshape to [..., K/block, block] and sum: no 0/1 matrix to store or read
                 nb = const_i64(f"blocks{K // block}x{block}", [K // block, block])
                 nodes += [helper.make_node("Shape", [x], [f"{pname}_lead"], name=f"{pname}_lead", end=-1),
                           helper.make_node("Concat", [f"{pname}_lead", nb], [f"{pname}_shape"], name=f"{pname}_shape", axis=0),
