@@ -89,7 +89,10 @@ class LowRankLayout:
             if not path.is_file():
                 raise BundleError(f"{bundle_dir}: {BASE_FILE} is missing (the base part of the low-rank inputs)")
             from safetensors.numpy import load_file
-            base = load_file(str(path))
+            try:
+                base = load_file(str(path))
+            except Exception as exc:  # the format library's own errors, translated at the boundary
+                raise BundleError(f"{path}: unreadable ({exc}); re-export the bundle") from None
         rank = int(manifest.adapter["rank"])
         return cls(slots, rank, float(manifest.adapter["alpha"]) / rank, base)
 
