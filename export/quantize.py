@@ -252,15 +252,13 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or b
         new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
-        p = np.zeros((K, K // block), np.float32)
-        p[np.arange(K), np.arange(K) // block] = 1.0
         group = tag[:-len(".mm")] if tag.endswith(".mm") else None
         lr_u, lr_d = (by_name.get(f"{group}.lr_u"), by_name.get(f"{group}.lr_d")) if group else (None, None)
         if lr_u is not None and lr_d is not None and lr_u.input[0] == x:
             nodes.append(helper.make_node("MatMulNBits", [x, f"{b}_Q4a", f"{b}_scales"], [y], name=f"{tag}_Q4a",
                                           domain="com.microsoft", K=K, N=N, bits=4, block_size=block,
                                           accuracy_level=accuracy_level))
-            _prepend_lowrank(inits, graph_inputs, lr_u.input[1], p, axis=1)
+            _prepend_lowrank(inits, graph_inputs, lr_u.input[1], block_sum_matrix(K, block), axis=1)
             _prepend_lowrank(inits, graph_inputs, lr_d.input[1], np.ascontiguousarray(c.T), axis=0)
             continue
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
@@ -276,7 +274,7 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
                           helper.make_node("ReduceSum", [f"{pname}_blocks", const_i64("axis_last", [-1])], [pname],
                                            name=pname, keepdims=0)]
             else:
-                new_inits.append(numpy_helper.from_array(p, f"{pname}_P"))
+                new_inits.append(numpy_helper.from_array(block_sum_matrix(K, block), f"{pname}_P"))
                 nodes.append(helper.make_node("MatMul", [x, f"{pname}_P"], [pname], name=pname))
                 aux.append(pname)
             sums[(x, K)] = pname
@@ -292,6 +290,13 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return aux
+
+
+def block_sum_matrix(K: int, block: int) -> np.ndarray:
+    """P [K, K/block] with x @ P = the sums of x over each block of ``block`` inputs."""
+    p = np.zeros((K, K // block), np.float32)
+    p[np.arange(K), np.arange(K) // block] = 1.0
+    return p
 
 
 def _prepend_lowrank(inits: dict, graph_inputs: dict, name: str, part: np.ndarray, axis: int) -> None:
