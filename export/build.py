@@ -22,14 +22,13 @@ from edge_runtime.protocol.adapter import AdapterMeta, lora_names, save_adapter
 from edge_runtime.protocol.manifest import Manifest, hash_files
 from export.graphs import BERT_TARGETS, LLAMA_TARGETS, BertGraph, LlamaGraph, LoraSpec, lora_input_names
 from export.llama_onnx import build_llama_onnx, unsupported
+from export import onnxfile
 from export.quantize import QuantRecipe, quantize_graph
 
 OPSET = 18
 # Raised whenever bundles from this exporter differ in layout from earlier ones (2: per-layer low-rank LoRA
 # inputs in fused decoder graphs); caches of exported bundles key on it so an upgrade re-exports once.
 BUNDLE_FORMAT = 2
-# one ONNX protobuf holds at most 2 GiB; graphs are written whole (no external data yet)
-MAX_GRAPH_BYTES = 2_000_000_000
 
 
 class Progress:
@@ -45,8 +44,10 @@ class Progress:
 
 
 def mb(path: Path) -> str:
-    """Human size of a file."""
-    return f"{Path(path).stat().st_size / 1e6:.1f} MB"
+    """Human size of a file (a graph with its external data file, if it has one)."""
+    data = onnxfile.data_file(path)
+    extra = data.stat().st_size if data.is_file() else 0
+    return f"{(Path(path).stat().st_size + extra) / 1e6:.1f} MB" + (" (external data)" if extra else "")
 
 
 @dataclasses.dataclass
@@ -81,16 +82,17 @@ class BuildOptions:
             raise ExportError(f"LoRA targets {bad} do not exist for {self.task}; choose from {list(allowed)}")
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None, optimize: bool = True):
+def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None, optimize: bool = True,
+            external: bool = False):
     """torch.onnx (dynamo) export. ``optimize=False`` skips onnxscript's rewrite passes: on a training
     graph of ~10k nodes they take ~70% of the export time (minutes) for what onnxruntime's own
-    optimizer does again at load."""
+    optimizer does again at load. ``external``: weights to ``<file>.data`` (graphs over 2 GB)."""
     import torch
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, tuple(args), str(path), input_names=input_names, output_names=output_names,
-                          dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=False,
+                          dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=external,
                           verbose=False, optimize=optimize)
 
 
@@ -99,7 +101,6 @@ def simplify_offline(path: Path) -> None:
     subexpressions, redundant nodes) applied once at export and saved in standard operators, then
     constant transposes of frozen weights folded: the unoptimized training export has ~33k nodes,
     ~11k after this."""
-    import onnx
     import onnxruntime as ort
     from export.quantize import fold_initializer_transposes
     so = ort.SessionOptions()
@@ -107,11 +108,14 @@ def simplify_offline(path: Path) -> None:
     so.log_severity_level = 3
     out = path.with_suffix(".opt.onnx")
     so.optimized_model_filepath = str(out)
+    if onnxfile.has_external_data(path):  # the optimized copy must not be one protobuf either
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", onnxfile.data_file(out).name)
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(out))
+    model = onnxfile.load(out)
     fold_initializer_transposes(model)
-    onnx.save(model, str(path))
-    out.unlink()
+    onnxfile.save(model, path, external=onnxfile.has_external_data(path) or None)
+    onnxfile.remove(out)
 
 
 def initial_adapter(dims: dict[str, tuple[int, int]], targets, layers: int, rank: int, seed: int) -> dict[str, np.ndarray]:
@@ -128,7 +132,7 @@ def initial_adapter(dims: dict[str, tuple[int, int]], targets, layers: int, rank
     return out
 
 
-def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
+def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, external: bool = False) -> dict:
     """Inference graph with KV cache (dynamic batch/seq/past) and the training graph (fixed batch/seq)."""
     import torch
     from torch.export import Dim
@@ -160,11 +164,12 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log) -> dict:
         log(f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
             + (f"; the fused builder does not cover {why_not}" if why_not else ""))
         _export(graph, (ids, mask, pos, *past, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
-                ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))))
+                ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))),
+                external=external)
     log(f"inference graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training:
         log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_batch} x seq {opts.train_seq})")
-        _export_train(graph, tmp, opts, loras, log)
+        _export_train(graph, tmp, opts, loras, log, external=external)
     return io
 
 
@@ -242,7 +247,7 @@ def classification_loss(graph: BertGraph, targets):
     return loss_fn
 
 
-def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log) -> None:
+def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log, *, external: bool = False) -> None:
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
     loss_fn = (causal_lm_loss(graph, opts.lora_targets, fused=True) if opts.task == "causal-lm"
@@ -270,12 +275,13 @@ def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log) -> None:
     names = lora_input_names(opts.lora_targets)
     third_name = "loss_mask" if opts.task == "causal-lm" else "labels"
     _export(Step(gm), (ids, am, third, *lora_rand), tmp / "train.fp32.onnx",
-            ["input_ids", "attention_mask", third_name] + names, ["loss"] + [f"grad.{n}" for n in names], optimize=False)
+            ["input_ids", "attention_mask", third_name] + names, ["loss"] + [f"grad.{n}" for n in names], optimize=False,
+            external=external)
     simplify_offline(tmp / "train.fp32.onnx")
     log(f"training graph: {mb(tmp / 'train.fp32.onnx')}")
 
 
-def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log) -> dict:
+def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, external: bool = False) -> dict:
     """Encoder graph (dynamic batch/seq) and, for classification, the training graph."""
     import torch
     from torch.export import Dim
@@ -292,34 +298,32 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log) -> dict:
     B, S = Dim("batch"), Dim("seq")
     log(f"exporting {opts.task} graph ({L} layers)")
     _export(graph, (ids, mask, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
-            ({0: B, 1: S}, {0: B, 1: S}, tuple({} for _ in loras)))
+            ({0: B, 1: S}, {0: B, 1: S}, tuple({} for _ in loras)), external=external)
     log(f"encoder graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training and opts.task == "classification":
-        _export_train(graph, tmp, opts, loras, log)
+        _export_train(graph, tmp, opts, loras, log, external=external)
     return io
 
 
 def add_lora_defaults(path: Path, shapes: dict[str, list[int]]) -> None:
     """Give each LoRA input a zero initializer of the same name: not feeding it serves the base model."""
-    import onnx
     from onnx import numpy_helper
-    model = onnx.load(str(path))
+    model = onnxfile.load(path)
     have = {i.name for i in model.graph.initializer}
     for name, shape in shapes.items():
         if name not in have:
             model.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), name))
-    onnx.save(model, str(path))
+    onnxfile.save(model, path)
 
 
 def finish_lowrank(model_path: Path, slots: list[dict], rank: int, out_dir: Path) -> list[dict]:
     """After quantization: the base prefix a quantizer put in front of each low-rank input's default
     (asymmetric int4 offsets) goes to ``lowrank.safetensors`` and its width into the slot, so the
     engine can rebuild the inputs for any adapter. Returns the updated slots."""
-    import onnx
     from onnx import numpy_helper
     from safetensors.numpy import save_file
     from edge_runtime.lowrank import BASE_FILE
-    model = onnx.load(str(model_path))
+    model = onnxfile.load(model_path)
     inits = {i.name: i for i in model.graph.initializer}
     base, out = {}, []
     for sl in slots:
@@ -357,14 +361,15 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         log(f"loaded {config.model_type}: {nparams / 1e6:.1f}M parameters in {time.time() - t:.1f}s")
         tied = family == "llama" and getattr(config, "tie_word_embeddings", False)
         fp32_bytes = 4 * (nparams + (hf.get_input_embeddings().weight.numel() if tied else 0))  # + the head's own copy
-        if fp32_bytes > MAX_GRAPH_BYTES:
-            raise ExportError(f"{config.model_type} with {nparams / 1e6:.0f}M parameters makes a {fp32_bytes / 1e9:.1f} GB fp32 "
-                              f"graph; ONNX files over 2 GB need external data, which this exporter does not write yet "
-                              f"(models up to ~{MAX_GRAPH_BYTES / 4 / 1e6 * 0.85:.0f}M parameters export)")
+        external = fp32_bytes > onnxfile.EXTERNAL_DATA_BYTES
+        if external:
+            log(f"fp32 graphs of {fp32_bytes / 1e9:.1f} GB pass protobuf's 2 GB limit: their weights go to <graph>.onnx.data "
+                f"files (graphs that quantization brings under the limit are single files again)")
         spec = LoraSpec(tuple(opts.lora_targets), opts.lora_rank, opts.lora_alpha)
         with torch.no_grad():
             graph = LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()
-        io = export_llama(graph, tmp, opts, log) if family == "llama" else export_bert(graph, tmp, opts, log)
+        io = (export_llama(graph, tmp, opts, log, external=external) if family == "llama"
+              else export_bert(graph, tmp, opts, log, external=external))
         module_dims = graph.module_dims()
         layers = int(dims["layers"])
         stacked_shapes = {}
@@ -386,7 +391,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             elif g == "model":
                 add_lora_defaults(tmp / "model.onnx", stacked_shapes)
             log(f"quantized {g} graph ({applied[g]}): {mb(src_g)} -> {mb(tmp / f'{g}.onnx')} in {time.time() - t:.1f}s")
-            src_g.unlink()
+            onnxfile.remove(src_g)
         # tokenizer
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(src)

@@ -168,5 +168,6 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
     g = helper.make_graph(nodes, "edgefm_llama", inputs, outputs, inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
                               producer_name="edgefm", ir_version=9)
-    onnx.save(model, str(path))
+    from export import onnxfile
+    onnxfile.save(model, path)   # external data beside it when the weights pass protobuf's limit
     return slots

@@ -26,7 +26,6 @@ each block: exact for grid-sourced weights, a better min/max fit than RTN for an
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +33,7 @@ import numpy as np
 import onnx
 
 from edge_runtime.errors import ExportError
+from export import onnxfile
 
 
 @dataclasses.dataclass
@@ -151,7 +151,7 @@ class Quantizer:
 
     def apply(self, src: Path, dst: Path, recipe: QuantRecipe, *, head: list[str], sensitive: list[str]) -> None:
         """Write a quantized copy of ``src`` to ``dst``."""
-        shutil.copyfile(src, dst)
+        onnxfile.copy(src, dst)
 
 
 class Int8DynamicQuantizer(Quantizer):
@@ -164,6 +164,7 @@ class Int8DynamicQuantizer(Quantizer):
         # MatMul only: quantizing the embedding Gather makes decode slower (dequantize every step).
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_exclude=head if recipe.head == "fp32" else [],
+                         use_external_data_format=onnxfile.has_external_data(src),
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
@@ -174,9 +175,9 @@ class Int8WeightOnlyQuantizer(Quantizer):
     name = "int8"
 
     def apply(self, src, dst, recipe, *, head, sensitive):
-        model = onnx.load(str(src))
+        model = onnxfile.load(src)
         fold_initializer_transposes(model)
-        onnx.save(_nbits(model, 8, recipe, exclude=head if recipe.head == "fp32" else []), str(dst))
+        onnxfile.save(_nbits(model, 8, recipe, exclude=head if recipe.head == "fp32" else []), dst)
 
 
 def asym_int4_blocks(w: np.ndarray, block: int, divisors=(15, 14, 13, 12)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,7 +319,7 @@ class Int4Quantizer(Quantizer):
 
     def apply(self, src, dst, recipe, *, head, sensitive):
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
-        model = onnx.load(str(src))
+        model = onnxfile.load(src)
         keep8 = list(sensitive) + (head if recipe.head == "int8" else [])
         keep32 = head if recipe.head == "fp32" else []
         if recipe.algo == "asym":
@@ -328,7 +329,7 @@ class Int4Quantizer(Quantizer):
             model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
         if keep8:  # second pass: what is still a float MatMul (minus fp32-kept nodes) goes 8-bit
             model = _nbits(model, 8, recipe, exclude=keep32)
-        onnx.save(model, str(dst))
+        onnxfile.save(model, dst)
 
 
 class Nf4Quantizer(Quantizer):
@@ -336,14 +337,14 @@ class Nf4Quantizer(Quantizer):
 
     def apply(self, src, dst, recipe, *, head, sensitive):
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
-        model = onnx.load(str(src))
+        model = onnxfile.load(src)
         keep = list(sensitive) + head if recipe.head != "quant" else list(sensitive)
         q = MatMulBnb4Quantizer(model, quant_type=MatMulBnb4Quantizer.NF4, block_size=recipe.block_size, nodes_to_exclude=keep)
         q.process()
         model = q.model.model
         if recipe.head == "int8" or sensitive:
             model = _nbits(model, 8, recipe, exclude=head if recipe.head == "fp32" else [])
-        onnx.save(model, str(dst))
+        onnxfile.save(model, dst)
 
 
 QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (Quantizer(), Int8DynamicQuantizer(), Int4Quantizer(), Nf4Quantizer(),

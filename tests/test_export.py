@@ -344,3 +344,28 @@ def test_int4_bundle_feeds_lora_through_the_offset_slots(tmp_path, tiny_llama_di
     assert np.abs(out["fp32"][1] - out["fp32"][0]).max() > 0.5                 # the adapter changes the logits
     np.testing.assert_allclose(out["int4"][0], out["fp32"][0], atol=2e-4)      # base: exact on grid weights
     np.testing.assert_allclose(out["int4"][1], out["fp32"][1], atol=2e-4)      # with the adapter: the same
+
+
+@pytest.mark.parametrize("quant,torch_graph", [("int4", False), ("fp32", True)], ids=["int4-fused", "fp32-torch-onnx"])
+def test_graphs_over_the_size_limit_keep_weights_in_external_data(tmp_path, tiny_llama_dir, monkeypatch, quant, torch_graph):
+    """As if the tiny model were a 2 GB one: every graph goes through external data (torch export,
+    offline simplification of the training graph, quantization, LoRA defaults) and the bundle serves
+    the same logits as one written as single files."""
+    import export.onnxfile as onnxfile
+    from edge_runtime.engine import Engine
+    from edge_runtime.protocol.manifest import verify_files
+    from export.build import BuildOptions, Progress, build_bundle
+    from export.quantize import QuantRecipe
+    ref = tiny_bundle(tmp_path / "ref", tiny_llama_dir, quant, torch_inference_graph=torch_graph)
+    monkeypatch.setattr(onnxfile, "EXTERNAL_DATA_BYTES", 1000)
+    out = tmp_path / "big"
+    build_bundle(str(tiny_llama_dir), out, BuildOptions(quant=QuantRecipe(quant), lora_rank=4, train_batch=4, train_seq=32,
+                                                        torch_inference_graph=torch_graph), log=Progress(quiet=True))
+    m = verify_files(out)                                    # the data files are hashed like every other file
+    assert {"model.onnx.data", "train.onnx.data"} <= set(m.files), sorted(m.files)
+    assert not [p.name for p in out.iterdir() if ".fp32" in p.name or ".opt" in p.name]   # no leftovers
+    a, b = Engine(out), Engine(ref)
+    ids = a.encode("valve 7 closed at noon")
+    args = (np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None], a.empty_past(1))
+    np.testing.assert_allclose(a.forward(*args)[0], b.forward(*args)[0], atol=1e-5)
+    assert list(a.generate(ids, max_new_tokens=5, stop_ids=set())) == list(b.generate(ids, max_new_tokens=5, stop_ids=set()))
