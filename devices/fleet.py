@@ -64,7 +64,6 @@ def _http(url: str, body: dict | None = None, timeout: float = 60) -> dict:
 def cached_bundle(model: str, profile: str, *, train_batch: int = 4, train_seq: int = 64, log=print, quiet: bool = False) -> Path:
     """Export ``model`` for a device profile once (training graph batch x seq) and reuse it from the cache."""
     import argparse
-    import shutil
     from export.build import BUNDLE_FORMAT, Progress, build_bundle
     from export.cli import build_options
     from export.source import cache_root

@@ -45,10 +45,6 @@ class Slot:
         return cls(int(d["layer"]), str(d["L"]), str(d["R"]), int(d["in"]), int(d["out"]), int(d.get("prefix", 0)),
                    tuple((str(m), int(o), int(n)) for m, o, n in d["targets"]))
 
-    def to_json(self) -> dict:
-        return {"layer": self.layer, "L": self.L, "R": self.R, "in": self.in_features, "out": self.out_features,
-                "prefix": self.prefix, "targets": [list(t) for t in self.targets]}
-
 
 def pack_slot(slot: Slot, tensors: dict[str, np.ndarray], rank: int, scale: float,
               base_L: np.ndarray | None = None, base_R: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
