@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                                 timeout_s=args.timeout)
         else:
             opts = FleetOptions(devices=args.devices, rounds=args.rounds, model="smollm2", out=args.out, profile="rpi5",
-                                data="stdlib", steps_per_round=4, learning_rate=1e-3, examples_per_device=32,
+                                data="stdlib", steps_per_round=4, examples_per_device=32,
                                 heldout_per_domain=4, round_timeout_s=300, timeout_s=1500)
         report = Fleet(opts).run()
         print(json.dumps({k: report[k] for k in ("rounds_completed", "final_version", "nothing_lost", "inference_latency_ms")}, indent=2))

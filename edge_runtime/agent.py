@@ -5,6 +5,8 @@ Serving never waits on training, the broker or the coordinator.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import json
@@ -25,7 +27,8 @@ from edge_runtime.engine import ActiveAdapter, Engine
 from edge_runtime.errors import ConfigError, EdgefmError, ProtocolError, TrainingError
 from edge_runtime.metrics import Metrics
 from edge_runtime.optim import AdamWConfig
-from edge_runtime.policy import TrainDecision, TrainPolicy, decide
+from edge_runtime.gate import GateDecision, GatePolicy, decide_gate
+from edge_runtime.policy import TrainDecision, TrainPolicy, decide, session_key, session_steps
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, load_adapter, save_adapter
 from edge_runtime.protocol.codec import CodecSpec
 from edge_runtime.protocol.messages import GlobalPointer, UpdateHeader, check_id, encode_update
@@ -33,6 +36,11 @@ from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
 
 log = logging.getLogger("edgefm.agent")
+
+# Training defaults, chosen by bench/learning.py through real agents (see BENCHMARKS.md); the fleet and
+# the benchmarks use these same values.
+LEARNING_RATE = 1e-3
+PROX_MU = 0.0
 
 
 class AgentState(str, enum.Enum):
@@ -59,14 +67,22 @@ class AgentConfig:
     profile: str | None = None
     threads_inference: int = 2
     threads_training: int = 1
-    steps_per_round: int = 8
+    steps_per_round: int = 8              # a session's minimum steps; more when new data needs them (max_steps_per_session)
+    max_steps_per_session: int = 64
     max_train_seconds: float = 120.0
     min_new_examples: int = 16
-    learning_rate: float = 2e-4
+    learning_rate: float = LEARNING_RATE
+    prox_mu: float = PROX_MU              # proximal pull towards the adapter a session started from (0: off)
+    replay_fraction: float = 0.25         # share of each batch drawn from already-used examples while new ones remain
     train_cooldown_s: float = 5.0
     auto_train: bool = True
     keep_adapters: int = 5
-    eval_tolerance: float = 0.02          # adopt a candidate unless held-out loss worsens by more than this (relative)
+    keep_refused: int = 3                 # candidates the gate refused, kept for inspection or activation by hand
+    gate_z: float = 1.645                 # a candidate is "worse" when its held-out loss is this many standard errors worse
+    max_forgetting: float = 0.05          # refuse candidates whose general-text perplexity rises more than this over the base
+    gate_heldout_limit: int = 64          # held-out examples the gate scores
+    anchor_file: str | None = None        # general-text passages for the forgetting check (default: shipped set; "" = off)
+    mqtt_keepalive_s: int = 15
     max_prompt_tokens: int = 2048
     max_request_bytes: int = 1 << 20
     max_examples: int = 100_000
@@ -95,6 +111,12 @@ class AgentConfig:
             raise ConfigError("trainer_backend = 'torch' needs torch_model (the source checkpoint directory)")
         if self.keep_adapters < 1:
             raise ConfigError("keep_adapters must be >= 1")
+        if not 0 <= self.replay_fraction < 1:
+            raise ConfigError("replay_fraction must be in [0, 1)")
+        if self.steps_per_round < 1 or self.max_steps_per_session < self.steps_per_round:
+            raise ConfigError("steps_per_round must be >= 1 and max_steps_per_session >= steps_per_round")
+        if self.learning_rate <= 0 or self.prox_mu < 0 or self.max_forgetting < 0:
+            raise ConfigError("learning_rate must be > 0, prox_mu and max_forgetting >= 0")
         CodecSpec(self.update_codec, self.update_compression)
 
     @classmethod
@@ -114,7 +136,7 @@ def profile_defaults(name: str) -> dict[str, Any]:
     t = p.training
     return {"threads_inference": p.threads_inference, "threads_training": p.threads_training,
             "steps_per_round": t.get("steps_per_round", 8), "max_train_seconds": t.get("max_seconds_per_round", 120),
-            "min_new_examples": t.get("min_new_examples", 16), "learning_rate": t.get("learning_rate", 2e-4),
+            "min_new_examples": t.get("min_new_examples", 16), "learning_rate": t.get("learning_rate", LEARNING_RATE),
             "profile": p.name}
 
 
@@ -138,7 +160,14 @@ class Agent:
         self._inflight_lock = threading.Lock()
         self._train_lock = threading.Lock()
         self._swap_lock = threading.Lock()
-        self._train_now = threading.Event()
+        # Work handed to the agent's own worker thread (never done on MQTT's network thread or a request thread):
+        self._work_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._train_requested = False
+        self._train_waiters: list[concurrent.futures.Future] = []
+        self._pending_global: tuple[GlobalPointer, bytes] | None = None
+        self._pending_round: dict | None = None
+        self._loss_cache: dict[tuple, np.ndarray] = {}
         self._stop = threading.Event()
         self.last_train_at = 0.0
         self.last_decision = TrainDecision.NOT_ENOUGH_DATA
@@ -163,7 +192,7 @@ class Agent:
                                       base_fingerprint=self.manifest.base_fingerprint,
                                       current_version=lambda: self.global_version, on_global=self.receive_global,
                                       on_round=self._on_round, status=self.status_summary, metrics=self.metrics,
-                                      resend_after_s=cfg.resend_after_s)
+                                      resend_after_s=cfg.resend_after_s, keepalive_s=cfg.mqtt_keepalive_s)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ adapters
@@ -176,6 +205,15 @@ class Agent:
     def _restore_adapters(self) -> None:
         """After a restart (or crash): serve the last active adapter that still validates, else the bundle's."""
         bundle_tensors, bundle_meta = load_adapter(self.engine.dir / "adapter.safetensors")
+        self.base_adapter = self.engine.make_active(bundle_tensors, bundle_meta)  # what the gate calls "the base model"
+        self._latest_local = None
+        latest = self.store.get("latest_local")
+        if latest:
+            try:
+                self._latest_local = (int(latest["base_version"]),
+                                      load_adapter(latest["path"], expect_fingerprint=self.manifest.base_fingerprint)[0])
+            except (OSError, EdgefmError, KeyError, TypeError) as exc:
+                self._event("local_adapter_unreadable", error=str(exc))
         self.global_version = int(self.store.get("global_version", 0))
         self.global_tensors = bundle_tensors
         gpath = self.store.get("global_path")
@@ -218,17 +256,31 @@ class Agent:
         self._prune()
 
     def _prune(self) -> None:
-        keep = self.cfg.keep_adapters
-        entries = [e for e in self.store.adapters() if e["kind"] != "bundle"]
-        for e in entries[keep:]:
+        """Keep the newest ``keep_adapters`` served adapters and ``keep_refused`` refused candidates."""
+        entries = self.store.adapters()
+        served = [e for e in entries if e["kind"] not in ("bundle", "refused")]
+        refused = [e for e in entries if e["kind"] == "refused"]
+        in_use = {(self.store.get("latest_local") or {}).get("path"), self.store.get("global_path")}
+        for e in served[self.cfg.keep_adapters:] + refused[self.cfg.keep_refused:]:
             if e["id"] == self.active_id:
                 continue
             self.store.forget_adapter(e["id"])
-            Path(e["path"]).unlink(missing_ok=True)
+            if e["path"] not in in_use:
+                Path(e["path"]).unlink(missing_ok=True)
+
+    def _keep_refused(self, adapter_id: str, tensors: dict, meta: AdapterMeta, metrics: dict, reason: str) -> str:
+        """Save a candidate the gate refused (bounded), so it can be inspected or activated by hand."""
+        path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
+        save_adapter(path, tensors, meta)
+        self.store.record_adapter(adapter_id, meta.version, "refused", str(path), metrics, f"refused by the gate: {reason}")
+        self._prune()
+        return str(path)
 
     def rollback(self, to: str | None = None) -> dict:
         """Serve an earlier adapter: ``to`` an id from `adapters`, else the one before the current."""
         entries = self.store.adapters()
+        if to is None:  # refused candidates are activated only by name
+            entries = [e for e in entries if e["kind"] != "refused" or e["id"] == self.active_id]
         ids = [e["id"] for e in entries]
         if to is None:
             if self.active_id not in ids or ids.index(self.active_id) + 1 >= len(ids):
@@ -252,25 +304,67 @@ class Agent:
         return {"active": target["id"], "previous": previous}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, adapter: ActiveAdapter, limit: int = 32) -> float | None:
-        """Mean held-out loss (NLL per token for LMs, cross-entropy for classifiers); None without held-out data."""
-        examples = self.store.heldout(limit)
+    def example_losses(self, adapter: ActiveAdapter, examples: list[dict]) -> np.ndarray:
+        """Loss per example (mean NLL per token for LMs, cross-entropy for classifiers)."""
         if not examples:
-            return None
+            return np.zeros(0)
         if self.manifest.task == "causal-lm":
             S = int(self.manifest.training.get("seq", 128))
-            total, count = 0.0, 0
+            out = []
             for ex in examples:
-                ids = self.engine.encode(ex["text"])[:S]
-                s, c = self.engine.score(ids, adapter)
-                total, count = total + s, count + c
-            return total / count if count else None
+                s, c = self.engine.score(self.engine.encode(ex["text"])[:S], adapter)
+                out.append(s / c if c else np.nan)
+            arr = np.array(out)
+            return arr[np.isfinite(arr)] if not np.isfinite(arr).all() else arr
         feeds = self.engine._encoder_feeds([e["text"] for e in examples], 128)
         logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         labels = np.array([e["label"] or 0 for e in examples])
-        return float(-logp[np.arange(len(labels)), labels].mean())
+        return -logp[np.arange(len(labels)), labels]
+
+    def evaluate(self, adapter: ActiveAdapter, limit: int = 32) -> float | None:
+        """Mean held-out loss; None without held-out data."""
+        losses = self.example_losses(adapter, self.store.heldout(limit))
+        return float(losses.mean()) if losses.size else None
+
+    def anchor_examples(self) -> list[dict]:
+        """The general-text anchor set (LM bundles only): shipped passages or ``anchor_file``."""
+        if self.manifest.task != "causal-lm" or self.cfg.anchor_file == "":
+            return []
+        if not hasattr(self, "_anchor"):
+            if self.cfg.anchor_file:
+                text = Path(self.cfg.anchor_file).read_text()
+            else:
+                from importlib import resources
+                text = resources.files("edge_runtime").joinpath("data/anchor.txt").read_text()
+            self._anchor = [{"text": t.strip()} for t in text.splitlines() if t.strip() and not t.startswith("#")]
+        return self._anchor
+
+    def _cached_losses(self, key: tuple, adapter: ActiveAdapter, examples: list[dict]) -> np.ndarray:
+        ids = tuple(e.get("id", i) for i, e in enumerate(examples))
+        full = key + (ids,)
+        if full not in self._loss_cache:
+            if len(self._loss_cache) > 32:
+                self._loss_cache.clear()
+            self._loss_cache[full] = self.example_losses(adapter, examples)
+        return self._loss_cache[full]
+
+    def gate(self, kind: str, candidate_id: str, candidate: ActiveAdapter) -> GateDecision:
+        """Judge a candidate against the serving adapter and the base model; the decision is recorded."""
+        held = self.store.heldout(self.cfg.gate_heldout_limit)
+        anchor = self.anchor_examples()
+        cand = self.example_losses(candidate, held)
+        decision = decide_gate(
+            GatePolicy(z=self.cfg.gate_z, max_forgetting=self.cfg.max_forgetting), candidate=cand,
+            current=self._cached_losses(("serving", self.active_id), self.engine.adapter, held),
+            base=self._cached_losses(("base",), self.base_adapter, held),
+            anchor_candidate=self.example_losses(candidate, anchor),
+            anchor_base=self._cached_losses(("base-anchor",), self.base_adapter, anchor))
+        self.store.record_decision(kind, candidate_id, decision.adopted, decision.reason.value, decision.numbers)
+        self.metrics.inc("edgefm_gate_decisions_total", labels={"kind": kind, "reason": decision.reason.value},
+                         help="gate decisions by candidate kind and reason")
+        return decision
 
     # ------------------------------------------------------------------ training
     def disk_ok(self) -> bool:
@@ -284,8 +378,9 @@ class Agent:
             self.paused_reason = None
         return True
 
-    def train_once(self, forced: bool = False) -> dict:
-        """One training session from the current global/local adapter; returns what happened."""
+    def train_once(self, forced: bool = False, round_msg: dict | None = None) -> dict:
+        """One training session from the current global (or this device's adopted local result on it);
+        ``round_msg``: the round announcement it answers (one session per round and base version)."""
         if self.trainer is None:
             raise ConfigError("this bundle has no training graph")
         if not self._train_lock.acquire(blocking=False):
@@ -295,7 +390,8 @@ class Agent:
             counts = self.store.count_examples()
             decision = decide(TrainPolicy(self.cfg.min_new_examples, cooldown_s=self.cfg.train_cooldown_s),
                               new_examples=counts["new"], inflight_requests=0, hour=time.localtime().tm_hour,
-                              paused=not self.disk_ok(), seconds_since_last=time.time() - self.last_train_at, forced=forced)
+                              paused=not self.disk_ok(), seconds_since_last=time.time() - self.last_train_at,
+                              forced=forced or round_msg is not None)
             self.last_decision = decision
             if decision != TrainDecision.TRAIN:
                 return {"status": decision.value}
@@ -304,60 +400,79 @@ class Agent:
             self.state = AgentState.TRAINING
             self._lower_thread_priority()
             base_version = self.global_version
-            start = self._training_start()
+            # A synchronous round's session starts from the round's global (plain FedAvg); other sessions
+            # continue this device's adopted local result on that global.
+            sync_round = round_msg is not None and round_msg.get("mode", "sync") == "sync"
+            start = self.global_tensors if sync_round else self._training_start()
             resume = None
             from edge_runtime.trainer import load_checkpoint, save_checkpoint
             loaded = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
             if loaded and loaded[1].get("base_version") == base_version:
                 resume = loaded[0]
                 self._event("training_resumed", step=resume["step"])
-            round_id = (self.round or {}).get("round")
+            current_round = round_msg or self.round or {}
+            round_id = current_round.get("round") if current_round.get("base_version", base_version) == base_version else None
+            steps = session_steps(new_examples=counts["new"], batch=self.trainer.B, replay_fraction=self.cfg.replay_fraction,
+                                  min_steps=self.cfg.steps_per_round, max_steps=self.cfg.max_steps_per_session)
+
             def next_examples(n):
                 if self.cfg.train_step_delay_s:
                     time.sleep(self.cfg.train_step_delay_s)
-                return self.store.training_batch(n)
+                return self.store.training_batch(n, self.cfg.replay_fraction)
 
             result = self.trainer.train(
-                start, next_examples, max_steps=self.cfg.steps_per_round,
+                start, next_examples, max_steps=steps,
                 max_seconds=self.cfg.max_train_seconds, should_yield=lambda: self.inflight > 0, resume=resume,
                 checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}),
-                train_a=bool((self.round or {}).get("train_a", True)),
+                train_a=bool(current_round.get("train_a", True)), prox_mu=self.cfg.prox_mu,
+                on_used=self.store.mark_trained,
                 on_step=lambda step, loss: (self.metrics.inc("edgefm_training_steps_total", help="optimizer steps run"),
                                             self.metrics.set("edgefm_training_loss", loss, help="last training loss")))
             self.last_train_at = time.time()
             if result.steps == 0:
                 return {"status": "no_steps", "stopped": result.stopped}
-            # Local eval gate: adopt the candidate for serving only if held-out loss does not get worse.
-            meta = self.engine.adapter.meta
-            cand_meta = AdapterMeta(**{**meta.to_json(), "version": base_version, "parent_version": base_version,
-                                       "metrics": {"train_loss": float(np.mean(result.losses[-4:]))}})
-            candidate = self.engine.make_active(result.tensors, cand_meta)
-            cur_loss, cand_loss = self.evaluate(self.engine.adapter), self.evaluate(candidate)
-            adopted = cur_loss is None or cand_loss is None or cand_loss <= cur_loss * (1 + self.cfg.eval_tolerance)
             n_local = int(self.store.get("local_counter", 0)) + 1
             self.store.put("local_counter", n_local)
             adapter_id = f"local-{base_version}.{n_local}"
-            metrics = {"train_loss": float(np.mean(result.losses[-4:])), "heldout_loss": cand_loss,
-                       "heldout_loss_before": cur_loss}
-            if adopted:
+            train_loss = float(np.mean(result.losses[-4:]))
+            meta = self.engine.adapter.meta
+            cand_meta = AdapterMeta(**{**meta.to_json(), "version": base_version, "parent_version": base_version,
+                                       "metrics": {"train_loss": train_loss}})
+            gate = self.gate("local", adapter_id, self.engine.make_active(result.tensors, cand_meta))
+            metrics = {"train_loss": train_loss, "heldout_loss": gate.numbers.get("heldout_candidate"),
+                       "heldout_loss_before": gate.numbers.get("heldout_current"), "gate": gate.reason.value}
+            if gate.adopted:
                 self._activate(adapter_id, result.tensors, cand_meta, "local", metrics)
-            self.store.put("local_tensors_path", str(self.data_dir / "adapters" / f"{adapter_id}.safetensors") if adopted else None)
-            self._latest_local = (base_version, result.tensors)
-            # The update (delta from the global it started from) goes to the outbox before anything is sent.
-            update_id = self._queue_update(result, base_version, round_id, metrics)
-            self.store.mark_trained(result.examples_used)
+                path = str(self.data_dir / "adapters" / f"{adapter_id}.safetensors")
+                self._latest_local = (base_version, result.tensors)
+                self.store.put("latest_local", {"base_version": base_version, "path": path})
+            else:
+                self._keep_refused(adapter_id, result.tensors, cand_meta, metrics, gate.reason.value)
+            # The update (what this session changed) goes to the outbox before anything is sent.
+            update_id = self._queue_update(result.tensors, start, result.examples_used, base_version, round_id, metrics)
+            if round_msg is not None:
+                self._session_done(round_msg)
             ckpt_path.unlink(missing_ok=True)
             self._event("trained", steps=result.steps, loss_first=result.losses[0], loss_last=result.losses[-1],
-                        heldout_before=cur_loss, heldout_after=cand_loss, adopted=adopted, update_id=update_id)
-            return {"status": "trained", "steps": result.steps, "losses": result.losses, "adopted": adopted,
-                    "adapter": adapter_id if adopted else self.active_id, "update_id": update_id,
-                    "heldout_loss_before": cur_loss, "heldout_loss_after": cand_loss, "seconds": result.seconds}
+                        heldout_before=metrics["heldout_loss_before"], heldout_after=metrics["heldout_loss"],
+                        adopted=gate.adopted, gate=gate.reason.value, update_id=update_id, round=round_id)
+            return {"status": "trained", "steps": result.steps, "stopped": result.stopped, "losses": result.losses,
+                    "examples_used": len(result.examples_used), "adopted": gate.adopted, "gate": gate.reason.value,
+                    "gate_numbers": gate.numbers, "adapter": self.active_id, "candidate": adapter_id,
+                    "update_id": update_id, "round": round_id,
+                    "heldout_loss_before": metrics["heldout_loss_before"], "heldout_loss_after": metrics["heldout_loss"],
+                    "seconds": result.seconds}
         except TrainingError as exc:
             self._event("training_failed", error=str(exc))
             return {"status": "failed", "error": str(exc)}
         finally:
             self.state = AgentState.PAUSED if self.paused_reason else AgentState.SERVING
             self._train_lock.release()
+
+    def _session_done(self, round_msg: dict) -> None:
+        """Remember (durably) that the session for this round announcement ran."""
+        done = self.store.get("round_sessions", [])
+        self.store.put("round_sessions", (done + [session_key(round_msg)])[-50:])
 
     def _lower_thread_priority(self) -> None:
         """Nice this thread (Linux: per thread); onnxruntime with one intra-op thread computes on it."""
@@ -371,17 +486,19 @@ class Agent:
                 pass  # not Linux / not permitted: training still works, just without the priority hint
 
     def _training_start(self) -> dict[str, np.ndarray]:
-        """Continue the local lineage while it sits on the current global, else start from the global."""
-        latest = getattr(self, "_latest_local", None)
+        """Continue this device's adopted local result while it sits on the current global, else start from the global."""
+        latest = self._latest_local
         if latest and latest[0] == self.global_version:
             return latest[1]
         return self.global_tensors
 
-    def _queue_update(self, result, base_version: int, round_id, metrics: dict) -> str:
-        delta = {k: (result.tensors[k] - self.global_tensors[k]).astype(np.float32) for k in result.tensors}
+    def _queue_update(self, tensors: dict, start: dict, examples_used: list, base_version: int, round_id, metrics: dict) -> str:
+        # The delta is what this session changed: sessions that continue a local result each send only their own
+        # progress, so the coordinator never counts one session's progress twice.
+        delta = {k: (tensors[k] - start[k]).astype(np.float32) for k in tensors}
         update_id = uuid.uuid4().hex
         header = UpdateHeader(device_id=self.cfg.device_id, update_id=update_id, base_version=base_version,
-                              num_examples=max(1, len(result.examples_used)), base_fingerprint=self.manifest.base_fingerprint,
+                              num_examples=max(1, len(examples_used)), base_fingerprint=self.manifest.base_fingerprint,
                               round=round_id, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
                               codec=CodecSpec(self.cfg.update_codec, self.cfg.update_compression))
         payload = encode_update(header, delta, sign_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
@@ -393,15 +510,40 @@ class Agent:
         return update_id
 
     # ------------------------------------------------------------------ federated
+    # The two entry points below run on MQTT's network thread: they only hand work to the agent's worker,
+    # so keep-alives and receipts flow while a global is evaluated or a session trains.
     def _on_round(self, msg: dict) -> None:
-        self.round = msg
-        selected = msg.get("selected")
-        if selected is None or self.cfg.device_id in selected:
-            if self.store.count_examples()["train"] > 0:
-                self._train_now.set()
+        with self._work_lock:
+            self.round = msg
+            self._pending_round = msg
+        self._wake.set()
 
     def receive_global(self, pointer: GlobalPointer, blob: bytes) -> None:
-        """A verified global adapter arrived: check, evaluate, adopt (or refuse with a recorded reason)."""
+        """A verified global adapter arrived: queue it for the worker (the newest one wins)."""
+        with self._work_lock:
+            if self._pending_global is None or pointer.version > self._pending_global[0].version:
+                self._pending_global = (pointer, blob)
+        self._wake.set()
+
+    def _take_due_round(self) -> dict | None:
+        """The round announcement a session should answer now, if any (worker thread)."""
+        with self._work_lock:
+            msg = self._pending_round
+        if msg is None:
+            return None
+        selected = msg.get("selected")
+        drop = (selected is not None and self.cfg.device_id not in selected) or \
+            session_key(msg) in self.store.get("round_sessions", []) or \
+            int(msg.get("base_version") or 0) < self.global_version
+        if not drop and (int(msg.get("base_version") or 0) > self.global_version or self.store.count_examples()["train"] == 0):
+            return None  # wait for the round's global (or for data); the announcement stays pending
+        with self._work_lock:
+            if self._pending_round is msg:
+                self._pending_round = None
+        return None if drop else msg
+
+    def _consider_global(self, pointer: GlobalPointer, blob: bytes) -> None:
+        """Check a received global, make it the base of further training, and serve it if the gate agrees."""
         try:
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.manifest.base_fingerprint,
                                                expect_shapes=self.manifest.adapter["shapes"])
@@ -412,23 +554,24 @@ class Agent:
         if pointer.version <= self.global_version:
             return
         meta.version = pointer.version
-        candidate = self.engine.make_active(tensors, meta)
-        cur_loss, new_loss = self.evaluate(self.engine.adapter), self.evaluate(candidate)
-        path = self.data_dir / "adapters" / f"global-{pointer.version}.safetensors"
+        adapter_id = f"global-{pointer.version}"
+        path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
         save_adapter(path, tensors, meta)
-        # The new global is always the base of further training (that is what the fleet agreed on) ...
+        # The new global is always the base of further training (that is what the fleet agreed on; the
+        # device's status tells the coordinator which global it trains from) ...
         self.global_version, self.global_tensors = pointer.version, tensors
         self.store.put("global_path", str(path))
         self.store.put("global_version", pointer.version)
-        metrics = {"heldout_loss": new_loss, "heldout_loss_before": cur_loss}
-        # ... but it serves only if the local held-out data does not get worse.
-        if cur_loss is None or new_loss is None or new_loss <= cur_loss * (1 + self.cfg.eval_tolerance):
-            self._activate(f"global-{pointer.version}", tensors, meta, "global", metrics)
+        # ... but it serves only if the gate finds it no worse for this device.
+        gate = self.gate("global", adapter_id, self.engine.make_active(tensors, meta))
+        metrics = {"heldout_loss": gate.numbers.get("heldout_candidate"), "heldout_loss_before": gate.numbers.get("heldout_current"),
+                   "gate": gate.reason.value}
+        if gate.adopted:
+            self._activate(adapter_id, tensors, meta, "global", metrics)
             self._event("global_adopted", version=pointer.version, **metrics)
         else:
-            self.store.record_adapter(f"global-{pointer.version}", pointer.version, "global", str(path), metrics,
-                                      "not serving: local held-out loss got worse")
-            self._event("global_not_served", version=pointer.version, reason="held-out loss worse", **metrics)
+            self._keep_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
+            self._event("global_not_served", version=pointer.version, reason=gate.reason.value, **metrics)
         self.metrics.set("edgefm_global_version", pointer.version, help="latest global adapter version received")
 
     # ------------------------------------------------------------------ status
@@ -446,6 +589,8 @@ class Agent:
                 "outbox": self.store.outbox_stats(), "broker_connected": bool(self.sync and self.sync.connected),
                 "last_train_decision": self.last_decision.value, "round": self.round,
                 "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],
+                "training_coverage": self.store.training_coverage(), "gate_decisions": self.store.decisions(10),
+                "broker_disconnects": self.sync.disconnects if self.sync else 0,
                 "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant["scheme"]}
 
     # ------------------------------------------------------------------ lifecycle
@@ -466,23 +611,51 @@ class Agent:
         self.metrics.inc("edgefm_examples_added_total", res["added"], help="training examples stored")
         return res
 
-    def _train_loop(self) -> None:
+    def _worker_loop(self) -> None:
+        """The agent's own worker: received globals, round sessions, requested and automatic training."""
         last_retention = 0.0
         while not self._stop.is_set():
-            forced = self._train_now.wait(1.0)
+            self._wake.wait(1.0)
+            self._wake.clear()
             if self._stop.is_set():
-                return
-            self._train_now.clear()
-            if time.time() - last_retention > 3600:
-                last_retention = time.time()
-                removed = self.store.apply_retention(self.cfg.retention_days * 86400)
-                if removed:
-                    self._event("retention", removed=removed)
-            if forced or self.cfg.auto_train:
-                try:
-                    self.train_once(forced=forced)
-                except Exception:  # the daemon keeps serving whatever a training bug does
-                    log.exception("training session failed")
+                break
+            try:
+                self._work_once()
+                if time.time() - last_retention > 3600:
+                    last_retention = time.time()
+                    removed = self.store.apply_retention(self.cfg.retention_days * 86400)
+                    if removed:
+                        self._event("retention", removed=removed)
+            except Exception:  # the daemon keeps serving whatever a training or evaluation bug does
+                log.exception("agent worker error")
+        with self._work_lock:
+            waiters, self._train_waiters = self._train_waiters, []
+        for fut in waiters:
+            fut.set_result({"status": "stopping"})
+
+    def _work_once(self) -> None:
+        with self._work_lock:
+            pending, self._pending_global = self._pending_global, None
+        if pending:
+            self._consider_global(*pending)
+        if self.trainer is None:
+            return
+        round_msg = self._take_due_round()
+        with self._work_lock:
+            requested, self._train_requested = self._train_requested, False
+            waiters, self._train_waiters = self._train_waiters, []
+        if round_msg is not None or requested or waiters or self.cfg.auto_train:
+            try:
+                result = self.train_once(forced=requested or bool(waiters), round_msg=round_msg)
+            except Exception as exc:
+                for fut in waiters:
+                    fut.set_exception(exc)
+                raise
+            for fut in waiters:
+                fut.set_result(result)
+            if round_msg is not None and result.get("status") != "trained":
+                with self._work_lock:  # try again at the next wake-up (e.g. another session was running)
+                    self._pending_round = self._pending_round or round_msg
 
     def _inbox_loop(self) -> None:
         inbox = Path(self.cfg.inbox)
@@ -500,8 +673,7 @@ class Agent:
     def start(self) -> None:
         """Start background work (trainer, inbox, sync). The HTTP server is started by the caller."""
         self.state = AgentState.SERVING
-        if self.trainer is not None:
-            self._threads.append(threading.Thread(target=self._train_loop, name="edgefm-trainer", daemon=True))
+        self._threads.append(threading.Thread(target=self._worker_loop, name="edgefm-worker", daemon=True))
         if self.cfg.inbox:
             self._threads.append(threading.Thread(target=self._inbox_loop, name="edgefm-inbox", daemon=True))
         for t in self._threads:
@@ -511,13 +683,37 @@ class Agent:
         self._event("started", bundle=str(self.engine.dir), adapter=self.active_id, global_version=self.global_version)
 
     def train_now(self) -> None:
-        """Ask the trainer loop to run a session as soon as possible."""
-        self._train_now.set()
+        """Ask the worker to run a session as soon as possible."""
+        with self._work_lock:
+            self._train_requested = True
+        self._wake.set()
+
+    def train_and_wait(self, timeout: float | None = None) -> dict:
+        """Run a session on the worker (after any queued global) and return what it did."""
+        if self.trainer is None:
+            raise ConfigError("this bundle has no training graph")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._work_lock:
+            self._train_waiters.append(fut)
+        self._wake.set()
+        try:
+            return fut.result(timeout if timeout is not None else self.cfg.max_train_seconds * 2 + 300)
+        except concurrent.futures.TimeoutError:
+            raise TrainingError("the training session did not finish in time; see `edgefm-agent status`") from None
+
+    @contextlib.contextmanager
+    def not_in_flight(self):
+        """A request that waits on background work does not count as serving load (training yields to that)."""
+        self.request_finished()
+        try:
+            yield
+        finally:
+            self.request_started()
 
     def stop(self) -> None:
         """Stop background work and say goodbye on MQTT."""
         self.state = AgentState.STOPPING
         self._stop.set()
-        self._train_now.set()
+        self._wake.set()
         if self.sync:
             self.sync.close()

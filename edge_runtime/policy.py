@@ -45,3 +45,16 @@ def decide(policy: TrainPolicy, *, new_examples: int, inflight_requests: int, ho
     if inflight_requests > policy.max_inflight_requests:
         return TrainDecision.BUSY
     return TrainDecision.TRAIN
+
+
+def session_steps(*, new_examples: int, batch: int, replay_fraction: float, min_steps: int, max_steps: int) -> int:
+    """Optimizer steps for one session: enough for every new example to be used once (each batch
+    carries ``batch * (1 - replay_fraction)`` new ones), at least ``min_steps``, at most ``max_steps``."""
+    per_step = max(1, batch - int(round(batch * replay_fraction)))
+    needed = -(-new_examples // per_step)
+    return max(1, min(max_steps, max(min_steps, needed)))
+
+
+def session_key(round_msg: dict) -> str:
+    """Identity of the training session a round announcement asks for: one session per round and base."""
+    return f"{round_msg.get('mode', 'sync')}:{round_msg.get('round')}:{round_msg.get('base_version')}"

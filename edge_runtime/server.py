@@ -364,7 +364,9 @@ def rollback(h: Handler) -> None:
 def train_now(h: Handler) -> None:
     body = h._body()
     if body.get("wait"):
-        h._send(200, h.agent.train_once(forced=True))
+        with h.agent.not_in_flight():  # this request waits; it must not make the session yield to it
+            result = h.agent.train_and_wait()
+        h._send(200, result)
     else:
         h.agent.train_now()
         h._send(202, {"status": "scheduled"})

@@ -14,7 +14,11 @@ from edge_runtime.errors import ConfigError, EdgefmError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS examples (
   id INTEGER PRIMARY KEY AUTOINCREMENT, text TEXT NOT NULL, prompt TEXT, label INTEGER,
-  split TEXT NOT NULL, source TEXT, sha TEXT UNIQUE, created_at REAL NOT NULL, trained INTEGER NOT NULL DEFAULT 0);
+  split TEXT NOT NULL, source TEXT, sha TEXT UNIQUE, created_at REAL NOT NULL,
+  trained INTEGER NOT NULL DEFAULT 0);  -- trained: how many optimizer steps have used this example
+CREATE TABLE IF NOT EXISTS decisions (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL, candidate TEXT NOT NULL,
+  adopted INTEGER NOT NULL, reason TEXT NOT NULL, numbers TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
   update_id TEXT PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL, created_at REAL NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0, base_version INTEGER, delivered_at REAL);
@@ -65,8 +69,10 @@ class Store:
         """Store examples ({text} or {prompt, completion} or {text, label}); duplicates are skipped.
 
         Every ~1/heldout_fraction-th example goes to the held-out split (chosen by content hash, so the
-        split is stable across restarts). Over the quota, the oldest training examples are evicted."""
+        split is stable across restarts); the result says how many went to each split. Over the quota,
+        the oldest training examples are evicted."""
         added = dup = 0
+        to_split = {"train": 0, "heldout": 0}
         now = time.time()
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
@@ -85,6 +91,7 @@ class Store:
                                           "VALUES (?,?,?,?,?,?,?)", (text, prompt, label, split, source, sha, now))
                     added += cur.rowcount
                     dup += 1 - cur.rowcount
+                    to_split[split] += cur.rowcount
                 n = self.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
                 evicted = 0
                 if n > self.max_examples:
@@ -94,7 +101,7 @@ class Store:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        return {"added": added, "duplicates": dup, "evicted": evicted}
+        return {"added": added, "duplicates": dup, "evicted": evicted, "train": to_split["train"], "heldout": to_split["heldout"]}
 
     def count_examples(self) -> dict:
         """Counts by split, and training examples not yet trained on."""
@@ -103,20 +110,33 @@ class Store:
             new = self.db.execute("SELECT COUNT(*) FROM examples WHERE split='train' AND trained=0").fetchone()[0]
         return {"train": rows.get("train", 0), "heldout": rows.get("heldout", 0), "new": new}
 
-    def training_batch(self, n: int, replay_fraction: float = 0.5) -> list[dict]:
-        """New examples first, mixed with a replay sample of older ones so new data does not erase old skills."""
-        n_replay = int(n * replay_fraction)
+    def training_batch(self, n: int, replay_fraction: float = 0.25) -> list[dict]:
+        """``n`` distinct training examples: never-used ones first (oldest first) until each has been seen,
+        with a ``replay_fraction`` of already-used ones mixed in so new data does not erase older skills;
+        once every example has been used, epochs over the whole set (least-used first, random among ties)."""
+        cols = "id, text, prompt, label"
         with self.lock:
-            new = self.db.execute("SELECT id, text, prompt, label FROM examples WHERE split='train' AND trained=0 "
-                                  "ORDER BY id LIMIT ?", (n - n_replay,)).fetchall()
-            old = self.db.execute("SELECT id, text, prompt, label FROM examples WHERE split='train' AND trained=1 "
-                                  "ORDER BY RANDOM() LIMIT ?", (n - len(new),)).fetchall()
-        return [{"id": r[0], "text": r[1], "prompt": r[2], "label": r[3]} for r in new + old]
+            any_used = self.db.execute("SELECT 1 FROM examples WHERE split='train' AND trained>0 LIMIT 1").fetchone()
+            n_replay = int(round(n * replay_fraction)) if any_used else 0
+            rows = self.db.execute(f"SELECT {cols} FROM examples WHERE split='train' AND trained=0 ORDER BY id LIMIT ?",
+                                   (n - n_replay,)).fetchall()
+            taken = [r[0] for r in rows]
+            marks = ",".join("?" * len(taken))
+            rows += self.db.execute(f"SELECT {cols} FROM examples WHERE split='train' AND id NOT IN ({marks}) "
+                                    "ORDER BY trained, RANDOM() LIMIT ?", (*taken, n - len(rows))).fetchall()
+        return [{"id": r[0], "text": r[1], "prompt": r[2], "label": r[3]} for r in rows]
 
     def mark_trained(self, ids: list[int]) -> None:
-        """Record that these examples were used."""
+        """Count one use of each of these examples (called after every optimizer step)."""
         with self.lock:
-            self.db.executemany("UPDATE examples SET trained=1 WHERE id=?", [(i,) for i in ids])
+            self.db.executemany("UPDATE examples SET trained=trained+1 WHERE id=?", [(i,) for i in ids])
+
+    def training_coverage(self) -> dict:
+        """How often the training split has been used: examples never used, least and most uses."""
+        with self.lock:
+            r = self.db.execute("SELECT COUNT(*), COALESCE(SUM(trained=0),0), MIN(trained), MAX(trained) FROM examples "
+                                "WHERE split='train'").fetchone()
+        return {"examples": r[0], "never_used": r[1], "min_uses": r[2] or 0, "max_uses": r[3] or 0}
 
     def heldout(self, limit: int = 64) -> list[dict]:
         """The held-out slice for local evaluation (stable order)."""
@@ -128,8 +148,28 @@ class Store:
     def apply_retention(self, max_age_s: float) -> int:
         """Delete training examples older than ``max_age_s`` that were already trained on."""
         with self.lock:
-            return self.db.execute("DELETE FROM examples WHERE split='train' AND trained=1 AND created_at < ?",
+            return self.db.execute("DELETE FROM examples WHERE split='train' AND trained>0 AND created_at < ?",
                                    (time.time() - max_age_s,)).rowcount
+
+    def heldout_split(self) -> list[dict]:
+        """Every held-out example (what was held back from training for the gate)."""
+        return self.heldout(limit=-1)
+
+    # -- gate decisions --
+    def record_decision(self, kind: str, candidate: str, adopted: bool, reason: str, numbers: dict) -> None:
+        """Remember one gate decision with the numbers it was made on."""
+        with self.lock:
+            self.db.execute("INSERT INTO decisions (ts, kind, candidate, adopted, reason, numbers) VALUES (?,?,?,?,?,?)",
+                            (time.time(), kind, candidate, int(adopted), reason, json.dumps(numbers)))
+            self.db.execute("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - 1000")
+
+    def decisions(self, limit: int = 50) -> list[dict]:
+        """Gate decisions, newest first."""
+        with self.lock:
+            rows = self.db.execute("SELECT ts, kind, candidate, adopted, reason, numbers FROM decisions ORDER BY id DESC LIMIT ?",
+                                   (limit,)).fetchall()
+        return [{"ts": r[0], "kind": r[1], "candidate": r[2], "adopted": bool(r[3]), "reason": r[4],
+                 "numbers": json.loads(r[5])} for r in rows]
 
     # -- outbox --
     def enqueue_update(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:

@@ -31,7 +31,7 @@ class FederatedSync:
                  base_fingerprint: str, current_version: Callable[[], int],
                  on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[dict], None] | None = None,
                  status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0,
-                 resend_after_s: float = 120.0):
+                 resend_after_s: float = 120.0, keepalive_s: int = 15):
         self.topics = Topics(fleet)
         self.device_id = device_id
         self.store = store
@@ -49,7 +49,7 @@ class FederatedSync:
         self.rejected: list[dict] = []
         will = (self.topics.status(device_id), dump_json_message({"kind": "status", "device_id": device_id, "state": "offline"}), 1, True)
         self.link = MqttLink(url, f"edgefm-{fleet}-{device_id}", on_message=self._on_message, on_connect=self._on_connect,
-                             on_published=self._on_published, will=will)
+                             on_published=self._on_published, will=will, keepalive=keepalive_s)
         self.link.subscribe(self.topics.global_pointer, 1)
         self.link.subscribe(self.topics.round, 1)
         self.link.subscribe(self.topics.ack(device_id), 1)
@@ -67,6 +67,11 @@ class FederatedSync:
             self.link.publish(self.topics.status(self.device_id), self._status_payload("offline"), qos=1, retain=True)
             time.sleep(0.1)
         self.link.close()
+
+    @property
+    def disconnects(self) -> int:
+        """Connections to the broker lost since start."""
+        return self.link.disconnects
 
     @property
     def connected(self) -> bool:

@@ -95,11 +95,17 @@ class OnnxTrainer:
     def train(self, start: dict[str, np.ndarray], next_examples: Callable[[int], list[dict]], *, max_steps: int,
               max_seconds: float, should_yield: Callable[[], bool] = lambda: False,
               resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-              checkpoint_every: int = 4, train_a: bool = True,
-              on_step: Callable[[int, float], None] | None = None) -> TrainResult:
-        """Run up to ``max_steps`` AdamW steps within ``max_seconds``, pausing while ``should_yield()``."""
+              checkpoint_every: int = 4, train_a: bool = True, prox_mu: float = 0.0,
+              on_step: Callable[[int, float], None] | None = None,
+              on_used: Callable[[list[int]], None] | None = None) -> TrainResult:
+        """Run up to ``max_steps`` AdamW steps within ``max_seconds``, pausing while ``should_yield()``.
+
+        ``prox_mu`` > 0 adds the proximal term mu/2 * ||params - start||^2 to the loss (FedProx): the
+        adapter stays near the global it started from, which limits drift between devices and forgetting.
+        ``on_used`` gets the ids of each batch's examples once its step is done."""
         t0 = time.time()
         params = stack_adapter(start, self.targets, self.layers)
+        center = params
         m = {k: np.zeros_like(v) for k, v in params.items()}
         v = {k: np.zeros_like(p) for k, p in params.items()}
         step, losses, used = 0, [], []
@@ -120,6 +126,8 @@ class OnnxTrainer:
                 stopped = "data"
                 break
             loss, grads = self.loss_and_grads(params, self.make_batch(examples))
+            if prox_mu:
+                grads = {k: g + prox_mu * (params[k] - center[k]) for k, g in grads.items()}
             if not train_a:  # frozen-A rounds: only B moves, so the server's average is exact
                 grads = {k: (np.zeros_like(g) if k.startswith("lora_A.") else g) for k, g in grads.items()}
             grads, _ = clip_by_global_norm(grads, self.optim.max_grad_norm)
@@ -129,7 +137,10 @@ class OnnxTrainer:
             losses.append(loss)
             if on_step:
                 on_step(step, loss)
-            used.extend(e["id"] for e in examples if "id" in e)
+            ids = [e["id"] for e in examples if "id" in e]
+            used.extend(ids)
+            if on_used:
+                on_used(ids)
             if checkpoint and step % checkpoint_every == 0:
                 checkpoint({"params": params, "m": m, "v": v, "step": step, "losses": losses, "used": used})
         return TrainResult(unstack_adapter(params, self.targets), step, losses, sorted(set(used)), time.time() - t0, stopped)

@@ -94,6 +94,7 @@ class MqttLink:
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
+        self.disconnects = 0          # connections lost since start (a missed keep-alive shows up here)
         self.last_error: str | None = None
         self._on_message, self._on_connect, self._on_published = on_message, on_connect, on_published
         self.client.on_connect = self._handle_connect
@@ -119,6 +120,8 @@ class MqttLink:
                 log.exception("on_connect handler failed")
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties):
+        if self.connected.is_set():
+            self.disconnects += 1
         self.connected.clear()
         self.last_error = f"disconnected: {reason_code}"
 

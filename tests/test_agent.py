@@ -128,7 +128,9 @@ def test_concurrent_requests_and_hot_swap_are_safe(bundle, tmp_path):
         for t in threads:
             t.join()
         assert not errors and results == [200] * 12
-        assert r["status"] == "trained" and r["losses"][-1] < r["losses"][0]
+        # each step drew other examples, so losses are not comparable step to step; the session used every example
+        assert r["status"] == "trained" and r["steps"] >= 3
+        assert r["examples_used"] == agent.store.count_examples()["train"]
         # rollback is one call and restores the previous adapter
         if r["adopted"]:
             before = agent.active_id
@@ -216,7 +218,7 @@ def test_sigkill_mid_training_loses_nothing(bundle, tmp_path):
     port = free_port()
     data = tmp_path / "agent"
     cfg = tmp_path / "agent.toml"
-    cfg.write_text(f'bundle = "{bundle}"\ndata_dir = "{data}"\nport = {port}\nauto_train = false\nsteps_per_round = 100000\n'
+    cfg.write_text(f'bundle = "{bundle}"\ndata_dir = "{data}"\nport = {port}\nauto_train = false\nsteps_per_round = 100000\nmax_steps_per_session = 100000\n'
                    'max_train_seconds = 600\nmin_new_examples = 1\ndevice_id = "dev-k"\n')
     cmd = [sys.executable, "-m", "edge_runtime.cli", "run", "--config", str(cfg)]
     url = f"http://127.0.0.1:{port}"
