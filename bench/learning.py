@@ -1,17 +1,36 @@
-"""Learning quality: does federated LoRA get close to centralized training, beat local-only on unseen
-domains, and avoid forgetting? Same data, same optimizer-step budget, one run, SmolLM2-135M int4 bundle.
+"""Learning through the real product: does federated LoRA across real agents get close to centralized
+training, improve every device's domain, beat local-only on unseen domains, and avoid forgetting?
 
-Devices: one Python-stdlib docstring family each (strongly non-IID). Held-out: per family, plus a general
-prose passage no device trains on (forgetting). Methods: base; local-only; FedAvg; FedAvg with int8+zstd
-updates; SVD (exact B·A mean, LoRA-aware); centralized LoRA on the pooled data.
-Usage: python bench/learning.py [--rounds 4] [--steps 4]
+Every number comes from the programs users run: a Mosquitto broker, `edgefm-coordinator serve` (sync
+FedAvg) and `edgefm-agent run` processes fed through `POST /v1/examples` and trained by round
+announcements or `POST /v1/train {"wait": true}`; the final global adapter is taken with
+`edgefm-coordinator export`, local and centralized results from each agent's `/v1/adapters`.
+Agents run with their default training settings (learning rate, steps, replay, gate).
+
+Per task (four real-text domains, one per device; strongly non-IID) and seed:
+- federated: 4 agents + coordinator, R sync rounds;
+- local-only: 4 agents, no broker, R sessions each (what each device serves at the end);
+- centralized: one agent given every device's examples, R sessions with the same total optimizer steps
+  as the federated run (read from the agents' /metrics).
+Evaluation (in this process, with the bundle's engine): held-out loss per domain on texts no agent was
+sent, and perplexity on general text no agent trains on (Debian's license texts: forgetting).
+
+Usage: python bench/learning.py [--tasks stdlib,sympy] [--seeds 0,1,2] [--rounds 3]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,141 +38,338 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PY, ROOT, record  # noqa: E402
 
-CACHE = ROOT / ".cache" / "bench"
-FAMILIES = ["text", "files", "net", "concurrency"]
-GENERAL = ("The lighthouse keeper climbed the narrow stairs every evening, counting the steps as his father had done before "
-           "him. At the top he trimmed the wick, polished the great lens, and watched the weather come in from the west. "
-           "Ships passed far out on the horizon, their lights small and steady, and he wrote each one into the logbook.")
+DEVICES = 4
 
 
-def bundle() -> Path:
-    """The same bundle the demo uses (rpi5 profile: int4, rank 8 q/v), batch 4 x 64 training graph."""
-    from devices.fleet import cached_bundle
-    return cached_bundle("smollm2", "rpi5")
+def task_domains(task: str) -> dict[str, list[str]]:
+    """Texts per domain of one task."""
+    from devices import data
+    if task == "stdlib":
+        return {f: data.stdlib_docstrings(f) for f in ("text", "files", "net", "concurrency")}
+    if task == "sympy":
+        return {f: data.module_docstrings(mods) for f, mods in data.SYMPY_FAMILIES.items()}
+    raise SystemExit(f"unknown task {task!r}: stdlib | sympy")
+
+
+def general_texts(n: int = 16) -> list[str]:
+    """General English no agent trains on: paragraphs of the license texts every Debian system ships."""
+    paras = []
+    for name in ("GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-3", "Artistic"):
+        p = Path("/usr/share/common-licenses") / name
+        if p.is_file():
+            paras += [" ".join(x.split()) for x in p.read_text(errors="replace").split("\n\n") if len(" ".join(x.split())) > 300]
+    if len(paras) < n:
+        raise SystemExit("need /usr/share/common-licenses (Debian's base-files) for the general-text set")
+    random.Random(0).shuffle(paras)
+    return [x[:600] for x in paras[:n]]
+
+
+def split_task(domains: dict[str, list[str]], seed: int, per_device: int, heldout: int):
+    """Per domain: texts to send to that domain's device, and texts kept for evaluation only."""
+    rng = random.Random(seed)
+    send, held = {}, {}
+    for d, texts in domains.items():
+        t = sorted(texts)
+        rng.shuffle(t)
+        held[d], send[d] = t[:heldout], t[heldout:heldout + per_device]
+    return send, held
+
+
+# ---------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 3600) -> dict:
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+    return json.loads(raw) if raw[:1] in (b"{", b"[") else {"text": raw.decode()}
+
+
+class Procs:
+    """Child processes of one run; all are stopped on exit."""
+
+    def __init__(self, work: Path):
+        self.work, self.procs = work, []
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+
+    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.work / "logs" / f"{name}.log", "ab")
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs.append(p)
+        return p
+
+    def agent(self, name: str, bundle: Path, broker: str | None, fleet: str, **settings) -> str:
+        port = free_port()
+        ddir = self.work / name
+        ddir.mkdir(parents=True, exist_ok=True)
+        conf = {"threads_inference": 1, "threads_training": 1, "max_train_seconds": 3600, "auto_train": False, **settings}
+        (ddir / "agent.toml").write_text("".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
+                                                 for k, v in conf.items()))
+        cmd = [PY, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--device-id", name, "--fleet", fleet,
+               "--data-dir", str(ddir), "--port", str(port), "--config", str(ddir / "agent.toml")]
+        p = self.spawn(name, cmd + (["--broker", broker] if broker else []))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited; see {self.work / 'logs' / (name + '.log')}")
+            try:
+                http(url + "/healthz", timeout=2)
+                return url
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"{name} did not start") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def steps_run(url: str) -> int:
+    """Optimizer steps an agent has run (its /metrics)."""
+    for line in http(url + "/metrics")["text"].splitlines():
+        if line.startswith("edgefm_training_steps_total"):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def served_adapter(url: str) -> Path:
+    """The adapter file an agent serves now."""
+    res = http(url + "/v1/adapters")
+    return Path(next(a["path"] for a in res["adapters"] if a["id"] == res["active"]))
+
+
+def latest_candidate(url: str) -> Path:
+    """The newest local training result of an agent, whether its gate let it serve or not."""
+    res = http(url + "/v1/adapters")
+    return Path(next(a["path"] for a in res["adapters"] if a["id"].startswith("local-")))
+
+
+def send(url: str, texts: list[str]) -> dict:
+    return http(url + "/v1/examples", {"examples": [{"text": t} for t in texts]})
+
+
+# ---------------------------------------------------------------------------- runs
+def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path) -> dict:
+    """Broker + coordinator + one agent per domain; returns the final global adapter and what the agents did."""
+    from coordinator.broker import EmbeddedBroker
+    broker = EmbeddedBroker(work / "broker").start()
+    procs = Procs(work)
+    try:
+        urls = {d: procs.agent(f"fed-{d}", bundle, broker.url, "bench") for d in send_by_dom}
+        intake = {d: send(urls[d], texts) for d, texts in send_by_dom.items()}
+        state = work / "coordinator"
+        coord = procs.spawn("coordinator", [PY, "-m", "coordinator.cli", "--state-dir", str(state), "serve", "--bundle", str(bundle),
+                                            "--broker", broker.url, "--fleet", "bench", "--mode", "sync", "--strategy", "fedavg",
+                                            "--rounds", str(rounds), "--min-updates", str(len(urls)), "--round-timeout", "3600"])
+        t0 = time.time()
+        while coord.poll() is None:
+            if time.time() - t0 > 7200:
+                raise RuntimeError("federated run did not finish in 2 h")
+            time.sleep(2)
+        if coord.returncode != 0:
+            raise RuntimeError(f"coordinator failed; see {work / 'logs' / 'coordinator.log'}")
+        out = work / "global.safetensors"
+        subprocess.run([PY, "-m", "coordinator.cli", "--state-dir", str(state), "export", "--version", str(rounds), "-o", str(out)],
+                       check=True, capture_output=True)
+        # every agent takes the final global in (its gate decides whether it serves)
+        deadline = time.time() + 600
+        while any(http(u + "/v1/status")["global_version"] < rounds for u in urls.values()):
+            if time.time() > deadline:
+                raise RuntimeError("agents did not receive the final global")
+            time.sleep(1)
+        time.sleep(2)
+        status = {d: http(u + "/v1/status") for d, u in urls.items()}
+        return {"global": out, "steps": {d: steps_run(u) for d, u in urls.items()}, "intake": intake,
+                "coverage": {d: s["training_coverage"] for d, s in status.items()},
+                "disconnects": {d: s["broker_disconnects"] for d, s in status.items()},
+                "gate": {d: [(g["kind"], g["candidate"], g["reason"]) for g in reversed(s["gate_decisions"])] for d, s in status.items()},
+                "served": {d: s["active_adapter"] for d, s in status.items()}, "seconds": time.time() - t0}
+    finally:
+        procs.stop()
+        broker.stop()
+
+
+def run_local_and_central(bundle: Path, send_by_dom: dict, rounds: int, central_steps: int, work: Path) -> dict:
+    """Local-only agents (R sessions each) and one centralized agent (pooled data, same total steps), side by side."""
+    procs = Procs(work)
+    try:
+        per_session = -(-central_steps // rounds)
+        urls = {d: procs.agent(f"local-{d}", bundle, None, "bench-local") for d in send_by_dom}
+        central = procs.agent("central", bundle, None, "bench-central", steps_per_round=per_session, max_steps_per_session=per_session)
+        for d, texts in send_by_dom.items():
+            send(urls[d], texts)
+            send(central, texts)
+        import concurrent.futures as cf
+
+        def sessions(url):
+            return [http(url + "/v1/train", {"wait": True}) for _ in range(rounds)]
+        with cf.ThreadPoolExecutor(len(urls) + 1) as ex:
+            futs = {d: ex.submit(sessions, u) for d, u in {**urls, "central": central}.items()}
+            results = {d: f.result() for d, f in futs.items()}
+        for d, res in results.items():
+            bad = [r for r in res if r.get("status") != "trained"]
+            if bad:
+                raise RuntimeError(f"{d}: session did not train: {bad[0]}")
+        status = {d: http(u + "/v1/status") for d, u in {**urls, "central": central}.items()}
+        # centralized is the reference for what training achieves: its result, whatever its own gate said
+        return {"local": {d: served_adapter(u) for d, u in urls.items()}, "central": latest_candidate(central),
+                "central_steps": steps_run(central), "local_steps": {d: steps_run(u) for d, u in urls.items()},
+                "local_coverage": {d: s["training_coverage"] for d, s in status.items()},
+                "local_gate": {d: [(g["kind"], g["candidate"], g["reason"]) for g in reversed(s["gate_decisions"])] for d, s in status.items()}}
+    finally:
+        procs.stop()
+
+
+# ---------------------------------------------------------------------------- evaluation
+class Evaluator:
+    def __init__(self, bundle: Path, held: dict[str, list[str]], general: list[str]):
+        from edge_runtime.engine import Engine
+        from edge_runtime.protocol.adapter import load_adapter
+        self.eng = Engine(bundle, threads=2, verify=False)
+        self.load = load_adapter
+        self.seq = int(self.eng.manifest.training.get("seq", 64))
+        self.sets = {**held, "general": general}
+
+    def __call__(self, path: Path) -> dict[str, float]:
+        tensors, meta = self.load(path)
+        act = self.eng.make_active(tensors, meta)
+        out = {}
+        for name, texts in self.sets.items():
+            tot = cnt = 0.0
+            for t in texts:
+                s, c = self.eng.score(self.eng.encode(t)[:self.seq], act)
+                tot, cnt = tot + s, cnt + c
+            out[name] = tot / cnt
+        return out
+
+
+def one_run(bundle: Path, task: str, seed: int, args, work: Path) -> dict:
+    send_by_dom, held = split_task(task_domains(task), seed, args.per_device, args.heldout)
+    ev = Evaluator(bundle, held, general_texts())
+    doms = list(send_by_dom)
+    t0 = time.time()
+    fed = run_federated(bundle, send_by_dom, args.rounds, work / "fed")
+    total_steps = sum(fed["steps"].values())
+    lc = run_local_and_central(bundle, send_by_dom, args.rounds, total_steps, work / "local")
+    res = {"base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]), "centralized": ev(lc["central"])}
+    local = {d: ev(p) for d, p in lc["local"].items()}
+    res["local-only"] = {k: float(np.mean([local[d][k] for d in doms])) for k in doms + ["general"]}
+    res["local-only (own domain)"] = {d: local[d][d] for d in doms}
+    res["local-only (unseen domains)"] = {k: float(np.mean([local[d][k] for d in doms if d != k])) for k in doms}
+    never_used = {d: c["never_used"] for d, c in {**fed["coverage"], **{f"local-{k}": v for k, v in lc["local_coverage"].items()}}.items()}
+    run = {"task": task, "seed": seed, "domains": doms, "results": res, "fed_steps": fed["steps"], "central_steps": lc["central_steps"],
+           "local_steps": lc["local_steps"], "never_used": never_used, "fed_gate": fed["gate"], "local_gate": lc["local_gate"],
+           "fed_served": fed["served"], "disconnects": fed["disconnects"], "intake": fed["intake"], "seconds": time.time() - t0}
+    print(json.dumps({k: v for k, v in run.items() if k not in ("fed_gate", "local_gate")}, default=str), flush=True)
+    return run
+
+
+def summarize(runs: list[dict], args) -> str:
+    def gain(r, name):
+        b = r["results"]["base"]
+        return float(np.mean([b[d] - r["results"][name][d] for d in r["domains"]]))
+
+    def share(r, name):
+        c = gain(r, "centralized")
+        return gain(r, name) / c if c > 0 else float("nan")
+
+    def ppl_change(r, name):
+        return float(np.exp(r["results"][name]["general"] - r["results"]["base"]["general"]) - 1)
+
+    def ms(xs, fmt):
+        xs = np.array(xs, float)
+        return f"{fmt(xs.mean())} ± {fmt(xs.std())}" if len(xs) > 1 else fmt(xs.mean())
+
+    pct = lambda x: f"{x:.0%}"  # noqa: E731
+    pp = lambda x: f"{x:+.1%}"  # noqa: E731
+    f3 = lambda x: f"{x:.3f}"  # noqa: E731
+    lines = []
+    for task in dict.fromkeys(r["task"] for r in runs):
+        rs = [r for r in runs if r["task"] == task]
+        doms = rs[0]["domains"]
+        lines += [f"### Task `{task}` (domains: {', '.join(doms)}; seeds {', '.join(str(r['seed']) for r in rs)})", "",
+                  "Held-out loss per domain (nats/token, mean ± spread over seeds; lower is better), general-text perplexity "
+                  "change from the base model, share of the centralized gain.", "",
+                  f"| method | {' | '.join(doms)} | general ppl vs base | of centralized gain |", f"|---|{'---|' * len(doms)}---|---|"]
+        for name in ("base", "local-only", "local-only (own domain)", "local-only (unseen domains)", "federated", "centralized"):
+            cells = [ms([r["results"][name][d] for r in rs], f3) for d in doms]
+            gen = ms([ppl_change(r, name) for r in rs], pp) if "general" in rs[0]["results"][name] else ""
+            frac = ms([share(r, name) for r in rs], pct) if "general" in rs[0]["results"][name] else ""
+            lines.append(f"| {name} | {' | '.join(cells)} | {gen} | {frac} |")
+        fed_frac = [share(r, "federated") for r in rs]
+        improved = all(r["results"]["federated"][d] < r["results"]["base"][d] for r in rs for d in doms)
+        unseen = [np.mean([r["results"]["federated"][d] - r["results"]["local-only (unseen domains)"][d] for d in doms]) for r in rs]
+        never = sum(sum(r["never_used"].values()) for r in rs)
+        lines += ["", f"- federated share of the centralized gain: {ms(fed_frac, pct)} (goal >= 90%)",
+                  f"- federated improves every domain over the base model in every seed: {'yes' if improved else 'no'}",
+                  f"- federated minus local-only on unseen domains (loss; negative = federated better): {ms(unseen, lambda x: f'{x:+.3f}')}",
+                  f"- general-text perplexity: federated {ms([ppl_change(r, 'federated') for r in rs], pp)}, "
+                  f"local-only {ms([ppl_change(r, 'local-only') for r in rs], pp)} (goal <= +5%)",
+                  f"- training examples never used by the end of a run (all agents, all seeds): {never} (goal 0)",
+                  f"- optimizer steps: federated {ms([sum(r['fed_steps'].values()) for r in rs], lambda x: f'{x:.0f}')} in total "
+                  f"(per device {', '.join(str(v) for v in rs[0]['fed_steps'].values())} in seed {rs[0]['seed']}), centralized "
+                  f"{ms([r['central_steps'] for r in rs], lambda x: f'{x:.0f}')}",
+                  f"- MQTT disconnects of the agents during the federated runs: {sum(sum(r['disconnects'].values()) for r in rs)}",
+                  f"- gate (seed {rs[0]['seed']}): federated agents serve "
+                  + ", ".join(f"{d}: {s}" for d, s in rs[0]["fed_served"].items())
+                  + "; decisions: " + "; ".join(f"{d}: " + ", ".join(f"{c} {why}" for _, c, why in g) for d, g in rs[0]["fed_gate"].items()),
+                  f"- gate (seed {rs[0]['seed']}), local-only agents: " + "; ".join(
+                      f"{d}: " + ", ".join(f"{c} {why}" for _, c, why in g) for d, g in rs[0]["local_gate"].items()), ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--heldout", type=int, default=8)
+    ap.add_argument("--tasks", default="stdlib,sympy")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--per-device", type=int, default=48, help="examples sent to each device (the agent holds ~10%% back)")
+    ap.add_argument("--heldout", type=int, default=16, help="evaluation texts per domain (never sent to an agent)")
+    ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    from coordinator import aggregate as agg
-    from coordinator.strategies import make_strategy
-    from devices.data import stdlib_docstrings
-    from edge_runtime.engine import Engine, stack_adapter, unstack_adapter
-    from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
-    from edge_runtime.protocol.adapter import load_adapter
-    from edge_runtime.protocol.codec import CodecSpec, decode_payload, encode_payload
-    from edge_runtime.trainer import OnnxTrainer
-    b = bundle()
-    eng = Engine(b, threads=2, verify=False)
-    tr = OnnxTrainer(b, eng.manifest, eng.tokenizer, threads=2, optim=AdamWConfig(lr=args.lr))
-    v0, meta = load_adapter(b / "adapter.safetensors")
-    rng = random.Random(0)
-    train, held = {}, {}
-    for f in FAMILIES:
-        docs = stdlib_docstrings(f)
-        rng.shuffle(docs)
-        held[f], train[f] = docs[:args.heldout], docs[args.heldout:]
-    seq = tr.S
-
-    def evaluate(tensors) -> dict[str, float]:
-        act = eng.make_active(tensors, meta)
-        out = {}
-        for f, texts in list(held.items()) + [("general", [GENERAL])]:
-            tot = cnt = 0.0
-            for t in texts:
-                s, c = eng.score(eng.encode(t)[:seq], act)
-                tot, cnt = tot + s, cnt + c
-            out[f] = tot / cnt
-        return out
-
-    def train_local(start, pool, steps, seed):
-        """k AdamW steps from ``start`` on batches sampled from ``pool``."""
-        r = random.Random(seed)
-        p = stack_adapter(start, tr.targets, tr.layers)
-        m = {k: np.zeros_like(x) for k, x in p.items()}
-        v = {k: np.zeros_like(x) for k, x in p.items()}
-        for step in range(1, steps + 1):
-            batch = tr.make_batch([{"text": r.choice(pool)} for _ in range(tr.B)])
-            _, g = tr.loss_and_grads(p, batch)
-            g, _ = clip_by_global_norm(g, 1.0)
-            p, m, v, _ = adamw_step(p, g, m, v, step, tr.optim)
-        return unstack_adapter(p, tr.targets)
-
-    R, K, N = args.rounds, args.steps, len(FAMILIES)
-    results = {"base": evaluate(v0)}
-    print("base", results["base"], flush=True)
-    # local-only: each device R*K steps on its own family; metrics averaged over devices
-    local = {f: train_local(v0, train[f], R * K, i) for i, f in enumerate(FAMILIES)}
-    local_eval = {f: evaluate(t) for f, t in local.items()}
-    results["local-only"] = {d: float(np.mean([local_eval[f][d] for f in FAMILIES])) for d in FAMILIES + ["general"]}
-    results["local-only (own domain)"] = {f: local_eval[f][f] for f in FAMILIES}
-    results["local-only (unseen domains)"] = {d: float(np.mean([local_eval[f][d] for f in FAMILIES if f != d])) for d in FAMILIES}
-    print("local", results["local-only"], flush=True)
-    bytes_round = {}
-
-    def federated(strategy: str, codec: CodecSpec):
-        s = make_strategy(strategy, rank=int(meta.rank))
-        g = v0
-        for r in range(R):
-            acc = s.begin(g)
-            for i, f in enumerate(FAMILIES):
-                loc = train_local(g, train[f], K, 100 * r + i)
-                delta = {k: loc[k] - g[k] for k in g}
-                wire = encode_payload(delta, codec)
-                bytes_round[(strategy, codec.dtype, codec.compression)] = len(wire)
-                delta = decode_payload(wire, codec, max_decoded_bytes=1 << 30)
-                s.fold(acc, float(len(train[f])), delta, g)
-            g = s.finish(acc, g)
-        return evaluate(g)
-
-    results["FedAvg (fp32 updates)"] = federated("fedavg", CodecSpec("fp32", "none"))
-    print("fedavg", results["FedAvg (fp32 updates)"], flush=True)
-    results["FedAvg (int8+zstd updates)"] = federated("fedavg", CodecSpec("int8", "zstd"))
-    results["FedAvg (int4+zstd updates)"] = federated("fedavg", CodecSpec("int4", "zstd"))
-    results["SVD of B·A (LoRA-aware)"] = federated("svd", CodecSpec("fp16", "zstd"))
-    pooled = [t for f in FAMILIES for t in train[f]]
-    results["centralized (pooled data)"] = evaluate(train_local(v0, pooled, R * K * N, 7))
-    print("central", results["centralized (pooled data)"], flush=True)
-    base = results["base"]
-    cent = results["centralized (pooled data)"]
-    gain = lambda res: float(np.mean([base[d] - res[d] for d in FAMILIES]))  # noqa: E731
-    rows = []
-    for name, res in results.items():
-        doms = " | ".join(f"{res[d]:.3f}" if d in res else "" for d in FAMILIES)
-        gen = f"{np.exp(res['general']):.2f} ({np.exp(res['general'] - base['general']) - 1:+.1%})" if "general" in res else ""
-        frac = f"{gain(res) / gain(cent):.0%}" if "general" in res and gain(cent) > 0 else ""
-        rows.append(f"| {name} | {doms} | {gen} | {frac} |")
-    full = bytes_round[("fedavg", "fp32", "none")]
-    ref = results["FedAvg (fp32 updates)"]
-    codec_rows = []
-    for dt in ("int8", "int4"):
-        size = bytes_round[("fedavg", dt, "zstd")]
-        res = results[f"FedAvg ({dt}+zstd updates)"]
-        loss = float(np.mean([abs(res[d] - ref[d]) / ref[d] for d in FAMILIES]))
-        codec_rows.append(f"| {dt} + zstd | {size / 1e6:.3f} MB | {full / size:.1f}x | {loss:.2%} |")
-    body = f"""SmolLM2-135M rpi5-profile bundle (int4 inference, 8-bit frozen base in train.onnx, batch 4 x 64 tokens, LoRA rank 8 q/v), {N} devices,
-one stdlib docstring family each, {R} rounds x {K} local steps (local-only: {R * K} steps per device; centralized:
-{R * K * N} steps on the pooled data), AdamW lr {args.lr}. Cells: held-out loss (nats/token, lower is better) per
-family; general-text perplexity (forgetting) and its change from the base; share of the centralized improvement.
-
-| method | {' | '.join(FAMILIES)} | general-text ppl (vs base) | of centralized gain |
-|---|{'---|' * len(FAMILIES)}---|---|
-""" + "\n".join(rows) + f"""
-
-Bytes uploaded per device per round (the delta of a rank-8 q/v adapter, 460,800 parameters):
-
-| update codec | bytes | fewer than fp32 | held-out loss change vs fp32 updates (relative, mean of families) |
-|---|---|---|---|
-| fp32 | {full / 1e6:.3f} MB | 1.0x | 0 |
-""" + "\n".join(codec_rows) + f"""
-
-Goals (issue 6): federated >= 90% of the centralized gain and better than local-only on unseen domains; general
-perplexity +5% at most; compressed codec >= 8x fewer bytes at <= 1% relative metric loss."""
-    record("Federated learning quality (issue 6)", body, f"python bench/learning.py --rounds {R} --steps {K} --lr {args.lr}")
+    from devices.fleet import cached_bundle
+    bundle = cached_bundle("smollm2", "rpi5")
+    runs = []
+    for task in args.tasks.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))
+            try:
+                runs.append(one_run(bundle, task, seed, args, work))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    from edge_runtime.agent import LEARNING_RATE, PROX_MU, AgentConfig
+    d = AgentConfig(bundle="x")
+    body = (f"SmolLM2-135M-Instruct, rpi5-profile bundle (int4 inference, 8-bit frozen base in train.onnx, batch 4 x 64 tokens, "
+            f"LoRA rank 8 on q/v). {DEVICES} agents, one domain each (strongly non-IID), {args.per_device} examples sent to each "
+            f"through `POST /v1/examples`, {args.rounds} sync FedAvg rounds through Mosquitto and `edgefm-coordinator serve`. "
+            f"Agent defaults throughout: lr {LEARNING_RATE}, prox_mu {PROX_MU}, steps per session {d.steps_per_round} "
+            f"(more while new data remains, up to {d.max_steps_per_session}), replay {d.replay_fraction}. Local-only: the same "
+            f"agents without a broker, {args.rounds} `train-now` sessions each, evaluated on what each serves. Centralized: one "
+            f"agent with every device's examples and the federated run's total optimizer steps. Evaluation: {args.heldout} "
+            f"texts per domain never sent to an agent; general text: Debian license paragraphs (no agent trains on them).\n\n"
+            + summarize(runs, args))
+    out = ROOT / ".cache" / "bench" / "learning-runs.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(runs, indent=1, default=str))
+    if not args.no_record:
+        record("Federated learning through real agents (issue 11)", body,
+               f"python bench/learning.py --tasks {args.tasks} --seeds {args.seeds} --rounds {args.rounds}")
+    else:
+        print(body)
 
 
 if __name__ == "__main__":

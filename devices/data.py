@@ -33,10 +33,24 @@ STDLIB_FAMILIES = {
 }
 
 
+# A second real-text corpus from a package every full install has (sympy comes with torch): one family per area.
+SYMPY_FAMILIES = {
+    "calculus": ["sympy.integrals", "sympy.series", "sympy.calculus"],
+    "algebra": ["sympy.polys", "sympy.solvers", "sympy.matrices"],
+    "discrete": ["sympy.combinatorics", "sympy.ntheory", "sympy.logic", "sympy.sets"],
+    "physics": ["sympy.physics", "sympy.geometry", "sympy.stats"],
+}
+
+
 def stdlib_docstrings(family: str, max_chars: int = 600) -> list[str]:
     """Docstrings of the Python standard library modules of one family (present on every machine)."""
+    return module_docstrings(STDLIB_FAMILIES[family], max_chars)
+
+
+def module_docstrings(modnames: list[str], max_chars: int = 600) -> list[str]:
+    """Docstrings (over 80 characters, whitespace folded) of these modules, their public members and submodules."""
     out: list[str] = []
-    for modname in STDLIB_FAMILIES[family]:
+    for modname in modnames:
         try:
             mod = importlib.import_module(modname)
         except ImportError:
