@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--chaos", action="store_true", help="kill/restart an agent and restart the broker mid-run")
     r.add_argument("--out", default="./fleet-out")
     r.add_argument("--profile", default="rpi5")
-    r.add_argument("--data", choices=["synthetic", "stdlib"], default="synthetic")
+    r.add_argument("--data", default="synthetic", help="synthetic | stdlib | DIR: your own data, one NAME.jsonl file or NAME/ "
+                   "folder (*.jsonl, *.txt) per device; a share is held back for evaluation and written to OUT/heldout/")
     r.add_argument("--timeout", type=float, default=900.0)
     d = sub.add_parser("demo", help="real SmolLM2-135M, rpi5 profile, 4 agents on Python-docs text")
     d.add_argument("--out", default="./demo-out")

@@ -6,6 +6,7 @@ import inspect
 import pkgutil
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -95,3 +96,64 @@ def device_datasets(texts_by_domain: dict[str, list[str]], mixtures: list[dict[s
         rng.shuffle(ex)
         out.append(ex or [{"text": rng.choice(pools[next(iter(pools))]), "domain": next(iter(pools))}])
     return out, heldout
+
+
+def _read_examples(path: Path) -> list[dict]:
+    """Examples of one file: JSONL ({text} or {prompt, completion} per line) or plain text (one example per paragraph)."""
+    import json
+    from edge_runtime.errors import ConfigError
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as exc:
+                raise ConfigError(f"{path}:{i}: not JSON ({exc})") from None
+            if not isinstance(obj, dict) or not (isinstance(obj.get("text"), str) or isinstance(obj.get("prompt"), str)):
+                raise ConfigError(f"{path}:{i}: each line must be an object with 'text' (or 'prompt' + 'completion')")
+            out.append({k: obj[k] for k in ("text", "prompt", "completion", "label") if k in obj})
+        return out
+    return [{"text": " ".join(p.split())} for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+
+
+def load_user_data(root: str | Path) -> dict[str, list[dict]]:
+    """A user's own data, one device per entry of ``root``: a ``NAME.jsonl`` file, or a folder ``NAME/`` of
+    ``*.jsonl`` / ``*.txt`` files. Returns {device name: examples} in name order."""
+    from edge_runtime.errors import ConfigError
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"--data {root}: not a folder (expected one NAME.jsonl file or NAME/ folder per device)")
+    out: dict[str, list[dict]] = {}
+    for entry in sorted(root.iterdir()):
+        if entry.is_file() and entry.suffix == ".jsonl":
+            out[entry.stem] = _read_examples(entry)
+        elif entry.is_dir():
+            files = sorted(f for f in entry.rglob("*") if f.is_file() and f.suffix in (".jsonl", ".txt"))
+            out[entry.name] = [ex for f in files for ex in _read_examples(f)]
+    if not out:
+        raise ConfigError(f"--data {root}: no NAME.jsonl files or NAME/ folders found (one per device)")
+    empty = [n for n, ex in out.items() if not ex]
+    if empty:
+        raise ConfigError(f"--data {root}: no examples for {', '.join(empty)}")
+    return out
+
+
+def example_text(ex: dict) -> str:
+    """The full text of an example (prompt + completion for instruction pairs)."""
+    return ex["prompt"] + ex.get("completion", "") if ex.get("prompt") is not None else ex["text"]
+
+
+def split_user_data(data: dict[str, list[dict]], heldout_fraction: float, seed: int) -> tuple[list[list[dict]], dict[str, list[str]]]:
+    """Per device: examples to send, and a held-out share (at least one, if the device has two or more) that
+    only the simulator's evaluation sees. Returns (per-device examples, held-out texts per device)."""
+    rng = random.Random(seed)
+    per_dev, heldout = [], {}
+    for name, examples in data.items():
+        ex = list(examples)
+        rng.shuffle(ex)
+        k = max(1, int(round(len(ex) * heldout_fraction))) if len(ex) > 1 else 0
+        heldout[name] = [example_text(e) for e in ex[:k]]
+        per_dev.append(ex[k:])
+    return per_dev, heldout

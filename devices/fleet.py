@@ -42,7 +42,8 @@ class FleetOptions:
     round_timeout_s: float = 60.0
     timeout_s: float = 900.0
     seed: int = 0
-    data: str = "synthetic"             # synthetic | stdlib
+    data: str = "synthetic"             # synthetic | stdlib | a folder of the user's data (one NAME.jsonl or NAME/ per device)
+    heldout_fraction: float = 0.1       # --data DIR: share of each device's data kept for the report's evaluation
     codec: str = "fp16"
     compression: str = "zstd"
     quiet: bool = False
@@ -97,6 +98,8 @@ class Fleet:
         self.events: list[str] = []
         self.t0 = time.time()
         self.broker = None
+        self.names: list[str] = []          # device ids (from --data DIR; else dev-0, dev-1, ...)
+        self.intake: dict[str, dict] = {}
 
     def log(self, msg: str) -> None:
         """Progress line (and an event in the report)."""
@@ -128,6 +131,22 @@ class Fleet:
     def datasets(self):
         """Per-device examples and per-domain held-out texts."""
         from devices import data
+        if self.o.data not in ("synthetic", "stdlib"):
+            user = data.load_user_data(self.o.data)
+            bad = [n for n in user if not n.replace("-", "").replace("_", "").isalnum()]
+            if bad:
+                raise ConfigError(f"--data: device names may hold letters, digits, '-' and '_' only: {bad}")
+            self.names = list(user)
+            self.o.devices = len(user)
+            per_dev, heldout = data.split_user_data(user, self.o.heldout_fraction, self.o.seed)
+            mixtures = [{n: float(n == m) for n in user} for m in user]
+            out = self.out / "heldout"
+            out.mkdir(exist_ok=True)
+            for n, texts in heldout.items():
+                (out / f"{n}.eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+            self.log(f"user data from {self.o.data}: {len(user)} devices ({', '.join(f'{n}: {len(e)}' for n, e in zip(user, per_dev))} "
+                     f"examples to send); held back for evaluation: {out}/NAME.eval.jsonl")
+            return per_dev, heldout, mixtures
         if self.o.data == "stdlib":
             texts = {f: data.stdlib_docstrings(f) for f in data.STDLIB_FAMILIES}
         else:
@@ -142,7 +161,7 @@ class Fleet:
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def start_agent(self, i: int, bundle: Path, broker: str) -> str:
-        name = f"dev-{i}"
+        name = self.names[i] if self.names else f"dev-{i}"
         port = self.ports.setdefault(name, _free_port())
         ddir = self.out / "agents" / name
         ddir.mkdir(parents=True, exist_ok=True)
@@ -229,12 +248,18 @@ class Fleet:
 
     def _run(self, bundle, broker, per_dev, heldout, mixtures) -> dict:
         o = self.o
-        names = [self.start_agent(i, bundle, broker) for i in range(o.devices)]
+        names = [self.start_agent(i, bundle, broker) for i in range(len(per_dev))]
         for n in names:
             self.wait_healthy(n)
         for i, n in enumerate(names):
-            res = _http(f"http://127.0.0.1:{self.ports[n]}/v1/examples", {"examples": [{"text": e["text"]} for e in per_dev[i]]})
-            self.log(f"{n}: stored {res['added']} examples")
+            fields = ("text", "prompt", "completion", "label")
+            res = _http(f"http://127.0.0.1:{self.ports[n]}/v1/examples", {"examples": [{k: e[k] for k in fields if k in e} for e in per_dev[i]]})
+            self.intake[n] = res
+            gate = _http(f"http://127.0.0.1:{self.ports[n]}/v1/examples/heldout")["examples"]
+            (self.out / "heldout").mkdir(exist_ok=True)
+            (self.out / "heldout" / f"{n}.gate.jsonl").write_text("".join(json.dumps(e) + "\n" for e in gate))
+            self.log(f"{n}: stored {res['added']} examples: {res['train']} to train on, {res['heldout']} held out for its gate "
+                     f"(heldout/{n}.gate.jsonl)")
         state_dir = self.out / "coordinator"
         self.cmds["coordinator"] = [sys.executable, "-m", "coordinator.cli", "--state-dir", str(state_dir), "serve", "--bundle",
                                     str(bundle), "--broker", broker, "--fleet", o.fleet, "--mode", o.mode, "--strategy", o.strategy,
@@ -244,6 +269,9 @@ class Fleet:
         self.log(f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)"
                  + (f"; chaos: {names[-1]} is a slow device (+1 s per training step)" if o.chaos else ""))
         eng = self.evaluator(bundle)
+        from importlib import resources
+        general = [t for t in resources.files("edge_runtime").joinpath("data/anchor.txt").read_text().splitlines()
+                   if t.strip() and not t.startswith("#")]  # the agents' forgetting anchor: general text no device trains on
         seq = int(eng.manifest.training.get("seq", 64))
         from coordinator.state import State
         from edge_runtime.protocol.adapter import adapter_from_bytes
@@ -263,11 +291,12 @@ class Fleet:
                     if v in evaluated:
                         continue
                     tensors, meta = adapter_from_bytes(st.blobs.get(st.version_sha(v)))
-                    by_dom = self.evaluate(eng, tensors, meta, heldout, seq)
+                    by_dom = self.evaluate(eng, tensors, meta, {**heldout, "__general__": general}, seq)
+                    general_loss = by_dom.pop("__general__")
                     by_dev = {n: float(sum(mixtures[i][d] * by_dom[d] for d in by_dom)) for i, n in enumerate(names)}
                     row = next((r for r in st.versions() if r["version"] == v), {})
                     evaluated[v] = {"version": v, "round": row.get("round"), "heldout_by_domain": by_dom, "heldout_by_device": by_dev,
-                                    "heldout_mean": float(np.mean(list(by_dom.values()))), **{k: row.get("metrics", {}).get(k) for k in ("bytes", "num_updates", "num_examples")}}
+                                    "heldout_mean": float(np.mean(list(by_dom.values()))), "general_loss": general_loss, **{k: row.get("metrics", {}).get(k) for k in ("bytes", "num_updates", "num_examples")}}
                     self.log(f"global v{v}: held-out loss " + ", ".join(f"{d} {x:.3f}" for d, x in by_dom.items()))
                 done_rounds = sum(1 for r in st.rounds() if r["status"] == "closed") if o.mode == "sync" else max(0, (st.current_version() or 0))
                 # chaos schedule: kill + restart an agent after round 1, restart the broker after round 2
@@ -322,7 +351,8 @@ class Fleet:
                           "updates_queued": ob.get("queued", 0), "updates_awaiting_receipt": ob.get("awaiting_receipt", 0),
                           "updates_receipted": sum((ob.get("receipts") or {}).values()),
                           "updates_counted": counted.get(n, 0), "updates_recorded": recorded.get(n, 0),
-                          "restarts": self.restarts.get(n, 0), "mixture": mixtures[names.index(n)]}
+                          "restarts": self.restarts.get(n, 0), "mixture": mixtures[names.index(n)],
+                          "intake": self.intake.get(n), "gate_decisions": list(reversed(s.get("gate_decisions", [])))}
         nothing_lost = all(d["updates_queued"] == 0 and d["updates_awaiting_receipt"] == 0
                            and d["updates_recorded"] >= d["updates_acknowledged"] for d in devices.values())
         rounds_completed = sum(1 for r in st.rounds() if r["status"] == "closed") if (st and o.mode == "sync") else (final_version or 0)

@@ -557,12 +557,7 @@ class Agent:
         adapter_id = f"global-{pointer.version}"
         path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
         save_adapter(path, tensors, meta)
-        # The new global is always the base of further training (that is what the fleet agreed on; the
-        # device's status tells the coordinator which global it trains from) ...
-        self.global_version, self.global_tensors = pointer.version, tensors
-        self.store.put("global_path", str(path))
-        self.store.put("global_version", pointer.version)
-        # ... but it serves only if the gate finds it no worse for this device.
+        # It serves only if the gate finds it no worse for this device ...
         gate = self.gate("global", adapter_id, self.engine.make_active(tensors, meta))
         metrics = {"heldout_loss": gate.numbers.get("heldout_candidate"), "heldout_loss_before": gate.numbers.get("heldout_current"),
                    "gate": gate.reason.value}
@@ -572,6 +567,11 @@ class Agent:
         else:
             self._keep_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
             self._event("global_not_served", version=pointer.version, reason=gate.reason.value, **metrics)
+        # ... but it is always the base of further training (that is what the fleet agreed on; the device's
+        # status tells the coordinator which global it trains from).
+        self.global_version, self.global_tensors = pointer.version, tensors
+        self.store.put("global_path", str(path))
+        self.store.put("global_version", pointer.version)
         self.metrics.set("edgefm_global_version", pointer.version, help="latest global adapter version received")
 
     # ------------------------------------------------------------------ status
@@ -589,7 +589,7 @@ class Agent:
                 "outbox": self.store.outbox_stats(), "broker_connected": bool(self.sync and self.sync.connected),
                 "last_train_decision": self.last_decision.value, "round": self.round,
                 "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],
-                "training_coverage": self.store.training_coverage(), "gate_decisions": self.store.decisions(10),
+                "training_coverage": self.store.training_coverage(), "gate_decisions": self.store.decisions(20),
                 "broker_disconnects": self.sync.disconnects if self.sync else 0,
                 "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant["scheme"]}
 

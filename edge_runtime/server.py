@@ -316,6 +316,12 @@ def add_examples(h: Handler) -> None:
     h._send(200, h.agent.add_examples(items, source="api"))
 
 
+def heldout_examples(h: Handler) -> None:
+    """What this device held back from training for its gate (local API: the data stays on the device)."""
+    h._send(200, {"examples": [{k: e[k] for k in ("text", "prompt", "label") if e.get(k) is not None}
+                               for e in h.agent.store.heldout_split()]})
+
+
 def _require_task(h: Handler, task: str) -> None:
     if h.agent.manifest.task != task:
         raise ApiError(400, f"this agent serves a {h.agent.manifest.task} bundle; this endpoint needs {task}", None, "wrong_task")
@@ -376,7 +382,7 @@ ROUTES = {
     ("GET", "/healthz"): healthz, ("GET", "/metrics"): metrics, ("GET", "/v1/models"): models,
     ("POST", "/v1/completions"): completions, ("POST", "/v1/chat/completions"): chat_completions,
     ("POST", "/v1/embeddings"): embeddings, ("POST", "/v1/classifications"): classify,
-    ("POST", "/v1/examples"): add_examples, ("GET", "/v1/status"): status, ("GET", "/v1/adapters"): adapters,
+    ("POST", "/v1/examples"): add_examples, ("GET", "/v1/examples/heldout"): heldout_examples, ("GET", "/v1/status"): status, ("GET", "/v1/adapters"): adapters,
     ("POST", "/v1/adapters/rollback"): rollback, ("POST", "/v1/train"): train_now,
 }
 

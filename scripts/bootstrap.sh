@@ -14,6 +14,14 @@ ensure_mosquitto() {
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
 }
 
+ensure_chromium() {  # the report page is checked in a real headless browser
+  if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then return; fi
+  log "installing Debian's chromium (apt-get) for the report page test"
+  local SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+}
+
 # make_venv DIR EXTRAS: a venv with the project installed (EXTRAS empty = the device/base install, no torch)
 make_venv() {
   local dir="$1" extras="$2" stamp

@@ -5,7 +5,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 ensure_mosquitto
-make_venv "$ROOT/.venv" "export,torch-train,dev"
+ensure_chromium
+make_venv "$ROOT/.venv" "export,torch-train,dev,fleet"
 make_venv "$ROOT/.venv-device" ""
 
 log "device path: base install only (no torch)"

@@ -53,3 +53,47 @@ def test_profiles_load_and_refuse_a_bundle_that_does_not_fit(tmp_path_factory, t
     small.ram_mb, small.memory_budget_fraction = 256, 0.25
     with pytest.raises(BundleError, match="MB"):
         small.check_bundle_fits(b)
+
+
+def _chromium():
+    import shutil
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not exe:
+        pytest.fail("Debian's chromium is needed to check the report page (scripts/test.sh installs it)")
+    return exe
+
+
+def test_fleet_run_on_user_data_and_report_reads_in_a_browser(tmp_path, broker):
+    # Prepare: a user's own data, one JSONL file and one folder of text files, one device each
+    data = tmp_path / "data"
+    (data / "garage").mkdir(parents=True)
+    (data / "kitchen.jsonl").write_text("".join(json.dumps({"text": f"the oven in kitchen {i} reached {150 + i} degrees"}) + "\n"
+                                                for i in range(30)))
+    (data / "garage" / "notes.txt").write_text("\n\n".join(f"the door of garage {i} was opened at {i % 12} o'clock" for i in range(30)))
+    out = tmp_path / "fleet"
+    # Execute
+    r = subprocess.run([sys.executable, "-m", "devices.cli", "run", "--data", str(data), "--rounds", "2", "--model", "tiny",
+                        "--broker", broker.url, "--out", str(out), "--timeout", "400"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Assert: one device per entry, the held-back data written out, the split reported
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["devices"]) == {"garage", "kitchen"} and rep["rounds_completed"] == 2
+    for name in ("garage", "kitchen"):
+        evalset = (out / "heldout" / f"{name}.eval.jsonl").read_text().splitlines()
+        gateset = (out / "heldout" / f"{name}.gate.jsonl").read_text().splitlines()
+        intake = rep["devices"][name]["intake"]
+        assert len(evalset) == 3 and intake["added"] == 27                # 10% held back by the simulator
+        assert intake["train"] + intake["heldout"] == 27 and len(gateset) == intake["heldout"]
+        assert rep["devices"][name]["gate_decisions"], "the gate's decisions are in the report"
+    # the page, rendered by a real browser: the summary opens it, the charts are drawn
+    page = out / "report.html"
+    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.index('id="summary"') < dom.index('id="charts"')
+    assert "The fleet learned" in dom or "The fleet did not learn" in dom
+    assert "garage" in dom and "Gate decisions per device" in dom
+    assert dom.count("<svg") >= 3
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,2000",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 20_000                                  # a drawn page, not a blank one
