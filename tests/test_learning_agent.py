@@ -123,7 +123,7 @@ def test_network_thread_keeps_its_keepalive_while_the_agent_evaluates_under_full
                  what="the global judged by the gate")
         judged_in = time.time() - t0
         # Assert: the gate's work took many keep-alive periods, and the link never dropped
-        assert judged_in > 3, f"the gate took only {judged_in:.1f}s: the test would not show a blocked network thread"
+        assert judged_in > 2, f"the gate took only {judged_in:.1f}s: the test would not show a blocked network thread"
         assert call(url + "/v1/status")["broker_disconnects"] == 0
         assert agent.sync.connected
     finally:
