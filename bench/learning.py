@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PY, ROOT, record  # noqa: E402
 
 DEVICES = 4
+AGENT_SETTINGS: dict = {}   # --agent: settings to try instead of the agent's defaults
 
 
 def task_domains(task: str) -> dict[str, list[str]]:
@@ -107,7 +108,7 @@ class Procs:
         port = free_port()
         ddir = self.work / name
         ddir.mkdir(parents=True, exist_ok=True)
-        conf = {"threads_inference": 1, "threads_training": 1, "max_train_seconds": 3600, "auto_train": False, **settings}
+        conf = {"threads_inference": 1, "threads_training": 1, "max_train_seconds": 3600, "auto_train": False, **AGENT_SETTINGS, **settings}
         (ddir / "agent.toml").write_text("".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}\n"
                                                  for k, v in conf.items()))
         cmd = [PY, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--device-id", name, "--fleet", fleet,
@@ -163,7 +164,7 @@ def send(url: str, texts: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- runs
-def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path) -> dict:
+def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path, coordinator_settings: dict | None = None) -> dict:
     """Broker + coordinator + one agent per domain; returns the final global adapter and what the agents did."""
     from coordinator.broker import EmbeddedBroker
     broker = EmbeddedBroker(work / "broker").start()
@@ -172,7 +173,10 @@ def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path) -> d
         urls = {d: procs.agent(f"fed-{d}", bundle, broker.url, "bench") for d in send_by_dom}
         intake = {d: send(urls[d], texts) for d, texts in send_by_dom.items()}
         state = work / "coordinator"
+        conf = work / "coordinator.toml"
+        conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in (coordinator_settings or {}).items()))
         coord = procs.spawn("coordinator", [PY, "-m", "coordinator.cli", "--state-dir", str(state), "serve", "--bundle", str(bundle),
+                                            "--config", str(conf),
                                             "--broker", broker.url, "--fleet", "bench", "--mode", "sync", "--strategy", "fedavg",
                                             "--rounds", str(rounds), "--min-updates", str(len(urls)), "--round-timeout", "3600"])
         t0 = time.time()
@@ -262,7 +266,11 @@ def one_run(bundle: Path, task: str, seed: int, args, work: Path) -> dict:
     ev = Evaluator(bundle, held, general_texts())
     doms = list(send_by_dom)
     t0 = time.time()
-    fed = run_federated(bundle, send_by_dom, args.rounds, work / "fed")
+    fed = run_federated(bundle, send_by_dom, args.rounds, work / "fed", json.loads(args.coordinator) if args.coordinator else None)
+    if args.federated_only:  # a quick look at coordinator settings: the federated run alone
+        print(json.dumps({"task": task, "seed": seed, "base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]),
+                          "steps": fed["steps"]}), flush=True)
+        return {}
     total_steps = sum(fed["steps"].values())
     lc = run_local_and_central(bundle, send_by_dom, args.rounds, total_steps, work / "local")
     res = {"base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]), "centralized": ev(lc["central"])}
@@ -340,7 +348,11 @@ def main() -> None:
     ap.add_argument("--per-device", type=int, default=48, help="examples sent to each device (the agent holds ~10%% back)")
     ap.add_argument("--heldout", type=int, default=16, help="evaluation texts per domain (never sent to an agent)")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--agent", default=None, help="JSON of agent settings to try (default: the agent's defaults)")
+    ap.add_argument("--coordinator", default=None, help="JSON of coordinator settings (default: the coordinator's defaults)")
+    ap.add_argument("--federated-only", action="store_true", help="only the federated run, no table (for trying settings)")
     args = ap.parse_args()
+    AGENT_SETTINGS.update(json.loads(args.agent) if args.agent else {})
     from devices.fleet import cached_bundle
     bundle = cached_bundle("smollm2", "rpi5")
     runs = []
@@ -351,6 +363,8 @@ def main() -> None:
                 runs.append(one_run(bundle, task, seed, args, work))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+    if args.federated_only:
+        return
     from edge_runtime.agent import LEARNING_RATE, PROX_MU, AgentConfig
     d = AgentConfig(bundle="x")
     body = (f"SmolLM2-135M-Instruct, rpi5-profile bundle (int4 inference, 8-bit frozen base in train.onnx, batch 4 x 64 tokens, "

@@ -18,7 +18,7 @@ class CoordinatorConfig:
     fleet: str = "default"
     mode: Literal["sync", "async"] = "sync"
     strategy: str = "fedavg"
-    server_lr: float = 1.0
+    server_lr: float | None = None          # None: the strategy's own default (see coordinator/strategies.py)
     devices_per_round: int = 0              # 0: every online device
     over_selection: float = 0.3
     min_updates: int = 1                    # quorum to close a round at its deadline
@@ -53,6 +53,8 @@ class CoordinatorConfig:
             raise ConfigError("dp_fedavg needs dp_noise_multiplier > 0 (e.g. 1.0)")
         if self.ingest_batch < 1:
             raise ConfigError("ingest_batch must be >= 1")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise ConfigError("server_lr must be > 0 (or left out for the strategy's default)")
         if self.chunk_size < 1024:
             raise ConfigError("chunk_size must be at least 1024 bytes")
 

@@ -20,10 +20,12 @@ class Strategy:
     name = "fedavg"
     streaming = True
     server_opt = "fedavg"
+    default_server_lr = 1.0
 
-    def __init__(self, *, server_lr: float = 1.0, rank: int = 8, trim: int = 1, dp_noise_multiplier: float = 0.0,
+    def __init__(self, *, server_lr: float | None = None, rank: int = 8, trim: int = 1, dp_noise_multiplier: float = 0.0,
                  dp_clip: float = 1.0, seed: int = 0):
-        self.server_lr, self.rank, self.trim = server_lr, rank, trim
+        self.server_lr = self.default_server_lr if server_lr is None else server_lr
+        self.rank, self.trim = rank, trim
         self.dp_noise_multiplier, self.dp_clip = dp_noise_multiplier, dp_clip
         self.rng = np.random.default_rng(seed)
         self.opt_state = agg.ServerOptState()
@@ -76,10 +78,7 @@ class FedAvgM(Strategy):
 
 class FedAdam(Strategy):
     name, server_opt = "fedadam", "fedadam"
-
-    def __init__(self, **kw):
-        kw.setdefault("server_lr", 0.01)
-        super().__init__(**kw)
+    default_server_lr = 0.01
 
 
 class FedYogi(FedAdam):

@@ -313,20 +313,15 @@ class Agent:
             out = []
             for ex in examples:
                 s, c = self.engine.score(self.engine.encode(ex["text"])[:S], adapter)
-                out.append(s / c if c else np.nan)
-            arr = np.array(out)
-            return arr[np.isfinite(arr)] if not np.isfinite(arr).all() else arr
+                if c:  # a one-token text has nothing to predict (the same for every adapter, so pairs stay aligned)
+                    out.append(s / c)
+            return np.array(out)
         feeds = self.engine._encoder_feeds([e["text"] for e in examples], 128)
         logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         labels = np.array([e["label"] or 0 for e in examples])
         return -logp[np.arange(len(labels)), labels]
-
-    def evaluate(self, adapter: ActiveAdapter, limit: int = 32) -> float | None:
-        """Mean held-out loss; None without held-out data."""
-        losses = self.example_losses(adapter, self.store.heldout(limit))
-        return float(losses.mean()) if losses.size else None
 
     def anchor_examples(self) -> list[dict]:
         """The general-text anchor set (LM bundles only): shipped passages or ``anchor_file``."""

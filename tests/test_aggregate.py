@@ -229,3 +229,15 @@ def test_validate_update_norm_flat_view_and_reasons():
         with pytest.raises(ProtocolError) as e:
             validate_update(device, msg, limits)
         assert e.value.reason == reason and e.value.header.update_id == h.update_id
+
+
+def test_server_lr_defaults_per_strategy_and_an_explicit_one_wins():
+    from coordinator.config import CoordinatorConfig
+    from edge_runtime.errors import ConfigError
+    # the coordinator's config leaves server_lr unset, so each strategy keeps its own default
+    assert CoordinatorConfig().server_lr is None
+    assert make_strategy("fedadam", server_lr=CoordinatorConfig().server_lr).server_lr == 0.01
+    assert make_strategy("fedavg", server_lr=None).server_lr == 1.0
+    assert make_strategy("fedadam", server_lr=0.5).server_lr == 0.5
+    with pytest.raises(ConfigError, match="server_lr"):
+        CoordinatorConfig(server_lr=0.0)
