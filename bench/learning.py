@@ -231,6 +231,7 @@ def run_local_and_central(bundle: Path, send_by_dom: dict, rounds: int, central_
         status = {d: http(u + "/v1/status") for d, u in {**urls, "central": central}.items()}
         # centralized is the reference for what training achieves: its result, whatever its own gate said
         return {"local": {d: served_adapter(u) for d, u in urls.items()}, "central": latest_candidate(central),
+                "local_last": {d: latest_candidate(u) for d, u in urls.items()},
                 "central_steps": steps_run(central), "local_steps": {d: steps_run(u) for d, u in urls.items()},
                 "local_coverage": {d: s["training_coverage"] for d, s in status.items()},
                 "local_gate": {d: [(g["kind"], g["candidate"], g["reason"]) for g in reversed(s["gate_decisions"])] for d, s in status.items()}}
@@ -246,7 +247,10 @@ class Evaluator:
         self.eng = Engine(bundle, threads=2, verify=False)
         self.load = load_adapter
         self.seq = int(self.eng.manifest.training.get("seq", 64))
-        self.sets = {**held, "general": general}
+        from importlib import resources
+        anchor = [t for t in resources.files("edge_runtime").joinpath("data/anchor.txt").read_text().splitlines()
+                  if t.strip() and not t.startswith("#")]
+        self.sets = {**held, "general": general, "everyday": anchor}
 
     def __call__(self, path: Path) -> dict[str, float]:
         tensors, meta = self.load(path)
@@ -275,7 +279,9 @@ def one_run(bundle: Path, task: str, seed: int, args, work: Path) -> dict:
     lc = run_local_and_central(bundle, send_by_dom, args.rounds, total_steps, work / "local")
     res = {"base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]), "centralized": ev(lc["central"])}
     local = {d: ev(p) for d, p in lc["local"].items()}
-    res["local-only"] = {k: float(np.mean([local[d][k] for d in doms])) for k in doms + ["general"]}
+    res["local-only"] = {k: float(np.mean([local[d][k] for d in doms])) for k in doms + ["general", "everyday"]}
+    last = {d: ev(p) for d, p in lc["local_last"].items()}
+    res["local-only (last result, served or not)"] = {k: float(np.mean([last[d][k] for d in doms])) for k in doms + ["general", "everyday"]}
     res["local-only (own domain)"] = {d: local[d][d] for d in doms}
     res["local-only (unseen domains)"] = {k: float(np.mean([local[d][k] for d in doms if d != k])) for k in doms}
     never_used = {d: c["never_used"] for d, c in {**fed["coverage"], **{f"local-{k}": v for k, v in lc["local_coverage"].items()}}.items()}
@@ -295,8 +301,8 @@ def summarize(runs: list[dict], args) -> str:
         c = gain(r, "centralized")
         return gain(r, name) / c if c > 0 else float("nan")
 
-    def ppl_change(r, name):
-        return float(np.exp(r["results"][name]["general"] - r["results"]["base"]["general"]) - 1)
+    def ppl_change(r, name, key="general"):
+        return float(np.exp(r["results"][name][key] - r["results"]["base"][key]) - 1)
 
     def ms(xs, fmt):
         xs = np.array(xs, float)
@@ -306,16 +312,19 @@ def summarize(runs: list[dict], args) -> str:
     pp = lambda x: f"{x:+.1%}"  # noqa: E731
     f3 = lambda x: f"{x:.3f}"  # noqa: E731
     lines = []
-    for task in dict.fromkeys(r["task"] for r in runs):
+    for task in sorted(dict.fromkeys(r["task"] for r in runs), key=args.tasks.split(",").index):
         rs = [r for r in runs if r["task"] == task]
         doms = rs[0]["domains"]
         lines += [f"### Task `{task}` (domains: {', '.join(doms)}; seeds {', '.join(str(r['seed']) for r in rs)})", "",
                   "Held-out loss per domain (nats/token, mean ± spread over seeds; lower is better), general-text perplexity "
                   "change from the base model, share of the centralized gain.", "",
-                  f"| method | {' | '.join(doms)} | general ppl vs base | of centralized gain |", f"|---|{'---|' * len(doms)}---|---|"]
-        for name in ("base", "local-only", "local-only (own domain)", "local-only (unseen domains)", "federated", "centralized"):
+                  f"| method | {' | '.join(doms)} | general ppl vs base (license texts) | everyday-prose ppl vs base (the agents' anchor) "
+                  f"| of centralized gain |", f"|---|{'---|' * len(doms)}---|---|---|"]
+        for name in ("base", "local-only", "local-only (own domain)", "local-only (unseen domains)",
+                     "local-only (last result, served or not)", "federated", "centralized"):
             cells = [ms([r["results"][name][d] for r in rs], f3) for d in doms]
             gen = ms([ppl_change(r, name) for r in rs], pp) if "general" in rs[0]["results"][name] else ""
+            gen += " | " + (ms([ppl_change(r, name, "everyday") for r in rs], pp) if "everyday" in rs[0]["results"][name] else "")
             frac = ms([share(r, name) for r in rs], pct) if "general" in rs[0]["results"][name] else ""
             lines.append(f"| {name} | {' | '.join(cells)} | {gen} | {frac} |")
         fed_frac = [share(r, "federated") for r in rs]
@@ -325,8 +334,11 @@ def summarize(runs: list[dict], args) -> str:
         lines += ["", f"- federated share of the centralized gain: {ms(fed_frac, pct)} (goal >= 90%)",
                   f"- federated improves every domain over the base model in every seed: {'yes' if improved else 'no'}",
                   f"- federated minus local-only on unseen domains (loss; negative = federated better): {ms(unseen, lambda x: f'{x:+.3f}')}",
-                  f"- general-text perplexity: federated {ms([ppl_change(r, 'federated') for r in rs], pp)}, "
-                  f"local-only {ms([ppl_change(r, 'local-only') for r in rs], pp)} (goal <= +5%)",
+                  f"- general-text perplexity (license texts / everyday prose): federated {ms([ppl_change(r, 'federated') for r in rs], pp)}"
+                  f" / {ms([ppl_change(r, 'federated', 'everyday') for r in rs], pp)}, local-only as served "
+                  f"{ms([ppl_change(r, 'local-only') for r in rs], pp)} / {ms([ppl_change(r, 'local-only', 'everyday') for r in rs], pp)}, "
+                  f"centralized {ms([ppl_change(r, 'centralized') for r in rs], pp)} / "
+                  f"{ms([ppl_change(r, 'centralized', 'everyday') for r in rs], pp)} (goal <= +5%)",
                   f"- training examples never used by the end of a run (all agents, all seeds): {never} (goal 0)",
                   f"- optimizer steps: federated {ms([sum(r['fed_steps'].values()) for r in rs], lambda x: f'{x:.0f}')} in total "
                   f"(per device {', '.join(str(v) for v in rs[0]['fed_steps'].values())} in seed {rs[0]['seed']}), centralized "
@@ -356,34 +368,45 @@ def main() -> None:
     from devices.fleet import cached_bundle
     bundle = cached_bundle("smollm2", "rpi5")
     runs = []
-    for task in args.tasks.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))
-            try:
-                runs.append(one_run(bundle, task, seed, args, work))
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-    if args.federated_only:
-        return
+    # seed-major order: a run cut short still has every task
+    plan = [(task, int(seed)) for seed in args.seeds.split(",") for task in args.tasks.split(",")]
+    for task, seed in plan:
+        work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))
+        try:
+            run = one_run(bundle, task, seed, args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        if args.federated_only:
+            continue
+        runs.append(run)
+        write_results(runs, len(plan), args)   # after every run: a cut-off session still leaves what was measured
+
+
+def write_results(runs: list[dict], planned: int, args) -> None:
+    """The learning table (BENCHMARKS.md unless --no-record) and the raw runs (.cache/bench/learning-runs.json)."""
     from edge_runtime.agent import LEARNING_RATE, PROX_MU, AgentConfig
     d = AgentConfig(bundle="x")
+    settings = ", ".join(f"{k} {v}" for k, v in AGENT_SETTINGS.items()) or (
+        f"lr {LEARNING_RATE}, prox_mu {PROX_MU}, steps per session {d.steps_per_round} (more while new data remains, up to "
+        f"{d.max_steps_per_session}), replay {d.replay_fraction}")
     body = (f"SmolLM2-135M-Instruct, rpi5-profile bundle (int4 inference, 8-bit frozen base in train.onnx, batch 4 x 64 tokens, "
             f"LoRA rank 8 on q/v). {DEVICES} agents, one domain each (strongly non-IID), {args.per_device} examples sent to each "
-            f"through `POST /v1/examples`, {args.rounds} sync FedAvg rounds through Mosquitto and `edgefm-coordinator serve`. "
-            f"Agent defaults throughout: lr {LEARNING_RATE}, prox_mu {PROX_MU}, steps per session {d.steps_per_round} "
-            f"(more while new data remains, up to {d.max_steps_per_session}), replay {d.replay_fraction}. Local-only: the same "
+            f"through `POST /v1/examples`, {args.rounds} sync FedAvg rounds through Mosquitto and `edgefm-coordinator serve`"
+            f"{' (' + args.coordinator + ')' if args.coordinator else ''}. Agent settings: {settings}. Local-only: the same "
             f"agents without a broker, {args.rounds} `train-now` sessions each, evaluated on what each serves. Centralized: one "
-            f"agent with every device's examples and the federated run's total optimizer steps. Evaluation: {args.heldout} "
-            f"texts per domain never sent to an agent; general text: Debian license paragraphs (no agent trains on them).\n\n"
-            + summarize(runs, args))
+            f"agent with every device's examples and the federated run's total optimizer steps, evaluated on its last result. "
+            f"Evaluation: {args.heldout} texts per domain never sent to an agent; general text: Debian license paragraphs "
+            f"(no agent trains on them)."
+            + (f" **Partial: {len(runs)} of {planned} runs.**" if len(runs) < planned else "") + "\n\n" + summarize(runs, args))
     out = ROOT / ".cache" / "bench" / "learning-runs.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(runs, indent=1, default=str))
-    if not args.no_record:
-        record("Federated learning through real agents (issue 11)", body,
-               f"python bench/learning.py --tasks {args.tasks} --seeds {args.seeds} --rounds {args.rounds}")
+    if args.no_record:
+        print(body, flush=True)
     else:
-        print(body)
+        record("Federated learning through real agents (issue 11)", body,
+               f"python bench/learning.py --tasks {args.tasks} --seeds {args.seeds} --rounds {args.rounds}"
+               + (f" --agent '{args.agent}'" if args.agent else "") + (f" --coordinator '{args.coordinator}'" if args.coordinator else ""))
 
 
 if __name__ == "__main__":

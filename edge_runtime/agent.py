@@ -39,7 +39,7 @@ log = logging.getLogger("edgefm.agent")
 
 # Training defaults, chosen by bench/learning.py through real agents (see BENCHMARKS.md); the fleet and
 # the benchmarks use these same values.
-LEARNING_RATE = 1e-3
+LEARNING_RATE = 2e-3
 PROX_MU = 0.0
 
 
