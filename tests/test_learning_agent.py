@@ -188,3 +188,26 @@ def test_train_now_waits_for_a_full_session(bundle, tmp_path):
     finally:
         srv.shutdown()
         agent.stop()
+
+
+def test_two_sessions_from_one_global_send_their_own_progress_once(bundle, tmp_path):
+    """Settles the async double count: a session that continues the device's local result sends only its
+    own progress, so the updates from one global add up to the device's total progress, never more."""
+    from edge_runtime.protocol.adapter import load_adapter
+    from edge_runtime.protocol.messages import decode_update
+    agent, srv, url = make_agent(bundle, tmp_path / "a", update_codec="fp32", update_compression="none")
+    try:
+        call(url + "/v1/examples", {"examples": examples(40)})
+        first, second = call(url + "/v1/train", {"wait": True}), call(url + "/v1/train", {"wait": True})
+        assert first["adopted"] and second["adopted"]
+        updates = {decode_update(bytes(p)).header.update_id: decode_update(bytes(p)) for _, _, p in agent.store.pending_updates()}
+        assert {u.header.base_version for u in updates.values()} == {0}          # both started from global v0
+        d1, d2 = updates[first["update_id"]].tensors, updates[second["update_id"]].tensors
+        start, _ = load_adapter(bundle / "adapter.safetensors")
+        final, _ = load_adapter(next(a["path"] for a in call(url + "/v1/adapters")["adapters"] if a["id"] == second["candidate"]))
+        for k in start:
+            np.testing.assert_allclose(d1[k] + d2[k], final[k] - start[k], atol=1e-6)
+            assert np.abs(d2[k]).max() < np.abs(final[k] - start[k]).max() + 1e-6
+    finally:
+        srv.shutdown()
+        agent.stop()
