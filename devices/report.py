@@ -156,14 +156,16 @@ def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     round_rows = [[r["version"], r.get("round"), r.get("num_updates"), r.get("num_examples"), r.get("heldout_mean")] for r in rounds]
     chart_html = "".join(f'<figure aria-label="{html.escape(t)}">{svg}</figure>' for t, svg in charts(report))
     summary = "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(report))
-    setup = {k: report.get(k) for k in ("mode", "strategy", "model", "devices_count", "rounds_requested", "duration_s", "chaos")}
+    setup = (f"{report.get('devices_count')} devices, {report.get('rounds_requested')} {report.get('mode')} round(s) of "
+             f"{report.get('strategy')}, model {report.get('model')}, {report.get('duration_s') or 0:.0f} s"
+             + (", chaos: " + ", ".join(report["chaos"]) if report.get("chaos") else ""))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgefm fleet report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1250px;line-height:1.4}} table{{border-collapse:collapse;margin:0.5em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .charts{{display:flex;flex-wrap:wrap;gap:16px}}
 figure{{margin:0}} figure svg{{width:560px;height:auto}} #summary li{{margin:0.3em 0}}</style></head><body>
 <h1>edgefm fleet report</h1>
 <section id="summary"><h2>Summary</h2><ul>{summary}</ul>
-<p>Setup: {html.escape(", ".join(f"{k.replace('_', ' ')} {v:.0f}" if isinstance(v, float) else f"{k.replace('_', ' ')} {v}" for k, v in setup.items()))}.</p></section>
+<p>Setup: {html.escape(setup)}.</p></section>
 <section id="charts"><h2>Charts</h2><div class="charts">{chart_html}</div></section>
 <h2>Devices</h2>{_table(["device", "global version", "serving adapter", "examples to train", "held out for its gate", "updates sent", "counted by the coordinator", "restarts"], dev_rows)}
 <h2>Gate decisions per device</h2><p>Each candidate (a device's training result or a global adapter) is compared with what the device serves and with the base model on the device's held-out slice, and with the base model on general text.</p>
