@@ -81,6 +81,7 @@ class AgentConfig:
     gate_z: float = 1.645                 # a candidate is "worse" when its held-out loss is this many standard errors worse
     max_forgetting: float = 0.05          # refuse candidates whose general-text perplexity rises more than this over the base
     gate_heldout_limit: int = 64          # held-out examples the gate scores
+    min_heldout_examples: int = 4         # a small store holds back more than 10% until its gate has this many
     anchor_file: str | None = None        # general-text passages for the forgetting check (default: shipped set; "" = off)
     mqtt_keepalive_s: int = 15
     max_prompt_tokens: int = 2048
@@ -154,7 +155,7 @@ class Agent:
             from devices.profiles import load_profile
             self.profile_fit = load_profile(cfg.profile).check_bundle_fits(self.engine.dir)
         self.manifest = self.engine.manifest
-        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples)
+        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples, min_heldout=cfg.min_heldout_examples)
         self.topics = Topics(cfg.fleet)
         self.inflight = 0
         self._inflight_lock = threading.Lock()

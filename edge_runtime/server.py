@@ -54,11 +54,11 @@ def _stops(body: dict) -> list[str]:
 
 def sampling_params(body: dict, default_max: int = 64) -> dict:
     """Validated sampling parameters from an OpenAI-style request body."""
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and n != 1:  # null is what the OpenAI clients send for "default"
         raise ApiError(400, "only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return {"max_new_tokens": _num({"m": max_tokens}, "m", default_max, 1, 4096, int),
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return {"max_new_tokens": _num(body, key, default_max, 1, 4096, int),
             "temperature": _num(body, "temperature", 1.0, 0.0, 2.0),
             "top_p": _num(body, "top_p", 1.0, 0.0, 1.0),
             "top_k": _num(body, "top_k", 0, 0, 100000, int),
