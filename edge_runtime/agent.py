@@ -574,7 +574,7 @@ class Agent:
     def status_summary(self) -> dict:
         """Small status for MQTT status messages."""
         return {"adapter": self.active_id, "adapter_version": self.engine.adapter.version, "global_version": self.global_version,
-                "profile": self.cfg.profile, "state": self.state.value, "outbox": self.store.outbox_stats()}
+                "profile": self.cfg.profile, "activity": self.state.value, "outbox": self.store.outbox_stats()}
 
     def status(self) -> dict:
         """Full status for the API and CLI."""
