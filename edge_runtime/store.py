@@ -229,7 +229,9 @@ class Store:
                 self.db.execute("SELECT 1 FROM sent WHERE update_id=?", (update_id,)).fetchone() is not None
             if known:
                 self.db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (update_id, time.time()))
-                self.db.execute("INSERT OR REPLACE INTO receipts VALUES (?,?,?,?)", (update_id, status, reason, time.time()))
+                # a "duplicate" receipt (the same update arrived twice) never overwrites what the first one said
+                verb = "INSERT OR IGNORE" if status == "duplicate" else "INSERT OR REPLACE"
+                self.db.execute(f"{verb} INTO receipts VALUES (?,?,?,?)", (update_id, status, reason, time.time()))
             self.db.execute("COMMIT")
             return known
 

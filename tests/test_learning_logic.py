@@ -164,3 +164,11 @@ def test_a_small_store_still_holds_back_a_slice_for_the_gate(tmp_path):
     second = s.add_examples([{"text": f"more {i}"} for i in range(30)])
     assert second["heldout"] == 2                                    # up to the minimum of 4, then no more
     assert s.count_examples()["heldout"] == 4
+
+
+def test_a_duplicate_receipt_does_not_overwrite_accepted(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.enqueue_update("u1", "t", b"payload", 0)
+    assert s.receipt("u1", "accepted", None)
+    assert s.receipt("u1", "duplicate", "seen before")      # the same update delivered twice
+    assert s.outbox_stats()["receipts"] == {"accepted": 1}
