@@ -86,6 +86,7 @@ class AgentConfig:
     mqtt_keepalive_s: int = 15
     max_prompt_tokens: int = 2048
     max_request_bytes: int = 1 << 20
+    http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
     retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
     min_free_disk_mb: float = 50.0
