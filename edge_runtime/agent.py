@@ -650,9 +650,11 @@ class Agent:
                 raise
             for fut in waiters:
                 fut.set_result(result)
-            if round_msg is not None and result.get("status") != "trained":
-                with self._work_lock:  # try again at the next wake-up (e.g. another session was running)
+            if round_msg is not None and result.get("status") in ("already_training", TrainDecision.PAUSED.value):
+                with self._work_lock:  # try again at the next wake-up (another session was running, or the disk was full)
                     self._pending_round = self._pending_round or round_msg
+            elif round_msg is not None and result.get("status") != "trained":
+                self._event("round_skipped", round=round_msg.get("round"), status=result.get("status"), error=result.get("error"))
 
     def _inbox_loop(self) -> None:
         inbox = Path(self.cfg.inbox)
