@@ -74,6 +74,7 @@ class AgentConfig:
     learning_rate: float = LEARNING_RATE
     prox_mu: float = PROX_MU              # proximal pull towards the adapter a session started from (0: off)
     replay_fraction: float = 0.25         # share of each batch drawn from already-used examples while new ones remain
+    general_replay_fraction: float = 0.0  # share of each batch from the base model's own general text (forgetting control)
     train_cooldown_s: float = 5.0
     auto_train: bool = True
     keep_adapters: int = 5
@@ -113,8 +114,8 @@ class AgentConfig:
             raise ConfigError("trainer_backend = 'torch' needs torch_model (the source checkpoint directory)")
         if self.keep_adapters < 1:
             raise ConfigError("keep_adapters must be >= 1")
-        if not 0 <= self.replay_fraction < 1:
-            raise ConfigError("replay_fraction must be in [0, 1)")
+        if not 0 <= self.replay_fraction < 1 or not 0 <= self.general_replay_fraction < 1:
+            raise ConfigError("replay_fraction and general_replay_fraction must be in [0, 1)")
         if self.steps_per_round < 1 or self.max_steps_per_session < self.steps_per_round:
             raise ConfigError("steps_per_round must be >= 1 and max_steps_per_session >= steps_per_round")
         if self.learning_rate <= 0 or self.prox_mu < 0 or self.max_forgetting < 0:
@@ -338,6 +339,29 @@ class Agent:
             self._anchor = [{"text": t.strip()} for t in text.splitlines() if t.strip() and not t.startswith("#")]
         return self._anchor
 
+    GENERAL_OPENINGS = ("The", "Yesterday", "In the morning", "She said", "Our town", "When we", "Most people", "After the",
+                        "My friend", "The weather", "Last year", "At home", "The story", "Every day", "On the way", "He")
+
+    def general_replay_texts(self, per_opening: int = 2, tokens: int = 64) -> list[str]:
+        """General text sampled once from the base model itself (kept in the data dir): replaying it while
+        training on device data keeps the adapter close to the base model's everyday language. It is
+        not the gate's anchor set, so the gate's forgetting check stays independent."""
+        path = self.data_dir / "general_replay.jsonl"
+        if path.exists():
+            return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        texts = []
+        for i, opening in enumerate(self.GENERAL_OPENINGS):
+            for j in range(per_opening):
+                ids = self.engine.encode(opening)
+                new = list(self.engine.generate(ids, max_new_tokens=tokens, temperature=0.8, top_p=0.95, seed=1000 * i + j,
+                                                adapter=self.base_adapter))
+                texts.append(self.engine.decode(ids + new))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.replace(path)
+        self._event("general_replay_ready", passages=len(texts))
+        return texts
+
     def _cached_losses(self, key: tuple, adapter: ActiveAdapter, examples: list[dict]) -> np.ndarray:
         ids = tuple(e.get("id", i) for i, e in enumerate(examples))
         full = key + (ids,)
@@ -409,13 +433,20 @@ class Agent:
                 self._event("training_resumed", step=resume["step"])
             current_round = round_msg or self.round or {}
             round_id = current_round.get("round") if current_round.get("base_version", base_version) == base_version else None
-            steps = session_steps(new_examples=counts["new"], batch=self.trainer.B, replay_fraction=self.cfg.replay_fraction,
+            general = self.general_replay_texts() if self.cfg.general_replay_fraction > 0 and self.manifest.task == "causal-lm" else []
+            device_rows = self.trainer.B - min(len(general), int(round(self.trainer.B * self.cfg.general_replay_fraction)))
+            steps = session_steps(new_examples=counts["new"], batch=device_rows, replay_fraction=self.cfg.replay_fraction,
                                   min_steps=self.cfg.steps_per_round, max_steps=self.cfg.max_steps_per_session)
+
+            rng = np.random.default_rng(int(time.time()))
 
             def next_examples(n):
                 if self.cfg.train_step_delay_s:
                     time.sleep(self.cfg.train_step_delay_s)
-                return self.store.training_batch(n, self.cfg.replay_fraction)
+                k = n - device_rows
+                batch = self.store.training_batch(device_rows, self.cfg.replay_fraction)
+                # general rows carry no id: they are not device data and are never counted as used
+                return batch + [{"text": general[i]} for i in rng.choice(len(general), k, replace=False)] if batch else batch
 
             result = self.trainer.train(
                 start, next_examples, max_steps=steps,
