@@ -20,6 +20,7 @@ Usage: python bench/learning.py [--tasks stdlib,sympy] [--seeds 0,1,2] [--rounds
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -301,7 +302,7 @@ def summarize(runs: list[dict], args) -> str:
 
     def ms(xs, fmt):
         xs = np.array(xs, float)
-        return f"{fmt(xs.mean())} ± {fmt(xs.std())}" if len(xs) > 1 else fmt(xs.mean())
+        return f"{fmt(xs.mean())} ± {fmt(xs.std()).lstrip('+')}" if len(xs) > 1 else fmt(xs.mean())
 
     pct = lambda x: f"{x:.0%}"  # noqa: E731
     pp = lambda x: f"{x:+.1%}"  # noqa: E731
@@ -338,6 +339,10 @@ def summarize(runs: list[dict], args) -> str:
                   f"- optimizer steps: federated {ms([sum(r['fed_steps'].values()) for r in rs], lambda x: f'{x:.0f}')} in total "
                   f"(per device {', '.join(str(v) for v in rs[0]['fed_steps'].values())} in seed {rs[0]['seed']}), centralized "
                   f"{ms([r['central_steps'] for r in rs], lambda x: f'{x:.0f}')}",
+                  f"- what the federated devices serve at the end (their gates decide): "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(collections.Counter(
+                      a.split("-")[0] if a != "bundle" else "base (bundle)" for r in rs for a in r["fed_served"].values()).items()))
+                  + f" of {sum(len(r['fed_served']) for r in rs)} device-runs",
                   f"- MQTT disconnects of the agents during the federated runs: {sum(sum(r['disconnects'].values()) for r in rs)}",
                   f"- gate (seed {rs[0]['seed']}): federated agents serve "
                   + ", ".join(f"{d}: {s}" for d, s in rs[0]["fed_served"].items())
@@ -358,13 +363,17 @@ def main() -> None:
     ap.add_argument("--agent", default=None, help="JSON of agent settings to try (default: the agent's defaults)")
     ap.add_argument("--coordinator", default=None, help="JSON of coordinator settings (default: the coordinator's defaults)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated run, no table (for trying settings)")
+    ap.add_argument("--render", action="store_true", help="rewrite the table from the runs saved by the last run (.cache/bench)")
     args = ap.parse_args()
     AGENT_SETTINGS.update(json.loads(args.agent) if args.agent else {})
+    plan = [(task, int(seed)) for seed in args.seeds.split(",") for task in args.tasks.split(",")]
+    if args.render:
+        write_results(json.loads((ROOT / ".cache" / "bench" / "learning-runs.json").read_text()), len(plan), args)
+        return
     from devices.fleet import cached_bundle
     bundle = cached_bundle("smollm2", "rpi5")
     runs = []
-    # seed-major order: a run cut short still has every task
-    plan = [(task, int(seed)) for seed in args.seeds.split(",") for task in args.tasks.split(",")]
+    # seed-major order (plan above): a run cut short still has every task
     for task, seed in plan:
         work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))
         try:
