@@ -20,6 +20,7 @@ Usage: python bench/learning.py [--tasks stdlib,sympy] [--seeds 0,1,2] [--rounds
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
@@ -37,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PY, ROOT, record  # noqa: E402
+from devices.fleet import http_json  # noqa: E402
 
 DEVICES = 4
 AGENT_SETTINGS: dict = {}   # --agent: settings to try instead of the agent's defaults
@@ -83,14 +85,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(url: str, body: dict | None = None, timeout: float = 3600) -> dict:
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        raw = r.read()
-    return json.loads(raw) if raw[:1] in (b"{", b"[") else {"text": raw.decode()}
-
-
 class Procs:
     """Child processes of one run; all are stopped on exit."""
 
@@ -120,7 +114,7 @@ class Procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited; see {self.work / 'logs' / (name + '.log')}")
             try:
-                http(url + "/healthz", timeout=2)
+                http_json(url + "/healthz", timeout=2)
                 return url
             except OSError:
                 if time.time() > deadline:
@@ -141,7 +135,9 @@ class Procs:
 
 def steps_run(url: str) -> int:
     """Optimizer steps an agent has run (its /metrics)."""
-    for line in http(url + "/metrics")["text"].splitlines():
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as r:
+        metrics = r.read().decode()
+    for line in metrics.splitlines():
         if line.startswith("edgefm_training_steps_total"):
             return int(float(line.split()[-1]))
     return 0
@@ -149,18 +145,18 @@ def steps_run(url: str) -> int:
 
 def served_adapter(url: str) -> Path:
     """The adapter file an agent serves now."""
-    res = http(url + "/v1/adapters")
+    res = http_json(url + "/v1/adapters")
     return Path(next(a["path"] for a in res["adapters"] if a["id"] == res["active"]))
 
 
 def latest_candidate(url: str) -> Path:
     """The newest local training result of an agent, whether its gate let it serve or not."""
-    res = http(url + "/v1/adapters")
+    res = http_json(url + "/v1/adapters")
     return Path(next(a["path"] for a in res["adapters"] if a["id"].startswith("local-")))
 
 
 def send(url: str, texts: list[str]) -> dict:
-    return http(url + "/v1/examples", {"examples": [{"text": t} for t in texts]})
+    return http_json(url + "/v1/examples", {"examples": [{"text": t} for t in texts]})
 
 
 # ---------------------------------------------------------------------------- runs
@@ -191,12 +187,12 @@ def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path, coor
                        check=True, capture_output=True)
         # every agent takes the final global in (its gate decides whether it serves)
         deadline = time.time() + 600
-        while any(http(u + "/v1/status")["global_version"] < rounds for u in urls.values()):
+        while any(http_json(u + "/v1/status")["global_version"] < rounds for u in urls.values()):
             if time.time() > deadline:
                 raise RuntimeError("agents did not receive the final global")
             time.sleep(1)
         time.sleep(2)
-        status = {d: http(u + "/v1/status") for d, u in urls.items()}
+        status = {d: http_json(u + "/v1/status") for d, u in urls.items()}
         return {"global": out, "steps": {d: steps_run(u) for d, u in urls.items()}, "intake": intake,
                 "coverage": {d: s["training_coverage"] for d, s in status.items()},
                 "disconnects": {d: s["broker_disconnects"] for d, s in status.items()},
@@ -220,7 +216,7 @@ def run_local_and_central(bundle: Path, send_by_dom: dict, rounds: int, central_
         import concurrent.futures as cf
 
         def sessions(url):
-            return [http(url + "/v1/train", {"wait": True}) for _ in range(rounds)]
+            return [http_json(url + "/v1/train", {"wait": True}, timeout=3600) for _ in range(rounds)]
         with cf.ThreadPoolExecutor(len(urls) + 1) as ex:
             futs = {d: ex.submit(sessions, u) for d, u in {**urls, "central": central}.items()}
             results = {d: f.result() for d, f in futs.items()}
@@ -228,7 +224,7 @@ def run_local_and_central(bundle: Path, send_by_dom: dict, rounds: int, central_
             bad = [r for r in res if r.get("status") != "trained"]
             if bad:
                 raise RuntimeError(f"{d}: session did not train: {bad[0]}")
-        status = {d: http(u + "/v1/status") for d, u in {**urls, "central": central}.items()}
+        status = {d: http_json(u + "/v1/status") for d, u in {**urls, "central": central}.items()}
         # centralized is the reference for what training achieves: its result, whatever its own gate said
         return {"local": {d: served_adapter(u) for d, u in urls.items()}, "central": latest_candidate(central),
                 "local_last": {d: latest_candidate(u) for d, u in urls.items()},
@@ -306,7 +302,7 @@ def summarize(runs: list[dict], args) -> str:
 
     def ms(xs, fmt):
         xs = np.array(xs, float)
-        return f"{fmt(xs.mean())} ± {fmt(xs.std())}" if len(xs) > 1 else fmt(xs.mean())
+        return f"{fmt(xs.mean())} ± {fmt(xs.std()).lstrip('+')}" if len(xs) > 1 else fmt(xs.mean())
 
     pct = lambda x: f"{x:.0%}"  # noqa: E731
     pp = lambda x: f"{x:+.1%}"  # noqa: E731
@@ -343,6 +339,10 @@ def summarize(runs: list[dict], args) -> str:
                   f"- optimizer steps: federated {ms([sum(r['fed_steps'].values()) for r in rs], lambda x: f'{x:.0f}')} in total "
                   f"(per device {', '.join(str(v) for v in rs[0]['fed_steps'].values())} in seed {rs[0]['seed']}), centralized "
                   f"{ms([r['central_steps'] for r in rs], lambda x: f'{x:.0f}')}",
+                  f"- what the federated devices serve at the end (their gates decide): "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(collections.Counter(
+                      a.split("-")[0] if a != "bundle" else "base (bundle)" for r in rs for a in r["fed_served"].values()).items()))
+                  + f" of {sum(len(r['fed_served']) for r in rs)} device-runs",
                   f"- MQTT disconnects of the agents during the federated runs: {sum(sum(r['disconnects'].values()) for r in rs)}",
                   f"- gate (seed {rs[0]['seed']}): federated agents serve "
                   + ", ".join(f"{d}: {s}" for d, s in rs[0]["fed_served"].items())
@@ -363,13 +363,17 @@ def main() -> None:
     ap.add_argument("--agent", default=None, help="JSON of agent settings to try (default: the agent's defaults)")
     ap.add_argument("--coordinator", default=None, help="JSON of coordinator settings (default: the coordinator's defaults)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated run, no table (for trying settings)")
+    ap.add_argument("--render", action="store_true", help="rewrite the table from the runs saved by the last run (.cache/bench)")
     args = ap.parse_args()
     AGENT_SETTINGS.update(json.loads(args.agent) if args.agent else {})
+    plan = [(task, int(seed)) for seed in args.seeds.split(",") for task in args.tasks.split(",")]
+    if args.render:
+        write_results(json.loads((ROOT / ".cache" / "bench" / "learning-runs.json").read_text()), len(plan), args)
+        return
     from devices.fleet import cached_bundle
     bundle = cached_bundle("smollm2", "rpi5")
     runs = []
-    # seed-major order: a run cut short still has every task
-    plan = [(task, int(seed)) for seed in args.seeds.split(",") for task in args.tasks.split(",")]
+    # seed-major order (plan above): a run cut short still has every task
     for task, seed in plan:
         work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))
         try:

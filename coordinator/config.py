@@ -55,6 +55,8 @@ class CoordinatorConfig:
             raise ConfigError("ingest_batch must be >= 1")
         if self.server_lr is not None and not self.server_lr > 0:
             raise ConfigError("server_lr must be > 0 (or left out for the strategy's default)")
+        if self.strategy == "svd" and self.server_lr not in (None, 1.0):
+            raise ConfigError("the svd strategy takes the exact mean of the products B·A; it has no server_lr (leave it out)")
         if self.chunk_size < 1024:
             raise ConfigError("chunk_size must be at least 1024 bytes")
 

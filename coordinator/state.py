@@ -317,7 +317,7 @@ class State:
                             "adapter_version=COALESCE(?, adapter_version), global_version=COALESCE(?, global_version), "
                             "last_seen=?, info=? WHERE device_id=?",
                             (msg.get("state"), msg.get("profile"), msg.get("base_fingerprint"), msg.get("adapter_version"),
-                             msg.get("global_version"), time.time(), json.dumps({k: msg.get(k) for k in ("adapter", "outbox")}),
+                             msg.get("global_version"), time.time(), json.dumps({k: msg.get(k) for k in ("adapter", "activity", "outbox")}),
                              device_id))
 
     def count_device(self, device_id: str, accepted: bool) -> None:

@@ -95,7 +95,7 @@ class FrozenA(Strategy):
         if self.count(acc) == 0:
             return None
         d = self.avg_delta(acc)
-        return {k: (global_t[k] if k.endswith("lora_A") else global_t[k] + d[k]).astype(np.float32) for k in global_t}
+        return {k: (global_t[k] if k.endswith("lora_A") else global_t[k] + self.server_lr * d[k]).astype(np.float32) for k in global_t}
 
 
 class SvdProduct(Strategy):

@@ -55,7 +55,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(url: str, body: dict | None = None, timeout: float = 60) -> dict:
+def http_json(url: str, body: dict | None = None, timeout: float = 60) -> dict:
+    """GET (no body) or POST a JSON body to an agent's API; the JSON answer."""
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -183,7 +184,7 @@ class Fleet:
             if self.procs[name].poll() is not None:
                 raise ConfigError(f"{name} exited at start; see {self.out / 'logs' / (name + '.log')}")
             try:
-                _http(f"http://127.0.0.1:{self.ports[name]}/healthz", timeout=2)
+                http_json(f"http://127.0.0.1:{self.ports[name]}/healthz", timeout=2)
                 return
             except OSError:
                 time.sleep(0.2)
@@ -253,9 +254,9 @@ class Fleet:
             self.wait_healthy(n)
         for i, n in enumerate(names):
             fields = ("text", "prompt", "completion", "label")
-            res = _http(f"http://127.0.0.1:{self.ports[n]}/v1/examples", {"examples": [{k: e[k] for k in fields if k in e} for e in per_dev[i]]})
+            res = http_json(f"http://127.0.0.1:{self.ports[n]}/v1/examples", {"examples": [{k: e[k] for k in fields if k in e} for e in per_dev[i]]})
             self.intake[n] = res
-            gate = _http(f"http://127.0.0.1:{self.ports[n]}/v1/examples/heldout")["examples"]
+            gate = http_json(f"http://127.0.0.1:{self.ports[n]}/v1/examples/heldout")["examples"]
             (self.out / "heldout").mkdir(exist_ok=True)
             (self.out / "heldout" / f"{n}.gate.jsonl").write_text("".join(json.dumps(e) + "\n" for e in gate))
             self.log(f"{n}: stored {res['added']} examples: {res['train']} to train on, {res['heldout']} held out for its gate "
@@ -320,7 +321,7 @@ class Fleet:
             n = names[len(probes) % len(names)]
             try:
                 t = time.perf_counter()
-                _http(f"http://127.0.0.1:{self.ports[n]}/v1/completions", {"prompt": "pump 3", "max_tokens": 8, "temperature": 0}, timeout=30)
+                http_json(f"http://127.0.0.1:{self.ports[n]}/v1/completions", {"prompt": "pump 3", "max_tokens": 8, "temperature": 0}, timeout=30)
                 probes.append({"device": n, "latency_ms": (time.perf_counter() - t) * 1000, "ts": time.time() - self.t0})
             except OSError as exc:
                 probes.append({"device": n, "latency_ms": None, "error": str(exc)})
@@ -333,7 +334,7 @@ class Fleet:
             statuses = {}
             for n in names:
                 try:
-                    statuses[n] = _http(f"http://127.0.0.1:{self.ports[n]}/v1/status", timeout=10)
+                    statuses[n] = http_json(f"http://127.0.0.1:{self.ports[n]}/v1/status", timeout=10)
                 except OSError:
                     pass
             if len(statuses) == len(names) and all(s["global_version"] == final_version and s["outbox"]["queued"] == 0

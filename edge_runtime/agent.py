@@ -74,6 +74,7 @@ class AgentConfig:
     learning_rate: float = LEARNING_RATE
     prox_mu: float = PROX_MU              # proximal pull towards the adapter a session started from (0: off)
     replay_fraction: float = 0.25         # share of each batch drawn from already-used examples while new ones remain
+    general_replay_fraction: float = 0.0  # share of each batch from the base model's own general text (forgetting control)
     train_cooldown_s: float = 5.0
     auto_train: bool = True
     keep_adapters: int = 5
@@ -81,10 +82,12 @@ class AgentConfig:
     gate_z: float = 1.645                 # a candidate is "worse" when its held-out loss is this many standard errors worse
     max_forgetting: float = 0.05          # refuse candidates whose general-text perplexity rises more than this over the base
     gate_heldout_limit: int = 64          # held-out examples the gate scores
+    min_heldout_examples: int = 4         # a small store holds back more than 10% until its gate has this many
     anchor_file: str | None = None        # general-text passages for the forgetting check (default: shipped set; "" = off)
     mqtt_keepalive_s: int = 15
     max_prompt_tokens: int = 2048
     max_request_bytes: int = 1 << 20
+    http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
     retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
     min_free_disk_mb: float = 50.0
@@ -111,8 +114,8 @@ class AgentConfig:
             raise ConfigError("trainer_backend = 'torch' needs torch_model (the source checkpoint directory)")
         if self.keep_adapters < 1:
             raise ConfigError("keep_adapters must be >= 1")
-        if not 0 <= self.replay_fraction < 1:
-            raise ConfigError("replay_fraction must be in [0, 1)")
+        if not 0 <= self.replay_fraction < 1 or not 0 <= self.general_replay_fraction < 1:
+            raise ConfigError("replay_fraction and general_replay_fraction must be in [0, 1)")
         if self.steps_per_round < 1 or self.max_steps_per_session < self.steps_per_round:
             raise ConfigError("steps_per_round must be >= 1 and max_steps_per_session >= steps_per_round")
         if self.learning_rate <= 0 or self.prox_mu < 0 or self.max_forgetting < 0:
@@ -154,7 +157,7 @@ class Agent:
             from devices.profiles import load_profile
             self.profile_fit = load_profile(cfg.profile).check_bundle_fits(self.engine.dir)
         self.manifest = self.engine.manifest
-        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples)
+        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples, min_heldout=cfg.min_heldout_examples)
         self.topics = Topics(cfg.fleet)
         self.inflight = 0
         self._inflight_lock = threading.Lock()
@@ -336,6 +339,29 @@ class Agent:
             self._anchor = [{"text": t.strip()} for t in text.splitlines() if t.strip() and not t.startswith("#")]
         return self._anchor
 
+    GENERAL_OPENINGS = ("The", "Yesterday", "In the morning", "She said", "Our town", "When we", "Most people", "After the",
+                        "My friend", "The weather", "Last year", "At home", "The story", "Every day", "On the way", "He")
+
+    def general_replay_texts(self, per_opening: int = 2, tokens: int = 64) -> list[str]:
+        """General text sampled once from the base model itself (kept in the data dir): replaying it while
+        training on device data keeps the adapter close to the base model's everyday language. It is
+        not the gate's anchor set, so the gate's forgetting check stays independent."""
+        path = self.data_dir / "general_replay.jsonl"
+        if path.exists():
+            return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        texts = []
+        for i, opening in enumerate(self.GENERAL_OPENINGS):
+            for j in range(per_opening):
+                ids = self.engine.encode(opening)
+                new = list(self.engine.generate(ids, max_new_tokens=tokens, temperature=0.8, top_p=0.95, seed=1000 * i + j,
+                                                adapter=self.base_adapter))
+                texts.append(self.engine.decode(ids + new))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tmp.replace(path)
+        self._event("general_replay_ready", passages=len(texts))
+        return texts
+
     def _cached_losses(self, key: tuple, adapter: ActiveAdapter, examples: list[dict]) -> np.ndarray:
         ids = tuple(e.get("id", i) for i, e in enumerate(examples))
         full = key + (ids,)
@@ -407,13 +433,20 @@ class Agent:
                 self._event("training_resumed", step=resume["step"])
             current_round = round_msg or self.round or {}
             round_id = current_round.get("round") if current_round.get("base_version", base_version) == base_version else None
-            steps = session_steps(new_examples=counts["new"], batch=self.trainer.B, replay_fraction=self.cfg.replay_fraction,
+            general = self.general_replay_texts() if self.cfg.general_replay_fraction > 0 and self.manifest.task == "causal-lm" else []
+            device_rows = self.trainer.B - min(len(general), int(round(self.trainer.B * self.cfg.general_replay_fraction)))
+            steps = session_steps(new_examples=counts["new"], batch=device_rows, replay_fraction=self.cfg.replay_fraction,
                                   min_steps=self.cfg.steps_per_round, max_steps=self.cfg.max_steps_per_session)
+
+            rng = np.random.default_rng(int(time.time()))
 
             def next_examples(n):
                 if self.cfg.train_step_delay_s:
                     time.sleep(self.cfg.train_step_delay_s)
-                return self.store.training_batch(n, self.cfg.replay_fraction)
+                k = n - device_rows
+                batch = self.store.training_batch(device_rows, self.cfg.replay_fraction)
+                # general rows carry no id: they are not device data and are never counted as used
+                return batch + [{"text": general[i]} for i in rng.choice(len(general), k, replace=False)] if batch else batch
 
             result = self.trainer.train(
                 start, next_examples, max_steps=steps,
@@ -573,7 +606,7 @@ class Agent:
     def status_summary(self) -> dict:
         """Small status for MQTT status messages."""
         return {"adapter": self.active_id, "adapter_version": self.engine.adapter.version, "global_version": self.global_version,
-                "profile": self.cfg.profile, "state": self.state.value, "outbox": self.store.outbox_stats()}
+                "profile": self.cfg.profile, "activity": self.state.value, "outbox": self.store.outbox_stats()}
 
     def status(self) -> dict:
         """Full status for the API and CLI."""
@@ -648,9 +681,11 @@ class Agent:
                 raise
             for fut in waiters:
                 fut.set_result(result)
-            if round_msg is not None and result.get("status") != "trained":
-                with self._work_lock:  # try again at the next wake-up (e.g. another session was running)
+            if round_msg is not None and result.get("status") in ("already_training", TrainDecision.PAUSED.value):
+                with self._work_lock:  # try again at the next wake-up (another session was running, or the disk was full)
                     self._pending_round = self._pending_round or round_msg
+            elif round_msg is not None and result.get("status") != "trained":
+                self._event("round_skipped", round=round_msg.get("round"), status=result.get("status"), error=result.get("error"))
 
     def _inbox_loop(self) -> None:
         inbox = Path(self.cfg.inbox)

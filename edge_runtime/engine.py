@@ -164,8 +164,9 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time, using the KV cache (prefill once, then one token per step)."""
+                 should_stop: Callable[[], bool] | None = None, adapter: "ActiveAdapter | None" = None) -> Iterator[int]:
+        """Yield new token ids one at a time, using the KV cache (prefill once, then one token per step);
+        ``adapter``: another adapter than the serving one (e.g. the base model's)."""
         if self.task != "causal-lm":
             raise ConfigError(f"this bundle is for {self.task}; generation needs a causal-lm bundle")
         if not prompt_ids:
@@ -173,7 +174,7 @@ class Engine:
         max_pos = int(self.dims.get("max_positions", 2048))
         if len(prompt_ids) + max_new_tokens > max_pos:
             raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the model's {max_pos} positions")
-        adapter = self.adapter  # one adapter for the whole request, even if a swap happens meanwhile
+        adapter = adapter or self.adapter  # one adapter for the whole request, even if a swap happens meanwhile
         rng = np.random.default_rng(seed)
         stop_ids = self.eos_ids if stop_ids is None else stop_ids
         n = len(prompt_ids)

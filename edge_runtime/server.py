@@ -54,15 +54,43 @@ def _stops(body: dict) -> list[str]:
 
 def sampling_params(body: dict, default_max: int = 64) -> dict:
     """Validated sampling parameters from an OpenAI-style request body."""
-    n = body.get("n", 1)
-    if n != 1:
+    n = body.get("n")
+    if n is not None and n != 1:  # null is what the OpenAI clients send for "default"
         raise ApiError(400, "only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    return {"max_new_tokens": _num({"m": max_tokens}, "m", default_max, 1, 4096, int),
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    return {"max_new_tokens": _num(body, key, default_max, 1, 4096, int),
             "temperature": _num(body, "temperature", 1.0, 0.0, 2.0),
             "top_p": _num(body, "top_p", 1.0, 0.0, 1.0),
             "top_k": _num(body, "top_k", 0, 0, 100000, int),
             "seed": None if body.get("seed") is None else _num(body, "seed", 0, -2**63, 2**63 - 1, int)}
+
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def _hostname(value: str) -> str:
+    """'localhost:8080' -> 'localhost', '[::1]:8080' -> '[::1]', 'http://x:1/' -> 'x'."""
+    v = value.split("://", 1)[-1].split("/", 1)[0]
+    if v.startswith("["):
+        return v[:v.index("]") + 1] if "]" in v else v
+    return v.rsplit(":", 1)[0] if v.count(":") == 1 else v
+
+
+def request_origin_refusal(host: str | None, origin: str | None, method: str, bind_host: str) -> str | None:
+    """Why a request must be refused (None: serve it). An agent bound to loopback answers only requests
+    addressed to a loopback name (DNS rebinding: a web page's own host name resolved to 127.0.0.1) and
+    state-changing requests only from no Origin or a loopback one (CSRF from any page the device's
+    browser opens). An agent bound elsewhere was exposed on purpose; the Origin rule still applies."""
+    loopback_bound = bind_host in LOOPBACK_NAMES
+    if loopback_bound and host is not None and _hostname(host).lower() not in LOOPBACK_NAMES:
+        return f"Host {host!r} is not this device's loopback address; the agent API answers local clients only"
+    if method != "GET" and origin is not None and origin != "null":
+        allowed = LOOPBACK_NAMES | ({bind_host} if not loopback_bound else set())
+        if _hostname(origin).lower() not in allowed:
+            return f"requests from web pages at {origin!r} are refused (the agent API is for local apps, not browsers)"
+    elif method != "GET" and origin == "null":
+        return "requests from sandboxed or file:// pages are refused (the agent API is for local apps, not browsers)"
+    return None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -93,6 +121,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             raise ApiError(400, "bad Content-Length") from None
+        if length < 0:  # read(-1) would read until the client closes, past every limit
+            raise ApiError(400, "bad Content-Length: negative")
         if length > self.agent.cfg.max_request_bytes:
             raise ApiError(413, f"request body of {length} bytes over the {self.agent.cfg.max_request_bytes}-byte limit")
         raw = self.rfile.read(length) if length else b""
@@ -112,6 +142,9 @@ class Handler(BaseHTTPRequestHandler):
         a.request_started()
         status = 200
         try:
+            refusal = request_origin_refusal(self.headers.get("Host"), self.headers.get("Origin"), method, a.cfg.host)
+            if refusal:
+                raise ApiError(403, refusal, None, "forbidden_origin")
             if route is None:
                 known = sorted({p for (_, p) in ROUTES})
                 raise ApiError(404 if all(p != path for (_, p) in ROUTES) else 405, f"no route {method} {path}; endpoints: {known}")
@@ -389,8 +422,10 @@ ROUTES = {
 
 def make_server(agent, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server bound to host:port serving ``agent``."""
-    handler = type("BoundHandler", (Handler,), {"agent": agent})
-    srv = ThreadingHTTPServer((host, port), handler)
+    # an idle or half-open connection is closed after http_idle_timeout_s (each held a thread for good)
+    handler = type("BoundHandler", (Handler,), {"agent": agent, "timeout": agent.cfg.http_idle_timeout_s})
+    server_cls = type("AgentHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 128})  # listen backlog (was 5)
+    srv = server_cls((host, port), handler)
     srv.daemon_threads = True
     return srv
 

@@ -31,6 +31,17 @@ CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+def choose_split(sha: str, *, heldout_fraction: float, n_train: int, n_heldout: int, min_heldout: int = 0) -> str:
+    """Where a new example goes: held out when its content hash falls in ``heldout_fraction`` (stable across
+    restarts and re-sends), or while the held-out slice is below ``min_heldout`` and the training split
+    already has four examples per held-out one (so a small store still gives the gate something to judge)."""
+    if int(sha[:8], 16) / 0xFFFFFFFF < heldout_fraction:
+        return "heldout"
+    if n_heldout < min_heldout and n_train >= 4 * (n_heldout + 1):
+        return "heldout"
+    return "train"
+
+
 class StoreFull(EdgefmError):
     """The data quota or the disk is full: intake pauses (inference continues)."""
 
@@ -38,7 +49,8 @@ class StoreFull(EdgefmError):
 class Store:
     """Thread-safe wrapper over one SQLite file."""
 
-    def __init__(self, path: Path, *, max_examples: int = 100_000, heldout_fraction: float = 0.1, seed: int = 0):
+    def __init__(self, path: Path, *, max_examples: int = 100_000, heldout_fraction: float = 0.1, min_heldout: int = 0,
+                 seed: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -50,6 +62,7 @@ class Store:
         self.lock = threading.RLock()
         self.max_examples = max_examples
         self.heldout_fraction = heldout_fraction
+        self.min_heldout = min_heldout
         self._rng = random.Random(seed)
 
     # -- key/value --
@@ -69,14 +82,17 @@ class Store:
         """Store examples ({text} or {prompt, completion} or {text, label}); duplicates are skipped.
 
         Every ~1/heldout_fraction-th example goes to the held-out split (chosen by content hash, so the
-        split is stable across restarts); the result says how many went to each split. Over the quota,
-        the oldest training examples are evicted."""
+        split is stable across restarts), and more while the slice is below ``min_heldout`` (see
+        ``choose_split``); the result says how many went to each split. Over the quota, the oldest
+        training examples are evicted."""
         added = dup = 0
         to_split = {"train": 0, "heldout": 0}
         now = time.time()
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                counts = dict(self.db.execute("SELECT split, COUNT(*) FROM examples GROUP BY split").fetchall())
+                n_train, n_heldout = counts.get("train", 0), counts.get("heldout", 0)
                 for it in items:
                     text, prompt, label = it.get("text"), it.get("prompt"), it.get("label")
                     if prompt is not None:
@@ -86,12 +102,14 @@ class Store:
                     if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
                         raise ConfigError("'label' must be a non-negative integer")
                     sha = hashlib.sha256(json.dumps([text, prompt, label]).encode()).hexdigest()
-                    split = "heldout" if int(sha[:8], 16) / 0xFFFFFFFF < self.heldout_fraction else "train"
+                    split = choose_split(sha, heldout_fraction=self.heldout_fraction, n_train=n_train, n_heldout=n_heldout,
+                                         min_heldout=self.min_heldout)
                     cur = self.db.execute("INSERT OR IGNORE INTO examples (text, prompt, label, split, source, sha, created_at) "
                                           "VALUES (?,?,?,?,?,?,?)", (text, prompt, label, split, source, sha, now))
                     added += cur.rowcount
                     dup += 1 - cur.rowcount
                     to_split[split] += cur.rowcount
+                    n_train, n_heldout = n_train + (split == "train") * cur.rowcount, n_heldout + (split == "heldout") * cur.rowcount
                 n = self.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
                 evicted = 0
                 if n > self.max_examples:
@@ -211,7 +229,9 @@ class Store:
                 self.db.execute("SELECT 1 FROM sent WHERE update_id=?", (update_id,)).fetchone() is not None
             if known:
                 self.db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (update_id, time.time()))
-                self.db.execute("INSERT OR REPLACE INTO receipts VALUES (?,?,?,?)", (update_id, status, reason, time.time()))
+                # a "duplicate" receipt (the same update arrived twice) never overwrites what the first one said
+                verb = "INSERT OR IGNORE" if status == "duplicate" else "INSERT OR REPLACE"
+                self.db.execute(f"{verb} INTO receipts VALUES (?,?,?,?)", (update_id, status, reason, time.time()))
             self.db.execute("COMMIT")
             return known
 

@@ -80,8 +80,10 @@ class FederatedSync:
 
     # -- outgoing --
     def _status_payload(self, state: str) -> bytes:
-        return dump_json_message({"kind": "status", "device_id": self.device_id, "state": state, "ts": time.time(),
-                                  "base_fingerprint": self.base_fingerprint, **self.status()})
+        # presence ("online"/"offline") is what the coordinator selects devices by: the agent's own
+        # details must not overwrite it
+        return dump_json_message({"kind": "status", "device_id": self.device_id, "ts": time.time(),
+                                  "base_fingerprint": self.base_fingerprint, **self.status(), "state": state})
 
     def publish_status(self) -> None:
         """Retained presence/status message."""

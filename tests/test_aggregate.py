@@ -241,3 +241,18 @@ def test_server_lr_defaults_per_strategy_and_an_explicit_one_wins():
     assert make_strategy("fedadam", server_lr=0.5).server_lr == 0.5
     with pytest.raises(ConfigError, match="server_lr"):
         CoordinatorConfig(server_lr=0.0)
+
+
+def test_frozen_a_applies_server_lr_and_svd_refuses_one():
+    from coordinator.config import CoordinatorConfig
+    from edge_runtime.errors import ConfigError
+    g = {"m.lora_A": np.ones((2, 3), np.float32), "m.lora_B": np.zeros((3, 2), np.float32)}
+    delta = {"m.lora_A": np.full((2, 3), 5.0, np.float32), "m.lora_B": np.ones((3, 2), np.float32)}
+    s = make_strategy("frozen_a", server_lr=0.5)
+    acc = s.begin(g)
+    s.fold(acc, 1.0, delta, g)
+    new = s.finish(acc, g)
+    np.testing.assert_array_equal(new["m.lora_A"], g["m.lora_A"])          # A stays frozen
+    np.testing.assert_allclose(new["m.lora_B"], 0.5)                         # half of the mean B delta
+    with pytest.raises(ConfigError, match="svd"):
+        CoordinatorConfig(strategy="svd", server_lr=2.0)

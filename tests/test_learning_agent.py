@@ -211,3 +211,20 @@ def test_two_sessions_from_one_global_send_their_own_progress_once(bundle, tmp_p
     finally:
         srv.shutdown()
         agent.stop()
+
+
+def test_general_replay_mixes_the_base_models_own_text_into_batches(bundle, tmp_path):
+    agent, srv, url = make_agent(bundle, tmp_path / "a", general_replay_fraction=0.25, steps_per_round=2)
+    try:
+        call(url + "/v1/examples", {"examples": examples(30)})
+        res = call(url + "/v1/train", {"wait": True})
+        assert res["status"] == "trained"
+        replay = (tmp_path / "a" / "general_replay.jsonl").read_text().splitlines()
+        assert len(replay) == 32 and all(json.loads(x)["text"].strip() for x in replay)
+        # 3 device rows per step of 4: enough steps for every new example; general rows are not counted as device data
+        cov = call(url + "/v1/status")["training_coverage"]
+        assert cov["never_used"] == 0 and res["examples_used"] == cov["examples"]
+        assert res["steps"] >= -(-cov["examples"] // 3)
+    finally:
+        srv.shutdown()
+        agent.stop()

@@ -144,3 +144,31 @@ def test_gate_without_heldout_data_still_checks_forgetting():
                        anchor_base=ANCHOR).reason == GateReason.NO_HELDOUT_DATA
     assert decide_gate(P, candidate=empty, current=empty, base=empty, anchor_candidate=ANCHOR + 0.1,
                        anchor_base=ANCHOR).reason == GateReason.FORGETTING
+
+
+def test_choose_split_table():
+    from edge_runtime.store import choose_split
+    low, high = "00000000" + "0" * 56, "ffffffff" + "0" * 56          # hash at the bottom / top of the range
+    assert choose_split(low, heldout_fraction=0.1, n_train=0, n_heldout=0) == "heldout"
+    assert choose_split(high, heldout_fraction=0.1, n_train=100, n_heldout=0) == "train"          # no minimum asked
+    assert choose_split(high, heldout_fraction=0.1, n_train=3, n_heldout=0, min_heldout=4) == "train"   # train first
+    assert choose_split(high, heldout_fraction=0.1, n_train=4, n_heldout=0, min_heldout=4) == "heldout"
+    assert choose_split(high, heldout_fraction=0.1, n_train=7, n_heldout=1, min_heldout=4) == "train"   # 4 per held-out one
+    assert choose_split(high, heldout_fraction=0.1, n_train=50, n_heldout=4, min_heldout=4) == "train"  # minimum reached
+
+
+def test_a_small_store_still_holds_back_a_slice_for_the_gate(tmp_path):
+    s = Store(tmp_path / "s.sqlite", heldout_fraction=0.0, min_heldout=4)
+    first = s.add_examples([{"text": f"line {i}"} for i in range(12)])
+    assert first["heldout"] == 2 and first["train"] == 10          # the 5th and the 10th
+    second = s.add_examples([{"text": f"more {i}"} for i in range(30)])
+    assert second["heldout"] == 2                                    # up to the minimum of 4, then no more
+    assert s.count_examples()["heldout"] == 4
+
+
+def test_a_duplicate_receipt_does_not_overwrite_accepted(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.enqueue_update("u1", "t", b"payload", 0)
+    assert s.receipt("u1", "accepted", None)
+    assert s.receipt("u1", "duplicate", "seen before")      # the same update delivered twice
+    assert s.outbox_stats()["receipts"] == {"accepted": 1}

@@ -17,7 +17,8 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
     from edge_runtime.agent import Agent, AgentConfig
     bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir)
     coord = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "coord"), broker=broker.url,
-                                          fleet="t1", min_updates=2, round_timeout_s=60, max_rounds=1))
+                                          fleet="t1", min_updates=2, round_timeout_s=60, max_rounds=1,
+                                          devices_per_round=2))
     agents = []
     for i in range(2):
         a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / f"a{i}"), broker=broker.url, fleet="t1",
@@ -30,6 +31,8 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
         a.start()
     wait_for(lambda: all(a.sync.connected for a in agents), 15, what="agents connected")
     coord.start()
+    # agents that serve or train are online for the coordinator (the selector of a 2-device round needs them)
+    wait_for(lambda: sorted(coord.state.online_devices()) == ["dev-0", "dev-1"], 30, what="both agents online")
     wait_for(lambda: coord.done.is_set() or coord.version >= 1, 120, what="coordinator to publish v1")
     wait_for(lambda: all(a.global_version == 1 for a in agents), 30, what="agents to receive v1")
     # Assert: v1 equals FedAvg of the accepted updates applied to v0
@@ -49,5 +52,6 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
     assert max(float(np.abs(agents[0].global_tensors[k] - v0[k]).max()) for k in v0) > 0
     for a in agents:
         assert a.store.outbox_stats()["queued"] == 0
+        assert a.sync.rejected == []                     # the coordinator's own v0 pointer is not "refused"
         a.stop()
     coord.stop()

@@ -348,3 +348,10 @@ def test_topic_matches_itself_and_hash(levels):
         return
     assert topic_matches(topic, topic)
     assert topic_matches("#", topic) == (not topic.startswith("$"))
+
+
+def test_pointer_to_version_zero_is_valid():
+    """v0 is the bundle's adapter: the coordinator announces it before any round, devices take it as "nothing new"."""
+    from edge_runtime.protocol.messages import GlobalPointer, make_pointer
+    ptr, _ = make_pointer(0, None, "f" * 64, b"adapter bytes")
+    assert GlobalPointer.from_bytes(ptr.to_bytes()).version == 0

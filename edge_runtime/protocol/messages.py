@@ -275,7 +275,7 @@ class GlobalPointer:
             _fail(RejectReason.OVERSIZE, f"global adapter of {size} bytes over {max_size}")
         if not isinstance(chunks, list) or len(chunks) != -(-size // csize) or not all(isinstance(c, str) and SHA_RE.match(c) for c in chunks):
             _fail(RejectReason.BAD_FIELD, "chunk_sha256 must list one sha256 per chunk")
-        return cls(version=_int(obj, "version", minimum=1), parent=_int(obj, "parent", optional=True),
+        return cls(version=_int(obj, "version", minimum=0), parent=_int(obj, "parent", optional=True),  # v0: the bundle's adapter
                    base_fingerprint=_str(obj, "base_fingerprint"), sha256=sha, size=size, chunk_size=csize,
                    chunk_sha256=chunks, round=_int(obj, "round", optional=True), metrics=_metrics(obj.get("metrics")))
 

@@ -1,0 +1,47 @@
+"""OpenAI request parameters: what the official clients send is accepted, and errors name the parameter."""
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.server import ApiError, sampling_params
+
+pytestmark = pytest.mark.device
+
+
+def test_n_null_is_the_default():
+    assert sampling_params({"n": None})["max_new_tokens"] == 64
+    assert sampling_params({"n": 1, "max_tokens": 5})["max_new_tokens"] == 5
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"n": 2}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": "ten"}, "max_tokens"),
+    ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+])
+def test_errors_name_the_parameter(body, param):
+    with pytest.raises(ApiError) as err:
+        sampling_params(body)
+    assert err.value.param == param and (param == "n" or f"'{param}'" in err.value.message)
+
+
+def test_max_completion_tokens_wins_over_max_tokens():
+    assert sampling_params({"max_tokens": 9, "max_completion_tokens": 3})["max_new_tokens"] == 3
+    assert sampling_params({"max_tokens": 9, "max_completion_tokens": None})["max_new_tokens"] == 9
+
+
+@pytest.mark.parametrize("host,origin,method,bind,refused", [
+    ("127.0.0.1:8080", None, "POST", "127.0.0.1", False),            # a local app (curl, the openai client)
+    ("localhost:8080", None, "GET", "127.0.0.1", False),
+    ("[::1]:8080", None, "GET", "127.0.0.1", False),
+    ("evil.example:8080", None, "GET", "127.0.0.1", True),           # DNS rebinding: a page's own name resolved to us
+    ("127.0.0.1:8080", "http://evil.example", "POST", "127.0.0.1", True),   # CSRF from a web page
+    ("127.0.0.1:8080", "http://localhost:3000", "POST", "127.0.0.1", False),  # a local dev page
+    ("127.0.0.1:8080", "null", "POST", "127.0.0.1", True),           # file:// or sandboxed page
+    ("127.0.0.1:8080", "http://evil.example", "GET", "127.0.0.1", False),   # reads carry no state change
+    ("gateway.lan:8080", None, "POST", "0.0.0.0", False),            # exposed on purpose: any Host
+    ("gateway.lan:8080", "http://evil.example", "POST", "0.0.0.0", True),
+])
+def test_request_origin_refusal_table(host, origin, method, bind, refused):
+    from edge_runtime.server import request_origin_refusal
+    assert (request_origin_refusal(host, origin, method, bind) is not None) == refused
