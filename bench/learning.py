@@ -243,10 +243,8 @@ class Evaluator:
         self.eng = Engine(bundle, threads=2, verify=False)
         self.load = load_adapter
         self.seq = int(self.eng.manifest.training.get("seq", 64))
-        from importlib import resources
-        anchor = [t for t in resources.files("edge_runtime").joinpath("data/anchor.txt").read_text().splitlines()
-                  if t.strip() and not t.startswith("#")]
-        self.sets = {**held, "general": general, "everyday": anchor}
+        from edge_runtime.gate import anchor_texts
+        self.sets = {**held, "general": general, "everyday": anchor_texts()}
 
     def __call__(self, path: Path) -> dict[str, float]:
         tensors, meta = self.load(path)

@@ -270,9 +270,8 @@ class Fleet:
         self.log(f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)"
                  + (f"; chaos: {names[-1]} is a slow device (+1 s per training step)" if o.chaos else ""))
         eng = self.evaluator(bundle)
-        from importlib import resources
-        general = [t for t in resources.files("edge_runtime").joinpath("data/anchor.txt").read_text().splitlines()
-                   if t.strip() and not t.startswith("#")]  # the agents' forgetting anchor: general text no device trains on
+        from edge_runtime.gate import anchor_texts
+        general = anchor_texts()  # the agents' forgetting anchor: general text no device trains on
         seq = int(eng.manifest.training.get("seq", 64))
         from coordinator.state import State
         from edge_runtime.protocol.adapter import adapter_from_bytes

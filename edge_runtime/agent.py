@@ -27,7 +27,7 @@ from edge_runtime.engine import ActiveAdapter, Engine
 from edge_runtime.errors import ConfigError, EdgefmError, ProtocolError, TrainingError
 from edge_runtime.metrics import Metrics
 from edge_runtime.optim import AdamWConfig
-from edge_runtime.gate import GateDecision, GatePolicy, decide_gate
+from edge_runtime.gate import GateDecision, GatePolicy, anchor_texts, decide_gate
 from edge_runtime.policy import TrainDecision, TrainPolicy, decide, session_key, session_steps
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, load_adapter, save_adapter
 from edge_runtime.protocol.codec import CodecSpec
@@ -331,12 +331,7 @@ class Agent:
         if self.manifest.task != "causal-lm" or self.cfg.anchor_file == "":
             return []
         if not hasattr(self, "_anchor"):
-            if self.cfg.anchor_file:
-                text = Path(self.cfg.anchor_file).read_text()
-            else:
-                from importlib import resources
-                text = resources.files("edge_runtime").joinpath("data/anchor.txt").read_text()
-            self._anchor = [{"text": t.strip()} for t in text.splitlines() if t.strip() and not t.startswith("#")]
+            self._anchor = [{"text": t} for t in anchor_texts(self.cfg.anchor_file)]
         return self._anchor
 
     GENERAL_OPENINGS = ("The", "Yesterday", "In the morning", "She said", "Our town", "When we", "Most people", "After the",

@@ -31,6 +31,17 @@ class GateReason(str, enum.Enum):
     FORGETTING = "forgetting"
 
 
+def anchor_texts(path: str | None = None) -> list[str]:
+    """The general-text anchor passages: ``path``, else the set shipped with the agent (one per line, # comments)."""
+    if path:
+        from pathlib import Path
+        text = Path(path).read_text()
+    else:
+        from importlib import resources
+        text = resources.files("edge_runtime").joinpath("data/anchor.txt").read_text()
+    return [t.strip() for t in text.splitlines() if t.strip() and not t.startswith("#")]
+
+
 @dataclasses.dataclass(frozen=True)
 class GatePolicy:
     """Gate settings (agent config: gate_z, max_forgetting)."""
