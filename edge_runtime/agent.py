@@ -74,7 +74,7 @@ class AgentConfig:
     learning_rate: float = LEARNING_RATE
     prox_mu: float = PROX_MU              # proximal pull towards the adapter a session started from (0: off)
     replay_fraction: float = 0.25         # share of each batch drawn from already-used examples while new ones remain
-    general_replay_fraction: float = 0.0  # share of each batch from the base model's own general text (forgetting control)
+    general_replay_fraction: float = 0.25  # share of each batch from the base model's own general text (forgetting control)
     train_cooldown_s: float = 5.0
     auto_train: bool = True
     keep_adapters: int = 5
@@ -337,7 +337,7 @@ class Agent:
     GENERAL_OPENINGS = ("The", "Yesterday", "In the morning", "She said", "Our town", "When we", "Most people", "After the",
                         "My friend", "The weather", "Last year", "At home", "The story", "Every day", "On the way", "He")
 
-    def general_replay_texts(self, per_opening: int = 2, tokens: int = 64) -> list[str]:
+    def general_replay_texts(self, per_opening: int = 4, tokens: int = 64) -> list[str]:
         """General text sampled once from the base model itself (kept in the data dir): replaying it while
         training on device data keeps the adapter close to the base model's everyday language. It is
         not the gate's anchor set, so the gate's forgetting check stays independent."""
@@ -348,7 +348,7 @@ class Agent:
         for i, opening in enumerate(self.GENERAL_OPENINGS):
             for j in range(per_opening):
                 ids = self.engine.encode(opening)
-                new = list(self.engine.generate(ids, max_new_tokens=tokens, temperature=0.8, top_p=0.95, seed=1000 * i + j,
+                new = list(self.engine.generate(ids, max_new_tokens=tokens, temperature=1.0, top_p=1.0, seed=1000 * i + j,
                                                 adapter=self.base_adapter))
                 texts.append(self.engine.decode(ids + new))
         tmp = path.with_suffix(".tmp")

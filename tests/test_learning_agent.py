@@ -220,7 +220,7 @@ def test_general_replay_mixes_the_base_models_own_text_into_batches(bundle, tmp_
         res = call(url + "/v1/train", {"wait": True})
         assert res["status"] == "trained"
         replay = (tmp_path / "a" / "general_replay.jsonl").read_text().splitlines()
-        assert len(replay) == 32 and all(json.loads(x)["text"].strip() for x in replay)
+        assert len(replay) == 64 and all(json.loads(x)["text"].strip() for x in replay)
         # 3 device rows per step of 4: enough steps for every new example; general rows are not counted as device data
         cov = call(url + "/v1/status")["training_coverage"]
         assert cov["never_used"] == 0 and res["examples_used"] == cov["examples"]
