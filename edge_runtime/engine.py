@@ -81,6 +81,13 @@ class Engine:
         except Exception as exc:
             raise BundleError(f"{self.dir}: onnxruntime cannot load model.onnx: {exc}") from None
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
+        # tokenizer.json may carry the exporter's padding/truncation (all-MiniLM pads every input to 128):
+        # we pad ourselves with a real attention mask, and encoders truncate where their reference does
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        if m.task != "causal-lm":
+            self.max_length = int(m.model.get("max_length", m.model["max_positions"]))
+            self.tokenizer.enable_truncation(self.max_length)
         tc = self.dir / "tokenizer" / "tokenizer_config.json"
         self.tokenizer_config = json.loads(tc.read_text()) if tc.is_file() else {}
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -135,19 +142,55 @@ class Engine:
         """Text of token ids (special tokens dropped)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """Render a chat with the tokenizer's template (jinja2), adding the generation prompt."""
-        template = self.tokenizer_config.get("chat_template")
-        if isinstance(template, list):
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if not template:
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+
+    def chat_template(self) -> tuple[str, str]:
+        """The bundle's chat template and where it came from: ``tokenizer/chat_template.jinja`` (what current
+        transformers writes), else ``chat_template`` in tokenizer_config.json (older exports; a named list
+        takes "default"), else ``FALLBACK_TEMPLATE`` ("role: content" lines), source "fallback"."""
+        if not hasattr(self, "_chat_template"):
+            file = self.dir / "tokenizer" / "chat_template.jinja"
+            inline = self.tokenizer_config.get("chat_template")
+            if isinstance(inline, list):
+                inline = next((t.get("template") for t in inline if isinstance(t, dict) and t.get("name") == "default"), None)
+            if file.is_file():
+                self._chat_template = (file.read_text(encoding="utf-8"), "tokenizer/chat_template.jinja")
+            elif isinstance(inline, str) and inline:
+                self._chat_template = (inline, "tokenizer_config.json")
+            else:
+                self._chat_template = (self.FALLBACK_TEMPLATE, "fallback")
+        return self._chat_template
+
+    def _special_token(self, name: str) -> str:
+        tok = self.tokenizer_config.get(name)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return tok if isinstance(tok, str) else ""
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """Render a chat as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` does:
+        the same template, a sandboxed jinja2 environment with trim_blocks/lstrip_blocks, the tokenizer's
+        special tokens as variables, ``raise_exception``, ``tojson`` and ``strftime_now``."""
+        import datetime
+
         import jinja2
-        env = jinja2.Environment(undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ConfigError(msg))
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=self.tokenizer_config.get("bos_token", ""),
-                                                eos_token=self.tokenizer_config.get("eos_token", ""))
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        template, _ = self.chat_template()
+
+        def raise_exception(msg):
+            raise ConfigError(str(msg))
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        special = {n: self._special_token(n) for n in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        try:
+            return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True, **special)
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"the chat template cannot render these messages: {exc}") from None
 
     @property
     def eos_ids(self) -> set[int]:
@@ -271,24 +314,32 @@ class Engine:
             raise ConfigError("text too short to score")
         return float(np.exp(total / count))
 
-    def _encoder_feeds(self, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
-        enc = [self.tokenizer.encode(t).ids[:max_len] or [0] for t in texts]
+    def encoder_inputs(self, texts: list[str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """Right-padded ids with a mask marking only real tokens, and each input's token count
+        (special tokens included, after truncation to ``max_length``)."""
+        enc = [self.tokenizer.encode(t).ids or [0] for t in texts]
         width = max(len(e) for e in enc)
         ids = np.zeros((len(enc), width), np.int64)
         mask = np.zeros((len(enc), width), np.int64)
         for i, e in enumerate(enc):
             ids[i, :len(e)] = e
             mask[i, :len(e)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask}, [len(e) for e in enc]
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens an encoder bundle reads for each text (what usage reports)."""
+        return [len(self.tokenizer.encode(t).ids) for t in texts]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """L2-normalised sentence embeddings [n, hidden] (embedding bundles)."""
+        """L2-normalised sentence embeddings [n, hidden] (embedding bundles): mean pooling over real tokens."""
         if self.task != "embedding":
             raise ConfigError(f"this bundle is for {self.task}; embeddings need an embedding bundle")
-        return self.session.run(None, {**self._encoder_feeds(texts, int(self.dims["max_positions"])), **self.adapter.feeds})[0]
+        feeds, _ = self.encoder_inputs(texts)
+        return self.session.run(None, {**feeds, **self.adapter.feeds})[0]
 
     def classify(self, texts: list[str]) -> np.ndarray:
         """Class logits [n, labels] (classification bundles)."""
         if self.task != "classification":
             raise ConfigError(f"this bundle is for {self.task}; classification needs a classification bundle")
-        return self.session.run(None, {**self._encoder_feeds(texts, int(self.dims["max_positions"])), **self.adapter.feeds})[0]
+        feeds, _ = self.encoder_inputs(texts)
+        return self.session.run(None, {**feeds, **self.adapter.feeds})[0]

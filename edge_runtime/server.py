@@ -9,6 +9,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -145,6 +146,9 @@ class Handler(BaseHTTPRequestHandler):
             refusal = request_origin_refusal(self.headers.get("Host"), self.headers.get("Origin"), method, a.cfg.host)
             if refusal:
                 raise ApiError(403, refusal, None, "forbidden_origin")
+            if route is None and method == "GET" and path.startswith("/v1/models/"):
+                name = urllib.parse.unquote(path[len("/v1/models/"):])
+                route = lambda h: model_retrieve(h, name)  # noqa: E731
             if route is None:
                 known = sorted({p for (_, p) in ROUTES})
                 raise ApiError(404 if all(p != path for (_, p) in ROUTES) else 405, f"no route {method} {path}; endpoints: {known}")
@@ -322,7 +326,7 @@ def embeddings(h: Handler) -> None:
     texts = _inputs(body)
     _require_task(h, "embedding")
     vecs = h.agent.engine.embed(texts)
-    ntok = sum(len(h.agent.engine.encode(t)) for t in texts)
+    ntok = sum(h.agent.engine.token_counts(texts))
     h._send(200, {"object": "list", "model": _model_id(h),
                   "data": [{"object": "embedding", "index": i, "embedding": v.astype(float).tolist()} for i, v in enumerate(vecs)],
                   "usage": {"prompt_tokens": ntok, "total_tokens": ntok}})
@@ -364,9 +368,30 @@ def _model_id(h: Handler) -> str:
     return f"edgefm-{h.agent.manifest.model.get('model_type', 'model')}-{h.agent.manifest.quant['scheme']}"
 
 
+def _model_card(h: Handler) -> dict:
+    eng = h.agent.engine
+    card = {"id": _model_id(h), "object": "model", "created": 0, "owned_by": "edgefm", "adapter": h.agent.active_id,
+            "task": eng.task}
+    if eng.task == "causal-lm":
+        _, source = eng.chat_template()
+        card["chat_template"] = source
+        if source == "fallback":
+            card["warning"] = ("the bundle has no chat template: chat prompts are rendered as 'role: content' lines, "
+                               "which an instruct model was not trained on; re-export with the model's tokenizer")
+    else:
+        card["max_input_tokens"] = eng.max_length
+    return card
+
+
 def models(h: Handler) -> None:
-    h._send(200, {"object": "list", "data": [{"id": _model_id(h), "object": "model", "created": 0, "owned_by": "edgefm",
-                                              "adapter": h.agent.active_id}]})
+    h._send(200, {"object": "list", "data": [_model_card(h)]})
+
+
+def model_retrieve(h: Handler, name: str) -> None:
+    card = _model_card(h)
+    if name != card["id"]:
+        raise ApiError(404, f"model {name!r} does not exist; this agent serves {card['id']!r}", "model", code="model_not_found")
+    h._send(200, card)
 
 
 def healthz(h: Handler) -> None:
