@@ -4,14 +4,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from edge_runtime.errors import BundleError, ConfigError, EdgefmError
+from edge_runtime.errors import BundleError, ConfigError
 from edge_runtime.lowrank import LowRankLayout
+
+if TYPE_CHECKING:
+    from edge_runtime.decoding import Steering
 from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
 from edge_runtime.protocol.manifest import Manifest, open_bundle, verify_files
 from edge_runtime.sampling import sample_next
@@ -111,6 +113,10 @@ class Engine:
             raise BundleError("adapter was trained for another base model (fingerprint differs)")
         if meta.shapes != {k: list(v) for k, v in self.manifest.adapter["shapes"].items()}:
             raise BundleError("adapter shapes differ from this bundle's LoRA slots")
+        if abs(meta.alpha - float(self.manifest.adapter["alpha"])) > 1e-6 * max(1.0, abs(meta.alpha)):
+            raise BundleError(f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter['alpha']:g} "
+                              f"(the graph applies the bundle's alpha/r); convert PEFT adapters with "
+                              f"'edgefm-export adapter from-peft', which rescales them")
         check_adapter(tensors, meta)
         return ActiveAdapter(meta.version, meta, tensors, self.adapter_feeds(tensors))
 
@@ -207,9 +213,12 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 should_stop: Callable[[], bool] | None = None, adapter: "ActiveAdapter | None" = None) -> Iterator[int]:
+                 should_stop: Callable[[], bool] | None = None, adapter: "ActiveAdapter | None" = None,
+                 steer: "Steering | None" = None, on_token: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
         """Yield new token ids one at a time, using the KV cache (prefill once, then one token per step);
-        ``adapter``: another adapter than the serving one (e.g. the base model's)."""
+        ``adapter``: another adapter than the serving one (e.g. the base model's); ``steer``: logit bias,
+        penalties and a grammar (``edge_runtime.decoding``); ``on_token(tok, logits)`` sees each chosen
+        token with the logits it was chosen from (log-probabilities)."""
         if self.task != "causal-lm":
             raise ConfigError(f"this bundle is for {self.task}; generation needs a causal-lm bundle")
         if not prompt_ids:
@@ -224,14 +233,30 @@ class Engine:
         step_fn = self._decoder(adapter, capacity=min(max_pos, -(-(n + max_new_tokens) // 64) * 64))
         logits = step_fn(np.array([prompt_ids], np.int64), n)
         for step in range(max_new_tokens):
-            tok = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+            row = logits[0, -1] if steer is None else steer.adjust(logits[0, -1])
+            tok = sample_next(row, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+            if on_token is not None:
+                on_token(tok, row)
             if tok in stop_ids:
                 return
+            if steer is not None:
+                steer.accept(tok)
             yield tok
             if step == max_new_tokens - 1 or (should_stop and should_stop()):
                 return
             n += 1
             logits = step_fn(np.array([[tok]], np.int64), n)
+
+    def grammar_tokenizer(self):
+        """This bundle's tokenizer for llguidance (built once: ~1 s), for structured output."""
+        if not hasattr(self, "_ll_tokenizer"):
+            try:
+                from llguidance import LLTokenizer
+            except ImportError:
+                raise ConfigError("structured output needs llguidance (pip install llguidance)") from None
+            self._ll_tokenizer = LLTokenizer(self.tokenizer.to_str(), n_vocab=int(self.dims["vocab"]),
+                                             eos_token=sorted(self.eos_ids))
+        return self._ll_tokenizer
 
     def _decoder(self, adapter: ActiveAdapter, capacity: int = 0):
         """A stateful step function over IO binding: the KV cache stays in ORT-owned OrtValues between
