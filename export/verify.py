@@ -18,8 +18,12 @@ HELD_OUT_TEXT = (
     "but the light never failed, and the keeper took a quiet pride in that. When the supply boat came in spring, "
     "he asked for news of the town, for new books, and for seeds to plant in the small garden behind the house.")
 
+# fp32 bundles must match torch: logits to 1e-4 absolute; training-graph gradients to 1e-2 of each
+# tensor's largest gradient. The gradient bound leaves room for float32 summation order through a deep
+# backward pass (SmolLM2-135M, 30 layers: 1.6e-3 measured, so 1e-4 failed a correct export after ten
+# minutes) while a wrong graph (a missing term, a transposed factor, a bad mask) is off by 1e-1 or more.
 FP32_LOGIT_TOL = 1e-4
-FP32_GRAD_RTOL = 1e-4
+FP32_GRAD_RTOL = 1e-2
 
 
 def random_adapter(meta_shapes: dict[str, list[int]], seed: int = 1, scale: float = 0.05) -> dict[str, np.ndarray]:
