@@ -79,15 +79,25 @@ def _state(args):
 
 
 def serve(args) -> int:
-    from coordinator.broker import EmbeddedBroker
+    from coordinator import admin
     from coordinator.config import CoordinatorConfig
-    from coordinator.service import Coordinator
     keys = ("bundle", "broker", "fleet", "mode", "strategy", "max_rounds", "min_updates", "round_timeout_s")
     overrides = {k: getattr(args, k) for k in keys}
     overrides["state_dir"] = args.state_dir
     cfg = CoordinatorConfig.from_sources(args.config, overrides)
     if not cfg.bundle:
         raise ConfigError("no bundle: pass --bundle PATH (the bundle the devices run)")
+    with admin.exclusive(Path(cfg.state_dir)) as mine:
+        if not mine:
+            holder = (Path(cfg.state_dir) / admin.LOCK).read_text().strip() or "?"
+            raise ConfigError(f"another process (pid {holder}) is serving or administering {cfg.state_dir}; "
+                              f"one coordinator per state dir")
+        return _serve_locked(cfg)
+
+
+def _serve_locked(cfg) -> int:
+    from coordinator.broker import EmbeddedBroker
+    from coordinator.service import Coordinator
     embedded = None
     if not cfg.broker:
         embedded = EmbeddedBroker(Path(cfg.state_dir) / "broker").start()
@@ -107,6 +117,39 @@ def serve(args) -> int:
         coord.stop()
         if embedded:
             embedded.stop()
+    return 0
+
+
+def admin_command(args) -> int:
+    """publish / rollback: executed by the running coordinator when one serves this state dir (see
+    coordinator.admin), else here, holding the state dir's lock."""
+    from coordinator import admin
+    state_dir = Path(args.state_dir or "./edgefm-coordinator")
+    if args.cmd == "publish":
+        request = {"cmd": "publish", "adapter": str(Path(args.adapter).resolve())}
+    else:
+        request = {"cmd": "rollback", "to": args.to}
+    with admin.exclusive(state_dir) as mine:
+        if not mine:
+            print("a coordinator is serving this state dir: handing it the command", flush=True)
+            out = admin.submit(state_dir, request)
+        else:
+            from coordinator.config import CoordinatorConfig
+            from coordinator.service import Coordinator
+            from edge_runtime.transport import MqttLink
+            if not (state_dir / "coordinator.sqlite").is_file():
+                raise ConfigError(f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first")
+            coord = Coordinator(CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir)))
+            coord.link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
+            coord.link.start()
+            try:
+                if not coord.link.wait_connected(10):
+                    raise ConfigError(f"cannot reach broker {args.broker}")
+                out = coord.execute_admin(request)
+                time.sleep(0.5)
+            finally:
+                coord.link.close()
+    print(f"published v{out['version']} ({out['note']})")
     return 0
 
 
@@ -142,33 +185,7 @@ def main(argv=None) -> int:
                                                                                "num_updates", "num_examples", "note"]))
             return 0
         if args.cmd in ("publish", "rollback"):
-            from coordinator.config import CoordinatorConfig
-            from coordinator.service import Coordinator
-            from edge_runtime.protocol.adapter import adapter_from_bytes, load_adapter
-            cfg = CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet,
-                                    state_dir=args.state_dir or "./edgefm-coordinator")
-            coord = Coordinator(cfg)
-            if args.cmd == "publish":
-                tensors, _ = load_adapter(args.adapter, expect_fingerprint=coord.fingerprint)
-                note = f"published by hand from {args.adapter}"
-            else:
-                try:
-                    tensors, _ = adapter_from_bytes(coord.state.blobs.get(coord.state.version_sha(args.to)))
-                except KeyError:
-                    raise ConfigError(f"no version {args.to}; see `edgefm-coordinator adapters`") from None
-                note = f"rollback to v{args.to}"
-            from edge_runtime.transport import MqttLink
-            coord.link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
-            coord.link.start()
-            if not coord.link.wait_connected(10):
-                raise ConfigError(f"cannot reach broker {args.broker}")
-            v = coord.publish_adapter(tensors, note)
-            if args.cmd == "rollback":
-                coord.state.x("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (args.to, v))
-            time.sleep(0.5)
-            coord.link.close()
-            print(f"published v{v} ({note})")
-            return 0
+            return admin_command(args)
         if args.cmd == "export":
             st = _state(args)
             version = args.version if args.version is not None else st.current_version()

@@ -28,7 +28,7 @@ from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, ch
 from coordinator.state import CHECKPOINTED, State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits, validate_update
-from edge_runtime.errors import BundleError, ProtocolError, RejectReason
+from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.messages import decode_update, dump_json_message, make_pointer, parse_json_message
@@ -541,12 +541,37 @@ class Coordinator:
             self.publish_global(version)
             return version
 
+    def rollback_to(self, to: int) -> int:
+        """Republish version ``to``'s adapter as the next version; versions after it are marked rolled back."""
+        with self.lock:
+            try:
+                tensors, _ = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(to)))
+            except KeyError:
+                raise ConfigError(f"no version {to}; see `edgefm-coordinator adapters`") from None
+            v = self.publish_adapter(tensors, f"rollback to v{to}")
+            self.state.x("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (to, v))
+            return v
+
+    def execute_admin(self, request: dict) -> dict:
+        """An admin command (``coordinator.admin``): publish an adapter file or roll back to a version."""
+        from edge_runtime.protocol.adapter import load_adapter
+        cmd = request.get("cmd")
+        if cmd == "publish":
+            tensors, _ = load_adapter(request["adapter"], expect_fingerprint=self.fingerprint)
+            note = f"published by hand from {request['adapter']}"
+            return {"version": self.publish_adapter(tensors, note), "note": note}
+        if cmd == "rollback":
+            return {"version": self.rollback_to(int(request["to"])), "note": f"rollback to v{int(request['to'])}"}
+        raise ConfigError(f"unknown admin command {cmd!r}")
+
     def _loop(self) -> None:
+        from coordinator import admin
         if self.cfg.mode == "async":
             time.sleep(0.5)
             self._announce(None)
         while not self._stop.wait(0.2):
             try:
+                admin.serve_requests(Path(self.cfg.state_dir), self.execute_admin)
                 self.tick()
             except Exception:  # the coordinator keeps running; the error is in the log
                 log.exception("round loop error")

@@ -319,7 +319,7 @@ class Agent:
                 if c:  # a one-token text has nothing to predict (the same for every adapter, so pairs stay aligned)
                     out.append(s / c)
             return np.array(out)
-        feeds = self.engine._encoder_feeds([e["text"] for e in examples], 128)
+        feeds, _ = self.engine.encoder_inputs([e["text"] for e in examples])
         logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0].astype(np.float64)
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))

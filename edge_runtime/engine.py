@@ -4,14 +4,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from edge_runtime.errors import BundleError, ConfigError, EdgefmError
+from edge_runtime.errors import BundleError, ConfigError
 from edge_runtime.lowrank import LowRankLayout
+
+if TYPE_CHECKING:
+    from edge_runtime.decoding import Steering
 from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
 from edge_runtime.protocol.manifest import Manifest, open_bundle, verify_files
 from edge_runtime.sampling import sample_next
@@ -81,6 +83,13 @@ class Engine:
         except Exception as exc:
             raise BundleError(f"{self.dir}: onnxruntime cannot load model.onnx: {exc}") from None
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
+        # tokenizer.json may carry the exporter's padding/truncation (all-MiniLM pads every input to 128):
+        # we pad ourselves with a real attention mask, and encoders truncate where their reference does
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        if m.task != "causal-lm":
+            self.max_length = int(m.model.get("max_length", m.model["max_positions"]))
+            self.tokenizer.enable_truncation(self.max_length)
         tc = self.dir / "tokenizer" / "tokenizer_config.json"
         self.tokenizer_config = json.loads(tc.read_text()) if tc.is_file() else {}
         self.input_names = {i.name for i in self.session.get_inputs()}
@@ -104,6 +113,10 @@ class Engine:
             raise BundleError("adapter was trained for another base model (fingerprint differs)")
         if meta.shapes != {k: list(v) for k, v in self.manifest.adapter["shapes"].items()}:
             raise BundleError("adapter shapes differ from this bundle's LoRA slots")
+        if abs(meta.alpha - float(self.manifest.adapter["alpha"])) > 1e-6 * max(1.0, abs(meta.alpha)):
+            raise BundleError(f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter['alpha']:g} "
+                              f"(the graph applies the bundle's alpha/r); convert PEFT adapters with "
+                              f"'edgefm-export adapter from-peft', which rescales them")
         check_adapter(tensors, meta)
         return ActiveAdapter(meta.version, meta, tensors, self.adapter_feeds(tensors))
 
@@ -135,19 +148,55 @@ class Engine:
         """Text of token ids (special tokens dropped)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_prompt(self, messages: list[dict]) -> str:
-        """Render a chat with the tokenizer's template (jinja2), adding the generation prompt."""
-        template = self.tokenizer_config.get("chat_template")
-        if isinstance(template, list):
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        if not template:
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+
+    def chat_template(self) -> tuple[str, str]:
+        """The bundle's chat template and where it came from: ``tokenizer/chat_template.jinja`` (what current
+        transformers writes), else ``chat_template`` in tokenizer_config.json (older exports; a named list
+        takes "default"), else ``FALLBACK_TEMPLATE`` ("role: content" lines), source "fallback"."""
+        if not hasattr(self, "_chat_template"):
+            file = self.dir / "tokenizer" / "chat_template.jinja"
+            inline = self.tokenizer_config.get("chat_template")
+            if isinstance(inline, list):
+                inline = next((t.get("template") for t in inline if isinstance(t, dict) and t.get("name") == "default"), None)
+            if file.is_file():
+                self._chat_template = (file.read_text(encoding="utf-8"), "tokenizer/chat_template.jinja")
+            elif isinstance(inline, str) and inline:
+                self._chat_template = (inline, "tokenizer_config.json")
+            else:
+                self._chat_template = (self.FALLBACK_TEMPLATE, "fallback")
+        return self._chat_template
+
+    def _special_token(self, name: str) -> str:
+        tok = self.tokenizer_config.get(name)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        return tok if isinstance(tok, str) else ""
+
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """Render a chat as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` does:
+        the same template, a sandboxed jinja2 environment with trim_blocks/lstrip_blocks, the tokenizer's
+        special tokens as variables, ``raise_exception``, ``tojson`` and ``strftime_now``."""
+        import datetime
+
         import jinja2
-        env = jinja2.Environment(undefined=jinja2.ChainableUndefined, trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ConfigError(msg))
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=self.tokenizer_config.get("bos_token", ""),
-                                                eos_token=self.tokenizer_config.get("eos_token", ""))
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        template, _ = self.chat_template()
+
+        def raise_exception(msg):
+            raise ConfigError(str(msg))
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+        special = {n: self._special_token(n) for n in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        try:
+            return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True, **special)
+        except jinja2.TemplateError as exc:
+            raise ConfigError(f"the chat template cannot render these messages: {exc}") from None
 
     @property
     def eos_ids(self) -> set[int]:
@@ -164,9 +213,12 @@ class Engine:
 
     def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 should_stop: Callable[[], bool] | None = None, adapter: "ActiveAdapter | None" = None) -> Iterator[int]:
+                 should_stop: Callable[[], bool] | None = None, adapter: "ActiveAdapter | None" = None,
+                 steer: "Steering | None" = None, on_token: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
         """Yield new token ids one at a time, using the KV cache (prefill once, then one token per step);
-        ``adapter``: another adapter than the serving one (e.g. the base model's)."""
+        ``adapter``: another adapter than the serving one (e.g. the base model's); ``steer``: logit bias,
+        penalties and a grammar (``edge_runtime.decoding``); ``on_token(tok, logits)`` sees each chosen
+        token with the logits it was chosen from (log-probabilities)."""
         if self.task != "causal-lm":
             raise ConfigError(f"this bundle is for {self.task}; generation needs a causal-lm bundle")
         if not prompt_ids:
@@ -181,14 +233,30 @@ class Engine:
         step_fn = self._decoder(adapter, capacity=min(max_pos, -(-(n + max_new_tokens) // 64) * 64))
         logits = step_fn(np.array([prompt_ids], np.int64), n)
         for step in range(max_new_tokens):
-            tok = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+            row = logits[0, -1] if steer is None else steer.adjust(logits[0, -1])
+            tok = sample_next(row, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+            if on_token is not None:
+                on_token(tok, row)
             if tok in stop_ids:
                 return
+            if steer is not None:
+                steer.accept(tok)
             yield tok
             if step == max_new_tokens - 1 or (should_stop and should_stop()):
                 return
             n += 1
             logits = step_fn(np.array([[tok]], np.int64), n)
+
+    def grammar_tokenizer(self):
+        """This bundle's tokenizer for llguidance (built once: ~1 s), for structured output."""
+        if not hasattr(self, "_ll_tokenizer"):
+            try:
+                from llguidance import LLTokenizer
+            except ImportError:
+                raise ConfigError("structured output needs llguidance (pip install llguidance)") from None
+            self._ll_tokenizer = LLTokenizer(self.tokenizer.to_str(), n_vocab=int(self.dims["vocab"]),
+                                             eos_token=sorted(self.eos_ids))
+        return self._ll_tokenizer
 
     def _decoder(self, adapter: ActiveAdapter, capacity: int = 0):
         """A stateful step function over IO binding: the KV cache stays in ORT-owned OrtValues between
@@ -271,24 +339,32 @@ class Engine:
             raise ConfigError("text too short to score")
         return float(np.exp(total / count))
 
-    def _encoder_feeds(self, texts: list[str], max_len: int) -> dict[str, np.ndarray]:
-        enc = [self.tokenizer.encode(t).ids[:max_len] or [0] for t in texts]
+    def encoder_inputs(self, texts: list[str]) -> tuple[dict[str, np.ndarray], list[int]]:
+        """Right-padded ids with a mask marking only real tokens, and each input's token count
+        (special tokens included, after truncation to ``max_length``)."""
+        enc = [self.tokenizer.encode(t).ids or [0] for t in texts]
         width = max(len(e) for e in enc)
         ids = np.zeros((len(enc), width), np.int64)
         mask = np.zeros((len(enc), width), np.int64)
         for i, e in enumerate(enc):
             ids[i, :len(e)] = e
             mask[i, :len(e)] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        return {"input_ids": ids, "attention_mask": mask}, [len(e) for e in enc]
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens an encoder bundle reads for each text (what usage reports)."""
+        return [len(self.tokenizer.encode(t).ids) for t in texts]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """L2-normalised sentence embeddings [n, hidden] (embedding bundles)."""
+        """L2-normalised sentence embeddings [n, hidden] (embedding bundles): mean pooling over real tokens."""
         if self.task != "embedding":
             raise ConfigError(f"this bundle is for {self.task}; embeddings need an embedding bundle")
-        return self.session.run(None, {**self._encoder_feeds(texts, int(self.dims["max_positions"])), **self.adapter.feeds})[0]
+        feeds, _ = self.encoder_inputs(texts)
+        return self.session.run(None, {**feeds, **self.adapter.feeds})[0]
 
     def classify(self, texts: list[str]) -> np.ndarray:
         """Class logits [n, labels] (classification bundles)."""
         if self.task != "classification":
             raise ConfigError(f"this bundle is for {self.task}; classification needs a classification bundle")
-        return self.session.run(None, {**self._encoder_feeds(texts, int(self.dims["max_positions"])), **self.adapter.feeds})[0]
+        feeds, _ = self.encoder_inputs(texts)
+        return self.session.run(None, {**feeds, **self.adapter.feeds})[0]

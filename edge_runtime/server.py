@@ -9,60 +9,20 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 import uuid
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 
+from edge_runtime import openai_api as oai
+from edge_runtime.decoding import Constraint, Steering, log_softmax, response_format_grammar, top_logprobs
 from edge_runtime.errors import ConfigError, EdgefmError
+from edge_runtime.openai_api import ApiError, sampling_params  # noqa: F401  (sampling_params: public here too)
 from edge_runtime.sampling import find_stop, holdback
 
 log = logging.getLogger("edgefm.api")
-
-
-class ApiError(Exception):
-    """An error answered to the client in OpenAI's error shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-def _num(body: dict, key: str, default, lo, hi, kind=float):
-    v = body.get(key, default)
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise ApiError(400, f"'{key}' must be a {'integer' if kind is int else 'number'}", key)
-    if not lo <= v <= hi:
-        raise ApiError(400, f"'{key}' must be between {lo} and {hi}", key)
-    return kind(v)
-
-
-def _stops(body: dict) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop):
-        return stop
-    raise ApiError(400, "'stop' must be a string or a list of at most 4 strings", "stop")
-
-
-def sampling_params(body: dict, default_max: int = 64) -> dict:
-    """Validated sampling parameters from an OpenAI-style request body."""
-    n = body.get("n")
-    if n is not None and n != 1:  # null is what the OpenAI clients send for "default"
-        raise ApiError(400, "only n=1 is supported", "n")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return {"max_new_tokens": _num(body, key, default_max, 1, 4096, int),
-            "temperature": _num(body, "temperature", 1.0, 0.0, 2.0),
-            "top_p": _num(body, "top_p", 1.0, 0.0, 1.0),
-            "top_k": _num(body, "top_k", 0, 0, 100000, int),
-            "seed": None if body.get("seed") is None else _num(body, "seed", 0, -2**63, 2**63 - 1, int)}
 
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -145,6 +105,9 @@ class Handler(BaseHTTPRequestHandler):
             refusal = request_origin_refusal(self.headers.get("Host"), self.headers.get("Origin"), method, a.cfg.host)
             if refusal:
                 raise ApiError(403, refusal, None, "forbidden_origin")
+            if route is None and method == "GET" and path.startswith("/v1/models/"):
+                name = urllib.parse.unquote(path[len("/v1/models/"):])
+                route = lambda h: model_retrieve(h, name)  # noqa: E731
             if route is None:
                 known = sorted({p for (_, p) in ROUTES})
                 raise ApiError(404 if all(p != path for (_, p) in ROUTES) else 405, f"no route {method} {path}; endpoints: {known}")
@@ -193,47 +156,77 @@ class Handler(BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------------------- generation core
 
-def _generate(h: Handler, prompt: str, params: dict, stops: list[str], on_text=None) -> tuple[str, str, int, int]:
-    """Generate text; returns (text, finish_reason, prompt_tokens, completion_tokens). ``on_text`` streams deltas."""
+class Generation:
+    """One finished completion: its text, why it ended, token counts, and per-token log-probabilities
+    (token text, logprob, [(alternative text, logprob)]) when they were asked for."""
+
+    def __init__(self):
+        self.text, self.finish, self.prompt_tokens, self.completion_tokens = "", "length", 0, 0
+        self.logprobs: list[tuple[str, float, list[tuple[str, float]]]] = []
+
+
+def _prompt_ids(h: Handler, prompt: str | list[int]) -> list[int]:
     eng = h.agent.engine
-    ids = eng.encode(prompt)
+    ids = eng.encode(prompt) if isinstance(prompt, str) else prompt
     if not ids:
         raise ApiError(400, "the prompt is empty", "prompt")
+    vocab = int(eng.dims["vocab"])
+    if not isinstance(prompt, str) and any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, f"token ids in 'prompt' must be in 0..{vocab - 1}", "prompt")
     if len(ids) > h.agent.cfg.max_prompt_tokens:
         raise ApiError(400, f"prompt has {len(ids)} tokens; this agent accepts at most {h.agent.cfg.max_prompt_tokens}", "prompt",
                        "context_length_exceeded")
+    return ids
+
+
+def _generate(h: Handler, ids: list[int], params: dict, stops: list[str], on_text=None, *, steer: Steering | None = None,
+              top_n: int | None = None) -> Generation:
+    """Generate from prompt token ids. ``on_text(delta, logprob_entries)`` streams text as it becomes safe
+    to send (no partial stop sequence, no partial UTF-8); ``top_n`` (not None) records log-probabilities."""
+    eng = h.agent.engine
+    g = Generation()
+    g.prompt_tokens = len(ids)
     max_pos = int(eng.dims.get("max_positions", 2048))
     params = dict(params)
     params["max_new_tokens"] = min(params["max_new_tokens"], max_pos - len(ids))
     if params["max_new_tokens"] < 1:
         raise ApiError(400, f"prompt fills the model's {max_pos}-token context", "prompt", "context_length_exceeded")
+    pending: list = []
+
+    def record(tok: int, row: np.ndarray) -> None:
+        lp = log_softmax(row)
+        pending[:] = [(eng.decode([tok]), float(lp[tok]), [(eng.decode([a]), alp) for a, alp in top_logprobs(row, top_n)])]
+
     out_ids: list[int] = []
-    emitted = 0
+    emitted, sent_lp = 0, 0
     text = ""
-    finish = "length"
     t0 = time.perf_counter()
     first = None
-    for tok in eng.generate(ids, **params):
-        if first is None:
-            first = time.perf_counter() - t0
-        out_ids.append(tok)
-        text = eng.decode(out_ids)
-        cut = find_stop(text, stops)
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-            break
-        if on_text:
-            safe = len(text) - holdback(text, stops)
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-                safe = min(safe, len(text) - 1)
-            if safe > emitted:
-                on_text(text[emitted:safe])
-                emitted = safe
-    else:
-        if len(out_ids) < params["max_new_tokens"]:
-            finish = "stop"
-    if on_text and len(text) > emitted:
-        on_text(text[emitted:])
+    try:
+        for tok in eng.generate(ids, **params, steer=steer, on_token=record if top_n is not None else None):
+            if first is None:
+                first = time.perf_counter() - t0
+            out_ids.append(tok)
+            g.logprobs.extend(pending)
+            text = eng.decode(out_ids)
+            cut = find_stop(text, stops)
+            if cut >= 0:
+                text, g.finish = text[:cut], "stop"
+                break
+            if on_text:
+                safe = len(text) - holdback(text, stops)
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                    safe = min(safe, len(text) - 1)
+                if safe > emitted:
+                    on_text(text[emitted:safe], g.logprobs[sent_lp:])
+                    emitted, sent_lp = safe, len(g.logprobs)
+        else:
+            if len(out_ids) < params["max_new_tokens"]:
+                g.finish = "stop"
+    except ConfigError as exc:  # a grammar that cannot continue
+        raise ApiError(400, str(exc), "response_format") from None
+    if on_text and (len(text) > emitted or len(g.logprobs) > sent_lp):
+        on_text(text[emitted:], g.logprobs[sent_lp:])
     m = h.agent.metrics
     dt = time.perf_counter() - t0
     m.inc("edgefm_generated_tokens_total", len(out_ids), help="tokens generated")
@@ -241,71 +234,124 @@ def _generate(h: Handler, prompt: str, params: dict, stops: list[str], on_text=N
         m.observe("edgefm_time_to_first_token_seconds", first, help="prefill latency")
     if len(out_ids) > 1 and first is not None and dt > first:
         m.set("edgefm_decode_tokens_per_second", (len(out_ids) - 1) / (dt - first), help="last request's decode speed")
-    return text, finish, len(ids), len(out_ids)
+    g.text, g.completion_tokens = text, len(out_ids)
+    return g
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _seeded(params: dict, j: int) -> dict:
+    """The j-th of n choices samples its own stream (seed + j when a seed is given)."""
+    return params if j == 0 or params["seed"] is None else {**params, "seed": params["seed"] + j}
 
 
 def completions(h: Handler) -> None:
     body = h._body()
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' must be a string (batches of prompts are not supported)", "prompt")
-    params, stops = sampling_params(body, 16), _stops(body)
+    oai.check_parameters(body, "completions")
     _require_task(h, "causal-lm")
+    prompts = oai.prompts(body)
+    params, stops, n = sampling_params(body, 16), oai.stops(body), oai.choices_per_prompt(body)
+    top_n, echo = oai.completion_logprobs(body), bool(body.get("echo"))
+    if echo and top_n is not None:
+        raise ApiError(400, "'echo' with 'logprobs' (prompt log-probabilities) is not supported; drop one", "echo")
+    if body.get("stream") and len(prompts) > 1:
+        raise ApiError(400, "several prompts cannot be streamed by this agent; send them one by one", "prompt")
+    steer_opts = oai.steering_options(body, int(h.agent.engine.dims["vocab"]))
+    ids_list = [_prompt_ids(h, p) for p in prompts]
     rid, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_id(h)
+    eng = h.agent.engine
+    usage = oai.include_usage(body)
     if body.get("stream"):
         h._sse_start()
-        def chunk(text, finish=None):
+
+        def chunk(text, entries=(), finish=None):
+            lp = oai.completion_logprobs_block(list(entries)) if top_n is not None else None
             h._sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
-        _, finish, _, _ = _generate(h, prompt, params, stops, on_text=chunk)
-        chunk("", finish)
+                    "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
+                    **({"usage": None} if usage else {})})
+        if echo:
+            chunk(eng.decode(ids_list[0]))
+        g = _generate(h, ids_list[0], params, stops, on_text=chunk, steer=Steering(**steer_opts), top_n=top_n)
+        chunk("", (), g.finish)
+        if usage:
+            h._sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
+                    "usage": _usage(g.prompt_tokens, g.completion_tokens)})
         h._sse("[DONE]")
         return
-    text, finish, pt, ct = _generate(h, prompt, params, stops)
-    h._send(200, {"id": rid, "object": "text_completion", "created": created, "model": model,
-                  "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                  "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
+    choices, pt, ct = [], 0, 0
+    for i, ids in enumerate(ids_list):
+        pt += len(ids)
+        for j in range(n):
+            g = _generate(h, ids, _seeded(params, j), stops, steer=Steering(**steer_opts), top_n=top_n)
+            ct += g.completion_tokens
+            text = (eng.decode(ids) + g.text) if echo else g.text
+            choices.append({"index": i * n + j, "text": text, "finish_reason": g.finish,
+                            "logprobs": oai.completion_logprobs_block(g.logprobs) if top_n is not None else None})
+    h._send(200, {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+                  "usage": _usage(pt, ct)})
 
 
 def chat_completions(h: Handler) -> None:
     body = h._body()
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    clean = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-            raise ApiError(400, f"messages[{i}] needs a role of system/user/assistant", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", "messages")
-        clean.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    params, stops = sampling_params(body, 64), _stops(body)
+    oai.check_parameters(body, "chat")
+    messages = oai.chat_messages(body.get("messages"))
     _require_task(h, "causal-lm")
+    eng = h.agent.engine
+    params, stops, n = sampling_params(body, 64), oai.stops(body), oai.choices_per_prompt(body)
+    top_n = oai.chat_logprobs(body)
+    steer_opts = oai.steering_options(body, int(eng.dims["vocab"]))
+    tools = oai.tools_for_template(body, eng.chat_template()[0])
     try:
-        prompt = h.agent.engine.chat_prompt(clean)
+        grammar = response_format_grammar(body.get("response_format"))
+        prompt = eng.chat_prompt(messages, tools=tools)
+        ll_tok = eng.grammar_tokenizer() if grammar else None
     except ConfigError as exc:
-        raise ApiError(400, f"chat template refused the messages: {exc}", "messages") from None
+        param = "messages" if "template" in str(exc) else "response_format"
+        raise ApiError(400, f"{'chat template refused the messages: ' if param == 'messages' else ''}{exc}", param) from None
+
+    def steering() -> Steering:
+        try:
+            return Steering(**steer_opts, constraint=Constraint(ll_tok, grammar) if grammar else None)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), "response_format") from None
+
+    ids = _prompt_ids(h, prompt)
+    usage = oai.include_usage(body)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), _model_id(h)
     if body.get("stream"):
+        if tools:
+            raise ApiError(400, "tool calls cannot be streamed by this agent; drop 'stream' when passing 'tools'", "stream")
         h._sse_start()
-        def chunk(delta, finish=None):
+
+        def chunk(delta, entries=None, finish=None):
+            lp = {"content": oai.chat_logprobs_content(list(entries or []))} if top_n is not None and entries else None
             h._sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
+                    **({"usage": None} if usage else {})})
         chunk({"role": "assistant", "content": ""})
-        _, finish, _, _ = _generate(h, prompt, params, stops, on_text=lambda t: chunk({"content": t}))
-        chunk({}, finish)
+        g = _generate(h, ids, params, stops, on_text=lambda t, e: chunk({"content": t}, e), steer=steering(), top_n=top_n)
+        chunk({}, None, g.finish)
+        if usage:
+            h._sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                    "usage": _usage(g.prompt_tokens, g.completion_tokens)})
         h._sse("[DONE]")
         return
-    text, finish, pt, ct = _generate(h, prompt, params, stops)
-    h._send(200, {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                               "finish_reason": finish}],
-                  "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}})
+    choices, ct = [], 0
+    for j in range(n):
+        g = _generate(h, ids, _seeded(params, j), stops, steer=steering(), top_n=top_n)
+        ct += g.completion_tokens
+        message: dict[str, Any] = {"role": "assistant", "content": g.text}
+        finish = g.finish
+        if tools:
+            content, calls = oai.parse_tool_calls(g.text, tools)
+            if calls:
+                message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        choices.append({"index": j, "message": message, "finish_reason": finish,
+                        "logprobs": {"content": oai.chat_logprobs_content(g.logprobs)} if top_n is not None else None})
+    h._send(200, {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                  "usage": _usage(len(ids), ct)})
 
 
 def _inputs(body: dict) -> list[str]:
@@ -319,12 +365,26 @@ def _inputs(body: dict) -> list[str]:
 
 def embeddings(h: Handler) -> None:
     body = h._body()
+    oai.check_parameters(body, "embeddings")
     texts = _inputs(body)
     _require_task(h, "embedding")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", "encoding_format")
+    hidden = int(h.agent.engine.dims["hidden"])
+    dims = body.get("dimensions")
+    if dims is not None and dims != hidden:  # shortening needs a model trained for it (Matryoshka); this one was not
+        raise ApiError(400, f"'dimensions' must be {hidden} (this model's embedding size) or omitted", "dimensions")
     vecs = h.agent.engine.embed(texts)
-    ntok = sum(len(h.agent.engine.encode(t)) for t in texts)
+    ntok = sum(h.agent.engine.token_counts(texts))
+
+    def encode(v: np.ndarray):
+        if fmt == "base64":
+            import base64
+            return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
+        return v.astype(float).tolist()
     h._send(200, {"object": "list", "model": _model_id(h),
-                  "data": [{"object": "embedding", "index": i, "embedding": v.astype(float).tolist()} for i, v in enumerate(vecs)],
+                  "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vecs)],
                   "usage": {"prompt_tokens": ntok, "total_tokens": ntok}})
 
 
@@ -364,9 +424,30 @@ def _model_id(h: Handler) -> str:
     return f"edgefm-{h.agent.manifest.model.get('model_type', 'model')}-{h.agent.manifest.quant['scheme']}"
 
 
+def _model_card(h: Handler) -> dict:
+    eng = h.agent.engine
+    card = {"id": _model_id(h), "object": "model", "created": 0, "owned_by": "edgefm", "adapter": h.agent.active_id,
+            "task": eng.task}
+    if eng.task == "causal-lm":
+        _, source = eng.chat_template()
+        card["chat_template"] = source
+        if source == "fallback":
+            card["warning"] = ("the bundle has no chat template: chat prompts are rendered as 'role: content' lines, "
+                               "which an instruct model was not trained on; re-export with the model's tokenizer")
+    else:
+        card["max_input_tokens"] = eng.max_length
+    return card
+
+
 def models(h: Handler) -> None:
-    h._send(200, {"object": "list", "data": [{"id": _model_id(h), "object": "model", "created": 0, "owned_by": "edgefm",
-                                              "adapter": h.agent.active_id}]})
+    h._send(200, {"object": "list", "data": [_model_card(h)]})
+
+
+def model_retrieve(h: Handler, name: str) -> None:
+    card = _model_card(h)
+    if name != card["id"]:
+        raise ApiError(404, f"model {name!r} does not exist; this agent serves {card['id']!r}", "model", code="model_not_found")
+    h._send(200, card)
 
 
 def healthz(h: Handler) -> None:

@@ -340,6 +340,19 @@ def finish_lowrank(model_path: Path, slots: list[dict], rank: int, out_dir: Path
     return out
 
 
+def encoder_max_length(src, tok, max_positions: int) -> int:
+    """Tokens an encoder reads per input, as its reference implementation does: sentence-transformers'
+    ``max_seq_length`` (256 for all-MiniLM-L6-v2) when the checkpoint has one, else the tokenizer's
+    ``model_max_length`` when set, capped by the position table."""
+    cfg = Path(str(src)) / "sentence_bert_config.json"
+    if cfg.is_file():
+        n = json.loads(cfg.read_text()).get("max_seq_length")
+        if isinstance(n, int) and n > 0:
+            return min(n, max_positions)
+    n = getattr(tok, "model_max_length", None)
+    return min(int(n), max_positions) if isinstance(n, int) and 0 < n < 1_000_000 else max_positions
+
+
 def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -> Manifest:
     """Export ``model`` into a bundle at ``out`` (directory; plus ``out.tar`` with ``archive``)."""
     import torch
@@ -398,6 +411,8 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         tok.save_pretrained(tmp / "tokenizer")
         if not (tmp / "tokenizer" / "tokenizer.json").is_file():
             raise ExportError("the model's tokenizer has no fast (tokenizer.json) form; the device runtime needs one")
+        if family != "llama":
+            dims["max_length"] = encoder_max_length(src, tok, int(dims["max_positions"]))
         # fingerprints and adapter
         recipe = dataclasses.asdict(opts.quant)
         recipe["applied"] = applied

@@ -31,7 +31,10 @@ def find_packaged_model(name: str) -> Path | None:
     hits = sorted(root.rglob(pattern))
     if not hits:
         raise ExportError(f"package {mod} has no {pattern} file under {root}")
-    return hits[0] if pattern.endswith(".gguf") else hits[0].parent
+    if pattern.endswith(".gguf"):
+        return hits[0]
+    # a sentence-transformers folder holds other config.json files (1_Pooling/...): the model is the shallowest one
+    return min(hits, key=lambda p: (len(p.parts), str(p))).parent
 
 
 def convert_gguf(path: Path, log=print) -> Path:

@@ -18,8 +18,12 @@ HELD_OUT_TEXT = (
     "but the light never failed, and the keeper took a quiet pride in that. When the supply boat came in spring, "
     "he asked for news of the town, for new books, and for seeds to plant in the small garden behind the house.")
 
+# fp32 bundles must match torch: logits to 1e-4 absolute; training-graph gradients to 1e-2 of each
+# tensor's largest gradient. The gradient bound leaves room for float32 summation order through a deep
+# backward pass (SmolLM2-135M, 30 layers: 1.6e-3 measured, so 1e-4 failed a correct export after ten
+# minutes) while a wrong graph (a missing term, a transposed factor, a bad mask) is off by 1e-1 or more.
 FP32_LOGIT_TOL = 1e-4
-FP32_GRAD_RTOL = 1e-4
+FP32_GRAD_RTOL = 1e-2
 
 
 def random_adapter(meta_shapes: dict[str, list[int]], seed: int = 1, scale: float = 0.05) -> dict[str, np.ndarray]:
@@ -99,11 +103,16 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         checks.update(greedy_agreement=agree, greedy_common_prefix=prefix)
         log(f"verify: greedy decoding agreement {agree:.0%} over {n} tokens (common prefix {prefix})")
     else:
-        texts = ["edge devices learn", "the quick brown fox jumps over the lazy dog"]
-        feeds = eng._encoder_feeds(texts, 64)
-        got = eng.session.run(None, {**feeds, **active.feeds})[0]
+        # inputs of different lengths (padding in the batch), the reference tokenized by transformers itself:
+        # a padding or masking fault in the device runtime shows as a difference here
+        texts = ["edge devices learn", "the quick brown fox jumps over the lazy dog " * 3]
+        eng.set_adapter(active)
+        got = eng.embed(texts) if m.task == "embedding" else eng.classify(texts)
+        from transformers import AutoTokenizer
+        ref_in = AutoTokenizer.from_pretrained(bundle / "tokenizer")(texts, padding=True, truncation=True,
+                                                                     max_length=eng.max_length, return_tensors="pt")
         with merged(hf, "bert", adapter, m.adapter["targets"], layers, scale), torch.no_grad():
-            ids, am = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+            ids, am = ref_in["input_ids"], ref_in["attention_mask"]
             if m.task == "classification":
                 ref = hf(input_ids=ids, attention_mask=am).logits.numpy()
             else:

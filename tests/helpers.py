@@ -54,3 +54,42 @@ TEXTS = [
 def examples(n: int, offset: int = 0) -> list[dict]:
     """n distinct short training texts."""
     return [{"text": f"{TEXTS[(i + offset) % len(TEXTS)]} (log {i + offset})"} for i in range(n)]
+
+
+class served_agent:
+    """An agent on ``bundle`` serving its HTTP API on a free loopback port (context manager): yields
+    (agent, base_url). ``kw`` are AgentConfig fields."""
+
+    def __init__(self, bundle: Path, data_dir: Path, **kw):
+        self.bundle, self.data_dir, self.kw = bundle, data_dir, kw
+
+    def __enter__(self):
+        from edge_runtime.agent import Agent, AgentConfig
+        from edge_runtime.server import serve_in_thread
+        cfg = AgentConfig(bundle=str(self.bundle), data_dir=str(self.data_dir), port=free_port(),
+                          **{"auto_train": False, **self.kw})
+        self.agent = Agent(cfg)
+        self.srv, _ = serve_in_thread(self.agent, "127.0.0.1", cfg.port)
+        self.agent.start()
+        return self.agent, f"http://127.0.0.1:{cfg.port}"
+
+    def __exit__(self, *exc):
+        self.srv.shutdown()
+        self.srv.server_close()
+        self.agent.stop()
+
+
+def rewrite_bundle_file(bundle: Path, name: str, text: str | None) -> None:
+    """Replace (or with None, delete) one file of a bundle and re-hash the manifest (tests of bundle variants)."""
+    import json
+    from edge_runtime.protocol.manifest import hash_files
+    p = Path(bundle) / name
+    if text is None:
+        p.unlink()
+    else:
+        p.write_text(text)
+    mf = Path(bundle) / "manifest.json"
+    m = json.loads(mf.read_text())
+    names = [n for n in m["files"] if (Path(bundle) / n).is_file()] + ([name] if text is not None and name not in m["files"] else [])
+    m["files"] = hash_files(Path(bundle), names)
+    mf.write_text(json.dumps(m, indent=2))

@@ -90,7 +90,7 @@ def test_bad_requests_get_4xx_and_the_daemon_keeps_serving(bundle, tmp_path):
             (url + "/v1/completions", {"prompt": 5}, None, 400),
             (url + "/v1/completions", {"prompt": "x", "max_tokens": -1}, None, 400),
             (url + "/v1/completions", {"prompt": "x", "temperature": "hot"}, None, 400),
-            (url + "/v1/completions", {"prompt": "x", "n": 2}, None, 400),
+            (url + "/v1/completions", {"prompt": "x", "n": 9}, None, 400),
             (url + "/v1/completions", {"prompt": "word " * 200}, None, 400),       # over max_prompt_tokens
             (url + "/v1/completions", {"prompt": "x" * 5000}, None, 413),          # over the body limit
             (url + "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, None, 400),

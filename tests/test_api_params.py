@@ -9,12 +9,15 @@ pytestmark = pytest.mark.device
 
 
 def test_n_null_is_the_default():
+    from edge_runtime.openai_api import choices_per_prompt
+    assert choices_per_prompt({"n": None}) == 1 and choices_per_prompt({}) == 1 and choices_per_prompt({"n": 3}) == 3
     assert sampling_params({"n": None})["max_new_tokens"] == 64
-    assert sampling_params({"n": 1, "max_tokens": 5})["max_new_tokens"] == 5
+    with pytest.raises(ApiError) as err:
+        choices_per_prompt({"n": 2, "stream": True})
+    assert err.value.param == "n"
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"n": 2}, "n"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": "ten"}, "max_tokens"),
     ({"max_completion_tokens": 5000}, "max_completion_tokens"),
@@ -22,7 +25,7 @@ def test_n_null_is_the_default():
 def test_errors_name_the_parameter(body, param):
     with pytest.raises(ApiError) as err:
         sampling_params(body)
-    assert err.value.param == param and (param == "n" or f"'{param}'" in err.value.message)
+    assert err.value.param == param and f"'{param}'" in err.value.message
 
 
 def test_max_completion_tokens_wins_over_max_tokens():

@@ -511,3 +511,58 @@ def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle,
     assert len(list((c2.state.dir / "acc").glob("ckpt-*.f64"))) == 2    # opening the state (admin commands) deletes nothing
     c2.state.prune_after_checkpoint()                                    # what `start` does before serving
     assert [p.name for p in (c2.state.dir / "acc").glob("ckpt-*.f64")] == [first["file"]]
+
+
+def test_rollback_and_publish_while_serve_runs(bundle, tmp_path, broker):
+    """Admin commands are executed by the serving coordinator (they used to write the state around it
+    and wedge it in an IntegrityError loop); a second serve on the same state dir is refused."""
+    from coordinator.state import State
+    from edge_runtime.protocol.adapter import save_adapter
+    v0, meta = schema(bundle)
+    devs = Devices(broker.url, "c", ["a"])
+    state = tmp_path / "state"
+    serve = [sys.executable, "-m", "coordinator.cli", "--state-dir", str(state), "serve", "--bundle", str(bundle),
+             "--broker", broker.url, "--fleet", "c", "--mode", "async"]
+    log = open(tmp_path / "serve.log", "w")
+    p = subprocess.Popen(serve + ["--config", str(_buffer_one(tmp_path))], stdout=log, stderr=subprocess.STDOUT)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "coordinator.cli", "--state-dir", str(state), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    try:
+        wait_for(lambda: devs.rounds, 30, what="the serving coordinator's announcement")
+        rng = np.random.default_rng(5)
+        devs.send("a", make_update(meta, "a", 0, 5, rng)[2])
+        wait_for(lambda: State(state).current_version() == 1, 30, what="v1")
+        r = run("rollback", "--to", "0", "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
+        assert r.returncode == 0 and "v2" in r.stdout and "handing it the command" in r.stdout, (r.stdout, r.stderr)
+        save_adapter(tmp_path / "mine.safetensors", {k: v + 0.01 for k, v in v0.items()}, meta)
+        r = run("publish", str(tmp_path / "mine.safetensors"), "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
+        assert r.returncode == 0 and "v3" in r.stdout, (r.stdout, r.stderr)
+        bad = run("rollback", "--to", "9", "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
+        assert bad.returncode == 1 and "no version 9" in bad.stderr
+        # serve still works: an update on v3 is folded into v4
+        devs.send("a", make_update(meta, "a", 3, 5, rng)[2])
+        wait_for(lambda: State(state).current_version() == 4, 30, what="v4 from an update after the admin commands")
+        second = subprocess.run(serve, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "one coordinator per state dir" in second.stderr
+        assert p.poll() is None
+        st = State(state)
+        t2, _ = load_adapter_bytes(st, 2)
+        for k in v0:
+            np.testing.assert_array_equal(t2[k], v0[k])
+    finally:
+        p.terminate()
+        p.wait(30)
+        log.close()
+        devs.link.close()
+    assert "IntegrityError" not in (tmp_path / "serve.log").read_text()
+
+
+def _buffer_one(tmp_path):
+    cfg = tmp_path / "coordinator.toml"
+    cfg.write_text("buffer_size = 1\n")
+    return cfg
+
+
+def load_adapter_bytes(st, version):
+    from edge_runtime.protocol.adapter import adapter_from_bytes
+    return adapter_from_bytes(st.blobs.get(st.version_sha(version)))
