@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -87,6 +86,7 @@ class AgentConfig:
     mqtt_keepalive_s: int = 15
     max_prompt_tokens: int = 2048
     max_request_bytes: int = 1 << 20
+    max_adapter_bytes: int = 64 << 20     # POST /v1/adapters bodies (an adapter, base64)
     http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
     retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
@@ -278,6 +278,39 @@ class Agent:
         self.store.record_adapter(adapter_id, meta.version, "refused", str(path), metrics, f"refused by the gate: {reason}")
         self._prune()
         return str(path)
+
+    def load_external(self, *, adapter: bytes | None = None, peft_config: dict | None = None,
+                      peft_weights: bytes | None = None, name: str | None = None) -> dict:
+        """An adapter from outside (edgefm safetensors bytes, or a PEFT LoRA's config and tensors):
+        verified against this bundle (fingerprint, shapes, finite values), judged by the gate like any
+        candidate, then served or kept as refused. Returns the id, the decision and its numbers."""
+        import hashlib
+        from edge_runtime.protocol.peft import adapter_from_peft
+        from edge_runtime.protocol.tensors import decode_tensors
+        try:
+            if adapter is not None:
+                tensors, meta = adapter_from_bytes(adapter, expect_fingerprint=self.manifest.base_fingerprint,
+                                                   expect_shapes=self.manifest.adapter["shapes"])
+                raw = adapter
+            else:
+                weights, _ = decode_tensors(peft_weights or b"")
+                tensors, meta = adapter_from_peft(peft_config or {}, weights, self.manifest)
+                raw = peft_weights or b""
+        except ProtocolError as exc:
+            raise ConfigError(f"adapter refused: {exc.reason.value}: {exc.detail}") from None
+        meta.version = self.global_version
+        adapter_id = f"loaded-{name or hashlib.sha256(raw).hexdigest()[:12]}"
+        candidate = self.engine.make_active(tensors, meta)   # shapes, alpha, finite values
+        gate = self.gate("loaded", adapter_id, candidate)
+        metrics = {"heldout_loss": gate.numbers.get("heldout_candidate"), "heldout_loss_before": gate.numbers.get("heldout_current"),
+                   "gate": gate.reason.value}
+        if gate.adopted:
+            self._activate(adapter_id, tensors, meta, "loaded", metrics, "loaded by hand")
+        else:
+            self._keep_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
+        self._event("adapter_loaded", id=adapter_id, adopted=gate.adopted, reason=gate.reason.value)
+        return {"id": adapter_id, "adopted": gate.adopted, "reason": gate.reason.value, "numbers": gate.numbers,
+                "active": self.active_id}
 
     def rollback(self, to: str | None = None) -> dict:
         """Serve an earlier adapter: ``to`` an id from `adapters`, else the one before the current."""

@@ -9,6 +9,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from edge_runtime.errors import ConfigError, EdgefmError
 
@@ -40,9 +41,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--inbox", help="folder watched for *.jsonl example files")
     r.add_argument("--no-auto-train", dest="auto_train", action="store_const", const=False, help="train only on request or round")
     for name in ("status", "adapters", "train-now"):
-        s = sub.add_parser(name, help={"status": "show a running agent's status", "adapters": "list adapter versions",
+        s = sub.add_parser(name, help={"status": "show a running agent's status",
+                                       "adapters": "list adapter versions, or `adapters load FILE|PEFT_DIR` one from outside",
                                        "train-now": "start a training session now"}[name])
         s.add_argument("--url", default="http://127.0.0.1:8080")
+        if name == "adapters":
+            s.add_argument("action", nargs="?", choices=["list", "load"], default="list")
+            s.add_argument("path", nargs="?", help="load: an edgefm .safetensors adapter or a PEFT LoRA directory")
+            s.add_argument("--name", help="load: id suffix for the adapter (default: its hash)")
     rb = sub.add_parser("rollback", help="serve the previous (or a given) adapter")
     rb.add_argument("--url", default="http://127.0.0.1:8080")
     rb.add_argument("--to", default=None, help="adapter id from `edgefm-agent adapters`")
@@ -63,6 +69,25 @@ def _call(url: str, path: str, body: dict | None = None) -> dict:
         raise ConfigError(f"agent answered {exc.code}: {msg}") from None
     except urllib.error.URLError as exc:
         raise ConfigError(f"no agent at {url} ({exc.reason}); is `edgefm-agent run` running?") from None
+
+
+def load_request(path: str | None, name: str | None) -> dict:
+    """The POST /v1/adapters body for a file (edgefm adapter) or a directory (PEFT LoRA)."""
+    import base64
+    if not path:
+        raise ConfigError("adapters load needs a path: an edgefm .safetensors file or a PEFT directory")
+    p = Path(path)
+    b64 = lambda f: base64.b64encode(f.read_bytes()).decode()  # noqa: E731
+    if p.is_dir():
+        cfg, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
+        if not cfg.is_file() or not weights.is_file():
+            raise ConfigError(f"{p} is not a PEFT LoRA directory (needs adapter_config.json and adapter_model.safetensors)")
+        body = {"peft": {"adapter_config": json.loads(cfg.read_text()), "adapter_model": b64(weights)}}
+    elif p.is_file():
+        body = {"adapter": b64(p)}
+    else:
+        raise ConfigError(f"{p} does not exist")
+    return {**body, **({"name": name} if name else {})}
 
 
 def run_daemon(args) -> int:
@@ -101,6 +126,10 @@ def main(argv=None) -> int:
             return run_daemon(args)
         if args.cmd == "status":
             print(json.dumps(_call(args.url, "/v1/status"), indent=2))
+        elif args.cmd == "adapters" and args.action == "load":
+            res = _call(args.url, "/v1/adapters", load_request(args.path, args.name))
+            print(json.dumps(res, indent=2))
+            return 0 if res["adopted"] else 3
         elif args.cmd == "adapters":
             res = _call(args.url, "/v1/adapters")
             print(f"{'':2}{'id':24} {'version':>7} {'kind':8} note")

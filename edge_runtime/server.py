@@ -76,15 +76,16 @@ class Handler(BaseHTTPRequestHandler):
         kind = "invalid_request_error" if err.status < 500 else "server_error"
         self._send(err.status, {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}})
 
-    def _body(self) -> dict:
+    def _body(self, limit: int | None = None) -> dict:
+        limit = limit or self.agent.cfg.max_request_bytes
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             raise ApiError(400, "bad Content-Length") from None
         if length < 0:  # read(-1) would read until the client closes, past every limit
             raise ApiError(400, "bad Content-Length: negative")
-        if length > self.agent.cfg.max_request_bytes:
-            raise ApiError(413, f"request body of {length} bytes over the {self.agent.cfg.max_request_bytes}-byte limit")
+        if length > limit:
+            raise ApiError(413, f"request body of {length} bytes over the {limit}-byte limit")
         raw = self.rfile.read(length) if length else b""
         try:
             body = json.loads(raw or b"{}")
@@ -473,6 +474,32 @@ def adapters(h: Handler) -> None:
     h._send(200, {"active": h.agent.active_id, "adapters": h.agent.store.adapters()})
 
 
+def load_adapter_api(h: Handler) -> None:
+    """POST /v1/adapters: an edgefm adapter ({"adapter": base64 safetensors}) or a PEFT LoRA
+    ({"peft": {"adapter_config": {...}, "adapter_model": base64 safetensors}}), optional "name";
+    verified, judged by the gate on the held-out slice, served or kept as refused with the reason."""
+    import base64
+    import binascii
+    body = h._body(limit=h.agent.cfg.max_adapter_bytes)
+    name = body.get("name")
+    if name is not None and (not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64):
+        raise ApiError(400, "'name' must be 1-64 letters, digits, '-' or '_'", "name")
+    try:
+        if "adapter" in body:
+            result = h.agent.load_external(adapter=base64.b64decode(body["adapter"], validate=True), name=name)
+        elif isinstance(body.get("peft"), dict):
+            peft = body["peft"]
+            result = h.agent.load_external(peft_config=peft.get("adapter_config"),
+                                           peft_weights=base64.b64decode(peft.get("adapter_model") or "", validate=True),
+                                           name=name)
+        else:
+            raise ApiError(400, "send {\"adapter\": base64 of an edgefm .safetensors} or {\"peft\": {\"adapter_config\": "
+                                "{...}, \"adapter_model\": base64 of adapter_model.safetensors}}", "adapter")
+    except (binascii.Error, TypeError):
+        raise ApiError(400, "adapter bytes must be base64", "adapter") from None
+    h._send(200, result)
+
+
 def rollback(h: Handler) -> None:
     body = h._body()
     to = body.get("to")
@@ -497,7 +524,7 @@ ROUTES = {
     ("POST", "/v1/completions"): completions, ("POST", "/v1/chat/completions"): chat_completions,
     ("POST", "/v1/embeddings"): embeddings, ("POST", "/v1/classifications"): classify,
     ("POST", "/v1/examples"): add_examples, ("GET", "/v1/examples/heldout"): heldout_examples, ("GET", "/v1/status"): status, ("GET", "/v1/adapters"): adapters,
-    ("POST", "/v1/adapters/rollback"): rollback, ("POST", "/v1/train"): train_now,
+    ("POST", "/v1/adapters"): load_adapter_api, ("POST", "/v1/adapters/rollback"): rollback, ("POST", "/v1/train"): train_now,
 }
 
 

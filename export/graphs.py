@@ -266,12 +266,3 @@ def hf_module(hf_model, family: str, layer: int, target: str):
             "attn_out": lyr.attention.output.dense, "ffn_in": lyr.intermediate.dense, "ffn_out": lyr.output.dense}[target]
 
 
-def peft_module_path(family: str, task: str, layer: int, target: str) -> str:
-    """Module path PEFT uses for a LoRA target (for adapter_model.safetensors keys)."""
-    if family == "llama":
-        group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-        return f"model.layers.{layer}.{group}.{target}"
-    prefix = "bert." if task == "classification" else ""
-    sub = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-           "attn_out": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}[target]
-    return f"{prefix}encoder.layer.{layer}.{sub}"

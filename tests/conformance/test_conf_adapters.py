@@ -106,3 +106,71 @@ def test_to_peft_of_the_packaged_smollm2_names_a_loadable_base(smollm2_bundle, s
     assert cfg["base_model_name_or_path"] == str(smollm2_source.resolve())
     model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft")
     assert model.config.model_type == "llama"
+
+
+def test_running_agent_loads_peft_and_edgefm_adapters(tmp_path, tmp_path_factory, tiny_llama_dir):
+    """POST /v1/adapters and `edgefm-agent adapters load`: verified, gated on the held-out slice, served
+    (with PeftModel's logits) or kept as refused with the reason; broken adapters get a clear 400."""
+    import base64
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from edge_runtime.protocol.adapter import load_adapter
+    from helpers import examples, served_agent
+    bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+
+    def post(url, body):
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with served_agent(bundle, tmp_path / "agent") as (agent, url):
+        post(url + "/v1/examples", {"examples": examples(40)})
+        # a small PEFT adapter (alpha 8 on a bundle exported with 16), loaded with the CLI
+        model = peft_adapter(tiny_llama_dir, tmp_path / "small", alpha=8.0, seed=1)
+        with torch.no_grad():
+            for n, prm in model.named_parameters():
+                if "lora_" in n:
+                    prm.mul_(0.05)
+        model.save_pretrained(tmp_path / "small")
+        r = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "adapters", "load", str(tmp_path / "small"),
+                            "--name", "small", "--url", url], capture_output=True, text=True, timeout=300)
+        res = json.loads(r.stdout)
+        assert res["id"] == "loaded-small" and res["reason"] in ("adopted", "worse_than_current", "worse_than_base",
+                                                                 "worse_than_base_on_both", "forgetting")
+        assert r.returncode == (0 if res["adopted"] else 3)
+        ids = agent.engine.encode(TEXT)
+        entry = next(a for a in agent.store.adapters() if a["id"] == "loaded-small")
+        tensors, meta = load_adapter(entry["path"])
+        got, _ = agent.engine.forward(np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None],
+                                      agent.engine.empty_past(1), agent.engine.make_active(tensors, meta))
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits.numpy()
+        assert float(np.abs(got - ref).max()) <= 1e-4          # what was loaded acts as PeftModel does
+        # a wild adapter is judged worse than the base and kept, not served
+        peft_adapter(tiny_llama_dir, tmp_path / "wild", alpha=64.0, seed=2)
+        code, res = post(url + "/v1/adapters", {"name": "wild", "peft": {
+            "adapter_config": json.loads((tmp_path / "wild" / "adapter_config.json").read_text()),
+            "adapter_model": base64.b64encode((tmp_path / "wild" / "adapter_model.safetensors").read_bytes()).decode()}})
+        assert code == 200 and not res["adopted"] and res["reason"] == "worse_than_base" and res["active"] != "loaded-wild"
+        kinds = {a["id"]: a["kind"] for a in agent.store.adapters()}
+        assert kinds["loaded-wild"] == "refused"
+        # the bundle's own adapter (the base model) through the edgefm path: not worse than anything here
+        code, res = post(url + "/v1/adapters", {"name": "base-copy",
+                                                "adapter": base64.b64encode((bundle / "adapter.safetensors").read_bytes()).decode()})
+        assert code == 200 and res["adopted"] and res["active"] == "loaded-base-copy", res
+        # broken inputs: clear 400s, nothing changes
+        raw = (bundle / "adapter.safetensors").read_bytes()
+        code, res = post(url + "/v1/adapters", {"adapter": base64.b64encode(raw[:-7]).decode()})
+        assert code == 400 and "adapter" in res["error"]["message"]
+        code, res = post(url + "/v1/adapters", {"adapter": "not base64!"})
+        assert code == 400 and res["error"]["param"] == "adapter"
+        cfg = json.loads((tmp_path / "small" / "adapter_config.json").read_text())
+        weights = (tmp_path / "small" / "adapter_model.safetensors").read_bytes()
+        code, res = post(url + "/v1/adapters", {"peft": {"adapter_config": {**cfg, "r": 2}, "adapter_model": base64.b64encode(weights).decode()}})
+        assert code == 400 and "rank 2" in res["error"]["message"]
+        assert agent.active_id == "loaded-base-copy"
