@@ -18,6 +18,7 @@ EPILOG = """examples:
   edgefm-coordinator publish adapter.safetensors --broker URL              # push an adapter as the next version
   edgefm-coordinator rollback --to 3 --broker URL                          # republish v3's content as a new version
   edgefm-coordinator export --version 5 --format peft -o out/              # needs the [export] extra for peft
+  edgefm-coordinator provision --fleet plant --devices pi-1 pi-2 -o fleet-keys/   # CA, broker TLS + ACL, device identities
 """
 
 
@@ -52,6 +53,14 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--broker", required=True)
     rb.add_argument("--bundle", required=True)
     rb.add_argument("--fleet", default="default")
+    pv = sub.add_parser("provision", help="create a fleet's CA, broker TLS config + ACL, and per-device certificates, "
+                                          "signing keys and agent configs (run again to add or revoke devices)")
+    pv.add_argument("--fleet", required=True)
+    pv.add_argument("--devices", nargs="*", default=[], metavar="ID", help="device ids to provision (new ones are added)")
+    pv.add_argument("--revoke", nargs="*", default=[], metavar="ID", help="device ids to revoke")
+    pv.add_argument("--broker-host", default="localhost", help="the broker's host name as devices reach it (certificate SAN)")
+    pv.add_argument("--port", type=int, default=8883)
+    pv.add_argument("-o", "--output", required=True, help="the provisioning folder (keep ca/ca.key offline)")
     ex = sub.add_parser("export", help="write a global adapter as our format, PEFT, or .onnx_adapter")
     ex.add_argument("--version", type=int, default=None, help="default: newest")
     ex.add_argument("--format", choices=["edgefm", "peft", "onnx_adapter"], default="edgefm")
@@ -183,6 +192,12 @@ def main(argv=None) -> int:
                 rows = st.versions()
                 print(json.dumps(rows, indent=2) if args.json else _table(rows, ["version", "parent", "status", "round", "strategy",
                                                                                "num_updates", "num_examples", "note"]))
+            return 0
+        if args.cmd == "provision":
+            from coordinator.provision import provision
+            if not args.devices and not args.revoke:
+                raise ConfigError("nothing to do: pass --devices ID... and/or --revoke ID...")
+            provision(args.output, args.fleet, args.devices, broker_host=args.broker_host, port=args.port, revoke=args.revoke)
             return 0
         if args.cmd in ("publish", "rollback"):
             return admin_command(args)

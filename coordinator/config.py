@@ -37,6 +37,8 @@ class CoordinatorConfig:
     keep_versions: int = 10                 # retained chunk sets on the broker
     chunk_size: int = 256 * 1024
     sign_key: str | None = None             # require HMAC-signed updates (runtime only)
+    signing_key: str | None = None          # Ed25519 key (provision: coordinator/signing.key): signs globals, rounds, receipts
+    device_keys: str | None = None          # fleet.json (provision): only updates signed by their registered device count
     keep_large_buffers: bool = True         # glibc: reuse multi-MB message buffers (edge_runtime.memory), ~4x cheaper receive
     seed: int = 0
 

@@ -52,7 +52,10 @@ class Coordinator:
         # sorted: the order tensors lie in a payload, so the accumulator folds a payload as one flat view
         self.schema = {k: tuple(v) for k, v in sorted(self.manifest.adapter["shapes"].items())}
         self.rank = int(self.manifest.adapter["rank"])
-        self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key)
+        from edge_runtime.protocol import signing
+        self.signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
+        self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key,
+                             signing.device_keys(cfg.device_keys) if cfg.device_keys else None)
         self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, rank=self.rank, trim=cfg.trim,
                                       dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
         self.rng = random.Random(cfg.seed)
@@ -345,9 +348,9 @@ class Coordinator:
                 continue
             status = "accepted" if res.get("accepted") else ("duplicate" if res.get("reason") == RejectReason.DUPLICATE.value
                                                              else "rejected")
-            self.link.publish(self.topics.ack(device_id), dump_json_message(
+            self.link.publish(self.topics.ack(device_id), self._message(
                 {"kind": "receipt", "update_id": uid, "status": status, "reason": res.get("reason"),
-                 "version": self.version}), qos=1)
+                 "version": self.version, "device_id": device_id}), qos=1)
 
     # ------------------------------------------------------------------ updates
     def _reject(self, device_id: str, update_id: str | None, reason: RejectReason, detail: str, header=None, nbytes=0) -> dict:
@@ -419,7 +422,7 @@ class Coordinator:
         else:
             msg.update(round=self.version, selected=None)
         if self.link:
-            self.link.publish(self.topics.round, dump_json_message(msg), qos=1, retain=True)
+            self.link.publish(self.topics.round, self._message(msg), qos=1, retain=True)
 
     def open_round(self) -> RoundPlan:
         """Open the next synchronous round and announce it (retained)."""
@@ -502,14 +505,18 @@ class Coordinator:
             self.plan = None
         self.publish_global(version)
         if self.link:
-            self.link.publish(self.topics.summary, dump_json_message({"kind": "summary", "round": round_id, "version": version,
-                                                                        "participants": participants, **metrics}), qos=1)
+            self.link.publish(self.topics.summary, self._message({"kind": "summary", "round": round_id, "version": version,
+                                                                   "participants": participants, **metrics}), qos=1)
         log.info("published global v%d from %d updates (%d examples)", version, len(ids), num_examples)
         if self.cfg.mode == "async":
             self._announce(None)
             if self.cfg.max_rounds and version >= self.cfg.max_rounds:
                 self.done.set()
         return version
+
+    def _message(self, obj: dict) -> bytes:
+        """A JSON message for the fleet, signed with the coordinator's key when it has one."""
+        return dump_json_message(obj, self.signer)
 
     def publish_global(self, version: int) -> None:
         """Retained chunks first, then the retained pointer; clear chunk sets older than keep_versions."""
@@ -522,7 +529,7 @@ class Coordinator:
                                    metrics={k: v for k, v in json.loads(row[3] or "{}").items() if isinstance(v, (int, float))})
         for i, c in enumerate(chunks):
             self.link.publish(self.topics.global_chunk(version, i), c, qos=1, retain=True)
-        self.link.publish(self.topics.global_pointer, ptr.to_bytes(), qos=1, retain=True)
+        self.link.publish(self.topics.global_pointer, self._message(ptr.to_json()), qos=1, retain=True)
         old = version - self.cfg.keep_versions
         if old >= 0:
             prev = self.state.q("SELECT sha256 FROM versions WHERE version=?", (old,))

@@ -96,6 +96,8 @@ class AgentConfig:
     resend_after_s: float = 120.0         # resend a broker-acknowledged update that got no coordinator receipt
     inbox: str | None = None              # folder watched for *.jsonl files of examples
     sign_key: str | None = None           # fleet HMAC key for update signatures (runtime only, never saved)
+    signing_key: str | None = None        # this device's Ed25519 key (provision): signs its updates
+    coordinator_key: str | None = None    # the coordinator's public key (provision): only what it signed is accepted
     verify_bundle: bool = True
     train_nice: int = 10                  # OS priority of the training thread (serving keeps the CPU when both want it)
     train_step_delay_s: float = 0.0       # simulation only (fleet --chaos): a slow device's extra time per step
@@ -189,13 +191,16 @@ class Agent:
                                        optim=AdamWConfig(lr=cfg.learning_rate))
         self._restore_adapters()
         self.sync = None
+        from edge_runtime.protocol import signing
+        self._signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
         if cfg.broker:
             from edge_runtime.sync import FederatedSync
             self.sync = FederatedSync(cfg.broker, cfg.fleet, cfg.device_id, self.store, self.data_dir / "chunks",
                                       base_fingerprint=self.manifest.base_fingerprint,
                                       current_version=lambda: self.global_version, on_global=self.receive_global,
                                       on_round=self._on_round, status=self.status_summary, metrics=self.metrics,
-                                      resend_after_s=cfg.resend_after_s, keepalive_s=cfg.mqtt_keepalive_s)
+                                      resend_after_s=cfg.resend_after_s, keepalive_s=cfg.mqtt_keepalive_s,
+                                      coordinator_key=cfg.coordinator_key)
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ adapters
@@ -440,7 +445,10 @@ class Agent:
             decision = decide(TrainPolicy(self.cfg.min_new_examples, cooldown_s=self.cfg.train_cooldown_s),
                               new_examples=counts["new"], inflight_requests=0, hour=time.localtime().tm_hour,
                               paused=not self.disk_ok(), seconds_since_last=time.time() - self.last_train_at,
-                              forced=forced or round_msg is not None)
+                              # a sync round asks this device for a session; an async announcement only says
+                              # a new global exists: train when there is new data (else every version would
+                              # trigger a session on every device, each making another version)
+                              forced=forced or (round_msg is not None and round_msg.get("mode", "sync") == "sync"))
             self.last_decision = decision
             if decision != TrainDecision.TRAIN:
                 return {"status": decision.value}
@@ -557,7 +565,8 @@ class Agent:
                               num_examples=max(1, len(examples_used)), base_fingerprint=self.manifest.base_fingerprint,
                               round=round_id, metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
                               codec=CodecSpec(self.cfg.update_codec, self.cfg.update_compression))
-        payload = encode_update(header, delta, sign_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None)
+        payload = encode_update(header, delta, sign_key=self.cfg.sign_key.encode() if self.cfg.sign_key else None,
+                                signer=self._signer)
         self.store.enqueue_update(update_id, self.topics.update(self.cfg.device_id), payload, base_version)
         self.metrics.inc("edgefm_updates_queued_total", help="updates written to the outbox")
         self.metrics.inc("edgefm_update_bytes_total", len(payload), help="bytes of updates queued")

@@ -71,6 +71,11 @@ class Constraint:
             raise ConfigError(f"the grammar refused token {tok}: {self.matcher.get_error()}")
 
 
+# JSON as json.dumps writes it (", " and ": ", no other whitespace): a small model can no longer spend
+# its whole budget on newlines between tokens; a schema's own "x-guidance" options override this.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 def response_format_grammar(fmt: Any) -> str | None:
     """llguidance grammar for an OpenAI ``response_format`` (None: free text). Raises ConfigError on a bad one."""
     if fmt is None:
@@ -81,11 +86,11 @@ def response_format_grammar(fmt: Any) -> str | None:
     if fmt["type"] == "text":
         return None
     if fmt["type"] == "json_object":
-        return LLMatcher.grammar_from_json_schema({"type": "object"})
+        return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_LAYOUT)
     spec = fmt.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise ConfigError("'response_format.json_schema' must be an object with a 'schema' object")
-    return LLMatcher.grammar_from_json_schema(spec.get("schema", {}))
+    return LLMatcher.grammar_from_json_schema(spec.get("schema", {}), defaults=JSON_LAYOUT)
 
 
 @dataclasses.dataclass

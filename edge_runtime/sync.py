@@ -31,7 +31,7 @@ class FederatedSync:
                  base_fingerprint: str, current_version: Callable[[], int],
                  on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[dict], None] | None = None,
                  status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0,
-                 resend_after_s: float = 120.0, keepalive_s: int = 15):
+                 resend_after_s: float = 120.0, keepalive_s: int = 15, coordinator_key: str | None = None):
         self.topics = Topics(fleet)
         self.device_id = device_id
         self.store = store
@@ -40,6 +40,9 @@ class FederatedSync:
         self.current_version = current_version
         self.on_global, self.on_round, self.status = on_global, on_round, status or (lambda: {})
         self.metrics = metrics
+        from edge_runtime.protocol import signing
+        # pinned coordinator key: pointers, rounds and receipts that do not verify are refused
+        self.coordinator_key = signing.load_public_key(Path(coordinator_key)) if coordinator_key else None
         self.status_interval_s = status_interval_s
         self.resend_after_s = resend_after_s
         self._inflight: dict[int, str] = {}
@@ -139,11 +142,20 @@ class FederatedSync:
         if self.metrics:
             self.metrics.inc("edgefm_rejected_messages_total", labels={"reason": exc.reason.value}, help="refused messages")
 
+    def _verified(self, payload: bytes, what: str) -> dict:
+        """A coordinator message, parsed, and checked against the pinned coordinator key when there is one."""
+        msg = parse_json_message(payload)
+        if self.coordinator_key is not None:
+            from edge_runtime.protocol import signing
+            signing.verify_message(msg, self.coordinator_key, what)
+        return msg
+
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.topics.global_pointer:
             if not payload:
                 return
             try:
+                self._verified(payload, "global pointer")
                 ptr = GlobalPointer.from_bytes(payload)
             except ProtocolError as exc:
                 self._reject("global pointer", exc)
@@ -153,7 +165,7 @@ class FederatedSync:
             if not payload or not self.on_round:
                 return
             try:
-                self.on_round(parse_json_message(payload))
+                self.on_round(self._verified(payload, "round announcement"))
             except ProtocolError as exc:
                 self._reject("round announcement", exc)
         elif topic == self.topics.ack(self.device_id):
@@ -165,7 +177,9 @@ class FederatedSync:
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
-            msg = parse_json_message(payload)
+            msg = self._verified(payload, "receipt")
+            if self.coordinator_key is not None and msg.get("device_id") != self.device_id:
+                raise ProtocolError(RejectReason.BAD_FIELD, "a receipt for another device")
             uid, status = msg.get("update_id"), msg.get("status")
             if not isinstance(uid, str) or status not in ("accepted", "rejected", "duplicate"):
                 raise ProtocolError(RejectReason.BAD_FIELD, "a receipt needs update_id and status accepted|rejected|duplicate")

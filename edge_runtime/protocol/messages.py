@@ -92,9 +92,14 @@ def parse_json_message(data: bytes, max_bytes: int = 1 << 20) -> dict:
     return obj
 
 
-def dump_json_message(obj: dict) -> bytes:
-    """Serialize a JSON message with the protocol version."""
-    return json.dumps({"protocol": PROTOCOL_VERSION, **obj}, separators=(",", ":"), allow_nan=False).encode()
+def dump_json_message(obj: dict, signer=None) -> bytes:
+    """Serialize a JSON message with the protocol version; ``signer`` (Ed25519 key) adds a signature over
+    everything else (``protocol.signing``)."""
+    msg = {"protocol": PROTOCOL_VERSION, **obj}
+    if signer is not None:
+        from edge_runtime.protocol import signing
+        msg = signing.sign_message(msg, signer)
+    return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclasses.dataclass
@@ -171,14 +176,19 @@ def _sign(header_json: dict, payload: bytes, key: bytes) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
-def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray], *, sign_key: bytes | None = None) -> bytes:
-    """Build the binary update message; fills in payload hash/size and the optional HMAC signature."""
+def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray], *, sign_key: bytes | None = None,
+                  signer=None) -> bytes:
+    """Build the binary update message; fills in payload hash/size and the signature: the device's
+    Ed25519 key (``signer``, see ``protocol.signing``) or the optional fleet-wide HMAC key."""
     payload = encode_payload(tensors, header.codec)
     header.payload_sha256 = hashlib.sha256(payload).hexdigest()
     header.payload_size = len(payload)
     header.signature = None
     hj = header.to_json()
-    if sign_key is not None:
+    if signer is not None:
+        from edge_runtime.protocol import signing
+        header.signature = hj["signature"] = signing.signature(signing.canonical(hj) + payload, signer)
+    elif sign_key is not None:
         header.signature = hj["signature"] = _sign(hj, payload, sign_key)
     hbytes = json.dumps(hj, separators=(",", ":"), allow_nan=False).encode()
     return UPDATE_MAGIC + struct.pack("<I", len(hbytes)) + hbytes + payload
@@ -218,10 +228,15 @@ def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 
 
 def decode_update_body(header: UpdateHeader, payload: memoryview, *, max_decoded_bytes: int,
-                       verify_key: bytes | None = None) -> Update:
-    """Second half of ``decode_update`` for a header already validated (the coordinator dedupes in between)."""
+                       verify_key: bytes | None = None, device_public_key=None) -> Update:
+    """Second half of ``decode_update`` for a header already validated (the coordinator dedupes in between);
+    ``device_public_key``: the Ed25519 key registered for the device the header names."""
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         _fail(RejectReason.HASH_MISMATCH, "payload does not match payload_sha256")
+    if device_public_key is not None:
+        from edge_runtime.protocol import signing
+        signing.check(signing.canonical(header.to_json()) + bytes(payload), header.signature, device_public_key,
+                      f"update from {header.device_id}")
     if verify_key is not None:
         want = _sign(header.to_json(), bytes(payload), verify_key)
         if not header.signature or not hmac.compare_digest(want, header.signature):
@@ -255,9 +270,12 @@ class GlobalPointer:
     round: int | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def to_json(self) -> dict:
+        return {"kind": "global", **dataclasses.asdict(self)}
+
     def to_bytes(self) -> bytes:
         """Serialize as a JSON message."""
-        return dump_json_message({"kind": "global", **dataclasses.asdict(self)})
+        return dump_json_message(self.to_json())
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_size: int = 1 << 30) -> "GlobalPointer":

@@ -1,11 +1,13 @@
-"""Real packaged models for the conformance suite (built once per test session; the SmolLM2 bundle is
-the one the demo and benchmarks use, cached under EDGEFM_CACHE)."""
+"""Real packaged models for the conformance suite, built with the commands README.md documents, and a
+runner for those commands (the documented text itself is what runs, with local paths substituted)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
-import sys
 
 import pytest
+
+from documented import MINILM_BUILD, SMOLLM2_BUILD, argv, run_documented
 
 
 @pytest.fixture(scope="session")
@@ -18,10 +20,18 @@ def smollm2_source():
 
 @pytest.fixture(scope="session")
 def smollm2_bundle():
-    """The rpi5-profile SmolLM2 bundle (exported once, minutes; cached)."""
+    """README's `bundles/smollm2-int4`, built by its documented command with every export check on
+    (minutes). Kept under EDGEFM_CACHE/conformance for later local runs; a fresh machine (CI) builds it."""
     pytest.importorskip("torch")
-    from devices.fleet import cached_bundle
-    return cached_bundle("smollm2", "rpi5", quiet=True, log=lambda *_: None)
+    from export.build import BUNDLE_FORMAT
+    from export.source import cache_root
+    out = cache_root() / "conformance" / f"f{BUNDLE_FORMAT}" / "smollm2-int4"
+    if not (out / "manifest.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        r = run_documented(SMOLLM2_BUILD, {"bundles/smollm2-int4": str(out)})
+        assert r.returncode == 0, r.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -30,19 +40,14 @@ def minilm_source():
     return find_packaged_model("minilm")
 
 
-def export_cli(*args: str) -> subprocess.CompletedProcess:
-    """Run ``edgefm-export`` as a user does (the installed console script's module)."""
-    return subprocess.run([sys.executable, "-m", "export.cli", *args], capture_output=True, text=True, timeout=1200)
-
-
 @pytest.fixture(scope="session")
 def minilm_bundles(tmp_path_factory):
-    """all-MiniLM-L6-v2 embedding bundles built with the documented command, fp32 and int8."""
+    """all-MiniLM-L6-v2 embedding bundles: the documented int8 command, and the same with --quant fp32."""
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("minilm")
-    out = {}
-    for quant in ("fp32", "int8"):
-        r = export_cli("build", "minilm", "-o", str(root / quant), "--task", "embedding", "--quant", quant)
-        assert r.returncode == 0, r.stderr[-3000:]
-        out[quant] = root / quant
-    return out
+    r = run_documented(MINILM_BUILD, {"out-emb": str(root / "int8")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(argv(MINILM_BUILD, {"out-emb": str(root / "fp32"), "int8": "fp32"}), capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"int8": root / "int8", "fp32": root / "fp32"}

@@ -60,3 +60,25 @@ def test_single_and_batched_inputs_agree(minilm_bundles, tmp_path):
         for i, t in enumerate(texts):
             alone = np.array(client.embeddings.create(model="x", input=t).data[0].embedding)
             assert np.abs(alone - batched[i]).max() < 1e-5  # padding in a batch changes nothing
+
+
+def test_classification_matches_transformers(tmp_path, tmp_path_factory, tiny_bert_dir):
+    """A classifier bundle through /v1/classifications against AutoModelForSequenceClassification on the
+    source checkpoint, with transformers' own tokenization (padding in the batch, truncation)."""
+    import json
+    import urllib.request
+    from helpers import tiny_bundle
+    bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_bert_dir, "fp32", task="classification")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir).eval()
+    texts = ["a b c", "the pump in hall b was restarted " * 3, "hello", "valve " * 200]
+    with served_agent(bundle, tmp_path / "agent") as (agent, url):
+        req = urllib.request.Request(url + "/v1/classifications", data=json.dumps({"input": texts}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            got = np.array([d["probabilities"] for d in json.loads(r.read())["data"]])
+        max_len = agent.engine.max_length
+    batch = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    with torch.no_grad():
+        ref = torch.softmax(model(**batch).logits, -1).numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5)

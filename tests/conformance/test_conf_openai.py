@@ -4,6 +4,7 @@ refused with a 400 that names it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,3 +181,60 @@ def test_embeddings_parameters(minilm_bundles, tmp_path):
         np.testing.assert_allclose(f.data[0].embedding, b64.data[0].embedding, atol=1e-6)
         assert len(client.embeddings.create(model="x", input="a", dimensions=384).data[0].embedding) == 384
         refused(lambda: client.embeddings.create(model="x", input="a", dimensions=128), "dimensions")
+
+
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\ntools: {% for t in tools %}{{ t.function.name }} {% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tool_calls_with_a_tool_trained_template(tmp_path):
+    """Tools are rendered by the template exactly as transformers renders them, and a model reply in the
+    template's call format comes back as OpenAI tool_calls (the reply is steered into that format with
+    a JSON schema so that the tiny random model produces one)."""
+    import shutil
+    from helpers import rewrite_bundle_file
+    bundle = tmp_path / "bundle"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "tiny-bundle", bundle)
+    rewrite_bundle_file(bundle, "tokenizer/chat_template.jinja", TOOL_TEMPLATE)
+    msgs = [{"role": "user", "content": "weather in Oslo?"}]
+    ref = transformers.AutoTokenizer.from_pretrained(bundle / "tokenizer").apply_chat_template(
+        msgs, tools=[WEATHER], add_generation_prompt=True, tokenize=True)
+    ref = list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+    call_schema = {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                   "properties": {"name": {"const": "get_weather"},
+                                  "arguments": {"type": "object", "additionalProperties": False, "required": ["city"],
+                                                "properties": {"city": {"enum": ["Oslo", "Paris"]}}}}}
+    with served_agent(bundle, tmp_path / "agent") as (agent, url):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="local", max_retries=0)
+        r = client.chat.completions.create(model="x", messages=msgs, tools=[WEATHER], max_tokens=150, temperature=0,
+                                           response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": call_schema}})
+        assert r.usage.prompt_tokens == len(ref)
+        assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments)["city"] in ("Oslo", "Paris")
+        # the call and its result go back in: rendered as the template asks, and accepted
+        follow = client.chat.completions.create(model="x", max_tokens=3, tools=[WEATHER], messages=msgs + [
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"}])
+        assert follow.choices[0].message.role == "assistant"
+        assert client.chat.completions.create(model="x", messages=msgs, tools=[WEATHER], tool_choice="none",
+                                              max_tokens=2).choices[0].message.tool_calls is None
+
+
+def test_parse_tool_calls_table():
+    from edge_runtime.openai_api import parse_tool_calls
+    tools = [WEATHER]
+    content, calls = parse_tool_calls('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>', tools)
+    assert content is None and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    content, calls = parse_tool_calls('Let me check. <tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', tools)
+    assert content == "Let me check." and len(calls) == 1
+    assert parse_tool_calls('{"name": "get_weather", "parameters": {"city": "x"}}', tools)[1][0]["function"]["arguments"] == '{"city": "x"}'
+    assert parse_tool_calls('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', tools)[1] == []   # not offered
+    assert parse_tool_calls("<tool_call>{broken</tool_call>", tools)[1] == []
+    assert parse_tool_calls("plain answer", tools) == ("plain answer", [])

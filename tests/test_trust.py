@@ -1,0 +1,234 @@
+"""Trust (issue 12): a provisioned fleet on a real Mosquitto running the generated TLS + ACL config;
+Ed25519-signed updates, globals, rounds and receipts; forged and replayed messages refused."""
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from helpers import examples, free_port, tiny_bundle, wait_for
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("cryptography")
+
+
+@pytest.fixture
+def bundle(tmp_path_factory, tiny_llama_dir):
+    return tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+
+
+def provisioned(tmp_path, devices=("dev-a", "dev-b"), fleet="plant"):
+    from coordinator.provision import provision
+    out = tmp_path / "fleet-keys"
+    provision(out, fleet, list(devices), port=free_port(), log=lambda *_: None)
+    return out
+
+
+def toml(path):
+    import tomllib
+    return tomllib.loads(path.read_text())
+
+
+class ProvisionedBroker:
+    """Mosquitto started with the provisioned mosquitto.conf (plus, as root, `user root` so it can read the keys)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.conf = out / "broker" / "mosquitto.conf"
+        self.port = int(next(x.split()[1] for x in self.conf.read_text().splitlines() if x.startswith("listener ")))
+        self.proc = None
+
+    def start(self):
+        from coordinator.broker import start_mosquitto
+        conf = self.out / "broker" / "test.conf"
+        conf.write_text(self.conf.read_text() + ("user root\n" if os.getuid() == 0 else ""))
+        self.proc = start_mosquitto(conf, self.port, self.out / "broker" / "mosquitto.log")
+        return self
+
+    def stop(self):
+        from coordinator.broker import stop_process
+        stop_process(self.proc)
+
+
+def test_provision_writes_identities_keys_and_broker_rules(tmp_path):
+    out = provisioned(tmp_path)
+    for who in ("coordinator", "devices/dev-a", "devices/dev-b"):
+        for f in ("client.crt", "client.key", "signing.key"):
+            assert (out / who / f).is_file()
+        assert oct((out / who / "client.key").stat().st_mode & 0o777) == "0o600"
+        assert oct((out / who / "signing.key").stat().st_mode & 0o777) == "0o600"
+    reg = json.loads((out / "fleet.json").read_text())
+    assert set(reg["devices"]) == {"dev-a", "dev-b"}
+    acl = (out / "broker" / "acl").read_text()
+    assert "user coordinator\ntopic readwrite edgefm/v1/plant/#" in acl
+    assert "pattern write edgefm/v1/plant/device/%u/update" in acl and "pattern read edgefm/v1/plant/device/%u/ack" in acl
+    assert "pattern write edgefm/v1/plant/global" not in acl
+    a = toml(out / "devices" / "dev-a" / "agent.toml")
+    assert a["device_id"] == "dev-a" and a["broker"].startswith("mqtts://") and a["coordinator_key"].endswith("coordinator.pub")
+    # adding a device later keeps the CA and the others; revoking one puts its certificate on the CRL
+    from coordinator.provision import provision
+    ca_before = (out / "ca" / "ca.crt").read_bytes()
+    provision(out, "plant", ["dev-c"], log=lambda *_: None)
+    provision(out, "plant", [], revoke=["dev-b"], log=lambda *_: None)
+    assert (out / "ca" / "ca.crt").read_bytes() == ca_before
+    assert set(json.loads((out / "fleet.json").read_text())["devices"]) == {"dev-a", "dev-c"}
+    from cryptography import x509
+    crl = x509.load_pem_x509_crl((out / "ca" / "crl.pem").read_bytes())
+    assert len(list(crl)) == 1
+
+
+def connect(url, client_id, timeout=5.0):
+    """(connected?, last error) for an MQTT client at url."""
+    from edge_runtime.transport import MqttLink
+    link = MqttLink(url, client_id).start()
+    ok = link.wait_connected(timeout)
+    err = link.last_error
+    link.close()
+    return ok, err
+
+
+def test_provisioned_broker_refuses_strangers_and_confines_devices(tmp_path, bundle):
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.protocol.topics import Topics
+    from edge_runtime.transport import MqttLink
+    out = provisioned(tmp_path)
+    broker = ProvisionedBroker(out).start()
+    agents = []
+    c = None
+    try:
+        ca = out / "ca" / "ca.crt"
+        base = f"mqtts://localhost:{broker.port}"
+        # strangers: no certificate, another CA's certificate, plain TCP
+        assert not connect(f"{base}?ca={ca}", "anon")[0]
+        other = provisioned(tmp_path / "other", devices=("dev-a",))
+        assert not connect(f"{base}?ca={ca}&cert={other / 'devices/dev-a/client.crt'}&key={other / 'devices/dev-a/client.key'}",
+                           "impostor")[0]
+        assert not connect(f"mqtt://localhost:{broker.port}", "plain")[0]
+        # the fleet: coordinator + two agents from the generated configs
+        ccfg = toml(out / "coordinator" / "coordinator.toml")
+        c = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "state"), mode="async", buffer_size=1,
+                                          **ccfg))
+        c.start()
+        for dev in ("dev-a", "dev-b"):
+            acfg = toml(out / "devices" / dev / "agent.toml")
+            a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / dev), auto_train=False, min_new_examples=1,
+                                  steps_per_round=2, **acfg))
+            a.add_examples(examples(12))
+            a.start()
+            agents.append(a)
+        wait_for(lambda: c.link.connected.is_set() and all(a.sync.connected for a in agents), 30, what="mTLS connections")
+        time.sleep(1.0)
+        agents[0].train_once(forced=True)
+        wait_for(lambda: all(a.global_version == 1 for a in agents), 60, what="v1 signed, verified by both agents")
+        # dev-a's identity cannot publish as dev-b, nor a global, nor read dev-b's receipts
+        t = Topics("plant")
+        seen = []
+        spy = MqttLink(f"{base}?ca={ca}&cert={out / 'devices/dev-a/client.crt'}&key={out / 'devices/dev-a/client.key'}",
+                       "dev-a-spy", on_message=lambda topic, payload, retained: seen.append(topic))
+        spy.subscribe(t.ack("dev-b"), 1)
+        spy.subscribe(t.update("dev-b"), 1)
+        spy.start()
+        assert spy.wait_connected(10)
+        time.sleep(0.5)
+        from edge_runtime.protocol.codec import CodecSpec
+        from edge_runtime.protocol.messages import UpdateHeader, encode_update
+        from edge_runtime.protocol.signing import load_private_key
+        _, meta = agents[0].engine.adapter.tensors, agents[0].engine.adapter.meta
+        h = UpdateHeader(device_id="dev-b", update_id=uuid.uuid4().hex, base_version=1, num_examples=10**9,
+                         base_fingerprint=meta.base_fingerprint, codec=CodecSpec("fp32", "zstd"))
+        delta = {k: np.full(s, 1.0, np.float32) for k, s in meta.shapes.items()}
+        spy.publish(t.update("dev-b"), encode_update(h, delta, signer=load_private_key(out / "devices/dev-a/signing.key")))
+        spy.publish(t.global_pointer, b'{"kind": "global"}', retain=True)
+        spy.publish(t.round, b'{"kind": "round"}', retain=True)
+        # dev-b trains on its own data when v1 is announced: its genuine updates are counted
+        wait_for(lambda: agents[1].status_summary()["outbox"]["receipts"].get("accepted", 0) >= 1, 60,
+                 what="dev-b's own update accepted")
+        time.sleep(2.0)
+        rows = {d["device_id"]: d for d in c.state.devices()}
+        # what the coordinator counted for dev-b is exactly what dev-b itself sent: the forgery never arrived
+        assert rows["dev-b"]["accepted"] == agents[1].status_summary()["outbox"]["receipts"]["accepted"]
+        assert c.state.update_counts()["rejected"] == 0 and seen == []   # nor did dev-b's receipts or updates reach dev-a
+        assert all(a.global_version == c.version for a in agents)      # the junk retained pointer/round changed nothing
+        spy.close()
+    finally:
+        for a in agents:
+            a.stop()
+        if c:
+            c.stop()
+        broker.stop()
+
+
+def test_forged_globals_rounds_receipts_and_updates_refused_without_any_acl(tmp_path, bundle, broker):
+    """On an open broker (no TLS, no ACL): signatures alone keep the fleet safe."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.protocol.codec import CodecSpec
+    from edge_runtime.protocol.messages import UpdateHeader, dump_json_message, encode_update, make_pointer
+    from edge_runtime.protocol.signing import load_private_key
+    from edge_runtime.protocol.topics import Topics
+    from edge_runtime.transport import MqttLink
+    out = provisioned(tmp_path)
+    c = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "state"), broker=broker.url, fleet="plant",
+                                      mode="async", buffer_size=1, signing_key=str(out / "coordinator/signing.key"),
+                                      device_keys=str(out / "fleet.json")))
+    c.start()
+    a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), broker=broker.url, fleet="plant", device_id="dev-a",
+                          auto_train=False, min_new_examples=1, steps_per_round=2,
+                          signing_key=str(out / "devices/dev-a/signing.key"), coordinator_key=str(out / "coordinator.pub")))
+    t = Topics("plant")
+    evil = MqttLink(broker.url, "evil").start()
+    try:
+        a.add_examples(examples(12))
+        a.start()
+        wait_for(lambda: a.sync.connected and c.link.connected.is_set() and evil.wait_connected(1), 30, what="connections")
+        time.sleep(1.0)
+        a.train_once(forced=True)
+        wait_for(lambda: a.global_version == 1, 60, what="v1")
+        tensors, meta = a.engine.adapter.tensors, a.engine.adapter.meta
+        blob = (tmp_path / "a" / "adapters" / "global-1.safetensors").read_bytes()
+        # 1. a copy of a real adapter announced as v999, unsigned and signed with a device's key: refused
+        ptr, chunks = make_pointer(999, 1, meta.base_fingerprint, blob)
+        for i, ch in enumerate(chunks):
+            evil.publish(t.global_chunk(999, i), ch, retain=True)
+        evil.publish(t.global_pointer, ptr.to_bytes(), retain=True)
+        evil.publish(t.global_pointer, dump_json_message(ptr.to_json(), load_private_key(out / "devices/dev-a/signing.key")),
+                     retain=True)
+        # 2. a forged round and a forged receipt for an update still in the outbox
+        evil.publish(t.round, dump_json_message({"kind": "round", "mode": "sync", "round": 50, "base_version": 999}), retain=True)
+        wait_for(lambda: sum(r["reason"] == "bad_signature" for r in a.sync.rejected) >= 3, 20, what="forged messages refused")
+        assert a.global_version == 1
+        # 3. updates: re-headered (more examples), claimed for another device, and an exact replay
+        def update(device, n, key):
+            h = UpdateHeader(device_id=device, update_id=uuid.uuid4().hex, base_version=1, num_examples=n,
+                             base_fingerprint=meta.base_fingerprint, codec=CodecSpec("fp32", "zstd"))
+            return h, encode_update(h, {k: np.full(s, 0.01, np.float32) for k, s in meta.shapes.items()},
+                                    signer=load_private_key(key))
+        _, good = update("dev-a", 5, out / "devices/dev-a/signing.key")
+        hlen = int.from_bytes(good[4:8], "little")
+        header = json.loads(good[8:8 + hlen])
+        header.update(num_examples=10**9, update_id=uuid.uuid4().hex)   # a captured payload under a new header
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        reheadered = good[:4] + len(hb).to_bytes(4, "little") + hb + good[8 + hlen:]
+        _, as_b = update("dev-b", 5, out / "devices/dev-a/signing.key")
+        _, stranger = update("dev-z", 5, out / "devices/dev-a/signing.key")
+        for topic, msg in ((t.update("dev-a"), reheadered), (t.update("dev-b"), as_b), (t.update("dev-z"), stranger)):
+            evil.publish(topic, msg)
+        evil.publish(t.update("dev-a"), good)
+        wait_for(lambda: c.version == 2, 30, what="the genuine update counted")
+        evil.publish(t.update("dev-a"), good)   # replayed
+        time.sleep(2.0)
+        assert c.version == 2
+        counts = c.state.update_counts()
+        assert counts["accepted"] == 2 and counts["reasons"] == {"bad_signature": 3}, counts
+    finally:
+        evil.close()
+        a.stop()
+        c.stop()
