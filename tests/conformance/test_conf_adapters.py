@@ -42,6 +42,16 @@ def engine_logits(bundle, adapter_path, ids):
     return eng, got
 
 
+def max_logit_diff(bundle, adapter_path, torch_model) -> float:
+    """Largest |logit difference| on TEXT between the bundle with our adapter file and a torch (PEFT) model."""
+    from edge_runtime.engine import Engine
+    ids = Engine(bundle).encode(TEXT)
+    _, got = engine_logits(bundle, adapter_path, ids)
+    with torch.no_grad():
+        ref = torch_model(input_ids=torch.tensor([ids])).logits.numpy()
+    return float(np.abs(got - ref).max())
+
+
 @pytest.mark.parametrize("alpha,rslora", [(8.0, False), (32.0, False), (16.0, True)])
 def test_from_peft_matches_peft_model(tmp_path, tmp_path_factory, tiny_llama_dir, alpha, rslora):
     from export.interop import from_peft
@@ -49,12 +59,7 @@ def test_from_peft_matches_peft_model(tmp_path, tmp_path_factory, tiny_llama_dir
     assert json.loads((bundle / "manifest.json").read_text())["adapter"]["alpha"] == 16.0
     model = peft_adapter(tiny_llama_dir, tmp_path / "peft", alpha=alpha, rslora=rslora)
     from_peft(tmp_path / "peft", bundle, tmp_path / "ours.safetensors")
-    from edge_runtime.engine import Engine
-    ids = Engine(bundle).encode(TEXT)
-    _, got = engine_logits(bundle, tmp_path / "ours.safetensors", ids)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits.numpy()
-    assert float(np.abs(got - ref).max()) <= 1e-4
+    assert max_logit_diff(bundle, tmp_path / "ours.safetensors", model) <= 1e-4
 
 
 def test_dora_and_per_module_alpha_are_refused(tmp_path, tmp_path_factory, tiny_llama_dir):
@@ -91,12 +96,7 @@ def test_to_peft_loads_with_auto_peft_model(tmp_path, tmp_path_factory, tiny_lla
     save_adapter(tmp_path / "a.safetensors", ours, meta)
     to_peft(tmp_path / "a.safetensors", bundle, tmp_path / "peft")
     model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()   # finds the base by itself
-    from edge_runtime.engine import Engine
-    ids = Engine(bundle).encode(TEXT)
-    _, got = engine_logits(bundle, tmp_path / "a.safetensors", ids)
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids])).logits.numpy()
-    assert float(np.abs(got - ref).max()) <= 1e-4
+    assert max_logit_diff(bundle, tmp_path / "a.safetensors", model) <= 1e-4
 
 
 def test_to_peft_of_the_packaged_smollm2_names_a_loadable_base(smollm2_bundle, smollm2_source, tmp_path):
