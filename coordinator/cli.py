@@ -106,6 +106,7 @@ def serve(args) -> int:
 
 def _serve_locked(cfg) -> int:
     from coordinator.broker import EmbeddedBroker
+    from edge_runtime.transport import redact
     from coordinator.service import Coordinator
     embedded = None
     if not cfg.broker:
@@ -118,7 +119,7 @@ def _serve_locked(cfg) -> int:
     signal.signal(signal.SIGINT, lambda *a: stop.update(flag=True))
     coord.start()
     print(f"edgefm-coordinator: fleet {cfg.fleet}, {cfg.mode} rounds, strategy {cfg.strategy}, global v{coord.version}, "
-          f"broker {cfg.broker}" + (f", resumed with {coord.replayed} pending updates" if coord.replayed else ""), flush=True)
+          f"broker {redact(cfg.broker)}" + (f", resumed with {coord.replayed} pending updates" if coord.replayed else ""), flush=True)
     try:
         while not stop["flag"] and not coord.done.is_set():
             time.sleep(0.2)
@@ -145,7 +146,7 @@ def admin_command(args) -> int:
         else:
             from coordinator.config import CoordinatorConfig
             from coordinator.service import Coordinator
-            from edge_runtime.transport import MqttLink
+            from edge_runtime.transport import MqttLink, redact
             if not (state_dir / "coordinator.sqlite").is_file():
                 raise ConfigError(f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first")
             coord = Coordinator(CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir)))
@@ -153,7 +154,7 @@ def admin_command(args) -> int:
             coord.link.start()
             try:
                 if not coord.link.wait_connected(10):
-                    raise ConfigError(f"cannot reach broker {args.broker}")
+                    raise ConfigError(f"cannot reach broker {redact(args.broker)}")
                 out = coord.execute_admin(request)
                 time.sleep(0.5)
             finally:

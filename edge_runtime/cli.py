@@ -93,6 +93,7 @@ def load_request(path: str | None, name: str | None) -> dict:
 def run_daemon(args) -> int:
     from edge_runtime.agent import Agent, AgentConfig
     from edge_runtime.server import make_server
+    from edge_runtime.transport import redact
     keys = ("bundle", "profile", "host", "port", "broker", "fleet", "device_id", "data_dir", "inbox", "auto_train")
     cfg = AgentConfig.from_sources(args.config, {k: getattr(args, k) for k in keys})
     if not cfg.bundle:
@@ -109,7 +110,7 @@ def run_daemon(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"edgefm-agent {cfg.device_id}: serving {agent.manifest.task} on http://{cfg.host}:{srv.server_address[1]} "
-          f"(adapter {agent.active_id}, broker {cfg.broker or 'none: offline'})", flush=True)
+          f"(adapter {agent.active_id}, broker {redact(cfg.broker) or 'none: offline'})", flush=True)
     try:
         srv.serve_forever()
     finally:

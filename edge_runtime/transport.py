@@ -39,16 +39,30 @@ class BrokerAddress:
         """Parse ``mqtt://`` / ``mqtts://`` URLs; raise ConfigError with an example otherwise."""
         u = urllib.parse.urlparse(url)
         if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
-            raise ConfigError(f"broker URL {url!r} not understood; use mqtt://host:1883 or mqtts://host:8883?ca=ca.crt")
+            raise ConfigError(f"broker URL {redact(url)!r} not understood; use mqtt://host:1883 or mqtts://host:8883?ca=ca.crt")
         tls = u.scheme in ("mqtts", "ssl")
         q = dict(urllib.parse.parse_qsl(u.query))
         try:
             port = u.port or (8883 if tls else 1883)
         except ValueError:
-            raise ConfigError(f"broker URL {url!r} has a bad port") from None
+            raise ConfigError(f"broker URL {redact(url)!r} has a bad port") from None
         return cls(u.hostname, port, tls, urllib.parse.unquote(u.username) if u.username else None,
                    urllib.parse.unquote(u.password) if u.password else None, q.get("ca"), q.get("cert"), q.get("key"),
                    q.get("insecure") in ("1", "true"))
+
+
+def redact(url: str | None) -> str | None:
+    """A broker URL fit for logs and errors: the password replaced by ``***`` (key paths are not secrets)."""
+    if not url:
+        return url
+    try:
+        u = urllib.parse.urlparse(url)
+        if u.password is None:
+            return url
+        host = u.netloc.rsplit("@", 1)[1]
+        return urllib.parse.urlunparse(u._replace(netloc=f"{u.username}:***@{host}"))
+    except ValueError:
+        return "<unparseable broker URL>"
 
 
 MessageHandler = Callable[[str, bytes, bool], None]
