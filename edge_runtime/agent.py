@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.engine import ActiveAdapter, Engine
-from edge_runtime.errors import ConfigError, EdgefmError, ProtocolError, TrainingError
+from edge_runtime.errors import BundleError, ConfigError, EdgefmError, ProtocolError, TrainingError
 from edge_runtime.metrics import Metrics
 from edge_runtime.optim import AdamWConfig
 from edge_runtime.gate import GateDecision, GatePolicy, anchor_texts, decide_gate
@@ -227,18 +228,32 @@ class Agent:
         gpath = self.store.get("global_path")
         if gpath:
             try:
+                want = self.store.get("global_sha256")
+                if want and hashlib.sha256(Path(gpath).read_bytes()).hexdigest() != want:
+                    # refetched from the broker: version 0 makes the retained pointer new again
+                    raise BundleError(f"{gpath} differs from the sha256 recorded when it was saved")
                 self.global_tensors, _ = load_adapter(gpath, expect_fingerprint=self.manifest.base_fingerprint)
             except (OSError, EdgefmError) as exc:
                 self._event("global_adapter_unreadable", path=gpath, error=str(exc))
                 self.global_version, self.global_tensors = 0, bundle_tensors
+        # the adapter that was serving first, then the history newest first (refused candidates were never
+        # served: they are not fallbacks); a file whose bytes changed since it was recorded is not served
         active_id = self.store.get("active_adapter")
-        for entry in self.store.adapters():
-            if active_id and entry["id"] != active_id:
-                continue
+        history = [e for e in self.store.adapters() if e["kind"] != "refused" or e["id"] == active_id]
+        history.sort(key=lambda e: e["id"] != active_id)
+        for entry in history:
             try:
+                if entry["sha256"] and hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest() != entry["sha256"]:
+                    self._event("adapter_damaged", id=entry["id"], path=entry["path"],
+                                detail="file differs from the sha256 recorded when it was saved")
+                    self.store.forget_adapter(entry["id"])
+                    continue
                 tensors, meta = load_adapter(entry["path"], expect_fingerprint=self.manifest.base_fingerprint)
                 self.engine.set_adapter(self.engine.make_active(tensors, meta))
                 self.active_id = entry["id"]
+                if entry["id"] != active_id:
+                    self.store.put("active_adapter", entry["id"])
+                    self._event("adapter_fallback", frm=active_id, to=entry["id"])
                 return
             except (OSError, EdgefmError) as exc:
                 self._event("adapter_unreadable", id=entry["id"], error=str(exc))
@@ -636,6 +651,7 @@ class Agent:
         # status tells the coordinator which global it trains from).
         self.global_version, self.global_tensors = pointer.version, tensors
         self.store.put("global_path", str(path))
+        self.store.put("global_sha256", hashlib.sha256(path.read_bytes()).hexdigest())
         self.store.put("global_version", pointer.version)
         self.metrics.set("edgefm_global_version", pointer.version, help="latest global adapter version received")
 

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS sent (update_id TEXT PRIMARY KEY, acked_at REAL NOT N
 CREATE TABLE IF NOT EXISTS receipts (update_id TEXT PRIMARY KEY, status TEXT NOT NULL, reason TEXT, received_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters (
   id TEXT PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, path TEXT NOT NULL, created_at REAL NOT NULL,
-  metrics TEXT NOT NULL DEFAULT '{}', note TEXT NOT NULL DEFAULT '');
+  metrics TEXT NOT NULL DEFAULT '{}', note TEXT NOT NULL DEFAULT '', sha256 TEXT);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -247,18 +247,20 @@ class Store:
 
     # -- adapter history --
     def record_adapter(self, adapter_id: str, version: int, kind: str, path: str, metrics: dict, note: str = "") -> None:
-        """Remember an adapter file the agent may serve or roll back to."""
+        """Remember an adapter file the agent may serve or roll back to, with the sha256 of its bytes now
+        (checked before the file is served again)."""
+        sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?)",
-                            (adapter_id, version, kind, path, time.time(), json.dumps(metrics), note))
+            self.db.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?)",
+                            (adapter_id, version, kind, path, time.time(), json.dumps(metrics), note, sha))
 
     def adapters(self) -> list[dict]:
         """Adapter history, newest first."""
         with self.lock:
-            rows = self.db.execute("SELECT id, version, kind, path, created_at, metrics, note FROM adapters "
+            rows = self.db.execute("SELECT id, version, kind, path, created_at, metrics, note, sha256 FROM adapters "
                                    "ORDER BY created_at DESC, rowid DESC").fetchall()
         return [{"id": r[0], "version": r[1], "kind": r[2], "path": r[3], "created_at": r[4],
-                 "metrics": json.loads(r[5]), "note": r[6]} for r in rows]
+                 "metrics": json.loads(r[5]), "note": r[6], "sha256": r[7]} for r in rows]
 
     def forget_adapter(self, adapter_id: str) -> None:
         """Drop one adapter from the history."""

@@ -260,3 +260,34 @@ def test_broker_passwords_never_reach_logs_or_errors(tmp_path):
         out = "".join(lines) + p.communicate(timeout=30)[0]
     assert "broker mqtt://dev-1:***@127.0.0.1" in out, out
     assert "s3cret" not in out
+
+
+def test_damaged_adapter_snapshot_is_refused_and_the_last_good_one_serves(tmp_path, bundle):
+    """One float of the serving adapter's file set to 1e4 (a valid file, other bytes): at restart the agent
+    says so and serves the adapter it had before, not that file and not the bundle's."""
+    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.protocol.adapter import load_adapter, save_adapter
+    t0, m0 = load_adapter(bundle / "adapter.safetensors")
+    rng = np.random.default_rng(0)
+    mine = {k: (v + rng.standard_normal(v.shape).astype(np.float32) * 0.01) for k, v in t0.items()}
+    save_adapter(tmp_path / "mine.safetensors", mine, m0)
+    cfg = AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "agent"), auto_train=False)
+    a = Agent(cfg)
+    a.load_external(adapter=(bundle / "adapter.safetensors").read_bytes(), name="first")
+    res = a.load_external(adapter=(tmp_path / "mine.safetensors").read_bytes(), name="second")
+    assert res["adopted"] and a.active_id == "loaded-second"
+    a.stop()
+    path = next(e["path"] for e in a.store.adapters() if e["id"] == "loaded-second")
+    t, m = load_adapter(path)
+    k = sorted(t)[0]
+    t[k].flat[0] = 1e4
+    save_adapter(path, t, m)
+    b = Agent(cfg)
+    try:
+        assert b.active_id == "loaded-first"
+        kinds = [e["event"] for e in b.events]
+        assert "adapter_damaged" in kinds and "adapter_fallback" in kinds
+        assert all(e["id"] != "loaded-second" for e in b.store.adapters())
+        np.testing.assert_array_equal(b.engine.adapter.tensors[k], t0[k])
+    finally:
+        b.stop()
