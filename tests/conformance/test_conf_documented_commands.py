@@ -98,8 +98,10 @@ def test_agent_commands_on_the_real_model(tmp_path, broker, smollm2_bundle):
     url = f"http://127.0.0.1:{port}"
     line = "edgefm-agent run --bundle bundles/smollm2-int4 --broker mqtt://gateway:1883 --device-id pi-kitchen --profile rpi5"
     import os
+    # short sessions (the rpi5 profile's 16 steps of 8 x 128 tokens take minutes on a CI runner)
+    (tmp_path / "fast.toml").write_text("steps_per_round = 1\nmax_steps_per_session = 1\ngeneral_replay_fraction = 0.0\n")
     p = subprocess.Popen(argv(line, {"bundles/smollm2-int4": str(smollm2_bundle), "mqtt://gateway:1883": broker.url,
-                                     "--profile rpi5": f"--profile rpi5 --port {port}"}),
+                                     "--profile rpi5": f"--profile rpi5 --port {port} --config fast.toml"}),
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
