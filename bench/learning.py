@@ -337,7 +337,7 @@ def summarize(runs: list[dict], args) -> str:
                   f"- optimizer steps: federated {ms([sum(r['fed_steps'].values()) for r in rs], lambda x: f'{x:.0f}')} in total "
                   f"(per device {', '.join(str(v) for v in rs[0]['fed_steps'].values())} in seed {rs[0]['seed']}), centralized "
                   f"{ms([r['central_steps'] for r in rs], lambda x: f'{x:.0f}')}",
-                  f"- what the federated devices serve at the end (their gates decide): "
+                  "- what the federated devices serve at the end (their gates decide): "
                   + ", ".join(f"{k}: {v}" for k, v in sorted(collections.Counter(
                       a.split("-")[0] if a != "bundle" else "base (bundle)" for r in rs for a in r["fed_served"].values()).items()))
                   + f" of {sum(len(r['fed_served']) for r in rs)} device-runs",

@@ -5,7 +5,6 @@ import importlib
 import inspect
 import pkgutil
 import random
-import sys
 from pathlib import Path
 
 import numpy as np

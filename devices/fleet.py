@@ -116,7 +116,6 @@ class Fleet:
         if (Path(m) / "manifest.json").is_file():
             return Path(m)
         from export.build import BuildOptions, Progress, build_bundle
-        from export.cli import build_options
         if m == "tiny":
             out = self.out / "bundle-tiny"
             if not (out / "manifest.json").is_file():
@@ -171,7 +170,7 @@ class Fleet:
                        + (f'learning_rate = {self.o.learning_rate}\n' if self.o.learning_rate else "")
                        + f'min_new_examples = 1\nthreads_inference = 1\nthreads_training = 1\nmax_train_seconds = 300\n'
                        f'update_codec = "{self.o.codec}"\nupdate_compression = "{self.o.compression}"\n'
-                       + (f'train_step_delay_s = 1.0\n' if self.o.chaos and i == self.o.devices - 1 else ""))
+                       + ('train_step_delay_s = 1.0\n' if self.o.chaos and i == self.o.devices - 1 else ""))
         self.cmds[name] = [sys.executable, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--broker", broker,
                            "--fleet", self.o.fleet, "--device-id", name, "--data-dir", str(ddir), "--port", str(port),
                            "--config", str(cfg), "--no-auto-train"]

@@ -357,7 +357,6 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
     """Export ``model`` into a bundle at ``out`` (directory; plus ``out.tar`` with ``archive``)."""
     import torch
 
-    import export
     from export.source import load_model, normalized_dims, weights_hash
     log = log or Progress()
     out = Path(out)

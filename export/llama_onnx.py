@@ -42,7 +42,6 @@ def unsupported(graph) -> str | None:
 def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
     """Write the inference graph of ``graph`` (an ``export.graphs.LlamaGraph``) to ``path``; returns its
     low-rank LoRA slots (``edge_runtime.lowrank.Slot`` as JSON) for the manifest."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     L, nh, nkv, hd = graph.n_layers, graph.n_heads, graph.n_kv, graph.head_dim

@@ -1,7 +1,6 @@
 """Export of tiny random models in every scheme: parity, gradients, interop, errors."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -188,7 +187,6 @@ def test_archive_bundle_serves_from_tar(tmp_path, tiny_llama_dir):
 
 
 def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from export.quantize import apply_asym_int4, asym_int4_blocks

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import ssl
 import time
 import uuid
 
@@ -192,7 +191,7 @@ def test_forged_globals_rounds_receipts_and_updates_refused_without_any_acl(tmp_
         time.sleep(1.0)
         a.train_once(forced=True)
         wait_for(lambda: a.global_version == 1, 60, what="v1")
-        tensors, meta = a.engine.adapter.tensors, a.engine.adapter.meta
+        meta = a.engine.adapter.meta
         blob = (tmp_path / "a" / "adapters" / "global-1.safetensors").read_bytes()
         # 1. a copy of a real adapter announced as v999, unsigned and signed with a device's key: refused
         ptr, chunks = make_pointer(999, 1, meta.base_fingerprint, blob)

@@ -12,4 +12,8 @@ from edge_runtime.protocol.messages import (ChunkAssembler, GlobalPointer, Updat
                                             make_pointer, parse_json_message)
 from edge_runtime.protocol.topics import Topics, topic_matches
 
-__all__ = [n for n in dir() if not n.startswith("_")]
+__all__ = ["ProtocolError", "RejectReason", "AdapterMeta", "adapter_from_bytes", "adapter_to_bytes", "load_adapter",
+           "lora_names", "save_adapter", "CodecSpec", "decode_payload", "encode_payload", "AdapterVersion", "VersionStatus",
+           "Manifest", "verify_files", "ChunkAssembler", "GlobalPointer", "Update", "UpdateHeader", "check_tensors_match",
+           "decode_update", "decode_update_header", "dump_json_message", "encode_update", "make_pointer",
+           "parse_json_message", "Topics", "topic_matches"]
