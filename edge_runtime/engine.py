@@ -178,25 +178,34 @@ class Engine:
         """Render a chat as transformers' ``apply_chat_template(..., add_generation_prompt=True)`` does:
         the same template, a sandboxed jinja2 environment with trim_blocks/lstrip_blocks, the tokenizer's
         special tokens as variables, ``raise_exception``, ``tojson`` and ``strftime_now``."""
-        import datetime
-
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        template, _ = self.chat_template()
-
-        def raise_exception(msg):
-            raise ConfigError(str(msg))
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
         special = {n: self._special_token(n) for n in ("bos_token", "eos_token", "unk_token", "pad_token")}
         try:
-            return env.from_string(template).render(messages=messages, tools=tools, add_generation_prompt=True, **special)
+            return self._compiled_chat_template().render(messages=messages, tools=tools, add_generation_prompt=True, **special)
         except jinja2.TemplateError as exc:
             raise ConfigError(f"the chat template cannot render these messages: {exc}") from None
+
+    def _compiled_chat_template(self):
+        """The chat template compiled once (a request only renders it)."""
+        if not hasattr(self, "_chat_compiled"):
+            import datetime
+
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise ConfigError(str(msg))
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+                x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+            env.globals.update(raise_exception=raise_exception,
+                               strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+            try:
+                self._chat_compiled = env.from_string(self.chat_template()[0])
+            except jinja2.TemplateError as exc:
+                raise ConfigError(f"the bundle's chat template does not compile: {exc}") from None
+        return self._chat_compiled
 
     @property
     def eos_ids(self) -> set[int]:
