@@ -360,16 +360,16 @@ class Engine:
             mask[i, :len(e)] = 1
         return {"input_ids": ids, "attention_mask": mask}, [len(e) for e in enc]
 
-    def token_counts(self, texts: list[str]) -> list[int]:
-        """Tokens an encoder bundle reads for each text (what usage reports)."""
-        return [len(self.tokenizer.encode(t).ids) for t in texts]
-
     def embed(self, texts: list[str]) -> np.ndarray:
         """L2-normalised sentence embeddings [n, hidden] (embedding bundles): mean pooling over real tokens."""
+        return self.embed_counted(texts)[0]
+
+    def embed_counted(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """``embed`` plus the tokens each input was read as (what usage reports), from one tokenization."""
         if self.task != "embedding":
             raise ConfigError(f"this bundle is for {self.task}; embeddings need an embedding bundle")
-        feeds, _ = self.encoder_inputs(texts)
-        return self.session.run(None, {**feeds, **self.adapter.feeds})[0]
+        feeds, counts = self.encoder_inputs(texts)
+        return self.session.run(None, {**feeds, **self.adapter.feeds})[0], counts
 
     def classify(self, texts: list[str]) -> np.ndarray:
         """Class logits [n, labels] (classification bundles)."""

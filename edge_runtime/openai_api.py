@@ -9,7 +9,6 @@ import re
 import uuid
 from typing import Any
 
-from edge_runtime.errors import ConfigError
 
 
 class ApiError(Exception):
@@ -269,7 +268,3 @@ def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dic
         return text, []
     rest = _TOOL_CALL.sub("", text).strip() if _TOOL_CALL.search(text) else ""
     return (rest or None), calls
-
-
-def config_error(exc: ConfigError, param: str) -> ApiError:
-    return ApiError(400, str(exc), param)

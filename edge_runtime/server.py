@@ -376,8 +376,8 @@ def embeddings(h: Handler) -> None:
     dims = body.get("dimensions")
     if dims is not None and dims != hidden:  # shortening needs a model trained for it (Matryoshka); this one was not
         raise ApiError(400, f"'dimensions' must be {hidden} (this model's embedding size) or omitted", "dimensions")
-    vecs = h.agent.engine.embed(texts)
-    ntok = sum(h.agent.engine.token_counts(texts))
+    vecs, counts = h.agent.engine.embed_counted(texts)
+    ntok = sum(counts)
 
     def encode(v: np.ndarray):
         if fmt == "base64":
