@@ -193,7 +193,8 @@ def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path, coor
             time.sleep(1)
         time.sleep(2)
         status = {d: http_json(u + "/v1/status") for d, u in urls.items()}
-        return {"global": out, "steps": {d: steps_run(u) for d, u in urls.items()}, "intake": intake,
+        clog = (work / "logs" / "coordinator.log").read_text(errors="replace")
+        return {"bounded_updates": clog.count(" bounded: "), "global": out, "steps": {d: steps_run(u) for d, u in urls.items()}, "intake": intake,
                 "coverage": {d: s["training_coverage"] for d, s in status.items()},
                 "disconnects": {d: s["broker_disconnects"] for d, s in status.items()},
                 "gate": {d: [(g["kind"], g["candidate"], g["reason"]) for g in reversed(s["gate_decisions"])] for d, s in status.items()},
@@ -267,7 +268,7 @@ def one_run(bundle: Path, task: str, seed: int, args, work: Path) -> dict:
     fed = run_federated(bundle, send_by_dom, args.rounds, work / "fed", json.loads(args.coordinator) if args.coordinator else None)
     if args.federated_only:  # a quick look at coordinator settings: the federated run alone
         print(json.dumps({"task": task, "seed": seed, "base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]),
-                          "steps": fed["steps"]}), flush=True)
+                          "steps": fed["steps"], "bounded_updates": fed["bounded_updates"]}), flush=True)
         return {}
     total_steps = sum(fed["steps"].values())
     lc = run_local_and_central(bundle, send_by_dom, args.rounds, total_steps, work / "local")
@@ -281,7 +282,7 @@ def one_run(bundle: Path, task: str, seed: int, args, work: Path) -> dict:
     never_used = {d: c["never_used"] for d, c in {**fed["coverage"], **{f"local-{k}": v for k, v in lc["local_coverage"].items()}}.items()}
     run = {"task": task, "seed": seed, "domains": doms, "results": res, "fed_steps": fed["steps"], "central_steps": lc["central_steps"],
            "local_steps": lc["local_steps"], "never_used": never_used, "fed_gate": fed["gate"], "local_gate": lc["local_gate"],
-           "fed_served": fed["served"], "disconnects": fed["disconnects"], "intake": fed["intake"], "seconds": time.time() - t0}
+           "fed_served": fed["served"], "disconnects": fed["disconnects"], "bounded_updates": fed["bounded_updates"], "intake": fed["intake"], "seconds": time.time() - t0}
     print(json.dumps({k: v for k, v in run.items() if k not in ("fed_gate", "local_gate")}, default=str), flush=True)
     return run
 
@@ -342,6 +343,11 @@ def summarize(runs: list[dict], args) -> str:
                       a.split("-")[0] if a != "bundle" else "base (bundle)" for r in rs for a in r["fed_served"].values()).items()))
                   + f" of {sum(len(r['fed_served']) for r in rs)} device-runs",
                   f"- MQTT disconnects of the agents during the federated runs: {sum(sum(r['disconnects'].values()) for r in rs)}",
+                  "- updates the coordinator's influence bounds cut (weight or norm), of all federated updates: "
+                  + (f"{sum(r['bounded_updates'] for r in rs if 'bounded_updates' in r)} of "
+                     f"{sum(len(r['fed_steps']) * args.rounds for r in rs if 'bounded_updates' in r)}"
+                     + (f" (runs from before the bounds not counted: {sum('bounded_updates' not in r for r in rs)})"
+                        if any('bounded_updates' not in r for r in rs) else "")),
                   f"- gate (seed {rs[0]['seed']}): federated agents serve "
                   + ", ".join(f"{d}: {s}" for d, s in rs[0]["fed_served"].items())
                   + "; decisions: " + "; ".join(f"{d}: " + ", ".join(f"{c} {why}" for _, c, why in g) for d, g in rs[0]["fed_gate"].items()),
@@ -361,6 +367,7 @@ def main() -> None:
     ap.add_argument("--agent", default=None, help="JSON of agent settings to try (default: the agent's defaults)")
     ap.add_argument("--coordinator", default=None, help="JSON of coordinator settings (default: the coordinator's defaults)")
     ap.add_argument("--federated-only", action="store_true", help="only the federated run, no table (for trying settings)")
+    ap.add_argument("--append", action="store_true", help="add these runs to the saved ones (same task and seed: replaced)")
     ap.add_argument("--render", action="store_true", help="rewrite the table from the runs saved by the last run (.cache/bench)")
     args = ap.parse_args()
     AGENT_SETTINGS.update(json.loads(args.agent) if args.agent else {})
@@ -370,7 +377,9 @@ def main() -> None:
         return
     from devices.fleet import cached_bundle
     bundle = cached_bundle("smollm2", "rpi5")
-    runs = []
+    saved = ROOT / ".cache" / "bench" / "learning-runs.json"
+    runs = json.loads(saved.read_text()) if args.append and saved.is_file() else []
+    runs = [r for r in runs if (r["task"], r["seed"]) not in set(plan)]
     # seed-major order (plan above): a run cut short still has every task
     for task, seed in plan:
         work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))

@@ -249,6 +249,9 @@ def opt_state_from_tensors(t: Tensors, meta: dict[str, str]) -> ServerOptState:
                           t=int(meta.get("t", "0")))
 
 
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+
+
 def apply_server_update(global_t: Tensors, avg_delta: Tensors, opt: str, state: ServerOptState, *,
                         lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> Tensors:
     """New global = global + step(avg_delta) for opt in {fedavg, fedavgm, fedadam, fedyogi} (updates ``state``)."""

@@ -18,6 +18,7 @@ class CoordinatorConfig:
     mode: Literal["sync", "async"] = "sync"
     strategy: str = "fedavg"
     server_lr: float | None = None          # None: the strategy's own default (see coordinator/strategies.py)
+    server_optimizer: str | None = None     # fedavg|fedavgm|fedadam|fedyogi after any averaging rule (None: the strategy's)
     devices_per_round: int = 0              # 0: every online device
     over_selection: float = 0.3
     min_updates: int = 1                    # quorum to close a round at its deadline
@@ -27,6 +28,12 @@ class CoordinatorConfig:
     max_staleness: int = 4
     staleness_exponent: float = 0.5
     clip_norm: float = 0.0                  # 0: off; else clip each update to this L2 norm before folding
+    # bounded influence (coordinator/influence.py): against the fleet's recent accepted updates
+    max_examples_per_update: int = 100_000  # hard cap on the examples one update may claim
+    examples_multiple: float = 1.0          # an update counts at most this multiple of the median claim (0: off)
+    norm_multiple: float = 1.5              # clip each update to this multiple of the median norm (0: off)
+    influence_window: int = 64              # recent accepted updates the medians are taken over
+    min_reference: int = 3                  # updates are held until this many can be compared (or a version is due)
     max_update_norm: float = 1e4            # reject updates above this L2 norm
     max_update_bytes: int = 64 * 1024 * 1024
     ingest_batch: int = 16                  # updates made durable together (one log sync + one commit), then acked
@@ -58,8 +65,24 @@ class CoordinatorConfig:
             raise ConfigError("server_lr must be > 0 (or left out for the strategy's default)")
         if self.strategy == "svd" and self.server_lr not in (None, 1.0):
             raise ConfigError("the svd strategy takes the exact mean of the products B·A; it has no server_lr (leave it out)")
+        try:
+            self.influence_policy()
+        except ValueError as exc:
+            raise ConfigError(f"bounded influence: {exc}") from None
+        if self.server_optimizer is not None:
+            from coordinator.aggregate import SERVER_OPTIMIZERS
+            if self.server_optimizer not in SERVER_OPTIMIZERS:
+                raise ConfigError(f"unknown server_optimizer {self.server_optimizer!r}; choose one of {sorted(SERVER_OPTIMIZERS)}")
+            if self.strategy in ("svd", "frozen_a", "dp_fedavg"):
+                raise ConfigError(f"the {self.strategy} strategy applies its own update; leave server_optimizer out")
         if self.chunk_size < 1024:
             raise ConfigError("chunk_size must be at least 1024 bytes")
+
+    def influence_policy(self):
+        """The bounds every accepted update is held to."""
+        from coordinator.influence import InfluencePolicy
+        return InfluencePolicy(self.max_examples_per_update, self.examples_multiple, self.norm_multiple, self.influence_window,
+                               self.min_reference)
 
     @classmethod
     def from_sources(cls, path: str | None, overrides: dict[str, Any]) -> "CoordinatorConfig":

@@ -10,7 +10,9 @@ once: ``updates.update_id`` is the primary key).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import logging
 import queue
 import random
@@ -23,6 +25,7 @@ import numpy as np
 
 from coordinator import aggregate as agg
 from coordinator.config import CoordinatorConfig
+from coordinator.influence import bound_update
 from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round,
                                 staleness_weight)
 from coordinator.state import CHECKPOINTED, State
@@ -35,6 +38,19 @@ from edge_runtime.protocol.messages import decode_update, dump_json_message, mak
 from edge_runtime.protocol.topics import Topics
 
 log = logging.getLogger("edgefm.coordinator")
+
+
+@dataclasses.dataclass
+class Held:
+    """An accepted update waiting for enough reference to be bounded (see coordinator/influence.py)."""
+
+    update_id: str
+    device_id: str
+    claimed: int
+    norm: float
+    staleness: int
+    tensors: dict
+    flat: np.ndarray | None
 
 
 class Coordinator:
@@ -56,8 +72,9 @@ class Coordinator:
         self.signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
         self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key,
                              signing.device_keys(cfg.device_keys) if cfg.device_keys else None)
-        self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, rank=self.rank, trim=cfg.trim,
-                                      dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
+        self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, server_opt=cfg.server_optimizer, rank=self.rank,
+                                      trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
+        self.influence = cfg.influence_policy()
         self.rng = random.Random(cfg.seed)
         self.lock = threading.RLock()
         self.done = threading.Event()
@@ -76,6 +93,9 @@ class Coordinator:
         self.global_tensors, self.global_meta = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(self.version)))
         self.acc = self.strategy.begin(self.global_tensors)
         self.folded_ids: list[str] = []
+        self.held: list[Held] = []           # accepted, not yet bounded and folded (too little reference yet)
+        self.open_devices: set[str] = set()  # devices with an update in the open aggregation
+        self.reference: collections.deque = collections.deque(maxlen=self.influence.window)
         self.plan: RoundPlan | None = None
         self._restore()
 
@@ -135,6 +155,9 @@ class Coordinator:
         publish) plus every accepted update stored in the log after it."""
         self.acc = self.strategy.begin(self.global_tensors)
         self.folded_ids = []
+        self.held = []
+        self.open_devices = set()
+        self.reference = collections.deque(self.state.influence_reference(self.influence.window), maxlen=self.influence.window)
         self._batch_payloads = []
         if self.plan is not None:
             self.plan.accepted = {}
@@ -159,12 +182,13 @@ class Coordinator:
                              "folded_into IS NULL AND blob=?", (CHECKPOINTED,))
                 covered = []
         replayed = 0
-        for update_id, device_id, _, _ in covered:
+        for update_id, device_id, *_ in covered:
             self.folded_ids.append(update_id)
+            self.open_devices.add(device_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = update_id
             replayed += 1
-        for update_id, device_id, blob, weight in rows:
+        for update_id, device_id, blob, weight, clip, claimed, norm, base_version in rows:
             if blob == CHECKPOINTED:
                 continue
             try:
@@ -173,22 +197,49 @@ class Coordinator:
                 log.error("stored update %s unreadable after restart (%s); dropping it", update_id, exc)
                 self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
                 continue
-            self._fold(weight, upd.tensors, upd.tensors.flat)
-            self.folded_ids.append(update_id)
+            if weight is None:  # held when the coordinator stopped: bounded with the next ones
+                norm = agg.global_norm(upd.tensors) if norm is None else norm
+                self.held.append(Held(update_id, device_id, claimed, norm, self.version - base_version, upd.tensors, upd.tensors.flat))
+            else:
+                self._fold(weight, upd.tensors, upd.tensors.flat, clip=clip or 0.0)
+                self.folded_ids.append(update_id)
+            self.open_devices.add(device_id)
             if self.plan is not None:
                 self.plan.accepted[device_id] = update_id
             replayed += 1
         return replayed
 
-    def _fold(self, weight: float, tensors, flat=None, norm: float | None = None) -> None:
-        """Fold one update into the accumulator, clipped to ``clip_norm`` first if configured
-        (``flat``: the tensors as one vector in their order, when at hand; ``norm``: theirs, if known)."""
-        if self.cfg.clip_norm:
+    def _fold(self, weight: float, tensors, flat=None, norm: float | None = None, clip: float = 0.0) -> None:
+        """Fold one update into the accumulator, clipped first to ``clip`` (its bound) and to
+        ``clip_norm`` if configured (``flat``: the tensors as one vector in their order, when at hand;
+        ``norm``: theirs, if known)."""
+        limit = min([c for c in (clip, self.cfg.clip_norm) if c and c > 0], default=0.0)
+        if limit:
             n = agg.global_norm(tensors) if norm is None else norm
-            if n > self.cfg.clip_norm:
-                self.strategy.fold(self.acc, weight, agg.clip_update(tensors, self.cfg.clip_norm), self.global_tensors)
+            if n > limit:
+                self.strategy.fold(self.acc, weight, agg.clip_update(tensors, limit), self.global_tensors)
                 return
         self.strategy.fold(self.acc, weight, tensors, self.global_tensors, flat=flat)
+
+    def _release_held(self, force: bool = False) -> None:
+        """Bound and fold the held updates once the reference (recent bounded updates plus the held
+        ones) has ``min_reference`` entries, or now (``force``: an aggregation is due)."""
+        if not self.held:
+            return
+        pool = list(self.reference) + [(h.claimed, h.norm) for h in self.held]
+        if len(pool) < self.influence.min_reference and not force:
+            return
+        for h in self.held:
+            b = bound_update(h.claimed, h.norm, pool, self.influence)
+            weight = b.examples if self.cfg.mode == "sync" else staleness_weight(b.examples, h.staleness, self.cfg.staleness_exponent)
+            self.state.set_update_bound(h.update_id, weight, b.clip_to)
+            if b.clip_to or b.examples < h.claimed:
+                log.info("update %s from %s bounded: counts %.0f of %d claimed examples%s", h.update_id, h.device_id, b.examples,
+                         h.claimed, f", norm {h.norm:.3g} clipped to {b.clip_to:.3g}" if b.clip_to else "")
+            self._fold(weight, h.tensors, h.flat, h.norm, clip=b.clip_to)
+            self.folded_ids.append(h.update_id)
+            self.reference.append((h.claimed, h.norm))
+        self.held = []
 
     def _persist_batch(self) -> bool:
         """Before the batch commits: make its accepted updates durable the cheaper way, a checkpoint of
@@ -198,7 +249,8 @@ class Coordinator:
         if not pending:
             return False
         ck_bytes = self.strategy.checkpoint_nbytes(self.acc)
-        if ck_bytes is not None and ck_bytes <= sum(len(p) for _, p in pending):
+        # a checkpoint covers folded updates only: while any is held, every payload goes to the log
+        if not self.held and ck_bytes is not None and ck_bytes <= sum(len(p) for _, p in pending):
             flat, meta = self.strategy.checkpoint(self.acc)
             self.state.save_checkpoint(flat, meta)
             return True
@@ -234,7 +286,11 @@ class Coordinator:
                 self.state.prune_after_checkpoint()
 
     def _aggregate_due(self) -> bool:
-        return self.cfg.mode == "async" and self.strategy.count(self.acc) >= self.cfg.buffer_size
+        return self.cfg.mode == "async" and self._open_count() >= self.cfg.buffer_size
+
+    def _open_count(self) -> int:
+        """Updates in the open aggregation, folded or held."""
+        return self.strategy.count(self.acc) + len(self.held)
 
     def _after_batch(self) -> None:
         with self.lock:
@@ -270,7 +326,7 @@ class Coordinator:
         more updates than fill the buffer (the version is published between batches)."""
         cap = self.cfg.ingest_batch
         if self.cfg.mode == "async":
-            cap = max(1, min(cap, self.cfg.buffer_size - self.strategy.count(self.acc)))
+            cap = max(1, min(cap, self.cfg.buffer_size - self._open_count()))
         items = [first]
         while len(items) < cap:
             try:
@@ -390,10 +446,11 @@ class Coordinator:
                     if self.plan is None:
                         raise ProtocolError(RejectReason.STALE, "no round is open")
                     why = check_sync_update(self.plan, device_id, header.base_version, header.round)
-                    weight = float(header.num_examples)
                 else:
                     why = check_async_update(self.version, header.base_version, self.cfg.max_staleness)
-                    weight = staleness_weight(header.num_examples, self.version - header.base_version, self.cfg.staleness_exponent)
+                    if why is None and device_id in self.open_devices:
+                        raise ProtocolError(RejectReason.TOO_FREQUENT, "this device already has an update in the open aggregation "
+                                                                       f"(async: one per device per version; current v{self.version})")
                 if why is not None:
                     raise ProtocolError(why, f"update from base v{header.base_version} round {header.round} does not fit "
                                              f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
@@ -402,16 +459,19 @@ class Coordinator:
             if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
                                             base_version=header.base_version, num_examples=header.num_examples,
                                             status="accepted", reason=None, detail=None, blob=None, nbytes=len(payload),
-                                            weight=weight):
+                                            weight=None, norm=upd.norm):
                 return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
                         "update_id": header.update_id}
             self._batch_payloads.append((header.update_id, payload))  # stored by _persist_batch before the commit
             self.state.count_device(device_id, accepted=True)
-            self._fold(weight, upd.tensors, upd.flat, upd.norm)
-            self.folded_ids.append(header.update_id)
+            # bounded against the fleet's recent updates, then folded (held while there are too few to judge)
+            self.held.append(Held(header.update_id, device_id, header.num_examples, upd.norm,
+                                  self.version - header.base_version, upd.tensors, upd.flat))
+            self.open_devices.add(device_id)
+            self._release_held()
             if self.plan is not None:
                 self.plan.accepted[device_id] = header.update_id
-            return {"accepted": True, "weight": weight, "update_id": header.update_id}
+            return {"accepted": True, "update_id": header.update_id}
 
     # ------------------------------------------------------------------ rounds
     def _announce(self, plan: RoundPlan | None) -> None:
@@ -470,6 +530,7 @@ class Coordinator:
     def _aggregate(self, round_id: int | None) -> int | None:
         """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
         import json
+        self._release_held(force=True)
         ids = list(self.folded_ids)
         rows = self.state.q(f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(ids))})", tuple(ids)) if ids else []
         new = self.strategy.finish(self.acc, self.global_tensors)
@@ -498,6 +559,7 @@ class Coordinator:
         self.version, self.global_tensors = version, new
         self.acc = self.strategy.begin(new)
         self.folded_ids = []
+        self.open_devices = set()
         participants = sorted({r[2] for r in rows})
         if round_id is not None:
             self.state.x("UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, mode TEXT, base_ve
   closed_at REAL, status TEXT, selected TEXT, target INTEGER, quorum INTEGER, result_version INTEGER, summary TEXT DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS updates (update_id TEXT PRIMARY KEY, device_id TEXT, round INTEGER, base_version INTEGER,
   num_examples INTEGER, status TEXT, reason TEXT, detail TEXT, received_at REAL, blob TEXT, bytes INTEGER, weight REAL,
-  folded_into INTEGER);
+  folded_into INTEGER, norm REAL, clip REAL);
 CREATE TABLE IF NOT EXISTS versions (version INTEGER PRIMARY KEY, parent INTEGER, sha256 TEXT, created_at REAL, round INTEGER,
   strategy TEXT, num_updates INTEGER, num_examples INTEGER, metrics TEXT, status TEXT, note TEXT DEFAULT '');
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
@@ -210,6 +210,10 @@ class State:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(updates)")}
+        for col in ("norm", "clip"):  # bounded influence (state dirs from before it lack them)
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} REAL")
         self.blobs = BlobStore(self.dir / "blobs")
         self.log = UpdateLog(self.dir / "updates")
         self.checkpoints = Checkpoints(self.dir / "acc")
@@ -343,17 +347,29 @@ class State:
         return bool(self.q("SELECT 1 FROM updates WHERE update_id=?", (update_id,)))
 
     def record_update(self, *, update_id: str, device_id: str, round_id: int | None, base_version: int, num_examples: int,
-                      status: str, reason: str | None, detail: str | None, blob: str | None, nbytes: int, weight: float) -> bool:
-        """Record an update once (False if the id was already recorded)."""
-        return self.x("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL)",
+                      status: str, reason: str | None, detail: str | None, blob: str | None, nbytes: int,
+                      weight: float | None, norm: float | None = None) -> bool:
+        """Record an update once (False if the id was already recorded). An accepted update recorded
+        with weight None is held: it is bounded and folded later (``set_update_bound``)."""
+        return self.x("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,NULL)",
                       (update_id, device_id, round_id, base_version, num_examples, status, reason, detail, time.time(), blob,
-                       nbytes, weight)) == 1
+                       nbytes, weight, norm)) == 1
 
-    def pending_accepted(self) -> list[tuple[str, str, str | None, float]]:
-        """(update id, device id, blob, weight) of accepted updates not yet folded into a published
-        version (replayed after a restart)."""
-        return self.q("SELECT update_id, device_id, blob, weight FROM updates WHERE status='accepted' AND folded_into IS NULL "
-                      "ORDER BY received_at")
+    def set_update_bound(self, update_id: str, weight: float, clip: float) -> None:
+        """The weight a held update is folded with and the norm it is clipped to (0: not clipped)."""
+        self.x("UPDATE updates SET weight=?, clip=? WHERE update_id=?", (weight, clip, update_id))
+
+    def pending_accepted(self) -> list[tuple]:
+        """(update id, device id, blob, weight, clip, num_examples, norm, base_version) of accepted
+        updates not yet folded into a published version (replayed after a restart); weight None: held."""
+        return self.q("SELECT update_id, device_id, blob, weight, clip, num_examples, norm, base_version FROM updates "
+                      "WHERE status='accepted' AND folded_into IS NULL ORDER BY received_at, rowid")
+
+    def influence_reference(self, window: int) -> list[tuple[float, float]]:
+        """(claimed examples, norm) of the newest ``window`` accepted, already bounded updates, oldest first."""
+        rows = self.q("SELECT num_examples, norm FROM updates WHERE status='accepted' AND norm IS NOT NULL AND weight IS NOT NULL "
+                      "ORDER BY received_at DESC, rowid DESC LIMIT ?", (window,))
+        return [(float(c), float(n)) for c, n in reversed(rows)]
 
     # -- versions --
     def current_version(self) -> int | None:

@@ -22,8 +22,12 @@ class Strategy:
     server_opt = "fedavg"
     default_server_lr = 1.0
 
-    def __init__(self, *, server_lr: float | None = None, rank: int = 8, trim: int = 1, dp_noise_multiplier: float = 0.0,
-                 dp_clip: float = 1.0, seed: int = 0):
+    def __init__(self, *, server_lr: float | None = None, server_opt: str | None = None, rank: int = 8, trim: int = 1,
+                 dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, seed: int = 0):
+        if server_opt is not None:  # e.g. a robust rule (median) followed by a server optimizer
+            self.server_opt = server_opt
+            if server_lr is None and server_opt in ("fedadam", "fedyogi"):
+                server_lr = FedAdam.default_server_lr
         self.server_lr = self.default_server_lr if server_lr is None else server_lr
         self.rank, self.trim = rank, trim
         self.dp_noise_multiplier, self.dp_clip = dp_noise_multiplier, dp_clip

@@ -34,6 +34,7 @@ class RejectReason(str, enum.Enum):
     NORM_BOUND = "norm_bound"               # update norm above the accepted bound
     BAD_FIELD = "bad_field"                 # a header field has a wrong type or value
     UNKNOWN_CODEC = "unknown_codec"         # codec/compression name not known
+    TOO_FREQUENT = "too_frequent"           # this device already has an update in the open aggregation
 
 
 class EdgefmError(Exception):

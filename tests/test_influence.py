@@ -1,0 +1,209 @@
+"""Bounded influence: no single update, signed or not, can dominate the aggregate.
+
+Pure bounds (coordinator/influence.py) with hand-checkable cases and properties; then the coordinator
+itself, fed real update payloads: an update claiming 1e9 examples with norm 9000 (the attack from the
+trust issue) counts as at most the median claim at 1.5x the median norm (the defaults), also when it
+is the fleet's very first update and across a restart, and an async device gets one update per version.
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coordinator.influence import InfluencePolicy, bound_update, reference_medians
+from helpers import tiny_bundle
+
+
+# ---------------------------------------------------------------------------- pure bounds
+
+@pytest.mark.device
+def test_bounds_by_hand():
+    ref = [(40, 1.0), (50, 2.0), (60, 3.0), (1e9, 9000.0)]   # medians: claim 55, norm 2.5
+    assert reference_medians(ref) == (55.0, 2.5)
+    p = InfluencePolicy()                                      # the median claim, 1.5x the median norm
+    b = bound_update(1e9, 9000.0, ref, p)
+    assert (b.examples, b.clip_to) == (55.0, 3.75)
+    b = bound_update(1e9, 9000.0, ref, InfluencePolicy(examples_multiple=2, norm_multiple=2))
+    assert (b.examples, b.clip_to) == (110.0, 5.0)
+    b = bound_update(50, 2.0, ref, p)                          # an ordinary update is left alone
+    assert (b.examples, b.clip_to) == (50.0, 0.0)
+    assert bound_update(60, 3.0, ref, p) == bound_update(55, 3.0, ref, p)   # above the median claim: counts as the median
+    assert bound_update(1e9, 9000.0, ref, InfluencePolicy(examples_multiple=0, norm_multiple=0)).examples == 100_000  # hard cap
+    assert bound_update(1e9, 9000.0, ref, InfluencePolicy(max_examples=52)).examples == 52
+    assert bound_update(0, 0.0, [(0, 0.0)], p) == bound_update(0, 0.0, [(0, 0.0)], p)  # degenerate: weight 1, no clip
+    assert bound_update(0, 0.0, [(0, 0.0)], p).examples == 1.0
+    with pytest.raises(ValueError):
+        InfluencePolicy(norm_multiple=-1)
+
+
+@pytest.mark.device
+@settings(max_examples=200, deadline=None)
+@given(honest=st.lists(st.tuples(st.integers(1, 500), st.floats(0.01, 10)), min_size=3, max_size=20),
+       attack=st.tuples(st.floats(1, 1e12), st.floats(0.01, 1e6)), frac=st.floats(0, 0.49))
+def test_a_minority_cannot_escape_the_honest_range(honest, attack, frac):
+    """Whatever fewer than half of the reference send, a bounded update counts at most the largest
+    honest claim and is clipped to at most 1.5x the largest honest norm."""
+    n_bad = int(len(honest) * frac / (1 - frac))
+    ref = honest + [attack] * n_bad
+    if 2 * n_bad >= len(ref):
+        return
+    b = bound_update(*attack, ref, InfluencePolicy())
+    assert b.examples <= max(c for c, _ in honest) + 1e-9
+    assert min(attack[1], b.clip_to or attack[1]) <= 1.5 * max(n for _, n in honest) * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------------------- the coordinator
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_llama_dir):
+    return tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+
+
+def adapter_schema(bundle):
+    from edge_runtime.protocol.adapter import load_adapter
+    return load_adapter(bundle / "adapter.safetensors")
+
+
+def payload(meta, device, n, delta, base_version=0, round_id=None):
+    from edge_runtime.protocol.codec import CodecSpec
+    from edge_runtime.protocol.messages import UpdateHeader, encode_update
+    h = UpdateHeader(device_id=device, update_id=uuid.uuid4().hex, base_version=base_version, num_examples=n,
+                     base_fingerprint=meta.base_fingerprint, round=round_id, codec=CodecSpec("fp32", "zstd"))
+    return encode_update(h, delta)
+
+
+def coordinator(bundle, state_dir, **kw):
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    return Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(state_dir), fleet="infl", mode="async", **kw))
+
+
+def published_delta(c, v0):
+    from edge_runtime.protocol.adapter import adapter_from_bytes
+    t, _ = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(c.version)))
+    return {k: t[k] - v0[k] for k in v0}
+
+
+def flat(t):
+    return np.concatenate([np.asarray(t[k], np.float64).ravel() for k in sorted(t)])
+
+
+def fleet_updates(meta, seed=0):
+    """Four honest devices (a shared direction + noise, norm ~1, 40-70 examples) and one attacker
+    pushing the opposite way with norm 9000 and 1e9 claimed examples."""
+    rng = np.random.default_rng(seed)
+    u = {k: rng.standard_normal(s) for k, s in meta.shapes.items()}
+    un = np.linalg.norm(flat(u))
+    u = {k: v / un for k, v in u.items()}
+    size = flat(u).size
+    honest = []
+    for i, n in enumerate((40, 50, 60, 70)):
+        d = {k: (u[k] + 0.3 * rng.standard_normal(v.shape) / np.sqrt(size)).astype(np.float32) for k, v in u.items()}
+        honest.append((f"h{i}", n, d))
+    attacker = ("mallory", 10**9, {k: (-9000.0 * v).astype(np.float32) for k, v in u.items()})
+    return honest, attacker, u
+
+
+def expected_bounded_mean(updates, claim_mult=1.0, norm_mult=1.5):
+    """FedAvg of updates bounded against the medians of all of them (as when they are judged together)."""
+    claims = [n for _, n, _ in updates]
+    norms = [np.linalg.norm(flat(d)) for _, _, d in updates]
+    mc, mn = np.median(claims), np.median(norms)
+    acc, wsum = 0.0, 0.0
+    for (_, n, d), norm in zip(updates, norms):
+        w = min(n, claim_mult * mc)
+        x = flat(d) * (min(1.0, norm_mult * mn / norm))
+        acc = acc + w * x
+        wsum += w
+    return acc / wsum
+
+
+@pytest.mark.parametrize("attacker_first", [False, True])
+def test_one_inflated_update_cannot_dominate(bundle, tmp_path, attacker_first):
+    v0, meta = adapter_schema(bundle)
+    honest, attacker, u = fleet_updates(meta)
+    order = [attacker] + honest if attacker_first else honest + [attacker]
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5, min_reference=5)   # all five judged together
+    for dev, n, d in order:
+        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+    assert c.version == 1
+    got = flat(published_delta(c, v0))
+    np.testing.assert_allclose(got, expected_bounded_mean(order), rtol=1e-4, atol=1e-6)
+    honest_mean = expected_bounded_mean(honest, 1e9, 1e9)
+    # the attacker counts as one device of median weight at 1.5x the median norm: it slows the fleet
+    # down but cannot turn it around (unbounded, it sets the global to -9000 x the direction)
+    assert float(got @ flat(u)) > 0.3 * float(honest_mean @ flat(u))
+    assert np.linalg.norm(got) < 2 * np.linalg.norm(honest_mean)
+    rows = {r["device_id"]: r for r in c.state.devices()}
+    assert rows["mallory"]["accepted"] == 1
+
+
+def test_without_bounds_the_same_update_dominates(bundle, tmp_path):
+    """The check above can fail: with the bounds off, the attacker's update is the global."""
+    v0, meta = adapter_schema(bundle)
+    honest, attacker, u = fleet_updates(meta)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5, examples_multiple=0, norm_multiple=0)
+    for dev, n, d in honest + [attacker]:
+        c.handle_update(dev, payload(meta, dev, n, d))
+    got = flat(published_delta(c, v0))
+    assert float(got @ flat(u)) < -1000
+
+
+def test_held_updates_survive_a_restart(bundle, tmp_path):
+    """The fleet's first updates wait (min_reference 3) until they can be judged; a coordinator killed
+    while holding them resumes with them and publishes what an uninterrupted one does."""
+    v0, meta = adapter_schema(bundle)
+    honest, attacker, _ = fleet_updates(meta)
+    order = [attacker, honest[0], honest[1], honest[2]]
+    msgs = [(dev, payload(meta, dev, n, d)) for dev, n, d in order]
+    ref = coordinator(bundle, tmp_path / "ref", buffer_size=4)
+    for dev, m in msgs:
+        ref.handle_update(dev, m)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=4)
+    for dev, m in msgs[:2]:
+        c.handle_update(dev, m)
+    from coordinator.cli import main as cli
+    c2 = coordinator(bundle, tmp_path / "state", buffer_size=4)         # as after SIGKILL: same state dir
+    assert c2.replayed == 2
+    for dev, m in msgs[2:]:
+        assert c2.handle_update(dev, m)["accepted"]
+    assert c2.version == ref.version == 1
+    np.testing.assert_allclose(flat(published_delta(c2, v0)), flat(published_delta(ref, v0)), rtol=1e-6, atol=1e-7)
+    assert cli(["--state-dir", str(tmp_path / "state"), "status", "--json"]) == 0
+
+
+def test_async_device_gets_one_update_per_version(bundle, tmp_path):
+    v0, meta = adapter_schema(bundle)
+    honest, _, _ = fleet_updates(meta)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=3)
+    dev, n, d = honest[0]
+    assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+    res = c.handle_update(dev, payload(meta, dev, n, d))
+    assert not res["accepted"] and res["reason"] == "too_frequent"
+    for dev, n, d in honest[1:3]:
+        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+    assert c.version == 1                                              # a new version: the device may send again
+    dev, n, d = honest[0]
+    assert c.handle_update(dev, payload(meta, dev, n, d, base_version=1))["accepted"]
+
+
+def test_robust_rule_with_a_server_optimizer(bundle, tmp_path):
+    """median + fedavgm: the median of the bounded updates, then the server momentum step."""
+    from edge_runtime.errors import ConfigError
+    v0, meta = adapter_schema(bundle)
+    honest, attacker, _ = fleet_updates(meta)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5, strategy="median", server_optimizer="fedavgm", server_lr=0.5)
+    ups = honest + [attacker]
+    for dev, n, d in ups:
+        c.handle_update(dev, payload(meta, dev, n, d))
+    mn = np.median([np.linalg.norm(flat(d)) for _, _, d in ups])
+    clipped = [flat(d) * min(1.0, 1.5 * mn / np.linalg.norm(flat(d))) for _, _, d in ups]
+    np.testing.assert_allclose(flat(published_delta(c, v0)), 0.5 * np.median(np.stack(clipped), axis=0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        coordinator(bundle, tmp_path / "x", strategy="svd", server_optimizer="fedadam")
+    with pytest.raises(ConfigError, match="server_optimizer"):
+        coordinator(bundle, tmp_path / "y", server_optimizer="sgd")
