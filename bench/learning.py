@@ -307,7 +307,8 @@ def summarize(runs: list[dict], args) -> str:
     pp = lambda x: f"{x:+.1%}"  # noqa: E731
     f3 = lambda x: f"{x:.3f}"  # noqa: E731
     lines = []
-    for task in sorted(dict.fromkeys(r["task"] for r in runs), key=args.tasks.split(",").index):
+    order = args.tasks.split(",")
+    for task in sorted(dict.fromkeys(r["task"] for r in runs), key=lambda t: (t not in order, order.index(t) if t in order else t)):
         rs = [r for r in runs if r["task"] == task]
         doms = rs[0]["domains"]
         lines += [f"### Task `{task}` (domains: {', '.join(doms)}; seeds {', '.join(str(r['seed']) for r in rs)})", "",

@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", dest="max_rounds", type=int, help="stop after this many rounds (default: run forever)")
     s.add_argument("--min-updates", dest="min_updates", type=int)
     s.add_argument("--round-timeout", dest="round_timeout_s", type=float)
+    s.add_argument("--insecure", action="store_const", const=True, default=None, help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
     for name in ("status", "devices", "rounds", "adapters"):
         x = sub.add_parser(name, help=f"show {name}")
         x.add_argument("--json", action="store_true")
@@ -48,11 +49,13 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--broker", required=True)
     pub.add_argument("--bundle", required=True)
     pub.add_argument("--fleet", default="default")
+    pub.add_argument("--insecure", action="store_true", help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
     rb = sub.add_parser("rollback", help="republish an earlier version's adapter as the next version")
     rb.add_argument("--to", type=int, required=True)
     rb.add_argument("--broker", required=True)
     rb.add_argument("--bundle", required=True)
     rb.add_argument("--fleet", default="default")
+    rb.add_argument("--insecure", action="store_true", help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
     pv = sub.add_parser("provision", help="create a fleet's CA, broker TLS config + ACL, and per-device certificates, "
                                           "signing keys and agent configs (run again to add or revoke devices)")
     pv.add_argument("--fleet", required=True)
@@ -90,7 +93,7 @@ def _state(args):
 def serve(args) -> int:
     from coordinator import admin
     from coordinator.config import CoordinatorConfig
-    keys = ("bundle", "broker", "fleet", "mode", "strategy", "max_rounds", "min_updates", "round_timeout_s")
+    keys = ("bundle", "broker", "fleet", "mode", "strategy", "max_rounds", "min_updates", "round_timeout_s", "insecure")
     overrides = {k: getattr(args, k) for k in keys}
     overrides["state_dir"] = args.state_dir
     cfg = CoordinatorConfig.from_sources(args.config, overrides)
@@ -134,6 +137,8 @@ def admin_command(args) -> int:
     """publish / rollback: executed by the running coordinator when one serves this state dir (see
     coordinator.admin), else here, holding the state dir's lock."""
     from coordinator import admin
+    from edge_runtime.transport import require_secure_broker
+    require_secure_broker(args.broker, args.insecure, "coordinator")
     state_dir = Path(args.state_dir or "./edgefm-coordinator")
     if args.cmd == "publish":
         request = {"cmd": "publish", "adapter": str(Path(args.adapter).resolve())}
@@ -149,7 +154,8 @@ def admin_command(args) -> int:
             from edge_runtime.transport import MqttLink, redact
             if not (state_dir / "coordinator.sqlite").is_file():
                 raise ConfigError(f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first")
-            coord = Coordinator(CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir)))
+            coord = Coordinator(CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir),
+                                                  insecure=args.insecure))
             coord.link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
             coord.link.start()
             try:

@@ -14,6 +14,7 @@ class CoordinatorConfig:
     bundle: str = ""                        # the bundle (or just its manifest + adapter) devices run: initial adapter v0
     state_dir: str = "./edgefm-coordinator"
     broker: str | None = None               # None: start an embedded broker (mosquitto child process)
+    insecure: bool = False                  # accept a broker beyond loopback without TLS and credentials
     fleet: str = "default"
     mode: Literal["sync", "async"] = "sync"
     strategy: str = "fedavg"
@@ -51,6 +52,8 @@ class CoordinatorConfig:
 
     def __post_init__(self):
         from coordinator.strategies import STRATEGIES
+        from edge_runtime.transport import require_secure_broker
+        require_secure_broker(self.broker, self.insecure, "coordinator")
         if self.mode not in ("sync", "async"):
             raise ConfigError("mode must be 'sync' or 'async'")
         if self.strategy not in STRATEGIES:

@@ -18,6 +18,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--model", default="tiny", help="'tiny' (random tiny model), a bundle dir, or a model for edgefm-export")
     r.add_argument("--broker", default=None, help="MQTT URL; default: embedded mosquitto")
+    r.add_argument("--insecure", action="store_true", help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
     r.add_argument("--mode", choices=["sync", "async"], default="sync")
     r.add_argument("--strategy", default="fedavg")
     r.add_argument("--chaos", action="store_true", help="kill/restart an agent and restart the broker mid-run")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         if args.cmd == "run":
             opts = FleetOptions(devices=args.devices, rounds=args.rounds, model=args.model, broker=args.broker, mode=args.mode,
                                 strategy=args.strategy, chaos=args.chaos, out=args.out, profile=args.profile, data=args.data,
-                                timeout_s=args.timeout)
+                                timeout_s=args.timeout, insecure=args.insecure)
         else:
             opts = FleetOptions(devices=args.devices, rounds=args.rounds, model="smollm2", out=args.out, profile="rpi5",
                                 data="stdlib", steps_per_round=4, examples_per_device=32,

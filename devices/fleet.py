@@ -28,6 +28,7 @@ class FleetOptions:
     rounds: int = 3
     model: str = "tiny"                 # tiny | a bundle dir | anything edgefm-export accepts
     broker: str | None = None
+    insecure: bool = False              # accept a --broker beyond loopback without TLS and credentials
     mode: str = "sync"
     strategy: str = "fedavg"
     chaos: bool = False
@@ -173,7 +174,7 @@ class Fleet:
                        + ('train_step_delay_s = 1.0\n' if self.o.chaos and i == self.o.devices - 1 else ""))
         self.cmds[name] = [sys.executable, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--broker", broker,
                            "--fleet", self.o.fleet, "--device-id", name, "--data-dir", str(ddir), "--port", str(port),
-                           "--config", str(cfg), "--no-auto-train"]
+                           "--config", str(cfg), "--no-auto-train"] + (["--insecure"] if self.o.insecure else [])
         self._spawn(name)
         return name
 
@@ -221,6 +222,8 @@ class Fleet:
 
     def run(self) -> dict:
         o = self.o
+        from edge_runtime.transport import require_secure_broker
+        require_secure_broker(o.broker, o.insecure, "edgefm-fleet")   # before minutes of export
         stale = [d for d in self.RUN_STATE if (self.out / d).exists()]
         if stale:  # every run is a fresh fleet: old stores would make agents skip their data and rounds look done
             for d in stale:
@@ -264,7 +267,7 @@ class Fleet:
         self.cmds["coordinator"] = [sys.executable, "-m", "coordinator.cli", "--state-dir", str(state_dir), "serve", "--bundle",
                                     str(bundle), "--broker", broker, "--fleet", o.fleet, "--mode", o.mode, "--strategy", o.strategy,
                                     "--rounds", str(o.rounds), "--min-updates", str(o.devices if o.mode == "sync" else max(1, o.devices - 1)),
-                                    "--round-timeout", str(o.round_timeout_s)]
+                                    "--round-timeout", str(o.round_timeout_s)] + (["--insecure"] if o.insecure else [])
         self._spawn("coordinator")
         self.log(f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)"
                  + (f"; chaos: {names[-1]} is a slow device (+1 s per training step)" if o.chaos else ""))

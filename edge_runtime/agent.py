@@ -62,6 +62,7 @@ class AgentConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     broker: str | None = None
+    insecure: bool = False                # accept a broker beyond loopback without TLS and credentials
     fleet: str = "default"
     device_id: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0][:64] or "device")
     profile: str | None = None
@@ -107,6 +108,8 @@ class AgentConfig:
     torch_load_4bit: bool = False         # QLoRA: bitsandbytes NF4 base (CUDA only)
 
     def __post_init__(self):
+        from edge_runtime.transport import require_secure_broker
+        require_secure_broker(self.broker, self.insecure, "agent")
         check_id(self.device_id, "device_id")
         check_id(self.fleet, "fleet")
         if not 0 < self.port < 65536:

@@ -35,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--host", help="API bind address (default 127.0.0.1: local apps only)")
     r.add_argument("--port", type=int, help="API port (default 8080)")
     r.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT?ca=ca.crt; omit to run offline")
+    r.add_argument("--insecure", action="store_const", const=True, default=None, help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
     r.add_argument("--fleet", help="fleet name (MQTT namespace)")
     r.add_argument("--device-id", dest="device_id", help="this device's id (default: hostname)")
     r.add_argument("--data-dir", dest="data_dir", help="where examples, adapters and the outbox live")
@@ -94,7 +95,7 @@ def run_daemon(args) -> int:
     from edge_runtime.agent import Agent, AgentConfig
     from edge_runtime.server import make_server
     from edge_runtime.transport import redact
-    keys = ("bundle", "profile", "host", "port", "broker", "fleet", "device_id", "data_dir", "inbox", "auto_train")
+    keys = ("bundle", "profile", "host", "port", "broker", "insecure", "fleet", "device_id", "data_dir", "inbox", "auto_train")
     cfg = AgentConfig.from_sources(args.config, {k: getattr(args, k) for k in keys})
     if not cfg.bundle:
         raise ConfigError("no bundle: pass --bundle PATH (or `bundle = ...` in the config file)")

@@ -65,6 +65,48 @@ def redact(url: str | None) -> str | None:
         return "<unparseable broker URL>"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether a broker host name stays on this machine."""
+    import ipaddress
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def insecure_reasons(url: str) -> list[str]:
+    """Why a broker URL is unsafe for a fleet: a broker beyond loopback needs TLS with its host name
+    checked, and credentials (a client certificate or a user name). Empty: nothing to object to."""
+    a = BrokerAddress.parse(url)
+    if is_loopback(a.host):
+        return []
+    reasons = []
+    if not a.tls:
+        reasons.append("plain TCP (anyone on the path reads and forges fleet traffic; use mqtts://)")
+    elif a.insecure:
+        reasons.append("insecure=1 (the broker certificate's host name is not checked)")
+    if not (a.cert or a.username):
+        reasons.append("no credentials (add cert=...&key=... or user:password@)")
+    return reasons
+
+
+def require_secure_broker(url: str | None, allow_insecure: bool, who: str) -> None:
+    """Refuse (ConfigError) a broker beyond loopback without TLS and credentials unless the user said
+    ``insecure``; then only warn. Secrets never appear in the message."""
+    if not url:
+        return
+    reasons = insecure_reasons(url)
+    if not reasons:
+        return
+    what = f"{who}: broker {redact(url)} is beyond loopback with " + "; ".join(reasons)
+    if not allow_insecure:
+        raise ConfigError(f"{what}. Provision the fleet (`edgefm-coordinator provision`, docs/security.md) and use the "
+                          f"configs it writes, or pass --insecure (insecure = true) to accept this on a network you trust")
+    log.warning("%s (allowed by --insecure)", what)
+
+
 MessageHandler = Callable[[str, bytes, bool], None]
 
 

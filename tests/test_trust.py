@@ -292,3 +292,41 @@ def test_damaged_adapter_snapshot_is_refused_and_the_last_good_one_serves(tmp_pa
         np.testing.assert_array_equal(b.engine.adapter.tensors[k], t0[k])
     finally:
         b.stop()
+
+
+@pytest.mark.device
+def test_which_brokers_count_as_secure():
+    from edge_runtime.transport import insecure_reasons
+    ok = ["mqtt://127.0.0.1:1883", "mqtt://localhost:1883", "mqtt://[::1]:1883",
+          "mqtts://broker.lan:8883?ca=ca.crt&cert=d.crt&key=d.key", "mqtts://dev:pw@10.0.0.5:8883?ca=ca.crt"]
+    assert [u for u in ok if insecure_reasons(u)] == []
+    assert [len(insecure_reasons(u)) for u in ("mqtt://broker.lan:1883", "mqtt://dev:pw@10.0.0.5:1883",
+                                               "mqtts://broker.lan:8883?ca=ca.crt", "mqtts://d:p@broker.lan:8883?insecure=1",
+                                               "mqtt://127.0.0.2.example.com:1883")] == [2, 1, 1, 1, 2]
+
+
+def test_a_broker_beyond_loopback_needs_tls_and_credentials_or_insecure(tmp_path, bundle):
+    """Every program that talks to a fleet broker refuses a plain or anonymous one beyond loopback
+    (before any work), names what is missing and never the password; --insecure lets it through."""
+    import subprocess
+    import sys
+    from coordinator.config import CoordinatorConfig
+    from edge_runtime.agent import AgentConfig
+    from edge_runtime.errors import ConfigError
+    url = "mqtt://dev-1:s3cret@broker.lan:1883"
+    cmds = {"agent": [sys.executable, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--broker", url,
+                      "--data-dir", str(tmp_path / "a")],
+            "coordinator": [sys.executable, "-m", "coordinator.cli", "--state-dir", str(tmp_path / "c"), "serve", "--bundle",
+                            str(bundle), "--broker", url],
+            "rollback": [sys.executable, "-m", "coordinator.cli", "--state-dir", str(tmp_path / "c"), "rollback", "--to", "0",
+                         "--broker", url, "--bundle", str(bundle)],
+            "fleet": [sys.executable, "-m", "devices.cli", "run", "--broker", url, "--out", str(tmp_path / "f")]}
+    for who, cmd in cmds.items():
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "plain TCP" in r.stderr and "--insecure" in r.stderr, (who, r.stderr[-1500:])
+        assert "s3cret" not in r.stdout + r.stderr and "dev-1:***@broker.lan" in r.stderr, who
+    assert not (tmp_path / "f" / "agents").exists()            # the fleet refused before building anything
+    AgentConfig(bundle=str(bundle), broker=url, insecure=True)  # allowed when the user says so
+    CoordinatorConfig(bundle=str(bundle), broker=url, insecure=True)
+    with pytest.raises(ConfigError, match="no credentials"):
+        CoordinatorConfig(bundle=str(bundle), broker="mqtts://broker.lan:8883?ca=ca.crt")

@@ -37,13 +37,13 @@ RUN_HERE = {
     "edgefm-export adapter to-peft adapter.safetensors --bundle B -o peft/",
     "edgefm-export adapter from-peft peft/ --bundle B -o adapter.safetensors",
     "edgefm-export adapter to-onnx-adapter adapter.safetensors --bundle B -o a.onnx_adapter",
-    "edgefm-agent run --bundle bundles/smollm2-int4 --broker mqtt://gateway:1883 --device-id pi-kitchen --profile rpi5",
+    "edgefm-agent run --bundle bundles/smollm2-int4 --config fleet-keys/devices/pi-1/agent.toml --profile rpi5",
     "curl localhost:8080/v1/chat/completions -d '{\"messages\":[{\"role\":\"user\",\"content\":\"hello\"}],\"stream\":true}'",
     "curl localhost:8080/v1/examples -d '{\"examples\":[{\"text\":\"...\"},{\"prompt\":\"Q: ...\",\"completion\":\" A: ...\"}]}'",
     "edgefm-agent status | adapters | rollback [--to ID] | train-now",
     "edgefm-agent adapters load peft-dir/ --name support-v2",
     "edgefm-coordinator serve --bundle bundles/smollm2-int4",
-    "edgefm-coordinator serve --bundle B --broker mqtts://broker:8883?ca=ca.crt --mode async --strategy svd",
+    "edgefm-coordinator serve --bundle B --config fleet-keys/coordinator/coordinator.toml --mode async --strategy svd",
     "edgefm-coordinator status | devices | rounds | adapters [--json]",
     "edgefm-coordinator rollback --to 3 --broker URL --bundle B",
     "edgefm-coordinator export --format peft --bundle B -o peft-global/",
@@ -96,11 +96,13 @@ def test_export_commands(tmp_path, tiny_llama_dir, smollm2_bundle):
 def test_agent_commands_on_the_real_model(tmp_path, broker, smollm2_bundle):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    line = "edgefm-agent run --bundle bundles/smollm2-int4 --broker mqtt://gateway:1883 --device-id pi-kitchen --profile rpi5"
+    line = "edgefm-agent run --bundle bundles/smollm2-int4 --config fleet-keys/devices/pi-1/agent.toml --profile rpi5"
     import os
     # short sessions (the rpi5 profile's 16 steps of 8 x 128 tokens take minutes on a CI runner)
     (tmp_path / "fast.toml").write_text("steps_per_round = 1\nmax_steps_per_session = 1\ngeneral_replay_fraction = 0.0\n")
-    p = subprocess.Popen(argv(line, {"bundles/smollm2-int4": str(smollm2_bundle), "mqtt://gateway:1883": broker.url,
+    # (the provisioned agent.toml's broker and identity, here a loopback test broker)
+    p = subprocess.Popen(argv(line, {"bundles/smollm2-int4": str(smollm2_bundle),
+                                     "--config fleet-keys/devices/pi-1/agent.toml": f"--broker {broker.url} --device-id pi-1",
                                      "--profile rpi5": f"--profile rpi5 --port {port} --config fast.toml"}),
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -160,9 +162,10 @@ def test_coordinator_commands(tmp_path, broker_tls, smollm2_bundle, tiny_llama_d
     b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     tls = f"mqtts://localhost:{broker_tls.port}?ca={broker_tls.certs['ca.crt']}"
     (tmp_path / "coordinator.toml").write_text("buffer_size = 1\n")
-    serve = argv("edgefm-coordinator serve --bundle B --broker mqtts://broker:8883?ca=ca.crt --mode async --strategy svd",
-                 {"--bundle B": f"--bundle {b}", "mqtts://broker:8883?ca=ca.crt": tls})
-    p = subprocess.Popen(serve + ["--config", "coordinator.toml"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+    serve = argv("edgefm-coordinator serve --bundle B --config fleet-keys/coordinator/coordinator.toml --mode async --strategy svd",
+                 {"--bundle B": f"--bundle {b}", "--config fleet-keys/coordinator/coordinator.toml":
+                  f"--broker {tls} --config coordinator.toml"})
+    p = subprocess.Popen(serve, cwd=tmp_path, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=env)
     from edge_runtime.agent import Agent, AgentConfig
     from helpers import examples
