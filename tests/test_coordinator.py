@@ -212,8 +212,10 @@ def test_sigkill_mid_round_resumes_without_double_counting(bundle, tmp_path, bro
         st = State(state_dir)
         assert st.update_counts()["accepted"] == 3
         v1, _ = adapter_from_bytes(st.blobs.get(st.version_sha(1)))
+        # p and q were held (too few to judge) when the process died; after the restart r makes three:
+        # each counts at most the median claim (8), so r's 12 counts 8
         for k in v0:
-            expect = v0[k] + sum(n * sent[d][1][k] for d, n in (("p", 4), ("q", 8), ("r", 12))) / 24
+            expect = v0[k] + sum(n * sent[d][1][k] for d, n in (("p", 4), ("q", 8), ("r", 8))) / 20
             np.testing.assert_allclose(v1[k], expect, rtol=1e-5, atol=1e-6)
         p.wait(30)
     finally:
@@ -371,12 +373,13 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
 def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_path, capsys):
     """A batch whose payloads outweigh the accumulator is made durable as a checkpoint of the running
     sum (and the log before it is dropped); a lone update goes to the log. A fresh process (as after
-    SIGKILL) resumes with checkpoint + log and publishes the FedAvg of every accepted update."""
+    SIGKILL) resumes with checkpoint + log and publishes the FedAvg of every accepted update (weighted by
+    the claims: the median-claim cap is off here, tests/test_influence.py covers it)."""
     from edge_runtime.protocol.adapter import adapter_from_bytes
     v0, meta = schema(bundle)
     rng = np.random.default_rng(11)
     ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(6)]
-    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0)
     c.handle_update("d0", ups[0][2])                                    # alone: smaller than a checkpoint -> log
     with c._batch():                                                    # one ingest batch of three
         for i in (1, 2, 3):
@@ -394,7 +397,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     assert cli(["--state-dir", str(st.dir), "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pending"] == {"updates": 5, "in_checkpoint": 4, "in_log": 1}
 
-    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)   # restart on the same state
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0)   # restart on the same state
     assert c2.replayed == 5 and c2.strategy.count(c2.acc) == 5
     assert c2.handle_update("d5", ups[5][2])["accepted"]
     assert c2._aggregate(round_id=None) == 1
