@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from edge_runtime.errors import StateError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, state TEXT, profile TEXT, base_fingerprint TEXT,
   adapter_version INTEGER, global_version INTEGER, last_seen REAL, accepted INTEGER DEFAULT 0, rejected INTEGER DEFAULT 0,
@@ -42,6 +44,10 @@ def fsync_dir(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+RECOVERY = ("Nothing was changed. Restore coordinator.sqlite (with its -wal file) from a backup, or keep {dir} aside for "
+            "inspection (`mv {dir} {dir}.damaged`) and start a new state dir: the fleet then restarts from the bundle's adapter "
+            "(v0); the stored adapters stay readable under blobs/ (safetensors files named by their sha256).")
 
 CHECKPOINTED = "ckpt"  # updates.blob of an accepted update held only by the accumulator checkpoint
 
@@ -206,14 +212,31 @@ class State:
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.dir / "coordinator.sqlite"), check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(updates)")}
-        for col in ("norm", "clip"):  # bounded influence (state dirs from before it lack them)
-            if col not in cols:
-                self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} REAL")
+        path = self.dir / "coordinator.sqlite"
+        stored_adapters = sum(1 for _ in (self.dir / "blobs").glob("*/*")) if (self.dir / "blobs").is_dir() else 0
+        try:
+            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            # checked before anything writes: a damaged state is reported, never repaired over
+            check = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise sqlite3.DatabaseError(check)
+            if stored_adapters:  # never start again at v0 over a fleet's history
+                has = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='versions'").fetchone()
+                if not has or not self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]:
+                    self.db.close()
+                    raise StateError(f"{path} records no versions, but {self.dir / 'blobs'} holds {stored_adapters} stored "
+                                     f"adapter(s): the database was truncated, replaced or deleted. {RECOVERY.format(dir=self.dir)}")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(updates)")}
+            for col in ("norm", "clip"):  # bounded influence (state dirs from before it lack them)
+                if col not in cols:
+                    self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} REAL")
+        except sqlite3.DatabaseError as exc:
+            if getattr(self, "db", None) is not None:
+                self.db.close()
+            raise StateError(f"{path} is damaged ({exc}). {RECOVERY.format(dir=self.dir)}") from None
         self.blobs = BlobStore(self.dir / "blobs")
         self.log = UpdateLog(self.dir / "updates")
         self.checkpoints = Checkpoints(self.dir / "acc")

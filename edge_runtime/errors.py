@@ -62,5 +62,9 @@ class ExportError(EdgefmError):
     """The exporter could not produce a bundle."""
 
 
+class StateError(EdgefmError):
+    """Durable state is damaged; the message says what was found and how to recover."""
+
+
 class TrainingError(EdgefmError):
     """The on-device trainer could not complete a step."""

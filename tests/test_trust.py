@@ -330,3 +330,46 @@ def test_a_broker_beyond_loopback_needs_tls_and_credentials_or_insecure(tmp_path
     CoordinatorConfig(bundle=str(bundle), broker=url, insecure=True)
     with pytest.raises(ConfigError, match="no credentials"):
         CoordinatorConfig(bundle=str(bundle), broker="mqtts://broker.lan:8883?ca=ca.crt")
+
+
+def test_damaged_coordinator_database_is_refused_not_reset(tmp_path, bundle):
+    """A truncated or scribbled-over coordinator.sqlite stops the coordinator (and its admin
+    commands) with what was found and how to recover; it never starts again at v0 over the fleet's
+    history, and it changes nothing on disk."""
+    import subprocess
+    import sys
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    from edge_runtime.errors import StateError
+    from test_influence import adapter_schema, fleet_updates, payload
+    v0, meta = adapter_schema(bundle)
+    state = tmp_path / "state"
+    cfg = dict(bundle=str(bundle), state_dir=str(state), fleet="integ", mode="async", buffer_size=4)
+    c = Coordinator(CoordinatorConfig(**cfg))
+    honest, _, _ = fleet_updates(meta)
+    for dev, n, d in honest:
+        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+    assert c.version == 1
+    c.state.db.close()                                   # the last connection: the WAL is folded into the file
+    db = state / "coordinator.sqlite"
+    good = db.read_bytes()
+    snapshot = lambda: sorted((p.relative_to(state).as_posix(), p.stat().st_size) for p in state.rglob("*") if p.is_file())  # noqa: E731
+
+    def refused(match):
+        before = snapshot()
+        with pytest.raises(StateError, match=match) as err:
+            Coordinator(CoordinatorConfig(**cfg))
+        assert "Nothing was changed" in str(err.value) and "backup" in str(err.value)
+        r = subprocess.run([sys.executable, "-m", "coordinator.cli", "--state-dir", str(state), "status"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 1 and "edgefm-coordinator: error:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert snapshot() == before
+    db.write_bytes(b"")                                  # truncated
+    refused("records no versions")
+    db.write_bytes(good[:4096] + bytes(len(good) - 4096))  # every page after the first zeroed
+    refused("damaged")
+    db.write_bytes(b"not a database at all" * 300)
+    refused("damaged")
+    db.write_bytes(good)                                 # restored from a backup: back in business at v1
+    c2 = Coordinator(CoordinatorConfig(**cfg))
+    assert c2.version == 1
