@@ -181,7 +181,7 @@ def main(argv=None) -> int:
                 from coordinator.state import CHECKPOINTED
                 pending = st.pending_accepted()
                 held = sum(1 for r in pending if r[2] == CHECKPOINTED)
-                data = {"version": st.current_version(), "devices": len(st.devices()), "online": len(st.online_devices()),
+                data = {"version": st.current_version(), "epoch": st.get("epoch"), "devices": len(st.devices()), "online": len(st.online_devices()),
                         "rounds": len(st.rounds()), "updates": st.update_counts(),
                         "pending": {"updates": len(pending), "in_checkpoint": held, "in_log": len(pending) - held}}
                 print(json.dumps(data, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in data.items()))

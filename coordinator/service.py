@@ -90,6 +90,13 @@ class Coordinator:
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
             self._store_version(0, None, tensors, meta, note="initial adapter from the bundle")
         self.version = self.state.current_version()
+        # this state's lineage: pointers and rounds carry it; a device on another lineage (an older state,
+        # a forged pointer from before signatures) takes this one's globals whatever their version
+        self.epoch = self.state.get("epoch")
+        if not self.epoch:
+            import secrets
+            self.epoch = secrets.token_hex(8)
+            self.state.put("epoch", self.epoch)
         self.global_tensors, self.global_meta = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(self.version)))
         self.acc = self.strategy.begin(self.global_tensors)
         self.folded_ids: list[str] = []
@@ -475,7 +482,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
     def _announce(self, plan: RoundPlan | None) -> None:
-        msg = {"kind": "round", "mode": self.cfg.mode, "base_version": self.version,
+        msg = {"kind": "round", "mode": self.cfg.mode, "base_version": self.version, "epoch": self.epoch,
                "train_a": getattr(self.strategy, "train_a", True)}
         if plan is not None:
             msg.update(round=plan.round, deadline=plan.deadline, selected=plan.selected)
@@ -588,7 +595,8 @@ class Coordinator:
         import json
         blob = self.state.blobs.get(row[1])
         ptr, chunks = make_pointer(version, row[0], self.fingerprint, blob, chunk_size=self.cfg.chunk_size, round=row[2],
-                                   metrics={k: v for k, v in json.loads(row[3] or "{}").items() if isinstance(v, (int, float))})
+                                   metrics={k: v for k, v in json.loads(row[3] or "{}").items() if isinstance(v, (int, float))},
+                                   epoch=self.epoch)
         for i, c in enumerate(chunks):
             self.link.publish(self.topics.global_chunk(version, i), c, qos=1, retain=True)
         self.link.publish(self.topics.global_pointer, self._message(ptr.to_json()), qos=1, retain=True)

@@ -201,7 +201,7 @@ class Agent:
             from edge_runtime.sync import FederatedSync
             self.sync = FederatedSync(cfg.broker, cfg.fleet, cfg.device_id, self.store, self.data_dir / "chunks",
                                       base_fingerprint=self.manifest.base_fingerprint,
-                                      current_version=lambda: self.global_version, on_global=self.receive_global,
+                                      wants_global=self.wants_global, on_global=self.receive_global,
                                       on_round=self._on_round, status=self.status_summary, metrics=self.metrics,
                                       resend_after_s=cfg.resend_after_s, keepalive_s=cfg.mqtt_keepalive_s,
                                       coordinator_key=cfg.coordinator_key)
@@ -227,6 +227,7 @@ class Agent:
             except (OSError, EdgefmError, KeyError, TypeError) as exc:
                 self._event("local_adapter_unreadable", error=str(exc))
         self.global_version = int(self.store.get("global_version", 0))
+        self.fleet_epoch = self.store.get("fleet_epoch")   # the coordinator lineage the global comes from
         self.global_tensors = bundle_tensors
         gpath = self.store.get("global_path")
         if gpath:
@@ -601,10 +602,23 @@ class Agent:
             self._pending_round = msg
         self._wake.set()
 
+    def wants_global(self, pointer: GlobalPointer) -> bool:
+        """Whether a verified pointer is news: a higher version of this device's lineage, or any version
+        of another lineage (the coordinator's signed fleet reset: a new state, a restore from backup,
+        recovery from a bad pointer published before signatures)."""
+        if pointer.epoch and pointer.epoch != self.fleet_epoch:
+            if pointer.version == 0 and self.global_version == 0 and self.fleet_epoch is None:
+                self.fleet_epoch = pointer.epoch   # a new device meets its fleet: v0 is the bundle's adapter it has
+                self.store.put("fleet_epoch", pointer.epoch)
+                return False
+            return True
+        return pointer.version > self.global_version
+
     def receive_global(self, pointer: GlobalPointer, blob: bytes) -> None:
         """A verified global adapter arrived: queue it for the worker (the newest one wins)."""
         with self._work_lock:
-            if self._pending_global is None or pointer.version > self._pending_global[0].version:
+            pending = self._pending_global
+            if pending is None or pointer.epoch != pending[0].epoch or pointer.version > pending[0].version:
                 self._pending_global = (pointer, blob)
         self._wake.set()
 
@@ -614,6 +628,8 @@ class Agent:
             msg = self._pending_round
         if msg is None:
             return None
+        if msg.get("epoch") and msg["epoch"] != self.fleet_epoch:
+            return None  # a round of another lineage: its global comes first (the announcement stays pending)
         selected = msg.get("selected")
         drop = (selected is not None and self.cfg.device_id not in selected) or \
             session_key(msg) in self.store.get("round_sessions", []) or \
@@ -634,8 +650,18 @@ class Agent:
             self._event("global_refused", version=pointer.version, reason=exc.reason.value, detail=exc.detail)
             self.metrics.inc("edgefm_global_refused_total", labels={"reason": exc.reason.value}, help="global adapters refused")
             return
-        if pointer.version <= self.global_version:
+        if not self.wants_global(pointer):
             return
+        if pointer.epoch and pointer.epoch != self.fleet_epoch:
+            # fleet reset: versions restart in the new lineage; what this device built on the old one is
+            # no base for it (sessions and local results are keyed by version)
+            self._event("fleet_epoch_changed", old=self.fleet_epoch, new=pointer.epoch, version=pointer.version,
+                        old_version=self.global_version)
+            self._latest_local = None
+            self.store.put("latest_local", None)
+            self.store.put("round_sessions", [])
+            self.fleet_epoch = pointer.epoch
+            self.store.put("fleet_epoch", pointer.epoch)
         meta.version = pointer.version
         adapter_id = f"global-{pointer.version}"
         path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
@@ -669,7 +695,7 @@ class Agent:
         return {"device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "state": self.state.value,
                 "paused_reason": self.paused_reason, "task": self.manifest.task,
                 "active_adapter": self.active_id, "adapter_version": self.engine.adapter.version,
-                "global_version": self.global_version, "examples": self.store.count_examples(),
+                "global_version": self.global_version, "fleet_epoch": self.fleet_epoch, "examples": self.store.count_examples(),
                 "outbox": self.store.outbox_stats(), "broker_connected": bool(self.sync and self.sync.connected),
                 "last_train_decision": self.last_decision.value, "round": self.round,
                 "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],

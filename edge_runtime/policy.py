@@ -57,4 +57,4 @@ def session_steps(*, new_examples: int, batch: int, replay_fraction: float, min_
 
 def session_key(round_msg: dict) -> str:
     """Identity of the training session a round announcement asks for: one session per round and base."""
-    return f"{round_msg.get('mode', 'sync')}:{round_msg.get('round')}:{round_msg.get('base_version')}"
+    return f"{round_msg.get('mode', 'sync')}:{round_msg.get('epoch')}:{round_msg.get('round')}:{round_msg.get('base_version')}"

@@ -28,7 +28,7 @@ class FederatedSync:
     """MQTT side of the agent."""
 
     def __init__(self, url: str, fleet: str, device_id: str, store: Store, chunk_dir: Path, *,
-                 base_fingerprint: str, current_version: Callable[[], int],
+                 base_fingerprint: str, wants_global: Callable[[GlobalPointer], bool],
                  on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[dict], None] | None = None,
                  status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0,
                  resend_after_s: float = 120.0, keepalive_s: int = 15, coordinator_key: str | None = None):
@@ -37,7 +37,7 @@ class FederatedSync:
         self.store = store
         self.chunk_dir = Path(chunk_dir)
         self.base_fingerprint = base_fingerprint
-        self.current_version = current_version
+        self.wants_global = wants_global   # whether a (verified) pointer is newer than what the device has
         self.on_global, self.on_round, self.status = on_global, on_round, status or (lambda: {})
         self.metrics = metrics
         from edge_runtime.protocol import signing
@@ -196,14 +196,14 @@ class FederatedSync:
             self.metrics.inc("edgefm_update_receipts_total", labels={"status": status}, help="coordinator receipts by status")
 
     def _start_fetch(self, ptr: GlobalPointer) -> None:
-        if ptr.version <= self.current_version():
+        if not self.wants_global(ptr):
             return
         if ptr.base_fingerprint != self.base_fingerprint:
             self._reject(f"global v{ptr.version}", ProtocolError(RejectReason.FINGERPRINT_MISMATCH,
                                                                  "global adapter is for another base model"))
             return
         with self._lock:
-            if self._assembler and self._assembler.pointer.version >= ptr.version:
+            if self._assembler and self._assembler.pointer.epoch == ptr.epoch and self._assembler.pointer.version >= ptr.version:
                 return
             # Resume: chunks already verified and saved on disk from an earlier attempt count.
             vdir = self.chunk_dir / f"v{ptr.version}"

@@ -444,7 +444,7 @@ def test_update_sent_before_any_coordinator_is_resent_until_receipted(bundle, tm
     store = Store(tmp_path / "agent.sqlite")
     fleet = f"fresh-{uuid.uuid4().hex[:6]}"            # no coordinator session for this fleet exists on the broker
     sync = FederatedSync(broker.url, fleet, "dev-9", store, tmp_path / "chunks", base_fingerprint=meta.base_fingerprint,
-                         current_version=lambda: 0, on_global=lambda p, b: None, resend_after_s=1.0)
+                         wants_global=lambda p: p.version > 0, on_global=lambda p, b: None, resend_after_s=1.0)
     sync.start()
     c = None
     try:

@@ -195,8 +195,9 @@ def test_forged_globals_rounds_receipts_and_updates_refused_without_any_acl(tmp_
         wait_for(lambda: a.global_version == 1, 60, what="v1")
         meta = a.engine.adapter.meta
         blob = (tmp_path / "a" / "adapters" / "global-1.safetensors").read_bytes()
-        # 1. a copy of a real adapter announced as v999, unsigned and signed with a device's key: refused
-        ptr, chunks = make_pointer(999, 1, meta.base_fingerprint, blob)
+        # 1. a copy of a real adapter announced as v999 of a new lineage (a fleet reset), unsigned and
+        #    signed with a device's key: refused
+        ptr, chunks = make_pointer(999, 1, meta.base_fingerprint, blob, epoch="dead")
         for i, ch in enumerate(chunks):
             evil.publish(t.global_chunk(999, i), ch, retain=True)
         evil.publish(t.global_pointer, ptr.to_bytes(), retain=True)
@@ -373,3 +374,50 @@ def test_damaged_coordinator_database_is_refused_not_reset(tmp_path, bundle):
     db.write_bytes(good)                                 # restored from a backup: back in business at v1
     c2 = Coordinator(CoordinatorConfig(**cfg))
     assert c2.version == 1
+
+
+def test_signed_fleet_reset_recovers_devices_on_an_old_lineage(tmp_path, bundle, broker):
+    """The coordinator's state is lost and a new one starts (same signing key, new state dir): its
+    versions restart at 0, lower than what the devices hold. Its pointers carry its lineage (epoch),
+    so devices take its globals whatever their version and their updates count again; without that
+    every device would ignore v0..v(N) and every update would be refused as stale, for good."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator
+    from edge_runtime.agent import Agent, AgentConfig
+    out = provisioned(tmp_path)
+    keys = dict(signing_key=str(out / "coordinator/signing.key"), device_keys=str(out / "fleet.json"))
+
+    def coordinator(state):
+        c = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / state), broker=broker.url, fleet="plant",
+                                          mode="async", buffer_size=1, **keys))
+        c.start()
+        return c
+    c = coordinator("state-1")
+    a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), broker=broker.url, fleet="plant", device_id="dev-a",
+                          auto_train=False, min_new_examples=1, steps_per_round=2,
+                          signing_key=str(out / "devices/dev-a/signing.key"), coordinator_key=str(out / "coordinator.pub")))
+    c2 = None
+    try:
+        a.add_examples(examples(12))
+        a.start()
+        wait_for(lambda: a.sync.connected and c.link.connected.is_set(), 30, what="connections")
+        wait_for(lambda: a.status()["fleet_epoch"] == c.epoch, 20, what="the device learns its fleet's lineage from v0")
+        assert a.global_version == 0 and a.active_id == "bundle"     # v0 is the bundle's adapter: nothing fetched
+        for v in (1, 2):
+            a.add_examples(examples(4, offset=100 * v))
+            a.train_once(forced=True)
+            wait_for(lambda: a.global_version == v, 60, what=f"v{v}")
+        c.stop()
+        c2 = coordinator("state-2")                                    # a fresh state: v0 again, a new lineage
+        assert c2.epoch != c.epoch and c2.version == 0
+        wait_for(lambda: a.status()["fleet_epoch"] == c2.epoch and a.global_version == 0, 60, what="the device takes the new v0")
+        assert any(e["event"] == "fleet_epoch_changed" for e in a.status()["events"])
+        a.add_examples(examples(4, offset=900))
+        a.train_once(forced=True)
+        wait_for(lambda: c2.version == 1 and a.global_version == 1, 60, what="its update counts in the new lineage")
+        assert c2.state.update_counts()["accepted"] == 1
+    finally:
+        a.stop()
+        if c2:
+            c2.stop()
+        c.stop()

@@ -30,6 +30,7 @@ MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+EPOCH_RE = re.compile(r"^[0-9a-f-]{1,64}$")
 
 
 def _fail(reason: RejectReason, msg: str):
@@ -269,6 +270,7 @@ class GlobalPointer:
     chunk_sha256: list[str]
     round: int | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    epoch: str | None = None    # the coordinator's lineage: a new one outranks any version of the old (fleet reset)
 
     def to_json(self) -> dict:
         return {"kind": "global", **dataclasses.asdict(self)}
@@ -295,16 +297,25 @@ class GlobalPointer:
             _fail(RejectReason.BAD_FIELD, "chunk_sha256 must list one sha256 per chunk")
         return cls(version=_int(obj, "version", minimum=0), parent=_int(obj, "parent", optional=True),  # v0: the bundle's adapter
                    base_fingerprint=_str(obj, "base_fingerprint"), sha256=sha, size=size, chunk_size=csize,
-                   chunk_sha256=chunks, round=_int(obj, "round", optional=True), metrics=_metrics(obj.get("metrics")))
+                   chunk_sha256=chunks, round=_int(obj, "round", optional=True), metrics=_metrics(obj.get("metrics")),
+                   epoch=_epoch(obj.get("epoch")))
+
+
+def _epoch(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not EPOCH_RE.match(value):
+        _fail(RejectReason.BAD_FIELD, "epoch must be 1-64 characters of [0-9a-f-]")
+    return value
 
 
 def make_pointer(version: int, parent: int | None, base_fingerprint: str, blob: bytes, *,
                  chunk_size: int = 256 * 1024, round: int | None = None,
-                 metrics: dict[str, float] | None = None) -> tuple[GlobalPointer, list[bytes]]:
+                 metrics: dict[str, float] | None = None, epoch: str | None = None) -> tuple[GlobalPointer, list[bytes]]:
     """Split an adapter file into chunks and describe them in a pointer."""
     chunks = [blob[i:i + chunk_size] for i in range(0, len(blob), chunk_size)] or [b""]
     ptr = GlobalPointer(version, parent, base_fingerprint, hashlib.sha256(blob).hexdigest(), len(blob), chunk_size,
-                        [hashlib.sha256(c).hexdigest() for c in chunks], round, dict(metrics or {}))
+                        [hashlib.sha256(c).hexdigest() for c in chunks], round, dict(metrics or {}), epoch)
     return ptr, chunks
 
 
