@@ -60,6 +60,7 @@ class AgentConfig:
     bundle: str = ""
     data_dir: str = "./edgefm-agent-data"
     host: str = "127.0.0.1"
+    api_token: str | None = None          # bearer token every API request must carry (required beyond loopback)
     port: int = 8080
     broker: str | None = None
     insecure: bool = False                # accept a broker beyond loopback without TLS and credentials
@@ -108,8 +109,13 @@ class AgentConfig:
     torch_load_4bit: bool = False         # QLoRA: bitsandbytes NF4 base (CUDA only)
 
     def __post_init__(self):
-        from edge_runtime.transport import require_secure_broker
+        from edge_runtime.transport import is_loopback, require_secure_broker
         require_secure_broker(self.broker, self.insecure, "agent")
+        if self.api_token is not None and len(self.api_token) < 16:
+            raise ConfigError("api_token must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+        if not is_loopback(self.host.strip("[]")) and not self.api_token:
+            raise ConfigError(f"binding the agent API to {self.host} exposes it beyond this device: set api_token (or the "
+                              f"EDGEFM_API_TOKEN environment variable) so every request must carry `Authorization: Bearer <token>`")
         check_id(self.device_id, "device_id")
         check_id(self.fleet, "fleet")
         if not 0 < self.port < 65536:
@@ -133,6 +139,8 @@ class AgentConfig:
         """Defaults < profile < config file < command-line flags."""
         from edge_runtime.settings import merge_settings
         values = merge_settings(cls, config_file, overrides)
+        if not values.get("api_token") and os.environ.get("EDGEFM_API_TOKEN"):
+            values["api_token"] = os.environ["EDGEFM_API_TOKEN"]
         if values.get("profile"):
             values = merge_settings(cls, None, values, base=profile_defaults(values["profile"]))
         return cls(**values)

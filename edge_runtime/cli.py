@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -46,19 +47,23 @@ def parser() -> argparse.ArgumentParser:
                                        "adapters": "list adapter versions, or `adapters load FILE|PEFT_DIR` one from outside",
                                        "train-now": "start a training session now"}[name])
         s.add_argument("--url", default="http://127.0.0.1:8080")
+        s.add_argument("--token", default=None, help="the agent's api_token (default: $EDGEFM_API_TOKEN)")
         if name == "adapters":
             s.add_argument("action", nargs="?", choices=["list", "load"], default="list")
             s.add_argument("path", nargs="?", help="load: an edgefm .safetensors adapter or a PEFT LoRA directory")
             s.add_argument("--name", help="load: id suffix for the adapter (default: its hash)")
     rb = sub.add_parser("rollback", help="serve the previous (or a given) adapter")
     rb.add_argument("--url", default="http://127.0.0.1:8080")
+    rb.add_argument("--token", default=None, help="the agent's api_token (default: $EDGEFM_API_TOKEN)")
     rb.add_argument("--to", default=None, help="adapter id from `edgefm-agent adapters`")
     return p
 
 
-def _call(url: str, path: str, body: dict | None = None) -> dict:
+def _call(url: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
+    token = token or os.environ.get("EDGEFM_API_TOKEN")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     req = urllib.request.Request(url.rstrip("/") + path, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+                                 headers=headers, method="GET" if body is None else "POST")
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read())
@@ -127,20 +132,20 @@ def main(argv=None) -> int:
         if args.cmd == "run":
             return run_daemon(args)
         if args.cmd == "status":
-            print(json.dumps(_call(args.url, "/v1/status"), indent=2))
+            print(json.dumps(_call(args.url, "/v1/status", token=args.token), indent=2))
         elif args.cmd == "adapters" and args.action == "load":
-            res = _call(args.url, "/v1/adapters", load_request(args.path, args.name))
+            res = _call(args.url, "/v1/adapters", load_request(args.path, args.name), token=args.token)
             print(json.dumps(res, indent=2))
             return 0 if res["adopted"] else 3
         elif args.cmd == "adapters":
-            res = _call(args.url, "/v1/adapters")
+            res = _call(args.url, "/v1/adapters", token=args.token)
             print(f"{'':2}{'id':24} {'version':>7} {'kind':8} note")
             for a in res["adapters"]:
                 print(f"{'*' if a['id'] == res['active'] else ' ':2}{a['id']:24} {a['version']:>7} {a['kind']:8} {a['note']}")
         elif args.cmd == "rollback":
-            print(json.dumps(_call(args.url, "/v1/adapters/rollback", {"to": args.to})))
+            print(json.dumps(_call(args.url, "/v1/adapters/rollback", {"to": args.to}, token=args.token)))
         elif args.cmd == "train-now":
-            print(json.dumps(_call(args.url, "/v1/train", {"wait": True}), indent=2))
+            print(json.dumps(_call(args.url, "/v1/train", {"wait": True}, token=args.token), indent=2))
         return 0
     except EdgefmError as exc:
         if args.debug:

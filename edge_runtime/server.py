@@ -53,6 +53,14 @@ def request_origin_refusal(host: str | None, origin: str | None, method: str, bi
     return None
 
 
+def bearer_ok(header: str | None, token: str) -> bool:
+    """Whether an Authorization header carries the token (constant-time comparison)."""
+    import hmac
+    if not header or not header.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+
+
 class Handler(BaseHTTPRequestHandler):
     """Routes requests to the agent."""
 
@@ -74,7 +82,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _error(self, err: ApiError) -> None:
         kind = "invalid_request_error" if err.status < 500 else "server_error"
-        self._send(err.status, {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}})
+        data = json.dumps({"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}).encode()
+        self.send_response(err.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if err.status == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="edgefm-agent"')
+        self.end_headers()
+        self.wfile.write(data)
 
     def _body(self, limit: int | None = None) -> dict:
         limit = limit or self.agent.cfg.max_request_bytes
@@ -106,6 +121,9 @@ class Handler(BaseHTTPRequestHandler):
             refusal = request_origin_refusal(self.headers.get("Host"), self.headers.get("Origin"), method, a.cfg.host)
             if refusal:
                 raise ApiError(403, refusal, None, "forbidden_origin")
+            if a.cfg.api_token and path != "/healthz" and not bearer_ok(self.headers.get("Authorization"), a.cfg.api_token):
+                raise ApiError(401, "this agent requires `Authorization: Bearer <api_token>` (the OpenAI client's api_key)",
+                               None, "invalid_api_key")
             if route is None and method == "GET" and path.startswith("/v1/models/"):
                 name = urllib.parse.unquote(path[len("/v1/models/"):])
                 route = lambda h: model_retrieve(h, name)  # noqa: E731

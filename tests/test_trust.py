@@ -421,3 +421,42 @@ def test_signed_fleet_reset_recovers_devices_on_an_old_lineage(tmp_path, bundle,
         if c2:
             c2.stop()
         c.stop()
+
+
+def test_api_token_guards_every_endpoint_but_health(tmp_path, bundle):
+    """With api_token set, the OpenAI client works with it as its api_key and fails without it; raw
+    requests without it get 401 + WWW-Authenticate; /healthz stays open (load balancers); the CLI
+    sends it from $EDGEFM_API_TOKEN. An agent bound beyond loopback refuses to start without one."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    import openai
+    from edge_runtime.agent import AgentConfig
+    from edge_runtime.errors import ConfigError
+    from helpers import served_agent
+    token = "t0ken-" + uuid.uuid4().hex
+    with served_agent(bundle, tmp_path / "a", api_token=token) as (agent, url):
+        ok = openai.OpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+        mid = ok.models.list().data[0].id
+        assert ok.completions.create(model=mid, prompt="hello", max_tokens=2).usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong-" + token, max_retries=0).models.list()
+        for path, body in (("/v1/status", None), ("/v1/examples", b'{"examples": [{"text": "junk"}]}')):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(urllib.request.Request(url + path, data=body), timeout=10)
+            assert err.value.code == 401 and err.value.headers["WWW-Authenticate"].startswith("Bearer")
+        assert agent.store.count_examples()["train"] == 0          # the refused POST stored nothing
+        with urllib.request.urlopen(url + "/healthz", timeout=10) as resp:
+            assert resp.status == 200
+        cli = [sys.executable, "-m", "edge_runtime.cli", "status", "--url", url]
+        env = {k: v for k, v in os.environ.items() if k != "EDGEFM_API_TOKEN"}
+        r = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 1 and "401" in r.stderr and "Bearer" in r.stderr and token not in r.stderr
+        r = subprocess.run(cli, capture_output=True, text=True, timeout=60, env={**env, "EDGEFM_API_TOKEN": token})
+        assert r.returncode == 0 and json.loads(r.stdout)["device_id"]
+    with pytest.raises(ConfigError, match="api_token"):
+        AgentConfig(bundle=str(bundle), host="0.0.0.0")
+    with pytest.raises(ConfigError, match="16 characters"):
+        AgentConfig(bundle=str(bundle), api_token="short")
+    AgentConfig(bundle=str(bundle), host="0.0.0.0", api_token=token)
