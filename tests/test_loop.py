@@ -40,11 +40,19 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
     rows = coord.state.q("SELECT device_id, num_examples, status FROM updates")
     assert sum(1 for r in rows if r[2] == "accepted") == 2
     v0, _ = adapter_from_bytes(coord.state.blobs.get(coord.state.version_sha(0)))
-    weight = {dev: n for dev, n, status in rows if status == "accepted"}
+    claims = {dev: n for dev, n, status in rows if status == "accepted"}
     # each agent's round result (served or refused by its gate, it is kept in its adapter history)
     local = {a.cfg.device_id: load_adapter(next(e["path"] for e in a.store.adapters() if e["id"].startswith("local-")))[0]
              for a in agents}
-    expect = {k: v0[k] + sum(weight[d] * (local[d][k] - v0[k]) for d in local) / sum(weight.values()) for k in v0}
+    # FedAvg of the deltas, each bounded against the round's updates (weight <= median claim, norm <= 1.5x median)
+    from coordinator.influence import InfluencePolicy, bound_update
+    delta = {d: {k: local[d][k] - v0[k] for k in v0} for d in local}
+    norm = {d: float(np.sqrt(sum(float(np.sum(np.square(v.astype(np.float64)))) for v in delta[d].values()))) for d in local}
+    ref = [(claims[d], norm[d]) for d in local]
+    bound = {d: bound_update(claims[d], norm[d], ref, InfluencePolicy()) for d in local}
+    scale = {d: min(1.0, bound[d].clip_to / norm[d]) if bound[d].clip_to else 1.0 for d in local}
+    total = sum(b.examples for b in bound.values())
+    expect = {k: v0[k] + sum(bound[d].examples * scale[d] * delta[d][k] for d in local) / total for k in v0}
     for k in v0:
         np.testing.assert_allclose(agents[0].global_tensors[k], expect[k], atol=1e-6)
     assert agents[0].global_tensors.keys() == v0.keys()
