@@ -78,9 +78,13 @@ def test_session_steps_table(new, batch, replay, lo, hi, expect):
     assert session_steps(new_examples=new, batch=batch, replay_fraction=replay, min_steps=lo, max_steps=hi) == expect
 
 
-def test_session_key_names_round_and_base():
-    assert session_key({"mode": "sync", "round": 3, "base_version": 2}) == "sync:3:2"
+def test_session_key_names_lineage_round_and_base():
+    assert session_key({"mode": "sync", "round": 3, "base_version": 2}) == "sync:None:3:2"
+    assert session_key({"mode": "sync", "epoch": "ab12", "round": 3, "base_version": 2}) == "sync:ab12:3:2"
     assert session_key({"mode": "sync", "round": 3, "base_version": 2}) != session_key({"mode": "sync", "round": 3, "base_version": 3})
+    # round 3 from base 2 of a new coordinator lineage is another session than the old lineage's
+    assert session_key({"mode": "sync", "epoch": "ab12", "round": 3, "base_version": 2}) != \
+        session_key({"mode": "sync", "epoch": "cd34", "round": 3, "base_version": 2})
 
 
 def test_add_examples_reports_each_split(tmp_path):
