@@ -92,6 +92,7 @@ class AgentConfig:
     max_adapter_bytes: int = 64 << 20     # POST /v1/adapters bodies (an adapter, base64)
     http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
+    max_evictions_per_hour: int | None = None  # trained-on examples new ones may push out per hour (None: 10% of max_examples)
     retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
     min_free_disk_mb: float = 50.0
     update_codec: str = "fp16"
@@ -171,7 +172,8 @@ class Agent:
             from devices.profiles import load_profile
             self.profile_fit = load_profile(cfg.profile).check_bundle_fits(self.engine.dir)
         self.manifest = self.engine.manifest
-        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples, min_heldout=cfg.min_heldout_examples)
+        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples, min_heldout=cfg.min_heldout_examples,
+                           max_evictions_per_hour=cfg.max_evictions_per_hour)
         self.topics = Topics(cfg.fleet)
         self.inflight = 0
         self._inflight_lock = threading.Lock()

@@ -88,6 +88,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         if err.status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="edgefm-agent"')
+        if err.status == 503:
+            self.send_header("Retry-After", "60")
         self.end_headers()
         self.wfile.write(data)
 

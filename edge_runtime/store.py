@@ -50,7 +50,7 @@ class Store:
     """Thread-safe wrapper over one SQLite file."""
 
     def __init__(self, path: Path, *, max_examples: int = 100_000, heldout_fraction: float = 0.1, min_heldout: int = 0,
-                 seed: int = 0):
+                 max_evictions_per_hour: int | None = None, seed: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -61,6 +61,8 @@ class Store:
             self.db.execute("ALTER TABLE outbox ADD COLUMN delivered_at REAL")
         self.lock = threading.RLock()
         self.max_examples = max_examples
+        # a flood of junk may rotate out at most this many trained-on examples per hour (default 10% of the store)
+        self.max_evictions_per_hour = max(0, max_examples // 10) if max_evictions_per_hour is None else max_evictions_per_hour
         self.heldout_fraction = heldout_fraction
         self.min_heldout = min_heldout
         self._rng = random.Random(seed)
@@ -84,7 +86,10 @@ class Store:
         Every ~1/heldout_fraction-th example goes to the held-out split (chosen by content hash, so the
         split is stable across restarts), and more while the slice is below ``min_heldout`` (see
         ``choose_split``); the result says how many went to each split. Over the quota, the oldest
-        training examples are evicted."""
+        training examples *already trained on* make room, at most ``max_evictions_per_hour`` of them
+        per rolling hour; a request that needs more is refused whole (``StoreFull``, nothing stored), so
+        junk sent to the API can never wash out the data a device has (unused examples and the
+        held-out slice are never evicted)."""
         added = dup = 0
         to_split = {"train": 0, "heldout": 0}
         now = time.time()
@@ -113,8 +118,22 @@ class Store:
                 n = self.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
                 evicted = 0
                 if n > self.max_examples:
+                    need = n - self.max_examples
+                    recent = [e for e in json.loads((self.db.execute("SELECT value FROM kv WHERE key='evictions'").fetchone()
+                                                     or ["[]"])[0]) if e[0] > now - 3600]
+                    budget = self.max_evictions_per_hour - sum(c for _, c in recent)
+                    trained = self.db.execute("SELECT COUNT(*) FROM examples WHERE split='train' AND trained>0 AND created_at < ?",
+                                              (now,)).fetchone()[0]
+                    if need > min(budget, trained):
+                        raise StoreFull(
+                            f"example store full ({n - added} of max_examples {self.max_examples}): these {added} new examples "
+                            f"would need {need} older ones evicted, but only examples already trained on may make room, at "
+                            f"most {self.max_evictions_per_hour} per hour ({max(0, min(budget, trained))} now). Nothing "
+                            f"was stored; send fewer, retry after the next training session or in an hour, or raise "
+                            f"max_examples")
                     evicted = self.db.execute("DELETE FROM examples WHERE id IN (SELECT id FROM examples WHERE split='train' "
-                                              "ORDER BY id LIMIT ?)", (n - self.max_examples,)).rowcount
+                                              "AND trained>0 AND created_at < ? ORDER BY id LIMIT ?)", (now, need)).rowcount
+                    self.db.execute("INSERT OR REPLACE INTO kv VALUES ('evictions', ?)", (json.dumps(recent + [[now, evicted]]),))
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")

@@ -69,10 +69,18 @@ def test_sampling_and_stops():
 
 
 def test_store_examples_split_dedupe_quota_and_outbox(tmp_path):
-    s = Store(tmp_path / "a.sqlite", max_examples=50, heldout_fraction=0.2)
-    r = s.add_examples([{"text": f"example {i}"} for i in range(60)])
-    assert r["added"] == 60 and r["evicted"] == 10
+    from edge_runtime.store import StoreFull
+    s = Store(tmp_path / "a.sqlite", max_examples=50, heldout_fraction=0.2, max_evictions_per_hour=10)
+    with pytest.raises(StoreFull, match="Nothing was stored"):     # over the quota with nothing trained on yet
+        s.add_examples([{"text": f"example {i}"} for i in range(60)])
+    assert s.count_examples()["train"] + s.count_examples()["heldout"] == 0
+    r = s.add_examples([{"text": f"example {i}"} for i in range(50)])
+    s.mark_trained([e["id"] for e in s.training_batch(100, replay_fraction=0.0)])
+    r = s.add_examples([{"text": f"example {i}"} for i in range(50, 60)])
+    assert r["added"] == 10 and r["evicted"] == 10                   # ten trained-on examples made room
     assert s.add_examples([{"text": "example 59"}])["duplicates"] == 1
+    with pytest.raises(StoreFull, match="at most 10 per hour"):       # the hour's eviction budget is spent
+        s.add_examples([{"text": "one more"}])
     c = s.count_examples()
     assert c["train"] + c["heldout"] == 50 and 0 < c["heldout"] < 25
     with pytest.raises(Exception):
@@ -88,9 +96,12 @@ def test_store_examples_split_dedupe_quota_and_outbox(tmp_path):
     assert s.outbox_stats() == {"queued": 0, "queued_bytes": 0, "awaiting_receipt": 0, "acknowledged": 1,
                                 "receipts": {"accepted": 1}}
     # retention drops only trained-on training examples past the age limit
-    ids = [e["id"] for e in s.training_batch(5, replay_fraction=0.0)]
-    s.mark_trained(ids)
-    assert s.apply_retention(max_age_s=-1) == 5 and s.apply_retention(max_age_s=-1) == 0
+    unused = s.training_coverage()["never_used"]                        # the new training examples
+    s.mark_trained([e["id"] for e in s.training_batch(2, replay_fraction=0.0)])
+    cov = s.training_coverage()
+    assert cov["never_used"] == unused - 2 > 0
+    assert s.apply_retention(max_age_s=-1) == cov["examples"] - cov["never_used"] and s.apply_retention(max_age_s=-1) == 0
+    assert s.training_coverage()["examples"] == s.training_coverage()["never_used"] == unused - 2   # unused ones stay
     c = s.count_examples()
     # state survives reopening (what a restart sees)
     s2 = Store(tmp_path / "a.sqlite")

@@ -460,3 +460,39 @@ def test_api_token_guards_every_endpoint_but_health(tmp_path, bundle):
     with pytest.raises(ConfigError, match="16 characters"):
         AgentConfig(bundle=str(bundle), api_token="short")
     AgentConfig(bundle=str(bundle), host="0.0.0.0", api_token=token)
+
+
+def test_junk_examples_cannot_wash_out_the_training_store(tmp_path, bundle):
+    """The trust issue's attack through the real API: 2,741 real examples the device has trained on,
+    then 11 requests of 10,000 junk examples each. Before, the junk evicted every real example; now
+    only trained-on examples make room, at most 10% of the store per hour, and a request that needs
+    more is refused whole (503 + Retry-After, nothing stored)."""
+    import urllib.error
+    import urllib.request
+    from helpers import served_agent
+    with served_agent(bundle, tmp_path / "a", max_examples=3000) as (agent, url):
+        def post(texts):
+            req = urllib.request.Request(url + "/v1/examples", data=json.dumps({"examples": [{"text": t} for t in texts]}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read()), None
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read()), err.headers.get("Retry-After")
+        real = [f"real sensor log {i}: pressure nominal" for i in range(2741)]
+        assert post(real)[0] == 200
+        agent.store.mark_trained([e["id"] for e in agent.store.training_batch(5000, replay_fraction=0.0)])  # as sessions would
+        heldout_before = {e["text"] for e in agent.store.heldout_split()}
+        statuses = []
+        for r in range(11):
+            status, body, retry = post([f"junk {r}-{i}" for i in range(10_000)])
+            statuses.append(status)
+            if status != 200:
+                assert status == 503 and retry == "60" and "Nothing was stored" in body["error"]["message"]
+        smaller = [post([f"junk small {r}-{i}" for i in range(100)])[0] for r in range(10)]  # what fits, bit by bit
+        assert statuses == [503] * 11 and 503 in smaller
+        heldout = agent.store.heldout_split()
+        kept = {e["text"] for e in agent.store.training_batch(10_000, replay_fraction=0.0)} | {e["text"] for e in heldout}
+        real_kept = sum(t in kept for t in real)
+        assert real_kept >= 2741 - 300, real_kept                      # at most 10% of max_examples rotated out
+        assert heldout_before <= {e["text"] for e in heldout}          # the gate's slice is never evicted
