@@ -782,12 +782,20 @@ class Agent:
     def _inbox_loop(self) -> None:
         inbox = Path(self.cfg.inbox)
         inbox.mkdir(parents=True, exist_ok=True)
+        from edge_runtime.store import StoreFull
+        waiting: set[str] = set()
         while not self._stop.wait(1.0):
             for f in sorted(inbox.glob("*.jsonl")):
                 try:
                     items = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
                     self.add_examples(items, source=f"inbox:{f.name}")
                     f.rename(f.with_suffix(".jsonl.done"))
+                    waiting.discard(f.name)
+                except StoreFull as exc:  # not the file's fault: it stays and is tried again
+                    if f.name not in waiting:
+                        waiting.add(f.name)
+                        self._event("inbox_file_waiting", file=f.name, error=str(exc))
+                    break
                 except (ValueError, EdgefmError) as exc:
                     self._event("inbox_file_refused", file=f.name, error=str(exc))
                     f.rename(f.with_suffix(".jsonl.bad"))

@@ -285,7 +285,12 @@ def test_inbox_folder_and_disk_full_pause(bundle, tmp_path, monkeypatch):
         assert status == 503 and "disk" in resp["error"]["message"]
         assert agent.train_once(forced=True)["status"] == "paused"
         assert post(url + "/v1/completions", {"prompt": "still serving", "max_tokens": 2})[0] == 200
+        # an inbox file that arrives meanwhile waits (it is not the file's fault), then goes in
+        (inbox / "batch2.jsonl").write_text("\n".join(json.dumps(e) for e in examples(3, offset=80)) + "\n")
+        wait_for(lambda: any(e["event"] == "inbox_file_waiting" for e in agent.status()["events"]), 20, what="inbox waiting")
+        assert (inbox / "batch2.jsonl").exists() and not (inbox / "batch2.jsonl.bad").exists()
         monkeypatch.setattr("edge_runtime.agent.shutil.disk_usage", real)
+        wait_for(lambda: (inbox / "batch2.jsonl.done").exists(), 20, what="the waiting inbox file taken in")
         assert post(url + "/v1/examples", {"examples": examples(2, offset=50)})[0] == 200
     finally:
         srv.shutdown()
