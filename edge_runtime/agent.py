@@ -90,6 +90,7 @@ class AgentConfig:
     max_prompt_tokens: int = 2048
     max_request_bytes: int = 1 << 20
     max_adapter_bytes: int = 64 << 20     # POST /v1/adapters bodies (an adapter, base64)
+    max_connections: int = 64             # API connections served at once; more get 503 + Retry-After
     http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
     max_evictions_per_hour: int | None = None  # trained-on examples new ones may push out per hour (None: 10% of max_examples)
@@ -119,6 +120,8 @@ class AgentConfig:
                               f"EDGEFM_API_TOKEN environment variable) so every request must carry `Authorization: Bearer <token>`")
         check_id(self.device_id, "device_id")
         check_id(self.fleet, "fleet")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections must be >= 1")
         if not 0 < self.port < 65536:
             raise ConfigError("port must be 1-65535")
         if self.trainer_backend not in ("onnx", "torch"):

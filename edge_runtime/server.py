@@ -548,14 +548,57 @@ ROUTES = {
 }
 
 
+class AgentHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` at once: a connection over the limit is
+    answered 503 + Retry-After at once (never a reset, never one more thread); the listen backlog holds
+    bursts (was 5)."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if self._slots.acquire(blocking=False):
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+            return
+        body = json.dumps({"error": {"message": f"the agent is serving {self.max_connections} connections (max_connections); "
+                                                "retry shortly", "type": "server_error", "param": None, "code": "busy"}}).encode()
+        try:
+            request.settimeout(0.2)
+            try:
+                request.recv(65536)   # what the client already sent: closing on unread data would reset the connection
+            except OSError:
+                pass
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        """A connection that broke off (reset, timeout) is the client's business, not a traceback on stderr."""
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+
 def make_server(agent, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server bound to host:port serving ``agent``."""
     # an idle or half-open connection is closed after http_idle_timeout_s (each held a thread for good)
     handler = type("BoundHandler", (Handler,), {"agent": agent, "timeout": agent.cfg.http_idle_timeout_s})
-    server_cls = type("AgentHTTPServer", (ThreadingHTTPServer,), {"request_queue_size": 128})  # listen backlog (was 5)
-    srv = server_cls((host, port), handler)
-    srv.daemon_threads = True
-    return srv
+    return AgentHTTPServer((host, port), handler, agent.cfg.max_connections)
 
 
 def serve_in_thread(agent, host: str, port: int) -> tuple[ThreadingHTTPServer, threading.Thread]:
