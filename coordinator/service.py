@@ -34,7 +34,7 @@ from coordinator.validate import Limits, validate_update
 from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import decode_update, dump_json_message, make_pointer, parse_json_message
+from edge_runtime.protocol.messages import check_status, decode_update, dump_json_message, make_pointer, parse_json_message
 from edge_runtime.protocol.topics import Topics
 
 log = logging.getLogger("edgefm.coordinator")
@@ -391,7 +391,7 @@ class Coordinator:
         device_id, kind = parsed
         if kind == "status":
             try:
-                msg = parse_json_message(payload)
+                msg = check_status(parse_json_message(payload))
                 self.state.seen_device(device_id, msg)
             except ProtocolError as exc:
                 log.warning("bad status from %s: %s", device_id, exc)

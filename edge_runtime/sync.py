@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.messages import ChunkAssembler, GlobalPointer, dump_json_message, parse_json_message
+from edge_runtime.protocol.messages import (ChunkAssembler, GlobalPointer, check_receipt, check_round, dump_json_message,
+                                            parse_json_message)
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
 from edge_runtime.transport import MqttLink
@@ -165,7 +166,8 @@ class FederatedSync:
             if not payload or not self.on_round:
                 return
             try:
-                self.on_round(self._verified(payload, "round announcement"))
+                msg = check_round(self._verified(payload, "round announcement"))
+                self.on_round(msg)
             except ProtocolError as exc:
                 self._reject("round announcement", exc)
         elif topic == self.topics.ack(self.device_id):
@@ -180,9 +182,8 @@ class FederatedSync:
             msg = self._verified(payload, "receipt")
             if self.coordinator_key is not None and msg.get("device_id") != self.device_id:
                 raise ProtocolError(RejectReason.BAD_FIELD, "a receipt for another device")
-            uid, status = msg.get("update_id"), msg.get("status")
-            if not isinstance(uid, str) or status not in ("accepted", "rejected", "duplicate"):
-                raise ProtocolError(RejectReason.BAD_FIELD, "a receipt needs update_id and status accepted|rejected|duplicate")
+            check_receipt(msg)
+            uid, status = msg["update_id"], msg["status"]
         except ProtocolError as exc:
             self._reject("receipt", exc)
             return

@@ -3,7 +3,8 @@
 Pure bounds (coordinator/influence.py) with hand-checkable cases and properties; then the coordinator
 itself, fed real update payloads: an update claiming 1e9 examples with norm 9000 (the attack from the
 trust issue) counts as at most the median claim at 1.5x the median norm (the defaults), also when it
-is the fleet's very first update and across a restart, and an async device gets one update per version.
+is the fleet's very first update and across a restart, and an async device gets one update per version. Also the
+fleet messages each side checks before acting on them (what bench/fuzz.py found).
 """
 from __future__ import annotations
 
@@ -207,3 +208,39 @@ def test_robust_rule_with_a_server_optimizer(bundle, tmp_path):
         coordinator(bundle, tmp_path / "x", strategy="svd", server_optimizer="fedadam")
     with pytest.raises(ConfigError, match="server_optimizer"):
         coordinator(bundle, tmp_path / "y", server_optimizer="sgd")
+
+
+@pytest.mark.device
+def test_fleet_messages_are_checked_before_use(tmp_path):
+    """Found by bench/fuzz.py: a status with a huge integer or a list as its state reached SQLite (an
+    OverflowError would leave the coordinator's ingest batch unacknowledged, redelivered for ever);
+    a round with `selected: 5` or `base_version: "x"` reached the agent's worker; a manifest holding a
+    JSON list raised AttributeError."""
+    from edge_runtime.errors import BundleError, ProtocolError
+    from edge_runtime.protocol.manifest import Manifest
+    from edge_runtime.protocol.messages import check_receipt, check_round, check_status
+    for bad in ({"state": ["x"]}, {"global_version": 2**64}, {"adapter_version": -1}, {"outbox": 3}, {"profile": "p" * 257}):
+        with pytest.raises(ProtocolError):
+            check_status({"kind": "status", **bad})
+    check_status({"kind": "status", "state": "serving", "global_version": 3, "outbox": {"queued": 0}})
+    good = {"kind": "round", "mode": "sync", "round": 2, "base_version": 1, "selected": ["a"], "deadline": 1.5e9, "epoch": "ab"}
+    check_round(good)
+    for bad in ({"selected": 5}, {"selected": [1]}, {"base_version": "x"}, {"mode": "fast"}, {"deadline": float("inf")},
+                {"train_a": "no"}, {"epoch": "NOT HEX"}, {"round": 2**60}):
+        with pytest.raises(ProtocolError):
+            check_round({**good, **bad})
+    with pytest.raises(ProtocolError):
+        check_receipt({"update_id": "u", "status": "maybe"})
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="JSON object"):
+        Manifest.load(tmp_path)
+
+
+def test_a_malformed_status_does_not_wedge_the_coordinator(bundle, tmp_path):
+    from edge_runtime.protocol.messages import dump_json_message
+    c = coordinator(bundle, tmp_path / "state")
+    topic = c.topics.status("dev-1")
+    c.on_message(topic, dump_json_message({"kind": "status", "state": "serving", "global_version": 2**64}), False)
+    assert c.state.devices() == []                                     # refused, nothing recorded, no exception
+    c.on_message(topic, dump_json_message({"kind": "status", "state": "serving", "global_version": 0}), False)
+    assert [d["device_id"] for d in c.state.devices()] == ["dev-1"]

@@ -58,6 +58,8 @@ class Manifest:
             obj = json.loads(path.read_text())
         except ValueError as exc:
             raise BundleError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(obj, dict):
+            raise BundleError(f"{path}: a manifest is a JSON object, this file holds {type(obj).__name__}")
         if obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"{path}: format {obj.get('format')!r} v{obj.get('format_version')!r}; this edgefm reads {FORMAT} v{FORMAT_VERSION}")
         names = {f.name for f in dataclasses.fields(cls)}

@@ -44,12 +44,15 @@ def check_id(value: Any, what: str) -> str:
     return value
 
 
+MAX_INT = 2**53   # integers every JSON reader and SQLite keep exactly
+
+
 def _int(obj: dict, key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
     v = obj.get(key)
     if v is None and optional:
         return None
-    if type(v) is not int or v < minimum:
-        _fail(RejectReason.BAD_FIELD, f"field {key!r} must be an integer >= {minimum}, got {v!r}")
+    if type(v) is not int or not minimum <= v <= MAX_INT:
+        _fail(RejectReason.BAD_FIELD, f"field {key!r} must be an integer from {minimum} to 2**53, got {v!r}"[:300])
     return v
 
 
@@ -75,6 +78,48 @@ def _metrics(obj: Any) -> dict[str, float]:
             _fail(RejectReason.NON_FINITE, f"metric {k!r} is not finite")
         out[k] = float(v)
     return out
+
+
+def check_round(msg: dict) -> dict:
+    """Validate a round announcement's fields (what the agent acts on); returns it unchanged."""
+    if msg.get("kind") != "round":
+        _fail(RejectReason.BAD_FIELD, "kind must be 'round'")
+    if msg.get("mode", "sync") not in ("sync", "async"):
+        _fail(RejectReason.BAD_FIELD, "mode must be 'sync' or 'async'")
+    _int(msg, "round", optional=True)
+    _int(msg, "base_version", optional=True)
+    selected = msg.get("selected")
+    if selected is not None and (not isinstance(selected, list) or len(selected) > 100_000
+                                 or not all(isinstance(d, str) for d in selected)):
+        _fail(RejectReason.BAD_FIELD, "selected must be null or a list of device ids")
+    deadline = msg.get("deadline")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)):
+        _fail(RejectReason.BAD_FIELD, "deadline must be a finite number of unix seconds")
+    if not isinstance(msg.get("train_a", True), bool):
+        _fail(RejectReason.BAD_FIELD, "train_a must be true or false")
+    _epoch(msg.get("epoch"))
+    return msg
+
+
+def check_status(msg: dict) -> dict:
+    """Validate a device status message (what the coordinator records); returns it unchanged."""
+    for key in ("state", "profile", "adapter", "activity"):
+        _str(msg, key, optional=True, max_len=256)
+    _str(msg, "base_fingerprint", optional=True, max_len=128)
+    _int(msg, "adapter_version", optional=True)
+    _int(msg, "global_version", optional=True)
+    if msg.get("outbox") is not None and not isinstance(msg.get("outbox"), dict):
+        _fail(RejectReason.BAD_FIELD, "outbox must be an object")
+    return msg
+
+
+def check_receipt(msg: dict) -> dict:
+    """Validate a receipt's fields; returns it unchanged."""
+    if not isinstance(msg.get("update_id"), str) or msg.get("status") not in ("accepted", "rejected", "duplicate"):
+        _fail(RejectReason.BAD_FIELD, "a receipt needs update_id and status accepted|rejected|duplicate")
+    if msg.get("reason") is not None and not isinstance(msg.get("reason"), str):
+        _fail(RejectReason.BAD_FIELD, "reason must be a string or null")
+    return msg
 
 
 def parse_json_message(data: bytes, max_bytes: int = 1 << 20) -> dict:
