@@ -236,7 +236,8 @@ class Engine:
         if len(prompt_ids) + max_new_tokens > max_pos:
             raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the model's {max_pos} positions")
         adapter = adapter or self.adapter  # one adapter for the whole request, even if a swap happens meanwhile
-        rng = np.random.default_rng(seed)
+        # the API takes any int64 seed (negative too, as OpenAI's does); numpy wants a non-negative one
+        rng = np.random.default_rng(None if seed is None else int(seed) % 2**64)
         stop_ids = self.eos_ids if stop_ids is None else stop_ids
         n = len(prompt_ids)
         step_fn = self._decoder(adapter, capacity=min(max_pos, -(-(n + max_new_tokens) // 64) * 64))
