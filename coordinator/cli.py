@@ -61,8 +61,11 @@ def parser() -> argparse.ArgumentParser:
     pv.add_argument("--fleet", required=True)
     pv.add_argument("--devices", nargs="*", default=[], metavar="ID", help="device ids to provision (new ones are added)")
     pv.add_argument("--revoke", nargs="*", default=[], metavar="ID", help="device ids to revoke")
-    pv.add_argument("--broker-host", default="localhost", help="the broker's host name as devices reach it (certificate SAN)")
-    pv.add_argument("--port", type=int, default=8883)
+    pv.add_argument("--broker-host", default=None, help="the broker's host name as devices reach it (certificate SAN; "
+                                                        "default localhost, kept in fleet.json)")
+    pv.add_argument("--port", type=int, default=None, help="the broker's TLS port (default 8883, kept in fleet.json)")
+    pv.add_argument("--auth", choices=["cert", "password"], default=None,
+                    help="how identities log in to the broker: client certificates (default) or a user name and password each")
     pv.add_argument("-o", "--output", required=True, help="the provisioning folder (keep ca/ca.key offline)")
     ex = sub.add_parser("export", help="write a global adapter as our format, PEFT, or .onnx_adapter")
     ex.add_argument("--version", type=int, default=None, help="default: newest")
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
             from coordinator.provision import provision
             if not args.devices and not args.revoke:
                 raise ConfigError("nothing to do: pass --devices ID... and/or --revoke ID...")
-            provision(args.output, args.fleet, args.devices, broker_host=args.broker_host, port=args.port, revoke=args.revoke)
+            provision(args.output, args.fleet, args.devices, broker_host=args.broker_host, port=args.port, revoke=args.revoke, auth=args.auth)
             return 0
         if args.cmd in ("publish", "rollback"):
             return admin_command(args)

@@ -159,19 +159,39 @@ def acl(fleet: str) -> str:
         f"pattern read {t.base}/global/#", f"pattern read {t.base}/round", f"pattern read {t.base}/summary", ""])
 
 
-def mosquitto_conf(out: Path, port: int) -> str:
+def mosquitto_conf(out: Path, port: int, auth: str = "cert") -> str:
     b = out / "broker"
-    return "\n".join([
-        "# edgefm: TLS with client certificates only; identities are certificate common names",
-        "per_listener_settings false", "allow_anonymous false", f"acl_file {b / 'acl'}",
-        f"listener {port}", f"cafile {out / 'ca' / 'ca.crt'}", f"certfile {b / 'server.crt'}", f"keyfile {b / 'server.key'}",
-        "require_certificate true", "use_identity_as_username true", f"crlfile {out / 'ca' / 'crl.pem'}",
-        "tls_version tlsv1.2", ""])
+    common = ["per_listener_settings false", "allow_anonymous false", f"acl_file {b / 'acl'}",
+              f"listener {port}", f"cafile {out / 'ca' / 'ca.crt'}", f"certfile {b / 'server.crt'}", f"keyfile {b / 'server.key'}"]
+    if auth == "password":
+        return "\n".join(["# edgefm: TLS (server certificate) with per-identity user names and passwords", *common,
+                          f"password_file {b / 'passwd'}", "tls_version tlsv1.2", ""])
+    return "\n".join(["# edgefm: TLS with client certificates only; identities are certificate common names", *common,
+                      "require_certificate true", "use_identity_as_username true", f"crlfile {out / 'ca' / 'crl.pem'}",
+                      "tls_version tlsv1.2", ""])
 
 
-def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: str = "localhost", port: int = 8883,
-              revoke: list[str] | None = None, log=print) -> dict:
-    """Create (or extend) a fleet's provisioning folder; ``revoke`` removes devices. Returns fleet.json's content."""
+def set_password(passwd: Path, user: str, password: str | None) -> None:
+    """Add (or with None, delete) a user in Mosquitto's password file, hashed by its own mosquitto_passwd."""
+    import shutil
+    import subprocess
+    tool = shutil.which("mosquitto_passwd") or ("/usr/bin/mosquitto_passwd" if Path("/usr/bin/mosquitto_passwd").exists() else None)
+    if tool is None:
+        raise ConfigError("--auth password needs mosquitto_passwd (apt-get install mosquitto) to hash the passwords")
+    passwd.parent.mkdir(parents=True, exist_ok=True)
+    if not passwd.exists():
+        _write(passwd, "", secret=True)
+    args = [tool, "-D", str(passwd), user] if password is None else [tool, "-b", str(passwd), user, password]
+    r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise ConfigError(f"mosquitto_passwd failed for {user}: {r.stderr.strip() or r.stdout.strip()}")
+
+
+def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: str | None = None, port: int | None = None,
+              revoke: list[str] | None = None, auth: str | None = None, log=print) -> dict:
+    """Create (or extend) a fleet's provisioning folder; ``revoke`` removes devices. ``auth``: ``cert``
+    (client certificates, the default) or ``password`` (a user name and random password per identity,
+    over TLS); fixed when the folder is made. Returns fleet.json's content."""
     out = Path(out).resolve()
     check_id(fleet, "fleet")
     for d in devices + (revoke or []):
@@ -182,24 +202,48 @@ def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: s
     registry = json.loads(reg_path.read_text()) if reg_path.is_file() else {"fleet": fleet, "devices": {}, "revoked": []}
     if registry["fleet"] != fleet:
         raise ConfigError(f"{out} provisions fleet {registry['fleet']!r}, not {fleet!r}")
+    mode = registry.setdefault("auth", auth or "cert")
+    if auth is not None and auth != mode:
+        raise ConfigError(f"{out} was provisioned with --auth {mode}; a folder keeps its mode (provision a new one)")
+    # the broker's address is fixed with the folder too: every config and certificate written names it
+    for key, given, default in (("broker_host", broker_host, "localhost"), ("port", port, 8883)):
+        kept = registry.setdefault(key, given if given is not None else default)
+        if given is not None and given != kept:
+            raise ConfigError(f"{out} was provisioned for {key} {kept!r}, not {given!r}: the configs and certificates "
+                              f"in it name that address (provision a new folder for another broker)")
+    broker_host, port = registry["broker_host"], registry["port"]
+    if mode not in ("cert", "password"):
+        raise ConfigError("--auth is cert or password")
     ca = FleetCA(out, fleet)
     ca_path = out / "ca" / "ca.crt"
-    url = lambda who: (f"mqtts://{broker_host}:{port}?ca={ca_path}&cert={out / who / 'client.crt'}"  # noqa: E731
-                       f"&key={out / who / 'client.key'}")
+    passwd = out / "broker" / "passwd"
+
+    def url(who: str) -> str:
+        if mode == "password":   # the user name is the identity; the password is made once and kept in the (0600) TOML
+            import secrets
+            import urllib.parse
+            name = who.rsplit("/", 1)[-1]
+            password = secrets.token_urlsafe(24)
+            set_password(passwd, name, password)
+            return f"mqtts://{name}:{urllib.parse.quote(password, safe='')}@{broker_host}:{port}?ca={ca_path}"
+        return f"mqtts://{broker_host}:{port}?ca={ca_path}&cert={out / who / 'client.crt'}&key={out / who / 'client.key'}"
     if not (out / "broker" / "server.crt").is_file():
         crt, key = ca.issue(broker_host, server_names=sorted({broker_host, "localhost", "127.0.0.1"}))
         _write(out / "broker" / "server.crt", crt)
         _write(out / "broker" / "server.key", key, secret=True)
-    if not (out / COORDINATOR / "client.crt").is_file():
+    new_coordinator = not (out / COORDINATOR / "client.crt").is_file()
+    if new_coordinator:
         crt, key = ca.issue(COORDINATOR)
         _write(out / COORDINATOR / "client.crt", crt)
         _write(out / COORDINATOR / "client.key", key, secret=True)
     coord_pub = signing_key(out / COORDINATOR / "signing.key")
     _write(out / "coordinator.pub", coord_pub)
-    _write(out / COORDINATOR / "coordinator.toml", "\n".join([
-        f"fleet = {json.dumps(fleet)}", f"broker = {json.dumps(url(COORDINATOR))}",
-        f"signing_key = {json.dumps(str(out / COORDINATOR / 'signing.key'))}",
-        f"device_keys = {json.dumps(str(reg_path))}", ""]))
+    # (password mode: written once, since each write makes a new password)
+    if mode == "cert" or new_coordinator or not (out / COORDINATOR / "coordinator.toml").is_file():
+        _write(out / COORDINATOR / "coordinator.toml", "\n".join([
+            f"fleet = {json.dumps(fleet)}", f"broker = {json.dumps(url(COORDINATOR))}",
+            f"signing_key = {json.dumps(str(out / COORDINATOR / 'signing.key'))}",
+            f"device_keys = {json.dumps(str(reg_path))}", ""]), secret=mode == "password")
     for dev in devices:
         if dev in registry["devices"]:
             log(f"{dev}: already provisioned (kept)")
@@ -213,13 +257,15 @@ def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: s
         _write(d / "agent.toml", "\n".join([
             f"device_id = {json.dumps(dev)}", f"fleet = {json.dumps(fleet)}",
             f"broker = {json.dumps(url('devices/' + dev))}", f"signing_key = {json.dumps(str(d / 'signing.key'))}",
-            f"coordinator_key = {json.dumps(str(out / 'coordinator.pub'))}", ""]))
+            f"coordinator_key = {json.dumps(str(out / 'coordinator.pub'))}", ""]), secret=mode == "password")
         registry["revoked"] = [r for r in registry["revoked"] if r != dev]
         log(f"{dev}: certificate, signing key and agent.toml in {d}")
     for dev in revoke or []:
         if dev not in registry["devices"]:
             raise ConfigError(f"{dev} is not provisioned in {out}")
         n = ca.revoke(dev)
+        if mode == "password":
+            set_password(passwd, dev, None)
         del registry["devices"][dev]
         registry["revoked"].append(dev)
         import shutil
@@ -227,7 +273,7 @@ def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: s
         log(f"{dev}: revoked ({n} certificate(s) on the CRL, signing key removed from fleet.json)")
     ca.write_crl()
     _write(out / "broker" / "acl", acl(fleet))
-    _write(out / "broker" / "mosquitto.conf", mosquitto_conf(out, port))
+    _write(out / "broker" / "mosquitto.conf", mosquitto_conf(out, port, mode))
     _write(reg_path, json.dumps(registry, indent=1))
     log(f"fleet {fleet}: {len(registry['devices'])} device(s); broker: mosquitto -c {out / 'broker' / 'mosquitto.conf'} "
         f"(reload it after a revocation: kill -HUP)")

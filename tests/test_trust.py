@@ -74,6 +74,11 @@ def test_provision_writes_identities_keys_and_broker_rules(tmp_path):
     ca_before = (out / "ca" / "ca.crt").read_bytes()
     provision(out, "plant", ["dev-c"], log=lambda *_: None)
     provision(out, "plant", [], revoke=["dev-b"], log=lambda *_: None)
+    from edge_runtime.errors import ConfigError
+    with pytest.raises(ConfigError, match="provisioned for port"):   # the configs in the folder name its broker
+        provision(out, "plant", ["dev-d"], port=1, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="--auth cert"):
+        provision(out, "plant", ["dev-d"], auth="password", log=lambda *_: None)
     assert (out / "ca" / "ca.crt").read_bytes() == ca_before
     assert set(json.loads((out / "fleet.json").read_text())["devices"]) == {"dev-a", "dev-c"}
     from cryptography import x509
@@ -496,3 +501,59 @@ def test_junk_examples_cannot_wash_out_the_training_store(tmp_path, bundle):
         real_kept = sum(t in kept for t in real)
         assert real_kept >= 2741 - 300, real_kept                      # at most 10% of max_examples rotated out
         assert heldout_before <= {e["text"] for e in heldout}          # the gate's slice is never evicted
+
+
+def test_provision_with_passwords_instead_of_client_certificates(tmp_path):
+    """`provision --auth password`: a user name and random password per identity over TLS, hashed into
+    Mosquitto's password file by mosquitto_passwd; the same ACL (user name = identity); configs holding
+    a password are 0600; revoking removes the user."""
+    import subprocess
+    import sys
+    from edge_runtime.transport import MqttLink
+    from edge_runtime.protocol.topics import Topics
+    out = tmp_path / "fleet-keys"
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "coordinator.cli", "provision", "--fleet", "plant", "--devices", "dev-a", "dev-b",
+                        "--auth", "password", "--port", str(port), "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    a = toml(out / "devices" / "dev-a" / "agent.toml")
+    assert a["broker"].startswith("mqtts://dev-a:") and "cert=" not in a["broker"]
+    assert oct((out / "devices" / "dev-a" / "agent.toml").stat().st_mode & 0o777) == "0o600"
+    password = a["broker"].split(":")[2].split("@")[0]
+    assert password not in (out / "broker" / "passwd").read_text()          # stored hashed
+    assert "require_certificate" not in (out / "broker" / "mosquitto.conf").read_text()
+    broker = ProvisionedBroker(out).start()
+    seen = []
+    try:
+        ca = out / "ca" / "ca.crt"
+        assert connect(a["broker"], "dev-a")[0]
+        assert not connect(a["broker"].replace(password, "wrong" + password[5:]), "dev-a-wrong")[0]
+        assert not connect(f"mqtts://localhost:{port}?ca={ca}", "anon")[0]
+        # dev-a's identity cannot read dev-b's receipts (the ACL keys on the user name)
+        t = Topics("plant")
+        coord = toml(out / "coordinator" / "coordinator.toml")
+        boss = MqttLink(coord["broker"], "boss").start()
+        spy = MqttLink(a["broker"], "dev-a-spy", on_message=lambda topic, payload, retained: seen.append(topic))
+        spy.subscribe(t.ack("dev-b"), 1)
+        spy.subscribe(t.ack("dev-a"), 1)
+        spy.start()
+        assert boss.wait_connected(10) and spy.wait_connected(10)
+        time.sleep(0.5)
+        boss.publish(t.ack("dev-b"), b"{}")
+        boss.publish(t.ack("dev-a"), b"{}")
+        wait_for(lambda: t.ack("dev-a") in seen, 10, what="dev-a's own receipt")
+        time.sleep(0.5)
+        assert t.ack("dev-b") not in seen
+        spy.close()
+        boss.close()
+        # revoking dev-b removes its user
+        b_url = toml(out / "devices" / "dev-b" / "agent.toml")["broker"]
+        r = subprocess.run([sys.executable, "-m", "coordinator.cli", "provision", "--fleet", "plant", "--revoke", "dev-b",
+                            "-o", str(out)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "dev-b:" not in (out / "broker" / "passwd").read_text()
+        broker.stop()
+        broker = ProvisionedBroker(out).start()
+        assert not connect(b_url, "dev-b")[0] and connect(a["broker"], "dev-a")[0]
+    finally:
+        broker.stop()
