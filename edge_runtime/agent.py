@@ -115,7 +115,7 @@ class AgentConfig:
         require_secure_broker(self.broker, self.insecure, "agent")
         if self.api_token is not None and len(self.api_token) < 16:
             raise ConfigError("api_token must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
-        if not is_loopback(self.host.strip("[]")) and not self.api_token:
+        if not is_loopback(self.host) and not self.api_token:
             raise ConfigError(f"binding the agent API to {self.host} exposes it beyond this device: set api_token (or the "
                               f"EDGEFM_API_TOKEN environment variable) so every request must carry `Authorization: Bearer <token>`")
         check_id(self.device_id, "device_id")

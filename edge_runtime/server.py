@@ -53,6 +53,12 @@ def request_origin_refusal(host: str | None, origin: str | None, method: str, bi
     return None
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """An OpenAI-style error object."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def bearer_ok(header: str | None, token: str) -> bool:
     """Whether an Authorization header carries the token (constant-time comparison)."""
     import hmac
@@ -72,26 +78,20 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
     # -- helpers --
-    def _send(self, status: int, obj: Any, content_type: str = "application/json") -> None:
+    def _send(self, status: int, obj: Any, content_type: str = "application/json", headers: dict | None = None) -> None:
         data = obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(data)
 
     def _error(self, err: ApiError) -> None:
-        kind = "invalid_request_error" if err.status < 500 else "server_error"
-        data = json.dumps({"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}).encode()
-        self.send_response(err.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if err.status == 401:
-            self.send_header("WWW-Authenticate", 'Bearer realm="edgefm-agent"')
-        if err.status == 503:
-            self.send_header("Retry-After", "60")
-        self.end_headers()
-        self.wfile.write(data)
+        headers = ({"WWW-Authenticate": 'Bearer realm="edgefm-agent"'} if err.status == 401 else
+                   {"Retry-After": "60"} if err.status == 503 else None)
+        self._send(err.status, error_body(err.status, err.message, err.param, err.code), headers=headers)
 
     def _body(self, limit: int | None = None) -> dict:
         limit = limit or self.agent.cfg.max_request_bytes
@@ -569,8 +569,8 @@ class AgentHTTPServer(ThreadingHTTPServer):
                 self._slots.release()
                 raise
             return
-        body = json.dumps({"error": {"message": f"the agent is serving {self.max_connections} connections (max_connections); "
-                                                "retry shortly", "type": "server_error", "param": None, "code": "busy"}}).encode()
+        body = json.dumps(error_body(503, f"the agent is serving {self.max_connections} connections (max_connections); "
+                                          "retry shortly", code="busy")).encode()
         try:
             request.settimeout(0.2)
             try:
