@@ -173,7 +173,7 @@ def run_federated(bundle: Path, send_by_dom: dict, rounds: int, work: Path, coor
         conf.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in (coordinator_settings or {}).items()))
         coord = procs.spawn("coordinator", [PY, "-m", "coordinator.cli", "--state-dir", str(state), "serve", "--bundle", str(bundle),
                                             "--config", str(conf),
-                                            "--broker", broker.url, "--fleet", "bench", "--mode", "sync", "--strategy", "fedavg",
+                                            "--broker", broker.url, "--fleet", "bench", "--mode", "sync",
                                             "--rounds", str(rounds), "--min-updates", str(len(urls)), "--round-timeout", "3600"])
         t0 = time.time()
         while coord.poll() is None:

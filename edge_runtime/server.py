@@ -25,9 +25,6 @@ from edge_runtime.sampling import find_stop, holdback
 log = logging.getLogger("edgefm.api")
 
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
 def _hostname(value: str) -> str:
     """'localhost:8080' -> 'localhost', '[::1]:8080' -> '[::1]', 'http://x:1/' -> 'x'."""
     v = value.split("://", 1)[-1].split("/", 1)[0]
@@ -41,12 +38,13 @@ def request_origin_refusal(host: str | None, origin: str | None, method: str, bi
     addressed to a loopback name (DNS rebinding: a web page's own host name resolved to 127.0.0.1) and
     state-changing requests only from no Origin or a loopback one (CSRF from any page the device's
     browser opens). An agent bound elsewhere was exposed on purpose; the Origin rule still applies."""
-    loopback_bound = bind_host in LOOPBACK_NAMES
-    if loopback_bound and host is not None and _hostname(host).lower() not in LOOPBACK_NAMES:
+    from edge_runtime.transport import is_loopback  # one notion of "this machine" for the broker and the API
+    loopback_bound = is_loopback(bind_host)
+    if loopback_bound and host is not None and not is_loopback(_hostname(host)):
         return f"Host {host!r} is not this device's loopback address; the agent API answers local clients only"
     if method != "GET" and origin is not None and origin != "null":
-        allowed = LOOPBACK_NAMES | ({bind_host} if not loopback_bound else set())
-        if _hostname(origin).lower() not in allowed:
+        name = _hostname(origin).lower()
+        if not is_loopback(name) and (loopback_bound or name != bind_host.lower()):
             return f"requests from web pages at {origin!r} are refused (the agent API is for local apps, not browsers)"
     elif method != "GET" and origin == "null":
         return "requests from sandboxed or file:// pages are refused (the agent API is for local apps, not browsers)"

@@ -42,6 +42,8 @@ def test_max_completion_tokens_wins_over_max_tokens():
     ("127.0.0.1:8080", "http://localhost:3000", "POST", "127.0.0.1", False),  # a local dev page
     ("127.0.0.1:8080", "null", "POST", "127.0.0.1", True),           # file:// or sandboxed page
     ("127.0.0.1:8080", "http://evil.example", "GET", "127.0.0.1", False),   # reads carry no state change
+    ("127.0.0.2:8080", None, "GET", "localhost", False),             # any loopback address is this machine (same rule as the broker's)
+    ("127.0.0.1.evil.example:8080", None, "GET", "127.0.0.1", True),
     ("gateway.lan:8080", None, "POST", "0.0.0.0", False),            # exposed on purpose: any Host
     ("gateway.lan:8080", "http://evil.example", "POST", "0.0.0.0", True),
 ])
