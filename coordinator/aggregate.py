@@ -214,11 +214,18 @@ class ProductSum:
         self.weight += weight
         self.count += 1
 
-    def refactor(self, rank: int) -> Tensors:
-        """Rank-r factors of the weighted mean product of each module."""
+    def refactor(self, rank: int, start: Tensors | None = None, lr: float = 1.0) -> Tensors:
+        """Rank-r factors of the weighted mean product of each module; with ``start`` (the adapter the
+        devices trained from) and ``lr``: of ``P + lr * (mean - P)``, P = start's product (a server
+        learning rate applied to the change of the product, linear in it unlike scaling A and B)."""
         out = {}
         for a, s in self.sums.items():
-            A, B = svd_refactor(s / self.weight, rank)
+            target = s / self.weight
+            if start is not None and lr != 1.0:
+                b = a[:-len("lora_A")] + "lora_B"
+                p = start[b].astype(np.float64) @ start[a].astype(np.float64)
+                target = p + lr * (target - p)
+            A, B = svd_refactor(target, rank)
             out[a], out[a[:-len("lora_A")] + "lora_B"] = A, B
         return out
 

@@ -66,8 +66,6 @@ class CoordinatorConfig:
             raise ConfigError("ingest_batch must be >= 1")
         if self.server_lr is not None and not self.server_lr > 0:
             raise ConfigError("server_lr must be > 0 (or left out for the strategy's default)")
-        if self.strategy == "svd" and self.server_lr not in (None, 1.0):
-            raise ConfigError("the svd strategy takes the exact mean of the products B·A; it has no server_lr (leave it out)")
         try:
             self.influence_policy()
         except ValueError as exc:

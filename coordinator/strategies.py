@@ -123,7 +123,7 @@ class SvdProduct(Strategy):
     def finish(self, acc, global_t):
         if self.count(acc) == 0:
             return None
-        return acc["prod"].refactor(self.rank)
+        return acc["prod"].refactor(self.rank, agg.pad_or_truncate_rank(global_t, self.rank) if self.rank else global_t, self.server_lr)
 
 
 class Median(Strategy):

@@ -243,9 +243,7 @@ def test_server_lr_defaults_per_strategy_and_an_explicit_one_wins():
         CoordinatorConfig(server_lr=0.0)
 
 
-def test_frozen_a_applies_server_lr_and_svd_refuses_one():
-    from coordinator.config import CoordinatorConfig
-    from edge_runtime.errors import ConfigError
+def test_frozen_a_applies_server_lr():
     g = {"m.lora_A": np.ones((2, 3), np.float32), "m.lora_B": np.zeros((3, 2), np.float32)}
     delta = {"m.lora_A": np.full((2, 3), 5.0, np.float32), "m.lora_B": np.ones((3, 2), np.float32)}
     s = make_strategy("frozen_a", server_lr=0.5)
@@ -254,5 +252,26 @@ def test_frozen_a_applies_server_lr_and_svd_refuses_one():
     new = s.finish(acc, g)
     np.testing.assert_array_equal(new["m.lora_A"], g["m.lora_A"])          # A stays frozen
     np.testing.assert_allclose(new["m.lora_B"], 0.5)                         # half of the mean B delta
-    with pytest.raises(ConfigError, match="svd"):
-        CoordinatorConfig(strategy="svd", server_lr=2.0)
+
+
+def test_svd_server_lr_scales_the_change_of_the_product():
+    # global product P = [[1, 0], [0, 0]]; the two devices' mean product M = [[2, 0], [0, 1]];
+    # with server_lr 2 the new product is P + 2 (M - P) = [[3, 0], [0, 2]] (rank 2 keeps it exactly)
+    from coordinator.config import CoordinatorConfig
+    g = t([[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]])
+    full1 = t([[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]])     # product [[2, 0], [0, 1]]
+    full2 = t([[2.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]])     # product [[2, 0], [0, 0]]
+    full3 = t([[2.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [0.0, 1.0]])     # product [[2, 0], [0, 2]]
+    s = make_strategy("svd", rank=2, server_lr=2.0)
+    acc = s.begin(g)
+    for full in (full1, full2, full3):
+        s.fold(acc, 1.0, {k: full[k] - g[k] for k in g}, g)
+    new = s.finish(acc, g)
+    np.testing.assert_allclose(new["layers.0.q.lora_B"] @ new["layers.0.q.lora_A"], [[3.0, 0.0], [0.0, 2.0]], atol=1e-5)
+    one = make_strategy("svd", rank=2)
+    acc = one.begin(g)
+    for full in (full1, full2, full3):
+        one.fold(acc, 1.0, {k: full[k] - g[k] for k in g}, g)
+    np.testing.assert_allclose(one.finish(acc, g)["layers.0.q.lora_B"] @ one.finish(acc, g)["layers.0.q.lora_A"],
+                               [[2.0, 0.0], [0.0, 1.0]], atol=1e-5)
+    assert CoordinatorConfig(strategy="svd", server_lr=2.0).server_lr == 2.0
