@@ -47,7 +47,7 @@ FLEET = "poison"
 ATTACKER = "mallory"
 ATTACKS = ("clean", "scaled_x10", "sign_flip", "noise", "nan", "inflated_examples")
 RULES = {  # name -> coordinator settings
-    "FedAvg, no bounds": {"strategy": "fedavg", "examples_multiple": 0.0, "norm_multiple": 0.0},
+    "FedAvg, no bounds": {"strategy": "fedavg", "examples_multiple": 0.0, "norm_multiple": 0.0, "direction_share": 0.0},
     "defaults (bounded FedAvg)": {},
     "median": {"strategy": "median"},
     "trimmed_mean (trim 1)": {"strategy": "trimmed_mean", "trim": 1},

@@ -8,15 +8,26 @@ a *reference*: the claims and norms of the fleet's recent accepted updates (the 
 - norm: clipped to ``norm_multiple`` x the median norm.
 
 Medians move only when at least half of the reference moves, so a minority of devices (however
-large what they send) can neither inflate the yardstick nor escape it. Below ``min_reference``
-entries nothing can be judged: the coordinator holds updates until it has that many (or until it
-must aggregate), then bounds them together.
+large what they send) can neither inflate the yardstick nor escape it.
+
+Bounds alone do not stop a device that pushes the other way at an ordinary size: one sign-flipped
+update of five at 1.5x the median norm takes most of a round's progress away. So updates are also
+judged by *direction*, together, in batches (``judge_batch`` updates, or what the aggregation has when
+it is due): each update's cosine with the coordinate-wise median of the batch's unit vectors (a
+reference a minority cannot move far) must be above ``direction_share`` x the batch's median cosine;
+an update below it is excluded (counts nothing). Honest updates of different domains point the same
+way enough (cosine with the reference 0.67-0.71 for four devices of four different domains, measured
+in bench/poisoning.py); sign-flipped ones have a negative cosine, random noise a cosine near 0.
+Batches of fewer than three cannot be judged by direction. What this does not stop: an attacker who
+knows the honest updates and stays just above the threshold (see docs/security.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import statistics
 from typing import Sequence
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +39,16 @@ class InfluencePolicy:
     norm_multiple: float = 1.5
     window: int = 64
     min_reference: int = 3
+    judge_batch: int = 16
+    direction_share: float = 0.25
 
     def __post_init__(self):
-        if self.max_examples < 1 or self.window < 1 or self.min_reference < 1:
-            raise ValueError("max_examples, window and min_reference must be >= 1")
+        if self.max_examples < 1 or self.window < 1 or self.min_reference < 1 or self.judge_batch < 1:
+            raise ValueError("max_examples, window, min_reference and judge_batch must be >= 1")
         if self.examples_multiple < 0 or self.norm_multiple < 0:
             raise ValueError("examples_multiple and norm_multiple must be >= 0 (0: off)")
+        if not 0 <= self.direction_share < 1:
+            raise ValueError("direction_share must be in [0, 1) (0: no direction check)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,3 +77,34 @@ def bound_update(claimed: float, norm: float, reference: Sequence[tuple[float, f
     if policy.norm_multiple and med_norm > 0 and norm > policy.norm_multiple * med_norm:
         clip_to = policy.norm_multiple * med_norm
     return Bound(max(examples, 1.0), clip_to)
+
+
+MIN_DIRECTION_BATCH = 3
+
+
+def direction_cosines(vectors: Sequence[np.ndarray]) -> list[float]:
+    """Cosine of each vector with the coordinate-wise median of all of them as unit vectors (zero
+    vectors: cosine 0)."""
+    units = []
+    for v in vectors:
+        v = np.asarray(v, np.float32).ravel()
+        n = float(np.linalg.norm(v))
+        units.append(v / n if n > 0 and np.isfinite(n) else np.zeros_like(v))
+    stack = np.stack(units)
+    ref = np.median(stack, axis=0)
+    rn = float(np.linalg.norm(ref))
+    if rn == 0:
+        return [0.0] * len(units)
+    return [float(u @ ref) / rn for u in units]
+
+
+def direction_keep(cosines: Sequence[float], share: float) -> list[bool]:
+    """Which updates of one batch count: a cosine above ``share`` x the batch's median cosine (and
+    above 0). Everything counts when the batch is too small, the check is off, or the batch has no
+    common direction to judge against (median cosine <= 0)."""
+    if share <= 0 or len(cosines) < MIN_DIRECTION_BATCH:
+        return [True] * len(cosines)
+    med = statistics.median(cosines)
+    if med <= 0:
+        return [True] * len(cosines)
+    return [c > share * med for c in cosines]

@@ -17,6 +17,7 @@ import logging
 import queue
 import random
 import sqlite3
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 
 from coordinator import aggregate as agg
 from coordinator.config import CoordinatorConfig
-from coordinator.influence import bound_update
+from coordinator.influence import MIN_DIRECTION_BATCH, bound_update, direction_cosines, direction_keep
 from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round,
                                 staleness_weight)
 from coordinator.state import CHECKPOINTED, State
@@ -35,6 +36,7 @@ from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectR
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.messages import check_status, decode_update, dump_json_message, make_pointer, parse_json_message
+from edge_runtime.protocol.tensors import flatten
 from edge_runtime.protocol.topics import Topics
 
 log = logging.getLogger("edgefm.coordinator")
@@ -229,14 +231,26 @@ class Coordinator:
         self.strategy.fold(self.acc, weight, tensors, self.global_tensors, flat=flat)
 
     def _release_held(self, force: bool = False) -> None:
-        """Bound and fold the held updates once the reference (recent bounded updates plus the held
-        ones) has ``min_reference`` entries, or now (``force``: an aggregation is due)."""
+        """Judge and fold the held updates once ``judge_batch`` of them are held, or now (``force``: an
+        aggregation is due). Each is bounded against the reference (recent bounded updates plus the held
+        ones); then the batch is judged by direction and an update pointing away from it is excluded
+        (coordinator/influence.py)."""
         if not self.held:
             return
-        pool = list(self.reference) + [(h.claimed, h.norm) for h in self.held]
-        if len(pool) < self.influence.min_reference and not force:
+        if len(self.held) < self.influence.judge_batch and not force:
             return
-        for h in self.held:
+        pool = list(self.reference) + [(h.claimed, h.norm) for h in self.held]
+        names = sorted(self.global_tensors)  # one coordinate order for every update, whatever its payload's
+        cosines = direction_cosines([flatten([h.tensors[k] for k in names]) for h in self.held]) \
+            if self.influence.direction_share and len(self.held) >= MIN_DIRECTION_BATCH else [float("nan")] * len(self.held)
+        keep = direction_keep(cosines, self.influence.direction_share)
+        for h, cos, kept in zip(self.held, cosines, keep):
+            if not kept:
+                why = (f"points away from the other updates of its batch: cosine {cos:.3f} with their median direction, "
+                       f"below {self.influence.direction_share:g} x the batch's median cosine {statistics.median(cosines):.3f}")
+                self.state.exclude_update(h.update_id, why)
+                log.warning("update %s from %s excluded: %s", h.update_id, h.device_id, why)
+                continue
             b = bound_update(h.claimed, h.norm, pool, self.influence)
             weight = b.examples if self.cfg.mode == "sync" else staleness_weight(b.examples, h.staleness, self.cfg.staleness_exponent)
             self.state.set_update_bound(h.update_id, weight, b.clip_to)

@@ -382,6 +382,11 @@ class State:
         """The weight a held update is folded with and the norm it is clipped to (0: not clipped)."""
         self.x("UPDATE updates SET weight=?, clip=? WHERE update_id=?", (weight, clip, update_id))
 
+    def exclude_update(self, update_id: str, why: str) -> None:
+        """A held update the direction check refused: it counts nothing (its receipt said accepted: it
+        was durable and valid; the judgement comes with its batch)."""
+        self.x("UPDATE updates SET status='excluded', reason='direction', detail=?, weight=0 WHERE update_id=?", (why, update_id))
+
     def pending_accepted(self) -> list[tuple]:
         """(update id, device id, blob, weight, clip, num_examples, norm, base_version) of accepted
         updates not yet folded into a published version (replayed after a restart); weight None: held."""

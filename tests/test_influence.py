@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.influence import InfluencePolicy, bound_update, reference_medians
+from coordinator.influence import InfluencePolicy, bound_update, direction_cosines, direction_keep, reference_medians
 from helpers import tiny_bundle
 
 
@@ -128,7 +128,8 @@ def test_one_inflated_update_cannot_dominate(bundle, tmp_path, attacker_first):
     v0, meta = adapter_schema(bundle)
     honest, attacker, u = fleet_updates(meta)
     order = [attacker] + honest if attacker_first else honest + [attacker]
-    c = coordinator(bundle, tmp_path / "state", buffer_size=5, min_reference=5)   # all five judged together
+    # the bounds alone (the direction check, on by default, is tested below)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5, direction_share=0)   # all five judged together
     for dev, n, d in order:
         assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
     assert c.version == 1
@@ -143,11 +144,68 @@ def test_one_inflated_update_cannot_dominate(bundle, tmp_path, attacker_first):
     assert rows["mallory"]["accepted"] == 1
 
 
-def test_without_bounds_the_same_update_dominates(bundle, tmp_path):
-    """The check above can fail: with the bounds off, the attacker's update is the global."""
+@pytest.mark.parametrize("attacker_first", [False, True])
+def test_an_update_pointing_away_from_the_fleet_counts_nothing(bundle, tmp_path, attacker_first):
+    """With the defaults the sign-flipped attacker is excluded by the direction check: the global is
+    the bounded mean of the four honest updates (their bounds still judged with the attacker's claim
+    and norm in the reference), recorded as excluded with its numbers."""
     v0, meta = adapter_schema(bundle)
     honest, attacker, u = fleet_updates(meta)
-    c = coordinator(bundle, tmp_path / "state", buffer_size=5, examples_multiple=0, norm_multiple=0)
+    order = [attacker] + honest if attacker_first else honest + [attacker]
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5)
+    for dev, n, d in order:
+        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+    assert c.version == 1
+    got = flat(published_delta(c, v0))
+    claims = [n for _, n, _ in order]
+    norms = [np.linalg.norm(flat(d)) for _, _, d in order]
+    mc, mn = np.median(claims), np.median(norms)
+    acc = wsum = 0.0
+    for (_, n, d), norm in zip(honest, norms[1:] if attacker_first else norms[:4]):
+        w = min(n, mc)
+        acc, wsum = acc + w * flat(d) * min(1.0, 1.5 * mn / norm), wsum + w
+    np.testing.assert_allclose(got, acc / wsum, rtol=1e-4, atol=1e-6)
+    assert float(got @ flat(u)) > 0.9 * np.linalg.norm(got) * np.linalg.norm(flat(u))
+    row = c.state.q("SELECT status, reason, detail FROM updates WHERE device_id='mallory'")[0]
+    assert row[:2] == ("excluded", "direction") and "cosine -" in row[2]
+
+
+@pytest.mark.device
+def test_direction_check_by_hand():
+    # three honest updates along +x with some spread, one along -x, one orthogonal (noise-like)
+    vecs = [np.array([1.0, 0.2, 0.0]), np.array([1.0, -0.2, 0.0]), np.array([1.0, 0.0, 0.1]),
+            np.array([-5.0, 0.0, 0.0]), np.array([0.0, 0.0, 3.0])]
+    cos = direction_cosines(vecs)
+    # the median of the unit vectors is about +x: the honest ones ~0.98, the flipped -1, the orthogonal ~0.1
+    assert all(c > 0.95 for c in cos[:3]) and cos[3] < -0.99 and abs(cos[4]) < 0.15
+    assert direction_keep(cos, 0.25) == [True, True, True, False, False]
+    assert direction_keep(cos, 0.0) == [True] * 5                       # off
+    assert direction_keep(cos[:2], 0.25) == [True, True]                # too few to judge
+    assert direction_keep([-0.5, -0.1, 0.0], 0.25) == [True] * 3        # no common direction: nothing to judge by
+    assert direction_cosines([np.zeros(3), np.ones(3), np.ones(3)])[0] == 0.0
+
+
+@pytest.mark.device
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 10_000), n_honest=st.integers(4, 12), spread=st.floats(0.0, 1.0), scale=st.floats(0.01, 1e4))
+def test_a_flipped_minority_is_excluded_and_honest_updates_kept(seed, n_honest, spread, scale):
+    """Honest updates share a direction (plus spread up to their own size); a minority under a third
+    sends the negated shared direction at any scale: every attacker is excluded, no honest one is."""
+    rng = np.random.default_rng(seed)
+    d = 64
+    shared = rng.standard_normal(d)
+    shared /= np.linalg.norm(shared)
+    honest = [(shared + spread * rng.standard_normal(d) / np.sqrt(d)) * rng.uniform(0.5, 2) for _ in range(n_honest)]
+    bad = [-scale * shared for _ in range((n_honest - 1) // 3)]
+    keep = direction_keep(direction_cosines(honest + bad), 0.25)
+    assert keep == [True] * n_honest + [False] * len(bad)
+
+
+def test_without_bounds_the_same_update_dominates(bundle, tmp_path):
+    """The checks above can fail: with the bounds and the direction check off, the attacker's update is the global."""
+    v0, meta = adapter_schema(bundle)
+    honest, attacker, u = fleet_updates(meta)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5, examples_multiple=0, norm_multiple=0, direction_share=0)
     for dev, n, d in honest + [attacker]:
         c.handle_update(dev, payload(meta, dev, n, d))
     got = flat(published_delta(c, v0))
@@ -197,7 +255,8 @@ def test_robust_rule_with_a_server_optimizer(bundle, tmp_path):
     from edge_runtime.errors import ConfigError
     v0, meta = adapter_schema(bundle)
     honest, attacker, _ = fleet_updates(meta)
-    c = coordinator(bundle, tmp_path / "state", buffer_size=5, strategy="median", server_optimizer="fedavgm", server_lr=0.5)
+    c = coordinator(bundle, tmp_path / "state", buffer_size=5, strategy="median", server_optimizer="fedavgm", server_lr=0.5,
+                    direction_share=0)  # the rule and the optimizer alone
     ups = honest + [attacker]
     for dev, n, d in ups:
         c.handle_update(dev, payload(meta, dev, n, d))
