@@ -34,7 +34,6 @@ class CoordinatorConfig:
     examples_multiple: float = 1.0          # an update counts at most this multiple of the median claim (0: off)
     norm_multiple: float = 1.5              # clip each update to this multiple of the median norm (0: off)
     influence_window: int = 64              # recent accepted updates the medians are taken over
-    min_reference: int = 3                  # fewest (claim, norm) pairs the medians are taken over
     judge_batch: int = 16                   # updates are held and judged together in batches this large (or when a version is due)
     direction_share: float = 0.25           # exclude an update whose cosine with the batch's median direction is below
                                             # this share of the batch's median cosine (0: off)
@@ -86,7 +85,7 @@ class CoordinatorConfig:
         """The bounds every accepted update is held to."""
         from coordinator.influence import InfluencePolicy
         return InfluencePolicy(self.max_examples_per_update, self.examples_multiple, self.norm_multiple, self.influence_window,
-                               self.min_reference, self.judge_batch, self.direction_share)
+                               self.judge_batch, self.direction_share)
 
     @classmethod
     def from_sources(cls, path: str | None, overrides: dict[str, Any]) -> "CoordinatorConfig":

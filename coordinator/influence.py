@@ -38,13 +38,12 @@ class InfluencePolicy:
     examples_multiple: float = 1.0
     norm_multiple: float = 1.5
     window: int = 64
-    min_reference: int = 3
     judge_batch: int = 16
     direction_share: float = 0.25
 
     def __post_init__(self):
-        if self.max_examples < 1 or self.window < 1 or self.min_reference < 1 or self.judge_batch < 1:
-            raise ValueError("max_examples, window, min_reference and judge_batch must be >= 1")
+        if self.max_examples < 1 or self.window < 1 or self.judge_batch < 1:
+            raise ValueError("max_examples, window and judge_batch must be >= 1")
         if self.examples_multiple < 0 or self.norm_multiple < 0:
             raise ValueError("examples_multiple and norm_multiple must be >= 0 (0: off)")
         if not 0 <= self.direction_share < 1:

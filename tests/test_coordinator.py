@@ -331,7 +331,7 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     import threading
     from coordinator.state import State
     v0, meta = schema(bundle)
-    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, ingest_batch=8)
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, ingest_batch=8, judge_batch=1)  # folded at once
     rng = np.random.default_rng(5)
     ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(10)]
     acked, commits = [], []
@@ -379,7 +379,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     v0, meta = schema(bundle)
     rng = np.random.default_rng(11)
     ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(6)]
-    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0)
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)
     c.handle_update("d0", ups[0][2])                                    # alone: smaller than a checkpoint -> log
     with c._batch():                                                    # one ingest batch of three
         for i in (1, 2, 3):
@@ -397,7 +397,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     assert cli(["--state-dir", str(st.dir), "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pending"] == {"updates": 5, "in_checkpoint": 4, "in_log": 1}
 
-    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0)   # restart on the same state
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)   # restart on the same state
     assert c2.replayed == 5 and c2.strategy.count(c2.acc) == 5
     assert c2.handle_update("d5", ups[5][2])["accepted"]
     assert c2._aggregate(round_id=None) == 1
@@ -415,7 +415,7 @@ def _three_in_a_checkpoint(bundle, tmp_path, seed, n):
     _, meta = schema(bundle)
     rng = np.random.default_rng(seed)
     ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(n)]
-    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
     with c._batch():
         for i in (0, 1, 2):
             c._handle_update(f"d{i}", ups[i][2])
@@ -429,7 +429,7 @@ def test_damaged_checkpoint_is_reported_and_the_rest_replays(bundle, tmp_path):
     data = bytearray(f.read_bytes())
     data[8] ^= 0xFF
     f.write_bytes(bytes(data))
-    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
     assert c2.replayed == 1 and c2.strategy.count(c2.acc) == 1
     counts = c2.state.update_counts()
     assert counts["accepted"] == 1 and counts["reasons"] == {"corrupt_store": 3}
@@ -512,7 +512,7 @@ def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle,
     assert c.strategy.count(c.acc) == 3 and not any(c.state.has_update(ups[i][0]) for i in (3, 4, 5))
     files = sorted(p.name for p in (c.state.dir / "acc").glob("ckpt-*.f64"))
     assert len(files) == 2                                # the orphan of the failed commit is still there
-    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
     assert c2.replayed == 3
     assert len(list((c2.state.dir / "acc").glob("ckpt-*.f64"))) == 2    # opening the state (admin commands) deletes nothing
     c2.state.prune_after_checkpoint()                                    # what `start` does before serving

@@ -213,7 +213,7 @@ def test_without_bounds_the_same_update_dominates(bundle, tmp_path):
 
 
 def test_held_updates_survive_a_restart(bundle, tmp_path):
-    """The fleet's first updates wait (min_reference 3) until they can be judged; a coordinator killed
+    """Updates wait (judge_batch) until they can be judged together; a coordinator killed
     while holding them resumes with them and publishes what an uninterrupted one does."""
     v0, meta = adapter_schema(bundle)
     honest, attacker, _ = fleet_updates(meta)
