@@ -435,7 +435,9 @@ class State:
                 for r in self.q(f"SELECT {','.join(cols)} FROM rounds ORDER BY round DESC")]
 
     def update_counts(self) -> dict:
-        """Accepted/rejected counts and rejection reasons."""
+        """Accepted/excluded/rejected counts and rejection reasons (excluded: valid and durable, then
+        judged by direction with its batch and counted for nothing)."""
         by = dict(self.q("SELECT status, COUNT(*) FROM updates GROUP BY status"))
         reasons = dict(self.q("SELECT reason, COUNT(*) FROM updates WHERE status='rejected' GROUP BY reason"))
-        return {"accepted": by.get("accepted", 0), "rejected": by.get("rejected", 0), "reasons": reasons}
+        return {"accepted": by.get("accepted", 0), "excluded": by.get("excluded", 0), "rejected": by.get("rejected", 0),
+                "reasons": reasons}

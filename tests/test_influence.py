@@ -168,6 +168,7 @@ def test_an_update_pointing_away_from_the_fleet_counts_nothing(bundle, tmp_path,
     assert float(got @ flat(u)) > 0.9 * np.linalg.norm(got) * np.linalg.norm(flat(u))
     row = c.state.q("SELECT status, reason, detail FROM updates WHERE device_id='mallory'")[0]
     assert row[:2] == ("excluded", "direction") and "cosine -" in row[2]
+    assert c.state.update_counts()["excluded"] == 1 and c.state.update_counts()["accepted"] == 4
 
 
 @pytest.mark.device
