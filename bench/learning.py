@@ -266,10 +266,13 @@ def one_run(bundle: Path, task: str, seed: int, args, work: Path) -> dict:
     doms = list(send_by_dom)
     t0 = time.time()
     fed = run_federated(bundle, send_by_dom, args.rounds, work / "fed", json.loads(args.coordinator) if args.coordinator else None)
-    if args.federated_only:  # a quick look at coordinator settings: the federated run alone
-        print(json.dumps({"task": task, "seed": seed, "base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]),
-                          "steps": fed["steps"], "bounded_updates": fed["bounded_updates"]}), flush=True)
-        return {}
+    if args.federated_only:  # coordinator settings tried: the federated run alone (--append: merged into the saved run)
+        part = {"task": task, "seed": seed, "base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]),
+                "fed_steps": fed["steps"], "fed_served": fed["served"], "fed_gate": fed["gate"], "disconnects": fed["disconnects"],
+                "bounded_updates": fed["bounded_updates"], "intake": fed["intake"],
+                "fed_never_used": {d: c["never_used"] for d, c in fed["coverage"].items()}, "seconds": time.time() - t0}
+        print(json.dumps({k: v for k, v in part.items() if k != "fed_gate"}, default=str), flush=True)
+        return part
     total_steps = sum(fed["steps"].values())
     lc = run_local_and_central(bundle, send_by_dom, args.rounds, total_steps, work / "local")
     res = {"base": ev(bundle / "adapter.safetensors"), "federated": ev(fed["global"]), "centralized": ev(lc["central"])}
@@ -379,8 +382,8 @@ def main() -> None:
     from devices.fleet import cached_bundle
     bundle = cached_bundle("smollm2", "rpi5")
     saved = ROOT / ".cache" / "bench" / "learning-runs.json"
-    runs = json.loads(saved.read_text()) if args.append and saved.is_file() else []
-    runs = [r for r in runs if (r["task"], r["seed"]) not in set(plan)]
+    saved_runs = json.loads(saved.read_text()) if args.append and saved.is_file() else []
+    runs = [r for r in saved_runs if (r["task"], r["seed"]) not in set(plan)]
     # seed-major order (plan above): a run cut short still has every task
     for task, seed in plan:
         work = Path(tempfile.mkdtemp(prefix="edgefm-bench-learning-"))
@@ -389,7 +392,17 @@ def main() -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         if args.federated_only:
-            continue
+            if not args.append:
+                continue
+            # the coordinator's settings change only the federated run: merged into the saved run of the same task
+            # and seed (its local-only and centralized runs use no coordinator)
+            old = next((r for r in saved_runs if (r["task"], r["seed"]) == (task, seed)), None)
+            if old is None:
+                raise SystemExit(f"--federated-only --append: no saved run for {task} seed {seed} to merge into")
+            run = {**old, "results": {**old["results"], "federated": run["federated"]},
+                   "never_used": {**{d: n for d, n in old["never_used"].items() if d.startswith("local-")}, **run["fed_never_used"]},
+                   **{k: run[k] for k in ("fed_steps", "fed_served", "fed_gate", "disconnects", "bounded_updates", "intake")},
+                   "federated_redone": {"coordinator": args.coordinator, "date": time.strftime("%Y-%m-%dT%H:%M")}}
         runs.append(run)
         write_results(runs, len(plan), args)   # after every run: a cut-off session still leaves what was measured
 
