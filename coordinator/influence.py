@@ -81,13 +81,25 @@ def bound_update(claimed: float, norm: float, reference: Sequence[tuple[float, f
 MIN_DIRECTION_BATCH = 3
 
 
-def direction_cosines(vectors: Sequence[np.ndarray]) -> list[float]:
+DIRECTION_SAMPLE = 65_536
+
+
+def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | None = None,
+                      sample: int = DIRECTION_SAMPLE) -> list[float]:
     """Cosine of each vector with the coordinate-wise median of the *others* as unit vectors (zero
     vectors: cosine 0). Leaving the vector itself out matters: in a batch of five, random noise pulls
-    the median of all five towards itself (cosine 0.22 measured) but is orthogonal to the others' (0.001)."""
+    the median of all five towards itself (cosine 0.22 measured) but is orthogonal to the others' (0.001).
+
+    Vectors longer than ``sample`` are compared on ``sample`` coordinates drawn by ``rng`` (the
+    coordinator's own generator: a device cannot know which): cosines of long vectors are estimated to
+    about 1/sqrt(sample) (0.004), and the medians cost 15x less for a SmolLM2 adapter."""
+    vecs = [np.asarray(v, np.float32).ravel() for v in vectors]
+    d = vecs[0].size if vecs else 0
+    if d > sample:
+        idx = np.sort((rng or np.random.default_rng()).choice(d, sample, replace=False))
+        vecs = [v[idx] for v in vecs]
     units = []
-    for v in vectors:
-        v = np.asarray(v, np.float32).ravel()
+    for v in vecs:
         n = float(np.linalg.norm(v))
         units.append(v / n if n > 0 and np.isfinite(n) else np.zeros_like(v))
     stack = np.stack(units)

@@ -78,6 +78,7 @@ class Coordinator:
                                       trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
         self.influence = cfg.influence_policy()
         self.rng = random.Random(cfg.seed)
+        self.np_rng = np.random.default_rng()  # OS entropy: which coordinates the direction check samples is not guessable
         self.lock = threading.RLock()
         self.done = threading.Event()
         self._stop = threading.Event()
@@ -183,8 +184,8 @@ class Coordinator:
                         raise OSError(f"checkpoint holds {self.strategy.count(acc)} updates, state says {len(covered)}")
                     self.acc = acc
             except (OSError, ValueError, KeyError) as exc:
-                log.error("accumulator checkpoint unusable after restart (%s)", exc)
-                ck = None
+                log.error("accumulator checkpoint unusable after restart (%s); rebuilding it from the previous one", exc)
+                ck = self._rebuild_checkpoint(len(covered))
             if ck is None:
                 log.error("%d accepted updates were held only by the accumulator checkpoint; dropping them", len(covered))
                 self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
@@ -218,6 +219,31 @@ class Coordinator:
             replayed += 1
         return replayed
 
+    def _rebuild_checkpoint(self, covered: int):
+        """The newest checkpoint is damaged: the previous one (if any) plus the payload copies of the
+        updates the newest added (kept in the log until the next checkpoint). Returns something true
+        when it worked (self.acc is then rebuilt), None when a second copy is damaged too."""
+        rec = self.state.get("acc_checkpoint")
+        if not rec:
+            return None
+        added = self.state.added_by_checkpoint(rec["file"])
+        try:
+            prev = self.state.load_checkpoint(previous=True)
+            acc = self.strategy.restore(prev[0], prev[1], self.global_tensors) if prev else self.strategy.begin(self.global_tensors)
+            if self.strategy.count(acc) + len(added) != covered:
+                raise OSError(f"previous checkpoint holds {self.strategy.count(acc)} updates and {len(added)} were added, "
+                              f"state says {covered}")
+            self.acc = acc
+            for update_id, ref, weight, clip in added:
+                upd = decode_update(self.state.read_update(ref), max_bytes=self.cfg.max_update_bytes)
+                self._fold(weight, upd.tensors, upd.tensors.flat, clip=clip or 0.0)
+        except (OSError, ValueError, KeyError, ProtocolError) as exc:
+            log.error("the previous checkpoint and the payload copies cannot rebuild it either (%s)", exc)
+            self.acc = self.strategy.begin(self.global_tensors)
+            return None
+        log.warning("accumulator rebuilt from the previous checkpoint and %d stored payloads: nothing lost", len(added))
+        return True
+
     def _fold(self, weight: float, tensors, flat=None, norm: float | None = None, clip: float = 0.0) -> None:
         """Fold one update into the accumulator, clipped first to ``clip`` (its bound) and to
         ``clip_norm`` if configured (``flat``: the tensors as one vector in their order, when at hand;
@@ -241,7 +267,7 @@ class Coordinator:
             return
         pool = list(self.reference) + [(h.claimed, h.norm) for h in self.held]
         names = sorted(self.global_tensors)  # one coordinate order for every update, whatever its payload's
-        cosines = direction_cosines([flatten([h.tensors[k] for k in names]) for h in self.held]) \
+        cosines = direction_cosines([flatten([h.tensors[k] for k in names]) for h in self.held], self.np_rng) \
             if self.influence.direction_share and len(self.held) >= MIN_DIRECTION_BATCH else [float("nan")] * len(self.held)
         keep = direction_keep(cosines, self.influence.direction_share)
         for h, cos, kept in zip(self.held, cosines, keep):
@@ -263,20 +289,21 @@ class Coordinator:
         self.held = []
 
     def _persist_batch(self) -> bool:
-        """Before the batch commits: make its accepted updates durable the cheaper way, a checkpoint of
-        the accumulator when that is smaller than their payloads, else the payloads in the log.
-        Returns whether a checkpoint was written."""
+        """Before the batch commits: make its accepted updates durable, their payloads in the log; and
+        once the log holds more than a checkpoint of the accumulator would take, that checkpoint too
+        (two generations are kept: one damaged copy loses nothing, coordinator/state.py), after which the
+        log before it can go. Returns whether a checkpoint was written."""
         pending, self._batch_payloads = self._batch_payloads, []
         if not pending:
             return False
+        for update_id, payload in pending:
+            self.state.set_update_blob(update_id, self.state.log.append(payload))
         ck_bytes = self.strategy.checkpoint_nbytes(self.acc)
-        # a checkpoint covers folded updates only: while any is held, every payload goes to the log
-        if not self.held and ck_bytes is not None and ck_bytes <= sum(len(p) for _, p in pending):
+        # a checkpoint covers folded updates only: while any is held, the log alone keeps them
+        if not self.held and ck_bytes is not None and ck_bytes <= self.state.uncovered_log_bytes():
             flat, meta = self.strategy.checkpoint(self.acc)
             self.state.save_checkpoint(flat, meta)
             return True
-        for update_id, payload in pending:
-            self.state.set_update_blob(update_id, self.state.log.append(payload))
         return False
 
     @contextlib.contextmanager
@@ -573,8 +600,11 @@ class Coordinator:
             old_opt = self._save_opt_state(version)
         if old_opt:
             self.state.blobs.delete(old_opt)
-        refs = [b for (b,) in self.state.q(f"SELECT blob FROM updates WHERE update_id IN ({','.join('?' * len(ids))})",
-                                            tuple(ids)) if b] if ids else []
+        refs = [b for row in self.state.q(f"SELECT blob, logref FROM updates WHERE update_id IN ({','.join('?' * len(ids))})",
+                                           tuple(ids)) for b in row if b] if ids else []
+        # excluded updates of this aggregation: their payloads are not needed any more either
+        refs += [b for (b,) in self.state.q("SELECT blob FROM updates WHERE status='excluded' AND blob IS NOT NULL")]
+        self.state.x("UPDATE updates SET blob=NULL WHERE status='excluded'")
         self.state.delete_updates(refs)
         self.state.drop_checkpoint()  # every update it covered is folded into this version
         self.version, self.global_tensors = version, new

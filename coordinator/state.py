@@ -2,11 +2,13 @@
 content-addressed blob store (``blobs/<sha[:2]>/<sha>``) for adapters, and an append-only update log
 (``updates/seg-*.log``) for accepted update payloads.
 
-Ingest writes a batch of updates with one ``fdatasync`` and one SQLite commit (group commit). What
-it syncs is whichever is smaller: the batch's payloads appended to the log, or a checkpoint of the
-streaming accumulator (``acc/ckpt-*.f64``, the running sum of every accepted, unpublished update).
-A checkpoint covers all pending updates, so the log segments before it are deleted; after a restart
-the accumulator is the checkpoint plus the log entries written since."""
+Ingest writes a batch of updates with one ``fdatasync`` and one SQLite commit (group commit): the
+batch's payloads appended to the log, and, once the log holds more than a checkpoint would take, a
+checkpoint of the streaming accumulator (``acc/ckpt-*.f64``, the running sum of every accepted,
+unpublished update). After a restart the accumulator is the checkpoint plus the log entries written
+since. Two generations are kept so that one damaged copy never loses an acknowledged update: the
+previous checkpoint file, and the log entries of the updates the newest checkpoint added (``logref``);
+older log segments are deleted."""
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +30,7 @@ CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, mode TEXT, base_ve
   closed_at REAL, status TEXT, selected TEXT, target INTEGER, quorum INTEGER, result_version INTEGER, summary TEXT DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS updates (update_id TEXT PRIMARY KEY, device_id TEXT, round INTEGER, base_version INTEGER,
   num_examples INTEGER, status TEXT, reason TEXT, detail TEXT, received_at REAL, blob TEXT, bytes INTEGER, weight REAL,
-  folded_into INTEGER, norm REAL, clip REAL);
+  folded_into INTEGER, norm REAL, clip REAL, logref TEXT, ckpt TEXT);
 CREATE TABLE IF NOT EXISTS versions (version INTEGER PRIMARY KEY, parent INTEGER, sha256 TEXT, created_at REAL, round INTEGER,
   strategy TEXT, num_updates INTEGER, num_examples INTEGER, metrics TEXT, status TEXT, note TEXT DEFAULT '');
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
@@ -199,10 +201,10 @@ class Checkpoints:
             raise OSError(f"checkpoint {name} is damaged ({len(data)} bytes, {rec['nbytes']} expected, or hash differs)")
         return np.frombuffer(data, "<f8")
 
-    def prune(self, keep: str | None) -> None:
-        """Delete every checkpoint file but ``keep`` (superseded ones, or ones whose commit failed)."""
+    def prune(self, keep: set[str]) -> None:
+        """Delete every checkpoint file not in ``keep`` (superseded ones, or ones whose commit failed)."""
         for p in self.root.glob("ckpt-*.f64"):
-            if p.name != keep:
+            if p.name not in keep:
                 p.unlink(missing_ok=True)
 
 
@@ -230,9 +232,9 @@ class State:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(updates)")}
-            for col in ("norm", "clip"):  # bounded influence (state dirs from before it lack them)
+            for col, kind in (("norm", "REAL"), ("clip", "REAL"), ("logref", "TEXT"), ("ckpt", "TEXT")):  # added since 0.1.0 began
                 if col not in cols:
-                    self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} REAL")
+                    self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} {kind}")
         except sqlite3.DatabaseError as exc:
             if getattr(self, "db", None) is not None:
                 self.db.close()
@@ -279,37 +281,60 @@ class State:
 
     def save_checkpoint(self, flat, meta: dict) -> dict:
         """Inside an ingest transaction: write the accumulator (every accepted update not yet in a
-        published version) and mark those updates as covered by it. The log is rotated; after the
-        commit, ``prune_after_checkpoint`` drops what this supersedes."""
+        published version) and mark those updates as covered by it. Two generations are kept, so one
+        damaged copy never loses an acknowledged update: the previous checkpoint stays, and the updates
+        this one adds keep their payloads in the log (``logref``) until the next checkpoint; a damaged
+        newest checkpoint is rebuilt from the previous one plus those payloads. The log is rotated;
+        after the commit, ``prune_after_checkpoint`` drops what this supersedes."""
         rec = {**self.checkpoints.write(flat), **meta}
+        prev = self.get("acc_checkpoint")
+        if prev:
+            self.put("acc_checkpoint_prev", prev)
+        else:
+            self.x("DELETE FROM kv WHERE key='acc_checkpoint_prev'")
         self.put("acc_checkpoint", rec)
-        self.x("UPDATE updates SET blob=? WHERE status='accepted' AND folded_into IS NULL", (CHECKPOINTED,))
+        pending = "status='accepted' AND folded_into IS NULL"
+        self.x(f"UPDATE updates SET logref=NULL WHERE {pending} AND blob=?", (CHECKPOINTED,))   # in both checkpoints now
+        self.x(f"UPDATE updates SET logref=blob, blob=?, ckpt=? WHERE {pending} AND blob IS NOT NULL AND blob<>?",
+               (CHECKPOINTED, rec["file"], CHECKPOINTED))
         self.log.rotate()
         return rec
 
     def prune_after_checkpoint(self) -> None:
-        """After a checkpoint committed (or at start): no pending update points into the log any more,
-        and older checkpoint files are superseded."""
-        rec = self.get("acc_checkpoint")
-        self.checkpoints.prune(rec["file"] if rec else None)
+        """After a checkpoint committed (or at start): checkpoint files other than the newest two and
+        log segments no pending update (or its second copy) points into are superseded."""
+        rec, prev = self.get("acc_checkpoint"), self.get("acc_checkpoint_prev")
+        self.checkpoints.prune({r["file"] for r in (rec, prev) if r})
         live = {r[0].split(":")[0] for r in self.q("SELECT blob FROM updates WHERE status='accepted' AND folded_into IS NULL "
-                                                   "AND blob LIKE 'seg-%'")}
+                                                   "AND blob LIKE 'seg-%' UNION SELECT logref FROM updates WHERE "
+                                                   "status='accepted' AND folded_into IS NULL AND logref LIKE 'seg-%'")}
         for p in self.log.root.glob("seg-*.log"):
             if p.name not in live and p.name != self.log.open_segment:
                 p.unlink(missing_ok=True)
 
-    def load_checkpoint(self):
-        """(vector, record) of the current checkpoint, None if there is none; OSError if its file is
-        damaged."""
-        rec = self.get("acc_checkpoint")
+    def load_checkpoint(self, previous: bool = False):
+        """(vector, record) of the current checkpoint (``previous``: of the one before it), None if
+        there is none; OSError if its file is damaged."""
+        rec = self.get("acc_checkpoint_prev" if previous else "acc_checkpoint")
         if not rec:
             return None
         return self.checkpoints.read(rec), rec
 
+    def uncovered_log_bytes(self) -> int:
+        """Payload bytes of pending accepted updates that no checkpoint covers yet."""
+        return self.q("SELECT COALESCE(SUM(bytes), 0) FROM updates WHERE status='accepted' AND folded_into IS NULL "
+                      "AND blob IS NOT NULL AND blob<>?", (CHECKPOINTED,))[0][0]
+
+    def added_by_checkpoint(self, file: str) -> list[tuple]:
+        """(update id, payload copy, weight, clip) of the pending updates checkpoint ``file`` was the
+        first to cover: what rebuilds it from the previous one."""
+        return self.q("SELECT update_id, logref, weight, clip FROM updates WHERE status='accepted' AND folded_into IS NULL "
+                      "AND blob=? AND ckpt=? ORDER BY received_at, rowid", (CHECKPOINTED, file))
+
     def drop_checkpoint(self) -> None:
-        """After a version is published: the checkpoint's updates are in it."""
-        self.x("DELETE FROM kv WHERE key='acc_checkpoint'")
-        self.checkpoints.prune(None)
+        """After a version is published: the checkpoints' updates are in it."""
+        self.x("DELETE FROM kv WHERE key IN ('acc_checkpoint', 'acc_checkpoint_prev')")
+        self.checkpoints.prune(set())
 
     def delete_updates(self, refs: list[str]) -> None:
         """Drop stored payloads that are folded into a published version."""
@@ -374,7 +399,7 @@ class State:
                       weight: float | None, norm: float | None = None) -> bool:
         """Record an update once (False if the id was already recorded). An accepted update recorded
         with weight None is held: it is bounded and folded later (``set_update_bound``)."""
-        return self.x("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,NULL)",
+        return self.x("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,NULL,NULL,NULL)",
                       (update_id, device_id, round_id, base_version, num_examples, status, reason, detail, time.time(), blob,
                        nbytes, weight, norm)) == 1
 
