@@ -188,7 +188,16 @@ def pad_or_truncate_rank(t: Tensors, rank: int) -> Tensors:
 
 def svd_refactor(delta_w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-r factorization B @ A of a matrix (truncated SVD, singular values split evenly)."""
-    U, S, Vt = np.linalg.svd(delta_w.astype(np.float64), full_matrices=False)
+    m = delta_w.astype(np.float64)
+    try:
+        U, S, Vt = np.linalg.svd(m, full_matrices=False)
+    except np.linalg.LinAlgError:
+        # LAPACK's divide-and-conquer SVD fails to converge on some finite matrices (seen on a real
+        # 576 x 576 mean product); the eigendecomposition of the smaller Gram matrix gives the same
+        # leading factors
+        if not np.all(np.isfinite(m)):
+            raise
+        U, S, Vt = _svd_by_gram(m)
     r = min(rank, S.size)
     root = np.sqrt(S[:r])
     B = np.zeros((delta_w.shape[0], rank))
@@ -196,6 +205,21 @@ def svd_refactor(delta_w: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray
     B[:, :r] = U[:, :r] * root
     A[:r] = root[:, None] * Vt[:r]
     return A.astype(np.float32), B.astype(np.float32)
+
+
+def _svd_by_gram(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of ``m`` through the eigendecomposition of ``m m^T`` or ``m^T m`` (whichever is
+    smaller), singular values in descending order."""
+    wide = m.shape[0] <= m.shape[1]
+    g = m @ m.T if wide else m.T @ m
+    vals, vecs = np.linalg.eigh(g)
+    order = np.argsort(vals)[::-1]
+    S = np.sqrt(np.clip(vals[order], 0.0, None))
+    vecs = vecs[:, order]
+    safe = np.where(S > S.max(initial=0.0) * 1e-12, S, np.inf)
+    if wide:
+        return vecs, S, (vecs.T @ m) / safe[:, None]
+    return (m @ vecs) / safe[None, :], S, vecs.T
 
 
 @dataclasses.dataclass

@@ -109,6 +109,22 @@ def test_svd_refactor_is_exact_when_rank_allows():
     np.testing.assert_allclose(B2 @ A2, B @ A, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (7, 5), (6, 6)])
+def test_svd_fallback_through_the_gram_matrix_matches(shape, monkeypatch):
+    """When LAPACK's SVD does not converge the Gram-matrix route gives the same best rank-r fit."""
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(shape[0], 3)) @ rng.normal(size=(3, shape[1])) + 1e-3 * rng.normal(size=shape)
+    A1, B1 = agg.svd_refactor(m, 2)
+
+    def fails(*a, **k):
+        raise np.linalg.LinAlgError("SVD did not converge")
+    monkeypatch.setattr(np.linalg, "svd", fails)
+    A2, B2 = agg.svd_refactor(m, 2)
+    np.testing.assert_allclose(B2 @ A2, B1 @ A1, atol=1e-8)
+    with pytest.raises(np.linalg.LinAlgError):
+        agg.svd_refactor(np.full(shape, np.nan), 2)
+
+
 def test_svd_strategy_averages_products_not_factors():
     # Two devices whose factors average to zero product but whose products do not.
     g = t(np.zeros((1, 2)), np.zeros((2, 1)))
