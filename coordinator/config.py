@@ -55,7 +55,8 @@ class CoordinatorConfig:
     def __post_init__(self):
         from coordinator.strategies import STRATEGIES
         from edge_runtime.transport import require_secure_broker
-        require_secure_broker(self.broker, self.insecure, "coordinator")
+        require_secure_broker(self.broker, self.insecure, "coordinator",
+                              [k for k in ("signing_key", "device_keys") if not getattr(self, k)])
         if self.mode not in ("sync", "async"):
             raise ConfigError("mode must be 'sync' or 'async'")
         if self.strategy not in STRATEGIES:

@@ -112,7 +112,8 @@ class AgentConfig:
 
     def __post_init__(self):
         from edge_runtime.transport import is_loopback, require_secure_broker
-        require_secure_broker(self.broker, self.insecure, "agent")
+        require_secure_broker(self.broker, self.insecure, "agent",
+                              [k for k in ("signing_key", "coordinator_key") if not getattr(self, k)])
         if self.api_token is not None and len(self.api_token) < 16:
             raise ConfigError("api_token must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
         if not is_loopback(self.host) and not self.api_token:

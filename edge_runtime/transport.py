@@ -13,7 +13,7 @@ import logging
 import ssl
 import threading
 import urllib.parse
-from typing import Callable
+from typing import Callable, Sequence
 
 from edge_runtime.errors import ConfigError
 
@@ -92,12 +92,16 @@ def insecure_reasons(url: str) -> list[str]:
     return reasons
 
 
-def require_secure_broker(url: str | None, allow_insecure: bool, who: str) -> None:
-    """Refuse (ConfigError) a broker beyond loopback without TLS and credentials unless the user said
-    ``insecure``; then only warn. Secrets never appear in the message."""
+def require_secure_broker(url: str | None, allow_insecure: bool, who: str, missing_keys: Sequence[str] = ()) -> None:
+    """Refuse (ConfigError) a broker beyond loopback without TLS and credentials, or without the
+    signing keys named in ``missing_keys`` (settings the caller lacks: beyond loopback, messages that
+    change state must be signed), unless the user said ``insecure``; then only warn. Secrets never
+    appear in the message."""
     if not url:
         return
     reasons = insecure_reasons(url)
+    if missing_keys and not is_loopback(BrokerAddress.parse(url).host):
+        reasons += [f"no {k}" for k in missing_keys]
     if not reasons:
         return
     what = f"{who}: broker {redact(url)} is beyond loopback with " + "; ".join(reasons)

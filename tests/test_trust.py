@@ -336,6 +336,16 @@ def test_a_broker_beyond_loopback_needs_tls_and_credentials_or_insecure(tmp_path
     CoordinatorConfig(bundle=str(bundle), broker=url, insecure=True)
     with pytest.raises(ConfigError, match="no credentials"):
         CoordinatorConfig(bundle=str(bundle), broker="mqtts://broker.lan:8883?ca=ca.crt")
+    # TLS and credentials are not enough beyond loopback: what changes state must be signed
+    tls = "mqtts://dev-1:s3cret@broker.lan:8883?ca=ca.crt"
+    with pytest.raises(ConfigError, match="no signing_key; no coordinator_key") as err:
+        AgentConfig(bundle=str(bundle), broker=tls)
+    assert "s3cret" not in str(err.value) and "provision" in str(err.value)
+    with pytest.raises(ConfigError, match="no device_keys"):
+        CoordinatorConfig(bundle=str(bundle), broker=tls, signing_key="coordinator/signing.key")
+    AgentConfig(bundle=str(bundle), broker=tls, signing_key="signing.key", coordinator_key="coordinator.pub")
+    CoordinatorConfig(bundle=str(bundle), broker=tls, signing_key="signing.key", device_keys="fleet.json")
+    AgentConfig(bundle=str(bundle), broker="mqtt://127.0.0.1:1883")     # the loopback demo needs none
 
 
 def test_damaged_coordinator_database_is_refused_not_reset(tmp_path, bundle):
