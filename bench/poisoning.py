@@ -183,7 +183,7 @@ def one_round(bundle: Path, updates: list[tuple[str, int, dict]], settings: dict
         state = work / "coordinator"
         coord = procs.spawn("coordinator", [PY, "-m", "coordinator.cli", "--state-dir", str(state), "serve", "--bundle", str(bundle),
                                             "--config", str(conf), "--broker", broker.url, "--fleet", FLEET, "--mode", "sync",
-                                            "--rounds", "1", "--min-updates", str(len(updates) - 1), "--round-timeout", "20"])
+                                            "--rounds", "1", "--min-updates", str(len(updates) - 1), "--round-timeout", "60"])
         watcher.wait(lambda: watcher.round is not None and set(watcher.round.get("selected") or []) >= {d for d, _, _ in updates},
                      120, "a round that selects every device")
         r = watcher.round
@@ -195,6 +195,9 @@ def one_round(bundle: Path, updates: list[tuple[str, int, dict]], settings: dict
             finite = all(np.isfinite(v).all() for v in delta.values())
             watcher.link.publish(watcher.topics.update(dev), encode_update(h, delta) if finite else forged_update(h, delta))
         watcher.wait(lambda: all(i in watcher.receipts for i in ids.values()), 120, "receipts for every update")
+        late = [d for d, i in ids.items() if d != ATTACKER and watcher.receipts[i].get("status") != "accepted"]
+        if late:  # an honest update refused (e.g. the round closed at its deadline on a loaded machine): not a valid cell
+            raise RuntimeError(f"honest updates not accepted: {[(d, watcher.receipts[ids[d]]) for d in late]}")
         coord.wait(120)
         if coord.returncode != 0:
             raise RuntimeError(f"coordinator failed; see {work / 'logs' / 'coordinator.log'}")
