@@ -47,11 +47,14 @@ FLEET = "poison"
 ATTACKER = "mallory"
 ATTACKS = ("clean", "scaled_x10", "sign_flip", "noise", "nan", "inflated_examples")
 RULES = {  # name -> coordinator settings
-    "FedAvg, no bounds": {"strategy": "fedavg", "examples_multiple": 0.0, "norm_multiple": 0.0, "direction_share": 0.0},
-    "defaults (bounded FedAvg)": {},
-    "median": {"strategy": "median"},
-    "trimmed_mean (trim 1)": {"strategy": "trimmed_mean", "trim": 1},
+    "FedAvg, no defences": {"strategy": "fedavg", "examples_multiple": 0.0, "norm_multiple": 0.0, "direction_share": 0.0},
+    "bounds only (weight, norm)": {"direction_share": 0.0},
+    "defaults (bounds + direction check)": {},
+    "median alone": {"strategy": "median", "examples_multiple": 0.0, "norm_multiple": 0.0, "direction_share": 0.0},
+    "trimmed_mean alone (trim 1)": {"strategy": "trimmed_mean", "trim": 1, "examples_multiple": 0.0, "norm_multiple": 0.0,
+                                    "direction_share": 0.0},
 }
+CLEAN_REFERENCE = "FedAvg, no defences"
 
 
 def flat(t: dict) -> np.ndarray:
@@ -204,7 +207,12 @@ def one_round(bundle: Path, updates: list[tuple[str, int, dict]], settings: dict
         out = work / "v1.safetensors"
         subprocess.run([PY, "-m", "coordinator.cli", "--state-dir", str(state), "export", "--version", "1", "-o", str(out)],
                        check=True, capture_output=True)
-        return out, {dev: watcher.receipts[i] for dev, i in ids.items()}
+        st = json.loads(subprocess.run([PY, "-m", "coordinator.cli", "--state-dir", str(state), "status", "--json"],
+                                       check=True, capture_output=True, text=True).stdout)
+        receipts = {dev: dict(watcher.receipts[i]) for dev, i in ids.items()}
+        if ATTACKER in receipts and st["updates"]["excluded"]:  # judged with its batch after the receipt
+            receipts[ATTACKER]["status"] = "excluded"
+        return out, receipts
     finally:
         if watcher:
             watcher.link.close()
@@ -274,18 +282,20 @@ def render(runs: list[dict], task: str) -> str:
         for attack in ATTACKS[1:]:
             vals = [change(r, rule, attack) for r in runs]
             status = {r["cells"][f"{rule}|{attack}"]["attacker"] for r in runs}
-            row.append(f"{100 * np.mean(vals):+.1f}%" + (" (refused)" if status == {"rejected"} else ""))
+            row.append(f"{100 * np.mean(vals):+.1f}%" + (" (refused)" if status == {"rejected"} else " (excluded)" if status == {"excluded"} else ""))
             if rule.startswith("defaults"):
                 worst_default = max(worst_default, max(abs(v) for v in vals))
-        kept = [(r["base"] - r["cells"][f"{rule}|clean"]["loss"]) / (r["base"] - r["cells"]["FedAvg, no bounds|clean"]["loss"]) for r in runs]
+        kept = [(r["base"] - r["cells"][f"{rule}|clean"]["loss"]) / (r["base"] - r["cells"][f"{CLEAN_REFERENCE}|clean"]["loss"]) for r in runs]
         lines.append(f"| {rule} | " + " | ".join(row) + f" | {100 * np.mean(kept):.0f}% |")
-    gains = [r["base"] - r["cells"]["FedAvg, no bounds|clean"]["loss"] for r in runs]
+    gains = [r["base"] - r["cells"][f"{CLEAN_REFERENCE}|clean"]["loss"] for r in runs]
     return (f"Task `{task}`, seeds {', '.join(str(r['seed']) for r in runs)}; 4 honest devices (one domain each) + 1 attacker = 20%. "
             f"Held-out perplexity change caused by the attacker, against the same rule's clean round (mean over seeds; "
             f"positive = worse). The clean FedAvg round lowers the held-out loss by {np.mean(gains):.3f} nats/token from the base model "
             f"({np.mean([r['base'] for r in runs]):.3f}).\n\n" + "\n".join(lines) +
             f"\n\n- largest change under the defaults: {100 * worst_default:.1f}% (goal <= 2%)\n"
-            f"- \"(refused)\": the coordinator rejected the attacker's update outright (receipt `rejected`).\n")
+            f"- \"(refused)\": the coordinator rejected the attacker's update outright (receipt `rejected`); \"(excluded)\": "
+            f"accepted, then counted for nothing by the direction check (`edgefm-coordinator status`: `excluded`).\n"
+            f"- \"gain kept\": the clean round's held-out gain over the base model with this rule, against plain FedAvg's.\n")
 
 
 def main() -> None:
