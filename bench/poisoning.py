@@ -276,7 +276,7 @@ def render(runs: list[dict], task: str) -> str:
         return float(np.exp(c[f"{rule}|{attack}"]["loss"] - c[f"{rule}|clean"]["loss"]) - 1)
     lines = ["| rule | " + " | ".join(a for a in ATTACKS if a != "clean") + " | clean round: gain kept vs FedAvg |",
              "|---|" + "---|" * len(ATTACKS)]
-    worst_default = 0.0
+    worst_default = moved_default = 0.0
     for rule in RULES:
         row = []
         for attack in ATTACKS[1:]:
@@ -284,7 +284,8 @@ def render(runs: list[dict], task: str) -> str:
             status = {r["cells"][f"{rule}|{attack}"]["attacker"] for r in runs}
             row.append(f"{100 * np.mean(vals):+.1f}%" + (" (refused)" if status == {"rejected"} else " (excluded)" if status == {"excluded"} else ""))
             if rule.startswith("defaults"):
-                worst_default = max(worst_default, max(abs(v) for v in vals))
+                worst_default = max(worst_default, max(vals))
+                moved_default = max(moved_default, max(abs(v) for v in vals))
         kept = [(r["base"] - r["cells"][f"{rule}|clean"]["loss"]) / (r["base"] - r["cells"][f"{CLEAN_REFERENCE}|clean"]["loss"]) for r in runs]
         lines.append(f"| {rule} | " + " | ".join(row) + f" | {100 * np.mean(kept):.0f}% |")
     gains = [r["base"] - r["cells"][f"{CLEAN_REFERENCE}|clean"]["loss"] for r in runs]
@@ -292,7 +293,9 @@ def render(runs: list[dict], task: str) -> str:
             f"Held-out perplexity change caused by the attacker, against the same rule's clean round (mean over seeds; "
             f"positive = worse). The clean FedAvg round lowers the held-out loss by {np.mean(gains):.3f} nats/token from the base model "
             f"({np.mean([r['base'] for r in runs]):.3f}).\n\n" + "\n".join(lines) +
-            f"\n\n- largest change under the defaults: {100 * worst_default:.1f}% (goal <= 2%)\n"
+            f"\n\n- largest harm under the defaults (held-out perplexity up): {100 * worst_default:.1f}% (goal <= 2%); largest "
+            f"change either way: {100 * moved_default:.1f}% (a copy of an honest update, clipped to the norm bound, counts as "
+            f"one more honest device and helps)\n"
             f"- \"(refused)\": the coordinator rejected the attacker's update outright (receipt `rejected`); \"(excluded)\": "
             f"accepted, then counted for nothing by the direction check (`edgefm-coordinator status`: `excluded`).\n"
             f"- \"gain kept\": the clean round's held-out gain over the base model with this rule, against plain FedAvg's.\n")
