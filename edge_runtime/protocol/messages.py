@@ -222,11 +222,14 @@ def _sign(header_json: dict, payload: bytes, key: bytes) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
-def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray], *, sign_key: bytes | None = None,
-                  signer=None) -> bytes:
+def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray] | None, *, sign_key: bytes | None = None,
+                  signer=None, payload: bytes | None = None) -> bytes:
     """Build the binary update message; fills in payload hash/size and the signature: the device's
-    Ed25519 key (``signer``, see ``protocol.signing``) or the optional fleet-wide HMAC key."""
-    payload = encode_payload(tensors, header.codec)
+    Ed25519 key (``signer``, see ``protocol.signing``) or the optional fleet-wide HMAC key. ``payload``:
+    the tensors already encoded with ``header.codec`` (``encode_payload``), to send one body under
+    several headers (a resend under a new update id, a load test)."""
+    if payload is None:
+        payload = encode_payload(tensors, header.codec)
     header.payload_sha256 = hashlib.sha256(payload).hexdigest()
     header.payload_size = len(payload)
     header.signature = None
