@@ -123,13 +123,18 @@ def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | 
     return out
 
 
+MIN_COMMON_DIRECTION = 0.05
+
+
 def direction_keep(cosines: Sequence[float], share: float) -> list[bool]:
     """Which updates of one batch count: a cosine above ``share`` x the batch's median cosine (and
     above 0). Everything counts when the batch is too small, the check is off, or the batch has no
-    common direction to judge against (median cosine <= 0)."""
+    common direction to judge against (median cosine below ``MIN_COMMON_DIRECTION``: updates that are
+    mostly unrelated to each other, where the check would exclude honest ones at random; the weight and
+    norm bounds still apply)."""
     if share <= 0 or len(cosines) < MIN_DIRECTION_BATCH:
         return [True] * len(cosines)
     med = statistics.median(cosines)
-    if med <= 0:
+    if med < MIN_COMMON_DIRECTION:
         return [True] * len(cosines)
     return [c > share * med for c in cosines]

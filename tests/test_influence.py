@@ -183,6 +183,7 @@ def test_direction_check_by_hand():
     assert direction_keep(cos, 0.0) == [True] * 5                       # off
     assert direction_keep(cos[:2], 0.25) == [True, True]                # too few to judge
     assert direction_keep([-0.5, -0.1, 0.0], 0.25) == [True] * 3        # no common direction: nothing to judge by
+    assert direction_keep([0.02, 0.03, -0.01, 0.01], 0.25) == [True] * 4  # unrelated updates: not judged at random
     assert direction_cosines([np.zeros(3), np.ones(3), np.ones(3)])[0] == 0.0
 
 
