@@ -64,8 +64,8 @@ def check_sync_update(plan: RoundPlan, device_id: str, base_version: int, round_
         return RejectReason.STALE
     if plan.selected is not None and device_id not in plan.selected:
         return RejectReason.STALE
-    if device_id in plan.accepted:
-        return RejectReason.DUPLICATE
+    if device_id in plan.accepted:   # another update of this device already counts in the round (not this one:
+        return RejectReason.TOO_FREQUENT  # "duplicate" tells a device its update counted)
     return None
 
 

@@ -473,6 +473,18 @@ class Coordinator:
         self._send_receipts([(device_id, res)])
         return res
 
+    def _seen(self, update_id: str) -> dict | None:
+        """The answer to an update id already recorded (a resend: its first receipt may have been lost):
+        "duplicate" when it counted, else the rejection it got then, again (found by tests/test_chaos.py:
+        a resent *rejected* update was answered "duplicate, already counted" and the device counted it)."""
+        outcome = self.state.update_outcome(update_id)
+        if outcome is None:
+            return None
+        status, reason, detail = outcome
+        if status == "rejected":
+            return {"accepted": False, "reason": reason, "detail": detail, "update_id": update_id}
+        return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted", "update_id": update_id}
+
     def _handle_update(self, device_id: str, payload: bytes) -> dict:
         """Check and fold one update inside the current batch (durable when the batch commits)."""
         with self._batch():
@@ -482,13 +494,13 @@ class Coordinator:
                 header = upd.header
             except ProtocolError as exc:
                 header = getattr(exc, "header", None)
-                if header is not None and self.state.has_update(header.update_id):
-                    return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
-                            "update_id": header.update_id}
+                seen = self._seen(header.update_id) if header is not None else None
+                if seen is not None:
+                    return seen
                 return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
-            if self.state.has_update(header.update_id):
-                return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
-                        "update_id": header.update_id}
+            seen = self._seen(header.update_id)
+            if seen is not None:
+                return seen
             try:
                 if self.cfg.mode == "sync":
                     if self.plan is None:

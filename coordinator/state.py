@@ -92,73 +92,108 @@ class BlobStore:
         self.path(sha).unlink(missing_ok=True)
 
 
+def _intact_update(data: bytes) -> None:
+    """Raise unless ``data`` is an update message whose payload matches the hash in its header."""
+    from edge_runtime.protocol.messages import decode_update_header
+    header, payload = decode_update_header(data, max_bytes=len(data))
+    if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        raise OSError("payload does not match its header's sha256")
+
+
 class UpdateLog:
     """Append-only segment files holding accepted update payloads; a reference is ``seg:offset:length``.
 
+    Every segment is written twice, byte for byte, under the same name in two folders (``updates/`` and
+    ``updates-copy/``), so a reference is valid in both and one damaged copy loses nothing: ``read`` with
+    ``check`` falls back to the second copy when the first is missing, short or fails the check.
     Appends are not synced one by one: ``sync`` makes everything appended so far durable (called once
     per ingest batch, before the SQLite commit that records the references). A segment is rotated when
     its updates have been folded into a published version and is then deleted as a whole."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, copy: Path | None = None):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._f = None
+        self.roots = [self.root] + ([Path(copy)] if copy is not None else [])
+        for r in self.roots:
+            r.mkdir(parents=True, exist_ok=True)
+        self._files: list = []
         self._name = ""
         self._dirty = False
         self._new = False
 
     def append(self, data: bytes) -> str:
-        """Append one payload; returns its reference (durable only after ``sync``)."""
-        if self._f is None:
+        """Append one payload (to every copy); returns its reference (durable only after ``sync``)."""
+        if not self._files:
             self._name = f"seg-{time.time_ns()}.log"
-            self._f = open(self.root / self._name, "ab")
+            self._files = [open(r / self._name, "ab") for r in self.roots]
             self._new = True
-        offset = self._f.tell()
-        self._f.write(data)
+        offset = self._files[0].tell()
+        for f in self._files:
+            f.write(data)
         self._dirty = True
         return f"{self._name}:{offset}:{len(data)}"
 
     @property
     def open_segment(self) -> str | None:
         """The segment being appended to, if any."""
-        return self._name if self._f is not None else None
+        return self._name if self._files else None
 
     def sync(self) -> None:
         """Make every append so far durable (file data, and the directory entry of a new segment)."""
-        if self._f is not None and self._dirty:
-            self._f.flush()
-            os.fdatasync(self._f.fileno()) if hasattr(os, "fdatasync") else os.fsync(self._f.fileno())
+        if self._files and self._dirty:
+            for f in self._files:
+                f.flush()
+                os.fdatasync(f.fileno()) if hasattr(os, "fdatasync") else os.fsync(f.fileno())
             self._dirty = False
         if self._new:
-            fsync_dir(self.root)
+            for r in self.roots:
+                fsync_dir(r)
             self._new = False
 
     def rotate(self) -> None:
         """Start a new segment on the next append."""
-        if self._f is not None:
+        if self._files:
             self.sync()
-            self._f.close()
-            self._f = None
+            for f in self._files:
+                f.close()
+            self._files = []
 
     @staticmethod
     def is_ref(ref: str) -> bool:
         """Whether a stored blob reference points into the log (older state dirs used per-update blobs)."""
         return ref.startswith("seg-") and ref.count(":") == 2
 
-    def read(self, ref: str) -> bytes:
-        """The payload a reference points at (OSError if the log is missing or short)."""
+    def read(self, ref: str, check=None) -> bytes:
+        """The payload a reference points at: the first copy that exists, is long enough and passes
+        ``check`` (a function of the bytes that raises on damage); OSError when none does."""
         name, off, n = ref.split(":")
         if "/" in name or not name.endswith(".log"):
             raise OSError(f"bad update-log reference {ref!r}")
         off, n = int(off), int(n)
-        if self._f is not None:
-            self._f.flush()
-        with open(self.root / name, "rb") as f:
-            f.seek(off)
-            data = f.read(n)
-        if len(data) != n:
-            raise OSError(f"update log {name} is short at {off}+{n}")
-        return data
+        for f in self._files:
+            f.flush()
+        problems = []
+        for root in self.roots:
+            try:
+                with open(root / name, "rb") as f:
+                    f.seek(off)
+                    data = f.read(n)
+                if len(data) != n:
+                    raise OSError(f"{root.name}/{name} is short at {off}+{n}")
+                if check is not None:
+                    check(data)
+                return data
+            except Exception as exc:  # noqa: BLE001 - a damaged copy: try the next one
+                problems.append(f"{root.name}: {exc}")
+        raise OSError(f"update log {name} at {off}+{n}: no intact copy ({'; '.join(problems)})")
+
+    def segments(self) -> set[str]:
+        """Names of the segment files in any copy."""
+        return {p.name for r in self.roots for p in r.glob("seg-*.log")}
+
+    def delete(self, name: str) -> None:
+        """Delete one segment in every copy."""
+        for r in self.roots:
+            (r / name).unlink(missing_ok=True)
 
     def delete_segments(self, refs: list[str]) -> None:
         """Delete the segments these references live in (rotating first if the open one is among them)."""
@@ -166,7 +201,7 @@ class UpdateLog:
         if self._name in names:
             self.rotate()
         for name in names:
-            (self.root / name).unlink(missing_ok=True)
+            self.delete(name)
 
 
 class Checkpoints:
@@ -240,7 +275,7 @@ class State:
                 self.db.close()
             raise StateError(f"{path} is damaged ({exc}). {RECOVERY.format(dir=self.dir)}") from None
         self.blobs = BlobStore(self.dir / "blobs")
-        self.log = UpdateLog(self.dir / "updates")
+        self.log = UpdateLog(self.dir / "updates", self.dir / "updates-copy")
         self.checkpoints = Checkpoints(self.dir / "acc")
         self.lock = threading.RLock()
         self._depth = 0
@@ -273,7 +308,7 @@ class State:
         """Payload of a stored accepted update."""
         if not ref or ref == CHECKPOINTED:
             raise OSError(f"update has no stored payload ({ref!r})")
-        return self.log.read(ref) if UpdateLog.is_ref(ref) else self.blobs.get(ref)
+        return self.log.read(ref, check=_intact_update) if UpdateLog.is_ref(ref) else self.blobs.get(ref)
 
     def set_update_blob(self, update_id: str, ref: str) -> None:
         """Where an accepted update's payload is stored."""
@@ -308,9 +343,9 @@ class State:
         live = {r[0].split(":")[0] for r in self.q("SELECT blob FROM updates WHERE status='accepted' AND folded_into IS NULL "
                                                    "AND blob LIKE 'seg-%' UNION SELECT logref FROM updates WHERE "
                                                    "status='accepted' AND folded_into IS NULL AND logref LIKE 'seg-%'")}
-        for p in self.log.root.glob("seg-*.log"):
-            if p.name not in live and p.name != self.log.open_segment:
-                p.unlink(missing_ok=True)
+        for name in self.log.segments():
+            if name not in live and name != self.log.open_segment:
+                self.log.delete(name)
 
     def load_checkpoint(self, previous: bool = False):
         """(vector, record) of the current checkpoint (``previous``: of the one before it), None if
@@ -393,6 +428,11 @@ class State:
     def has_update(self, update_id: str) -> bool:
         """Whether this update id was seen (accepted or rejected): dedupe."""
         return bool(self.q("SELECT 1 FROM updates WHERE update_id=?", (update_id,)))
+
+    def update_outcome(self, update_id: str) -> tuple[str, str | None, str | None] | None:
+        """(status, reason, detail) recorded for an update id, None if never seen."""
+        rows = self.q("SELECT status, reason, detail FROM updates WHERE update_id=?", (update_id,))
+        return tuple(rows[0]) if rows else None
 
     def record_update(self, *, update_id: str, device_id: str, round_id: int | None, base_version: int, num_examples: int,
                       status: str, reason: str | None, detail: str | None, blob: str | None, nbytes: int,

@@ -203,7 +203,7 @@ def test_round_engine_decisions():
     outsider = next(d for d in "abcd" if d not in plan.selected)
     assert check_sync_update(plan, outsider, 3, 1) == RejectReason.STALE
     plan.accepted[dev] = "u1"
-    assert check_sync_update(plan, dev, 3, 1) == RejectReason.DUPLICATE
+    assert check_sync_update(plan, dev, 3, 1) == RejectReason.TOO_FREQUENT   # not DUPLICATE: that receipt means "counted"
     assert close_decision(plan, 101.0) == CloseDecision.WAIT
     assert close_decision(plan, 111.0) == CloseDecision.CLOSE          # quorum 1 reached at deadline
     empty = RoundPlan(2, 3, 0, 10, None, 3, 2)

@@ -321,6 +321,28 @@ def test_update_log_refs_sync_rotate_and_damage(tmp_path):
             lg.read(bad)
 
 
+def test_update_log_keeps_two_copies_and_reads_the_intact_one(tmp_path):
+    from coordinator.state import UpdateLog
+
+    def check(data):
+        if data != b"payload":
+            raise ValueError("damaged")
+    lg = UpdateLog(tmp_path / "u", tmp_path / "c")
+    ref = lg.append(b"payload")
+    lg.sync()
+    name = ref.split(":")[0]
+    assert (tmp_path / "u" / name).read_bytes() == (tmp_path / "c" / name).read_bytes() == b"payload"
+    (tmp_path / "u" / name).write_bytes(b"paXload")                      # one copy damaged
+    assert lg.read(ref, check=check) == b"payload"
+    (tmp_path / "u" / name).unlink()                                     # one copy gone
+    assert lg.read(ref, check=check) == b"payload"
+    (tmp_path / "c" / name).write_bytes(b"paYload")                      # both damaged
+    with pytest.raises(OSError, match="no intact copy"):
+        lg.read(ref, check=check)
+    lg.delete_segments([ref])
+    assert lg.segments() == set()
+
+
 def _offline_coordinator(bundle, tmp_path, **kw):
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
@@ -465,12 +487,28 @@ def test_a_damaged_checkpoint_loses_no_acknowledged_update(bundle, tmp_path, gen
         np.testing.assert_allclose(got[k], expect[k], rtol=1e-5, atol=1e-7)
 
 
+def test_a_damaged_log_copy_loses_no_acknowledged_update(bundle, tmp_path):
+    """An update only the log holds (after the newest checkpoint): one copy of its segment damaged, the
+    other serves; it still counts."""
+    v0, _ = schema(bundle)
+    c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
+    c.handle_update("d3", ups[3][2])
+    ref = c.state.q("SELECT blob FROM updates WHERE device_id='d3'")[0][0]
+    _flip_a_byte(c.state.dir / "updates" / ref.split(":")[0])
+    c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
+    assert c2.replayed == 4 and c2.state.update_counts()["reasons"] == {}
+    got, expect = _published_mean(c2, ups, v0)
+    for k in v0:
+        np.testing.assert_allclose(got[k], expect[k], rtol=1e-5, atol=1e-7)
+
+
 def test_both_copies_damaged_is_reported(bundle, tmp_path):
     c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
     c.handle_update("d3", ups[3][2])
     _flip_a_byte(c.state.dir / "acc" / c.state.get("acc_checkpoint")["file"])
     for (ref,) in c.state.q("SELECT logref FROM updates WHERE logref IS NOT NULL"):
-        _flip_a_byte(c.state.dir / "updates" / ref.split(":")[0])
+        for copy in ("updates", "updates-copy"):
+            _flip_a_byte(c.state.dir / copy / ref.split(":")[0])
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
     counts = c2.state.update_counts()
     assert counts["accepted"] + counts["rejected"] == 4 and counts["reasons"].get("corrupt_store", 0) >= 3
@@ -614,3 +652,21 @@ def _buffer_one(tmp_path):
 def load_adapter_bytes(st, version):
     from edge_runtime.protocol.adapter import adapter_from_bytes
     return adapter_from_bytes(st.blobs.get(st.version_sha(version)))
+
+
+def test_a_resent_rejected_update_is_rejected_again_not_called_counted(bundle, tmp_path):
+    """Found by tests/test_chaos.py: a device whose "rejected" receipt was lost resends the update; the
+    answer was "duplicate, already counted", so the device counted an update the coordinator never did."""
+    _, meta = schema(bundle)
+    rng = np.random.default_rng(4)
+    c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
+    first = make_update(meta, "d0", 0, 3, rng)
+    second = make_update(meta, "d0", 0, 3, rng)         # the same device again in the same version: refused
+    assert c.handle_update("d0", first[2])["accepted"]
+    r = c.handle_update("d0", second[2])
+    assert not r["accepted"] and r["reason"] == "too_frequent"
+    again = c.handle_update("d0", second[2])            # resent (its receipt was lost)
+    assert not again["accepted"] and again["reason"] == "too_frequent"
+    resent = c.handle_update("d0", first[2])            # the counted one resent: "duplicate" (it counted)
+    assert resent["reason"] == "duplicate"
+    assert {d["device_id"]: d["accepted"] for d in c.state.devices()}["d0"] == 1
