@@ -98,7 +98,7 @@ def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | 
     vecs = [np.asarray(v, np.float32).ravel() for v in vectors]
     d = vecs[0].size if vecs else 0
     if d > sample:
-        idx = np.sort((rng or np.random.default_rng()).choice(d, sample, replace=False))
+        idx = np.sort((rng or np.random.default_rng()).integers(0, d, sample))   # with replacement: far cheaper, same estimate
         vecs = [v[idx] for v in vecs]
     units = []
     for v in vecs:

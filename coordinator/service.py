@@ -267,7 +267,9 @@ class Coordinator:
             return
         pool = list(self.reference) + [(h.claimed, h.norm) for h in self.held]
         names = sorted(self.global_tensors)  # one coordinate order for every update, whatever its payload's
-        cosines = direction_cosines([flatten([h.tensors[k] for k in names]) for h in self.held], self.np_rng) \
+        # the decoded update as one vector in that order: its own flat view when its payload has that order (no copy)
+        cosines = direction_cosines([h.flat if h.flat is not None and list(h.tensors) == names else flatten([h.tensors[k] for k in names])
+                                     for h in self.held], self.np_rng) \
             if self.influence.direction_share and len(self.held) >= MIN_DIRECTION_BATCH else [float("nan")] * len(self.held)
         keep = direction_keep(cosines, self.influence.direction_share)
         for h, cos, kept in zip(self.held, cosines, keep):
