@@ -273,9 +273,11 @@ message is a fresh mmap that faults in page by page. The coordinator raises glib
 then swings between ~1.5 and ~5 ms from run to run, so it is shown for completeness, not as the goal's baseline).
 Accepted updates are made durable per batch in the update log, every segment written twice (one damaged copy
 loses nothing), plus a checkpoint of the running sum once the log outweighs one; they are held and judged in
-batches of 16 (weight and norm bounds, direction check). Since those trust changes (issue 12) the coordinator
-is below the goal (0.30 of plain paho, was 0.72): per update its CPU went from 4.3 to 14.9 ms (the direction
-check ~3.6 ms: a flattened copy and a 65,536-coordinate sample of each update; the second log copy ~2 ms).
+batches of 16 (weight and norm bounds, direction check). Since the trust work (issue 12) the coordinator is
+below the goal (0.25-0.30 of plain paho, was 0.72 on 2026-11-22): its CPU per update went from 4.3 to 15-17 ms.
+Profiled in-process (96 fp32 updates in two batches): direction check ~2.8 ms per update (an argsort of the
+batch's 65,536-coordinate samples), writing every payload to the log twice ~2.2 ms, the checkpoint ~1.6 ms,
+payload hash and decode ~3.5 ms. Not yet recovered.
 
 CPU time per update in the best run of each (the machine has {os.cpu_count()} cores, shared by all three processes):
 
