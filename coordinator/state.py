@@ -425,12 +425,8 @@ class State:
         return [dict(zip(cols, r)) | {"info": json.loads(r[-1] or "{}")} for r in self.q(f"SELECT {','.join(cols)} FROM devices ORDER BY device_id")]
 
     # -- updates --
-    def has_update(self, update_id: str) -> bool:
-        """Whether this update id was seen (accepted or rejected): dedupe."""
-        return bool(self.q("SELECT 1 FROM updates WHERE update_id=?", (update_id,)))
-
     def update_outcome(self, update_id: str) -> tuple[str, str | None, str | None] | None:
-        """(status, reason, detail) recorded for an update id, None if never seen."""
+        """(status, reason, detail) recorded for an update id, None if never seen (dedupe)."""
         rows = self.q("SELECT status, reason, detail FROM updates WHERE update_id=?", (update_id,))
         return tuple(rows[0]) if rows else None
 

@@ -384,7 +384,7 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     c._inbox.put((c.topics.update("d10"), msg, False, lambda: acked.append(uid)))
     wait_for(lambda: c._inbox.empty(), 10, what="message taken")
     time.sleep(0.5)
-    assert uid not in acked and not c.state.has_update(uid)
+    assert uid not in acked and c.state.update_outcome(uid) is None
     assert c.strategy.count(c.acc) == 10
     c.state.log.sync = real_sync
     c._stop.set()
@@ -589,7 +589,7 @@ def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle,
                 c._handle_update(f"d{i}", ups[i][2])
     c.state.log.sync = real_sync
     assert c.state.get("acc_checkpoint") == first        # still the committed one
-    assert c.strategy.count(c.acc) == 3 and not any(c.state.has_update(ups[i][0]) for i in (3, 4, 5))
+    assert c.strategy.count(c.acc) == 3 and not any(c.state.update_outcome(ups[i][0]) is not None for i in (3, 4, 5))
     files = sorted(p.name for p in (c.state.dir / "acc").glob("ckpt-*.f64"))
     assert len(files) == 2                                # the orphan of the failed commit is still there
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
