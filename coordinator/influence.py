@@ -81,7 +81,7 @@ def bound_update(claimed: float, norm: float, reference: Sequence[tuple[float, f
 MIN_DIRECTION_BATCH = 3
 
 
-DIRECTION_SAMPLE = 65_536
+DIRECTION_SAMPLE = 16_384
 
 
 def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | None = None,
@@ -92,7 +92,8 @@ def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | 
 
     Vectors longer than ``sample`` are compared on ``sample`` coordinates drawn by ``rng`` (the
     coordinator's own generator: a device cannot know which): cosines of long vectors are estimated to
-    about 1/sqrt(sample) (0.004), and the medians cost 15x less for a SmolLM2 adapter."""
+    about 1/sqrt(sample) (0.008: honest updates measure 0.4, noise 0.001), and the medians cost 28x less for a
+    SmolLM2 adapter (460,800 coordinates)."""
     if len(vectors) < 2:
         return [0.0] * len(vectors)   # no others to compare with
     vecs = [np.asarray(v, np.float32).ravel() for v in vectors]
