@@ -36,14 +36,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PY, peak_rss_mb, record  # noqa: E402
+from bench.learning import free_port  # noqa: E402
 
 FLEET = "load"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def more_files() -> None:
