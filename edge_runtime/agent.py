@@ -61,6 +61,8 @@ class AgentConfig:
     data_dir: str = "./edgefm-agent-data"
     host: str = "127.0.0.1"
     api_token: str | None = None          # bearer token every API request must carry (required beyond loopback)
+    api_tokens: dict[str, str] = dataclasses.field(default_factory=dict)  # more tokens, by name: {app = "token"};
+    #                                       examples a token sends count against that name's quota (max_source_share)
     port: int = 8080
     broker: str | None = None
     insecure: bool = False                # accept a broker beyond loopback without TLS and credentials
@@ -94,6 +96,7 @@ class AgentConfig:
     http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
     max_evictions_per_hour: int | None = None  # trained-on examples new ones may push out per hour (None: 10% of max_examples)
+    max_source_share: float = 0.5         # one source (an API token, the inbox) may hold at most this share of max_examples
     retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
     min_free_disk_mb: float = 50.0
     update_codec: str = "fp16"
@@ -114,11 +117,23 @@ class AgentConfig:
         from edge_runtime.transport import is_loopback, require_secure_broker
         require_secure_broker(self.broker, self.insecure, "agent",
                               [k for k in ("signing_key", "coordinator_key") if not getattr(self, k)])
-        if self.api_token is not None and len(self.api_token) < 16:
-            raise ConfigError("api_token must be at least 16 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe())'`)")
-        if not is_loopback(self.host) and not self.api_token:
+        tokens = {"api_token": self.api_token} if self.api_token is not None else {}
+        if not isinstance(self.api_tokens, dict):
+            raise ConfigError('api_tokens must be a table of names to tokens, e.g. api_tokens = {camera = "...", app = "..."}')
+        for name, tok in self.api_tokens.items():
+            check_id(name, "api_tokens name")
+            tokens[f"api_tokens.{name}"] = tok
+        for where, tok in tokens.items():
+            if not isinstance(tok, str) or len(tok) < 16:
+                raise ConfigError(f"{where} must be a string of at least 16 characters (e.g. `python -c 'import secrets; "
+                                  f"print(secrets.token_urlsafe())'`)")
+        if len(set(tokens.values())) < len(tokens):
+            raise ConfigError("api_token and api_tokens must all differ (a token names the source of the examples it sends)")
+        if not is_loopback(self.host) and not tokens:
             raise ConfigError(f"binding the agent API to {self.host} exposes it beyond this device: set api_token (or the "
                               f"EDGEFM_API_TOKEN environment variable) so every request must carry `Authorization: Bearer <token>`")
+        if not 0 < self.max_source_share <= 1:
+            raise ConfigError("max_source_share must be in (0, 1]")
         check_id(self.device_id, "device_id")
         check_id(self.fleet, "fleet")
         if self.max_connections < 1:
@@ -177,7 +192,7 @@ class Agent:
             self.profile_fit = load_profile(cfg.profile).check_bundle_fits(self.engine.dir)
         self.manifest = self.engine.manifest
         self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples, min_heldout=cfg.min_heldout_examples,
-                           max_evictions_per_hour=cfg.max_evictions_per_hour)
+                           max_evictions_per_hour=cfg.max_evictions_per_hour, max_source_share=cfg.max_source_share)
         self.topics = Topics(cfg.fleet)
         self.inflight = 0
         self._inflight_lock = threading.Lock()
@@ -792,7 +807,7 @@ class Agent:
             for f in sorted(inbox.glob("*.jsonl")):
                 try:
                     items = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                    self.add_examples(items, source=f"inbox:{f.name}")
+                    self.add_examples(items, source="inbox")
                     f.rename(f.with_suffix(".jsonl.done"))
                     waiting.discard(f.name)
                 except StoreFull as exc:  # not the file's fault: it stays and is tried again

@@ -57,12 +57,19 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def bearer_ok(header: str | None, token: str) -> bool:
-    """Whether an Authorization header carries the token (constant-time comparison)."""
+def token_source(header: str | None, api_token: str | None, api_tokens: dict[str, str]) -> str | None:
+    """The source an Authorization header authenticates: "api" for ``api_token``, "api:NAME" for a named
+    token, "api" too when no token is configured; None when it carries none of them. Every configured
+    token is compared (constant time), so timing does not tell which one was close."""
     import hmac
-    if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+    if api_token is None and not api_tokens:
+        return "api"
+    given = header[len("Bearer "):].strip().encode() if header and header.startswith("Bearer ") else b""
+    found = None
+    for source, tok in [("api", api_token), *((f"api:{n}", t) for n, t in api_tokens.items())]:
+        if tok is not None and hmac.compare_digest(given, tok.encode()) and found is None:
+            found = source
+    return found
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -121,7 +128,8 @@ class Handler(BaseHTTPRequestHandler):
             refusal = request_origin_refusal(self.headers.get("Host"), self.headers.get("Origin"), method, a.cfg.host)
             if refusal:
                 raise ApiError(403, refusal, None, "forbidden_origin")
-            if a.cfg.api_token and path != "/healthz" and not bearer_ok(self.headers.get("Authorization"), a.cfg.api_token):
+            self.source = token_source(self.headers.get("Authorization"), a.cfg.api_token, a.cfg.api_tokens)
+            if self.source is None and path != "/healthz":
                 raise ApiError(401, "this agent requires `Authorization: Bearer <api_token>` (the OpenAI client's api_key)",
                                None, "invalid_api_key")
             if route is None and method == "GET" and path.startswith("/v1/models/"):
@@ -425,7 +433,7 @@ def add_examples(h: Handler) -> None:
     items = body.get("examples")
     if not isinstance(items, list) or not items or not all(isinstance(x, dict) for x in items) or len(items) > 10_000:
         raise ApiError(400, "'examples' must be a list of 1-10000 objects like {\"text\": ...} or {\"prompt\": ..., \"completion\": ...}", "examples")
-    h._send(200, h.agent.add_examples(items, source="api"))
+    h._send(200, h.agent.add_examples(items, source=h.source or "api"))
 
 
 def heldout_examples(h: Handler) -> None:

@@ -50,7 +50,7 @@ class Store:
     """Thread-safe wrapper over one SQLite file."""
 
     def __init__(self, path: Path, *, max_examples: int = 100_000, heldout_fraction: float = 0.1, min_heldout: int = 0,
-                 max_evictions_per_hour: int | None = None, seed: int = 0):
+                 max_evictions_per_hour: int | None = None, max_source_share: float = 1.0, seed: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -63,6 +63,8 @@ class Store:
         self.max_examples = max_examples
         # a flood of junk may rotate out at most this many trained-on examples per hour (default 10% of the store)
         self.max_evictions_per_hour = max(0, max_examples // 10) if max_evictions_per_hour is None else max_evictions_per_hour
+        # one source (an API token's name, the inbox) may hold at most this share of max_examples
+        self.source_quota = max(1, int(max_examples * max_source_share))
         self.heldout_fraction = heldout_fraction
         self.min_heldout = min_heldout
         self._rng = random.Random(seed)
@@ -81,15 +83,16 @@ class Store:
 
     # -- examples --
     def add_examples(self, items: list[dict], source: str = "api") -> dict:
-        """Store examples ({text} or {prompt, completion} or {text, label}); duplicates are skipped.
+        """Store examples ({text} or {prompt, completion} or {text, label}) from ``source``; duplicates are skipped.
 
         Every ~1/heldout_fraction-th example goes to the held-out split (chosen by content hash, so the
         split is stable across restarts), and more while the slice is below ``min_heldout`` (see
-        ``choose_split``); the result says how many went to each split. Over the quota, the oldest
-        training examples *already trained on* make room, at most ``max_evictions_per_hour`` of them
-        per rolling hour; a request that needs more is refused whole (``StoreFull``, nothing stored), so
-        junk sent to the API can never wash out the data a device has (unused examples and the
-        held-out slice are never evicted)."""
+        ``choose_split``); the result says how many went to each split. Room is made only from
+        training examples *already trained on*, oldest first, at most ``max_evictions_per_hour`` of
+        them per rolling hour; a source over its quota (``max_source_share`` of ``max_examples``)
+        makes room from its own examples only, and no source's examples under its quota are evicted
+        for another (see ``_make_room``). A request that needs more is refused whole (``StoreFull``, nothing stored), so junk sent to the API can never wash
+        out the data a device has (unused examples and the held-out slice are never evicted)."""
         added = dup = 0
         to_split = {"train": 0, "heldout": 0}
         now = time.time()
@@ -115,37 +118,64 @@ class Store:
                     dup += 1 - cur.rowcount
                     to_split[split] += cur.rowcount
                     n_train, n_heldout = n_train + (split == "train") * cur.rowcount, n_heldout + (split == "heldout") * cur.rowcount
-                n = self.db.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
-                evicted = 0
-                if n > self.max_examples:
-                    need = n - self.max_examples
-                    recent = [e for e in json.loads((self.db.execute("SELECT value FROM kv WHERE key='evictions'").fetchone()
-                                                     or ["[]"])[0]) if e[0] > now - 3600]
-                    budget = self.max_evictions_per_hour - sum(c for _, c in recent)
-                    trained = self.db.execute("SELECT COUNT(*) FROM examples WHERE split='train' AND trained>0 AND created_at < ?",
-                                              (now,)).fetchone()[0]
-                    if need > min(budget, trained):
-                        raise StoreFull(
-                            f"example store full ({n - added} of max_examples {self.max_examples}): these {added} new examples "
-                            f"would need {need} older ones evicted, but only examples already trained on may make room, at "
-                            f"most {self.max_evictions_per_hour} per hour ({max(0, min(budget, trained))} now). Nothing "
-                            f"was stored; send fewer, retry after the next training session or in an hour, or raise "
-                            f"max_examples")
-                    evicted = self.db.execute("DELETE FROM examples WHERE id IN (SELECT id FROM examples WHERE split='train' "
-                                              "AND trained>0 AND created_at < ? ORDER BY id LIMIT ?)", (now, need)).rowcount
-                    self.db.execute("INSERT OR REPLACE INTO kv VALUES ('evictions', ?)", (json.dumps(recent + [[now, evicted]]),))
+                evicted = self._make_room(source, added, now)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        return {"added": added, "duplicates": dup, "evicted": evicted, "train": to_split["train"], "heldout": to_split["heldout"]}
+        return {"added": added, "duplicates": dup, "evicted": evicted, "train": to_split["train"], "heldout": to_split["heldout"],
+                "source": source}
+
+    def _make_room(self, source: str, added: int, now: float) -> int:
+        """Evict what a full store needs for ``added`` new examples of ``source`` (inside add_examples'
+        transaction), or raise StoreFull. Only training examples already trained on go, oldest first,
+        within the hourly budget: from ``source`` itself while it holds more than its quota, else from
+        other sources over their quota, never below it (a source's data under its quota is protected)."""
+        q = self.db.execute
+        total = q("SELECT COUNT(*) FROM examples").fetchone()[0]
+        need = min(added, total - self.max_examples)
+        if need <= 0:
+            return 0
+        counts = dict(q("SELECT COALESCE(source, ''), COUNT(*) FROM examples GROUP BY 1").fetchall())
+        recent = [e for e in json.loads((q("SELECT value FROM kv WHERE key='evictions'").fetchone() or ["[]"])[0])
+                  if e[0] > now - 3600]
+        budget = max(0, self.max_evictions_per_hour - sum(c for _, c in recent))
+        if self.source_quota >= self.max_examples:          # no quotas: anyone's trained-on examples
+            from_sources = dict(counts)
+        elif counts.get(source, 0) > self.source_quota:
+            from_sources = {source: counts[source] - self.source_quota}
+        else:
+            from_sources = {s: c - self.source_quota for s, c in counts.items() if s != source and c > self.source_quota}
+        ids: list[tuple[int, str]] = []
+        for s, room in from_sources.items():
+            ids += q("SELECT id, COALESCE(source, '') FROM examples WHERE split='train' AND trained>0 AND created_at < ? "
+                     "AND COALESCE(source, '')=? ORDER BY id LIMIT ?", (now, s, min(room, need))).fetchall()
+        ids.sort()
+        if need > min(budget, len(ids)):
+            if self.source_quota >= self.max_examples:
+                whose = "any source's examples"
+            elif source in from_sources:
+                whose = f"source {source!r} holds more than its quota ({self.source_quota}: max_source_share of max_examples), so only its own"
+            else:
+                whose = f"examples of other sources under their quota ({self.source_quota}) are protected, so only theirs over it"
+            raise StoreFull(f"example store full ({total - added} of max_examples {self.max_examples}): these {added} new examples "
+                            f"would need {need} older ones evicted; {whose} may make room, and only ones already trained on, at most "
+                            f"{self.max_evictions_per_hour} per hour ({min(budget, len(ids))} now). Nothing was stored; send fewer, "
+                            f"retry after the next training session or in an hour, or raise max_examples")
+        gone = [i for i, _ in ids[:need]]
+        evicted = q(f"DELETE FROM examples WHERE id IN ({','.join('?' * len(gone))})", gone).rowcount
+        q("INSERT OR REPLACE INTO kv VALUES ('evictions', ?)", (json.dumps(recent + [[now, evicted]]),))
+        return evicted
 
     def count_examples(self) -> dict:
-        """Counts by split, and training examples not yet trained on."""
+        """Counts by split, training examples not yet trained on, and examples by source (each source's
+        quota is ``source_quota``)."""
         with self.lock:
             rows = dict(self.db.execute("SELECT split, COUNT(*) FROM examples GROUP BY split").fetchall())
             new = self.db.execute("SELECT COUNT(*) FROM examples WHERE split='train' AND trained=0").fetchone()[0]
-        return {"train": rows.get("train", 0), "heldout": rows.get("heldout", 0), "new": new}
+            sources = dict(self.db.execute("SELECT COALESCE(source, ''), COUNT(*) FROM examples GROUP BY 1").fetchall())
+        return {"train": rows.get("train", 0), "heldout": rows.get("heldout", 0), "new": new, "by_source": sources,
+                "source_quota": self.source_quota}
 
     def training_batch(self, n: int, replay_fraction: float = 0.25) -> list[dict]:
         """``n`` distinct training examples: never-used ones first (oldest first) until each has been seen,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm, learning_rate
 from edge_runtime.policy import TrainDecision, TrainPolicy, decide
@@ -153,3 +155,60 @@ def test_lowrank_layout_reads_its_base_part_from_the_bundle(tmp_path):
     (tmp_path / BASE_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(BundleError, match="unreadable"):
         LowRankLayout.from_bundle(tmp_path, manifest)
+
+
+def test_per_source_quotas_protect_each_sources_examples(tmp_path):
+    """max_examples 10, max_source_share 0.5: quota 5 per source. A full store makes room only from
+    trained-on examples, from the adding source while it is over its quota, else from sources over theirs."""
+    from edge_runtime.store import StoreFull
+    s = Store(tmp_path / "q.sqlite", max_examples=10, heldout_fraction=0.0, max_evictions_per_hour=100, max_source_share=0.5)
+
+    def texts():
+        return sorted(e["text"] for e in s.training_batch(100, replay_fraction=0.0))
+
+    def train_all():
+        s.mark_trained([e["id"] for e in s.training_batch(100, replay_fraction=0.0)])
+
+    assert s.add_examples([{"text": f"a{i}"} for i in range(8)], source="A")["evicted"] == 0   # not full: no quota bites
+    train_all()
+    assert s.add_examples([{"text": f"b{i}"} for i in range(2)], source="B")["evicted"] == 0   # 10 of 10
+    r = s.add_examples([{"text": f"b{i}"} for i in range(2, 5)], source="B")
+    assert r == {"added": 3, "duplicates": 0, "evicted": 3, "train": 3, "heldout": 0, "source": "B"}
+    assert texts() == ["a3", "a4", "a5", "a6", "a7"] + [f"b{i}" for i in range(5)]   # A's oldest, down to its quota
+    with pytest.raises(StoreFull, match="'B' holds more than its quota"):     # B at 6 > 5: only its own, none trained
+        s.add_examples([{"text": "b5"}], source="B")
+    with pytest.raises(StoreFull, match="under their quota"):                 # C: A and B hold 5 each, protected
+        s.add_examples([{"text": "c0"}], source="C")
+    train_all()
+    assert s.add_examples([{"text": "b5"}], source="B")["evicted"] == 1                    # B's own oldest
+    assert texts() == ["a3", "a4", "a5", "a6", "a7"] + [f"b{i}" for i in range(1, 6)]
+    assert s.add_examples([{"text": "a8"}], source="A")["evicted"] == 1                    # A's own oldest
+    assert texts() == ["a4", "a5", "a6", "a7", "a8"] + [f"b{i}" for i in range(1, 6)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("ABC"), st.integers(1, 6), st.booleans()), min_size=1, max_size=25))
+def test_quota_property_no_source_loses_examples_under_its_quota(tmp_path_factory, plan):
+    """Whatever the order of adds (and training sessions in between), an example is evicted only if it
+    was trained on, and only when its own source was adding or held more than its quota."""
+    from edge_runtime.store import StoreFull
+    s = Store(tmp_path_factory.mktemp("p") / "q.sqlite", max_examples=12, heldout_fraction=0.0, max_evictions_per_hour=1000,
+              max_source_share=0.4)   # quota 4
+    trained: set[str] = set()
+    n = 0
+    for source, k, train in plan:
+        before = {e["text"] for e in s.training_batch(1000, replay_fraction=0.0)}
+        held = {src: sum(t[0] == src for t in before) for src in "ABC"}
+        try:
+            s.add_examples([{"text": f"{source}{n + i}"} for i in range(k)], source=source)
+        except StoreFull:
+            assert {e["text"] for e in s.training_batch(1000, replay_fraction=0.0)} == before   # refused whole
+        n += k
+        after = {e["text"] for e in s.training_batch(1000, replay_fraction=0.0)}
+        assert len(after) <= 12
+        for t in before - after:
+            assert t in trained, f"{t} evicted before it was trained on"
+            assert t[0] == source or held[t[0]] > 4, f"{t} evicted for {source} while {t[0]} held {held[t[0]]} <= its quota"
+        if train:
+            trained |= after
+            s.mark_trained([e["id"] for e in s.training_batch(1000, replay_fraction=0.0)])

@@ -513,6 +513,40 @@ def test_junk_examples_cannot_wash_out_the_training_store(tmp_path, bundle):
         assert heldout_before <= {e["text"] for e in heldout}          # the gate's slice is never evicted
 
 
+def test_named_tokens_have_quotas_so_one_app_cannot_evict_anothers_examples(tmp_path, bundle):
+    """Two apps with their own tokens (api_tokens): max_examples 100, max_source_share 0.5. The camera
+    app's 60 examples (trained on) and then a flood from a second app: the flood may push the camera
+    down to its quota of 50 and no further, and once the app holds its own quota it is refused (503,
+    nothing stored) until its own examples are trained on. Examples are tagged with the token's name."""
+    import urllib.error
+    import urllib.request
+    from helpers import served_agent
+    cam, app = "camera-" + uuid.uuid4().hex, "app-" + uuid.uuid4().hex
+    with served_agent(bundle, tmp_path / "a", max_examples=100, api_tokens={"camera": cam, "app": app}) as (agent, url):
+        def call(token, path, body=None):
+            req = urllib.request.Request(url + path, data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        status, body = call(cam, "/v1/examples", {"examples": [{"text": f"camera frame {i}"} for i in range(60)]})
+        assert status == 200 and body["source"] == "api:camera" and body["added"] == 60
+        agent.store.mark_trained([e["id"] for e in agent.store.training_batch(1000, replay_fraction=0.0)])  # as a session would
+        flood = [call(app, "/v1/examples", {"examples": [{"text": f"app junk {r}-{i}"} for i in range(10)]})[0]
+                 for r in range(12)]
+        assert flood[:4] == [200] * 4 and 503 in flood                       # 40 fit, then the app's quota bites
+        status, body = call(app, "/v1/examples", {"examples": [{"text": "app junk once more"}]})
+        assert status == 503 and "'api:app' holds more than its quota" in body["error"]["message"]
+        counts = call(cam, "/v1/status")[1]["examples"]
+        assert counts["source_quota"] == 50
+        assert counts["by_source"]["api:camera"] >= 50 and counts["by_source"]["api:app"] <= 50 + 10, counts
+        assert counts["train"] + counts["heldout"] <= 100
+        assert call("wrong-" + app, "/v1/examples", {"examples": [{"text": "x"}]})[0] == 401
+
+
 def test_provision_with_passwords_instead_of_client_certificates(tmp_path):
     """`provision --auth password`: a user name and random password per identity over TLS, hashed into
     Mosquitto's password file by mosquitto_passwd; the same ACL (user name = identity); configs holding
