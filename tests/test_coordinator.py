@@ -488,8 +488,8 @@ def test_a_damaged_checkpoint_loses_no_acknowledged_update(bundle, tmp_path, gen
 
 
 def test_a_damaged_log_copy_loses_no_acknowledged_update(bundle, tmp_path):
-    """An update only the log holds (after the newest checkpoint): one copy of its segment damaged, the
-    other serves; it still counts."""
+    """An update only the log holds (after the newest checkpoint): its bytes in the segment damaged, it
+    is rebuilt from its batch's parity; it still counts."""
     v0, _ = schema(bundle)
     c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
     c.handle_update("d3", ups[3][2])
@@ -502,13 +502,13 @@ def test_a_damaged_log_copy_loses_no_acknowledged_update(bundle, tmp_path):
         np.testing.assert_allclose(got[k], expect[k], rtol=1e-5, atol=1e-7)
 
 
-def test_both_copies_damaged_is_reported(bundle, tmp_path):
+def test_payload_and_its_parity_damaged_is_reported(bundle, tmp_path):
     c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
     c.handle_update("d3", ups[3][2])
     _flip_a_byte(c.state.dir / "acc" / c.state.get("acc_checkpoint")["file"])
-    for (ref,) in c.state.q("SELECT logref FROM updates WHERE logref IS NOT NULL"):
-        for copy in ("updates", "updates-copy"):
-            _flip_a_byte(c.state.dir / copy / ref.split(":")[0])
+    for seg in {ref.split(":")[0] for (ref,) in c.state.q("SELECT logref FROM updates WHERE logref IS NOT NULL")}:
+        _flip_a_byte(c.state.dir / "updates" / seg)
+        _flip_a_byte(c.state.dir / "updates" / seg.replace(".log", ".par"))
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
     counts = c2.state.update_counts()
     assert counts["accepted"] + counts["rejected"] == 4 and counts["reasons"].get("corrupt_store", 0) >= 3
@@ -670,3 +670,43 @@ def test_a_resent_rejected_update_is_rejected_again_not_called_counted(bundle, t
     resent = c.handle_update("d0", first[2])            # the counted one resent: "duplicate" (it counted)
     assert resent["reason"] == "duplicate"
     assert {d["device_id"]: d["accepted"] for d in c.state.devices()}["d0"] == 1
+
+
+def test_update_log_rebuilds_one_damaged_payload_of_a_batch_from_its_parity(tmp_path):
+    """Three payloads of different lengths made durable together, then a second batch of one. Any one
+    damaged payload reads back exactly (rebuilt from the XOR parity of its batch); two damaged in the
+    same batch cannot be, and say so."""
+    from coordinator.state import UpdateLog
+
+    def check(data):
+        if data != payloads[refs.index(current)]:
+            raise ValueError("checksum mismatch")
+
+    log = UpdateLog(tmp_path / "updates")
+    payloads = [b"first payload", b"the second, longer payload", b"third", b"alone in its batch"]
+    refs = [log.append(p) for p in payloads[:3]]
+    log.sync()
+    refs.append(log.append(payloads[3]))
+    log.sync()
+    seg = tmp_path / "updates" / refs[0].split(":")[0]
+    clean = seg.read_bytes()
+    for i, ref in enumerate(refs):
+        off, n = map(int, ref.split(":")[1:])
+        broken = bytearray(clean)
+        broken[off + n // 2] ^= 0x55
+        seg.write_bytes(bytes(broken))
+        current = ref
+        assert log.read(ref, check=check) == payloads[i]
+    seg.write_bytes(clean[:int(refs[3].split(":")[1]) + 3])      # the last payload cut short
+    current = refs[3]
+    assert log.read(refs[3], check=check) == payloads[3]
+    broken = bytearray(clean)
+    for ref in refs[:2]:
+        off, n = map(int, ref.split(":")[1:])
+        broken[off] ^= 0x55
+    seg.write_bytes(bytes(broken))
+    current = refs[0]
+    with pytest.raises(OSError, match="not rebuildable"):
+        log.read(refs[0], check=check)
+    log.delete(seg.name)
+    assert list((tmp_path / "updates").iterdir()) == []
