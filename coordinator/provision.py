@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.errors import ConfigError
 from edge_runtime.protocol.messages import check_id
@@ -187,31 +188,33 @@ def set_password(passwd: Path, user: str, password: str | None) -> None:
         raise ConfigError(f"mosquitto_passwd failed for {user}: {r.stderr.strip() or r.stdout.strip()}")
 
 
-def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: str | None = None, port: int | None = None,
+def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_host: str | None = None, port: int | None = None,
               revoke: list[str] | None = None, auth: str | None = None, log=print) -> dict:
     """Create (or extend) a fleet's provisioning folder; ``revoke`` removes devices. ``auth``: ``cert``
     (client certificates, the default) or ``password`` (a user name and random password per identity,
     over TLS); fixed when the folder is made. Returns fleet.json's content."""
-    out = Path(out).resolve()
+    out = Path(out_dir).resolve()
     check_id(fleet, "fleet")
-    for d in devices + (revoke or []):
-        check_id(d, "device id")
-        if d == COORDINATOR:
+    for dev_id in devices + (revoke or []):
+        check_id(dev_id, "device id")
+        if dev_id == COORDINATOR:
             raise ConfigError(f"{COORDINATOR!r} is the coordinator's identity; choose another device id")
     reg_path = out / "fleet.json"
-    registry = json.loads(reg_path.read_text()) if reg_path.is_file() else {"fleet": fleet, "devices": {}, "revoked": []}
+    registry: dict[str, Any] = (json.loads(reg_path.read_text()) if reg_path.is_file()
+                                else {"fleet": fleet, "devices": {}, "revoked": []})
     if registry["fleet"] != fleet:
         raise ConfigError(f"{out} provisions fleet {registry['fleet']!r}, not {fleet!r}")
     mode = registry.setdefault("auth", auth or "cert")
     if auth is not None and auth != mode:
         raise ConfigError(f"{out} was provisioned with --auth {mode}; a folder keeps its mode (provision a new one)")
     # the broker's address is fixed with the folder too: every config and certificate written names it
-    for key, given, default in (("broker_host", broker_host, "localhost"), ("port", port, 8883)):
-        kept = registry.setdefault(key, given if given is not None else default)
+    for field, given, default in (("broker_host", broker_host, "localhost"), ("port", port, 8883)):
+        kept = registry.setdefault(field, given if given is not None else default)
         if given is not None and given != kept:
-            raise ConfigError(f"{out} was provisioned for {key} {kept!r}, not {given!r}: the configs and certificates "
+            raise ConfigError(f"{out} was provisioned for {field} {kept!r}, not {given!r}: the configs and certificates "
                               f"in it name that address (provision a new folder for another broker)")
-    broker_host, port = registry["broker_host"], registry["port"]
+    host: str = registry["broker_host"]
+    tls_port: int = registry["port"]
     if mode not in ("cert", "password"):
         raise ConfigError("--auth is cert or password")
     ca = FleetCA(out, fleet)
@@ -225,10 +228,10 @@ def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: s
             name = who.rsplit("/", 1)[-1]
             password = secrets.token_urlsafe(24)
             set_password(passwd, name, password)
-            return f"mqtts://{name}:{urllib.parse.quote(password, safe='')}@{broker_host}:{port}?ca={ca_path}"
-        return f"mqtts://{broker_host}:{port}?ca={ca_path}&cert={out / who / 'client.crt'}&key={out / who / 'client.key'}"
+            return f"mqtts://{name}:{urllib.parse.quote(password, safe='')}@{host}:{tls_port}?ca={ca_path}"
+        return f"mqtts://{host}:{tls_port}?ca={ca_path}&cert={out / who / 'client.crt'}&key={out / who / 'client.key'}"
     if not (out / "broker" / "server.crt").is_file():
-        crt, key = ca.issue(broker_host, server_names=sorted({broker_host, "localhost", "127.0.0.1"}))
+        crt, key = ca.issue(host, server_names=sorted({host, "localhost", "127.0.0.1"}))
         _write(out / "broker" / "server.crt", crt)
         _write(out / "broker" / "server.key", key, secret=True)
     new_coordinator = not (out / COORDINATOR / "client.crt").is_file()
@@ -273,7 +276,7 @@ def provision(out: str | Path, fleet: str, devices: list[str], *, broker_host: s
         log(f"{dev}: revoked ({n} certificate(s) on the CRL, signing key removed from fleet.json)")
     ca.write_crl()
     _write(out / "broker" / "acl", acl(fleet))
-    _write(out / "broker" / "mosquitto.conf", mosquitto_conf(out, port, mode))
+    _write(out / "broker" / "mosquitto.conf", mosquitto_conf(out, tls_port, mode))
     _write(reg_path, json.dumps(registry, indent=1))
     log(f"fleet {fleet}: {len(registry['devices'])} device(s); broker: mosquitto -c {out / 'broker' / 'mosquitto.conf'} "
         f"(reload it after a revocation: kill -HUP)")

@@ -79,7 +79,7 @@ def close_decision(plan: RoundPlan, now: float) -> CloseDecision:
     return CloseDecision.WAIT
 
 
-def staleness_weight(num_examples: int, staleness: int, exponent: float = 0.5) -> float:
+def staleness_weight(num_examples: float, staleness: int, exponent: float = 0.5) -> float:
     """FedBuff-style weight: examples / (1 + staleness)^exponent."""
     return num_examples / (1 + max(0, staleness)) ** exponent
 

@@ -21,6 +21,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -32,12 +33,15 @@ from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, ch
 from coordinator.state import CHECKPOINTED, State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits, validate_update
-from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason
+from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.messages import check_status, decode_update, dump_json_message, make_pointer, parse_json_message
 from edge_runtime.protocol.tensors import flatten
 from edge_runtime.protocol.topics import Topics
+
+if TYPE_CHECKING:
+    from edge_runtime.transport import MqttLink
 
 log = logging.getLogger("edgefm.coordinator")
 
@@ -82,7 +86,7 @@ class Coordinator:
         self.lock = threading.RLock()
         self.done = threading.Event()
         self._stop = threading.Event()
-        self.link = None
+        self.link: MqttLink | None = None
         # bounded: back-pressure onto the broker; with the batch being worked on, at most 2 x ingest_batch
         # payloads are in memory whatever the number of updates in a round
         self._inbox: queue.Queue = queue.Queue(maxsize=cfg.ingest_batch)
@@ -92,7 +96,10 @@ class Coordinator:
             blob = (bundle / "adapter.safetensors").read_bytes()
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
             self._store_version(0, None, tensors, meta, note="initial adapter from the bundle")
-        self.version = self.state.current_version()
+        version = self.state.current_version()
+        if version is None:   # stored just above when missing
+            raise StateError(f"{cfg.state_dir}: no version recorded")
+        self.version: int = version
         # this state's lineage: pointers and rounds carry it; a device on another lineage (an older state,
         # a forged pointer from before signatures) takes this one's globals whatever their version
         self.epoch = self.state.get("epoch")
@@ -357,11 +364,13 @@ class Coordinator:
         if self.cfg.keep_large_buffers:
             from edge_runtime.memory import keep_large_buffers
             keep_large_buffers()
-        self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self._enqueue,
-                             on_connect=self._on_connect, clean_start=False, manual_ack=True)
-        self.link.subscribe(self.topics.all_devices("status"), 1)
-        self.link.subscribe(self.topics.all_devices("update"), 1)
-        self.link.start()
+        if self.cfg.broker is None:
+            raise ConfigError("the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)")
+        link = self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self._enqueue,
+                                    on_connect=self._on_connect, clean_start=False, manual_ack=True)
+        link.subscribe(self.topics.all_devices("status"), 1)
+        link.subscribe(self.topics.all_devices("update"), 1)
+        link.start()
         self._thread = threading.Thread(target=self._loop, name="edgefm-rounds", daemon=True)
         self._thread.start()
         self._worker = threading.Thread(target=self._work, name="edgefm-ingest", daemon=True)
@@ -430,7 +439,7 @@ class Coordinator:
         """Route one MQTT message (inside an ingest batch); for an update, (device id, result)."""
         parsed = self.topics.parse_device_topic(topic)
         if not parsed:
-            return
+            return None
         device_id, kind = parsed
         if kind == "status":
             try:

@@ -148,9 +148,9 @@ class UpdateLog:
         for _, d in self._group:
             np.bitwise_xor(par[:len(d)], np.frombuffer(d, np.uint8), out=par[:len(d)])
         head = json.dumps({"members": [[off, len(d)] for off, d in self._group], "width": width,
-                           "sha256": hashlib.sha256(par).hexdigest()}).encode()
+                           "sha256": hashlib.sha256(par.data).hexdigest()}).encode()
         self._files[1].write(len(head).to_bytes(4, "little") + head)
-        self._files[1].write(memoryview(par))
+        self._files[1].write(par.data)
         self._group = []
 
     def sync(self) -> None:
@@ -183,10 +183,10 @@ class UpdateLog:
         """The payload a reference points at, checked with ``check`` (a function of the bytes that raises
         on damage); when the segment's bytes are missing, short or fail it, rebuilt from the group's
         parity and its other payloads. OSError when neither gives an intact payload."""
-        name, off, n = ref.split(":")
+        name, off_s, n_s = ref.split(":")
         if "/" in name or not name.endswith(".log"):
             raise OSError(f"bad update-log reference {ref!r}")
-        off, n = int(off), int(n)
+        off, n = int(off_s), int(n_s)
         for f in self._files:
             f.flush()
         try:
@@ -264,7 +264,7 @@ class Checkpoints:
     def write(self, flat) -> dict:
         """Write a vector durably under a new name; returns {"file", "sha256", "nbytes"}."""
         import numpy as np
-        data = memoryview(np.ascontiguousarray(flat, dtype="<f8")).cast("B")
+        data = np.ascontiguousarray(flat, dtype="<f8").data.cast("B")
         name = f"ckpt-{time.time_ns()}.f64"
         with open(self.root / name, "wb") as f:
             f.write(data)

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,7 +100,7 @@ class Fleet:
         self.restarts: dict[str, int] = {}
         self.events: list[str] = []
         self.t0 = time.time()
-        self.broker = None
+        self.broker: Any = None   # an EmbeddedBroker when the fleet starts its own
         self.names: list[str] = []          # device ids (from --data DIR; else dev-0, dev-1, ...)
         self.intake: dict[str, dict] = {}
 
@@ -279,7 +280,7 @@ class Fleet:
         from edge_runtime.protocol.adapter import adapter_from_bytes
         st = None
         evaluated: dict[int, dict] = {}
-        probes = []
+        probes: list[dict] = []
         chaos_done: set[str] = set()
         deadline = time.time() + o.timeout_s
         final = None
@@ -329,7 +330,7 @@ class Fleet:
             time.sleep(1.0)
         final_version = st.current_version() if st else 0
         self.log(f"rounds done; waiting for every agent to adopt v{final_version}")
-        statuses = {}
+        statuses: dict[str, dict] = {}
         wait_until = time.time() + 60
         while time.time() < wait_until:
             statuses = {}
@@ -358,7 +359,7 @@ class Fleet:
         nothing_lost = all(d["updates_queued"] == 0 and d["updates_awaiting_receipt"] == 0
                            and d["updates_recorded"] >= d["updates_acknowledged"] for d in devices.values())
         rounds_completed = sum(1 for r in st.rounds() if r["status"] == "closed") if (st and o.mode == "sync") else (final_version or 0)
-        lat = [p["latency_ms"] for p in probes if p.get("latency_ms") is not None]
+        lat = [float(p["latency_ms"]) for p in probes if p.get("latency_ms") is not None]
         report = {"mode": o.mode, "strategy": o.strategy, "model": o.model, "bundle": str(bundle), "devices_count": o.devices,
                   "rounds_requested": o.rounds, "rounds_completed": rounds_completed, "final_version": final_version,
                   "metric": "held-out loss (nats/token)", "rounds": [evaluated[v] for v in sorted(evaluated)],

@@ -212,10 +212,10 @@ class Agent:
         self.paused_reason: str | None = None
         self.round: dict | None = None
         self.events: list[dict] = []
-        self.trainer = None
+        self.trainer: Any = None   # OnnxTrainer or TorchTrainer (same train/evaluate interface), None for no training graph
         if cfg.trainer_backend == "torch":
             from edge_runtime.torch_trainer import TorchTrainer  # lazy: torch only where this backend is chosen
-            self.trainer = TorchTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, model_dir=cfg.torch_model,
+            self.trainer = TorchTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, model_dir=str(cfg.torch_model),
                                         load_4bit=cfg.torch_load_4bit, threads=cfg.threads_training,
                                         optim=AdamWConfig(lr=cfg.learning_rate))
         elif self.manifest.training.get("graph"):
@@ -538,8 +538,7 @@ class Agent:
                 checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}),
                 train_a=bool(current_round.get("train_a", True)), prox_mu=self.cfg.prox_mu,
                 on_used=self.store.mark_trained,
-                on_step=lambda step, loss: (self.metrics.inc("edgefm_training_steps_total", help="optimizer steps run"),
-                                            self.metrics.set("edgefm_training_loss", loss, help="last training loss")))
+                on_step=self._count_step)
             self.last_train_at = time.time()
             if result.steps == 0:
                 return {"status": "no_steps", "stopped": result.stopped}
@@ -798,8 +797,12 @@ class Agent:
             elif round_msg is not None and result.get("status") != "trained":
                 self._event("round_skipped", round=round_msg.get("round"), status=result.get("status"), error=result.get("error"))
 
+    def _count_step(self, step: int, loss: float) -> None:
+        self.metrics.inc("edgefm_training_steps_total", help="optimizer steps run")
+        self.metrics.set("edgefm_training_loss", loss, help="last training loss")
+
     def _inbox_loop(self) -> None:
-        inbox = Path(self.cfg.inbox)
+        inbox = Path(str(self.cfg.inbox))
         inbox.mkdir(parents=True, exist_ok=True)
         from edge_runtime.store import StoreFull
         waiting: set[str] = set()

@@ -11,6 +11,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.errors import ConfigError, EdgefmError
 
@@ -88,7 +89,7 @@ def load_request(path: str | None, name: str | None) -> dict:
         cfg, weights = p / "adapter_config.json", p / "adapter_model.safetensors"
         if not cfg.is_file() or not weights.is_file():
             raise ConfigError(f"{p} is not a PEFT LoRA directory (needs adapter_config.json and adapter_model.safetensors)")
-        body = {"peft": {"adapter_config": json.loads(cfg.read_text()), "adapter_model": b64(weights)}}
+        body: dict[str, Any] = {"peft": {"adapter_config": json.loads(cfg.read_text()), "adapter_model": b64(weights)}}
     elif p.is_file():
         body = {"adapter": b64(p)}
     else:

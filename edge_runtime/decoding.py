@@ -73,7 +73,7 @@ class Constraint:
 
 # JSON as json.dumps writes it (", " and ": ", no other whitespace): a small model can no longer spend
 # its whole budget on newlines between tokens; a schema's own "x-guidance" options override this.
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_LAYOUT: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}   # llguidance's JsonCompileOptions
 
 
 def response_format_grammar(fmt: Any) -> str | None:

@@ -292,10 +292,10 @@ class Engine:
         else:
             for name, arr in self.empty_past(1).items():
                 binding.bind_cpu_input(name, arr)
-        keep = []  # the numpy inputs bound this step must outlive the run
+        keep: list[np.ndarray] = []  # the numpy inputs bound this step must outlive the run
         # one-token steps write their logits into one preallocated buffer (no output allocation, no
         # wrapping of every output per token); the array returned is valid until the next step
-        logits1 = np.empty((1, 1, self.session.get_outputs()[0].shape[-1]), np.float32) if shared else None
+        logits1 = np.empty((1, 1, self.session.get_outputs()[0].shape[-1] if shared else 0), np.float32)
         logits1_val = ort.OrtValue.ortvalue_from_numpy(logits1) if shared else None
 
         def step(ids: np.ndarray, total: int) -> np.ndarray:

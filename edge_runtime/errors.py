@@ -12,6 +12,8 @@ boundary where they occur, so callers never need to know which library failed.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import enum
 
 
@@ -48,6 +50,7 @@ class ProtocolError(EdgefmError):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.detail = message
+        self.header: Any = None   # the update header, when it parsed before the fault (coordinator/validate.py)
 
 
 class BundleError(EdgefmError):

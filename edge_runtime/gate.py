@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from typing import Any
 
 import numpy as np
 
@@ -78,11 +79,13 @@ def decide_gate(policy: GatePolicy, *, candidate: np.ndarray, current: np.ndarra
                 anchor_candidate: np.ndarray, anchor_base: np.ndarray) -> GateDecision:
     """Adopt or refuse a candidate from per-example losses (held-out: candidate/current/base, paired by
     example; anchor: candidate/base, paired by text). Empty arrays mean "no such data"."""
-    num = lambda a: float(np.mean(a)) if len(a) else None  # noqa: E731
-    numbers = {"heldout_examples": int(len(candidate)), "heldout_candidate": num(candidate), "heldout_current": num(current),
-               "heldout_base": num(base), "anchor_candidate": num(anchor_candidate), "anchor_base": num(anchor_base)}
+    cand, cur, bas = (float(np.mean(a)) if len(a) else math.nan for a in (candidate, current, base))
+    a_cand, a_base = (float(np.mean(a)) if len(a) else math.nan for a in (anchor_candidate, anchor_base))
+    numbers: dict[str, Any] = {"heldout_examples": int(len(candidate)), "heldout_candidate": cand, "heldout_current": cur,
+                               "heldout_base": bas, "anchor_candidate": a_cand, "anchor_base": a_base}
+    numbers = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in numbers.items()}   # JSON: null, not NaN
     if len(anchor_candidate):
-        numbers["anchor_ppl_change"] = math.exp(numbers["anchor_candidate"] - numbers["anchor_base"]) - 1
+        numbers["anchor_ppl_change"] = anchor_change = math.exp(a_cand - a_base) - 1
     if len(candidate):
         numbers["heldout_vs_base"] = paired_difference(candidate, base)
         numbers["heldout_vs_current"] = paired_difference(candidate, current)
@@ -90,9 +93,8 @@ def decide_gate(policy: GatePolicy, *, candidate: np.ndarray, current: np.ndarra
             return GateDecision(False, GateReason.WORSE_THAN_BASE, numbers)
         if significantly_worse(candidate, current, policy.z):
             return GateDecision(False, GateReason.WORSE_THAN_CURRENT, numbers)
-        if len(anchor_candidate) and numbers["heldout_candidate"] > numbers["heldout_base"] \
-                and numbers["anchor_candidate"] > numbers["anchor_base"]:
+        if len(anchor_candidate) and cand > bas and a_cand > a_base:
             return GateDecision(False, GateReason.WORSE_THAN_BASE_ON_BOTH, numbers)
-    if len(anchor_candidate) and numbers["anchor_ppl_change"] > policy.max_forgetting:
+    if len(anchor_candidate) and anchor_change > policy.max_forgetting:
         return GateDecision(False, GateReason.FORGETTING, numbers)
     return GateDecision(True, GateReason.ADOPTED if len(candidate) else GateReason.NO_HELDOUT_DATA, numbers)

@@ -12,7 +12,7 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from edge_runtime.decoding import Constraint, Steering, log_softmax, response_fo
 from edge_runtime.errors import ConfigError, EdgefmError
 from edge_runtime.openai_api import ApiError, sampling_params  # noqa: F401  (sampling_params: public here too)
 from edge_runtime.sampling import find_stop, holdback
+
+if TYPE_CHECKING:
+    from edge_runtime.agent import Agent
 
 log = logging.getLogger("edgefm.api")
 
@@ -77,7 +80,8 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "edgefm"
     protocol_version = "HTTP/1.1"
-    agent = None  # set by make_server
+    agent: Agent  # set by make_server (on a subclass per server)
+    source: str | None = None  # the source the request's token authenticates (token_source)
 
     def log_message(self, fmt, *args):  # quiet default logging; metrics carry the numbers
         log.debug("%s " + fmt, self.address_string(), *args)
@@ -221,6 +225,7 @@ def _generate(h: Handler, ids: list[int], params: dict, stops: list[str], on_tex
     pending: list = []
 
     def record(tok: int, row: np.ndarray) -> None:
+        assert top_n is not None   # record is passed only when log-probabilities were asked for
         lp = log_softmax(row)
         pending[:] = [(eng.decode([tok]), float(lp[tok]), [(eng.decode([a]), alp) for a, alp in top_logprobs(row, top_n)])]
 

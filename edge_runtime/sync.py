@@ -222,9 +222,9 @@ class FederatedSync:
             except ProtocolError as exc:
                 self._reject(f"global v{ptr.version}", exc)
                 return
-            old = [a for a in list(self.link._subs) if "/chunk/" in a]
-        for f in old:
-            self.link.unsubscribe(f)
+            old = [a for a in self.link.subscriptions() if "/chunk/" in a]
+        for topic_filter in old:
+            self.link.unsubscribe(topic_filter)
         if self._assembler.complete:
             self._finish()
         else:

@@ -9,6 +9,7 @@ device path never needs torch.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class TorchTrainer(OnnxTrainer):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if threads:
             torch.set_num_threads(threads)
-        kwargs = {"attn_implementation": "eager"}
+        kwargs: dict[str, Any] = {"attn_implementation": "eager"}
         if load_4bit:
             if self.device != "cuda":
                 raise ConfigError("a 4-bit (bitsandbytes NF4) base needs a CUDA device; use load_4bit=False on CPU")
@@ -50,14 +51,15 @@ class TorchTrainer(OnnxTrainer):
                                                                bnb_4bit_compute_dtype=torch.float32)
         else:
             kwargs["dtype"] = torch.float32
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         if not load_4bit:
             model = model.to(self.device)
         for p in model.parameters():
             p.requires_grad_(False)
         rank, alpha = int(manifest.adapter["rank"]), float(manifest.adapter["alpha"])
-        self.model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=self.targets, lora_dropout=0.0,
-                                                      bias="none")).eval()
+        lora: Any = LoraConfig  # PEFT types lora_alpha as int; a float alpha (e.g. 16.0 or 8.5) is what it applies
+        self.model: Any = get_peft_model(model, lora(r=rank, lora_alpha=alpha, target_modules=self.targets, lora_dropout=0.0,
+                                                     bias="none")).eval()
         self._params = {}
         for i in range(self.layers):
             lyr = self.model.base_model.model.model.layers[i]

@@ -111,7 +111,8 @@ def require_secure_broker(url: str | None, allow_insecure: bool, who: str, missi
     log.warning("%s (allowed by --insecure)", what)
 
 
-MessageHandler = Callable[[str, bytes, bool], None]
+# (topic, payload, retained) or, with manual_ack, (topic, payload, retained, ack): call ack() once the message is safe
+MessageHandler = Callable[..., None]
 
 
 class MqttLink:
@@ -228,6 +229,11 @@ class MqttLink:
             self._subs.pop(topic_filter, None)
         if self.connected.is_set():
             self.client.unsubscribe(topic_filter)
+
+    def subscriptions(self) -> list[str]:
+        """The topic filters subscribed (restored after every reconnect)."""
+        with self._lock:
+            return list(self._subs)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         """Publish; returns the message id, or None when not connected (caller keeps it queued)."""

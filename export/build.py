@@ -14,6 +14,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -150,7 +151,7 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
     past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * L)]
     past_names = [f"past.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     B, S, P, T = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-    io = {"inputs": ["input_ids", "attention_mask", "position_ids"] + past_names + lora_input_names(opts.lora_targets),
+    io: dict[str, Any] = {"inputs": ["input_ids", "attention_mask", "position_ids"] + past_names + lora_input_names(opts.lora_targets),
           "outputs": ["logits"] + [n.replace("past.", "present.") for n in past_names]}
     why_not = None if opts.torch_inference_graph else unsupported(graph)
     if why_not is None and not opts.torch_inference_graph:
@@ -379,8 +380,8 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
                 f"files (graphs that quantization brings under the limit are single files again)")
         spec = LoraSpec(tuple(opts.lora_targets), opts.lora_rank, opts.lora_alpha)
         with torch.no_grad():
-            graph = LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()
-        io = (export_llama(graph, tmp, opts, log, external=external) if family == "llama"
+            graph: LlamaGraph | BertGraph = LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()
+        io = (export_llama(graph, tmp, opts, log, external=external) if isinstance(graph, LlamaGraph)
               else export_bert(graph, tmp, opts, log, external=external))
         module_dims = graph.module_dims()
         layers = int(dims["layers"])

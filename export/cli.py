@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.errors import EdgefmError
 
@@ -112,7 +113,7 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
     elif args.cmd == "adapter":
         from export import interop
-        fn = {"to-peft": interop.to_peft, "from-peft": interop.from_peft, "to-onnx-adapter": interop.to_onnx_adapter}[args.acmd]
+        fn: Any = {"to-peft": interop.to_peft, "from-peft": interop.from_peft, "to-onnx-adapter": interop.to_onnx_adapter}[args.acmd]
         print(fn(Path(args.input), Path(args.bundle), Path(args.output)))
     return 0
 

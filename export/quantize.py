@@ -190,13 +190,13 @@ def asym_int4_blocks(w: np.ndarray, block: int, divisors=(15, 14, 13, 12)) -> tu
     K, N = w.shape
     x = np.ascontiguousarray(w.T, dtype=np.float64).reshape(N, K // block, block)
     mn, mx = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-    best = None
+    best: list[np.ndarray] = []
     for d in divisors:
         s = np.maximum((mx - mn) / d, 1e-30)
         c = mn + 8 * s
         q = np.clip(np.rint((x - c) / s) + 8, 0, 15)
         err = ((s * (q - 8) + c - x) ** 2).sum(-1, keepdims=True)
-        if best is None:
+        if not best:
             best = [q, s, c, err]
         else:
             better = err < best[3]
@@ -251,7 +251,7 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
         K, N = w.shape
         q, s, c = asym_int4_blocks(w, block)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-        x, y, tag = node.input[0], node.output[0], node.name or b
+        x, y, tag = node.input[0], node.output[0], node.name or str(b)
         new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
         group = tag[:-len(".mm")] if tag.endswith(".mm") else None
         lr_u, lr_d = (by_name.get(f"{group}.lr_u"), by_name.get(f"{group}.lr_d")) if group else (None, None)

@@ -51,7 +51,7 @@ def convert_gguf(path: Path, log=print) -> Path:
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # The weights are now plain fp32; drop the GGUF "quantized" marker so save_pretrained accepts them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     for attr in ("is_quantized", "quantization_method"):

@@ -161,6 +161,7 @@ def check_gradients(bundle: Path, graph, opts, adapter: dict[str, np.ndarray]) -
     outs = sess.run(None, feeds)
     rel = abs(float(outs[0]) - loss.item()) / max(abs(loss.item()), 1e-12)
     for t, got in zip(lt, outs[1:]):
+        assert t.grad is not None   # every LoRA tensor takes part in the loss
         ref = t.grad.numpy()
         rel = max(rel, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
     return rel

@@ -106,7 +106,7 @@ def test_store_examples_split_dedupe_quota_and_outbox(tmp_path):
     assert s.training_coverage()["examples"] == s.training_coverage()["never_used"] == unused - 2   # unused ones stay
     c = s.count_examples()
     # state survives reopening (what a restart sees)
-    s2 = Store(tmp_path / "a.sqlite")
+    s2 = Store(tmp_path / "a.sqlite", max_examples=50)
     assert s2.count_examples() == c
 
 

@@ -17,12 +17,12 @@ import math
 import re
 import struct
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.codec import CodecSpec, decode_payload, encode_payload
+from edge_runtime.protocol.codec import CodecSpec, DecodedTensors, decode_payload, encode_payload
 
 PROTOCOL_VERSION = 1
 UPDATE_MAGIC = b"EFMU"
@@ -33,7 +33,7 @@ SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 EPOCH_RE = re.compile(r"^[0-9a-f-]{1,64}$")
 
 
-def _fail(reason: RejectReason, msg: str):
+def _fail(reason: RejectReason, msg: str) -> NoReturn:
     raise ProtocolError(reason, msg)
 
 
@@ -47,19 +47,23 @@ def check_id(value: Any, what: str) -> str:
 MAX_INT = 2**53   # integers every JSON reader and SQLite keep exactly
 
 
-def _int(obj: dict, key: str, *, minimum: int = 0, optional: bool = False) -> int | None:
+def _opt_int(obj: dict, key: str, *, minimum: int = 0) -> int | None:
+    return None if obj.get(key) is None else _int(obj, key, minimum=minimum)
+
+
+def _int(obj: dict, key: str, *, minimum: int = 0) -> int:
     v = obj.get(key)
-    if v is None and optional:
-        return None
     if type(v) is not int or not minimum <= v <= MAX_INT:
         _fail(RejectReason.BAD_FIELD, f"field {key!r} must be an integer from {minimum} to 2**53, got {v!r}"[:300])
     return v
 
 
-def _str(obj: dict, key: str, *, optional: bool = False, max_len: int = 256) -> str | None:
+def _opt_str(obj: dict, key: str, *, max_len: int = 256) -> str | None:
+    return None if obj.get(key) is None else _str(obj, key, max_len=max_len)
+
+
+def _str(obj: dict, key: str, *, max_len: int = 256) -> str:
     v = obj.get(key)
-    if v is None and optional:
-        return None
     if not isinstance(v, str) or len(v) > max_len:
         _fail(RejectReason.BAD_FIELD, f"field {key!r} must be a string of at most {max_len} chars, got {v!r}")
     return v
@@ -86,8 +90,8 @@ def check_round(msg: dict) -> dict:
         _fail(RejectReason.BAD_FIELD, "kind must be 'round'")
     if msg.get("mode", "sync") not in ("sync", "async"):
         _fail(RejectReason.BAD_FIELD, "mode must be 'sync' or 'async'")
-    _int(msg, "round", optional=True)
-    _int(msg, "base_version", optional=True)
+    _opt_int(msg, "round")
+    _opt_int(msg, "base_version")
     selected = msg.get("selected")
     if selected is not None and (not isinstance(selected, list) or len(selected) > 100_000
                                  or not all(isinstance(d, str) for d in selected)):
@@ -104,10 +108,10 @@ def check_round(msg: dict) -> dict:
 def check_status(msg: dict) -> dict:
     """Validate a device status message (what the coordinator records); returns it unchanged."""
     for key in ("state", "profile", "adapter", "activity"):
-        _str(msg, key, optional=True, max_len=256)
-    _str(msg, "base_fingerprint", optional=True, max_len=128)
-    _int(msg, "adapter_version", optional=True)
-    _int(msg, "global_version", optional=True)
+        _opt_str(msg, key, max_len=256)
+    _opt_str(msg, "base_fingerprint", max_len=128)
+    _opt_int(msg, "adapter_version")
+    _opt_int(msg, "global_version")
     if msg.get("outbox") is not None and not isinstance(msg.get("outbox"), dict):
         _fail(RejectReason.BAD_FIELD, "outbox must be an object")
     return msg
@@ -191,14 +195,14 @@ class UpdateHeader:
         sha = _str(obj, "payload_sha256")
         if not SHA_RE.match(sha):
             _fail(RejectReason.BAD_FIELD, "payload_sha256 must be 64 lowercase hex digits")
-        sig = _str(obj, "signature", optional=True)
+        sig = _opt_str(obj, "signature")
         return cls(
             device_id=check_id(obj.get("device_id"), "device_id"),
             update_id=check_id(obj.get("update_id"), "update_id"),
             base_version=_int(obj, "base_version"),
             num_examples=_int(obj, "num_examples", minimum=1),
             base_fingerprint=_str(obj, "base_fingerprint"),
-            round=_int(obj, "round", optional=True),
+            round=_opt_int(obj, "round"),
             metrics=_metrics(obj.get("metrics")),
             codec=CodecSpec(codec["dtype"], codec["compression"]),
             created_at=float(created),
@@ -213,7 +217,7 @@ class Update:
     """A decoded, validated update: header and fp32 delta tensors."""
 
     header: UpdateHeader
-    tensors: dict[str, np.ndarray]
+    tensors: DecodedTensors   # a dict, with the flat vector and its sum of squares
 
 
 def _sign(header_json: dict, payload: bytes, key: bytes) -> str:
@@ -229,6 +233,8 @@ def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray] | None, *
     the tensors already encoded with ``header.codec`` (``encode_payload``), to send one body under
     several headers (a resend under a new update id, a load test)."""
     if payload is None:
+        if tensors is None:
+            raise ValueError("encode_update needs the tensors or their encoded payload")
         payload = encode_payload(tensors, header.codec)
     header.payload_sha256 = hashlib.sha256(payload).hexdigest()
     header.payload_size = len(payload)
@@ -343,9 +349,9 @@ class GlobalPointer:
             _fail(RejectReason.OVERSIZE, f"global adapter of {size} bytes over {max_size}")
         if not isinstance(chunks, list) or len(chunks) != -(-size // csize) or not all(isinstance(c, str) and SHA_RE.match(c) for c in chunks):
             _fail(RejectReason.BAD_FIELD, "chunk_sha256 must list one sha256 per chunk")
-        return cls(version=_int(obj, "version", minimum=0), parent=_int(obj, "parent", optional=True),  # v0: the bundle's adapter
+        return cls(version=_int(obj, "version", minimum=0), parent=_opt_int(obj, "parent"),  # v0: the bundle's adapter
                    base_fingerprint=_str(obj, "base_fingerprint"), sha256=sha, size=size, chunk_size=csize,
-                   chunk_sha256=chunks, round=_int(obj, "round", optional=True), metrics=_metrics(obj.get("metrics")),
+                   chunk_sha256=chunks, round=_opt_int(obj, "round"), metrics=_metrics(obj.get("metrics")),
                    epoch=_epoch(obj.get("epoch")))
 
 

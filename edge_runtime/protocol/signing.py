@@ -48,7 +48,7 @@ def load_public_key(pem: str | bytes | Path):
         try:
             data = Path(data).read_bytes()
         except OSError as exc:
-            raise ConfigError(f"cannot read the public key {pem}: {exc}") from None
+            raise ConfigError(f"cannot read the public key {pem!s}: {exc}") from None
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError as exc:

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_runtime.errors import ProtocolError, RejectReason
 
-DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"),
+DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"),
           "F64": np.dtype("<f8"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 1 << 22
@@ -152,7 +152,8 @@ def flat_view(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray | None:
     if not arrays:
         return None
     dt = np.dtype(dtype)
-    start = end = None
+    start: int | None = None
+    end = 0
     for a in arrays:
         if a.dtype != dt or not a.flags.c_contiguous:
             return None
@@ -166,6 +167,7 @@ def flat_view(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray | None:
         base = np.frombuffer(_root(arrays[0]), np.uint8)
     except (TypeError, ValueError):
         return None
+    assert start is not None
     off = start - base.__array_interface__["data"][0]
     if off < 0 or off + (end - start) > base.nbytes:
         return None
