@@ -153,7 +153,7 @@ def coordinator_child(url: str, state: str, bundle: str, n: int, codec: str) -> 
                                       buffer_size=10**9, max_staleness=10))
     first: list[float] = []
     acked: list[float] = []
-    handle, enqueue = c._handle_update, c._enqueue
+    handle, enqueue = c._handle_update, c.enqueue
 
     def timed(device_id, payload):
         if not first:
@@ -165,7 +165,7 @@ def coordinator_child(url: str, state: str, bundle: str, n: int, codec: str) -> 
         enqueue(topic, payload, retained, lambda: (ack(), acked.append(time.perf_counter())))
 
     c._handle_update = timed
-    c._enqueue = enqueue_timed
+    c.enqueue = enqueue_timed  # type: ignore[method-assign]
     c.start()
     assert c.link.wait_connected(10)
     time.sleep(0.5)

@@ -366,19 +366,29 @@ class Coordinator:
             keep_large_buffers()
         if self.cfg.broker is None:
             raise ConfigError("the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)")
-        link = self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self._enqueue,
+        link = self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.enqueue,
                                     on_connect=self._on_connect, clean_start=False, manual_ack=True)
         link.subscribe(self.topics.all_devices("status"), 1)
         link.subscribe(self.topics.all_devices("update"), 1)
         link.start()
         self._thread = threading.Thread(target=self._loop, name="edgefm-rounds", daemon=True)
         self._thread.start()
+        self.start_ingest()
+
+    def start_ingest(self) -> None:
+        """Start the ingest worker: it takes what ``enqueue`` queued, in batches (``ingest``)."""
         self._worker = threading.Thread(target=self._work, name="edgefm-ingest", daemon=True)
         self._worker.start()
 
-    def _enqueue(self, topic: str, payload: bytes, retained: bool, ack) -> None:
-        """paho's thread only queues; the worker persists, then acks (PUBACK only for what is durable)."""
-        self._inbox.put((topic, payload, retained, ack))
+    def queued(self) -> int:
+        """Messages waiting for the ingest worker (at most ``ingest_batch``: the queue is bounded)."""
+        return self._inbox.qsize()
+
+    def enqueue(self, topic: str, payload: bytes, retained: bool, ack, timeout: float | None = None) -> None:
+        """The link's message callback: paho's thread only queues (blocking while the bounded queue is
+        full: back-pressure onto the broker); the worker persists, then acks (PUBACK only for what is
+        durable)."""
+        self._inbox.put((topic, payload, retained, ack), timeout=timeout)
 
     def _take_batch(self, first) -> list:
         """The first message plus whatever is already queued, up to ``ingest_batch``; in async mode never
@@ -401,26 +411,40 @@ class Coordinator:
             except queue.Empty:
                 continue
             items = self._take_batch(first)
-            acks, receipts = [], []
             try:
-                with self._batch():
-                    for topic, payload, retained, ack in items:
-                        acks.append(ack)
-                        try:
-                            res = self.on_message(topic, payload, retained)
-                            if res is not None:
-                                receipts.append(res)
-                        except (sqlite3.Error, OSError):
-                            raise  # storage failed: the whole batch stays unacknowledged
-                        except Exception:  # a bug in one message must not stop ingestion; it is recorded or refused
-                            log.exception("ingest failed for %s", topic)
-                self._after_batch()
+                self.ingest(items)
             except Exception:  # not committed: no PUBACK, the broker delivers these again after a reconnect
                 log.exception("%d messages not acknowledged", len(items))
-                continue
-            for ack in acks:
-                ack()
-            self._send_receipts(receipts)
+
+    def ingest(self, items: list) -> list[tuple[str, dict]]:
+        """One ingest batch: route each (topic, payload, retained, ack) message, commit them together,
+        then call every ack and send the receipts; returns (device id, result) per update. Raises (and
+        acks nothing) when the batch could not be made durable."""
+        acks, receipts = [], []
+        with self._batch():
+            for topic, payload, retained, ack in items:
+                acks.append(ack)
+                try:
+                    res = self.on_message(topic, payload, retained)
+                    if res is not None:
+                        receipts.append(res)
+                except (sqlite3.Error, OSError):
+                    raise  # storage failed: the whole batch stays unacknowledged
+                except Exception:  # a bug in one message must not stop ingestion; it is recorded or refused
+                    log.exception("ingest failed for %s", topic)
+        self._after_batch()
+        for ack in acks:
+            ack()
+        self._send_receipts(receipts)
+        return receipts
+
+    def handle_updates(self, updates: list[tuple[str, bytes]]) -> list[dict]:
+        """Several (device id, payload) updates as one ingest batch (one commit); their results."""
+        return [res for _, res in self.ingest([(self.topics.update(d), p, False, lambda: None) for d, p in updates])]
+
+    def aggregate_now(self) -> int | None:
+        """Aggregate what the open aggregation holds and publish it as a new version (None: nothing to)."""
+        return self._aggregate(round_id=None)
 
     def stop(self) -> None:
         """Stop the loop and disconnect."""

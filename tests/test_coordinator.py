@@ -321,28 +321,6 @@ def test_update_log_refs_sync_rotate_and_damage(tmp_path):
             lg.read(bad)
 
 
-def test_update_log_keeps_two_copies_and_reads_the_intact_one(tmp_path):
-    from coordinator.state import UpdateLog
-
-    def check(data):
-        if data != b"payload":
-            raise ValueError("damaged")
-    lg = UpdateLog(tmp_path / "u", tmp_path / "c")
-    ref = lg.append(b"payload")
-    lg.sync()
-    name = ref.split(":")[0]
-    assert (tmp_path / "u" / name).read_bytes() == (tmp_path / "c" / name).read_bytes() == b"payload"
-    (tmp_path / "u" / name).write_bytes(b"paXload")                      # one copy damaged
-    assert lg.read(ref, check=check) == b"payload"
-    (tmp_path / "u" / name).unlink()                                     # one copy gone
-    assert lg.read(ref, check=check) == b"payload"
-    (tmp_path / "c" / name).write_bytes(b"paYload")                      # both damaged
-    with pytest.raises(OSError, match="no intact copy"):
-        lg.read(ref, check=check)
-    lg.delete_segments([ref])
-    assert lg.segments() == set()
-
-
 def _offline_coordinator(bundle, tmp_path, **kw):
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
@@ -350,7 +328,6 @@ def _offline_coordinator(bundle, tmp_path, **kw):
 
 
 def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle, tmp_path):
-    import threading
     from coordinator.state import State
     v0, meta = schema(bundle)
     c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, ingest_batch=8, judge_batch=1)  # folded at once
@@ -365,11 +342,11 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     c.state.log.sync = counting_sync
     items = [(c.topics.update(f"d{i}"), msg, False, lambda u=uid: acked.append(u)) for i, (uid, _, msg) in enumerate(ups)]
     for it in items[:8]:                     # the inbox holds ingest_batch (8) messages
-        c._inbox.put(it)
-    worker = threading.Thread(target=c._work, daemon=True)
-    worker.start()
+        c.enqueue(*it, timeout=1)
+    assert c.queued() == 8
+    c.start_ingest()
     for it in items[8:]:
-        c._inbox.put(it, timeout=20)
+        c.enqueue(*it, timeout=20)
     wait_for(lambda: len(acked) == 10, 20, what="all ten acknowledged")
     # 8 queued + 2 more: one group commit for the 8, then one or two (a commit that writes a checkpoint
     # syncs the log twice: the batch's payloads, then the rotation)
@@ -381,14 +358,13 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
         raise OSError(28, "No space left on device")
     c.state.log.sync = failing_sync
     uid, delta, msg = make_update(meta, "d10", 0, 3, rng)
-    c._inbox.put((c.topics.update("d10"), msg, False, lambda: acked.append(uid)))
-    wait_for(lambda: c._inbox.empty(), 10, what="message taken")
+    c.enqueue(c.topics.update("d10"), msg, False, lambda: acked.append(uid))
+    wait_for(lambda: c.queued() == 0, 10, what="message taken")
     time.sleep(0.5)
     assert uid not in acked and c.state.update_outcome(uid) is None
     assert c.strategy.count(c.acc) == 10
     c.state.log.sync = real_sync
-    c._stop.set()
-    worker.join(5)
+    c.stop()
     # delivered again (as the broker would after a reconnect): counted once
     assert c.handle_update("d10", msg)["accepted"] and c.strategy.count(c.acc) == 11
 
@@ -406,9 +382,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(6)]
     c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)
     c.handle_update("d0", ups[0][2])                                    # alone: smaller than a checkpoint -> log
-    with c._batch():                                                    # one ingest batch of three
-        for i in (1, 2, 3):
-            assert c._handle_update(f"d{i}", ups[i][2])["accepted"]
+    assert all(r["accepted"] for r in c.handle_updates([(f"d{i}", ups[i][2]) for i in (1, 2, 3)]))   # one ingest batch
     st = c.state
     ck = st.get("acc_checkpoint")
     assert ck["count"] == 4 and ck["nbytes"] == 8 * sum(int(np.prod(s)) for s in meta.shapes.values())
@@ -426,7 +400,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)   # restart on the same state
     assert c2.replayed == 5 and c2.strategy.count(c2.acc) == 5
     assert c2.handle_update("d5", ups[5][2])["accepted"]
-    assert c2._aggregate(round_id=None) == 1
+    assert c2.aggregate_now() == 1
     v1, _ = adapter_from_bytes(c2.state.blobs.get(c2.state.version_sha(1)))
     w = [1 + i for i in range(6)]
     for k in v0:
@@ -442,16 +416,14 @@ def _three_in_a_checkpoint(bundle, tmp_path, seed, n):
     rng = np.random.default_rng(seed)
     ups = [make_update(meta, f"d{i}", 0, 2, rng) for i in range(n)]
     c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
-    with c._batch():
-        for i in (0, 1, 2):
-            c._handle_update(f"d{i}", ups[i][2])
+    c.handle_updates([(f"d{i}", ups[i][2]) for i in (0, 1, 2)])
     return c, ups
 
 
 def _published_mean(c, ups, v0):
     """Version 1 after publishing, and the plain mean of ``ups`` (all claim 2 examples) it should be."""
     from edge_runtime.protocol.adapter import adapter_from_bytes
-    assert c._aggregate(round_id=None) == 1
+    assert c.aggregate_now() == 1
     v1, _ = adapter_from_bytes(c.state.blobs.get(c.state.version_sha(1)))
     return v1, {k: v0[k] + sum(u[1][k] for u in ups) / len(ups) for k in v0}
 
@@ -470,9 +442,7 @@ def test_a_damaged_checkpoint_loses_no_acknowledged_update(bundle, tmp_path, gen
     v0, _ = schema(bundle)
     c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 7)
     if generations == 2:
-        with c._batch():
-            for i in (3, 4, 5):
-                c._handle_update(f"d{i}", ups[i][2])
+        c.handle_updates([(f"d{i}", ups[i][2]) for i in (3, 4, 5)])
         assert c.state.get("acc_checkpoint")["count"] == 6 and c.state.get("acc_checkpoint_prev")["count"] == 3
     n = 3 * generations
     c.handle_update(f"d{n}", ups[n][2])                                  # in the log, after the checkpoint
@@ -584,9 +554,7 @@ def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle,
         raise OSError(28, "No space left on device")
     c.state.log.sync = failing_sync
     with pytest.raises(OSError):
-        with c._batch():                                   # a second checkpoint is written, its commit fails
-            for i in (3, 4, 5):
-                c._handle_update(f"d{i}", ups[i][2])
+        c.handle_updates([(f"d{i}", ups[i][2]) for i in (3, 4, 5)])   # a second checkpoint is written, its commit fails
     c.state.log.sync = real_sync
     assert c.state.get("acc_checkpoint") == first        # still the committed one
     assert c.strategy.count(c.acc) == 3 and not any(c.state.update_outcome(ups[i][0]) is not None for i in (3, 4, 5))
