@@ -156,12 +156,9 @@ class Coordinator:
 
     def _restore(self) -> None:
         """Resume after a restart: the open round and every accepted-but-unpublished update."""
-        rows = self.state.q("SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
-                            "WHERE status IN ('open', 'extended') ORDER BY round DESC LIMIT 1")
-        if rows and self.cfg.mode == "sync":
-            r = rows[0]
-            import json
-            self.plan = RoundPlan(r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
+        r = self.state.open_round()
+        if r is not None and self.cfg.mode == "sync":
+            self.plan = RoundPlan(*r)
         self._load_opt_state()
         self.replayed = self._replay()
         if self.replayed:
@@ -195,8 +192,7 @@ class Coordinator:
                 ck = self._rebuild_checkpoint(len(covered))
             if ck is None:
                 log.error("%d accepted updates were held only by the accumulator checkpoint; dropping them", len(covered))
-                self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
-                             "folded_into IS NULL AND blob=?", (CHECKPOINTED,))
+                self.state.drop_unreadable()
                 covered = []
         replayed = 0
         for update_id, device_id, *_ in covered:
@@ -212,7 +208,7 @@ class Coordinator:
                 upd = decode_update(self.state.read_update(blob), max_bytes=self.cfg.max_update_bytes)
             except (OSError, ProtocolError) as exc:
                 log.error("stored update %s unreadable after restart (%s); dropping it", update_id, exc)
-                self.state.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
+                self.state.drop_unreadable(update_id)
                 continue
             if weight is None:  # held when the coordinator stopped: bounded with the next ones
                 norm = agg.global_norm(upd.tensors) if norm is None else norm
@@ -581,14 +577,11 @@ class Coordinator:
 
     def open_round(self) -> RoundPlan:
         """Open the next synchronous round and announce it (retained)."""
-        import json
-        last = self.state.q("SELECT MAX(round) FROM rounds")[0][0] or 0
-        plan = plan_round(last + 1, self.version, time.time(), online=self.state.online_devices(),
+        plan = plan_round(self.state.last_round() + 1, self.version, time.time(), online=self.state.online_devices(),
                           per_round=self.cfg.devices_per_round, over_selection=self.cfg.over_selection,
                           min_updates=self.cfg.min_updates, timeout_s=self.cfg.round_timeout_s, rng=self.rng)
-        self.state.x("INSERT INTO rounds (round, mode, base_version, opened_at, deadline, status, selected, target, quorum) "
-                     "VALUES (?,?,?,?,?,?,?,?,?)", (plan.round, "sync", plan.base_version, plan.opened_at, plan.deadline, "open",
-                                                  json.dumps(plan.selected), plan.target, plan.quorum))
+        self.state.record_round(plan.round, "sync", plan.base_version, plan.opened_at, plan.deadline, plan.selected,
+                                plan.target, plan.quorum)
         self.plan = plan
         self._announce(plan)
         log.info("round %d open: base v%d, target %d, quorum %d, deadline in %.0fs", plan.round, plan.base_version,
@@ -614,20 +607,19 @@ class Coordinator:
                 self._aggregate(round_id=self.plan.round)
             elif d == CloseDecision.EXTEND:
                 self.plan.deadline = now + self.cfg.round_timeout_s
-                self.state.x("UPDATE rounds SET deadline=?, status='extended' WHERE round=?", (self.plan.deadline, self.plan.round))
+                self.state.extend_round(self.plan.round, self.plan.deadline)
                 log.info("round %d below quorum (%d/%d) at deadline: previous model kept, extended", self.plan.round,
                          len(self.plan.accepted), self.plan.quorum)
 
     def completed_rounds(self) -> int:
         """Rounds closed with a new version."""
-        return self.state.q("SELECT COUNT(*) FROM rounds WHERE status='closed'")[0][0]
+        return self.state.closed_rounds()
 
     def _aggregate(self, round_id: int | None) -> int | None:
         """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
-        import json
         self._release_held(force=True)
         ids = list(self.folded_ids)
-        rows = self.state.q(f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(ids))})", tuple(ids)) if ids else []
+        rows = self.state.folded_summary(ids)
         new = self.strategy.finish(self.acc, self.global_tensors)
         if new is None:
             return None
@@ -647,12 +639,7 @@ class Coordinator:
             old_opt = self._save_opt_state(version)
         if old_opt:
             self.state.blobs.delete(old_opt)
-        refs = [b for row in self.state.q(f"SELECT blob, logref FROM updates WHERE update_id IN ({','.join('?' * len(ids))})",
-                                           tuple(ids)) for b in row if b] if ids else []
-        # excluded updates of this aggregation: their payloads are not needed any more either
-        refs += [b for (b,) in self.state.q("SELECT blob FROM updates WHERE status='excluded' AND blob IS NOT NULL")]
-        self.state.x("UPDATE updates SET blob=NULL WHERE status='excluded'")
-        self.state.delete_updates(refs)
+        self.state.delete_updates(self.state.release_payloads(ids))
         self.state.drop_checkpoint()  # every update it covered is folded into this version
         self.version, self.global_tensors = version, new
         self.acc = self.strategy.begin(new)
@@ -660,8 +647,7 @@ class Coordinator:
         self.open_devices = set()
         participants = sorted({r[2] for r in rows})
         if round_id is not None:
-            self.state.x("UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",
-                         (time.time(), version, json.dumps({**metrics, "participants": participants}), round_id))
+            self.state.close_round(round_id, version, {**metrics, "participants": participants})
             self.plan = None
         self.publish_global(version)
         if self.link:
@@ -682,20 +668,22 @@ class Coordinator:
         """Retained chunks first, then the retained pointer; clear chunk sets older than keep_versions."""
         if not self.link:
             return
-        row = self.state.q("SELECT parent, sha256, round, metrics FROM versions WHERE version=?", (version,))[0]
-        import json
-        blob = self.state.blobs.get(row[1])
-        ptr, chunks = make_pointer(version, row[0], self.fingerprint, blob, chunk_size=self.cfg.chunk_size, round=row[2],
-                                   metrics={k: v for k, v in json.loads(row[3] or "{}").items() if isinstance(v, (int, float))},
+        rec = self.state.version_record(version)
+        blob = self.state.blobs.get(rec["sha256"])
+        ptr, chunks = make_pointer(version, rec["parent"], self.fingerprint, blob, chunk_size=self.cfg.chunk_size, round=rec["round"],
+                                   metrics={k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))},
                                    epoch=self.epoch)
         for i, c in enumerate(chunks):
             self.link.publish(self.topics.global_chunk(version, i), c, qos=1, retain=True)
         self.link.publish(self.topics.global_pointer, self._message(ptr.to_json()), qos=1, retain=True)
         old = version - self.cfg.keep_versions
         if old >= 0:
-            prev = self.state.q("SELECT sha256 FROM versions WHERE version=?", (old,))
+            try:
+                prev = self.state.version_sha(old)
+            except KeyError:
+                prev = None
             if prev:
-                n = -(-len(self.state.blobs.get(prev[0][0])) // self.cfg.chunk_size)
+                n = -(-len(self.state.blobs.get(prev)) // self.cfg.chunk_size)
                 for i in range(n):  # an empty retained message deletes the retained chunk
                     self.link.publish(self.topics.global_chunk(old, i), b"", qos=1, retain=True)
 
@@ -717,7 +705,7 @@ class Coordinator:
             except KeyError:
                 raise ConfigError(f"no version {to}; see `edgefm-coordinator adapters`") from None
             v = self.publish_adapter(tensors, f"rollback to v{to}")
-            self.state.x("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (to, v))
+            self.state.mark_rolled_back(to, v)
             return v
 
     def execute_admin(self, request: dict) -> dict:

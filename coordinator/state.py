@@ -426,6 +426,31 @@ class State:
             if ref and ref != CHECKPOINTED and not UpdateLog.is_ref(ref):
                 self.blobs.delete(ref)
 
+    def drop_unreadable(self, update_id: str | None = None) -> int:
+        """Accepted updates whose stored payload is lost are rejected as ``corrupt_store``: the one named,
+        or (None) every unfolded one only the damaged accumulator checkpoint held."""
+        if update_id is not None:
+            return self.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
+        return self.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
+                      "folded_into IS NULL AND blob=?", (CHECKPOINTED,))
+
+    def folded_summary(self, update_ids: list[str]) -> list[tuple[int, int, str]]:
+        """(claimed examples, bytes, device id) of these updates."""
+        if not update_ids:
+            return []
+        return self.q(f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})",
+                      tuple(update_ids))
+
+    def release_payloads(self, update_ids: list[str]) -> list[str]:
+        """After a version is stored: the payload references of these (folded) updates and of every
+        excluded one, which are then no longer needed (excluded rows forget theirs); delete them with
+        ``delete_updates``."""
+        refs = [b for row in self.q(f"SELECT blob, logref FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})",
+                                    tuple(update_ids)) for b in row if b] if update_ids else []
+        refs += [b for (b,) in self.q("SELECT blob FROM updates WHERE status='excluded' AND blob IS NOT NULL")]
+        self.x("UPDATE updates SET blob=NULL WHERE status='excluded'")
+        return refs
+
     def q(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Run a query, return rows."""
         with self.lock:
@@ -536,12 +561,64 @@ class State:
             raise KeyError(version)
         return rows[0][0]
 
+    def version_record(self, version: int) -> dict:
+        """One version's parent, blob hash, round and metrics (KeyError if there is none)."""
+        rows = self.q("SELECT parent, sha256, round, metrics FROM versions WHERE version=?", (version,))
+        if not rows:
+            raise KeyError(version)
+        parent, sha, rnd, metrics = rows[0]
+        return {"parent": parent, "sha256": sha, "round": rnd, "metrics": json.loads(metrics or "{}")}
+
+    def mark_rolled_back(self, after: int, before: int) -> int:
+        """Versions strictly between ``after`` and ``before`` are rolled back (a rollback to ``after``
+        republished as ``before``)."""
+        return self.x("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (after, before))
+
     # -- rounds --
+    def open_round(self) -> tuple | None:
+        """The newest round still open or extended: (round, base_version, opened_at, deadline, selected
+        (decoded), target, quorum), or None."""
+        rows = self.q("SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
+                      "WHERE status IN ('open', 'extended') ORDER BY round DESC LIMIT 1")
+        if not rows:
+            return None
+        r = rows[0]
+        return (r[0], r[1], r[2], r[3], json.loads(r[4] or "null"), r[5], r[6])
+
+    def last_round(self) -> int:
+        """The highest round number recorded (0 before the first)."""
+        return self.q("SELECT MAX(round) FROM rounds")[0][0] or 0
+
+    def record_round(self, rnd: int, mode: str, base_version: int, opened_at: float, deadline: float, selected,
+                     target: int, quorum: int) -> None:
+        """A round just opened."""
+        self.x("INSERT INTO rounds (round, mode, base_version, opened_at, deadline, status, selected, target, quorum) "
+               "VALUES (?,?,?,?,?,?,?,?,?)", (rnd, mode, base_version, opened_at, deadline, "open", json.dumps(selected),
+                                             target, quorum))
+
+    def extend_round(self, rnd: int, deadline: float) -> None:
+        """A round below quorum at its deadline gets a new one."""
+        self.x("UPDATE rounds SET deadline=?, status='extended' WHERE round=?", (deadline, rnd))
+
+    def close_round(self, rnd: int, version: int, summary: dict) -> None:
+        """A round closed with a new version."""
+        self.x("UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",
+               (time.time(), version, json.dumps(summary), rnd))
+
+    def closed_rounds(self) -> int:
+        """How many rounds closed with a new version."""
+        return self.q("SELECT COUNT(*) FROM rounds WHERE status='closed'")[0][0]
+
     def rounds(self) -> list[dict]:
         cols = ["round", "mode", "base_version", "opened_at", "deadline", "closed_at", "status", "selected", "target", "quorum",
                 "result_version", "summary"]
         return [dict(zip(cols, r)) | {"summary": json.loads(r[-1] or "{}"), "selected": json.loads(r[7] or "null")}
                 for r in self.q(f"SELECT {','.join(cols)} FROM rounds ORDER BY round DESC")]
+
+    def updates_by_device(self) -> dict[str, dict[str, int]]:
+        """Per device: updates recorded (any outcome) and accepted (counted)."""
+        rows = self.q("SELECT device_id, COUNT(*), COALESCE(SUM(status='accepted'), 0) FROM updates GROUP BY device_id")
+        return {d: {"recorded": n, "accepted": a} for d, n, a in rows}
 
     def update_counts(self) -> dict:
         """Accepted/excluded/rejected counts and rejection reasons (excluded: valid and durable, then

@@ -343,8 +343,9 @@ class Fleet:
                                                    and s["outbox"].get("awaiting_receipt", 0) == 0 for s in statuses.values()):
                 break
             time.sleep(0.5)
-        counted = dict(st.q("SELECT device_id, COUNT(*) FROM updates WHERE status='accepted' GROUP BY device_id")) if st else {}
-        recorded = dict(st.q("SELECT device_id, COUNT(*) FROM updates GROUP BY device_id")) if st else {}
+        by_device = st.updates_by_device() if st else {}
+        counted = {d: c["accepted"] for d, c in by_device.items() if c["accepted"]}
+        recorded = {d: c["recorded"] for d, c in by_device.items()}
         devices = {}
         for n in names:
             s = statuses.get(n, {})
