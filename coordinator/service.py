@@ -28,15 +28,23 @@ import numpy as np
 from coordinator import aggregate as agg
 from coordinator.config import CoordinatorConfig
 from coordinator.influence import MIN_DIRECTION_BATCH, bound_update, direction_cosines, direction_keep
-from coordinator.rounds import (CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round,
-                                staleness_weight)
+from coordinator.publisher import Publisher
+from coordinator.rounds import (
+    CloseDecision,
+    RoundPlan,
+    check_async_update,
+    check_sync_update,
+    close_decision,
+    plan_round,
+    staleness_weight,
+)
 from coordinator.state import CHECKPOINTED, State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits, validate_update
 from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import check_status, decode_update, dump_json_message, make_pointer, parse_json_message
+from edge_runtime.protocol.messages import check_status, decode_update, parse_json_message
 from edge_runtime.protocol.tensors import flatten
 from edge_runtime.protocol.topics import Topics
 
@@ -107,6 +115,8 @@ class Coordinator:
             import secrets
             self.epoch = secrets.token_hex(8)
             self.state.put("epoch", self.epoch)
+        self.publisher = Publisher(self.topics, self.state, fingerprint=self.fingerprint, epoch=self.epoch, signer=self.signer,
+                                   chunk_size=cfg.chunk_size, keep_versions=cfg.keep_versions)
         self.global_tensors, self.global_meta = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(self.version)))
         self.acc = self.strategy.begin(self.global_tensors)
         self.folded_ids: list[str] = []
@@ -364,6 +374,7 @@ class Coordinator:
             raise ConfigError("the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)")
         link = self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.enqueue,
                                     on_connect=self._on_connect, clean_start=False, manual_ack=True)
+        self.publisher.link = link
         link.subscribe(self.topics.all_devices("status"), 1)
         link.subscribe(self.topics.all_devices("update"), 1)
         link.start()
@@ -431,7 +442,7 @@ class Coordinator:
         self._after_batch()
         for ack in acks:
             ack()
-        self._send_receipts(receipts)
+        self.publisher.receipts(receipts, self.version)
         return receipts
 
     def handle_updates(self, updates: list[tuple[str, bytes]]) -> list[dict]:
@@ -471,22 +482,6 @@ class Coordinator:
             return device_id, self._handle_update(device_id, payload)  # joins the worker's batch
         return None
 
-    def _send_receipts(self, receipts: list[tuple[str, dict]]) -> None:
-        """After the commit: tell each device its update is recorded (accepted / rejected / duplicate),
-        so it can drop it from its outbox. Updates without a readable id get none (they resend until
-        their ``resend_after_s`` and are refused again)."""
-        if not self.link:
-            return
-        for device_id, res in receipts:
-            uid = res.get("update_id")
-            if not uid or uid.startswith("unparsed-"):
-                continue
-            status = "accepted" if res.get("accepted") else ("duplicate" if res.get("reason") == RejectReason.DUPLICATE.value
-                                                             else "rejected")
-            self.link.publish(self.topics.ack(device_id), self._message(
-                {"kind": "receipt", "update_id": uid, "status": status, "reason": res.get("reason"),
-                 "version": self.version, "device_id": device_id}), qos=1)
-
     # ------------------------------------------------------------------ updates
     def _reject(self, device_id: str, update_id: str | None, reason: RejectReason, detail: str, header=None, nbytes=0) -> dict:
         uid = update_id or f"unparsed-{time.time_ns()}"
@@ -501,7 +496,7 @@ class Coordinator:
         """Validate one update and fold it in durably, or record why not. Never raises on bad input."""
         res = self._handle_update(device_id, payload)  # its own batch: durable when this returns
         self._after_batch()
-        self._send_receipts([(device_id, res)])
+        self.publisher.receipts([(device_id, res)], self.version)
         return res
 
     def _seen(self, update_id: str) -> dict | None:
@@ -566,14 +561,8 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
     def _announce(self, plan: RoundPlan | None) -> None:
-        msg = {"kind": "round", "mode": self.cfg.mode, "base_version": self.version, "epoch": self.epoch,
-               "train_a": getattr(self.strategy, "train_a", True)}
-        if plan is not None:
-            msg.update(round=plan.round, deadline=plan.deadline, selected=plan.selected)
-        else:
-            msg.update(round=self.version, selected=None)
-        if self.link:
-            self.link.publish(self.topics.round, self._message(msg), qos=1, retain=True)
+        self.publisher.round(mode=self.cfg.mode, base_version=self.version, train_a=getattr(self.strategy, "train_a", True),
+                             plan=plan)
 
     def open_round(self) -> RoundPlan:
         """Open the next synchronous round and announce it (retained)."""
@@ -650,9 +639,7 @@ class Coordinator:
             self.state.close_round(round_id, version, {**metrics, "participants": participants})
             self.plan = None
         self.publish_global(version)
-        if self.link:
-            self.link.publish(self.topics.summary, self._message({"kind": "summary", "round": round_id, "version": version,
-                                                                   "participants": participants, **metrics}), qos=1)
+        self.publisher.summary(round_id, version, participants, metrics)
         log.info("published global v%d from %d updates (%d examples)", version, len(ids), num_examples)
         if self.cfg.mode == "async":
             self._announce(None)
@@ -660,32 +647,9 @@ class Coordinator:
                 self.done.set()
         return version
 
-    def _message(self, obj: dict) -> bytes:
-        """A JSON message for the fleet, signed with the coordinator's key when it has one."""
-        return dump_json_message(obj, self.signer)
-
     def publish_global(self, version: int) -> None:
-        """Retained chunks first, then the retained pointer; clear chunk sets older than keep_versions."""
-        if not self.link:
-            return
-        rec = self.state.version_record(version)
-        blob = self.state.blobs.get(rec["sha256"])
-        ptr, chunks = make_pointer(version, rec["parent"], self.fingerprint, blob, chunk_size=self.cfg.chunk_size, round=rec["round"],
-                                   metrics={k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))},
-                                   epoch=self.epoch)
-        for i, c in enumerate(chunks):
-            self.link.publish(self.topics.global_chunk(version, i), c, qos=1, retain=True)
-        self.link.publish(self.topics.global_pointer, self._message(ptr.to_json()), qos=1, retain=True)
-        old = version - self.cfg.keep_versions
-        if old >= 0:
-            try:
-                prev = self.state.version_sha(old)
-            except KeyError:
-                prev = None
-            if prev:
-                n = -(-len(self.state.blobs.get(prev)) // self.cfg.chunk_size)
-                for i in range(n):  # an empty retained message deletes the retained chunk
-                    self.link.publish(self.topics.global_chunk(old, i), b"", qos=1, retain=True)
+        """Publish a stored version to the fleet (retained chunks, then the signed pointer)."""
+        self.publisher.global_version(version)
 
     def publish_adapter(self, tensors, note: str) -> int:
         """Publish given tensors as a new version (manual publish / rollback): lineage stays monotonic."""
