@@ -171,7 +171,7 @@ def coordinator_child(url: str, state: str, bundle: str, n: int, codec: str) -> 
     time.sleep(0.5)
     c0 = self_cpu()
     p = spawn_publisher(url, c.topics.update("DEV").replace("DEV", "{dev}"), n, c.fingerprint, codec)
-    while len(acked) < n or c._open_count() < n:   # folded, or held for judging with its batch
+    while len(acked) < n or c.open.count() < n:   # folded, or held for judging with its batch
         time.sleep(0.05)  # the times come from the callbacks; a tight poll here would only compete for the GIL
     end = acked[-1]
     c1 = self_cpu()

@@ -10,14 +10,11 @@ once: ``updates.update_id`` is the primary key).
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import dataclasses
 import logging
 import queue
 import random
 import sqlite3
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -26,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coordinator import aggregate as agg
+from coordinator.aggregation import Held, OpenAggregate
 from coordinator.config import CoordinatorConfig
-from coordinator.influence import MIN_DIRECTION_BATCH, bound_update, direction_cosines, direction_keep
 from coordinator.publisher import Publisher
 from coordinator.rounds import (
     CloseDecision,
@@ -36,35 +33,20 @@ from coordinator.rounds import (
     check_sync_update,
     close_decision,
     plan_round,
-    staleness_weight,
 )
-from coordinator.state import CHECKPOINTED, State
+from coordinator.state import State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits, validate_update
 from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import check_status, decode_update, parse_json_message
-from edge_runtime.protocol.tensors import flatten
+from edge_runtime.protocol.messages import check_status, parse_json_message
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
     from edge_runtime.transport import MqttLink
 
 log = logging.getLogger("edgefm.coordinator")
-
-
-@dataclasses.dataclass
-class Held:
-    """An accepted update waiting for enough reference to be bounded (see coordinator/influence.py)."""
-
-    update_id: str
-    device_id: str
-    claimed: int
-    norm: float
-    staleness: int
-    tensors: dict
-    flat: np.ndarray | None
 
 
 class Coordinator:
@@ -90,7 +72,6 @@ class Coordinator:
                                       trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
         self.influence = cfg.influence_policy()
         self.rng = random.Random(cfg.seed)
-        self.np_rng = np.random.default_rng()  # OS entropy: which coordinates the direction check samples is not guessable
         self.lock = threading.RLock()
         self.done = threading.Event()
         self._stop = threading.Event()
@@ -118,11 +99,9 @@ class Coordinator:
         self.publisher = Publisher(self.topics, self.state, fingerprint=self.fingerprint, epoch=self.epoch, signer=self.signer,
                                    chunk_size=cfg.chunk_size, keep_versions=cfg.keep_versions)
         self.global_tensors, self.global_meta = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(self.version)))
-        self.acc = self.strategy.begin(self.global_tensors)
-        self.folded_ids: list[str] = []
-        self.held: list[Held] = []           # accepted, not yet bounded and folded (too little reference yet)
-        self.open_devices: set[str] = set()  # devices with an update in the open aggregation
-        self.reference: collections.deque = collections.deque(maxlen=self.influence.window)
+        self.open = OpenAggregate(self.strategy, self.influence, self.state, self.global_tensors, clip_norm=cfg.clip_norm,
+                                  sync=cfg.mode == "sync", staleness_exponent=cfg.staleness_exponent,
+                                  max_update_bytes=cfg.max_update_bytes)
         self.plan: RoundPlan | None = None
         self._restore()
 
@@ -175,133 +154,13 @@ class Coordinator:
             log.info("restart: replayed %d accepted updates into the open aggregate", self.replayed)
 
     def _replay(self) -> int:
-        """Rebuild the accumulator from durable state: the checkpoint (if one was taken since the last
-        publish) plus every accepted update stored in the log after it."""
-        self.acc = self.strategy.begin(self.global_tensors)
-        self.folded_ids = []
-        self.held = []
-        self.open_devices = set()
-        self.reference = collections.deque(self.state.influence_reference(self.influence.window), maxlen=self.influence.window)
+        """Rebuild the open aggregation from durable state (coordinator/aggregation.py); returns how many
+        updates it holds again."""
         self._batch_payloads = []
+        restored = self.open.replay(self.version, self.global_tensors)
         if self.plan is not None:
-            self.plan.accepted = {}
-        rows = self.state.pending_accepted()
-        covered = [r for r in rows if r[2] == CHECKPOINTED]
-        ck = None
-        if covered:
-            try:
-                ck = self.state.load_checkpoint()
-                if ck is not None:
-                    flat, rec = ck
-                    acc = self.strategy.restore(flat, rec, self.global_tensors)
-                    if self.strategy.count(acc) != len(covered):
-                        raise OSError(f"checkpoint holds {self.strategy.count(acc)} updates, state says {len(covered)}")
-                    self.acc = acc
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("accumulator checkpoint unusable after restart (%s); rebuilding it from the previous one", exc)
-                ck = self._rebuild_checkpoint(len(covered))
-            if ck is None:
-                log.error("%d accepted updates were held only by the accumulator checkpoint; dropping them", len(covered))
-                self.state.drop_unreadable()
-                covered = []
-        replayed = 0
-        for update_id, device_id, *_ in covered:
-            self.folded_ids.append(update_id)
-            self.open_devices.add(device_id)
-            if self.plan is not None:
-                self.plan.accepted[device_id] = update_id
-            replayed += 1
-        for update_id, device_id, blob, weight, clip, claimed, norm, base_version in rows:
-            if blob == CHECKPOINTED:
-                continue
-            try:
-                upd = decode_update(self.state.read_update(blob), max_bytes=self.cfg.max_update_bytes)
-            except (OSError, ProtocolError) as exc:
-                log.error("stored update %s unreadable after restart (%s); dropping it", update_id, exc)
-                self.state.drop_unreadable(update_id)
-                continue
-            if weight is None:  # held when the coordinator stopped: bounded with the next ones
-                norm = agg.global_norm(upd.tensors) if norm is None else norm
-                self.held.append(Held(update_id, device_id, claimed, norm, self.version - base_version, upd.tensors, upd.tensors.flat))
-            else:
-                self._fold(weight, upd.tensors, upd.tensors.flat, clip=clip or 0.0)
-                self.folded_ids.append(update_id)
-            self.open_devices.add(device_id)
-            if self.plan is not None:
-                self.plan.accepted[device_id] = update_id
-            replayed += 1
-        return replayed
-
-    def _rebuild_checkpoint(self, covered: int):
-        """The newest checkpoint is damaged: the previous one (if any) plus the payload copies of the
-        updates the newest added (kept in the log until the next checkpoint). Returns something true
-        when it worked (self.acc is then rebuilt), None when a second copy is damaged too."""
-        rec = self.state.get("acc_checkpoint")
-        if not rec:
-            return None
-        added = self.state.added_by_checkpoint(rec["file"])
-        try:
-            prev = self.state.load_checkpoint(previous=True)
-            acc = self.strategy.restore(prev[0], prev[1], self.global_tensors) if prev else self.strategy.begin(self.global_tensors)
-            if self.strategy.count(acc) + len(added) != covered:
-                raise OSError(f"previous checkpoint holds {self.strategy.count(acc)} updates and {len(added)} were added, "
-                              f"state says {covered}")
-            self.acc = acc
-            for update_id, ref, weight, clip in added:
-                upd = decode_update(self.state.read_update(ref), max_bytes=self.cfg.max_update_bytes)
-                self._fold(weight, upd.tensors, upd.tensors.flat, clip=clip or 0.0)
-        except (OSError, ValueError, KeyError, ProtocolError) as exc:
-            log.error("the previous checkpoint and the payload copies cannot rebuild it either (%s)", exc)
-            self.acc = self.strategy.begin(self.global_tensors)
-            return None
-        log.warning("accumulator rebuilt from the previous checkpoint and %d stored payloads: nothing lost", len(added))
-        return True
-
-    def _fold(self, weight: float, tensors, flat=None, norm: float | None = None, clip: float = 0.0) -> None:
-        """Fold one update into the accumulator, clipped first to ``clip`` (its bound) and to
-        ``clip_norm`` if configured (``flat``: the tensors as one vector in their order, when at hand;
-        ``norm``: theirs, if known)."""
-        limit = min([c for c in (clip, self.cfg.clip_norm) if c and c > 0], default=0.0)
-        if limit:
-            n = agg.global_norm(tensors) if norm is None else norm
-            if n > limit:
-                self.strategy.fold(self.acc, weight, agg.clip_update(tensors, limit), self.global_tensors)
-                return
-        self.strategy.fold(self.acc, weight, tensors, self.global_tensors, flat=flat)
-
-    def _release_held(self, force: bool = False) -> None:
-        """Judge and fold the held updates once ``judge_batch`` of them are held, or now (``force``: an
-        aggregation is due). Each is bounded against the reference (recent bounded updates plus the held
-        ones); then the batch is judged by direction and an update pointing away from it is excluded
-        (coordinator/influence.py)."""
-        if not self.held:
-            return
-        if len(self.held) < self.influence.judge_batch and not force:
-            return
-        pool = list(self.reference) + [(h.claimed, h.norm) for h in self.held]
-        names = sorted(self.global_tensors)  # one coordinate order for every update, whatever its payload's
-        # the decoded update as one vector in that order: its own flat view when its payload has that order (no copy)
-        cosines = direction_cosines([h.flat if h.flat is not None and list(h.tensors) == names else flatten([h.tensors[k] for k in names])
-                                     for h in self.held], self.np_rng) \
-            if self.influence.direction_share and len(self.held) >= MIN_DIRECTION_BATCH else [float("nan")] * len(self.held)
-        keep = direction_keep(cosines, self.influence.direction_share)
-        for h, cos, kept in zip(self.held, cosines, keep):
-            if not kept:
-                why = (f"points away from the other updates of its batch: cosine {cos:.3f} with their median direction, "
-                       f"below {self.influence.direction_share:g} x the batch's median cosine {statistics.median(cosines):.3f}")
-                self.state.exclude_update(h.update_id, why)
-                log.warning("update %s from %s excluded: %s", h.update_id, h.device_id, why)
-                continue
-            b = bound_update(h.claimed, h.norm, pool, self.influence)
-            weight = b.examples if self.cfg.mode == "sync" else staleness_weight(b.examples, h.staleness, self.cfg.staleness_exponent)
-            self.state.set_update_bound(h.update_id, weight, b.clip_to)
-            if b.clip_to or b.examples < h.claimed:
-                log.info("update %s from %s bounded: counts %.0f of %d claimed examples%s", h.update_id, h.device_id, b.examples,
-                         h.claimed, f", norm {h.norm:.3g} clipped to {b.clip_to:.3g}" if b.clip_to else "")
-            self._fold(weight, h.tensors, h.flat, h.norm, clip=b.clip_to)
-            self.folded_ids.append(h.update_id)
-            self.reference.append((h.claimed, h.norm))
-        self.held = []
+            self.plan.accepted = {device_id: update_id for update_id, device_id in restored}
+        return len(restored)
 
     def _persist_batch(self) -> bool:
         """Before the batch commits: make its accepted updates durable, their payloads in the log; and
@@ -313,13 +172,7 @@ class Coordinator:
             return False
         for update_id, payload in pending:
             self.state.set_update_blob(update_id, self.state.log.append(payload))
-        ck_bytes = self.strategy.checkpoint_nbytes(self.acc)
-        # a checkpoint covers folded updates only: while any is held, the log alone keeps them
-        if not self.held and ck_bytes is not None and ck_bytes <= self.state.uncovered_log_bytes():
-            flat, meta = self.strategy.checkpoint(self.acc)
-            self.state.save_checkpoint(flat, meta)
-            return True
-        return False
+        return self.open.checkpoint_if_due()
 
     @contextlib.contextmanager
     def _batch(self):
@@ -349,11 +202,8 @@ class Coordinator:
                 self.state.prune_after_checkpoint()
 
     def _aggregate_due(self) -> bool:
-        return self.cfg.mode == "async" and self._open_count() >= self.cfg.buffer_size
+        return self.cfg.mode == "async" and self.open.count() >= self.cfg.buffer_size
 
-    def _open_count(self) -> int:
-        """Updates in the open aggregation, folded or held."""
-        return self.strategy.count(self.acc) + len(self.held)
 
     def _after_batch(self) -> None:
         with self.lock:
@@ -402,7 +252,7 @@ class Coordinator:
         more updates than fill the buffer (the version is published between batches)."""
         cap = self.cfg.ingest_batch
         if self.cfg.mode == "async":
-            cap = max(1, min(cap, self.cfg.buffer_size - self._open_count()))
+            cap = max(1, min(cap, self.cfg.buffer_size - self.open.count()))
         items = [first]
         while len(items) < cap:
             try:
@@ -534,7 +384,7 @@ class Coordinator:
                     why = check_sync_update(self.plan, device_id, header.base_version, header.round)
                 else:
                     why = check_async_update(self.version, header.base_version, self.cfg.max_staleness)
-                    if why is None and device_id in self.open_devices:
+                    if why is None and device_id in self.open.devices:
                         raise ProtocolError(RejectReason.TOO_FREQUENT, "this device already has an update in the open aggregation "
                                                                        f"(async: one per device per version; current v{self.version})")
                 if why is not None:
@@ -551,10 +401,9 @@ class Coordinator:
             self._batch_payloads.append((header.update_id, payload))  # stored by _persist_batch before the commit
             self.state.count_device(device_id, accepted=True)
             # bounded against the fleet's recent updates, then folded (held while there are too few to judge)
-            self.held.append(Held(header.update_id, device_id, header.num_examples, upd.norm,
-                                  self.version - header.base_version, upd.tensors, upd.flat))
-            self.open_devices.add(device_id)
-            self._release_held()
+            self.open.hold(Held(header.update_id, device_id, header.num_examples, upd.norm,
+                                self.version - header.base_version, upd.tensors, upd.flat))
+            self.open.release()
             if self.plan is not None:
                 self.plan.accepted[device_id] = header.update_id
             return {"accepted": True, "update_id": header.update_id}
@@ -606,10 +455,10 @@ class Coordinator:
 
     def _aggregate(self, round_id: int | None) -> int | None:
         """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
-        self._release_held(force=True)
-        ids = list(self.folded_ids)
+        self.open.release(force=True)
+        ids = list(self.open.folded_ids)
         rows = self.state.folded_summary(ids)
-        new = self.strategy.finish(self.acc, self.global_tensors)
+        new = self.strategy.finish(self.open.acc, self.global_tensors)
         if new is None:
             return None
         bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
@@ -631,9 +480,7 @@ class Coordinator:
         self.state.delete_updates(self.state.release_payloads(ids))
         self.state.drop_checkpoint()  # every update it covered is folded into this version
         self.version, self.global_tensors = version, new
-        self.acc = self.strategy.begin(new)
-        self.folded_ids = []
-        self.open_devices = set()
+        self.open.begin(new)
         participants = sorted({r[2] for r in rows})
         if round_id is not None:
             self.state.close_round(round_id, version, {**metrics, "participants": participants})

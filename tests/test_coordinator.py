@@ -352,7 +352,7 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     # syncs the log twice: the batch's payloads, then the rotation)
     assert commits[:commits.index(8)] in ([0], [0, 0]) and len(commits) <= 5
     assert State(c.state.dir).update_counts()["accepted"] == 10   # durable (seen by a fresh connection) before the ack
-    assert c.strategy.count(c.acc) == 10
+    assert c.open.count() == 10
     # the log sync fails: nothing is acknowledged, nothing recorded, the aggregate is rebuilt from disk
     def failing_sync():
         raise OSError(28, "No space left on device")
@@ -362,11 +362,11 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     wait_for(lambda: c.queued() == 0, 10, what="message taken")
     time.sleep(0.5)
     assert uid not in acked and c.state.update_outcome(uid) is None
-    assert c.strategy.count(c.acc) == 10
+    assert c.open.count() == 10
     c.state.log.sync = real_sync
     c.stop()
     # delivered again (as the broker would after a reconnect): counted once
-    assert c.handle_update("d10", msg)["accepted"] and c.strategy.count(c.acc) == 11
+    assert c.handle_update("d10", msg)["accepted"] and c.open.count() == 11
 
 
 
@@ -398,7 +398,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     assert json.loads(capsys.readouterr().out)["pending"] == {"updates": 5, "in_checkpoint": 4, "in_log": 1}
 
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)   # restart on the same state
-    assert c2.replayed == 5 and c2.strategy.count(c2.acc) == 5
+    assert c2.replayed == 5 and c2.open.count() == 5
     assert c2.handle_update("d5", ups[5][2])["accepted"]
     assert c2.aggregate_now() == 1
     v1, _ = adapter_from_bytes(c2.state.blobs.get(c2.state.version_sha(1)))
@@ -450,7 +450,7 @@ def test_a_damaged_checkpoint_loses_no_acknowledged_update(bundle, tmp_path, gen
     assert len(files) == generations
     _flip_a_byte(c.state.dir / "acc" / c.state.get("acc_checkpoint")["file"])
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
-    assert c2.replayed == n + 1 and c2.strategy.count(c2.acc) == n + 1
+    assert c2.replayed == n + 1 and c2.open.count() == n + 1
     assert c2.state.update_counts()["reasons"] == {}
     got, expect = _published_mean(c2, ups[:n + 1], v0)
     for k in v0:
@@ -557,7 +557,7 @@ def test_checkpoint_whose_commit_fails_changes_nothing_and_is_cleaned_up(bundle,
         c.handle_updates([(f"d{i}", ups[i][2]) for i in (3, 4, 5)])   # a second checkpoint is written, its commit fails
     c.state.log.sync = real_sync
     assert c.state.get("acc_checkpoint") == first        # still the committed one
-    assert c.strategy.count(c.acc) == 3 and not any(c.state.update_outcome(ups[i][0]) is not None for i in (3, 4, 5))
+    assert c.open.count() == 3 and not any(c.state.update_outcome(ups[i][0]) is not None for i in (3, 4, 5))
     files = sorted(p.name for p in (c.state.dir / "acc").glob("ckpt-*.f64"))
     assert len(files) == 2                                # the orphan of the failed commit is still there
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
