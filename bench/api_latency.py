@@ -42,7 +42,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=16)
     args = ap.parse_args()
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread
     b = bundle("int4")
     tmp = Path(tempfile.mkdtemp(prefix="edgefm-api-"))

@@ -212,7 +212,8 @@ def fuzz_inprocess(name, seeds, mutate, run, n, seed) -> dict:
 
 def fuzz_http(n, seed, work: Path) -> dict:
     """Mutated JSON bodies POSTed to the real agent API (tiny bundle); a 5xx (or a dropped connection) is a crash."""
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread
     import socket
     with socket.socket() as s:

@@ -409,7 +409,7 @@ def main() -> None:
 
 def write_results(runs: list[dict], planned: int, args) -> None:
     """The learning table (BENCHMARKS.md unless --no-record) and the raw runs (.cache/bench/learning-runs.json)."""
-    from edge_runtime.agent import LEARNING_RATE, PROX_MU, AgentConfig
+    from edge_runtime.config import LEARNING_RATE, PROX_MU, AgentConfig
     d = AgentConfig(bundle="x")
     settings = ", ".join(f"{k} {v}" for k, v in AGENT_SETTINGS.items()) or (
         f"lr {LEARNING_RATE}, prox_mu {PROX_MU}, steps per session {d.steps_per_round} (more while new data remains, up to "

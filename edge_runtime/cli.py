@@ -98,7 +98,8 @@ def load_request(path: str | None, name: str | None) -> dict:
 
 
 def run_daemon(args) -> int:
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import make_server
     from edge_runtime.transport import redact
     keys = ("bundle", "profile", "host", "port", "broker", "insecure", "fleet", "device_id", "data_dir", "inbox", "auto_train")

@@ -64,7 +64,8 @@ class served_agent:
         self.bundle, self.data_dir, self.kw = bundle, data_dir, kw
 
     def __enter__(self):
-        from edge_runtime.agent import Agent, AgentConfig
+        from edge_runtime.agent import Agent
+        from edge_runtime.config import AgentConfig
         from edge_runtime.server import serve_in_thread
         cfg = AgentConfig(bundle=str(self.bundle), data_dir=str(self.data_dir), port=free_port(),
                           **{"auto_train": False, **self.kw})

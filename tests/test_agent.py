@@ -25,7 +25,8 @@ def bundle(tmp_path_factory, tiny_llama_dir):
 
 
 def start_agent(bundle, data_dir, **kw):
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(data_dir), port=free_port(), auto_train=False, min_new_examples=1,
                       steps_per_round=3, learning_rate=1e-2, **kw)
@@ -259,7 +260,8 @@ def test_sigkill_mid_training_loses_nothing(bundle, tmp_path):
 
 
 def test_sigkill_keeps_queued_updates(bundle, tmp_path):
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.store import Store
     data = tmp_path / "agent"
     a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(data), auto_train=False, min_new_examples=1, steps_per_round=2,

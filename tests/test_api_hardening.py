@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def agent_url(tmp_path, tmp_path_factory, tiny_llama_dir):
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread
     bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), port=free_port(), auto_train=False, http_idle_timeout_s=1.0)
@@ -71,7 +72,8 @@ def test_connections_over_the_limit_get_503_not_resets(tmp_path, tmp_path_factor
     requests are each answered 503 + Retry-After (no reset, no thread); when the slots free up the
     API serves again; a burst of 100 concurrent requests on free slots is answered in full."""
     import concurrent.futures
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread
     bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), port=free_port(), auto_train=False,

@@ -251,7 +251,8 @@ def test_acl_broker_stops_device_impersonation(bundle, tmp_path, broker_acl):
 
 
 def test_tls_broker_end_to_end(bundle, tmp_path, broker_tls):
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from helpers import examples
     url = f"mqtts://localhost:{broker_tls.port}?ca={broker_tls.certs['ca.crt']}"
     c = coordinator(bundle, tmp_path, url, mode="async", buffer_size=1)

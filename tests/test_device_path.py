@@ -18,7 +18,8 @@ def test_device_path_never_imports_torch(tmp_path):
     import subprocess
     code = f"""
 import sys
-from edge_runtime.agent import Agent, AgentConfig
+from edge_runtime.agent import Agent
+from edge_runtime.config import AgentConfig
 import coordinator.service
 a = Agent(AgentConfig(bundle={str(BUNDLE)!r}, data_dir={str(tmp_path / 'a')!r}, auto_train=False, min_new_examples=1, steps_per_round=2))
 a.add_examples([{{"text": "pump %d restarted" % i}} for i in range(12)])
@@ -32,7 +33,8 @@ print("ok")
 
 
 def test_engine_generates_and_trainer_learns_without_torch(tmp_path):
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     a = Agent(AgentConfig(bundle=str(BUNDLE), data_dir=str(tmp_path / "a"), auto_train=False, min_new_examples=1,
                           steps_per_round=5, learning_rate=1e-2))
     eng = a.engine
@@ -48,7 +50,8 @@ def test_engine_generates_and_trainer_learns_without_torch(tmp_path):
 def test_device_and_coordinator_round_over_real_broker_without_torch(tmp_path, broker):
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from helpers import wait_for
     c = Coordinator(CoordinatorConfig(bundle=str(BUNDLE), state_dir=str(tmp_path / "c"), broker=broker.url, fleet="d",
                                       mode="async", buffer_size=1))

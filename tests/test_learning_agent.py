@@ -22,7 +22,8 @@ def bundle(tmp_path_factory, tiny_llama_dir):
 
 
 def make_agent(bundle, data_dir, **kw):
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread
     cfg = AgentConfig(**{"bundle": str(bundle), "data_dir": str(data_dir), "port": free_port(), "auto_train": False,
                          "min_new_examples": 1, "steps_per_round": 2, **kw})

@@ -14,7 +14,8 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
     # Prepare: one bundle, a coordinator and two agents on the real broker
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir)
     coord = Coordinator(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / "coord"), broker=broker.url,
                                           fleet="t1", min_updates=2, round_timeout_s=60, max_rounds=1,

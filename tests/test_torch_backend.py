@@ -36,7 +36,8 @@ def test_torch_and_onnx_backends_same_gradients(tmp_path_factory, tiny_llama_dir
 
 def test_agent_with_torch_backend_trains(tmp_path, tmp_path_factory, tiny_llama_dir):
     pytest.importorskip("peft")
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     a = Agent(AgentConfig(bundle=str(b), data_dir=str(tmp_path / "a"), auto_train=False, min_new_examples=1, steps_per_round=3,
                           learning_rate=1e-2, trainer_backend="torch", torch_model=str(tiny_llama_dir)))

@@ -99,7 +99,8 @@ def connect(url, client_id, timeout=5.0):
 def test_provisioned_broker_refuses_strangers_and_confines_devices(tmp_path, bundle):
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.protocol.topics import Topics
     from edge_runtime.transport import MqttLink
     out = provisioned(tmp_path)
@@ -175,7 +176,8 @@ def test_forged_globals_rounds_receipts_and_updates_refused_without_any_acl(tmp_
     """On an open broker (no TLS, no ACL): signatures alone keep the fleet safe."""
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.protocol.codec import CodecSpec
     from edge_runtime.protocol.messages import UpdateHeader, dump_json_message, encode_update, make_pointer
     from edge_runtime.protocol.signing import load_private_key
@@ -272,7 +274,8 @@ def test_broker_passwords_never_reach_logs_or_errors(tmp_path):
 def test_damaged_adapter_snapshot_is_refused_and_the_last_good_one_serves(tmp_path, bundle):
     """One float of the serving adapter's file set to 1e4 (a valid file, other bytes): at restart the agent
     says so and serves the adapter it had before, not that file and not the bundle's."""
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from edge_runtime.protocol.adapter import load_adapter, save_adapter
     t0, m0 = load_adapter(bundle / "adapter.safetensors")
     rng = np.random.default_rng(0)
@@ -317,7 +320,7 @@ def test_a_broker_beyond_loopback_needs_tls_and_credentials_or_insecure(tmp_path
     import subprocess
     import sys
     from coordinator.config import CoordinatorConfig
-    from edge_runtime.agent import AgentConfig
+    from edge_runtime.config import AgentConfig
     from edge_runtime.errors import ConfigError
     url = "mqtt://dev-1:s3cret@broker.lan:1883"
     cmds = {"agent": [sys.executable, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--broker", url,
@@ -398,7 +401,8 @@ def test_signed_fleet_reset_recovers_devices_on_an_old_lineage(tmp_path, bundle,
     every device would ignore v0..v(N) and every update would be refused as stale, for good."""
     from coordinator.config import CoordinatorConfig
     from coordinator.service import Coordinator
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     out = provisioned(tmp_path)
     keys = dict(signing_key=str(out / "coordinator/signing.key"), device_keys=str(out / "fleet.json"))
 
@@ -447,7 +451,7 @@ def test_api_token_guards_every_endpoint_but_health(tmp_path, bundle):
     import urllib.error
     import urllib.request
     import openai
-    from edge_runtime.agent import AgentConfig
+    from edge_runtime.config import AgentConfig
     from edge_runtime.errors import ConfigError
     from helpers import served_agent
     token = "t0ken-" + uuid.uuid4().hex

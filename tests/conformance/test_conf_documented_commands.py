@@ -167,7 +167,8 @@ def test_coordinator_commands(tmp_path, broker_tls, smollm2_bundle, tiny_llama_d
                   f"--broker {tls} --config coordinator.toml"})
     p = subprocess.Popen(serve, cwd=tmp_path, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env=env)
-    from edge_runtime.agent import Agent, AgentConfig
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
     from helpers import examples
     a = Agent(AgentConfig(bundle=str(b), data_dir=str(tmp_path / "dev"), broker=tls, fleet="default", device_id="d1",
                           auto_train=False, min_new_examples=1, steps_per_round=2))
