@@ -23,8 +23,9 @@ import numpy as np
 
 from edge_runtime.config import AgentConfig
 from edge_runtime.engine import ActiveAdapter, Engine
+from edge_runtime.evaluation import Evaluator
 from edge_runtime.errors import BundleError, ConfigError, EdgefmError, ProtocolError, TrainingError
-from edge_runtime.gate import GateDecision, GatePolicy, anchor_texts, decide_gate
+from edge_runtime.gate import GateDecision
 from edge_runtime.metrics import Metrics
 from edge_runtime.optim import AdamWConfig
 from edge_runtime.policy import TrainDecision, TrainPolicy, decide, session_key, session_steps
@@ -74,7 +75,6 @@ class Agent:
         self._train_waiters: list[concurrent.futures.Future] = []
         self._pending_global: tuple[GlobalPointer, bytes] | None = None
         self._pending_round: dict | None = None
-        self._loss_cache: dict[tuple, np.ndarray] = {}
         self._stop = threading.Event()
         self.last_train_at = 0.0
         self.last_decision = TrainDecision.NOT_ENOUGH_DATA
@@ -92,6 +92,7 @@ class Agent:
             self.trainer = OnnxTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, threads=cfg.threads_training,
                                        optim=AdamWConfig(lr=cfg.learning_rate))
         self._restore_adapters()
+        self.evaluator = Evaluator(self.engine, self.store, self.base_adapter, cfg, self.data_dir, self.metrics, self._event)
         self.sync = None
         from edge_runtime.protocol import signing
         self._signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
@@ -263,80 +264,10 @@ class Agent:
         return {"active": target["id"], "previous": previous}
 
     # ------------------------------------------------------------------ evaluation
-    def example_losses(self, adapter: ActiveAdapter, examples: list[dict]) -> np.ndarray:
-        """Loss per example (mean NLL per token for LMs, cross-entropy for classifiers)."""
-        if not examples:
-            return np.zeros(0)
-        if self.manifest.task == "causal-lm":
-            S = int(self.manifest.training.get("seq", 128))
-            out = []
-            for ex in examples:
-                s, c = self.engine.score(self.engine.encode(ex["text"])[:S], adapter)
-                if c:  # a one-token text has nothing to predict (the same for every adapter, so pairs stay aligned)
-                    out.append(s / c)
-            return np.array(out)
-        feeds, _ = self.engine.encoder_inputs([e["text"] for e in examples])
-        logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        labels = np.array([e["label"] or 0 for e in examples])
-        return -logp[np.arange(len(labels)), labels]
-
-    def anchor_examples(self) -> list[dict]:
-        """The general-text anchor set (LM bundles only): shipped passages or ``anchor_file``."""
-        if self.manifest.task != "causal-lm" or self.cfg.anchor_file == "":
-            return []
-        if not hasattr(self, "_anchor"):
-            self._anchor = [{"text": t} for t in anchor_texts(self.cfg.anchor_file)]
-        return self._anchor
-
-    GENERAL_OPENINGS = ("The", "Yesterday", "In the morning", "She said", "Our town", "When we", "Most people", "After the",
-                        "My friend", "The weather", "Last year", "At home", "The story", "Every day", "On the way", "He")
-
-    def general_replay_texts(self, per_opening: int = 4, tokens: int = 64) -> list[str]:
-        """General text sampled once from the base model itself (kept in the data dir): replaying it while
-        training on device data keeps the adapter close to the base model's everyday language. It is
-        not the gate's anchor set, so the gate's forgetting check stays independent."""
-        path = self.data_dir / "general_replay.jsonl"
-        if path.exists():
-            return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-        texts = []
-        for i, opening in enumerate(self.GENERAL_OPENINGS):
-            for j in range(per_opening):
-                ids = self.engine.encode(opening)
-                new = list(self.engine.generate(ids, max_new_tokens=tokens, temperature=1.0, top_p=1.0, seed=1000 * i + j,
-                                                adapter=self.base_adapter))
-                texts.append(self.engine.decode(ids + new))
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        tmp.replace(path)
-        self._event("general_replay_ready", passages=len(texts))
-        return texts
-
-    def _cached_losses(self, key: tuple, adapter: ActiveAdapter, examples: list[dict]) -> np.ndarray:
-        ids = tuple(e.get("id", i) for i, e in enumerate(examples))
-        full = key + (ids,)
-        if full not in self._loss_cache:
-            if len(self._loss_cache) > 32:
-                self._loss_cache.clear()
-            self._loss_cache[full] = self.example_losses(adapter, examples)
-        return self._loss_cache[full]
-
     def gate(self, kind: str, candidate_id: str, candidate: ActiveAdapter) -> GateDecision:
-        """Judge a candidate against the serving adapter and the base model; the decision is recorded."""
-        held = self.store.heldout(self.cfg.gate_heldout_limit)
-        anchor = self.anchor_examples()
-        cand = self.example_losses(candidate, held)
-        decision = decide_gate(
-            GatePolicy(z=self.cfg.gate_z, max_forgetting=self.cfg.max_forgetting), candidate=cand,
-            current=self._cached_losses(("serving", self.active_id), self.engine.adapter, held),
-            base=self._cached_losses(("base",), self.base_adapter, held),
-            anchor_candidate=self.example_losses(candidate, anchor),
-            anchor_base=self._cached_losses(("base-anchor",), self.base_adapter, anchor))
-        self.store.record_decision(kind, candidate_id, decision.adopted, decision.reason.value, decision.numbers)
-        self.metrics.inc("edgefm_gate_decisions_total", labels={"kind": kind, "reason": decision.reason.value},
-                         help="gate decisions by candidate kind and reason")
-        return decision
+        """Judge a candidate against the serving adapter and the base model (edge_runtime/evaluation.py);
+        the decision is recorded."""
+        return self.evaluator.judge(kind, candidate_id, candidate, serving_id=self.active_id, serving=self.engine.adapter)
 
     # ------------------------------------------------------------------ training
     def disk_ok(self) -> bool:
@@ -387,7 +318,7 @@ class Agent:
                 self._event("training_resumed", step=resume["step"])
             current_round = round_msg or self.round or {}
             round_id = current_round.get("round") if current_round.get("base_version", base_version) == base_version else None
-            general = self.general_replay_texts() if self.cfg.general_replay_fraction > 0 and self.manifest.task == "causal-lm" else []
+            general = self.evaluator.general_replay_texts() if self.cfg.general_replay_fraction > 0 and self.manifest.task == "causal-lm" else []
             device_rows = self.trainer.B - min(len(general), int(round(self.trainer.B * self.cfg.general_replay_fraction)))
             steps = session_steps(new_examples=counts["new"], batch=device_rows, replay_fraction=self.cfg.replay_fraction,
                                   min_steps=self.cfg.steps_per_round, max_steps=self.cfg.max_steps_per_session)
