@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.config import AgentConfig
+from edge_runtime.adapters import AdapterHistory
 from edge_runtime.engine import ActiveAdapter, Engine
 from edge_runtime.evaluation import Evaluator
 from edge_runtime.errors import BundleError, ConfigError, EdgefmError, ProtocolError, TrainingError
@@ -67,7 +68,6 @@ class Agent:
         self.inflight = 0
         self._inflight_lock = threading.Lock()
         self._train_lock = threading.Lock()
-        self._swap_lock = threading.Lock()
         # Work handed to the agent's own worker thread (never done on MQTT's network thread or a request thread):
         self._work_lock = threading.Lock()
         self._wake = threading.Event()
@@ -91,6 +91,9 @@ class Agent:
             from edge_runtime.trainer import OnnxTrainer
             self.trainer = OnnxTrainer(self.engine.dir, self.manifest, self.engine.tokenizer, threads=cfg.threads_training,
                                        optim=AdamWConfig(lr=cfg.learning_rate))
+        self.adapters = AdapterHistory(self.engine, self.store, self.data_dir / "adapters", keep=cfg.keep_adapters,
+                                       keep_refused=cfg.keep_refused, metrics=self.metrics, on_event=self._event,
+                                       in_use=self._files_in_use)
         self._restore_adapters()
         self.evaluator = Evaluator(self.engine, self.store, self.base_adapter, cfg, self.data_dir, self.metrics, self._event)
         self.sync = None
@@ -139,68 +142,17 @@ class Agent:
             except (OSError, EdgefmError) as exc:
                 self._event("global_adapter_unreadable", path=gpath, error=str(exc))
                 self.global_version, self.global_tensors = 0, bundle_tensors
-        # the adapter that was serving first, then the history newest first (refused candidates were never
-        # served: they are not fallbacks); a file whose bytes changed since it was recorded is not served
-        active_id = self.store.get("active_adapter")
-        history = [e for e in self.store.adapters() if e["kind"] != "refused" or e["id"] == active_id]
-        history.sort(key=lambda e: e["id"] != active_id)
-        for entry in history:
-            try:
-                if entry["sha256"] and hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest() != entry["sha256"]:
-                    self._event("adapter_damaged", id=entry["id"], path=entry["path"],
-                                detail="file differs from the sha256 recorded when it was saved")
-                    self.store.forget_adapter(entry["id"])
-                    continue
-                tensors, meta = load_adapter(entry["path"], expect_fingerprint=self.manifest.base_fingerprint)
-                self.engine.set_adapter(self.engine.make_active(tensors, meta))
-                self.active_id = entry["id"]
-                if entry["id"] != active_id:
-                    self.store.put("active_adapter", entry["id"])
-                    self._event("adapter_fallback", frm=active_id, to=entry["id"])
-                return
-            except (OSError, EdgefmError) as exc:
-                self._event("adapter_unreadable", id=entry["id"], error=str(exc))
-                self.store.forget_adapter(entry["id"])
-        self.active_id = "bundle"
-        path = self.data_dir / "adapters" / "bundle.safetensors"
-        if not path.exists():
-            shutil.copyfile(self.engine.dir / "adapter.safetensors", path)
-        self.store.record_adapter("bundle", 0, "bundle", str(path), {})
-        self.store.put("active_adapter", "bundle")
+        self.adapters.restore()
 
-    def _activate(self, adapter_id: str, tensors: dict, meta: AdapterMeta, kind: str, metrics: dict, note: str = "") -> None:
-        """Persist an adapter file, record it, and swap it in atomically (between requests)."""
-        path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
-        active = self.engine.make_active(tensors, meta)  # validates before anything changes
-        save_adapter(path, tensors, meta)
-        with self._swap_lock:
-            self.store.record_adapter(adapter_id, meta.version, kind, str(path), metrics, note)
-            self.store.put("active_adapter", adapter_id)
-            self.engine.set_adapter(active)
-            self.active_id = adapter_id
-        self.metrics.set("edgefm_adapter_version", meta.version, help="version of the serving adapter")
-        self._prune()
+    @property
+    def active_id(self) -> str:
+        """The id of the adapter serving now."""
+        return self.adapters.active_id
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep_adapters`` served adapters and ``keep_refused`` refused candidates."""
-        entries = self.store.adapters()
-        served = [e for e in entries if e["kind"] not in ("bundle", "refused")]
-        refused = [e for e in entries if e["kind"] == "refused"]
-        in_use = {(self.store.get("latest_local") or {}).get("path"), self.store.get("global_path")}
-        for e in served[self.cfg.keep_adapters:] + refused[self.cfg.keep_refused:]:
-            if e["id"] == self.active_id:
-                continue
-            self.store.forget_adapter(e["id"])
-            if e["path"] not in in_use:
-                Path(e["path"]).unlink(missing_ok=True)
-
-    def _keep_refused(self, adapter_id: str, tensors: dict, meta: AdapterMeta, metrics: dict, reason: str) -> str:
-        """Save a candidate the gate refused (bounded), so it can be inspected or activated by hand."""
-        path = self.data_dir / "adapters" / f"{adapter_id}.safetensors"
-        save_adapter(path, tensors, meta)
-        self.store.record_adapter(adapter_id, meta.version, "refused", str(path), metrics, f"refused by the gate: {reason}")
-        self._prune()
-        return str(path)
+    def _files_in_use(self) -> set:
+        """Adapter files the agent still needs whatever the history keeps: its latest local result and
+        the newest global it received."""
+        return {(self.store.get("latest_local") or {}).get("path"), self.store.get("global_path")}
 
     def load_external(self, *, adapter: bytes | None = None, peft_config: dict | None = None,
                       peft_weights: bytes | None = None, name: str | None = None) -> dict:
@@ -229,39 +181,16 @@ class Agent:
         metrics = {"heldout_loss": gate.numbers.get("heldout_candidate"), "heldout_loss_before": gate.numbers.get("heldout_current"),
                    "gate": gate.reason.value}
         if gate.adopted:
-            self._activate(adapter_id, tensors, meta, "loaded", metrics, "loaded by hand")
+            self.adapters.activate(adapter_id, tensors, meta, "loaded", metrics, "loaded by hand")
         else:
-            self._keep_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
+            self.adapters.keep_as_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
         self._event("adapter_loaded", id=adapter_id, adopted=gate.adopted, reason=gate.reason.value)
         return {"id": adapter_id, "adopted": gate.adopted, "reason": gate.reason.value, "numbers": gate.numbers,
                 "active": self.active_id}
 
     def rollback(self, to: str | None = None) -> dict:
         """Serve an earlier adapter: ``to`` an id from `adapters`, else the one before the current."""
-        entries = self.store.adapters()
-        if to is None:  # refused candidates are activated only by name
-            entries = [e for e in entries if e["kind"] != "refused" or e["id"] == self.active_id]
-        ids = [e["id"] for e in entries]
-        if to is None:
-            if self.active_id not in ids or ids.index(self.active_id) + 1 >= len(ids):
-                raise ConfigError("no earlier adapter to roll back to")
-            target = entries[ids.index(self.active_id) + 1]
-        else:
-            if to not in ids:
-                raise ConfigError(f"unknown adapter {to!r}; see `edgefm-agent adapters`")
-            target = entries[ids.index(to)]
-        tensors, meta = load_adapter(target["path"], expect_fingerprint=self.manifest.base_fingerprint)
-        active = self.engine.make_active(tensors, meta)
-        with self._swap_lock:
-            previous = self.active_id
-            self.engine.set_adapter(active)
-            self.active_id = target["id"]
-            self.store.put("active_adapter", target["id"])
-            # Move it to the front of the history so a second rollback goes further back, not forward.
-            self.store.record_adapter(target["id"], target["version"], target["kind"], target["path"], target["metrics"],
-                                      f"rolled back from {previous}")
-        self._event("rollback", frm=previous, to=target["id"])
-        return {"active": target["id"], "previous": previous}
+        return self.adapters.rollback(to)
 
     # ------------------------------------------------------------------ evaluation
     def gate(self, kind: str, candidate_id: str, candidate: ActiveAdapter) -> GateDecision:
@@ -354,12 +283,12 @@ class Agent:
             metrics = {"train_loss": train_loss, "heldout_loss": gate.numbers.get("heldout_candidate"),
                        "heldout_loss_before": gate.numbers.get("heldout_current"), "gate": gate.reason.value}
             if gate.adopted:
-                self._activate(adapter_id, result.tensors, cand_meta, "local", metrics)
+                self.adapters.activate(adapter_id, result.tensors, cand_meta, "local", metrics)
                 path = str(self.data_dir / "adapters" / f"{adapter_id}.safetensors")
                 self._latest_local = (base_version, result.tensors)
                 self.store.put("latest_local", {"base_version": base_version, "path": path})
             else:
-                self._keep_refused(adapter_id, result.tensors, cand_meta, metrics, gate.reason.value)
+                self.adapters.keep_as_refused(adapter_id, result.tensors, cand_meta, metrics, gate.reason.value)
             # The update (what this session changed) goes to the outbox before anything is sent.
             update_id = self._queue_update(result.tensors, start, result.examples_used, base_version, round_id, metrics)
             if round_msg is not None:
@@ -500,10 +429,10 @@ class Agent:
         metrics = {"heldout_loss": gate.numbers.get("heldout_candidate"), "heldout_loss_before": gate.numbers.get("heldout_current"),
                    "gate": gate.reason.value}
         if gate.adopted:
-            self._activate(adapter_id, tensors, meta, "global", metrics)
+            self.adapters.activate(adapter_id, tensors, meta, "global", metrics)
             self._event("global_adopted", version=pointer.version, **metrics)
         else:
-            self._keep_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
+            self.adapters.keep_as_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
             self._event("global_not_served", version=pointer.version, reason=gate.reason.value, **metrics)
         # ... but it is always the base of further training (that is what the fleet agreed on; the device's
         # status tells the coordinator which global it trains from).
