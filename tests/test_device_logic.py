@@ -212,3 +212,15 @@ def test_quota_property_no_source_loses_examples_under_its_quota(tmp_path_factor
         if train:
             trained |= after
             s.mark_trained([e["id"] for e in s.training_batch(1000, replay_fraction=0.0)])
+
+
+def test_token_source_names_the_source_a_bearer_token_authenticates():
+    from edge_runtime.server import token_source
+    named = {"camera": "c" * 20, "app": "a" * 20}
+    assert token_source(None, None, {}) == "api"                                   # no token configured: local callers
+    assert token_source("Bearer " + "t" * 20, "t" * 20, named) == "api"
+    assert token_source("Bearer " + "a" * 20, "t" * 20, named) == "api:app"
+    assert token_source("Bearer " + "c" * 20, None, named) == "api:camera"
+    assert token_source("Bearer " + "x" * 20, "t" * 20, named) is None
+    assert token_source(None, "t" * 20, {}) is None and token_source("Basic " + "t" * 20, "t" * 20, {}) is None
+    assert token_source("Bearer ", None, named) is None                            # an empty token matches nothing
