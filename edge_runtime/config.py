@@ -12,8 +12,10 @@ from edge_runtime.protocol.codec import CodecSpec
 from edge_runtime.protocol.messages import check_id
 
 # Training defaults, chosen by bench/learning.py through real agents (see BENCHMARKS.md); the fleet and
-# the benchmarks use these same values.
-LEARNING_RATE = 2e-3
+# the benchmarks use these same values. 4e-3 (was 2e-3): on sympy seed 0 the federated fleet's held-out
+# loss fell 0.83 nats/token instead of 0.77, general text stayed below the base model (-7.9%); the gate
+# refuses more single-device sessions for forgetting, which is what it is for.
+LEARNING_RATE = 4e-3
 PROX_MU = 0.0
 
 
