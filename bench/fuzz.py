@@ -161,7 +161,7 @@ def targets(work: Path):
         GlobalPointer.from_bytes(data)
 
     from coordinator.state import State
-    from edge_runtime.protocol.messages import check_receipt, check_round, check_status
+    from edge_runtime.protocol.messages import Receipt, RoundAnnouncement, check_status
     state = State(work / "coordinator")
 
     def run_message(data):
@@ -169,9 +169,9 @@ def targets(work: Path):
         msg = parse_json_message(data)
         kind = msg.get("kind")
         if kind == "round":
-            check_round(msg)
+            RoundAnnouncement.from_json(msg)
         elif kind == "receipt":
-            check_receipt(msg)
+            Receipt.from_json(msg)
         else:
             state.seen_device("dev-1", check_status(msg))
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.rounds import RoundPlan
 from coordinator.state import State
 from edge_runtime.errors import RejectReason
-from edge_runtime.protocol.messages import dump_json_message, make_pointer
+from edge_runtime.protocol.messages import Receipt, ReceiptStatus, RoundAnnouncement, RoundMode, dump_json_message, make_pointer
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
@@ -22,11 +22,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgefm.coordinator")
 
 
-def receipt_status(result: dict) -> str:
+def receipt_status(result: dict) -> ReceiptStatus:
     """The receipt status of an update's result: accepted, duplicate (already counted) or rejected."""
     if result.get("accepted"):
-        return "accepted"
-    return "duplicate" if result.get("reason") == RejectReason.DUPLICATE.value else "rejected"
+        return ReceiptStatus.ACCEPTED
+    return ReceiptStatus.DUPLICATE if result.get("reason") == RejectReason.DUPLICATE.value else ReceiptStatus.REJECTED
 
 
 class Publisher:
@@ -68,13 +68,13 @@ class Publisher:
     def round(self, *, mode: str, base_version: int, train_a: bool, plan: RoundPlan | None) -> None:
         """Announce (retained) the open sync round, or (``plan`` None) that async updates on
         ``base_version`` are welcome."""
-        msg: dict[str, Any] = {"kind": "round", "mode": mode, "base_version": base_version, "epoch": self.epoch, "train_a": train_a}
         if plan is not None:
-            msg.update(round=plan.round, deadline=plan.deadline, selected=plan.selected)
+            msg = RoundAnnouncement(RoundMode(mode), plan.round, base_version, None if plan.selected is None else tuple(plan.selected),
+                                    plan.deadline, train_a, self.epoch)
         else:
-            msg.update(round=base_version, selected=None)
+            msg = RoundAnnouncement(RoundMode(mode), base_version, base_version, None, None, train_a, self.epoch)
         if self.link:
-            self.link.publish(self.topics.round, self.message(msg), qos=1, retain=True)
+            self.link.publish(self.topics.round, self.message(msg.to_json()), qos=1, retain=True)
 
     def receipts(self, receipts: list[tuple[str, dict]], version: int) -> None:
         """After the commit: tell each device its update is recorded, so it can drop it from its outbox.
@@ -85,9 +85,8 @@ class Publisher:
             uid = res.get("update_id")
             if not uid or uid.startswith("unparsed-"):
                 continue
-            self.link.publish(self.topics.ack(device_id), self.message(
-                {"kind": "receipt", "update_id": uid, "status": receipt_status(res), "reason": res.get("reason"),
-                 "version": version, "device_id": device_id}), qos=1)
+            receipt = Receipt(uid, receipt_status(res), res.get("reason"), version, device_id)
+            self.link.publish(self.topics.ack(device_id), self.message(receipt.to_json()), qos=1)
 
     def summary(self, round_id: int | None, version: int, participants: list[str], metrics: dict) -> None:
         """What a new version was made of (not retained)."""

@@ -29,10 +29,10 @@ from edge_runtime.errors import BundleError, ConfigError, EdgefmError, ProtocolE
 from edge_runtime.gate import GateDecision
 from edge_runtime.metrics import Metrics
 from edge_runtime.optim import AdamWConfig
-from edge_runtime.policy import TrainDecision, TrainPolicy, decide, session_key, session_steps
+from edge_runtime.policy import TrainDecision, TrainPolicy, decide, session_steps
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, load_adapter, save_adapter
 from edge_runtime.protocol.codec import CodecSpec
-from edge_runtime.protocol.messages import GlobalPointer, UpdateHeader, encode_update
+from edge_runtime.protocol.messages import GlobalPointer, RoundAnnouncement, RoundMode, UpdateHeader, encode_update
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
 
@@ -74,12 +74,12 @@ class Agent:
         self._train_requested = False
         self._train_waiters: list[concurrent.futures.Future] = []
         self._pending_global: tuple[GlobalPointer, bytes] | None = None
-        self._pending_round: dict | None = None
+        self._pending_round: RoundAnnouncement | None = None
         self._stop = threading.Event()
         self.last_train_at = 0.0
         self.last_decision = TrainDecision.NOT_ENOUGH_DATA
         self.paused_reason: str | None = None
-        self.round: dict | None = None
+        self.round: RoundAnnouncement | None = None
         self.events: list[dict] = []
         self.trainer: Any = None   # OnnxTrainer or TorchTrainer (same train/evaluate interface), None for no training graph
         if cfg.trainer_backend == "torch":
@@ -210,7 +210,7 @@ class Agent:
             self.paused_reason = None
         return True
 
-    def train_once(self, forced: bool = False, round_msg: dict | None = None) -> dict:
+    def train_once(self, forced: bool = False, round_msg: RoundAnnouncement | None = None) -> dict:
         """One training session from the current global (or this device's adopted local result on it);
         ``round_msg``: the round announcement it answers (one session per round and base version)."""
         if self.trainer is None:
@@ -226,7 +226,7 @@ class Agent:
                               # a sync round asks this device for a session; an async announcement only says
                               # a new global exists: train when there is new data (else every version would
                               # trigger a session on every device, each making another version)
-                              forced=forced or (round_msg is not None and round_msg.get("mode", "sync") == "sync"))
+                              forced=forced or (round_msg is not None and round_msg.mode == RoundMode.SYNC))
             self.last_decision = decision
             if decision != TrainDecision.TRAIN:
                 return {"status": decision.value}
@@ -237,7 +237,7 @@ class Agent:
             base_version = self.global_version
             # A synchronous round's session starts from the round's global (plain FedAvg); other sessions
             # continue this device's adopted local result on that global.
-            sync_round = round_msg is not None and round_msg.get("mode", "sync") == "sync"
+            sync_round = round_msg is not None and round_msg.mode == RoundMode.SYNC
             start = self.global_tensors if sync_round else self._training_start()
             resume = None
             from edge_runtime.trainer import load_checkpoint, save_checkpoint
@@ -245,8 +245,8 @@ class Agent:
             if loaded and loaded[1].get("base_version") == base_version:
                 resume = loaded[0]
                 self._event("training_resumed", step=resume["step"])
-            current_round = round_msg or self.round or {}
-            round_id = current_round.get("round") if current_round.get("base_version", base_version) == base_version else None
+            current_round = round_msg or self.round or RoundAnnouncement(base_version=base_version)
+            round_id = current_round.round if current_round.base_version in (None, base_version) else None
             general = self.evaluator.general_replay_texts() if self.cfg.general_replay_fraction > 0 and self.manifest.task == "causal-lm" else []
             device_rows = self.trainer.B - min(len(general), int(round(self.trainer.B * self.cfg.general_replay_fraction)))
             steps = session_steps(new_examples=counts["new"], batch=device_rows, replay_fraction=self.cfg.replay_fraction,
@@ -266,7 +266,7 @@ class Agent:
                 start, next_examples, max_steps=steps,
                 max_seconds=self.cfg.max_train_seconds, should_yield=lambda: self.inflight > 0, resume=resume,
                 checkpoint=lambda st: save_checkpoint(ckpt_path, st, {"base_version": base_version}),
-                train_a=bool(current_round.get("train_a", True)), prox_mu=self.cfg.prox_mu,
+                train_a=current_round.train_a, prox_mu=self.cfg.prox_mu,
                 on_used=self.store.mark_trained,
                 on_step=self._count_step)
             self.last_train_at = time.time()
@@ -310,10 +310,10 @@ class Agent:
             self.state = AgentState.PAUSED if self.paused_reason else AgentState.SERVING
             self._train_lock.release()
 
-    def _session_done(self, round_msg: dict) -> None:
+    def _session_done(self, round_msg: RoundAnnouncement) -> None:
         """Remember (durably) that the session for this round announcement ran."""
         done = self.store.get("round_sessions", [])
-        self.store.put("round_sessions", (done + [session_key(round_msg)])[-50:])
+        self.store.put("round_sessions", (done + [round_msg.session_key])[-50:])
 
     def _lower_thread_priority(self) -> None:
         """Nice this thread (Linux: per thread); onnxruntime with one intra-op thread computes on it."""
@@ -354,7 +354,7 @@ class Agent:
     # ------------------------------------------------------------------ federated
     # The two entry points below run on MQTT's network thread: they only hand work to the agent's worker,
     # so keep-alives and receipts flow while a global is evaluated or a session trains.
-    def _on_round(self, msg: dict) -> None:
+    def _on_round(self, msg: RoundAnnouncement) -> None:
         with self._work_lock:
             self.round = msg
             self._pending_round = msg
@@ -380,19 +380,18 @@ class Agent:
                 self._pending_global = (pointer, blob)
         self._wake.set()
 
-    def _take_due_round(self) -> dict | None:
+    def _take_due_round(self) -> RoundAnnouncement | None:
         """The round announcement a session should answer now, if any (worker thread)."""
         with self._work_lock:
             msg = self._pending_round
         if msg is None:
             return None
-        if msg.get("epoch") and msg["epoch"] != self.fleet_epoch:
+        if msg.epoch and msg.epoch != self.fleet_epoch:
             return None  # a round of another lineage: its global comes first (the announcement stays pending)
-        selected = msg.get("selected")
-        drop = (selected is not None and self.cfg.device_id not in selected) or \
-            session_key(msg) in self.store.get("round_sessions", []) or \
-            int(msg.get("base_version") or 0) < self.global_version
-        if not drop and (int(msg.get("base_version") or 0) > self.global_version or self.store.count_examples()["train"] == 0):
+        base = msg.base_version or 0
+        drop = (msg.selected is not None and self.cfg.device_id not in msg.selected) or \
+            msg.session_key in self.store.get("round_sessions", []) or base < self.global_version
+        if not drop and (base > self.global_version or self.store.count_examples()["train"] == 0):
             return None  # wait for the round's global (or for data); the announcement stays pending
         with self._work_lock:
             if self._pending_round is msg:
@@ -455,7 +454,8 @@ class Agent:
                 "active_adapter": self.active_id, "adapter_version": self.engine.adapter.version,
                 "global_version": self.global_version, "fleet_epoch": self.fleet_epoch, "examples": self.store.count_examples(),
                 "outbox": self.store.outbox_stats(), "broker_connected": bool(self.sync and self.sync.connected),
-                "last_train_decision": self.last_decision.value, "round": self.round,
+                "last_train_decision": self.last_decision.value,
+                "round": self.round.to_json() if self.round else None,
                 "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],
                 "training_coverage": self.store.training_coverage(), "gate_decisions": self.store.decisions(20),
                 "broker_disconnects": self.sync.disconnects if self.sync else 0,
@@ -525,7 +525,7 @@ class Agent:
                 with self._work_lock:  # try again at the next wake-up (another session was running, or the disk was full)
                     self._pending_round = self._pending_round or round_msg
             elif round_msg is not None and result.get("status") != "trained":
-                self._event("round_skipped", round=round_msg.get("round"), status=result.get("status"), error=result.get("error"))
+                self._event("round_skipped", round=round_msg.round, status=result.get("status"), error=result.get("error"))
 
     def _count_step(self, step: int, loss: float) -> None:
         self.metrics.inc("edgefm_training_steps_total", help="optimizer steps run")

@@ -54,7 +54,3 @@ def session_steps(*, new_examples: int, batch: int, replay_fraction: float, min_
     needed = -(-new_examples // per_step)
     return max(1, min(max_steps, max(min_steps, needed)))
 
-
-def session_key(round_msg: dict) -> str:
-    """Identity of the training session a round announcement asks for: one session per round and base."""
-    return f"{round_msg.get('mode', 'sync')}:{round_msg.get('epoch')}:{round_msg.get('round')}:{round_msg.get('base_version')}"

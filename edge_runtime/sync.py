@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.messages import (ChunkAssembler, GlobalPointer, check_receipt, check_round, dump_json_message,
-                                            parse_json_message)
+from edge_runtime.protocol.messages import (ChunkAssembler, GlobalPointer, Receipt, ReceiptStatus, RoundAnnouncement,
+                                            dump_json_message, parse_json_message)
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
 from edge_runtime.transport import MqttLink
@@ -30,7 +30,7 @@ class FederatedSync:
 
     def __init__(self, url: str, fleet: str, device_id: str, store: Store, chunk_dir: Path, *,
                  base_fingerprint: str, wants_global: Callable[[GlobalPointer], bool],
-                 on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[dict], None] | None = None,
+                 on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[RoundAnnouncement], None] | None = None,
                  status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0,
                  resend_after_s: float = 120.0, keepalive_s: int = 15, coordinator_key: str | None = None):
         self.topics = Topics(fleet)
@@ -166,8 +166,7 @@ class FederatedSync:
             if not payload or not self.on_round:
                 return
             try:
-                msg = check_round(self._verified(payload, "round announcement"))
-                self.on_round(msg)
+                self.on_round(RoundAnnouncement.from_json(self._verified(payload, "round announcement")))
             except ProtocolError as exc:
                 self._reject("round announcement", exc)
         elif topic == self.topics.ack(self.device_id):
@@ -179,22 +178,20 @@ class FederatedSync:
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
-            msg = self._verified(payload, "receipt")
-            if self.coordinator_key is not None and msg.get("device_id") != self.device_id:
+            receipt = Receipt.from_json(self._verified(payload, "receipt"))
+            if self.coordinator_key is not None and receipt.device_id != self.device_id:
                 raise ProtocolError(RejectReason.BAD_FIELD, "a receipt for another device")
-            check_receipt(msg)
-            uid, status = msg["update_id"], msg["status"]
         except ProtocolError as exc:
             self._reject("receipt", exc)
             return
-        reason = msg.get("reason") if isinstance(msg.get("reason"), str) else None
-        if not self.store.receipt(uid, status, reason):
-            log.info("receipt for unknown update %s ignored", uid)
+        if not self.store.receipt(receipt.update_id, receipt.status.value, receipt.reason):
+            log.info("receipt for unknown update %s ignored", receipt.update_id)
             return
-        if status == "rejected":
-            log.warning("coordinator rejected update %s: %s", uid, reason)
+        if receipt.status == ReceiptStatus.REJECTED:
+            log.warning("coordinator rejected update %s: %s", receipt.update_id, receipt.reason)
         if self.metrics:
-            self.metrics.inc("edgefm_update_receipts_total", labels={"status": status}, help="coordinator receipts by status")
+            self.metrics.inc("edgefm_update_receipts_total", labels={"status": receipt.status.value},
+                             help="coordinator receipts by status")
 
     def _start_fetch(self, ptr: GlobalPointer) -> None:
         if not self.wants_global(ptr):

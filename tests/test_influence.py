@@ -279,19 +279,26 @@ def test_fleet_messages_are_checked_before_use(tmp_path):
     JSON list raised AttributeError."""
     from edge_runtime.errors import BundleError, ProtocolError
     from edge_runtime.protocol.manifest import Manifest
-    from edge_runtime.protocol.messages import check_receipt, check_round, check_status
+    from edge_runtime.protocol.messages import Receipt, RoundAnnouncement, RoundMode, check_status
     for bad in ({"state": ["x"]}, {"global_version": 2**64}, {"adapter_version": -1}, {"outbox": 3}, {"profile": "p" * 257}):
         with pytest.raises(ProtocolError):
             check_status({"kind": "status", **bad})
     check_status({"kind": "status", "state": "serving", "global_version": 3, "outbox": {"queued": 0}})
     good = {"kind": "round", "mode": "sync", "round": 2, "base_version": 1, "selected": ["a"], "deadline": 1.5e9, "epoch": "ab"}
-    check_round(good)
+    r = RoundAnnouncement.from_json(good)
+    assert (r.mode, r.round, r.base_version, r.selected, r.deadline, r.train_a, r.epoch) == (RoundMode.SYNC, 2, 1, ("a",), 1.5e9, True, "ab")
+    assert RoundAnnouncement.from_json(r.to_json()) == r                     # what the coordinator sends, agents read back
     for bad in ({"selected": 5}, {"selected": [1]}, {"base_version": "x"}, {"mode": "fast"}, {"deadline": float("inf")},
                 {"train_a": "no"}, {"epoch": "NOT HEX"}, {"round": 2**60}):
         with pytest.raises(ProtocolError):
-            check_round({**good, **bad})
+            RoundAnnouncement.from_json({**good, **bad})
     with pytest.raises(ProtocolError):
-        check_receipt({"update_id": "u", "status": "maybe"})
+        Receipt.from_json({"update_id": "u", "status": "maybe"})
+    with pytest.raises(ProtocolError):
+        Receipt.from_json({"update_id": "u", "status": "accepted", "device_id": "no spaces allowed"})
+    for status in ({"a": 1}, ["accepted"]):                          # unhashable values (found by bench/fuzz.py)
+        with pytest.raises(ProtocolError):
+            Receipt.from_json({"update_id": "u", "status": status})
     (tmp_path / "manifest.json").write_text("[1, 2]")
     with pytest.raises(BundleError, match="JSON object"):
         Manifest.load(tmp_path)

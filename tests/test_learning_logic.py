@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_runtime.gate import GatePolicy, GateReason, decide_gate, paired_difference
-from edge_runtime.policy import session_key, session_steps
+from edge_runtime.policy import session_steps
+from edge_runtime.protocol.messages import RoundAnnouncement
 from edge_runtime.store import Store
 
 pytestmark = pytest.mark.device
@@ -79,12 +80,13 @@ def test_session_steps_table(new, batch, replay, lo, hi, expect):
 
 
 def test_session_key_names_lineage_round_and_base():
-    assert session_key({"mode": "sync", "round": 3, "base_version": 2}) == "sync:None:3:2"
-    assert session_key({"mode": "sync", "epoch": "ab12", "round": 3, "base_version": 2}) == "sync:ab12:3:2"
-    assert session_key({"mode": "sync", "round": 3, "base_version": 2}) != session_key({"mode": "sync", "round": 3, "base_version": 3})
+    def key(**kw):
+        return RoundAnnouncement.from_json({"kind": "round", "mode": "sync", **kw}).session_key
+    assert key(round=3, base_version=2) == "sync:None:3:2"
+    assert key(epoch="ab12", round=3, base_version=2) == "sync:ab12:3:2"
+    assert key(round=3, base_version=2) != key(round=3, base_version=3)
     # round 3 from base 2 of a new coordinator lineage is another session than the old lineage's
-    assert session_key({"mode": "sync", "epoch": "ab12", "round": 3, "base_version": 2}) != \
-        session_key({"mode": "sync", "epoch": "cd34", "round": 3, "base_version": 2})
+    assert key(epoch="ab12", round=3, base_version=2) != key(epoch="cd34", round=3, base_version=2)
 
 
 def test_add_examples_reports_each_split(tmp_path):

@@ -10,6 +10,7 @@ JSON messages (status, global pointer, round announcement, ack) are UTF-8 JSON o
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import hmac
 import json
@@ -84,25 +85,96 @@ def _metrics(obj: Any) -> dict[str, float]:
     return out
 
 
-def check_round(msg: dict) -> dict:
-    """Validate a round announcement's fields (what the agent acts on); returns it unchanged."""
-    if msg.get("kind") != "round":
-        _fail(RejectReason.BAD_FIELD, "kind must be 'round'")
-    if msg.get("mode", "sync") not in ("sync", "async"):
-        _fail(RejectReason.BAD_FIELD, "mode must be 'sync' or 'async'")
-    _opt_int(msg, "round")
-    _opt_int(msg, "base_version")
-    selected = msg.get("selected")
-    if selected is not None and (not isinstance(selected, list) or len(selected) > 100_000
-                                 or not all(isinstance(d, str) for d in selected)):
-        _fail(RejectReason.BAD_FIELD, "selected must be null or a list of device ids")
-    deadline = msg.get("deadline")
-    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)):
-        _fail(RejectReason.BAD_FIELD, "deadline must be a finite number of unix seconds")
-    if not isinstance(msg.get("train_a", True), bool):
-        _fail(RejectReason.BAD_FIELD, "train_a must be true or false")
-    _epoch(msg.get("epoch"))
-    return msg
+class RoundMode(str, enum.Enum):
+    """Synchronous rounds (selected devices train from one base version) or asynchronous versions."""
+
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundAnnouncement:
+    """The coordinator's retained ``round`` message: which round is open (sync: ``round``, its
+    ``base_version``, the ``selected`` devices or None for all, the ``deadline``) or, async, which
+    version updates are welcome on (``round`` = ``base_version``); ``train_a`` False for frozen-A
+    strategies; ``epoch``: the coordinator's lineage."""
+
+    mode: RoundMode = RoundMode.SYNC
+    round: int | None = None
+    base_version: int | None = None
+    selected: tuple[str, ...] | None = None
+    deadline: float | None = None
+    train_a: bool = True
+    epoch: str | None = None
+
+    @property
+    def session_key(self) -> str:
+        """What makes a session unique: a re-delivered announcement (same lineage, round and base)
+        must not start a second one."""
+        return f"{self.mode.value}:{self.epoch}:{self.round}:{self.base_version}"
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (what goes on the wire)."""
+        return {"kind": "round", "mode": self.mode.value, "round": self.round, "base_version": self.base_version,
+                "selected": None if self.selected is None else list(self.selected), "deadline": self.deadline,
+                "train_a": self.train_a, "epoch": self.epoch}
+
+    @classmethod
+    def from_json(cls, msg: dict) -> "RoundAnnouncement":
+        """Validate a decoded announcement."""
+        if msg.get("kind") != "round":
+            _fail(RejectReason.BAD_FIELD, "kind must be 'round'")
+        if msg.get("mode", "sync") not in ("sync", "async"):
+            _fail(RejectReason.BAD_FIELD, "mode must be 'sync' or 'async'")
+        selected = msg.get("selected")
+        if selected is not None and (not isinstance(selected, list) or len(selected) > 100_000
+                                     or not all(isinstance(d, str) for d in selected)):
+            _fail(RejectReason.BAD_FIELD, "selected must be null or a list of device ids")
+        deadline = msg.get("deadline")
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not math.isfinite(deadline)):
+            _fail(RejectReason.BAD_FIELD, "deadline must be a finite number of unix seconds")
+        train_a = msg.get("train_a", True)
+        if not isinstance(train_a, bool):
+            _fail(RejectReason.BAD_FIELD, "train_a must be true or false")
+        return cls(mode=RoundMode(msg.get("mode", "sync")), round=_opt_int(msg, "round"), base_version=_opt_int(msg, "base_version"),
+                   selected=None if selected is None else tuple(selected), deadline=None if deadline is None else float(deadline),
+                   train_a=train_a, epoch=_epoch(msg.get("epoch")))
+
+
+class ReceiptStatus(str, enum.Enum):
+    """What the coordinator did with an update: counted, refused (with a reason), or already counted."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    DUPLICATE = "duplicate"
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """The coordinator's answer to one update (on ``device/<id>/ack``), sent once it is durable."""
+
+    update_id: str
+    status: ReceiptStatus
+    reason: str | None = None
+    version: int | None = None
+    device_id: str | None = None
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (what goes on the wire)."""
+        return {"kind": "receipt", "update_id": self.update_id, "status": self.status.value, "reason": self.reason,
+                "version": self.version, "device_id": self.device_id}
+
+    @classmethod
+    def from_json(cls, msg: dict) -> "Receipt":
+        """Validate a decoded receipt."""
+        if not isinstance(msg.get("update_id"), str) or msg.get("status") not in [s.value for s in ReceiptStatus]:
+            _fail(RejectReason.BAD_FIELD, "a receipt needs update_id and status accepted|rejected|duplicate")
+        if msg.get("reason") is not None and not isinstance(msg.get("reason"), str):
+            _fail(RejectReason.BAD_FIELD, "reason must be a string or null")
+        device_id = msg.get("device_id")
+        return cls(update_id=msg["update_id"], status=ReceiptStatus(msg["status"]), reason=msg.get("reason"),
+                   version=_opt_int(msg, "version"), device_id=None if device_id is None else check_id(device_id, "device_id"))
 
 
 def check_status(msg: dict) -> dict:
@@ -114,15 +186,6 @@ def check_status(msg: dict) -> dict:
     _opt_int(msg, "global_version")
     if msg.get("outbox") is not None and not isinstance(msg.get("outbox"), dict):
         _fail(RejectReason.BAD_FIELD, "outbox must be an object")
-    return msg
-
-
-def check_receipt(msg: dict) -> dict:
-    """Validate a receipt's fields; returns it unchanged."""
-    if not isinstance(msg.get("update_id"), str) or msg.get("status") not in ("accepted", "rejected", "duplicate"):
-        _fail(RejectReason.BAD_FIELD, "a receipt needs update_id and status accepted|rejected|duplicate")
-    if msg.get("reason") is not None and not isinstance(msg.get("reason"), str):
-        _fail(RejectReason.BAD_FIELD, "reason must be a string or null")
     return msg
 
 
