@@ -161,7 +161,7 @@ def targets(work: Path):
         GlobalPointer.from_bytes(data)
 
     from coordinator.state import State
-    from edge_runtime.protocol.messages import Receipt, RoundAnnouncement, check_status
+    from edge_runtime.protocol.messages import DeviceStatus, Receipt, RoundAnnouncement
     state = State(work / "coordinator")
 
     def run_message(data):
@@ -173,7 +173,7 @@ def targets(work: Path):
         elif kind == "receipt":
             Receipt.from_json(msg)
         else:
-            state.seen_device("dev-1", check_status(msg))
+            state.seen_device("dev-1", DeviceStatus.from_json(msg))
 
     def run_manifest(data):
         (mdir / "manifest.json").write_bytes(data)

@@ -40,7 +40,7 @@ from coordinator.validate import Limits, validate_update
 from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import check_status, parse_json_message
+from edge_runtime.protocol.messages import DeviceStatus, parse_json_message
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
@@ -324,8 +324,7 @@ class Coordinator:
         device_id, kind = parsed
         if kind == "status":
             try:
-                msg = check_status(parse_json_message(payload))
-                self.state.seen_device(device_id, msg)
+                self.state.seen_device(device_id, DeviceStatus.from_json(parse_json_message(payload)))
             except ProtocolError as exc:
                 log.warning("bad status from %s: %s", device_id, exc)
         elif kind == "update":

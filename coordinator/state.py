@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.errors import StateError
+from edge_runtime.protocol.messages import DeviceStatus
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, state TEXT, profile TEXT, base_fingerprint TEXT,
@@ -469,8 +470,9 @@ class State:
         self.x("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
 
     # -- devices --
-    def seen_device(self, device_id: str, msg: dict) -> None:
+    def seen_device(self, device_id: str, status: DeviceStatus) -> None:
         """Upsert a device from a status message (or the last will)."""
+        msg = status.to_json()
         with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO devices (device_id, last_seen) VALUES (?, ?)", (device_id, time.time()))
             self.db.execute("UPDATE devices SET state=?, profile=COALESCE(?, profile), base_fingerprint=COALESCE(?, base_fingerprint), "

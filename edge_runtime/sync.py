@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.messages import (ChunkAssembler, GlobalPointer, Receipt, ReceiptStatus, RoundAnnouncement,
+from edge_runtime.protocol.messages import (ChunkAssembler, DeviceStatus, GlobalPointer, Receipt, ReceiptStatus, RoundAnnouncement,
                                             dump_json_message, parse_json_message)
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
@@ -51,7 +51,7 @@ class FederatedSync:
         self._assembler: ChunkAssembler | None = None
         self._stop = threading.Event()
         self.rejected: list[dict] = []
-        will = (self.topics.status(device_id), dump_json_message({"kind": "status", "device_id": device_id, "state": "offline"}), 1, True)
+        will = (self.topics.status(device_id), dump_json_message(DeviceStatus(state="offline", device_id=device_id).to_json()), 1, True)
         self.link = MqttLink(url, f"edgefm-{fleet}-{device_id}", on_message=self._on_message, on_connect=self._on_connect,
                              on_published=self._on_published, will=will, keepalive=keepalive_s)
         self.link.subscribe(self.topics.global_pointer, 1)
@@ -86,8 +86,8 @@ class FederatedSync:
     def _status_payload(self, state: str) -> bytes:
         # presence ("online"/"offline") is what the coordinator selects devices by: the agent's own
         # details must not overwrite it
-        return dump_json_message({"kind": "status", "device_id": self.device_id, "ts": time.time(),
-                                  "base_fingerprint": self.base_fingerprint, **self.status(), "state": state})
+        return dump_json_message(DeviceStatus(**{**self.status(), "state": state, "device_id": self.device_id, "ts": time.time(),
+                                                 "base_fingerprint": self.base_fingerprint}).to_json())
 
     def publish_status(self) -> None:
         """Retained presence/status message."""

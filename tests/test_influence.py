@@ -279,11 +279,13 @@ def test_fleet_messages_are_checked_before_use(tmp_path):
     JSON list raised AttributeError."""
     from edge_runtime.errors import BundleError, ProtocolError
     from edge_runtime.protocol.manifest import Manifest
-    from edge_runtime.protocol.messages import Receipt, RoundAnnouncement, RoundMode, check_status
+    from edge_runtime.protocol.messages import DeviceStatus, Receipt, RoundAnnouncement, RoundMode
     for bad in ({"state": ["x"]}, {"global_version": 2**64}, {"adapter_version": -1}, {"outbox": 3}, {"profile": "p" * 257}):
         with pytest.raises(ProtocolError):
-            check_status({"kind": "status", **bad})
-    check_status({"kind": "status", "state": "serving", "global_version": 3, "outbox": {"queued": 0}})
+            DeviceStatus.from_json({"kind": "status", **bad})
+    st = DeviceStatus.from_json({"kind": "status", "state": "serving", "global_version": 3, "outbox": {"queued": 0}})
+    assert (st.state, st.global_version, st.outbox, st.profile) == ("serving", 3, {"queued": 0}, None)
+    assert DeviceStatus.from_json(st.to_json()) == st
     good = {"kind": "round", "mode": "sync", "round": 2, "base_version": 1, "selected": ["a"], "deadline": 1.5e9, "epoch": "ab"}
     r = RoundAnnouncement.from_json(good)
     assert (r.mode, r.round, r.base_version, r.selected, r.deadline, r.train_a, r.epoch) == (RoundMode.SYNC, 2, 1, ("a",), 1.5e9, True, "ab")

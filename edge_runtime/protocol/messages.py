@@ -177,16 +177,40 @@ class Receipt:
                    version=_opt_int(msg, "version"), device_id=None if device_id is None else check_id(device_id, "device_id"))
 
 
-def check_status(msg: dict) -> dict:
-    """Validate a device status message (what the coordinator records); returns it unchanged."""
-    for key in ("state", "profile", "adapter", "activity"):
-        _opt_str(msg, key, max_len=256)
-    _opt_str(msg, "base_fingerprint", max_len=128)
-    _opt_int(msg, "adapter_version")
-    _opt_int(msg, "global_version")
-    if msg.get("outbox") is not None and not isinstance(msg.get("outbox"), dict):
-        _fail(RejectReason.BAD_FIELD, "outbox must be an object")
-    return msg
+@dataclasses.dataclass(frozen=True)
+class DeviceStatus:
+    """A device's retained ``status`` message (and last will): ``state`` is its presence as the
+    coordinator selects by ("online"/"offline"); the rest describes what it serves and its outbox."""
+
+    state: str | None = None
+    device_id: str | None = None
+    profile: str | None = None
+    adapter: str | None = None
+    activity: str | None = None
+    base_fingerprint: str | None = None
+    adapter_version: int | None = None
+    global_version: int | None = None
+    outbox: dict | None = None
+    ts: float | None = None
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (what goes on the wire)."""
+        return {"kind": "status", **{k: v for k, v in dataclasses.asdict(self).items() if v is not None}}
+
+    @classmethod
+    def from_json(cls, msg: dict) -> "DeviceStatus":
+        """Validate a decoded status message (what the coordinator records)."""
+        strs = {key: _opt_str(msg, key, max_len=256) for key in ("state", "profile", "adapter", "activity")}
+        outbox = msg.get("outbox")
+        if outbox is not None and not isinstance(outbox, dict):
+            _fail(RejectReason.BAD_FIELD, "outbox must be an object")
+        ts = msg.get("ts")
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
+            _fail(RejectReason.BAD_FIELD, "ts must be a finite number of unix seconds")
+        device_id = msg.get("device_id")
+        return cls(**strs, device_id=None if device_id is None else check_id(device_id, "device_id"),
+                   base_fingerprint=_opt_str(msg, "base_fingerprint", max_len=128), adapter_version=_opt_int(msg, "adapter_version"),
+                   global_version=_opt_int(msg, "global_version"), outbox=outbox, ts=None if ts is None else float(ts))
 
 
 def parse_json_message(data: bytes, max_bytes: int = 1 << 20) -> dict:
