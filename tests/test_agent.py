@@ -13,6 +13,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from edge_runtime.errors import ConfigError
 
 from helpers import examples, free_port, tiny_bundle, wait_for
 
@@ -136,11 +137,15 @@ def test_concurrent_requests_and_hot_swap_are_safe(bundle, tmp_path):
         # each step drew other examples, so losses are not comparable step to step; the session used every example
         assert r["status"] == "trained" and r["steps"] >= 3
         assert r["examples_used"] == agent.store.count_examples()["train"]
-        # rollback is one call and restores the previous adapter
+        # rollback is one call and restores the previous adapter (a refused candidate never served: nothing to go back to)
         if r["adopted"]:
             before = agent.active_id
             res = agent.rollback()
-            assert res["previous"] == before and agent.active_id == "bundle"
+            assert res["previous"] == before != "bundle" and agent.active_id == "bundle"
+        else:
+            assert agent.active_id == "bundle"
+            with pytest.raises(ConfigError, match="no earlier adapter"):
+                agent.rollback()
     finally:
         srv.shutdown()
         agent.stop()

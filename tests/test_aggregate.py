@@ -175,8 +175,15 @@ def test_server_optimizers_first_step():
     # m = 0.1 d, v = 0.99 tau^2 + 0.01 d^2 -> step = 0.1 m / (sqrt(v) + tau)
     v = 0.99 * 1e-6 + 0.01 * np.array([1.0, 4.0])
     np.testing.assert_allclose(out["w"], 0.1 * 0.1 * np.array([1.0, -2.0]) / (np.sqrt(v) + 1e-3), rtol=1e-5)
-    yogi = agg.apply_server_update(g, d, "fedyogi", agg.ServerOptState(), lr=0.1)
-    assert np.all(np.sign(yogi["w"]) == np.sign(d["w"]))
+    # Yogi, two steps of the same delta: v1 = tau^2 + 0.01 d^2 (v0 < d^2: grows like Adam's first step); then
+    # v2 = v1 + 0.01 d^2 (Yogi adds while v < d^2) where Adam would take 0.99 v1 + 0.01 d^2
+    st_ = agg.ServerOptState()
+    w1 = agg.apply_server_update(g, d, "fedyogi", st_, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    m1, v1 = 0.1 * d["w"], 1e-6 + 0.01 * d["w"] ** 2
+    np.testing.assert_allclose(w1["w"], 0.1 * m1 / (np.sqrt(v1) + 1e-3), rtol=1e-5)
+    w2 = agg.apply_server_update(w1, d, "fedyogi", st_, lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    m2, v2 = 0.9 * m1 + 0.1 * d["w"], v1 + 0.01 * d["w"] ** 2
+    np.testing.assert_allclose(w2["w"], w1["w"] + 0.1 * m2 / (np.sqrt(v2) + 1e-3), rtol=1e-5)
 
 
 def test_dp_noise_scale_and_epsilon_monotone():
