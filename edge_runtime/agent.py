@@ -220,8 +220,10 @@ class Agent:
         ckpt_path = self.data_dir / "checkpoint.safetensors"
         try:
             counts = self.store.count_examples()
-            decision = decide(TrainPolicy(self.cfg.min_new_examples, cooldown_s=self.cfg.train_cooldown_s),
-                              new_examples=counts["new"], inflight_requests=0, hour=time.localtime().tm_hour,
+            window = self.cfg.train_window_hours
+            policy = TrainPolicy(self.cfg.min_new_examples, cooldown_s=self.cfg.train_cooldown_s,
+                                 window_hours=(window[0], window[1]) if window else None)
+            decision = decide(policy, new_examples=counts["new"], inflight_requests=self.inflight, hour=time.localtime().tm_hour,
                               paused=not self.disk_ok(), seconds_since_last=time.time() - self.last_train_at,
                               # a sync round asks this device for a session; an async announcement only says
                               # a new global exists: train when there is new data (else every version would
@@ -521,8 +523,11 @@ class Agent:
                 raise
             for fut in waiters:
                 fut.set_result(result)
-            if round_msg is not None and result.get("status") in ("already_training", TrainDecision.PAUSED.value):
-                with self._work_lock:  # try again at the next wake-up (another session was running, or the disk was full)
+            if round_msg is not None and result.get("status") in ("already_training", TrainDecision.PAUSED.value,
+                                                                  TrainDecision.BUSY.value, TrainDecision.OUTSIDE_WINDOW.value):
+                # try again at the next wake-up (another session was running, the disk was full, requests were
+                # being served, or an async announcement came outside the training window)
+                with self._work_lock:
                     self._pending_round = self._pending_round or round_msg
             elif round_msg is not None and result.get("status") != "trained":
                 self._event("round_skipped", round=round_msg.round, status=result.get("status"), error=result.get("error"))

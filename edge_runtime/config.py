@@ -46,6 +46,8 @@ class AgentConfig:
     replay_fraction: float = 0.25         # share of each batch drawn from already-used examples while new ones remain
     general_replay_fraction: float = 0.25  # share of each batch from the base model's own general text (forgetting control)
     train_cooldown_s: float = 5.0
+    train_window_hours: list[int] | None = None  # [start, end) local hours for automatic sessions, e.g. [0, 6]
+    #                                       (rounds the coordinator asks for and train-now run at any hour)
     auto_train: bool = True
     keep_adapters: int = 5
     keep_refused: int = 3                 # candidates the gate refused, kept for inspection or activation by hand
@@ -109,13 +111,19 @@ class AgentConfig:
         if self.trainer_backend not in ("onnx", "torch"):
             raise ConfigError("trainer_backend must be 'onnx' or 'torch'")
         if self.trainer_backend == "torch" and not self.torch_model:
-            raise ConfigError("trainer_backend = 'torch' needs torch_model (the source checkpoint directory)")
+            raise ConfigError("trainer_backend = 'torch' needs torch_model (the source checkpoint directory)"
+                              + (f"; profile {self.profile!r} asks for it: set torch_model, or trainer_backend = 'onnx'"
+                                 if self.profile else ""))
         if self.keep_adapters < 1:
             raise ConfigError("keep_adapters must be >= 1")
         if not 0 <= self.replay_fraction < 1 or not 0 <= self.general_replay_fraction < 1:
             raise ConfigError("replay_fraction and general_replay_fraction must be in [0, 1)")
         if self.steps_per_round < 1 or self.max_steps_per_session < self.steps_per_round:
             raise ConfigError("steps_per_round must be >= 1 and max_steps_per_session >= steps_per_round")
+        w = self.train_window_hours
+        if w is not None and (not isinstance(w, (list, tuple)) or len(w) != 2
+                              or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h <= 23 for h in w)):
+            raise ConfigError(f"train_window_hours must be [start, end] local hours 0-23 (e.g. [0, 6]: midnight to six), got {w!r}")
         if self.learning_rate <= 0 or self.prox_mu < 0 or self.max_forgetting < 0:
             raise ConfigError("learning_rate must be > 0, prox_mu and max_forgetting >= 0")
         CodecSpec(self.update_codec, self.update_compression)
@@ -140,6 +148,6 @@ def profile_defaults(name: str) -> dict[str, Any]:
     return {"threads_inference": p.threads_inference, "threads_training": p.threads_training,
             "steps_per_round": t.get("steps_per_round", 8), "max_train_seconds": t.get("max_seconds_per_round", 120),
             "min_new_examples": t.get("min_new_examples", 16), "learning_rate": t.get("learning_rate", LEARNING_RATE),
-            "profile": p.name}
+            "trainer_backend": t.get("backend", "onnx"), "profile": p.name}
 
 

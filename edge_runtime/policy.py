@@ -21,7 +21,7 @@ class TrainPolicy:
     """Knobs from the device profile / agent config."""
 
     min_new_examples: int = 16
-    max_inflight_requests: int = 0          # train only when at most this many requests are running
+    max_inflight_requests: int = 0          # an automatic session starts only when at most this many requests run
     window_hours: tuple[int, int] | None = None   # e.g. (0, 6): train only between 00:00 and 06:00 local time
     cooldown_s: float = 10.0
 

@@ -306,3 +306,28 @@ def test_inbox_folder_and_disk_full_pause(bundle, tmp_path, monkeypatch):
     finally:
         srv.shutdown()
         agent.stop()
+
+
+def test_training_window_and_profile_backend_take_effect(bundle, tmp_path):
+    """train_window_hours: automatic sessions wait for the window (train-now does not); a profile's
+    training backend applies (the Jetson profile asks for torch, which needs torch_model)."""
+    import time as _time
+
+    from edge_runtime.agent import Agent
+    from edge_runtime.config import AgentConfig
+    hour = _time.localtime().tm_hour
+    outside = [(hour + 1) % 24, (hour + 2) % 24]
+    agent = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), auto_train=False, min_new_examples=1,
+                              steps_per_round=2, train_cooldown_s=0, train_window_hours=outside))
+    try:
+        agent.add_examples(examples(12))
+        assert agent.train_once()["status"] == "outside_window"
+        assert agent.train_once(forced=True)["status"] == "trained"      # train-now runs at any hour
+    finally:
+        agent.stop()
+    with pytest.raises(ConfigError, match="train_window_hours"):
+        AgentConfig(bundle=str(bundle), train_window_hours=[22, 24])
+    with pytest.raises(ConfigError, match="profile 'jetson-orin-nano' asks for it"):
+        AgentConfig.from_sources(None, {"bundle": str(bundle), "profile": "jetson-orin-nano"})
+    cfg = AgentConfig.from_sources(None, {"bundle": str(bundle), "profile": "jetson-orin-nano", "trainer_backend": "onnx"})
+    assert cfg.trainer_backend == "onnx"                                   # the user's choice wins over the profile's
