@@ -64,7 +64,8 @@ class AgentConfig:
     http_idle_timeout_s: float = 30.0     # close API connections idle this long (half-open sockets held threads)
     max_examples: int = 100_000
     max_evictions_per_hour: int | None = None  # trained-on examples new ones may push out per hour (None: 10% of max_examples)
-    max_source_share: float = 0.5         # one source (an API token, the inbox) may hold at most this share of max_examples
+    max_source_share: float = 0.5         # each source's quota (an API token, the inbox) as a share of max_examples:
+    #                                       a full store evicts a source's examples for another only above it
     retention_days: float = 30.0          # trained-on examples older than this are deleted (held-out slice kept)
     min_free_disk_mb: float = 50.0
     update_codec: str = "fp16"

@@ -63,7 +63,8 @@ class Store:
         self.max_examples = max_examples
         # a flood of junk may rotate out at most this many trained-on examples per hour (default 10% of the store)
         self.max_evictions_per_hour = max(0, max_examples // 10) if max_evictions_per_hour is None else max_evictions_per_hour
-        # one source (an API token's name, the inbox) may hold at most this share of max_examples
+        # each source's quota (an API token's name, the inbox): a full store evicts a source's examples for
+        # another source only while it holds more than this (max_source_share of max_examples)
         self.source_quota = max(1, int(max_examples * max_source_share))
         self.heldout_fraction = heldout_fraction
         self.min_heldout = min_heldout
@@ -91,8 +92,9 @@ class Store:
         training examples *already trained on*, oldest first, at most ``max_evictions_per_hour`` of
         them per rolling hour; a source over its quota (``max_source_share`` of ``max_examples``)
         makes room from its own examples only, and no source's examples under its quota are evicted
-        for another (see ``_make_room``). A request that needs more is refused whole (``StoreFull``, nothing stored), so junk sent to the API can never wash
-        out the data a device has (unused examples and the held-out slice are never evicted)."""
+        for another (see ``_make_room``). A request that needs more is refused whole (``StoreFull``,
+        nothing stored), so junk sent to the API can never wash out the data a device has (unused
+        examples and the held-out slice are never evicted)."""
         added = dup = 0
         to_split = {"train": 0, "heldout": 0}
         now = time.time()
