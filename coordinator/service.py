@@ -26,14 +26,7 @@ from coordinator import aggregate as agg
 from coordinator.aggregation import Held, OpenAggregate
 from coordinator.config import CoordinatorConfig
 from coordinator.publisher import Publisher
-from coordinator.rounds import (
-    CloseDecision,
-    RoundPlan,
-    check_async_update,
-    check_sync_update,
-    close_decision,
-    plan_round,
-)
+from coordinator.rounds import CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round
 from coordinator.state import State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits, validate_update
