@@ -236,8 +236,9 @@ class UpdateLog:
                 return acc[:n].tobytes()
 
     def segments(self) -> set[str]:
-        """Names of the segment files."""
-        return {p.name for p in self.root.glob("seg-*.log")}
+        """Names of the segments on disk (a parity file whose segment is gone counts: a crash between the
+        two unlinks of ``delete`` leaves one, and pruning removes it)."""
+        return {p.name for p in self.root.glob("seg-*.log")} | {p.stem + ".log" for p in self.root.glob("seg-*.par")}
 
     def delete(self, name: str) -> None:
         """Delete one segment and its parity."""
