@@ -1,6 +1,10 @@
 """The adapters a device has served or been offered: which one serves now, the history it can roll
 back to, refused candidates kept for inspection, and their files (each checked against the sha256
-recorded when it was saved before it serves again)."""
+recorded when it was saved before it serves again).
+
+Every candidate (a local session's result, a global from the fleet, one loaded by hand) comes in
+through ``offer``: checked against this bundle, judged by the gate, then served or kept as refused.
+Bytes from outside are validated in one place, ``parse``."""
 from __future__ import annotations
 
 import hashlib
@@ -9,10 +13,14 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from edge_runtime.engine import Engine
-from edge_runtime.errors import BundleError, ConfigError, EdgefmError
+from edge_runtime.errors import BundleError, ConfigError, EdgefmError, ProtocolError
+from edge_runtime.evaluation import Evaluator
+from edge_runtime.gate import GateDecision
 from edge_runtime.metrics import Metrics
-from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, save_adapter
+from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, load_adapter, save_adapter
 from edge_runtime.store import Store
 
 
@@ -20,9 +28,9 @@ class AdapterHistory:
     """The serving adapter (``active_id``) and its history, in ``store`` with files under ``folder``;
     at most ``keep`` served adapters and ``keep_refused`` refused candidates are kept."""
 
-    def __init__(self, engine: Engine, store: Store, folder: Path, *, keep: int, keep_refused: int, metrics: Metrics,
-                 on_event: Callable[..., None], in_use: Callable[[], set]):
-        self.engine, self.store, self.folder = engine, store, folder
+    def __init__(self, engine: Engine, store: Store, folder: Path, evaluator: Evaluator, *, keep: int, keep_refused: int,
+                 metrics: Metrics, on_event: Callable[..., None], in_use: Callable[[], set]):
+        self.engine, self.store, self.folder, self.evaluator = engine, store, folder, evaluator
         self.keep, self.keep_refused, self.metrics, self.on_event, self.in_use = keep, keep_refused, metrics, on_event, in_use
         self.fingerprint = engine.manifest.base_fingerprint
         self.swap_lock = threading.Lock()
@@ -61,9 +69,75 @@ class AdapterHistory:
         self.store.put("active_adapter", "bundle")
         return self.active_id
 
+    def path_of(self, adapter_id: str) -> Path:
+        """Where an adapter's file lies."""
+        return self.folder / f"{adapter_id}.safetensors"
+
+    def parse(self, blob: bytes) -> tuple[dict[str, np.ndarray], AdapterMeta]:
+        """An adapter received from outside, checked against this bundle (fingerprint, tensor names and
+        shapes); raises ProtocolError with the reason."""
+        manifest = self.engine.manifest
+        return adapter_from_bytes(blob, expect_fingerprint=manifest.base_fingerprint, expect_shapes=manifest.adapter["shapes"])
+
+    def offer(self, kind: str, adapter_id: str, tensors: dict[str, np.ndarray], meta: AdapterMeta,
+              metrics: dict | None = None, note: str = "") -> tuple[GateDecision, dict]:
+        """Judge a candidate against the serving adapter and the base model (edge_runtime/evaluation.py;
+        the decision is recorded), then serve it or keep it as refused. Returns the decision and the
+        numbers recorded with the adapter."""
+        candidate = self.engine.make_active(tensors, meta)  # shapes, alpha, finite values
+        gate = self.evaluator.judge(kind, adapter_id, candidate, serving_id=self.active_id, serving=self.engine.adapter)
+        metrics = {**(metrics or {}), "heldout_loss": gate.numbers.get("heldout_candidate"),
+                   "heldout_loss_before": gate.numbers.get("heldout_current"), "gate": gate.reason.value}
+        if gate.adopted:
+            self.activate(adapter_id, tensors, meta, kind, metrics, note)
+        else:
+            self.keep_as_refused(adapter_id, tensors, meta, metrics, gate.reason.value)
+        return gate, metrics
+
+    def offer_global(self, version: int, blob: bytes) -> tuple[dict[str, np.ndarray], Path] | None:
+        """A global adapter from the fleet, offered as ``global-VERSION``; its tensors and file (kept
+        whatever the gate says: it is the base of further training), or None when it fails its checks."""
+        try:
+            tensors, meta = self.parse(blob)
+        except ProtocolError as exc:
+            self.on_event("global_refused", version=version, reason=exc.reason.value, detail=exc.detail)
+            self.metrics.inc("edgefm_global_refused_total", labels={"reason": exc.reason.value}, help="global adapters refused")
+            return None
+        meta.version = version
+        adapter_id = f"global-{version}"
+        path = self.path_of(adapter_id)
+        save_adapter(path, tensors, meta)
+        gate, metrics = self.offer("global", adapter_id, tensors, meta)
+        self.on_event("global_adopted" if gate.adopted else "global_not_served", version=version,
+                      **({} if gate.adopted else {"reason": gate.reason.value}), **metrics)
+        return tensors, path
+
+    def load_external(self, *, version: int, adapter: bytes | None = None, peft_config: dict | None = None,
+                      peft_weights: bytes | None = None, name: str | None = None) -> dict:
+        """An adapter from outside (edgefm safetensors bytes, or a PEFT LoRA's config and tensors),
+        offered like any candidate as ``version``. Returns the id, the decision and its numbers."""
+        from edge_runtime.protocol.peft import adapter_from_peft
+        from edge_runtime.protocol.tensors import decode_tensors
+        try:
+            if adapter is not None:
+                tensors, meta = self.parse(adapter)
+                raw = adapter
+            else:
+                weights, _ = decode_tensors(peft_weights or b"")
+                tensors, meta = adapter_from_peft(peft_config or {}, weights, self.engine.manifest)
+                raw = peft_weights or b""
+        except ProtocolError as exc:
+            raise ConfigError(f"adapter refused: {exc.reason.value}: {exc.detail}") from None
+        meta.version = version
+        adapter_id = f"loaded-{name or hashlib.sha256(raw).hexdigest()[:12]}"
+        gate, _ = self.offer("loaded", adapter_id, tensors, meta, note="loaded by hand")
+        self.on_event("adapter_loaded", id=adapter_id, adopted=gate.adopted, reason=gate.reason.value)
+        return {"id": adapter_id, "adopted": gate.adopted, "reason": gate.reason.value, "numbers": gate.numbers,
+                "active": self.active_id}
+
     def activate(self, adapter_id: str, tensors: dict, meta: AdapterMeta, kind: str, metrics: dict, note: str = "") -> None:
         """Persist an adapter file, record it, and swap it in atomically (between requests)."""
-        path = self.folder / f"{adapter_id}.safetensors"
+        path = self.path_of(adapter_id)
         active = self.engine.make_active(tensors, meta)  # validates before anything changes
         save_adapter(path, tensors, meta)
         with self.swap_lock:
@@ -76,7 +150,7 @@ class AdapterHistory:
 
     def keep_as_refused(self, adapter_id: str, tensors: dict, meta: AdapterMeta, metrics: dict, reason: str) -> str:
         """Save a candidate the gate refused (bounded), so it can be inspected or activated by hand."""
-        path = self.folder / f"{adapter_id}.safetensors"
+        path = self.path_of(adapter_id)
         save_adapter(path, tensors, meta)
         self.store.record_adapter(adapter_id, meta.version, "refused", str(path), metrics, f"refused by the gate: {reason}")
         self.prune()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 
 
 class TrainDecision(str, enum.Enum):
@@ -54,3 +55,25 @@ def session_steps(*, new_examples: int, batch: int, replay_fraction: float, min_
     needed = -(-new_examples // per_step)
     return max(1, min(max_steps, max(min_steps, needed)))
 
+
+
+class RoundAction(str, enum.Enum):
+    """What a device does with a pending round announcement."""
+
+    RUN = "run"      # answer it with a session now
+    WAIT = "wait"    # keep it pending: its global (or data to train on) has not arrived yet
+    DROP = "drop"    # not for this device, already answered, or overtaken by a newer global
+
+
+def round_action(*, round_epoch: str | None, round_base: int | None, selected: Sequence[str] | None, session_key: str,
+                 device_id: str, fleet_epoch: str | None, global_version: int, sessions_done: list[str],
+                 has_training_data: bool) -> RoundAction:
+    """Whether a round announcement is due on this device (a pure decision over what the device knows)."""
+    if round_epoch and round_epoch != fleet_epoch:
+        return RoundAction.WAIT  # a round of another lineage: its global comes first
+    base = round_base or 0
+    if (selected is not None and device_id not in selected) or session_key in sessions_done or base < global_version:
+        return RoundAction.DROP
+    if base > global_version or not has_training_data:
+        return RoundAction.WAIT
+    return RoundAction.RUN
