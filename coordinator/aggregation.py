@@ -20,9 +20,20 @@ from coordinator.state import CHECKPOINTED, State
 from coordinator.strategies import Strategy
 from edge_runtime.errors import ProtocolError
 from edge_runtime.protocol.messages import decode_update
-from edge_runtime.protocol.tensors import flatten
+from edge_runtime.protocol.tensors import decode_tensors, encode_tensors, flatten
 
 log = logging.getLogger("edgefm.coordinator")
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregateResult:
+    """What closing the open aggregation made: the new global (None: keep the previous one), its
+    metrics, the updates folded into it and the devices they came from."""
+
+    tensors: dict[str, np.ndarray] | None
+    metrics: dict
+    folded_ids: list[str]
+    participants: list[str]
 
 
 @dataclasses.dataclass
@@ -198,3 +209,51 @@ class OpenAggregate:
             return None
         log.warning("accumulator rebuilt from the previous checkpoint and %d stored payloads: nothing lost", len(added))
         return True
+
+    def finish(self, versions: int) -> AggregateResult:
+        """Fold what is still held and ask the strategy for the new global; ``versions``: how many
+        aggregated versions exist with this one (for the strategy's metrics, e.g. DP epsilon). A result
+        with non-finite values is never published: the previous model is kept, explicitly."""
+        self.release(force=True)
+        ids = list(self.folded_ids)
+        rows = self.state.folded_summary(ids)
+        participants = sorted({r[2] for r in rows})
+        new = self.strategy.finish(self.acc, self.global_tensors)
+        if new is None:
+            return AggregateResult(None, {}, ids, participants)
+        bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
+        if bad:
+            log.error("aggregate has non-finite values in %s; keeping the previous version", bad[:3])
+            return AggregateResult(None, {}, ids, participants)
+        metrics = {"num_updates": len(ids), "num_examples": sum(r[0] for r in rows), "bytes": sum(r[1] for r in rows),
+                   "update_norm": agg.global_norm({k: new[k] - self.global_tensors[k] for k in new}),
+                   **self.strategy.version_metrics(versions)}
+        return AggregateResult(new, metrics, ids, participants)
+
+    def save_opt_state(self, version: int) -> str | None:
+        """Store the server optimizer's state (momentum, moments) as of ``version``, so a restart
+        continues it instead of starting from zero (FedAvgM, FedAdam, FedYogi); returns the blob it
+        supersedes (delete it once this commits)."""
+        opt = getattr(self.strategy, "opt_state", None)
+        if opt is None or not (opt.m or opt.v):
+            return None
+        tensors, meta = agg.opt_state_tensors(opt)
+        old = (self.state.get("server_opt") or {}).get("sha256")
+        sha = self.state.blobs.put(encode_tensors(tensors, meta))
+        self.state.put("server_opt", {"version": version, "sha256": sha})
+        return old if old != sha else None
+
+    def load_opt_state(self, version: int) -> None:
+        """The server optimizer's state stored with ``version`` (else it starts afresh, logged)."""
+        rec = self.state.get("server_opt")
+        if not rec or getattr(self.strategy, "opt_state", None) is None:
+            return
+        if rec.get("version") != version:
+            log.warning("server optimizer state is from v%s, the current version is v%d (published by hand?): "
+                        "starting it afresh", rec.get("version"), version)
+            return
+        try:
+            tensors, meta = decode_tensors(self.state.blobs.get(rec["sha256"]))
+            self.strategy.opt_state = agg.opt_state_from_tensors(tensors, meta)
+        except (OSError, ProtocolError, ValueError) as exc:
+            log.error("server optimizer state unreadable (%s): starting it afresh", exc)

@@ -10,23 +10,16 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from coordinator.ingest import Accepted, Outcome
 from coordinator.rounds import RoundPlan
 from coordinator.state import State
-from edge_runtime.errors import RejectReason
-from edge_runtime.protocol.messages import Receipt, ReceiptStatus, RoundAnnouncement, RoundMode, dump_json_message, make_pointer
+from edge_runtime.protocol.messages import Receipt, RoundAnnouncement, RoundMode, dump_json_message, make_pointer
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
     from edge_runtime.transport import MqttLink
 
 log = logging.getLogger("edgefm.coordinator")
-
-
-def receipt_status(result: dict) -> ReceiptStatus:
-    """The receipt status of an update's result: accepted, duplicate (already counted) or rejected."""
-    if result.get("accepted"):
-        return ReceiptStatus.ACCEPTED
-    return ReceiptStatus.DUPLICATE if result.get("reason") == RejectReason.DUPLICATE.value else ReceiptStatus.REJECTED
 
 
 class Publisher:
@@ -76,16 +69,16 @@ class Publisher:
         if self.link:
             self.link.publish(self.topics.round, self.message(msg.to_json()), qos=1, retain=True)
 
-    def receipts(self, receipts: list[tuple[str, dict]], version: int) -> None:
+    def receipts(self, receipts: list[tuple[str, Outcome]], version: int) -> None:
         """After the commit: tell each device its update is recorded, so it can drop it from its outbox.
         Updates without a readable id get none (they resend until ``resend_after_s`` and are refused again)."""
         if not self.link:
             return
         for device_id, res in receipts:
-            uid = res.get("update_id")
-            if not uid or uid.startswith("unparsed-"):
+            if res.update_id.startswith("unparsed-"):
                 continue
-            receipt = Receipt(uid, receipt_status(res), res.get("reason"), version, device_id)
+            reason = None if isinstance(res, Accepted) else res.reason.value
+            receipt = Receipt(res.update_id, res.receipt, reason, version, device_id)
             self.link.publish(self.topics.ack(device_id), self.message(receipt.to_json()), qos=1)
 
     def summary(self, round_id: int | None, version: int, participants: list[str], metrics: dict) -> None:

@@ -1,4 +1,8 @@
-"""The coordinator process: ingest updates over MQTT, validate, fold, close rounds, publish global adapters.
+"""The coordinator process: wires its parts together and runs rounds.
+
+Parts: ingest.py (queue, per-update pipeline -> Accepted | Rejected, group commit), aggregation.py (the
+open aggregate, its checkpoints and replay, the new global), strategies.py, rounds.py (pure round
+decisions), publisher.py (what goes to the fleet), state.py (the ledger: all SQL, blobs, update log).
 
 Durability: paho's thread only queues messages; the ingest worker takes what is queued (up to
 ``ingest_batch``), validates and folds each, appends accepted payloads to the update log, then makes
@@ -10,9 +14,7 @@ once: ``updates.update_id`` is the primary key).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import random
 import sqlite3
 import threading
@@ -20,20 +22,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from coordinator import aggregate as agg
-from coordinator.aggregation import Held, OpenAggregate
+from coordinator.aggregation import OpenAggregate
 from coordinator.config import CoordinatorConfig
+from coordinator.ingest import IngestQueue, Intake, Message, Outcome
 from coordinator.publisher import Publisher
 from coordinator.rounds import CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round
 from coordinator.state import State
 from coordinator.strategies import make_strategy
-from coordinator.validate import Limits, validate_update
+from coordinator.validate import Limits
 from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.manifest import Manifest
-from edge_runtime.protocol.messages import DeviceStatus, parse_json_message
+from edge_runtime.protocol.messages import DeviceStatus, UpdateHeader, parse_json_message
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ class Coordinator:
         self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key,
                              signing.device_keys(cfg.device_keys) if cfg.device_keys else None)
         self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, server_opt=cfg.server_optimizer, rank=self.rank,
-                                      trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip, seed=cfg.seed)
+                                      trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip,
+                                      dp_delta=cfg.dp_delta, seed=cfg.seed)
         self.influence = cfg.influence_policy()
         self.rng = random.Random(cfg.seed)
         self.lock = threading.RLock()
@@ -71,9 +72,7 @@ class Coordinator:
         self.link: MqttLink | None = None
         # bounded: back-pressure onto the broker; with the batch being worked on, at most 2 x ingest_batch
         # payloads are in memory whatever the number of updates in a round
-        self._inbox: queue.Queue = queue.Queue(maxsize=cfg.ingest_batch)
-        self._batch_depth = 0
-        self._batch_payloads: list[tuple[str, bytes]] = []  # accepted in the open batch, stored before it commits
+        self.inbox = IngestQueue(cfg.ingest_batch, cap=self._batch_cap, process=self.ingest)
         if self.state.current_version() is None:
             blob = (bundle / "adapter.safetensors").read_bytes()
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
@@ -95,6 +94,7 @@ class Coordinator:
         self.open = OpenAggregate(self.strategy, self.influence, self.state, self.global_tensors, clip_norm=cfg.clip_norm,
                                   sync=cfg.mode == "sync", staleness_exponent=cfg.staleness_exponent,
                                   max_update_bytes=cfg.max_update_bytes)
+        self.intake = Intake(self.state, self.open, self.limits, self.lock, rebuild=self._replay)
         self.plan: RoundPlan | None = None
         self._restore()
 
@@ -107,41 +107,12 @@ class Coordinator:
                                num_examples=num_examples, metrics=metrics, note=note, folded=folded)
         return sha
 
-    def _save_opt_state(self, version: int) -> str | None:
-        """Store the server optimizer's state (momentum, moments) as of ``version``, so a restart
-        continues it instead of starting from zero (FedAvgM, FedAdam, FedYogi); returns the blob
-        it supersedes."""
-        opt = getattr(self.strategy, "opt_state", None)
-        if opt is None or not (opt.m or opt.v):
-            return None
-        from edge_runtime.protocol.tensors import encode_tensors
-        tensors, meta = agg.opt_state_tensors(opt)
-        old = (self.state.get("server_opt") or {}).get("sha256")
-        sha = self.state.blobs.put(encode_tensors(tensors, meta))
-        self.state.put("server_opt", {"version": version, "sha256": sha})
-        return old if old != sha else None  # superseded: deleted once this commits
-
-    def _load_opt_state(self) -> None:
-        rec = self.state.get("server_opt")
-        if not rec or getattr(self.strategy, "opt_state", None) is None:
-            return
-        if rec.get("version") != self.version:
-            log.warning("server optimizer state is from v%s, the current version is v%d (published by hand?): "
-                        "starting it afresh", rec.get("version"), self.version)
-            return
-        from edge_runtime.protocol.tensors import decode_tensors
-        try:
-            tensors, meta = decode_tensors(self.state.blobs.get(rec["sha256"]))
-            self.strategy.opt_state = agg.opt_state_from_tensors(tensors, meta)
-        except (OSError, ProtocolError, ValueError) as exc:
-            log.error("server optimizer state unreadable (%s): starting it afresh", exc)
-
     def _restore(self) -> None:
         """Resume after a restart: the open round and every accepted-but-unpublished update."""
         r = self.state.open_round()
         if r is not None and self.cfg.mode == "sync":
             self.plan = RoundPlan(*r)
-        self._load_opt_state()
+        self.open.load_opt_state(self.version)
         self.replayed = self._replay()
         if self.replayed:
             log.info("restart: replayed %d accepted updates into the open aggregate", self.replayed)
@@ -149,58 +120,15 @@ class Coordinator:
     def _replay(self) -> int:
         """Rebuild the open aggregation from durable state (coordinator/aggregation.py); returns how many
         updates it holds again."""
-        self._batch_payloads = []
+        self.intake.forget_pending()
         restored = self.open.replay(self.version, self.global_tensors)
         if self.plan is not None:
             self.plan.accepted = {device_id: update_id for update_id, device_id in restored}
         return len(restored)
 
-    def _persist_batch(self) -> bool:
-        """Before the batch commits: make its accepted updates durable, their payloads in the log; and
-        once the log holds more than a checkpoint of the accumulator would take, that checkpoint too
-        (two generations are kept: one damaged copy loses nothing, coordinator/state.py), after which the
-        log before it can go. Returns whether a checkpoint was written."""
-        pending, self._batch_payloads = self._batch_payloads, []
-        if not pending:
-            return False
-        for update_id, payload in pending:
-            self.state.set_update_blob(update_id, self.state.log.append(payload))
-        return self.open.checkpoint_if_due()
-
-    @contextlib.contextmanager
-    def _batch(self):
-        """Hold the lock and one state transaction; if it does not commit, the in-memory aggregate is
-        rebuilt from durable state (it may hold folds of updates that are now not recorded)."""
-        with self.lock:
-            if self._batch_depth:  # joins the enclosing batch, which commits or rebuilds
-                self._batch_depth += 1
-                try:
-                    yield
-                finally:
-                    self._batch_depth -= 1
-                return
-            self._batch_depth = 1
-            self._batch_payloads = []
-            try:
-                with self.state.transaction():
-                    yield
-                    checkpointed = self._persist_batch()
-            except BaseException:
-                log.exception("ingest batch did not commit; rebuilding the aggregate from durable state")
-                self._replay()
-                raise
-            finally:
-                self._batch_depth = 0
-            if checkpointed:
-                self.state.prune_after_checkpoint()
-
-    def _aggregate_due(self) -> bool:
-        return self.cfg.mode == "async" and self.open.count() >= self.cfg.buffer_size
-
-
     def _after_batch(self) -> None:
         with self.lock:
-            if self._aggregate_due():
+            if self.cfg.mode == "async" and self.open.count() >= self.cfg.buffer_size:
                 self._aggregate(round_id=None)
 
     # ------------------------------------------------------------------ MQTT
@@ -227,51 +155,31 @@ class Coordinator:
 
     def start_ingest(self) -> None:
         """Start the ingest worker: it takes what ``enqueue`` queued, in batches (``ingest``)."""
-        self._worker = threading.Thread(target=self._work, name="edgefm-ingest", daemon=True)
-        self._worker.start()
+        self.inbox.start()
 
     def queued(self) -> int:
         """Messages waiting for the ingest worker (at most ``ingest_batch``: the queue is bounded)."""
-        return self._inbox.qsize()
+        return len(self.inbox)
 
     def enqueue(self, topic: str, payload: bytes, retained: bool, ack, timeout: float | None = None) -> None:
         """The link's message callback: paho's thread only queues (blocking while the bounded queue is
         full: back-pressure onto the broker); the worker persists, then acks (PUBACK only for what is
         durable)."""
-        self._inbox.put((topic, payload, retained, ack), timeout=timeout)
+        self.inbox.put((topic, payload, retained, ack), timeout=timeout)
 
-    def _take_batch(self, first) -> list:
-        """The first message plus whatever is already queued, up to ``ingest_batch``; in async mode never
-        more updates than fill the buffer (the version is published between batches)."""
-        cap = self.cfg.ingest_batch
+    def _batch_cap(self) -> int:
+        """Messages per ingest batch: in async mode never more updates than fill the buffer (the version
+        is published between batches)."""
         if self.cfg.mode == "async":
-            cap = max(1, min(cap, self.cfg.buffer_size - self.open.count()))
-        items = [first]
-        while len(items) < cap:
-            try:
-                items.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        return items
+            return max(1, min(self.cfg.ingest_batch, self.cfg.buffer_size - self.open.count()))
+        return self.cfg.ingest_batch
 
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            try:
-                first = self._inbox.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            items = self._take_batch(first)
-            try:
-                self.ingest(items)
-            except Exception:  # not committed: no PUBACK, the broker delivers these again after a reconnect
-                log.exception("%d messages not acknowledged", len(items))
-
-    def ingest(self, items: list) -> list[tuple[str, dict]]:
+    def ingest(self, items: list[Message]) -> list[tuple[str, Outcome]]:
         """One ingest batch: route each (topic, payload, retained, ack) message, commit them together,
         then call every ack and send the receipts; returns (device id, result) per update. Raises (and
         acks nothing) when the batch could not be made durable."""
         acks, receipts = [], []
-        with self._batch():
+        with self.intake.batch():
             for topic, payload, retained, ack in items:
                 acks.append(ack)
                 try:
@@ -288,7 +196,7 @@ class Coordinator:
         self.publisher.receipts(receipts, self.version)
         return receipts
 
-    def handle_updates(self, updates: list[tuple[str, bytes]]) -> list[dict]:
+    def handle_updates(self, updates: list[tuple[str, bytes]]) -> list[Outcome]:
         """Several (device id, payload) updates as one ingest batch (one commit); their results."""
         return [res for _, res in self.ingest([(self.topics.update(d), p, False, lambda: None) for d, p in updates])]
 
@@ -301,15 +209,14 @@ class Coordinator:
         self._stop.set()
         if self.link:
             self.link.close()
-        if getattr(self, "_worker", None) is not None:
-            self._worker.join(2)
+        self.inbox.stop()
 
     def _on_connect(self) -> None:
         self.publish_global(self.version)
         if self.plan is not None:
             self._announce(self.plan)
 
-    def on_message(self, topic: str, payload: bytes, retained: bool) -> tuple[str, dict] | None:
+    def on_message(self, topic: str, payload: bytes, retained: bool) -> tuple[str, Outcome] | None:
         """Route one MQTT message (inside an ingest batch); for an update, (device id, result)."""
         parsed = self.topics.parse_device_topic(topic)
         if not parsed:
@@ -321,84 +228,38 @@ class Coordinator:
             except ProtocolError as exc:
                 log.warning("bad status from %s: %s", device_id, exc)
         elif kind == "update":
-            return device_id, self._handle_update(device_id, payload)  # joins the worker's batch
+            return device_id, self._update(device_id, payload)  # joins the worker's batch
         return None
 
     # ------------------------------------------------------------------ updates
-    def _reject(self, device_id: str, update_id: str | None, reason: RejectReason, detail: str, header=None, nbytes=0) -> dict:
-        uid = update_id or f"unparsed-{time.time_ns()}"
-        self.state.record_update(update_id=uid, device_id=device_id, round_id=getattr(header, "round", None),
-                                 base_version=getattr(header, "base_version", -1), num_examples=getattr(header, "num_examples", 0),
-                                 status="rejected", reason=reason.value, detail=detail[:500], blob=None, nbytes=nbytes, weight=0.0)
-        self.state.count_device(device_id, accepted=False)
-        log.info("rejected update %s from %s: %s (%s)", uid, device_id, reason.value, detail)
-        return {"accepted": False, "reason": reason.value, "detail": detail, "update_id": uid}
-
-    def handle_update(self, device_id: str, payload: bytes) -> dict:
+    def handle_update(self, device_id: str, payload: bytes) -> Outcome:
         """Validate one update and fold it in durably, or record why not. Never raises on bad input."""
-        res = self._handle_update(device_id, payload)  # its own batch: durable when this returns
+        res = self._update(device_id, payload)  # its own batch: durable when this returns
         self._after_batch()
         self.publisher.receipts([(device_id, res)], self.version)
         return res
 
-    def _seen(self, update_id: str) -> dict | None:
-        """The answer to an update id already recorded (a resend: its first receipt may have been lost):
-        "duplicate" when it counted, else the rejection it got then, again (found by tests/test_chaos.py:
-        a resent *rejected* update was answered "duplicate, already counted" and the device counted it)."""
-        outcome = self.state.update_outcome(update_id)
-        if outcome is None:
-            return None
-        status, reason, detail = outcome
-        if status == "rejected":
-            return {"accepted": False, "reason": reason, "detail": detail, "update_id": update_id}
-        return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted", "update_id": update_id}
+    def _update(self, device_id: str, payload: bytes) -> Outcome:
+        res = self.intake.update(device_id, payload, self.version, self._fits)
+        if res.accepted and self.plan is not None:
+            self.plan.accepted[device_id] = res.update_id
+        return res
 
-    def _handle_update(self, device_id: str, payload: bytes) -> dict:
-        """Check and fold one update inside the current batch (durable when the batch commits)."""
-        with self._batch():
-            header = None
-            try:
-                upd = validate_update(device_id, payload, self.limits)
-                header = upd.header
-            except ProtocolError as exc:
-                header = getattr(exc, "header", None)
-                seen = self._seen(header.update_id) if header is not None else None
-                if seen is not None:
-                    return seen
-                return self._reject(device_id, getattr(header, "update_id", None), exc.reason, exc.detail, header, len(payload))
-            seen = self._seen(header.update_id)
-            if seen is not None:
-                return seen
-            try:
-                if self.cfg.mode == "sync":
-                    if self.plan is None:
-                        raise ProtocolError(RejectReason.STALE, "no round is open")
-                    why = check_sync_update(self.plan, device_id, header.base_version, header.round)
-                else:
-                    why = check_async_update(self.version, header.base_version, self.cfg.max_staleness)
-                    if why is None and device_id in self.open.devices:
-                        raise ProtocolError(RejectReason.TOO_FREQUENT, "this device already has an update in the open aggregation "
-                                                                       f"(async: one per device per version; current v{self.version})")
-                if why is not None:
-                    raise ProtocolError(why, f"update from base v{header.base_version} round {header.round} does not fit "
-                                             f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
-            except ProtocolError as exc:
-                return self._reject(device_id, header.update_id, exc.reason, exc.detail, header, len(payload))
-            if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
-                                            base_version=header.base_version, num_examples=header.num_examples,
-                                            status="accepted", reason=None, detail=None, blob=None, nbytes=len(payload),
-                                            weight=None, norm=upd.norm):
-                return {"accepted": False, "reason": RejectReason.DUPLICATE.value, "detail": "already counted",
-                        "update_id": header.update_id}
-            self._batch_payloads.append((header.update_id, payload))  # stored by _persist_batch before the commit
-            self.state.count_device(device_id, accepted=True)
-            # bounded against the fleet's recent updates, then folded (held while there are too few to judge)
-            self.open.hold(Held(header.update_id, device_id, header.num_examples, upd.norm,
-                                self.version - header.base_version, upd.tensors, upd.flat))
-            self.open.release()
-            if self.plan is not None:
-                self.plan.accepted[device_id] = header.update_id
-            return {"accepted": True, "update_id": header.update_id}
+    def _fits(self, device_id: str, header: UpdateHeader) -> ProtocolError | None:
+        """Why an update does not fit the open round (sync) or version (async); None when it does."""
+        if self.cfg.mode == "sync":
+            if self.plan is None:
+                return ProtocolError(RejectReason.STALE, "no round is open")
+            why = check_sync_update(self.plan, device_id, header.base_version, header.round)
+        else:
+            why = check_async_update(self.version, header.base_version, self.cfg.max_staleness)
+            if why is None and device_id in self.open.devices:
+                return ProtocolError(RejectReason.TOO_FREQUENT, "this device already has an update in the open aggregation "
+                                                                f"(async: one per device per version; current v{self.version})")
+        if why is None:
+            return None
+        return ProtocolError(why, f"update from base v{header.base_version} round {header.round} does not fit "
+                                  f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
 
     # ------------------------------------------------------------------ rounds
     def _announce(self, plan: RoundPlan | None) -> None:
@@ -447,39 +308,28 @@ class Coordinator:
 
     def _aggregate(self, round_id: int | None) -> int | None:
         """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
-        self.open.release(force=True)
-        ids = list(self.open.folded_ids)
-        rows = self.state.folded_summary(ids)
-        new = self.strategy.finish(self.open.acc, self.global_tensors)
-        if new is None:
-            return None
-        bad = [k for k, v in new.items() if not np.all(np.isfinite(v))]
-        if bad:  # never publish NaN: keep the previous model, explicitly
-            log.error("aggregate has non-finite values in %s; keeping v%d", bad[:3], self.version)
-            return None
-        num_examples = sum(r[0] for r in rows)
-        metrics = {"num_updates": len(ids), "num_examples": num_examples, "bytes": sum(r[1] for r in rows),
-                   "update_norm": agg.global_norm({k: new[k] - self.global_tensors[k] for k in new})}
-        if self.cfg.strategy == "dp_fedavg":
-            metrics["epsilon"] = agg.gaussian_epsilon(self.cfg.dp_noise_multiplier, self.completed_rounds() + 1, self.cfg.dp_delta)
         version = self.version + 1
+        res = self.open.finish(versions=version)
+        if res.tensors is None:
+            return None
         with self.state.transaction():  # the version and the optimizer state that produced it, together
-            self._store_version(version, self.version, new, self.global_meta, round_id=round_id, num_updates=len(ids),
-                                num_examples=num_examples, metrics=metrics, folded=ids)
-            old_opt = self._save_opt_state(version)
+            self._store_version(version, self.version, res.tensors, self.global_meta, round_id=round_id,
+                                num_updates=len(res.folded_ids), num_examples=res.metrics["num_examples"],
+                                metrics=res.metrics, folded=res.folded_ids)
+            old_opt = self.open.save_opt_state(version)
         if old_opt:
             self.state.blobs.delete(old_opt)
-        self.state.delete_updates(self.state.release_payloads(ids))
+        self.state.delete_updates(self.state.release_payloads(res.folded_ids))
         self.state.drop_checkpoint()  # every update it covered is folded into this version
-        self.version, self.global_tensors = version, new
-        self.open.begin(new)
-        participants = sorted({r[2] for r in rows})
+        self.version, self.global_tensors = version, res.tensors
+        self.open.begin(res.tensors)
         if round_id is not None:
-            self.state.close_round(round_id, version, {**metrics, "participants": participants})
+            self.state.close_round(round_id, version, {**res.metrics, "participants": res.participants})
             self.plan = None
         self.publish_global(version)
-        self.publisher.summary(round_id, version, participants, metrics)
-        log.info("published global v%d from %d updates (%d examples)", version, len(ids), num_examples)
+        self.publisher.summary(round_id, version, res.participants, res.metrics)
+        log.info("published global v%d from %d updates (%d examples)", version, len(res.folded_ids),
+                 res.metrics["num_examples"])
         if self.cfg.mode == "async":
             self._announce(None)
             if self.cfg.max_rounds and version >= self.cfg.max_rounds:

@@ -23,14 +23,14 @@ class Strategy:
     default_server_lr = 1.0
 
     def __init__(self, *, server_lr: float | None = None, server_opt: str | None = None, rank: int = 8, trim: int = 1,
-                 dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, seed: int = 0):
+                 dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, dp_delta: float = 1e-5, seed: int = 0):
         if server_opt is not None:  # e.g. a robust rule (median) followed by a server optimizer
             self.server_opt = server_opt
             if server_lr is None and server_opt in ("fedadam", "fedyogi"):
                 server_lr = FedAdam.default_server_lr
         self.server_lr = self.default_server_lr if server_lr is None else server_lr
         self.rank, self.trim = rank, trim
-        self.dp_noise_multiplier, self.dp_clip = dp_noise_multiplier, dp_clip
+        self.dp_noise_multiplier, self.dp_clip, self.dp_delta = dp_noise_multiplier, dp_clip, dp_delta
         self.rng = np.random.default_rng(seed)
         self.opt_state = agg.ServerOptState()
 
@@ -68,6 +68,10 @@ class Strategy:
     def avg_delta(self, acc) -> Tensors:
         """The aggregated delta."""
         return acc["sum"].mean()
+
+    def version_metrics(self, versions: int) -> dict:
+        """What this strategy adds to the metrics of its ``versions``-th aggregated version."""
+        return {}
 
     def finish(self, acc, global_t: Tensors) -> Tensors | None:
         """New global tensors, or None to keep the previous model (nothing usable was folded in)."""
@@ -151,6 +155,10 @@ class DpFedAvg(Strategy):
 
     def fold(self, acc, weight, delta, global_t, flat=None):
         acc["sum"].add(1.0, agg.clip_update(delta, self.dp_clip))
+
+    def version_metrics(self, versions):
+        """The privacy spent so far: epsilon at ``dp_delta`` after ``versions`` noisy aggregates."""
+        return {"epsilon": agg.gaussian_epsilon(self.dp_noise_multiplier, versions, self.dp_delta)}
 
     def avg_delta(self, acc):
         s = acc["sum"]

@@ -55,10 +55,10 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
     total = sum(b.examples for b in bound.values())
     expect = {k: v0[k] + sum(bound[d].examples * scale[d] * delta[d][k] for d in local) / total for k in v0}
     for k in v0:
-        np.testing.assert_allclose(agents[0].global_tensors[k], expect[k], atol=1e-6)
-    assert agents[0].global_tensors.keys() == v0.keys()
+        np.testing.assert_allclose(agents[0].lineage.global_tensors[k], expect[k], atol=1e-6)
+    assert agents[0].lineage.global_tensors.keys() == v0.keys()
     # and the update actually moved the adapter
-    assert max(float(np.abs(agents[0].global_tensors[k] - v0[k]).max()) for k in v0) > 0
+    assert max(float(np.abs(agents[0].lineage.global_tensors[k] - v0[k]).max()) for k in v0) > 0
     for a in agents:
         assert a.store.outbox_stats()["queued"] == 0
         assert a.sync.rejected == []                     # the coordinator's own v0 pointer is not "refused"
