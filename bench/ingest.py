@@ -153,18 +153,18 @@ def coordinator_child(url: str, state: str, bundle: str, n: int, codec: str) -> 
                                       buffer_size=10**9, max_staleness=10))
     first: list[float] = []
     acked: list[float] = []
-    handle, enqueue = c._handle_update, c.enqueue
+    handle, enqueue = c.intake.update, c.enqueue
 
-    def timed(device_id, payload):
+    def timed(*args):
         if not first:
             first.append(time.perf_counter())
-        return handle(device_id, payload)
+        return handle(*args)
 
     def enqueue_timed(topic, payload, retained, ack):
         # the PUBACK is sent only once the update is durable (group commit): time that, not the fold
         enqueue(topic, payload, retained, lambda: (ack(), acked.append(time.perf_counter())))
 
-    c._handle_update = timed
+    c.intake.update = timed  # type: ignore[method-assign]
     c.enqueue = enqueue_timed  # type: ignore[method-assign]
     c.start()
     assert c.link.wait_connected(10)

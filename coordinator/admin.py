@@ -15,9 +15,12 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from edge_runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from coordinator.service import Coordinator
 
 LOCK = "serve.lock"
 SPOOL = "admin"
@@ -87,3 +90,16 @@ def serve_requests(state_dir: Path, execute: Callable[[dict], dict]) -> int:
         req.unlink(missing_ok=True)
         done += 1
     return done
+
+
+def execute(coordinator: Coordinator, request: dict) -> dict:
+    """Carry out one admin request on ``coordinator``: publish an adapter file, or roll back to a version."""
+    from edge_runtime.protocol.adapter import load_adapter
+    cmd = request.get("cmd")
+    if cmd == "publish":
+        tensors, _ = load_adapter(request["adapter"], expect_fingerprint=coordinator.fingerprint)
+        note = f"published by hand from {request['adapter']}"
+        return {"version": coordinator.publish_adapter(tensors, note), "note": note}
+    if cmd == "rollback":
+        return {"version": coordinator.rollback_to(int(request["to"])), "note": f"rollback to v{int(request['to'])}"}
+    raise ConfigError(f"unknown admin command {cmd!r}")

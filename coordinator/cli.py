@@ -159,15 +159,16 @@ def admin_command(args) -> int:
                 raise ConfigError(f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first")
             coord = Coordinator(CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir),
                                                   insecure=args.insecure))
-            coord.link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
-            coord.link.start()
+            link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
+            coord.attach(link)
+            link.start()
             try:
-                if not coord.link.wait_connected(10):
+                if not link.wait_connected(10):
                     raise ConfigError(f"cannot reach broker {redact(args.broker)}")
-                out = coord.execute_admin(request)
+                out = admin.execute(coord, request)
                 time.sleep(0.5)
             finally:
-                coord.link.close()
+                link.close()
     print(f"published v{out['version']} ({out['note']})")
     return 0
 

@@ -155,10 +155,10 @@ class Intake:
         return self.open.checkpoint_if_due()
 
     def update(self, device_id: str, payload: bytes, version: int,
-               fits: Callable[[str, UpdateHeader], ProtocolError | None]) -> Outcome:
+               fits: Callable[[str, UpdateHeader], tuple[RejectReason, str] | None]) -> Outcome:
         """Check one update and fold it in (durable when the batch commits), or record why not;
-        ``version``: the current global; ``fits``: why it does not fit the open round or version (None:
-        it does). Never raises on bad input."""
+        ``version``: the current global; ``fits``: why it does not fit the open round or version, (reason,
+        detail), or None when it does. Never raises on bad input."""
         with self.batch():
             try:
                 upd = validate_update(device_id, payload, self.limits)
@@ -172,7 +172,7 @@ class Intake:
                 return seen
             misfit = fits(device_id, header)
             if misfit is not None:
-                return self.reject(device_id, header, misfit.reason, misfit.detail, len(payload))
+                return self.reject(device_id, header, misfit[0], misfit[1], len(payload))
             if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
                                             base_version=header.base_version, num_examples=header.num_examples,
                                             status="accepted", reason=None, detail=None, blob=None, nbytes=len(payload),

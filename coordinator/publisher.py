@@ -17,7 +17,7 @@ from edge_runtime.protocol.messages import Receipt, RoundAnnouncement, RoundMode
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
-    from edge_runtime.transport import MqttLink
+    from edge_runtime.transport import Link
 
 log = logging.getLogger("edgefm.coordinator")
 
@@ -29,7 +29,7 @@ class Publisher:
                  chunk_size: int, keep_versions: int):
         self.topics, self.state, self.fingerprint, self.epoch, self.signer = topics, state, fingerprint, epoch, signer
         self.chunk_size, self.keep_versions = chunk_size, keep_versions
-        self.link: MqttLink | None = None
+        self.link: Link | None = None
 
     def message(self, obj: dict) -> bytes:
         """A JSON message for the fleet, signed when the coordinator has a key."""

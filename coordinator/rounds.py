@@ -89,3 +89,22 @@ def check_async_update(current_version: int, base_version: int, max_staleness: i
     if base_version > current_version or current_version - base_version > max_staleness:
         return RejectReason.STALE
     return None
+
+
+def update_fits(*, mode: str, plan: RoundPlan | None, current_version: int, max_staleness: int, device_id: str,
+                base_version: int, round_id: int | None, device_has_open_update: bool) -> tuple[RejectReason, str] | None:
+    """Why an update does not fit the open round (``mode`` "sync") or version (async), with the detail a
+    device is told; None when it fits."""
+    if mode == "sync":
+        if plan is None:
+            return RejectReason.STALE, "no round is open"
+        why = check_sync_update(plan, device_id, base_version, round_id)
+    else:
+        why = check_async_update(current_version, base_version, max_staleness)
+        if why is None and device_has_open_update:
+            return RejectReason.TOO_FREQUENT, ("this device already has an update in the open aggregation "
+                                               f"(async: one per device per version; current v{current_version})")
+    if why is None:
+        return None
+    return why, (f"update from base v{base_version} round {round_id} does not fit "
+                 f"(current v{current_version}, round {plan.round if plan else None})")

@@ -26,18 +26,18 @@ from coordinator.aggregation import OpenAggregate
 from coordinator.config import CoordinatorConfig
 from coordinator.ingest import IngestQueue, Intake, Message, Outcome
 from coordinator.publisher import Publisher
-from coordinator.rounds import CloseDecision, RoundPlan, check_async_update, check_sync_update, close_decision, plan_round
+from coordinator.rounds import CloseDecision, RoundPlan, close_decision, plan_round, update_fits
 from coordinator.state import State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits
 from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
-from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
+from edge_runtime.protocol.adapter import adapter_from_bytes
 from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.messages import DeviceStatus, UpdateHeader, parse_json_message
 from edge_runtime.protocol.topics import Topics
 
 if TYPE_CHECKING:
-    from edge_runtime.transport import MqttLink
+    from edge_runtime.transport import Link
 
 log = logging.getLogger("edgefm.coordinator")
 
@@ -69,43 +69,28 @@ class Coordinator:
         self.lock = threading.RLock()
         self.done = threading.Event()
         self._stop = threading.Event()
-        self.link: MqttLink | None = None
+        self.link: Link | None = None
         # bounded: back-pressure onto the broker; with the batch being worked on, at most 2 x ingest_batch
         # payloads are in memory whatever the number of updates in a round
         self.inbox = IngestQueue(cfg.ingest_batch, cap=self._batch_cap, process=self.ingest)
         if self.state.current_version() is None:
             blob = (bundle / "adapter.safetensors").read_bytes()
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
-            self._store_version(0, None, tensors, meta, note="initial adapter from the bundle")
+            self.state.store_version(0, None, tensors, meta, strategy=cfg.strategy, note="initial adapter from the bundle")
         version = self.state.current_version()
         if version is None:   # stored just above when missing
             raise StateError(f"{cfg.state_dir}: no version recorded")
         self.version: int = version
-        # this state's lineage: pointers and rounds carry it; a device on another lineage (an older state,
-        # a forged pointer from before signatures) takes this one's globals whatever their version
-        self.epoch = self.state.get("epoch")
-        if not self.epoch:
-            import secrets
-            self.epoch = secrets.token_hex(8)
-            self.state.put("epoch", self.epoch)
+        self.epoch = self.state.epoch()
         self.publisher = Publisher(self.topics, self.state, fingerprint=self.fingerprint, epoch=self.epoch, signer=self.signer,
                                    chunk_size=cfg.chunk_size, keep_versions=cfg.keep_versions)
-        self.global_tensors, self.global_meta = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(self.version)))
+        self.global_tensors, self.global_meta = self.state.load_version(self.version)
         self.open = OpenAggregate(self.strategy, self.influence, self.state, self.global_tensors, clip_norm=cfg.clip_norm,
                                   sync=cfg.mode == "sync", staleness_exponent=cfg.staleness_exponent,
                                   max_update_bytes=cfg.max_update_bytes)
         self.intake = Intake(self.state, self.open, self.limits, self.lock, rebuild=self._replay)
         self.plan: RoundPlan | None = None
         self._restore()
-
-    # ------------------------------------------------------------------ durable state
-    def _store_version(self, version: int, parent, tensors, meta: AdapterMeta, *, round_id=None, num_updates=0, num_examples=0,
-                       metrics=None, note="", folded=None) -> str:
-        meta = AdapterMeta(**{**meta.to_json(), "version": version, "parent_version": parent, "metrics": metrics or {}})
-        sha = self.state.blobs.put(adapter_to_bytes(tensors, meta))
-        self.state.add_version(version, parent, sha, round_id=round_id, strategy=self.cfg.strategy, num_updates=num_updates,
-                               num_examples=num_examples, metrics=metrics, note=note, folded=folded)
-        return sha
 
     def _restore(self) -> None:
         """Resume after a restart: the open round and every accepted-but-unpublished update."""
@@ -132,26 +117,33 @@ class Coordinator:
                 self._aggregate(round_id=None)
 
     # ------------------------------------------------------------------ MQTT
-    def start(self) -> None:
-        """Connect (persistent session) and start the round loop."""
-        from edge_runtime.transport import MqttLink
+    def start(self, link: Link | None = None) -> None:
+        """Connect and start the round loop and the ingest worker. ``link``: one made by the caller
+        (delivering to ``enqueue``, calling ``on_connect``), else an MqttLink to ``cfg.broker``
+        (persistent session, PUBACK only once an update is durable)."""
         # files a crash left behind (a checkpoint whose commit never happened); only here, in the
         # serving process: admin commands open the same state while a coordinator may be writing it
         self.state.prune_after_checkpoint()
         if self.cfg.keep_large_buffers:
             from edge_runtime.memory import keep_large_buffers
             keep_large_buffers()
-        if self.cfg.broker is None:
-            raise ConfigError("the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)")
-        link = self.link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.enqueue,
-                                    on_connect=self._on_connect, clean_start=False, manual_ack=True)
-        self.publisher.link = link
+        if link is None:
+            if self.cfg.broker is None:
+                raise ConfigError("the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)")
+            from edge_runtime.transport import MqttLink
+            link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.enqueue,
+                            on_connect=self.on_connect, clean_start=False, manual_ack=True)
+        self.attach(link)
         link.subscribe(self.topics.all_devices("status"), 1)
         link.subscribe(self.topics.all_devices("update"), 1)
         link.start()
         self._thread = threading.Thread(target=self._loop, name="edgefm-rounds", daemon=True)
         self._thread.start()
         self.start_ingest()
+
+    def attach(self, link: Link) -> None:
+        """Send to the fleet through ``link`` from now on (an admin command's short-lived link too)."""
+        self.link = self.publisher.link = link
 
     def start_ingest(self) -> None:
         """Start the ingest worker: it takes what ``enqueue`` queued, in batches (``ingest``)."""
@@ -211,7 +203,8 @@ class Coordinator:
             self.link.close()
         self.inbox.stop()
 
-    def _on_connect(self) -> None:
+    def on_connect(self) -> None:
+        """The link (re)connected: the retained global and the open round again."""
         self.publish_global(self.version)
         if self.plan is not None:
             self._announce(self.plan)
@@ -245,21 +238,10 @@ class Coordinator:
             self.plan.accepted[device_id] = res.update_id
         return res
 
-    def _fits(self, device_id: str, header: UpdateHeader) -> ProtocolError | None:
-        """Why an update does not fit the open round (sync) or version (async); None when it does."""
-        if self.cfg.mode == "sync":
-            if self.plan is None:
-                return ProtocolError(RejectReason.STALE, "no round is open")
-            why = check_sync_update(self.plan, device_id, header.base_version, header.round)
-        else:
-            why = check_async_update(self.version, header.base_version, self.cfg.max_staleness)
-            if why is None and device_id in self.open.devices:
-                return ProtocolError(RejectReason.TOO_FREQUENT, "this device already has an update in the open aggregation "
-                                                                f"(async: one per device per version; current v{self.version})")
-        if why is None:
-            return None
-        return ProtocolError(why, f"update from base v{header.base_version} round {header.round} does not fit "
-                                  f"(current v{self.version}, round {getattr(self.plan, 'round', None)})")
+    def _fits(self, device_id: str, header: UpdateHeader) -> tuple[RejectReason, str] | None:
+        return update_fits(mode=self.cfg.mode, plan=self.plan, current_version=self.version,
+                           max_staleness=self.cfg.max_staleness, device_id=device_id, base_version=header.base_version,
+                           round_id=header.round, device_has_open_update=device_id in self.open.devices)
 
     # ------------------------------------------------------------------ rounds
     def _announce(self, plan: RoundPlan | None) -> None:
@@ -313,7 +295,7 @@ class Coordinator:
         if res.tensors is None:
             return None
         with self.state.transaction():  # the version and the optimizer state that produced it, together
-            self._store_version(version, self.version, res.tensors, self.global_meta, round_id=round_id,
+            self.state.store_version(version, self.version, res.tensors, self.global_meta, strategy=self.cfg.strategy, round_id=round_id,
                                 num_updates=len(res.folded_ids), num_examples=res.metrics["num_examples"],
                                 metrics=res.metrics, folded=res.folded_ids)
             old_opt = self.open.save_opt_state(version)
@@ -344,7 +326,7 @@ class Coordinator:
         """Publish given tensors as a new version (manual publish / rollback): lineage stays monotonic."""
         with self.lock:
             version = self.version + 1
-            self._store_version(version, self.version, tensors, self.global_meta, note=note)
+            self.state.store_version(version, self.version, tensors, self.global_meta, strategy=self.cfg.strategy, note=note)
             self.version, self.global_tensors = version, tensors
             self._replay()  # accepted, unpublished updates stay pending: folded into the next version
             self.publish_global(version)
@@ -354,24 +336,12 @@ class Coordinator:
         """Republish version ``to``'s adapter as the next version; versions after it are marked rolled back."""
         with self.lock:
             try:
-                tensors, _ = adapter_from_bytes(self.state.blobs.get(self.state.version_sha(to)))
+                tensors, _ = self.state.load_version(to)
             except KeyError:
                 raise ConfigError(f"no version {to}; see `edgefm-coordinator adapters`") from None
             v = self.publish_adapter(tensors, f"rollback to v{to}")
             self.state.mark_rolled_back(to, v)
             return v
-
-    def execute_admin(self, request: dict) -> dict:
-        """An admin command (``coordinator.admin``): publish an adapter file or roll back to a version."""
-        from edge_runtime.protocol.adapter import load_adapter
-        cmd = request.get("cmd")
-        if cmd == "publish":
-            tensors, _ = load_adapter(request["adapter"], expect_fingerprint=self.fingerprint)
-            note = f"published by hand from {request['adapter']}"
-            return {"version": self.publish_adapter(tensors, note), "note": note}
-        if cmd == "rollback":
-            return {"version": self.rollback_to(int(request["to"])), "note": f"rollback to v{int(request['to'])}"}
-        raise ConfigError(f"unknown admin command {cmd!r}")
 
     def _loop(self) -> None:
         from coordinator import admin
@@ -380,7 +350,7 @@ class Coordinator:
             self._announce(None)
         while not self._stop.wait(0.2):
             try:
-                admin.serve_requests(Path(self.cfg.state_dir), self.execute_admin)
+                admin.serve_requests(Path(self.cfg.state_dir), lambda request: admin.execute(self, request))
                 self.tick()
             except Exception:  # the coordinator keeps running; the error is in the log
                 log.exception("round loop error")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.errors import StateError
+from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.messages import DeviceStatus
 
 SCHEMA = """
@@ -552,6 +553,31 @@ class State:
                              json.dumps(metrics or {}), "published", note))
             for uid in folded or []:
                 self.db.execute("UPDATE updates SET folded_into=? WHERE update_id=?", (version, uid))
+
+    def store_version(self, version: int, parent: int | None, tensors: dict, meta: AdapterMeta, *, strategy: str,
+                      round_id: int | None = None, num_updates: int = 0, num_examples: int = 0, metrics: dict | None = None,
+                      note: str = "", folded: list[str] | None = None) -> str:
+        """Store an adapter as global ``version`` (its blob, then its row: ``add_version``); its sha256."""
+        meta = AdapterMeta(**{**meta.to_json(), "version": version, "parent_version": parent, "metrics": metrics or {}})
+        sha = self.blobs.put(adapter_to_bytes(tensors, meta))
+        self.add_version(version, parent, sha, round_id=round_id, strategy=strategy, num_updates=num_updates,
+                         num_examples=num_examples, metrics=metrics, note=note, folded=folded)
+        return sha
+
+    def load_version(self, version: int) -> tuple[dict, AdapterMeta]:
+        """The adapter stored as ``version`` (KeyError: no such version)."""
+        return adapter_from_bytes(self.blobs.get(self.version_sha(version)))
+
+    def epoch(self) -> str:
+        """This state's lineage id (made once): pointers and rounds carry it, so a device on another
+        lineage (an older state, a forged pointer from before signatures) takes this one's globals
+        whatever their version."""
+        epoch = self.get("epoch")
+        if not epoch:
+            import secrets
+            epoch = secrets.token_hex(8)
+            self.put("epoch", epoch)
+        return str(epoch)
 
     def versions(self) -> list[dict]:
         """Version lineage, newest first."""

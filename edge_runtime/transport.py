@@ -13,7 +13,7 @@ import logging
 import ssl
 import threading
 import urllib.parse
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from edge_runtime.errors import ConfigError
 
@@ -113,6 +113,23 @@ def require_secure_broker(url: str | None, allow_insecure: bool, who: str, missi
 
 # (topic, payload, retained) or, with manual_ack, (topic, payload, retained, ack): call ack() once the message is safe
 MessageHandler = Callable[..., None]
+
+
+class Link(Protocol):
+    """What the coordinator and the sync layer need of a message link: MqttLink over a broker, or an
+    in-memory fake in unit tests (tests/helpers.py: MemoryLink)."""
+
+    connected: threading.Event
+
+    def start(self) -> Any: ...
+
+    def wait_connected(self, timeout: float) -> bool: ...
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None: ...
+
+    def close(self) -> None: ...
 
 
 class MqttLink:

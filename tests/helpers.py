@@ -94,3 +94,48 @@ def rewrite_bundle_file(bundle: Path, name: str, text: str | None) -> None:
     names = [n for n in m["files"] if (Path(bundle) / n).is_file()] + ([name] if text is not None and name not in m["files"] else [])
     m["files"] = hash_files(Path(bundle), names)
     mf.write_text(json.dumps(m, indent=2))
+
+
+class MemoryLink:
+    """An in-memory stand-in for MqttLink (the ``edge_runtime.transport.Link`` protocol) for unit tests
+    of coordinator logic: what is published is recorded (retained messages kept per topic); ``deliver``
+    hands a message to the owner's ``on_message`` as the broker would, with an ack that records it."""
+
+    def __init__(self, on_message=None, on_connect=None):
+        import threading
+        self.on_message, self.on_connect = on_message, on_connect
+        self.connected = threading.Event()
+        self.published: list[tuple[str, bytes, bool]] = []
+        self.retained: dict[str, bytes] = {}
+        self.subscribed: list[str] = []
+        self.acked: list[str] = []
+
+    def start(self):
+        self.connected.set()
+        if self.on_connect:
+            self.on_connect()
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self.subscribed.append(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        self.published.append((topic, payload, retain))
+        if retain:
+            self.retained[topic] = payload
+        return len(self.published)
+
+    def close(self) -> None:
+        self.connected.clear()
+
+    def deliver(self, topic: str, payload: bytes, name: str = "") -> None:
+        """A message from the fleet (its ack records ``name``)."""
+        self.on_message(topic, payload, False, lambda: self.acked.append(name))
+
+    def messages(self, topic: str) -> list:
+        """The JSON messages published on ``topic``, in order."""
+        import json
+        return [json.loads(p) for t, p, _ in self.published if t == topic]

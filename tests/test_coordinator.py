@@ -291,6 +291,18 @@ def test_admin_cli_adapters_rollback_export(bundle, tmp_path, broker):
     assert "version" in run("adapters").stdout and "a" in run("devices").stdout
     r = run("rollback", "--to", "0", "--broker", broker.url, "--bundle", str(bundle), "--fleet", "c")
     assert r.returncode == 0 and "v2" in r.stdout, r.stderr
+    # with no coordinator serving, the command itself published v2 to the fleet (retained pointer)
+    from edge_runtime.protocol.messages import parse_json_message
+    from edge_runtime.protocol.topics import Topics
+    from edge_runtime.transport import MqttLink
+    pointers: list[dict] = []
+    probe = MqttLink(broker.url, f"probe-{uuid.uuid4().hex[:6]}", on_message=lambda t, p, r: pointers.append(parse_json_message(p)))
+    probe.subscribe(Topics("c").global_pointer, 1)
+    probe.start()
+    try:
+        wait_for(lambda: any(m.get("version") == 2 for m in pointers), 10, what="v2's pointer retained on the broker")
+    finally:
+        probe.close()
     out = tmp_path / "v2.safetensors"
     assert run("export", "--version", "2", "-o", str(out)).returncode == 0
     t2, m2 = load_adapter(out)
@@ -367,7 +379,7 @@ def test_worker_group_commits_then_acks_and_a_failed_commit_acks_nothing(bundle,
     c.state.log.sync = real_sync
     c.stop()
     # delivered again (as the broker would after a reconnect): counted once
-    assert c.handle_update("d10", msg)["accepted"] and c.open.count() == 11
+    assert c.handle_update("d10", msg).accepted and c.open.count() == 11
 
 
 
@@ -383,7 +395,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     ups = [make_update(meta, f"d{i}", 0, 1 + i, rng) for i in range(6)]
     c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)
     c.handle_update("d0", ups[0][2])                                    # alone: smaller than a checkpoint -> log
-    assert all(r["accepted"] for r in c.handle_updates([(f"d{i}", ups[i][2]) for i in (1, 2, 3)]))   # one ingest batch
+    assert all(r.accepted for r in c.handle_updates([(f"d{i}", ups[i][2]) for i in (1, 2, 3)]))   # one ingest batch
     st = c.state
     ck = st.get("acc_checkpoint")
     assert ck["count"] == 4 and ck["nbytes"] == 8 * sum(int(np.prod(s)) for s in meta.shapes.values())
@@ -400,7 +412,7 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
 
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, examples_multiple=0, judge_batch=1)   # restart on the same state
     assert c2.replayed == 5 and c2.open.count() == 5
-    assert c2.handle_update("d5", ups[5][2])["accepted"]
+    assert c2.handle_update("d5", ups[5][2]).accepted
     assert c2.aggregate_now() == 1
     v1, _ = adapter_from_bytes(c2.state.blobs.get(c2.state.version_sha(1)))
     w = [1 + i for i in range(6)]
@@ -532,7 +544,7 @@ def test_server_optimizer_state_survives_a_restart(bundle, tmp_path):
         c = _offline_coordinator(bundle, state_dir, **kw)
         for ups in rounds:
             for i, (_, _, msg) in enumerate(ups):
-                assert c.handle_update(f"d{i}", msg)["accepted"]
+                assert c.handle_update(f"d{i}", msg).accepted
             if restart_each_round:
                 c = _offline_coordinator(bundle, state_dir, **kw)
         assert c.version == 3
@@ -631,13 +643,13 @@ def test_a_resent_rejected_update_is_rejected_again_not_called_counted(bundle, t
     c = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100)
     first = make_update(meta, "d0", 0, 3, rng)
     second = make_update(meta, "d0", 0, 3, rng)         # the same device again in the same version: refused
-    assert c.handle_update("d0", first[2])["accepted"]
+    assert c.handle_update("d0", first[2]).accepted
     r = c.handle_update("d0", second[2])
-    assert not r["accepted"] and r["reason"] == "too_frequent"
+    assert not r.accepted and r.reason == "too_frequent"
     again = c.handle_update("d0", second[2])            # resent (its receipt was lost)
-    assert not again["accepted"] and again["reason"] == "too_frequent"
+    assert not again.accepted and again.reason == "too_frequent"
     resent = c.handle_update("d0", first[2])            # the counted one resent: "duplicate" (it counted)
-    assert resent["reason"] == "duplicate"
+    assert resent.reason == "duplicate"
     assert {d["device_id"]: d["accepted"] for d in c.state.devices()}["d0"] == 1
 
 

@@ -131,7 +131,7 @@ def test_one_inflated_update_cannot_dominate(bundle, tmp_path, attacker_first):
     # the bounds alone (the direction check, on by default, is tested below)
     c = coordinator(bundle, tmp_path / "state", buffer_size=5, direction_share=0)   # all five judged together
     for dev, n, d in order:
-        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+        assert c.handle_update(dev, payload(meta, dev, n, d)).accepted
     assert c.version == 1
     got = flat(published_delta(c, v0))
     np.testing.assert_allclose(got, expected_bounded_mean(order), rtol=1e-4, atol=1e-6)
@@ -154,7 +154,7 @@ def test_an_update_pointing_away_from_the_fleet_counts_nothing(bundle, tmp_path,
     order = [attacker] + honest if attacker_first else honest + [attacker]
     c = coordinator(bundle, tmp_path / "state", buffer_size=5)
     for dev, n, d in order:
-        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+        assert c.handle_update(dev, payload(meta, dev, n, d)).accepted
     assert c.version == 1
     got = flat(published_delta(c, v0))
     claims = [n for _, n, _ in order]
@@ -231,7 +231,7 @@ def test_held_updates_survive_a_restart(bundle, tmp_path):
     c2 = coordinator(bundle, tmp_path / "state", buffer_size=4)         # as after SIGKILL: same state dir
     assert c2.replayed == 2
     for dev, m in msgs[2:]:
-        assert c2.handle_update(dev, m)["accepted"]
+        assert c2.handle_update(dev, m).accepted
     assert c2.version == ref.version == 1
     np.testing.assert_allclose(flat(published_delta(c2, v0)), flat(published_delta(ref, v0)), rtol=1e-6, atol=1e-7)
     assert cli(["--state-dir", str(tmp_path / "state"), "status", "--json"]) == 0
@@ -242,14 +242,14 @@ def test_async_device_gets_one_update_per_version(bundle, tmp_path):
     honest, _, _ = fleet_updates(meta)
     c = coordinator(bundle, tmp_path / "state", buffer_size=3)
     dev, n, d = honest[0]
-    assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+    assert c.handle_update(dev, payload(meta, dev, n, d)).accepted
     res = c.handle_update(dev, payload(meta, dev, n, d))
-    assert not res["accepted"] and res["reason"] == "too_frequent"
+    assert not res.accepted and res.reason == "too_frequent"
     for dev, n, d in honest[1:3]:
-        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+        assert c.handle_update(dev, payload(meta, dev, n, d)).accepted
     assert c.version == 1                                              # a new version: the device may send again
     dev, n, d = honest[0]
-    assert c.handle_update(dev, payload(meta, dev, n, d, base_version=1))["accepted"]
+    assert c.handle_update(dev, payload(meta, dev, n, d, base_version=1)).accepted
 
 
 def test_robust_rule_with_a_server_optimizer(bundle, tmp_path):

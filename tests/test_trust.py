@@ -367,7 +367,7 @@ def test_damaged_coordinator_database_is_refused_not_reset(tmp_path, bundle):
     c = Coordinator(CoordinatorConfig(**cfg))
     honest, _, _ = fleet_updates(meta)
     for dev, n, d in honest:
-        assert c.handle_update(dev, payload(meta, dev, n, d))["accepted"]
+        assert c.handle_update(dev, payload(meta, dev, n, d)).accepted
     assert c.version == 1
     c.state.db.close()                                   # the last connection: the WAL is folded into the file
     db = state / "coordinator.sqlite"
