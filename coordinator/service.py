@@ -1,8 +1,9 @@
 """The coordinator process: wires its parts together and runs rounds.
 
 Parts: ingest.py (queue, per-update pipeline -> Accepted | Rejected, group commit), aggregation.py (the
-open aggregate, its checkpoints and replay, the new global), strategies.py, rounds.py (pure round
-decisions), publisher.py (what goes to the fleet), state.py (the ledger: all SQL, blobs, update log).
+open aggregate, its checkpoints and replay, the new global), strategies.py, schedule.py (the open round;
+its decisions are pure functions in rounds.py), publisher.py (what goes to the fleet over a ``Link``),
+state.py (the ledger: all SQL, versions, blobs, update log), admin.py (publish/rollback requests).
 
 Durability: paho's thread only queues messages; the ingest worker takes what is queued (up to
 ``ingest_batch``), validates and folds each, appends accepted payloads to the update log, then makes
@@ -15,7 +16,6 @@ once: ``updates.update_id`` is the primary key).
 from __future__ import annotations
 
 import logging
-import random
 import sqlite3
 import threading
 import time
@@ -26,7 +26,8 @@ from coordinator.aggregation import OpenAggregate
 from coordinator.config import CoordinatorConfig
 from coordinator.ingest import IngestQueue, Intake, Message, Outcome
 from coordinator.publisher import Publisher
-from coordinator.rounds import CloseDecision, RoundPlan, close_decision, plan_round, update_fits
+from coordinator.rounds import RoundPlan
+from coordinator.schedule import Rounds
 from coordinator.state import State
 from coordinator.strategies import make_strategy
 from coordinator.validate import Limits
@@ -65,7 +66,6 @@ class Coordinator:
                                       trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip,
                                       dp_delta=cfg.dp_delta, seed=cfg.seed)
         self.influence = cfg.influence_policy()
-        self.rng = random.Random(cfg.seed)
         self.lock = threading.RLock()
         self.done = threading.Event()
         self._stop = threading.Event()
@@ -89,14 +89,11 @@ class Coordinator:
                                   sync=cfg.mode == "sync", staleness_exponent=cfg.staleness_exponent,
                                   max_update_bytes=cfg.max_update_bytes)
         self.intake = Intake(self.state, self.open, self.limits, self.lock, rebuild=self._replay)
-        self.plan: RoundPlan | None = None
+        self.rounds = Rounds(cfg, self.state, self.publisher, train_a=getattr(self.strategy, "train_a", True))
         self._restore()
 
     def _restore(self) -> None:
         """Resume after a restart: the open round and every accepted-but-unpublished update."""
-        r = self.state.open_round()
-        if r is not None and self.cfg.mode == "sync":
-            self.plan = RoundPlan(*r)
         self.open.load_opt_state(self.version)
         self.replayed = self._replay()
         if self.replayed:
@@ -107,8 +104,7 @@ class Coordinator:
         updates it holds again."""
         self.intake.forget_pending()
         restored = self.open.replay(self.version, self.global_tensors)
-        if self.plan is not None:
-            self.plan.accepted = {device_id: update_id for update_id, device_id in restored}
+        self.rounds.recount(restored)
         return len(restored)
 
     def _after_batch(self) -> None:
@@ -206,8 +202,7 @@ class Coordinator:
     def on_connect(self) -> None:
         """The link (re)connected: the retained global and the open round again."""
         self.publish_global(self.version)
-        if self.plan is not None:
-            self._announce(self.plan)
+        self.rounds.announce(self.version)
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> tuple[str, Outcome] | None:
         """Route one MQTT message (inside an ingest batch); for an update, (device id, result)."""
@@ -234,59 +229,32 @@ class Coordinator:
 
     def _update(self, device_id: str, payload: bytes) -> Outcome:
         res = self.intake.update(device_id, payload, self.version, self._fits)
-        if res.accepted and self.plan is not None:
-            self.plan.accepted[device_id] = res.update_id
+        if res.accepted:
+            self.rounds.counted(device_id, res.update_id)
         return res
 
     def _fits(self, device_id: str, header: UpdateHeader) -> tuple[RejectReason, str] | None:
-        return update_fits(mode=self.cfg.mode, plan=self.plan, current_version=self.version,
-                           max_staleness=self.cfg.max_staleness, device_id=device_id, base_version=header.base_version,
-                           round_id=header.round, device_has_open_update=device_id in self.open.devices)
+        return self.rounds.fits(device_id, header.base_version, header.round, version=self.version,
+                                device_has_open_update=device_id in self.open.devices)
 
     # ------------------------------------------------------------------ rounds
-    def _announce(self, plan: RoundPlan | None) -> None:
-        self.publisher.round(mode=self.cfg.mode, base_version=self.version, train_a=getattr(self.strategy, "train_a", True),
-                             plan=plan)
-
-    def open_round(self) -> RoundPlan:
-        """Open the next synchronous round and announce it (retained)."""
-        plan = plan_round(self.state.last_round() + 1, self.version, time.time(), online=self.state.online_devices(),
-                          per_round=self.cfg.devices_per_round, over_selection=self.cfg.over_selection,
-                          min_updates=self.cfg.min_updates, timeout_s=self.cfg.round_timeout_s, rng=self.rng)
-        self.state.record_round(plan.round, "sync", plan.base_version, plan.opened_at, plan.deadline, plan.selected,
-                                plan.target, plan.quorum)
-        self.plan = plan
-        self._announce(plan)
-        log.info("round %d open: base v%d, target %d, quorum %d, deadline in %.0fs", plan.round, plan.base_version,
-                 plan.target, plan.quorum, plan.deadline - plan.opened_at)
-        return plan
+    @property
+    def plan(self) -> RoundPlan | None:
+        """The open synchronous round (coordinator/schedule.py), None when none is."""
+        return self.rounds.plan
 
     def tick(self, now: float | None = None) -> None:
         """Periodic work: open/close/extend rounds (sync mode)."""
-        now = now or time.time()
         with self.lock:
             if self.cfg.mode != "sync" or self.done.is_set():
                 return
-            if self.plan is None:
-                if self.link is not None and not self.link.connected.is_set():
-                    return  # a round nobody can hear about would only time out
-                if self.cfg.max_rounds and self.completed_rounds() >= self.cfg.max_rounds:
-                    self.done.set()
-                    return
-                self.open_round()
+            if self.plan is None and self.rounds.finished():
+                self.done.set()
                 return
-            d = close_decision(self.plan, now)
-            if d == CloseDecision.CLOSE:
-                self._aggregate(round_id=self.plan.round)
-            elif d == CloseDecision.EXTEND:
-                self.plan.deadline = now + self.cfg.round_timeout_s
-                self.state.extend_round(self.plan.round, self.plan.deadline)
-                log.info("round %d below quorum (%d/%d) at deadline: previous model kept, extended", self.plan.round,
-                         len(self.plan.accepted), self.plan.quorum)
-
-    def completed_rounds(self) -> int:
-        """Rounds closed with a new version."""
-        return self.state.closed_rounds()
+            closing = self.rounds.due(now or time.time(), self.version,
+                                      connected=self.link is None or self.link.connected.is_set())
+            if closing is not None:
+                self._aggregate(round_id=closing)
 
     def _aggregate(self, round_id: int | None) -> int | None:
         """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
@@ -306,14 +274,13 @@ class Coordinator:
         self.version, self.global_tensors = version, res.tensors
         self.open.begin(res.tensors)
         if round_id is not None:
-            self.state.close_round(round_id, version, {**res.metrics, "participants": res.participants})
-            self.plan = None
+            self.rounds.closed(round_id, version, {**res.metrics, "participants": res.participants})
         self.publish_global(version)
         self.publisher.summary(round_id, version, res.participants, res.metrics)
         log.info("published global v%d from %d updates (%d examples)", version, len(res.folded_ids),
                  res.metrics["num_examples"])
         if self.cfg.mode == "async":
-            self._announce(None)
+            self.rounds.announce(version)
             if self.cfg.max_rounds and version >= self.cfg.max_rounds:
                 self.done.set()
         return version
@@ -347,7 +314,7 @@ class Coordinator:
         from coordinator import admin
         if self.cfg.mode == "async":
             time.sleep(0.5)
-            self._announce(None)
+            self.rounds.announce(self.version)
         while not self._stop.wait(0.2):
             try:
                 admin.serve_requests(Path(self.cfg.state_dir), lambda request: admin.execute(self, request))

@@ -218,6 +218,22 @@ class Agent:
                 "broker_disconnects": self.sync.disconnects if self.sync else 0,
                 "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant["scheme"]}
 
+    def metrics_text(self) -> str:
+        """Prometheus exposition of the agent's metrics, current as of now."""
+        self.metrics.set("edgefm_inflight_requests", self.inflight, help="requests being served")
+        self.metrics.set("edgefm_outbox_queued", self.store.outbox_stats()["queued"], help="updates waiting to be sent")
+        counts = self.store.count_examples()
+        self.metrics.set("edgefm_examples", counts["train"] + counts["heldout"], help="stored examples")
+        return self.metrics.render()
+
+    def heldout_examples(self) -> list[dict]:
+        """The examples this device holds back from training for its gate."""
+        return self.store.heldout_split()
+
+    def adapter_history(self) -> list[dict]:
+        """Served adapters and refused candidates, newest first."""
+        return self.store.adapters()
+
     # ------------------------------------------------------------------ lifecycle
     def request_started(self) -> None:
         with self._inflight_lock:

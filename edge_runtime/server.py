@@ -5,6 +5,7 @@ thread-safe, adapters are immutable snapshots, so concurrent requests need no gl
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -12,7 +13,7 @@ import time
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -23,9 +24,57 @@ from edge_runtime.openai_api import ApiError, sampling_params  # noqa: F401  (sa
 from edge_runtime.sampling import find_stop, holdback
 
 if TYPE_CHECKING:
-    from edge_runtime.agent import Agent
+    from edge_runtime.agent import AgentState
+    from edge_runtime.config import AgentConfig
+    from edge_runtime.engine import Engine
+    from edge_runtime.metrics import Metrics
+    from edge_runtime.protocol.manifest import Manifest
 
 log = logging.getLogger("edgefm.api")
+
+
+class AgentApi(Protocol):
+    """All the HTTP layer may use of the agent (edge_runtime/agent.py:Agent implements it; mypy checks
+    that this module uses nothing else): inference through ``engine``, the API's limits and tokens in
+    ``cfg``, and the agent's own operations, never its store or its parts."""
+
+    cfg: AgentConfig
+    engine: Engine
+    manifest: Manifest
+    metrics: Metrics
+    inflight: int
+    paused_reason: str | None
+
+    @property
+    def state(self) -> AgentState: ...
+
+    @property
+    def active_id(self) -> str: ...
+
+    def status(self) -> dict: ...
+
+    def metrics_text(self) -> str: ...
+
+    def add_examples(self, items: list[dict], source: str = "api") -> dict: ...
+
+    def heldout_examples(self) -> list[dict]: ...
+
+    def adapter_history(self) -> list[dict]: ...
+
+    def load_external(self, *, adapter: bytes | None = None, peft_config: dict | None = None,
+                      peft_weights: bytes | None = None, name: str | None = None) -> dict: ...
+
+    def rollback(self, to: str | None = None) -> dict: ...
+
+    def train_now(self) -> None: ...
+
+    def train_and_wait(self, timeout: float | None = None) -> dict: ...
+
+    def not_in_flight(self) -> contextlib.AbstractContextManager: ...
+
+    def request_started(self) -> None: ...
+
+    def request_finished(self) -> None: ...
 
 
 def _hostname(value: str) -> str:
@@ -80,7 +129,7 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "edgefm"
     protocol_version = "HTTP/1.1"
-    agent: Agent  # set by make_server (on a subclass per server)
+    agent: AgentApi  # set by make_server (on a subclass per server)
     source: str | None = None  # the source the request's token authenticates (token_source)
 
     def log_message(self, fmt, *args):  # quiet default logging; metrics carry the numbers
@@ -444,7 +493,7 @@ def add_examples(h: Handler) -> None:
 def heldout_examples(h: Handler) -> None:
     """What this device held back from training for its gate (local API: the data stays on the device)."""
     h._send(200, {"examples": [{k: e[k] for k in ("text", "prompt", "label") if e.get(k) is not None}
-                               for e in h.agent.store.heldout_split()]})
+                               for e in h.agent.heldout_examples()]})
 
 
 def _require_task(h: Handler, task: str) -> None:
@@ -488,13 +537,7 @@ def healthz(h: Handler) -> None:
 
 
 def metrics(h: Handler) -> None:
-    a = h.agent
-    a.metrics.set("edgefm_inflight_requests", a.inflight, help="requests being served")
-    ob = a.store.outbox_stats()
-    a.metrics.set("edgefm_outbox_queued", ob["queued"], help="updates waiting to be sent")
-    counts = a.store.count_examples()
-    a.metrics.set("edgefm_examples", counts["train"] + counts["heldout"], help="stored examples")
-    h._send(200, a.metrics.render(), "text/plain; version=0.0.4")
+    h._send(200, h.agent.metrics_text(), "text/plain; version=0.0.4")
 
 
 def status(h: Handler) -> None:
@@ -502,7 +545,7 @@ def status(h: Handler) -> None:
 
 
 def adapters(h: Handler) -> None:
-    h._send(200, {"active": h.agent.active_id, "adapters": h.agent.store.adapters()})
+    h._send(200, {"active": h.agent.active_id, "adapters": h.agent.adapter_history()})
 
 
 def load_adapter_api(h: Handler) -> None:
@@ -605,14 +648,14 @@ class AgentHTTPServer(ThreadingHTTPServer):
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
 
-def make_server(agent, host: str, port: int) -> ThreadingHTTPServer:
+def make_server(agent: AgentApi, host: str, port: int) -> ThreadingHTTPServer:
     """An HTTP server bound to host:port serving ``agent``."""
     # an idle or half-open connection is closed after http_idle_timeout_s (each held a thread for good)
     handler = type("BoundHandler", (Handler,), {"agent": agent, "timeout": agent.cfg.http_idle_timeout_s})
     return AgentHTTPServer((host, port), handler, agent.cfg.max_connections)
 
 
-def serve_in_thread(agent, host: str, port: int) -> tuple[ThreadingHTTPServer, threading.Thread]:
+def serve_in_thread(agent: AgentApi, host: str, port: int) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Start the server on a background thread (tests, fleet)."""
     srv = make_server(agent, host, port)
     t = threading.Thread(target=srv.serve_forever, name="edgefm-http", daemon=True)
