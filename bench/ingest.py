@@ -40,15 +40,14 @@ def shapes() -> dict[str, list[int]]:
 def fake_bundle(d: Path) -> tuple[Path, str]:
     """Just what the coordinator reads: manifest.json + adapter.safetensors."""
     from edge_runtime.protocol.adapter import AdapterMeta, save_adapter
-    from edge_runtime.protocol.manifest import Manifest
+    from edge_runtime.protocol.manifest import AdapterSpec, Manifest, QuantSpec
     d.mkdir(parents=True, exist_ok=True)
     fp = "b" * 64
     sh = shapes()
     tensors = {k: np.zeros(s, np.float32) for k, s in sh.items()}
     save_adapter(d / "adapter.safetensors", tensors, AdapterMeta(fp, ["q_proj", "v_proj"], RANK, 16.0, sh))
-    Manifest(task="causal-lm", architecture="llama", model={"layers": LAYERS}, quant={"scheme": "int4"},
-             adapter={"rank": RANK, "alpha": 16.0, "targets": ["q_proj", "v_proj"], "shapes": sh}, files={},
-             base_fingerprint=fp).save(d)
+    Manifest(task="causal-lm", architecture="llama", model={"layers": LAYERS}, quant=QuantSpec("int4"),
+             adapter=AdapterSpec(RANK, 16.0, ["q_proj", "v_proj"], sh), files={}, base_fingerprint=fp).save(d)
     return d, fp
 
 

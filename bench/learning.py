@@ -243,7 +243,7 @@ class Evaluator:
         from edge_runtime.protocol.adapter import load_adapter
         self.eng = Engine(bundle, threads=2, verify=False)
         self.load = load_adapter
-        self.seq = int(self.eng.manifest.training.get("seq", 64))
+        self.seq = int(self.eng.manifest.training.seq)
         from edge_runtime.gate import anchor_texts
         self.sets = {**held, "general": general, "everyday": anchor_texts()}
 

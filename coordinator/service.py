@@ -56,8 +56,8 @@ class Coordinator:
         self.manifest = Manifest.load(bundle)
         self.fingerprint = self.manifest.base_fingerprint
         # sorted: the order tensors lie in a payload, so the accumulator folds a payload as one flat view
-        self.schema = {k: tuple(v) for k, v in sorted(self.manifest.adapter["shapes"].items())}
-        self.rank = int(self.manifest.adapter["rank"])
+        self.schema = {k: tuple(v) for k, v in sorted(self.manifest.adapter.shapes.items())}
+        self.rank = int(self.manifest.adapter.rank)
         from edge_runtime.protocol import signing
         self.signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
         self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key,

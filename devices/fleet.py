@@ -65,25 +65,37 @@ def http_json(url: str, body: dict | None = None, timeout: float = 60) -> dict:
         return json.loads(r.read())
 
 
+def readable_bundle(path: Path) -> bool:
+    """Whether a cached bundle's manifest is one this version reads (else it is exported again)."""
+    from edge_runtime.errors import BundleError
+    from edge_runtime.protocol.manifest import Manifest
+    try:
+        Manifest.load(path)
+        return True
+    except BundleError:
+        return False
+
+
 def cached_bundle(model: str, profile: str, *, train_batch: int = 4, train_seq: int = 64, log=print, quiet: bool = False) -> Path:
     """Export ``model`` for a device profile once (training graph batch x seq) and reuse it from the cache."""
-    import argparse
-    from export.build import BUNDLE_FORMAT, Progress, build_bundle
-    from export.cli import build_options
+    from edge_runtime.protocol.manifest import FORMAT_VERSION
+    from export.build import Progress, build_bundle
+    from export.cli import resolve_options
     from export.source import cache_root
     name = Path(model).name.replace(".", "-")
     key = f"{name}-{profile}-b{train_batch}s{train_seq}"
-    out = cache_root() / "bundles" / f"{key}-f{BUNDLE_FORMAT}"
+    out = cache_root() / "bundles" / f"{key}-f{FORMAT_VERSION}"
     for stale in out.parent.glob(f"{key}*"):  # bundles an older exporter wrote for the same settings
         if stale != out and (stale.name == key or stale.name.startswith(f"{key}-f")):
             log(f"removing {stale.name} (written by an older exporter)")
             shutil.rmtree(stale, ignore_errors=True)
+    if (out / "manifest.json").is_file() and not readable_bundle(out):
+        log(f"removing {out.name} (its manifest is not one this edgefm reads)")
+        shutil.rmtree(out, ignore_errors=True)
     if not (out / "manifest.json").is_file():
         log(f"exporting {model} for profile {profile} (once; cached in {out})")
-        args = argparse.Namespace(quant=None, block_size=None, accuracy_level=None, head=None, task=None, lora_rank=None,
-                                  lora_alpha=None, lora_targets=None, train_batch=train_batch, train_seq=train_seq,
-                                  no_train_graph=False, no_verify=True, archive=False, profile=profile)
-        build_bundle(model, out, build_options(args), log=Progress(quiet=quiet))
+        opts = resolve_options(profile=profile, train_batch=train_batch, train_seq=train_seq, verify=False)
+        build_bundle(model, out, opts, log=Progress(quiet=quiet))
     return out
 
 
@@ -275,7 +287,7 @@ class Fleet:
         eng = self.evaluator(bundle)
         from edge_runtime.gate import anchor_texts
         general = anchor_texts()  # the agents' forgetting anchor: general text no device trains on
-        seq = int(eng.manifest.training.get("seq", 64))
+        seq = int(eng.manifest.training.seq)
         from coordinator.state import State
         from edge_runtime.protocol.adapter import adapter_from_bytes
         st = None

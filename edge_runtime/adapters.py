@@ -77,7 +77,7 @@ class AdapterHistory:
         """An adapter received from outside, checked against this bundle (fingerprint, tensor names and
         shapes); raises ProtocolError with the reason."""
         manifest = self.engine.manifest
-        return adapter_from_bytes(blob, expect_fingerprint=manifest.base_fingerprint, expect_shapes=manifest.adapter["shapes"])
+        return adapter_from_bytes(blob, expect_fingerprint=manifest.base_fingerprint, expect_shapes=manifest.adapter.shapes)
 
     def offer(self, kind: str, adapter_id: str, tensors: dict[str, np.ndarray], meta: AdapterMeta,
               metrics: dict | None = None, note: str = "") -> tuple[GateDecision, dict]:

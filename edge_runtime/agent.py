@@ -216,7 +216,7 @@ class Agent:
                 "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],
                 "training_coverage": self.store.training_coverage(), "gate_decisions": self.store.decisions(20),
                 "broker_disconnects": self.sync.disconnects if self.sync else 0,
-                "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant["scheme"]}
+                "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant.scheme}
 
     def metrics_text(self) -> str:
         """Prometheus exposition of the agent's metrics, current as of now."""

@@ -15,7 +15,7 @@ from edge_runtime.lowrank import LowRankLayout
 if TYPE_CHECKING:
     from edge_runtime.decoding import Steering
 from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
-from edge_runtime.protocol.manifest import Manifest, open_bundle, verify_files
+from edge_runtime.protocol.manifest import KvCache, Manifest, open_bundle, verify_files
 from edge_runtime.sampling import sample_next
 
 
@@ -75,7 +75,7 @@ class Engine:
         m = self.manifest
         self.task = m.task
         self.dims = m.model
-        self.targets = list(m.adapter["targets"])
+        self.targets = list(m.adapter.targets)
         self.layers = int(m.model["layers"])
         try:
             self.session = ort.InferenceSession(str(self.dir / "model.onnx"), session_options(threads),
@@ -111,10 +111,10 @@ class Engine:
         from edge_runtime.protocol.adapter import check_adapter
         if meta.base_fingerprint != self.manifest.base_fingerprint:
             raise BundleError("adapter was trained for another base model (fingerprint differs)")
-        if meta.shapes != {k: list(v) for k, v in self.manifest.adapter["shapes"].items()}:
+        if meta.shapes != {k: list(v) for k, v in self.manifest.adapter.shapes.items()}:
             raise BundleError("adapter shapes differ from this bundle's LoRA slots")
-        if abs(meta.alpha - float(self.manifest.adapter["alpha"])) > 1e-6 * max(1.0, abs(meta.alpha)):
-            raise BundleError(f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter['alpha']:g} "
+        if abs(meta.alpha - float(self.manifest.adapter.alpha)) > 1e-6 * max(1.0, abs(meta.alpha)):
+            raise BundleError(f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter.alpha:g} "
                               f"(the graph applies the bundle's alpha/r); convert PEFT adapters with "
                               f"'edgefm-export adapter from-peft', which rescales them")
         check_adapter(tensors, meta)
@@ -281,7 +281,7 @@ class Engine:
         for name, arr in adapter.feeds.items():
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
         outs = self.output_names
-        shared = self.manifest.io.get("kv_cache") == "shared" and capacity > 0
+        shared = self.manifest.io.kv_cache is KvCache.SHARED and capacity > 0
         binding.bind_output(outs[0], "cpu")  # logits first: values[0] below
         if shared:
             shape = (1, int(self.dims["kv_heads"]), capacity, int(self.dims["head_dim"]))

@@ -38,7 +38,7 @@ class Evaluator:
         if not examples:
             return np.zeros(0)
         if self.manifest.task == "causal-lm":
-            S = int(self.manifest.training.get("seq", 128))
+            S = int(self.manifest.training.seq)
             out = []
             for ex in examples:
                 s, c = self.engine.score(self.engine.encode(ex["text"])[:S], adapter)

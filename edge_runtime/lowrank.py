@@ -24,6 +24,7 @@ import numpy as np
 
 from edge_runtime.errors import BundleError
 from edge_runtime.protocol.adapter import lora_names
+from edge_runtime.protocol.manifest import LoraLayout
 
 BASE_FILE = "lowrank.safetensors"
 
@@ -76,9 +77,9 @@ class LowRankLayout:
     @classmethod
     def from_bundle(cls, bundle_dir: Path, manifest) -> "LowRankLayout | None":
         """None for bundles that feed stacked ``lora_A.<m>``/``lora_B.<m>`` inputs (torch-exported graphs)."""
-        if manifest.io.get("lora_layout") != "lowrank":
+        if manifest.io.lora_layout is not LoraLayout.LOWRANK:
             return None
-        slots = [Slot.from_json(d) for d in manifest.io.get("lowrank", [])]
+        slots = [Slot.from_json(d) for d in manifest.io.lowrank]
         base: dict[str, np.ndarray] = {}
         if any(s.prefix for s in slots):
             path = Path(bundle_dir) / BASE_FILE
@@ -89,8 +90,8 @@ class LowRankLayout:
                 base = load_file(str(path))
             except Exception as exc:  # the format library's own errors, translated at the boundary
                 raise BundleError(f"{path}: unreadable ({exc}); re-export the bundle") from None
-        rank = int(manifest.adapter["rank"])
-        return cls(slots, rank, float(manifest.adapter["alpha"]) / rank, base)
+        rank = int(manifest.adapter.rank)
+        return cls(slots, rank, float(manifest.adapter.alpha) / rank, base)
 
     def feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph inputs for an adapter (per-layer A/B tensors)."""

@@ -502,7 +502,7 @@ def _require_task(h: Handler, task: str) -> None:
 
 
 def _model_id(h: Handler) -> str:
-    return f"edgefm-{h.agent.manifest.model.get('model_type', 'model')}-{h.agent.manifest.quant['scheme']}"
+    return f"edgefm-{h.agent.manifest.model.get('model_type', 'model')}-{h.agent.manifest.quant.scheme}"
 
 
 def _model_card(h: Handler) -> dict:

@@ -40,7 +40,7 @@ def make_trainer(cfg: AgentConfig, engine: Engine) -> Any:
         from edge_runtime.torch_trainer import TorchTrainer  # lazy: torch only where this backend is chosen
         return TorchTrainer(engine.dir, engine.manifest, engine.tokenizer, model_dir=str(cfg.torch_model),
                             load_4bit=cfg.torch_load_4bit, threads=cfg.threads_training, optim=AdamWConfig(lr=cfg.learning_rate))
-    if engine.manifest.training.get("graph"):
+    if engine.manifest.training.graph:
         from edge_runtime.trainer import OnnxTrainer
         return OnnxTrainer(engine.dir, engine.manifest, engine.tokenizer, threads=cfg.threads_training,
                            optim=AdamWConfig(lr=cfg.learning_rate))

@@ -34,8 +34,8 @@ class TorchTrainer(OnnxTrainer):
         self.bundle, self.m, self.tok, self.threads = Path(bundle), manifest, tokenizer, threads
         from edge_runtime.optim import AdamWConfig
         self.optim = optim or AdamWConfig()
-        self.B, self.S = int(manifest.training.get("batch", 8)), int(manifest.training.get("seq", 128))
-        self.targets = list(manifest.adapter["targets"])
+        self.B, self.S = int(manifest.training.batch), int(manifest.training.seq)
+        self.targets = list(manifest.adapter.targets)
         self.layers = int(manifest.model["layers"])
         self._session = None
         self.torch = torch
@@ -56,7 +56,7 @@ class TorchTrainer(OnnxTrainer):
             model = model.to(self.device)
         for p in model.parameters():
             p.requires_grad_(False)
-        rank, alpha = int(manifest.adapter["rank"]), float(manifest.adapter["alpha"])
+        rank, alpha = int(manifest.adapter.rank), float(manifest.adapter.alpha)
         lora: Any = LoraConfig  # PEFT types lora_alpha as int; a float alpha (e.g. 16.0 or 8.5) is what it applies
         self.model: Any = get_peft_model(model, lora(r=rank, lora_alpha=alpha, target_modules=self.targets, lora_dropout=0.0,
                                                      bias="none")).eval()

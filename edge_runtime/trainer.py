@@ -37,10 +37,10 @@ class OnnxTrainer:
         self.tok = tokenizer
         self.threads = threads
         self.optim = optim or AdamWConfig()
-        if not manifest.training.get("graph"):
+        if not manifest.training.graph:
             raise BundleError(f"{bundle}: this bundle has no training graph (exported with --no-train-graph or an embedding task)")
-        self.B, self.S = int(manifest.training["batch"]), int(manifest.training["seq"])
-        self.targets = list(manifest.adapter["targets"])
+        self.B, self.S = int(manifest.training.batch), int(manifest.training.seq)
+        self.targets = list(manifest.adapter.targets)
         self.layers = int(manifest.model["layers"])
         self._session = None
 

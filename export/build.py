@@ -20,16 +20,13 @@ import numpy as np
 
 from edge_runtime.errors import EdgefmError, ExportError
 from edge_runtime.protocol.adapter import AdapterMeta, lora_names, save_adapter
-from edge_runtime.protocol.manifest import Manifest, hash_files
+from edge_runtime.protocol.manifest import AdapterSpec, IoSpec, KvCache, LoraLayout, Manifest, QuantSpec, TrainingSpec, hash_files
 from export.graphs import BERT_TARGETS, LLAMA_TARGETS, BertGraph, LlamaGraph, LoraSpec, lora_input_names
 from export.llama_onnx import build_llama_onnx, unsupported
 from export import onnxfile
 from export.quantize import QuantRecipe, quantize_graph
 
 OPSET = 18
-# Raised whenever bundles from this exporter differ in layout from earlier ones (2: per-layer low-rank LoRA
-# inputs in fused decoder graphs); caches of exported bundles key on it so an upgrade re-exports once.
-BUNDLE_FORMAT = 2
 
 
 class Progress:
@@ -157,8 +154,8 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
     if why_not is None and not opts.torch_inference_graph:
         log(f"writing inference graph with fused attention ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
         slots = build_llama_onnx(graph, tmp / "model.fp32.onnx", list(opts.lora_targets), OPSET)
-        io["kv_cache"] = "shared"   # GroupQueryAttention appends in place when past and present are one buffer
-        io["lora_layout"] = "lowrank"  # per-layer low-rank inputs, packed once per adapter (edge_runtime.lowrank)
+        io["kv_cache"] = KvCache.SHARED   # GroupQueryAttention appends in place when past and present are one buffer
+        io["lora_layout"] = LoraLayout.LOWRANK  # per-layer low-rank inputs, packed once per adapter (edge_runtime.lowrank)
         io["lowrank"] = slots
         io["inputs"] = io["inputs"][:3 + 2 * L] + [n for sl in slots for n in (sl["L"], sl["R"])]
     else:
@@ -399,7 +396,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             t = time.time()
             applied[g] = quantize_graph(src_g, tmp / f"{g}.onnx", opts.quant, module_shapes=module_dims,
                                         head_output=head_out if g == "model" else None, training=g == "train")
-            if g == "model" and io.get("lora_layout") == "lowrank":
+            if g == "model" and io.get("lora_layout") is LoraLayout.LOWRANK:
                 io["lowrank"] = finish_lowrank(tmp / "model.onnx", io["lowrank"], opts.lora_rank, tmp)
             elif g == "model":
                 add_lora_defaults(tmp / "model.onnx", stacked_shapes)
@@ -424,7 +421,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         save_adapter(tmp / "adapter.safetensors", adapter, meta)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         import onnxruntime
-        versions = {"edgefm": "0.1.0", "bundle_format": str(BUNDLE_FORMAT), "torch": torch.__version__,
+        versions = {"edgefm": "0.1.0", "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__}
         for mod in ("transformers", "onnx", "optimum"):
             try:
@@ -432,12 +429,11 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             except (ImportError, AttributeError):
                 pass
         manifest = Manifest(
-            task=opts.task, architecture=family, model=dims, quant=recipe,
-            adapter={"rank": opts.lora_rank, "alpha": opts.lora_alpha, "targets": list(opts.lora_targets),
-                     "shapes": meta.shapes, "stacked_shapes": stacked_shapes},
-            files=hash_files(tmp, files), base_fingerprint=base_fp,
-            io=io, training={"batch": opts.train_batch, "seq": opts.train_seq,
-                             "graph": "train.onnx" if (tmp / "train.onnx").exists() else None},
+            task=opts.task, architecture=family, model=dims, quant=QuantSpec(**{**recipe, "sensitive_8bit": list(recipe["sensitive_8bit"])}),
+            adapter=AdapterSpec(opts.lora_rank, opts.lora_alpha, list(opts.lora_targets), meta.shapes, stacked_shapes),
+            files=hash_files(tmp, files), base_fingerprint=base_fp, io=IoSpec(**io),
+            training=TrainingSpec(graph="train.onnx" if (tmp / "train.onnx").exists() else None, batch=opts.train_batch,
+                                  seq=opts.train_seq),
             versions=versions, opset=OPSET, source=str(model),
             recipe_fingerprint=hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest())
         manifest.save(tmp)

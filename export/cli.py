@@ -64,25 +64,41 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_options(args):
-    """Merge CLI flags over profile defaults over built-in defaults."""
+def resolve_options(*, profile: str | None = None, quant: str | None = None, block_size: int | None = None,
+                    accuracy_level: int | None = None, head: str | None = None, int4_algo: str | None = None,
+                    sensitive_8bit: list[str] | None = None, train_base: str | None = None, task: str | None = None,
+                    lora_rank: int | None = None, lora_alpha: float | None = None, lora_targets: list[str] | None = None,
+                    train_batch: int | None = None, train_seq: int | None = None, with_training: bool = True,
+                    verify: bool = True, archive: bool = False):
+    """Build options: what is given, over the device profile's export defaults, over the built-in defaults."""
     from export.build import BuildOptions
     from export.quantize import QuantRecipe
-    prof = {}
-    if args.profile:
+    prof: dict = {}
+    if profile:
         from devices.profiles import load_profile
-        prof = load_profile(args.profile).export_defaults()
-    pick = lambda flag, key, default: flag if flag is not None else prof.get(key, default)  # noqa: E731
-    recipe = QuantRecipe(scheme=pick(args.quant, "quant", "int4"), block_size=pick(args.block_size, "block_size", 32),
-                         accuracy_level=pick(args.accuracy_level, "accuracy_level", 4), head=pick(args.head, "head", "int8"),
-                         algo=pick(getattr(args, "int4_algo", None), "algo", "asym"),
-                         sensitive_8bit=tuple(pick(getattr(args, "sensitive_8bit", None), "sensitive_8bit", ())),
-                         train_base=pick(getattr(args, "train_base", None), "train_base", "int8"))
-    return BuildOptions(task=pick(args.task, "task", "causal-lm"), quant=recipe, lora_rank=pick(args.lora_rank, "lora_rank", 8),
-                        lora_alpha=pick(args.lora_alpha, "lora_alpha", 16.0),
-                        lora_targets=tuple(pick(args.lora_targets, "lora_targets", ())),
-                        train_batch=pick(args.train_batch, "train_batch", 8), train_seq=pick(args.train_seq, "train_seq", 128),
-                        with_training=not args.no_train_graph, verify=not args.no_verify, archive=args.archive)
+        prof = load_profile(profile).export_defaults()
+
+    def pick(given: Any, key: str, default: Any) -> Any:
+        return given if given is not None else prof.get(key, default)
+
+    recipe = QuantRecipe(scheme=pick(quant, "quant", "int4"), block_size=pick(block_size, "block_size", 32),
+                         accuracy_level=pick(accuracy_level, "accuracy_level", 4), head=pick(head, "head", "int8"),
+                         algo=pick(int4_algo, "algo", "asym"), sensitive_8bit=tuple(pick(sensitive_8bit, "sensitive_8bit", ())),
+                         train_base=pick(train_base, "train_base", "int8"))
+    return BuildOptions(task=pick(task, "task", "causal-lm"), quant=recipe, lora_rank=pick(lora_rank, "lora_rank", 8),
+                        lora_alpha=pick(lora_alpha, "lora_alpha", 16.0), lora_targets=tuple(pick(lora_targets, "lora_targets", ())),
+                        train_batch=pick(train_batch, "train_batch", 8), train_seq=pick(train_seq, "train_seq", 128),
+                        with_training=with_training, verify=verify, archive=archive)
+
+
+def build_options(args):
+    """Build options from the command line's flags (``resolve_options``)."""
+    return resolve_options(profile=args.profile, quant=args.quant, block_size=args.block_size,
+                           accuracy_level=args.accuracy_level, head=args.head, int4_algo=getattr(args, "int4_algo", None),
+                           sensitive_8bit=getattr(args, "sensitive_8bit", None), train_base=getattr(args, "train_base", None),
+                           task=args.task, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                           lora_targets=args.lora_targets, train_batch=args.train_batch, train_seq=args.train_seq,
+                           with_training=not args.no_train_graph, verify=not args.no_verify, archive=args.archive)
 
 
 def run(args) -> int:
@@ -96,7 +112,7 @@ def run(args) -> int:
         log = Progress()
         eng = Engine(args.bundle)  # checks every file hash and that onnxruntime loads the graph
         log(f"hashes ok for {len(eng.manifest.files)} files; model.onnx loads in onnxruntime")
-        result = {"files": "ok", "quant": eng.manifest.quant, "recorded_checks": eng.manifest.checks}
+        result = {"files": "ok", "quant": eng.manifest.to_json()["quant"], "recorded_checks": eng.manifest.checks}
         if args.source:
             from export.build import BuildOptions
             from export.graphs import BertGraph, LlamaGraph, LoraSpec
@@ -104,11 +120,11 @@ def run(args) -> int:
             from export.verify import verify_against_source
             m = eng.manifest
             hf, _, _, family = load_model(args.source, m.task, log)
-            spec = LoraSpec(tuple(m.adapter["targets"]), m.adapter["rank"], m.adapter["alpha"])
+            spec = LoraSpec(tuple(m.adapter.targets), m.adapter.rank, m.adapter.alpha)
             graph = LlamaGraph(hf, spec) if family == "llama" else BertGraph(hf, spec, m.task)
-            opts = BuildOptions(task=m.task, lora_rank=m.adapter["rank"], lora_alpha=m.adapter["alpha"],
-                                lora_targets=tuple(m.adapter["targets"]), train_batch=m.training.get("batch", 8),
-                                train_seq=m.training.get("seq", 128))
+            opts = BuildOptions(task=m.task, lora_rank=m.adapter.rank, lora_alpha=m.adapter.alpha,
+                                lora_targets=tuple(m.adapter.targets), train_batch=m.training.batch,
+                                train_seq=m.training.seq)
             result["checks"] = verify_against_source(Path(args.bundle), hf, graph, opts, log)
         print(json.dumps(result, indent=2))
     elif args.cmd == "adapter":

@@ -60,10 +60,10 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
     eng = Engine(bundle, threads=2)
     m = eng.manifest
     checks: dict = {}
-    fp32 = m.quant["scheme"] == "fp32"
-    adapter = random_adapter(m.adapter["shapes"])
+    fp32 = m.quant.scheme == "fp32"
+    adapter = random_adapter(m.adapter.shapes)
     layers = int(m.model["layers"])
-    scale = m.adapter["alpha"] / m.adapter["rank"]
+    scale = m.adapter.alpha / m.adapter.rank
     meta = eng.adapter.meta
     active = eng.make_active(adapter, type(meta)(**{**meta.to_json(), "version": 0}))
     import torch
@@ -71,7 +71,7 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         ids = eng.encode(HELD_OUT_TEXT)[:24]
         arr = np.array([ids], np.int64)
         got, _ = eng.forward(arr, np.ones_like(arr), np.arange(len(ids))[None], eng.empty_past(1), active)
-        with merged(hf, "llama", adapter, m.adapter["targets"], layers, scale), torch.no_grad():
+        with merged(hf, "llama", adapter, m.adapter.targets, layers, scale), torch.no_grad():
             ref = hf(input_ids=torch.from_numpy(arr)).logits.numpy()
         diff = float(np.abs(got - ref).max())
         checks["logits_max_abs_diff_with_adapter"] = diff
@@ -111,7 +111,7 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         from transformers import AutoTokenizer
         ref_in = AutoTokenizer.from_pretrained(bundle / "tokenizer")(texts, padding=True, truncation=True,
                                                                      max_length=eng.max_length, return_tensors="pt")
-        with merged(hf, "bert", adapter, m.adapter["targets"], layers, scale), torch.no_grad():
+        with merged(hf, "bert", adapter, m.adapter.targets, layers, scale), torch.no_grad():
             ids, am = ref_in["input_ids"], ref_in["attention_mask"]
             if m.task == "classification":
                 ref = hf(input_ids=ids, attention_mask=am).logits.numpy()
@@ -125,7 +125,7 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         log(f"verify: {m.task} outputs vs torch with a random adapter: max abs diff {diff:.2e}")
         if fp32 and diff > FP32_LOGIT_TOL:
             raise ExportError(f"fp32 parity failed: max abs diff {diff:.3g} > {FP32_LOGIT_TOL}")
-    if m.training.get("graph"):
+    if m.training.graph:
         rel = check_gradients(bundle, graph, opts, adapter)
         checks["grad_max_rel_err"] = rel
         log(f"verify: training-graph gradients vs torch autograd: max relative error {rel:.2e}" + (f" (limit {FP32_GRAD_RTOL})" if fp32 else ""))

@@ -19,7 +19,7 @@ def test_causal_lm_bundle_every_scheme(tmp_path_factory, tiny_llama_dir, quant):
     b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, quant)
     m = verify_files(b)
     c = m.checks
-    assert m.quant["scheme"] == quant and set(m.files) >= {"model.onnx", "train.onnx", "adapter.safetensors", "tokenizer/tokenizer.json"}
+    assert m.quant.scheme == quant and set(m.files) >= {"model.onnx", "train.onnx", "adapter.safetensors", "tokenizer/tokenizer.json"}
     if quant == "fp32":
         assert c["logits_max_abs_diff_with_adapter"] <= 1e-4       # stated bound
         assert c["grad_max_rel_err"] <= 1e-4                       # vs torch autograd
@@ -42,7 +42,7 @@ def test_causal_lm_bundle_every_scheme(tmp_path_factory, tiny_llama_dir, quant):
 def test_kv_cache_generation_equals_full_recompute(tmp_path_factory, tiny_llama_dir, torch_graph):
     from edge_runtime.engine import Engine
     eng = Engine(tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32", torch_inference_graph=torch_graph))
-    assert eng.manifest.io.get("kv_cache") == (None if torch_graph else "shared")
+    assert eng.manifest.io.kv_cache == ("separate" if torch_graph else "shared")
     assert (eng.manifest.checks["logits_max_abs_diff_with_adapter"] <= 1e-4)   # both graphs match torch
     import onnx
     inits = [i.name for i in onnx.load(str(eng.dir / "model.onnx"), load_external_data=False).graph.initializer]
@@ -255,7 +255,7 @@ def test_fused_graph_packs_lora_per_module_group(tmp_path_factory, tiny_llama_di
               "down_proj": "down"}
     assert sum(n.op_type == "FusedMatMul" for n in g.node) == 2 * layers * len({groups[t] for t in targets})
     assert not any(n.op_type == "Split" and "q_proj+k_proj+v_proj" in n.name for n in g.node)
-    assert len(m.io["lowrank"]) == layers * len({groups[t] for t in targets})       # one slot per group and layer
+    assert len(m.io.lowrank) == layers * len({groups[t] for t in targets})       # one slot per group and layer
 
 
 def test_asym_int4_offsets_join_the_lowrank_lora_term():
@@ -326,8 +326,8 @@ def test_int4_bundle_feeds_lora_through_the_offset_slots(tmp_path, tiny_llama_di
         build_bundle(str(src), bundles[name], BuildOptions(quant=recipe, lora_rank=4, with_training=False, verify=False),
                      log=Progress(quiet=True))
     m = Engine(bundles["int4"]).manifest
-    assert m.io["lora_layout"] == "lowrank" and "lowrank.safetensors" in m.files
-    assert all(sl["prefix"] == int(m.model["hidden"]) // 32 for sl in m.io["lowrank"])
+    assert m.io.lora_layout == "lowrank" and "lowrank.safetensors" in m.files
+    assert all(sl["prefix"] == int(m.model["hidden"]) // 32 for sl in m.io.lowrank)
     names = [n.name for n in onnx.load(str(bundles["int4"] / "model.onnx"), load_external_data=False).graph.node]
     assert not any("q_proj+k_proj+v_proj" in n and n.endswith("_offset") for n in names)
     assert any("down_proj" in n and n.endswith("_offset") for n in names)

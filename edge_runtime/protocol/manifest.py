@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import tarfile
@@ -11,7 +12,10 @@ from typing import Any
 from edge_runtime.errors import BundleError
 
 FORMAT = "edgefm-bundle"
-FORMAT_VERSION = 1
+# The one number for the bundle layout: written by the exporter, checked at load, part of the keys of
+# exported-bundle caches (so an upgrade re-exports once). Raised whenever the layout changes (2: typed
+# io/adapter/quant/training sections, per-layer low-rank LoRA inputs in fused decoder graphs).
+FORMAT_VERSION = 2
 
 
 def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
@@ -23,6 +27,85 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+class LoraLayout(str, enum.Enum):
+    """How an adapter reaches the inference graph."""
+
+    STACKED = "stacked"   # one lora_A/lora_B input per target, stacked over layers (edge_runtime/lora.py)
+    LOWRANK = "lowrank"   # per-layer low-rank inputs packed once per adapter (edge_runtime/lowrank.py)
+
+
+class KvCache(str, enum.Enum):
+    """How the inference graph treats its KV cache."""
+
+    SEPARATE = "separate"  # past and present are different buffers (the cache is copied each step)
+    SHARED = "shared"      # GroupQueryAttention appends in place when past and present are one buffer
+
+
+def _spec(cls, obj: Any, what: str):
+    """A spec dataclass from its JSON object (unknown keys are ignored: newer writers may add some)."""
+    if not isinstance(obj, dict):
+        raise BundleError(f"manifest {what!r} must be a JSON object, not {type(obj).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in obj.items() if k in names})
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"manifest {what!r} is incomplete or wrong: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """The LoRA slots of a bundle: every adapter for it has exactly these tensors (names: lora.py)."""
+
+    rank: int
+    alpha: float
+    targets: list[str]
+    shapes: dict[str, list[int]]                                   # per-layer name -> shape
+    stacked_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank: what the graphs multiply the LoRA product by."""
+        return float(self.alpha) / int(self.rank)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How the base weights were quantized (export/quantize.py:QuantRecipe, as recorded)."""
+
+    scheme: str                          # fp32 | int8 | int4 | nf4
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    head: str | None = None
+    algo: str | None = None
+    sensitive_8bit: list[str] = dataclasses.field(default_factory=list)
+    train_base: str | None = None
+    applied: dict[str, str] = dataclasses.field(default_factory=dict)   # graph -> scheme actually applied
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """The training graph, if any, and the batch x sequence it was built for."""
+
+    graph: str | None = None
+    batch: int = 8
+    seq: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class IoSpec:
+    """The inference graph's inputs and outputs, how it takes an adapter, and how it keeps its KV cache."""
+
+    inputs: list[str] = dataclasses.field(default_factory=list)
+    outputs: list[str] = dataclasses.field(default_factory=list)
+    lora_layout: LoraLayout = LoraLayout.STACKED
+    kv_cache: KvCache = KvCache.SEPARATE
+    lowrank: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # slots (edge_runtime/lowrank.py:Slot)
+
+    def __post_init__(self):
+        object.__setattr__(self, "lora_layout", LoraLayout(self.lora_layout))
+        object.__setattr__(self, "kv_cache", KvCache(self.kv_cache))
+
+
 @dataclasses.dataclass
 class Manifest:
     """What a bundle holds and how it was made."""
@@ -30,13 +113,13 @@ class Manifest:
     task: str                         # causal-lm | classification | embedding
     architecture: str                 # llama | bert
     model: dict[str, Any]             # dims: layers, hidden, heads, kv_heads, head_dim, vocab, ...
-    quant: dict[str, Any]             # scheme, block_size, accuracy_level, head
-    adapter: dict[str, Any]           # rank, alpha, targets, shapes {name: [..]}
+    quant: QuantSpec
+    adapter: AdapterSpec
     files: dict[str, dict[str, Any]]  # name -> {sha256, size}
     base_fingerprint: str
-    io: dict[str, Any] = dataclasses.field(default_factory=dict)       # graph input/output names
-    training: dict[str, Any] = dataclasses.field(default_factory=dict)  # batch/seq the train graph was built for
-    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    io: IoSpec = dataclasses.field(default_factory=IoSpec)
+    training: TrainingSpec = dataclasses.field(default_factory=TrainingSpec)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)   # of the tools that wrote it
     opset: int = 17
     source: str = ""
     checks: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -46,7 +129,25 @@ class Manifest:
 
     def to_json(self) -> dict:
         """Plain JSON form."""
-        return dataclasses.asdict(self)
+        return json.loads(json.dumps(dataclasses.asdict(self), default=lambda e: e.value))
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "manifest.json") -> "Manifest":
+        """A manifest from its JSON object; BundleError says what is wrong."""
+        if not isinstance(obj, dict):
+            raise BundleError(f"{where}: a manifest is a JSON object, this file holds {type(obj).__name__}")
+        if obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{where}: format {obj.get('format')!r} v{obj.get('format_version')!r}; this edgefm reads "
+                              f"{FORMAT} v{FORMAT_VERSION} (re-export the model with this version's `edgefm-export build`)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in obj.items() if k in names}
+        for key, spec in (("quant", QuantSpec), ("adapter", AdapterSpec), ("io", IoSpec), ("training", TrainingSpec)):
+            if key in fields:
+                fields[key] = _spec(spec, fields[key], key)
+        try:
+            return cls(**fields)
+        except TypeError as exc:
+            raise BundleError(f"{where}: incomplete manifest ({exc})") from None
 
     @classmethod
     def load(cls, bundle: Path) -> "Manifest":
@@ -58,15 +159,7 @@ class Manifest:
             obj = json.loads(path.read_text())
         except ValueError as exc:
             raise BundleError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(obj, dict):
-            raise BundleError(f"{path}: a manifest is a JSON object, this file holds {type(obj).__name__}")
-        if obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{path}: format {obj.get('format')!r} v{obj.get('format_version')!r}; this edgefm reads {FORMAT} v{FORMAT_VERSION}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in obj.items() if k in names})
-        except TypeError as exc:
-            raise BundleError(f"{path}: incomplete manifest ({exc})") from None
+        return cls.from_json(obj, str(path))
 
     def save(self, bundle: Path) -> None:
         """Write ``manifest.json``."""

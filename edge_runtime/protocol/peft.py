@@ -47,30 +47,30 @@ def adapter_from_peft(cfg: dict[str, Any], weights: dict[str, np.ndarray], m: Ma
         rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     except (KeyError, TypeError, ValueError):
         raise BundleError("adapter_config.json needs numeric 'r' and 'lora_alpha'") from None
-    if rank != m.adapter["rank"]:
-        raise BundleError(f"PEFT rank {rank} differs from the bundle's LoRA slots (rank {m.adapter['rank']}); "
+    if rank != m.adapter.rank:
+        raise BundleError(f"PEFT rank {rank} differs from the bundle's LoRA slots (rank {m.adapter.rank}); "
                           f"re-export the bundle with --lora-rank {rank}")
-    bundle_alpha = float(m.adapter["alpha"])
+    bundle_alpha = float(m.adapter.alpha)
     rescale = (alpha / (rank ** 0.5 if cfg.get("use_rslora") else rank)) / (bundle_alpha / rank)
-    unknown = [k for k in weights if ".lora_" in k and not any(f".{t}.lora_" in k for t in m.adapter["targets"])]
+    unknown = [k for k in weights if ".lora_" in k and not any(f".{t}.lora_" in k for t in m.adapter.targets)]
     if unknown:
         raise BundleError(f"the PEFT adapter trains modules this bundle has no slots for (e.g. {unknown[0]}); "
                           f"re-export with matching --lora-targets")
     tensors = {}
     for i in range(int(m.model["layers"])):
-        for t in m.adapter["targets"]:
+        for t in m.adapter.targets:
             na, nb = lora_names(i, t)
             ka, kb = _keys(m, i, t)
             if ka in weights and kb in weights:
                 tensors[na] = np.asarray(weights[ka], np.float32)
                 tensors[nb] = (np.asarray(weights[kb], np.float64) * rescale).astype(np.float32)
             else:  # a target PEFT did not train: zero contribution
-                tensors[na] = np.zeros(m.adapter["shapes"][na], np.float32)
-                tensors[nb] = np.zeros(m.adapter["shapes"][nb], np.float32)
-            if list(tensors[na].shape) != list(m.adapter["shapes"][na]) or list(tensors[nb].shape) != list(m.adapter["shapes"][nb]):
+                tensors[na] = np.zeros(m.adapter.shapes[na], np.float32)
+                tensors[nb] = np.zeros(m.adapter.shapes[nb], np.float32)
+            if list(tensors[na].shape) != list(m.adapter.shapes[na]) or list(tensors[nb].shape) != list(m.adapter.shapes[nb]):
                 raise BundleError(f"PEFT factors for layer {i} {t} have shapes {tensors[na].shape}/{tensors[nb].shape}; "
-                                  f"the bundle expects {m.adapter['shapes'][na]}/{m.adapter['shapes'][nb]}")
-    meta = AdapterMeta(base_fingerprint=m.base_fingerprint, target_modules=list(m.adapter["targets"]), rank=rank,
+                                  f"the bundle expects {m.adapter.shapes[na]}/{m.adapter.shapes[nb]}")
+    meta = AdapterMeta(base_fingerprint=m.base_fingerprint, target_modules=list(m.adapter.targets), rank=rank,
                        alpha=bundle_alpha, shapes={k: list(v.shape) for k, v in tensors.items()}, version=version)
     return tensors, meta
 

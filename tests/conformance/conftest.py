@@ -23,10 +23,11 @@ def smollm2_bundle():
     """README's `bundles/smollm2-int4`, built by its documented command with every export check on
     (minutes). Kept under EDGEFM_CACHE/conformance for later local runs; a fresh machine (CI) builds it."""
     pytest.importorskip("torch")
-    from export.build import BUNDLE_FORMAT
+    from edge_runtime.protocol.manifest import FORMAT_VERSION
     from export.source import cache_root
-    out = cache_root() / "conformance" / f"f{BUNDLE_FORMAT}" / "smollm2-int4"
-    if not (out / "manifest.json").is_file():
+    out = cache_root() / "conformance" / f"f{FORMAT_VERSION}" / "smollm2-int4"
+    from devices.fleet import readable_bundle
+    if not (out / "manifest.json").is_file() or not readable_bundle(out):
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         r = run_documented(SMOLLM2_BUILD, {"bundles/smollm2-int4": str(out)})
