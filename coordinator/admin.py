@@ -6,6 +6,7 @@ to execute it on its own loop and write the answer next to it; with no coordinat
 command runs in the admin process itself, holding the same lock so that a ``serve`` started meanwhile
 waits. So exactly one process writes the state at a time, and the spool is only as reachable as the
 state directory's file permissions (no network surface)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -95,6 +96,7 @@ def serve_requests(state_dir: Path, execute: Callable[[dict], dict]) -> int:
 def execute(coordinator: Coordinator, request: dict) -> dict:
     """Carry out one admin request on ``coordinator``: publish an adapter file, or roll back to a version."""
     from edge_runtime.protocol.adapter import load_adapter
+
     cmd = request.get("cmd")
     if cmd == "publish":
         tensors, _ = load_adapter(request["adapter"], expect_fingerprint=coordinator.fingerprint)

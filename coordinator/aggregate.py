@@ -8,6 +8,7 @@ Why more than FedAvg: averaging A and B separately is not the average of the pro
 LoRA-aware choices are ``frozen_a`` (devices train only B, so averaging is exact) and ``svd``
 (average the products exactly, then re-factorize to rank r by truncated SVD).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ Tensors = dict[str, np.ndarray]
 
 
 # ---------------------------------------------------------------------------- basic folds
+
 
 def weighted_mean(updates: list[tuple[float, Tensors]]) -> Tensors:
     """Weighted mean of updates; weights are e.g. numbers of examples (must sum to > 0)."""
@@ -64,7 +66,7 @@ class RunningSum:
             for k in keys:
                 shape = np.shape(tensors[k])
                 n = int(np.prod(shape, dtype=np.int64))
-                self.sums[k] = acc[off:off + n].reshape(shape)
+                self.sums[k] = acc[off : off + n].reshape(shape)
                 off += n
             self._flat = acc
         else:
@@ -73,7 +75,7 @@ class RunningSum:
                 off = 0
                 for k in keys:
                     n = self.sums[k].size
-                    self.sums[k] += weight * flat[off:off + n].reshape(self.sums[k].shape)
+                    self.sums[k] += weight * flat[off : off + n].reshape(self.sums[k].shape)
                     off += n
             else:
                 scratch = getattr(self, "_scratch", None)
@@ -119,7 +121,7 @@ def running_sum_from_state(flat: np.ndarray, meta: dict) -> RunningSum:
     rs = RunningSum(weight=float(meta["weight"]), count=int(meta["count"]))
     off = 0
     for (k, shape), n in zip(meta["names"], sizes):
-        rs.sums[k] = acc[off:off + n].reshape(shape)
+        rs.sums[k] = acc[off : off + n].reshape(shape)
         off += n
     if rs.sums:
         rs._flat = acc
@@ -151,7 +153,7 @@ def trimmed_mean(updates: list[Tensors], trim: int) -> Tensors:
     out = {}
     for k in updates[0]:
         stack = np.sort(np.stack([u[k] for u in updates]), axis=0)
-        out[k] = stack[trim:len(updates) - trim].mean(axis=0).astype(np.float32)
+        out[k] = stack[trim : len(updates) - trim].mean(axis=0).astype(np.float32)
     return out
 
 
@@ -164,10 +166,13 @@ def coordinate_median(updates: list[Tensors]) -> Tensors:
 
 # ---------------------------------------------------------------------------- LoRA-aware
 
+
 def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
     """(A name, B name) pairs present in a tensor dict."""
     names = set(names)
-    return sorted((n, n[:-len("lora_A")] + "lora_B") for n in names if n.endswith("lora_A") and n[:-len("lora_A")] + "lora_B" in names)
+    return sorted(
+        (n, n[: -len("lora_A")] + "lora_B") for n in names if n.endswith("lora_A") and n[: -len("lora_A")] + "lora_B" in names
+    )
 
 
 def pad_or_truncate_rank(t: Tensors, rank: int) -> Tensors:
@@ -246,15 +251,16 @@ class ProductSum:
         for a, s in self.sums.items():
             target = s / self.weight
             if start is not None and lr != 1.0:
-                b = a[:-len("lora_A")] + "lora_B"
+                b = a[: -len("lora_A")] + "lora_B"
                 p = start[b].astype(np.float64) @ start[a].astype(np.float64)
                 target = p + lr * (target - p)
             A, B = svd_refactor(target, rank)
-            out[a], out[a[:-len("lora_A")] + "lora_B"] = A, B
+            out[a], out[a[: -len("lora_A")] + "lora_B"] = A, B
         return out
 
 
 # ---------------------------------------------------------------------------- server optimizers
+
 
 @dataclasses.dataclass
 class ServerOptState:
@@ -275,16 +281,27 @@ def opt_state_tensors(state: ServerOptState) -> tuple[Tensors, dict[str, str]]:
 
 def opt_state_from_tensors(t: Tensors, meta: dict[str, str]) -> ServerOptState:
     """Inverse of ``opt_state_tensors``."""
-    return ServerOptState(m={k[2:]: np.array(v, np.float64) for k, v in t.items() if k.startswith("m.")},
-                          v={k[2:]: np.array(v, np.float64) for k, v in t.items() if k.startswith("v.")},
-                          t=int(meta.get("t", "0")))
+    return ServerOptState(
+        m={k[2:]: np.array(v, np.float64) for k, v in t.items() if k.startswith("m.")},
+        v={k[2:]: np.array(v, np.float64) for k, v in t.items() if k.startswith("v.")},
+        t=int(meta.get("t", "0")),
+    )
 
 
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 
 
-def apply_server_update(global_t: Tensors, avg_delta: Tensors, opt: str, state: ServerOptState, *,
-                        lr: float = 1.0, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> Tensors:
+def apply_server_update(
+    global_t: Tensors,
+    avg_delta: Tensors,
+    opt: str,
+    state: ServerOptState,
+    *,
+    lr: float = 1.0,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> Tensors:
     """New global = global + step(avg_delta) for opt in {fedavg, fedavgm, fedadam, fedyogi} (updates ``state``)."""
     state.t += 1
     out = {}
@@ -312,6 +329,7 @@ def apply_server_update(global_t: Tensors, avg_delta: Tensors, opt: str, state: 
 
 # ---------------------------------------------------------------------------- differential privacy
 
+
 def dp_noise(sum_t: Tensors, clip: float, noise_multiplier: float, rng: np.random.Generator) -> Tensors:
     """Add Gaussian noise N(0, (noise_multiplier * clip)^2) to a sum of clipped updates."""
     sd = noise_multiplier * clip
@@ -333,8 +351,8 @@ def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float, sample_
         return 0.0
     best = math.inf
     for alpha in [1 + x / 10 for x in range(1, 100)] + list(range(12, 257)):
-        per = alpha / (2 * noise_multiplier ** 2)
-        if sample_rate < 1 and noise_multiplier >= 1 and alpha <= noise_multiplier ** 2 * math.log(1 / sample_rate):
-            per = min(per, 2 * sample_rate ** 2 * alpha / noise_multiplier ** 2)
+        per = alpha / (2 * noise_multiplier**2)
+        if sample_rate < 1 and noise_multiplier >= 1 and alpha <= noise_multiplier**2 * math.log(1 / sample_rate):
+            per = min(per, 2 * sample_rate**2 * alpha / noise_multiplier**2)
         best = min(best, rounds * per + math.log(1 / delta) / (alpha - 1))
     return best

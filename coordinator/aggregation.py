@@ -4,6 +4,7 @@ form (accumulator checkpoints + the update log, coordinator/state.py) and its re
 
 One instance per coordinator; the service calls it under its lock and inside a state transaction.
 """
+
 from __future__ import annotations
 
 import collections
@@ -54,10 +55,25 @@ class OpenAggregate:
     ones (``folded_ids``, in ``acc``); ``devices`` that have one; the ``reference`` of recent
     bounded updates the influence bounds are taken from."""
 
-    def __init__(self, strategy: Strategy, influence: InfluencePolicy, state: State, global_tensors: dict, *,
-                 clip_norm: float, sync: bool, staleness_exponent: float, max_update_bytes: int):
+    def __init__(
+        self,
+        strategy: Strategy,
+        influence: InfluencePolicy,
+        state: State,
+        global_tensors: dict,
+        *,
+        clip_norm: float,
+        sync: bool,
+        staleness_exponent: float,
+        max_update_bytes: int,
+    ):
         self.strategy, self.influence, self.state = strategy, influence, state
-        self.clip_norm, self.sync, self.staleness_exponent, self.max_update_bytes = clip_norm, sync, staleness_exponent, max_update_bytes
+        self.clip_norm, self.sync, self.staleness_exponent, self.max_update_bytes = (
+            clip_norm,
+            sync,
+            staleness_exponent,
+            max_update_bytes,
+        )
         self.rng = np.random.default_rng()  # OS entropy: which coordinates the direction check samples is not guessable
         self.reference: collections.deque = collections.deque(maxlen=influence.window)
         self.begin(global_tensors)
@@ -102,15 +118,22 @@ class OpenAggregate:
         names = sorted(self.global_tensors)  # one coordinate order for every update, whatever its payload's
         if self.influence.direction_share and len(self.held) >= MIN_DIRECTION_BATCH:
             # each update as one vector in that order: its payload's own flat view when the order matches (no copy)
-            cosines = direction_cosines([h.flat if h.flat is not None and list(h.tensors) == names
-                                         else flatten([h.tensors[k] for k in names]) for h in self.held], self.rng)
+            cosines = direction_cosines(
+                [
+                    h.flat if h.flat is not None and list(h.tensors) == names else flatten([h.tensors[k] for k in names])
+                    for h in self.held
+                ],
+                self.rng,
+            )
         else:
             cosines = [float("nan")] * len(self.held)
         keep = direction_keep(cosines, self.influence.direction_share)
         for h, cos, kept in zip(self.held, cosines, keep):
             if not kept:
-                why = (f"points away from the other updates of its batch: cosine {cos:.3f} with their median direction, "
-                       f"below {self.influence.direction_share:g} x the batch's median cosine {statistics.median(cosines):.3f}")
+                why = (
+                    f"points away from the other updates of its batch: cosine {cos:.3f} with their median direction, "
+                    f"below {self.influence.direction_share:g} x the batch's median cosine {statistics.median(cosines):.3f}"
+                )
                 self.state.exclude_update(h.update_id, why)
                 log.warning("update %s from %s excluded: %s", h.update_id, h.device_id, why)
                 continue
@@ -118,8 +141,14 @@ class OpenAggregate:
             weight = b.examples if self.sync else staleness_weight(b.examples, h.staleness, self.staleness_exponent)
             self.state.set_update_bound(h.update_id, weight, b.clip_to)
             if b.clip_to or b.examples < h.claimed:
-                log.info("update %s from %s bounded: counts %.0f of %d claimed examples%s", h.update_id, h.device_id, b.examples,
-                         h.claimed, f", norm {h.norm:.3g} clipped to {b.clip_to:.3g}" if b.clip_to else "")
+                log.info(
+                    "update %s from %s bounded: counts %.0f of %d claimed examples%s",
+                    h.update_id,
+                    h.device_id,
+                    b.examples,
+                    h.claimed,
+                    f", norm {h.norm:.3g} clipped to {b.clip_to:.3g}" if b.clip_to else "",
+                )
             self.fold(weight, h.tensors, h.flat, h.norm, clip=b.clip_to)
             self.folded_ids.append(h.update_id)
             self.reference.append((h.claimed, h.norm))
@@ -195,10 +224,14 @@ class OpenAggregate:
         added = self.state.added_by_checkpoint(rec["file"])
         try:
             prev = self.state.load_checkpoint(previous=True)
-            acc = self.strategy.restore(prev[0], prev[1], self.global_tensors) if prev else self.strategy.begin(self.global_tensors)
+            acc = (
+                self.strategy.restore(prev[0], prev[1], self.global_tensors) if prev else self.strategy.begin(self.global_tensors)
+            )
             if self.strategy.count(acc) + len(added) != covered:
-                raise OSError(f"previous checkpoint holds {self.strategy.count(acc)} updates and {len(added)} were added, "
-                              f"state says {covered}")
+                raise OSError(
+                    f"previous checkpoint holds {self.strategy.count(acc)} updates and {len(added)} were added, "
+                    f"state says {covered}"
+                )
             self.acc = acc
             for update_id, ref, weight, clip in added:
                 upd = decode_update(self.state.read_update(ref), max_bytes=self.max_update_bytes)
@@ -225,9 +258,13 @@ class OpenAggregate:
         if bad:
             log.error("aggregate has non-finite values in %s; keeping the previous version", bad[:3])
             return AggregateResult(None, {}, ids, participants)
-        metrics = {"num_updates": len(ids), "num_examples": sum(r[0] for r in rows), "bytes": sum(r[1] for r in rows),
-                   "update_norm": agg.global_norm({k: new[k] - self.global_tensors[k] for k in new}),
-                   **self.strategy.version_metrics(versions)}
+        metrics = {
+            "num_updates": len(ids),
+            "num_examples": sum(r[0] for r in rows),
+            "bytes": sum(r[1] for r in rows),
+            "update_norm": agg.global_norm({k: new[k] - self.global_tensors[k] for k in new}),
+            **self.strategy.version_metrics(versions),
+        }
         return AggregateResult(new, metrics, ids, participants)
 
     def save_opt_state(self, version: int) -> str | None:
@@ -249,8 +286,11 @@ class OpenAggregate:
         if not rec or getattr(self.strategy, "opt_state", None) is None:
             return
         if rec.get("version") != version:
-            log.warning("server optimizer state is from v%s, the current version is v%d (published by hand?): "
-                        "starting it afresh", rec.get("version"), version)
+            log.warning(
+                "server optimizer state is from v%s, the current version is v%d (published by hand?): starting it afresh",
+                rec.get("version"),
+                version,
+            )
             return
         try:
             tensors, meta = decode_tensors(self.state.blobs.get(rec["sha256"]))

@@ -1,4 +1,5 @@
 """Embedded broker for the quickstart: a mosquitto child process on a free loopback port."""
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ from edge_runtime.errors import ConfigError
 
 def find_mosquitto() -> str | None:
     """The mosquitto binary, if installed."""
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None
+    )
 
 
 def start_mosquitto(conf: Path, port: int, log_path: Path, timeout: float = 10.0) -> subprocess.Popen:
@@ -65,7 +68,8 @@ class EmbeddedBroker:
         user = "user root\n" if os.getuid() == 0 else ""  # as root mosquitto would drop to 'mosquitto' and lose our files
         (self.workdir / "mosquitto.conf").write_text(
             user + f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {self.workdir}/\n"
-            "max_packet_size 268435455\nmax_queued_messages 100000\nmax_inflight_messages 100\n")
+            "max_packet_size 268435455\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
+        )
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "EmbeddedBroker":

@@ -1,4 +1,5 @@
 """`edgefm-coordinator`: run federated rounds, inspect and manage the fleet's global adapters."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,14 @@ EPILOG = """examples:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgefm-coordinator", description="Lightweight federated-learning coordinator: "
-                                "collects LoRA adapter updates over MQTT, aggregates them (FedAvg, LoRA-aware, robust, DP), "
-                                "and publishes versioned global adapters.", epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="edgefm-coordinator",
+        description="Lightweight federated-learning coordinator: "
+        "collects LoRA adapter updates over MQTT, aggregates them (FedAvg, LoRA-aware, robust, DP), "
+        "and publishes versioned global adapters.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true")
     p.add_argument("--state-dir", default=None, help="state directory (default ./edgefm-coordinator)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -40,7 +45,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--rounds", dest="max_rounds", type=int, help="stop after this many rounds (default: run forever)")
     s.add_argument("--min-updates", dest="min_updates", type=int)
     s.add_argument("--round-timeout", dest="round_timeout_s", type=float)
-    s.add_argument("--insecure", action="store_const", const=True, default=None, help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
+    s.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        default=None,
+        help="accept a broker beyond loopback without TLS and credentials (a network you trust)",
+    )
     for name in ("status", "devices", "rounds", "adapters"):
         x = sub.add_parser(name, help=f"show {name}")
         x.add_argument("--json", action="store_true")
@@ -49,23 +60,41 @@ def parser() -> argparse.ArgumentParser:
     pub.add_argument("--broker", required=True)
     pub.add_argument("--bundle", required=True)
     pub.add_argument("--fleet", default="default")
-    pub.add_argument("--insecure", action="store_true", help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
+    pub.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept a broker beyond loopback without TLS and credentials (a network you trust)",
+    )
     rb = sub.add_parser("rollback", help="republish an earlier version's adapter as the next version")
     rb.add_argument("--to", type=int, required=True)
     rb.add_argument("--broker", required=True)
     rb.add_argument("--bundle", required=True)
     rb.add_argument("--fleet", default="default")
-    rb.add_argument("--insecure", action="store_true", help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
-    pv = sub.add_parser("provision", help="create a fleet's CA, broker TLS config + ACL, and per-device certificates, "
-                                          "signing keys and agent configs (run again to add or revoke devices)")
+    rb.add_argument(
+        "--insecure",
+        action="store_true",
+        help="accept a broker beyond loopback without TLS and credentials (a network you trust)",
+    )
+    pv = sub.add_parser(
+        "provision",
+        help="create a fleet's CA, broker TLS config + ACL, and per-device certificates, "
+        "signing keys and agent configs (run again to add or revoke devices)",
+    )
     pv.add_argument("--fleet", required=True)
     pv.add_argument("--devices", nargs="*", default=[], metavar="ID", help="device ids to provision (new ones are added)")
     pv.add_argument("--revoke", nargs="*", default=[], metavar="ID", help="device ids to revoke")
-    pv.add_argument("--broker-host", default=None, help="the broker's host name as devices reach it (certificate SAN; "
-                                                        "default localhost, kept in fleet.json)")
+    pv.add_argument(
+        "--broker-host",
+        default=None,
+        help="the broker's host name as devices reach it (certificate SAN; default localhost, kept in fleet.json)",
+    )
     pv.add_argument("--port", type=int, default=None, help="the broker's TLS port (default 8883, kept in fleet.json)")
-    pv.add_argument("--auth", choices=["cert", "password"], default=None,
-                    help="how identities log in to the broker: client certificates (default) or a user name and password each")
+    pv.add_argument(
+        "--auth",
+        choices=["cert", "password"],
+        default=None,
+        help="how identities log in to the broker: client certificates (default) or a user name and password each",
+    )
     pv.add_argument("-o", "--output", required=True, help="the provisioning folder (keep ca/ca.key offline)")
     ex = sub.add_parser("export", help="write a global adapter as our format, PEFT, or .onnx_adapter")
     ex.add_argument("--version", type=int, default=None, help="default: newest")
@@ -87,6 +116,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def _state(args):
     from coordinator.state import State
+
     d = Path(args.state_dir or "./edgefm-coordinator")
     if not (d / "coordinator.sqlite").is_file():
         raise ConfigError(f"no coordinator state in {d}; pass --state-dir or run `edgefm-coordinator serve` first")
@@ -96,6 +126,7 @@ def _state(args):
 def serve(args) -> int:
     from coordinator import admin
     from coordinator.config import CoordinatorConfig
+
     keys = ("bundle", "broker", "fleet", "mode", "strategy", "max_rounds", "min_updates", "round_timeout_s", "insecure")
     overrides = {k: getattr(args, k) for k in keys}
     overrides["state_dir"] = args.state_dir
@@ -105,8 +136,9 @@ def serve(args) -> int:
     with admin.exclusive(Path(cfg.state_dir)) as mine:
         if not mine:
             holder = (Path(cfg.state_dir) / admin.LOCK).read_text().strip() or "?"
-            raise ConfigError(f"another process (pid {holder}) is serving or administering {cfg.state_dir}; "
-                              f"one coordinator per state dir")
+            raise ConfigError(
+                f"another process (pid {holder}) is serving or administering {cfg.state_dir}; one coordinator per state dir"
+            )
         return _serve_locked(cfg)
 
 
@@ -114,6 +146,7 @@ def _serve_locked(cfg) -> int:
     from coordinator.broker import EmbeddedBroker
     from edge_runtime.transport import redact
     from coordinator.service import Coordinator
+
     embedded = None
     if not cfg.broker:
         embedded = EmbeddedBroker(Path(cfg.state_dir) / "broker").start()
@@ -124,8 +157,11 @@ def _serve_locked(cfg) -> int:
     signal.signal(signal.SIGTERM, lambda *a: stop.update(flag=True))
     signal.signal(signal.SIGINT, lambda *a: stop.update(flag=True))
     coord.start()
-    print(f"edgefm-coordinator: fleet {cfg.fleet}, {cfg.mode} rounds, strategy {cfg.strategy}, global v{coord.version}, "
-          f"broker {redact(cfg.broker)}" + (f", resumed with {coord.replayed} pending updates" if coord.replayed else ""), flush=True)
+    print(
+        f"edgefm-coordinator: fleet {cfg.fleet}, {cfg.mode} rounds, strategy {cfg.strategy}, global v{coord.version}, "
+        f"broker {redact(cfg.broker)}" + (f", resumed with {coord.replayed} pending updates" if coord.replayed else ""),
+        flush=True,
+    )
     try:
         while not stop["flag"] and not coord.done.is_set():
             time.sleep(0.2)
@@ -141,6 +177,7 @@ def admin_command(args) -> int:
     coordinator.admin), else here, holding the state dir's lock."""
     from coordinator import admin
     from edge_runtime.transport import require_secure_broker
+
     require_secure_broker(args.broker, args.insecure, "coordinator")
     state_dir = Path(args.state_dir or "./edgefm-coordinator")
     if args.cmd == "publish":
@@ -155,10 +192,16 @@ def admin_command(args) -> int:
             from coordinator.config import CoordinatorConfig
             from coordinator.service import Coordinator
             from edge_runtime.transport import MqttLink, redact
+
             if not (state_dir / "coordinator.sqlite").is_file():
-                raise ConfigError(f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first")
-            coord = Coordinator(CoordinatorConfig(bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir),
-                                                  insecure=args.insecure))
+                raise ConfigError(
+                    f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first"
+                )
+            coord = Coordinator(
+                CoordinatorConfig(
+                    bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir), insecure=args.insecure
+                )
+            )
             link = MqttLink(args.broker, f"edgefm-coordinator-admin-{time.time_ns()}", clean_start=True)
             coord.attach(link)
             link.start()
@@ -183,32 +226,69 @@ def main(argv=None) -> int:
             st = _state(args)
             if args.cmd == "status":
                 from coordinator.state import CHECKPOINTED
+
                 pending = st.pending_accepted()
                 held = sum(1 for r in pending if r[2] == CHECKPOINTED)
-                data = {"version": st.current_version(), "epoch": st.get("epoch"), "devices": len(st.devices()), "online": len(st.online_devices()),
-                        "rounds": len(st.rounds()), "updates": st.update_counts(),
-                        "pending": {"updates": len(pending), "in_checkpoint": held, "in_log": len(pending) - held}}
+                data = {
+                    "version": st.current_version(),
+                    "epoch": st.get("epoch"),
+                    "devices": len(st.devices()),
+                    "online": len(st.online_devices()),
+                    "rounds": len(st.rounds()),
+                    "updates": st.update_counts(),
+                    "pending": {"updates": len(pending), "in_checkpoint": held, "in_log": len(pending) - held},
+                }
                 print(json.dumps(data, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in data.items()))
             elif args.cmd == "devices":
                 rows = st.devices()
-                print(json.dumps(rows, indent=2) if args.json else _table(rows, ["device_id", "state", "profile", "global_version",
-                                                                               "adapter_version", "accepted", "rejected", "last_seen"]))
+                print(
+                    json.dumps(rows, indent=2)
+                    if args.json
+                    else _table(
+                        rows,
+                        [
+                            "device_id",
+                            "state",
+                            "profile",
+                            "global_version",
+                            "adapter_version",
+                            "accepted",
+                            "rejected",
+                            "last_seen",
+                        ],
+                    )
+                )
             elif args.cmd == "rounds":
                 rows = st.rounds()
                 for r in rows:
                     r["participants"] = len(r["summary"].get("participants", []))
-                print(json.dumps(rows, indent=2) if args.json else _table(rows, ["round", "status", "base_version", "result_version",
-                                                                               "participants", "target", "quorum"]))
+                print(
+                    json.dumps(rows, indent=2)
+                    if args.json
+                    else _table(rows, ["round", "status", "base_version", "result_version", "participants", "target", "quorum"])
+                )
             else:
                 rows = st.versions()
-                print(json.dumps(rows, indent=2) if args.json else _table(rows, ["version", "parent", "status", "round", "strategy",
-                                                                               "num_updates", "num_examples", "note"]))
+                print(
+                    json.dumps(rows, indent=2)
+                    if args.json
+                    else _table(rows, ["version", "parent", "status", "round", "strategy", "num_updates", "num_examples", "note"])
+                )
             return 0
         if args.cmd == "provision":
             from coordinator.provision import provision
+
             if not args.devices and not args.revoke:
                 raise ConfigError("nothing to do: pass --devices ID... and/or --revoke ID...")
-            provision(args.output, args.fleet, args.devices, broker_host=args.broker_host, port=args.port, revoke=args.revoke, auth=args.auth)
+            provision(
+                args.output,
+                args.fleet,
+                args.devices,
+                broker_host=args.broker_host,
+                port=args.port,
+                revoke=args.revoke,
+                auth=args.auth,
+            )
             return 0
         if args.cmd in ("publish", "rollback"):
             return admin_command(args)
@@ -226,6 +306,7 @@ def main(argv=None) -> int:
                 tmp.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_bytes(blob)
                 from export import interop
+
                 (interop.to_peft if args.format == "peft" else interop.to_onnx_adapter)(tmp, Path(args.bundle), out)
                 tmp.unlink()
             print(f"v{version} -> {out}")

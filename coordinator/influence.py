@@ -21,6 +21,7 @@ bench/poisoning.py's honest updates); a sign-flipped one has about -0.97, random
 Batches of fewer than three cannot be judged by direction. What this does not stop: an attacker who
 knows the honest updates and stays just above the threshold (see docs/security.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -84,8 +85,9 @@ MIN_DIRECTION_BATCH = 3
 DIRECTION_SAMPLE = 16_384
 
 
-def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | None = None,
-                      sample: int = DIRECTION_SAMPLE) -> list[float]:
+def direction_cosines(
+    vectors: Sequence[np.ndarray], rng: np.random.Generator | None = None, sample: int = DIRECTION_SAMPLE
+) -> list[float]:
     """Cosine of each vector with the coordinate-wise median of the *others* as unit vectors (zero
     vectors: cosine 0). Leaving the vector itself out matters: in a batch of five, random noise pulls
     the median of all five towards itself (cosine 0.22 measured) but is orthogonal to the others' (0.001).
@@ -95,28 +97,29 @@ def direction_cosines(vectors: Sequence[np.ndarray], rng: np.random.Generator | 
     about 1/sqrt(sample) (0.008: honest updates measure 0.4, noise 0.001), and the medians cost 28x less for a
     SmolLM2 adapter (460,800 coordinates)."""
     if len(vectors) < 2:
-        return [0.0] * len(vectors)   # no others to compare with
+        return [0.0] * len(vectors)  # no others to compare with
     vecs = [np.asarray(v, np.float32).ravel() for v in vectors]
     d = vecs[0].size if vecs else 0
     if d > sample:
-        idx = np.sort((rng or np.random.default_rng()).integers(0, d, sample))   # with replacement: far cheaper, same estimate
+        idx = np.sort((rng or np.random.default_rng()).integers(0, d, sample))  # with replacement: far cheaper, same estimate
         vecs = [v[idx] for v in vecs]
     units = []
     for v in vecs:
         n = float(np.linalg.norm(v))
         units.append(v / n if n > 0 and np.isfinite(n) else np.zeros_like(v))
-    stack = np.stack(units)                          # (n, k)
+    stack = np.stack(units)  # (n, k)
     n = stack.shape[0]
     order = np.argsort(stack, axis=0, kind="stable")
-    srt = np.take_along_axis(stack, order, axis=0)   # each column sorted
+    srt = np.take_along_axis(stack, order, axis=0)  # each column sorted
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(n)[:, None].repeat(stack.shape[1], 1), axis=0)
 
     def others_at(j: int, r: np.ndarray) -> np.ndarray:
         """Per column, the j-th smallest of the others: a column's own entry sits at rank r."""
         return np.where(j < r, srt[j], srt[min(j + 1, n - 1)])
+
     out = []
-    for i, u in enumerate(units):   # the median of the other n - 1, from one sort of all n
+    for i, u in enumerate(units):  # the median of the other n - 1, from one sort of all n
         m = n - 1
         ref = others_at(m // 2, rank[i]) if m % 2 else 0.5 * (others_at(m // 2 - 1, rank[i]) + others_at(m // 2, rank[i]))
         rn = float(np.linalg.norm(ref))

@@ -8,6 +8,7 @@
   A batch is one SQLite transaction; its accepted payloads go to the update log before the commit
   (group commit); if it does not commit, the aggregate is rebuilt from durable state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,7 @@ class Rejected:
 
 
 Outcome = Union[Accepted, Rejected]
-Message = tuple[str, bytes, bool, Callable[[], None]]   # topic, payload, retained, ack (PUBACK once durable)
+Message = tuple[str, bytes, bool, Callable[[], None]]  # topic, payload, retained, ack (PUBACK once durable)
 
 
 class IngestQueue:
@@ -106,8 +107,9 @@ class Intake:
     """The per-update pipeline over one coordinator's state and open aggregate. ``rebuild()``: restore
     the in-memory aggregate from durable state after a batch that did not commit."""
 
-    def __init__(self, state: State, open_agg: OpenAggregate, limits: Limits, lock: threading.RLock,
-                 rebuild: Callable[[], object]):
+    def __init__(
+        self, state: State, open_agg: OpenAggregate, limits: Limits, lock: threading.RLock, rebuild: Callable[[], object]
+    ):
         self.state, self.open, self.limits, self.lock, self.rebuild = state, open_agg, limits, lock, rebuild
         self._depth = 0
         self._payloads: list[tuple[str, bytes]] = []  # accepted in the open batch, stored before it commits
@@ -154,8 +156,9 @@ class Intake:
             self.state.set_update_blob(update_id, self.state.log.append(payload))
         return self.open.checkpoint_if_due()
 
-    def update(self, device_id: str, payload: bytes, version: int,
-               fits: Callable[[str, UpdateHeader], tuple[RejectReason, str] | None]) -> Outcome:
+    def update(
+        self, device_id: str, payload: bytes, version: int, fits: Callable[[str, UpdateHeader], tuple[RejectReason, str] | None]
+    ) -> Outcome:
         """Check one update and fold it in (durable when the batch commits), or record why not;
         ``version``: the current global; ``fits``: why it does not fit the open round or version, (reason,
         detail), or None when it does. Never raises on bad input."""
@@ -173,16 +176,35 @@ class Intake:
             misfit = fits(device_id, header)
             if misfit is not None:
                 return self.reject(device_id, header, misfit[0], misfit[1], len(payload))
-            if not self.state.record_update(update_id=header.update_id, device_id=device_id, round_id=header.round,
-                                            base_version=header.base_version, num_examples=header.num_examples,
-                                            status="accepted", reason=None, detail=None, blob=None, nbytes=len(payload),
-                                            weight=None, norm=upd.norm):
+            if not self.state.record_update(
+                update_id=header.update_id,
+                device_id=device_id,
+                round_id=header.round,
+                base_version=header.base_version,
+                num_examples=header.num_examples,
+                status="accepted",
+                reason=None,
+                detail=None,
+                blob=None,
+                nbytes=len(payload),
+                weight=None,
+                norm=upd.norm,
+            ):
                 return Rejected(header.update_id, RejectReason.DUPLICATE, "already counted")
             self._payloads.append((header.update_id, payload))  # stored by _persist before the commit
             self.state.count_device(device_id, accepted=True)
             # bounded against the fleet's recent updates, then folded (held while there are too few to judge)
-            self.open.hold(Held(header.update_id, device_id, header.num_examples, upd.norm,
-                                version - header.base_version, upd.tensors, upd.flat))
+            self.open.hold(
+                Held(
+                    header.update_id,
+                    device_id,
+                    header.num_examples,
+                    upd.norm,
+                    version - header.base_version,
+                    upd.tensors,
+                    upd.flat,
+                )
+            )
             self.open.release()
             return Accepted(header.update_id)
 
@@ -201,10 +223,19 @@ class Intake:
     def reject(self, device_id: str, header: UpdateHeader | None, reason: RejectReason, detail: str, nbytes: int) -> Rejected:
         """Record a refused update (an unparsable one under a made-up id) and count it against the device."""
         uid = header.update_id if header is not None else f"unparsed-{time.time_ns()}"
-        self.state.record_update(update_id=uid, device_id=device_id, round_id=getattr(header, "round", None),
-                                 base_version=getattr(header, "base_version", -1),
-                                 num_examples=getattr(header, "num_examples", 0), status="rejected", reason=reason.value,
-                                 detail=detail[:500], blob=None, nbytes=nbytes, weight=0.0)
+        self.state.record_update(
+            update_id=uid,
+            device_id=device_id,
+            round_id=getattr(header, "round", None),
+            base_version=getattr(header, "base_version", -1),
+            num_examples=getattr(header, "num_examples", 0),
+            status="rejected",
+            reason=reason.value,
+            detail=detail[:500],
+            blob=None,
+            nbytes=nbytes,
+            weight=0.0,
+        )
         self.state.count_device(device_id, accepted=False)
         log.info("rejected update %s from %s: %s (%s)", uid, device_id, reason.value, detail)
         return Rejected(uid, reason, detail)

@@ -13,6 +13,7 @@ Transport identities are X.509 (ECDSA P-256) client certificates issued by the f
 takes the certificate's common name as the user name, and the ACL lets each identity write and read
 only its own topics. Signing keys are Ed25519, one per device and one for the coordinator. All the
 cryptography is the ``cryptography`` library's; nothing here implements a primitive."""
+
 from __future__ import annotations
 
 import datetime
@@ -73,12 +74,18 @@ class FleetCA:
             self.key = ec.generate_private_key(ec.SECP256R1())
             name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"edgefm fleet {fleet} CA")])
             now = datetime.datetime.now(datetime.timezone.utc)
-            self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-                         .not_valid_after(now + datetime.timedelta(days=3650))
-                         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-                         .sign(self.key, hashes.SHA256()))
+            self.cert = (
+                x509.CertificateBuilder()
+                .subject_name(name)
+                .issuer_name(name)
+                .public_key(self.key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+                .sign(self.key, hashes.SHA256())
+            )
             _write(d / "ca.key", _pem_key(self.key), secret=True)
             _write(d / "ca.crt", self.cert.public_bytes(serialization.Encoding.PEM))
         self.serials_path = d / "serials.json"
@@ -88,14 +95,21 @@ class FleetCA:
         """(certificate PEM, key PEM) for ``cn``: a server certificate with ``server_names`` as SANs, else a
         client certificate."""
         import ipaddress
+
         x509, hashes, serialization, ec, _, NameOID, EKU = _crypto()
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         serial = x509.random_serial_number()
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
-             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        )
         if server_names:
             sans = []
             for n in server_names:
@@ -104,7 +118,8 @@ class FleetCA:
                 except ValueError:
                     sans.append(x509.DNSName(n))
             b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False).add_extension(
-                x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False)
+                x509.ExtendedKeyUsage([EKU.SERVER_AUTH]), critical=False
+            )
         else:
             b = b.add_extension(x509.ExtendedKeyUsage([EKU.CLIENT_AUTH]), critical=False)
         cert = b.sign(self.key, hashes.SHA256())
@@ -124,8 +139,12 @@ class FleetCA:
         """The certificate revocation list the broker checks (``crlfile``)."""
         x509, hashes, serialization, *_ = _crypto()
         now = datetime.datetime.now(datetime.timezone.utc)
-        b = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject).last_update(now)
-             .next_update(now + datetime.timedelta(days=VALID_DAYS)))
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now)
+            .next_update(now + datetime.timedelta(days=VALID_DAYS))
+        )
         for s in self.serials["revoked"]:
             b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build())
         path = self.out / "ca" / "crl.pem"
@@ -153,30 +172,65 @@ def acl(fleet: str) -> str:
     (Identities are certificate common names, taken as user names by ``use_identity_as_username``.)"""
     t = Topics(fleet)
     dev = f"{t.base}/device/%u"
-    return "\n".join([
-        f"# edgefm fleet {fleet}: generated by edgefm-coordinator provision",
-        f"user {COORDINATOR}", f"topic readwrite {t.base}/#", "",
-        f"pattern write {dev}/status", f"pattern write {dev}/update", f"pattern read {dev}/ack",
-        f"pattern read {t.base}/global/#", f"pattern read {t.base}/round", f"pattern read {t.base}/summary", ""])
+    return "\n".join(
+        [
+            f"# edgefm fleet {fleet}: generated by edgefm-coordinator provision",
+            f"user {COORDINATOR}",
+            f"topic readwrite {t.base}/#",
+            "",
+            f"pattern write {dev}/status",
+            f"pattern write {dev}/update",
+            f"pattern read {dev}/ack",
+            f"pattern read {t.base}/global/#",
+            f"pattern read {t.base}/round",
+            f"pattern read {t.base}/summary",
+            "",
+        ]
+    )
 
 
 def mosquitto_conf(out: Path, port: int, auth: str = "cert") -> str:
     b = out / "broker"
-    common = ["per_listener_settings false", "allow_anonymous false", f"acl_file {b / 'acl'}",
-              f"listener {port}", f"cafile {out / 'ca' / 'ca.crt'}", f"certfile {b / 'server.crt'}", f"keyfile {b / 'server.key'}"]
+    common = [
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {b / 'acl'}",
+        f"listener {port}",
+        f"cafile {out / 'ca' / 'ca.crt'}",
+        f"certfile {b / 'server.crt'}",
+        f"keyfile {b / 'server.key'}",
+    ]
     if auth == "password":
-        return "\n".join(["# edgefm: TLS (server certificate) with per-identity user names and passwords", *common,
-                          f"password_file {b / 'passwd'}", "tls_version tlsv1.2", ""])
-    return "\n".join(["# edgefm: TLS with client certificates only; identities are certificate common names", *common,
-                      "require_certificate true", "use_identity_as_username true", f"crlfile {out / 'ca' / 'crl.pem'}",
-                      "tls_version tlsv1.2", ""])
+        return "\n".join(
+            [
+                "# edgefm: TLS (server certificate) with per-identity user names and passwords",
+                *common,
+                f"password_file {b / 'passwd'}",
+                "tls_version tlsv1.2",
+                "",
+            ]
+        )
+    return "\n".join(
+        [
+            "# edgefm: TLS with client certificates only; identities are certificate common names",
+            *common,
+            "require_certificate true",
+            "use_identity_as_username true",
+            f"crlfile {out / 'ca' / 'crl.pem'}",
+            "tls_version tlsv1.2",
+            "",
+        ]
+    )
 
 
 def set_password(passwd: Path, user: str, password: str | None) -> None:
     """Add (or with None, delete) a user in Mosquitto's password file, hashed by its own mosquitto_passwd."""
     import shutil
     import subprocess
-    tool = shutil.which("mosquitto_passwd") or ("/usr/bin/mosquitto_passwd" if Path("/usr/bin/mosquitto_passwd").exists() else None)
+
+    tool = shutil.which("mosquitto_passwd") or (
+        "/usr/bin/mosquitto_passwd" if Path("/usr/bin/mosquitto_passwd").exists() else None
+    )
     if tool is None:
         raise ConfigError("--auth password needs mosquitto_passwd (apt-get install mosquitto) to hash the passwords")
     passwd.parent.mkdir(parents=True, exist_ok=True)
@@ -188,8 +242,17 @@ def set_password(passwd: Path, user: str, password: str | None) -> None:
         raise ConfigError(f"mosquitto_passwd failed for {user}: {r.stderr.strip() or r.stdout.strip()}")
 
 
-def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_host: str | None = None, port: int | None = None,
-              revoke: list[str] | None = None, auth: str | None = None, log=print) -> dict:
+def provision(
+    out_dir: str | Path,
+    fleet: str,
+    devices: list[str],
+    *,
+    broker_host: str | None = None,
+    port: int | None = None,
+    revoke: list[str] | None = None,
+    auth: str | None = None,
+    log=print,
+) -> dict:
     """Create (or extend) a fleet's provisioning folder; ``revoke`` removes devices. ``auth``: ``cert``
     (client certificates, the default) or ``password`` (a user name and random password per identity,
     over TLS); fixed when the folder is made. Returns fleet.json's content."""
@@ -200,8 +263,9 @@ def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_hos
         if dev_id == COORDINATOR:
             raise ConfigError(f"{COORDINATOR!r} is the coordinator's identity; choose another device id")
     reg_path = out / "fleet.json"
-    registry: dict[str, Any] = (json.loads(reg_path.read_text()) if reg_path.is_file()
-                                else {"fleet": fleet, "devices": {}, "revoked": []})
+    registry: dict[str, Any] = (
+        json.loads(reg_path.read_text()) if reg_path.is_file() else {"fleet": fleet, "devices": {}, "revoked": []}
+    )
     if registry["fleet"] != fleet:
         raise ConfigError(f"{out} provisions fleet {registry['fleet']!r}, not {fleet!r}")
     mode = registry.setdefault("auth", auth or "cert")
@@ -211,8 +275,10 @@ def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_hos
     for field, given, default in (("broker_host", broker_host, "localhost"), ("port", port, 8883)):
         kept = registry.setdefault(field, given if given is not None else default)
         if given is not None and given != kept:
-            raise ConfigError(f"{out} was provisioned for {field} {kept!r}, not {given!r}: the configs and certificates "
-                              f"in it name that address (provision a new folder for another broker)")
+            raise ConfigError(
+                f"{out} was provisioned for {field} {kept!r}, not {given!r}: the configs and certificates "
+                f"in it name that address (provision a new folder for another broker)"
+            )
     host: str = registry["broker_host"]
     tls_port: int = registry["port"]
     if mode not in ("cert", "password"):
@@ -222,14 +288,16 @@ def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_hos
     passwd = out / "broker" / "passwd"
 
     def url(who: str) -> str:
-        if mode == "password":   # the user name is the identity; the password is made once and kept in the (0600) TOML
+        if mode == "password":  # the user name is the identity; the password is made once and kept in the (0600) TOML
             import secrets
             import urllib.parse
+
             name = who.rsplit("/", 1)[-1]
             password = secrets.token_urlsafe(24)
             set_password(passwd, name, password)
             return f"mqtts://{name}:{urllib.parse.quote(password, safe='')}@{host}:{tls_port}?ca={ca_path}"
         return f"mqtts://{host}:{tls_port}?ca={ca_path}&cert={out / who / 'client.crt'}&key={out / who / 'client.key'}"
+
     if not (out / "broker" / "server.crt").is_file():
         crt, key = ca.issue(host, server_names=sorted({host, "localhost", "127.0.0.1"}))
         _write(out / "broker" / "server.crt", crt)
@@ -243,10 +311,19 @@ def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_hos
     _write(out / "coordinator.pub", coord_pub)
     # (password mode: written once, since each write makes a new password)
     if mode == "cert" or new_coordinator or not (out / COORDINATOR / "coordinator.toml").is_file():
-        _write(out / COORDINATOR / "coordinator.toml", "\n".join([
-            f"fleet = {json.dumps(fleet)}", f"broker = {json.dumps(url(COORDINATOR))}",
-            f"signing_key = {json.dumps(str(out / COORDINATOR / 'signing.key'))}",
-            f"device_keys = {json.dumps(str(reg_path))}", ""]), secret=mode == "password")
+        _write(
+            out / COORDINATOR / "coordinator.toml",
+            "\n".join(
+                [
+                    f"fleet = {json.dumps(fleet)}",
+                    f"broker = {json.dumps(url(COORDINATOR))}",
+                    f"signing_key = {json.dumps(str(out / COORDINATOR / 'signing.key'))}",
+                    f"device_keys = {json.dumps(str(reg_path))}",
+                    "",
+                ]
+            ),
+            secret=mode == "password",
+        )
     for dev in devices:
         if dev in registry["devices"]:
             log(f"{dev}: already provisioned (kept)")
@@ -257,10 +334,20 @@ def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_hos
         _write(d / "client.key", key, secret=True)
         pub = signing_key(d / "signing.key")
         registry["devices"][dev] = {"public_key": pub.decode()}
-        _write(d / "agent.toml", "\n".join([
-            f"device_id = {json.dumps(dev)}", f"fleet = {json.dumps(fleet)}",
-            f"broker = {json.dumps(url('devices/' + dev))}", f"signing_key = {json.dumps(str(d / 'signing.key'))}",
-            f"coordinator_key = {json.dumps(str(out / 'coordinator.pub'))}", ""]), secret=mode == "password")
+        _write(
+            d / "agent.toml",
+            "\n".join(
+                [
+                    f"device_id = {json.dumps(dev)}",
+                    f"fleet = {json.dumps(fleet)}",
+                    f"broker = {json.dumps(url('devices/' + dev))}",
+                    f"signing_key = {json.dumps(str(d / 'signing.key'))}",
+                    f"coordinator_key = {json.dumps(str(out / 'coordinator.pub'))}",
+                    "",
+                ]
+            ),
+            secret=mode == "password",
+        )
         registry["revoked"] = [r for r in registry["revoked"] if r != dev]
         log(f"{dev}: certificate, signing key and agent.toml in {d}")
     for dev in revoke or []:
@@ -272,13 +359,15 @@ def provision(out_dir: str | Path, fleet: str, devices: list[str], *, broker_hos
         del registry["devices"][dev]
         registry["revoked"].append(dev)
         import shutil
+
         shutil.rmtree(out / "devices" / dev, ignore_errors=True)
         log(f"{dev}: revoked ({n} certificate(s) on the CRL, signing key removed from fleet.json)")
     ca.write_crl()
     _write(out / "broker" / "acl", acl(fleet))
     _write(out / "broker" / "mosquitto.conf", mosquitto_conf(out, tls_port, mode))
     _write(reg_path, json.dumps(registry, indent=1))
-    log(f"fleet {fleet}: {len(registry['devices'])} device(s); broker: mosquitto -c {out / 'broker' / 'mosquitto.conf'} "
-        f"(reload it after a revocation: kill -HUP)")
+    log(
+        f"fleet {fleet}: {len(registry['devices'])} device(s); broker: mosquitto -c {out / 'broker' / 'mosquitto.conf'} "
+        f"(reload it after a revocation: kill -HUP)"
+    )
     return registry
-

@@ -5,6 +5,7 @@ coordinator's Ed25519 key when it has one (agents with its public key accept not
 The link may be absent (an offline coordinator, admin commands on a state folder): then nothing is
 sent and every method returns quietly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,17 @@ log = logging.getLogger("edgefm.coordinator")
 class Publisher:
     """Publishes to one fleet's topics over ``link`` (set once connected)."""
 
-    def __init__(self, topics: Topics, state: State, *, fingerprint: str, epoch: str, signer: Any = None,
-                 chunk_size: int, keep_versions: int):
+    def __init__(
+        self,
+        topics: Topics,
+        state: State,
+        *,
+        fingerprint: str,
+        epoch: str,
+        signer: Any = None,
+        chunk_size: int,
+        keep_versions: int,
+    ):
         self.topics, self.state, self.fingerprint, self.epoch, self.signer = topics, state, fingerprint, epoch, signer
         self.chunk_size, self.keep_versions = chunk_size, keep_versions
         self.link: Link | None = None
@@ -42,9 +52,16 @@ class Publisher:
             return
         rec = self.state.version_record(version)
         blob = self.state.blobs.get(rec["sha256"])
-        ptr, chunks = make_pointer(version, rec["parent"], self.fingerprint, blob, chunk_size=self.chunk_size, round=rec["round"],
-                                   metrics={k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))},
-                                   epoch=self.epoch)
+        ptr, chunks = make_pointer(
+            version,
+            rec["parent"],
+            self.fingerprint,
+            blob,
+            chunk_size=self.chunk_size,
+            round=rec["round"],
+            metrics={k: v for k, v in rec["metrics"].items() if isinstance(v, (int, float))},
+            epoch=self.epoch,
+        )
         for i, c in enumerate(chunks):
             self.link.publish(self.topics.global_chunk(version, i), c, qos=1, retain=True)
         self.link.publish(self.topics.global_pointer, self.message(ptr.to_json()), qos=1, retain=True)
@@ -62,8 +79,15 @@ class Publisher:
         """Announce (retained) the open sync round, or (``plan`` None) that async updates on
         ``base_version`` are welcome."""
         if plan is not None:
-            msg = RoundAnnouncement(RoundMode(mode), plan.round, base_version, None if plan.selected is None else tuple(plan.selected),
-                                    plan.deadline, train_a, self.epoch)
+            msg = RoundAnnouncement(
+                RoundMode(mode),
+                plan.round,
+                base_version,
+                None if plan.selected is None else tuple(plan.selected),
+                plan.deadline,
+                train_a,
+                self.epoch,
+            )
         else:
             msg = RoundAnnouncement(RoundMode(mode), base_version, base_version, None, None, train_a, self.epoch)
         if self.link:
@@ -84,5 +108,8 @@ class Publisher:
     def summary(self, round_id: int | None, version: int, participants: list[str], metrics: dict) -> None:
         """What a new version was made of (not retained)."""
         if self.link:
-            self.link.publish(self.topics.summary, self.message({"kind": "summary", "round": round_id, "version": version,
-                                                                 "participants": participants, **metrics}), qos=1)
+            self.link.publish(
+                self.topics.summary,
+                self.message({"kind": "summary", "round": round_id, "version": version, "participants": participants, **metrics}),
+                qos=1,
+            )

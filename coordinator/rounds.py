@@ -6,6 +6,7 @@ quorum at the deadline, the round is extended and the previous model kept (expli
 Async (FedBuff): accept updates up to ``max_staleness`` versions old, weight them down by staleness,
 publish a new version every ``buffer_size`` updates.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,7 +26,7 @@ class RoundStatus(str, enum.Enum):
 class CloseDecision(str, enum.Enum):
     WAIT = "wait"
     CLOSE = "close"
-    EXTEND = "extend"          # deadline passed below quorum: keep the previous model, wait longer
+    EXTEND = "extend"  # deadline passed below quorum: keep the previous model, wait longer
 
 
 @dataclasses.dataclass
@@ -36,10 +37,10 @@ class RoundPlan:
     base_version: int
     opened_at: float
     deadline: float
-    selected: list[str] | None        # None: every device may take part
-    target: int                       # close as soon as this many updates are in
-    quorum: int                       # minimum to close at the deadline
-    accepted: dict[str, str] = dataclasses.field(default_factory=dict)   # device -> update id
+    selected: list[str] | None  # None: every device may take part
+    target: int  # close as soon as this many updates are in
+    quorum: int  # minimum to close at the deadline
+    accepted: dict[str, str] = dataclasses.field(default_factory=dict)  # device -> update id
 
 
 def select_devices(online: list[str], per_round: int, over_selection: float, rng: random.Random) -> list[str] | None:
@@ -50,8 +51,18 @@ def select_devices(online: list[str], per_round: int, over_selection: float, rng
     return sorted(rng.sample(sorted(online), k))
 
 
-def plan_round(round_id: int, base_version: int, now: float, *, online: list[str], per_round: int, over_selection: float,
-               min_updates: int, timeout_s: float, rng: random.Random) -> RoundPlan:
+def plan_round(
+    round_id: int,
+    base_version: int,
+    now: float,
+    *,
+    online: list[str],
+    per_round: int,
+    over_selection: float,
+    min_updates: int,
+    timeout_s: float,
+    rng: random.Random,
+) -> RoundPlan:
     """Open a round."""
     selected = select_devices(online, per_round, over_selection, rng)
     target = per_round if per_round > 0 else max(min_updates, len(online))
@@ -64,7 +75,7 @@ def check_sync_update(plan: RoundPlan, device_id: str, base_version: int, round_
         return RejectReason.STALE
     if plan.selected is not None and device_id not in plan.selected:
         return RejectReason.STALE
-    if device_id in plan.accepted:   # another update of this device already counts in the round (not this one:
+    if device_id in plan.accepted:  # another update of this device already counts in the round (not this one:
         return RejectReason.TOO_FREQUENT  # "duplicate" tells a device its update counted)
     return None
 
@@ -91,8 +102,17 @@ def check_async_update(current_version: int, base_version: int, max_staleness: i
     return None
 
 
-def update_fits(*, mode: str, plan: RoundPlan | None, current_version: int, max_staleness: int, device_id: str,
-                base_version: int, round_id: int | None, device_has_open_update: bool) -> tuple[RejectReason, str] | None:
+def update_fits(
+    *,
+    mode: str,
+    plan: RoundPlan | None,
+    current_version: int,
+    max_staleness: int,
+    device_id: str,
+    base_version: int,
+    round_id: int | None,
+    device_has_open_update: bool,
+) -> tuple[RejectReason, str] | None:
     """Why an update does not fit the open round (``mode`` "sync") or version (async), with the detail a
     device is told; None when it fits."""
     if mode == "sync":
@@ -102,9 +122,13 @@ def update_fits(*, mode: str, plan: RoundPlan | None, current_version: int, max_
     else:
         why = check_async_update(current_version, base_version, max_staleness)
         if why is None and device_has_open_update:
-            return RejectReason.TOO_FREQUENT, ("this device already has an update in the open aggregation "
-                                               f"(async: one per device per version; current v{current_version})")
+            return RejectReason.TOO_FREQUENT, (
+                "this device already has an update in the open aggregation "
+                f"(async: one per device per version; current v{current_version})"
+            )
     if why is None:
         return None
-    return why, (f"update from base v{base_version} round {round_id} does not fit "
-                 f"(current v{current_version}, round {plan.round if plan else None})")
+    return why, (
+        f"update from base v{base_version} round {round_id} does not fit "
+        f"(current v{current_version}, round {plan.round if plan else None})"
+    )

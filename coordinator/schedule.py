@@ -3,6 +3,7 @@ target, quorum, deadline, the updates it counts), when it opens, closes or is ex
 update must match to count (the decisions are pure, coordinator/rounds.py; this part holds the open
 plan, records it in the ledger and announces it). Asynchronous mode has no plan: each new version is
 announced so devices know a fresh global exists."""
+
 from __future__ import annotations
 
 import logging
@@ -32,21 +33,40 @@ class Rounds:
         """(Re)announce the open round, retained; in async mode that ``version`` is the newest global."""
         if self.sync and self.plan is None:
             return
-        self.publisher.round(mode=self.cfg.mode, base_version=self.plan.base_version if self.plan else version,
-                             train_a=self.train_a, plan=self.plan)
+        self.publisher.round(
+            mode=self.cfg.mode,
+            base_version=self.plan.base_version if self.plan else version,
+            train_a=self.train_a,
+            plan=self.plan,
+        )
 
     def open(self, version: int) -> RoundPlan:
         """Open the next synchronous round on ``version`` and announce it."""
         cfg = self.cfg
-        plan = plan_round(self.state.last_round() + 1, version, time.time(), online=self.state.online_devices(),
-                          per_round=cfg.devices_per_round, over_selection=cfg.over_selection, min_updates=cfg.min_updates,
-                          timeout_s=cfg.round_timeout_s, rng=self.rng)
-        self.state.record_round(plan.round, "sync", plan.base_version, plan.opened_at, plan.deadline, plan.selected,
-                                plan.target, plan.quorum)
+        plan = plan_round(
+            self.state.last_round() + 1,
+            version,
+            time.time(),
+            online=self.state.online_devices(),
+            per_round=cfg.devices_per_round,
+            over_selection=cfg.over_selection,
+            min_updates=cfg.min_updates,
+            timeout_s=cfg.round_timeout_s,
+            rng=self.rng,
+        )
+        self.state.record_round(
+            plan.round, "sync", plan.base_version, plan.opened_at, plan.deadline, plan.selected, plan.target, plan.quorum
+        )
         self.plan = plan
         self.announce(version)
-        log.info("round %d open: base v%d, target %d, quorum %d, deadline in %.0fs", plan.round, plan.base_version,
-                 plan.target, plan.quorum, plan.deadline - plan.opened_at)
+        log.info(
+            "round %d open: base v%d, target %d, quorum %d, deadline in %.0fs",
+            plan.round,
+            plan.base_version,
+            plan.target,
+            plan.quorum,
+            plan.deadline - plan.opened_at,
+        )
         return plan
 
     def due(self, now: float, version: int, *, connected: bool) -> int | None:
@@ -60,20 +80,32 @@ class Rounds:
         if d == CloseDecision.EXTEND:
             self.plan.deadline = now + self.cfg.round_timeout_s
             self.state.extend_round(self.plan.round, self.plan.deadline)
-            log.info("round %d below quorum (%d/%d) at deadline: previous model kept, extended", self.plan.round,
-                     len(self.plan.accepted), self.plan.quorum)
+            log.info(
+                "round %d below quorum (%d/%d) at deadline: previous model kept, extended",
+                self.plan.round,
+                len(self.plan.accepted),
+                self.plan.quorum,
+            )
         return self.plan.round if d == CloseDecision.CLOSE else None
 
     def finished(self) -> bool:
         """``max_rounds`` rounds closed with a new version."""
         return bool(self.cfg.max_rounds) and self.state.closed_rounds() >= self.cfg.max_rounds
 
-    def fits(self, device_id: str, base_version: int, round_id: int | None, *, version: int,
-             device_has_open_update: bool) -> tuple[RejectReason, str] | None:
+    def fits(
+        self, device_id: str, base_version: int, round_id: int | None, *, version: int, device_has_open_update: bool
+    ) -> tuple[RejectReason, str] | None:
         """Why an update does not fit the open round or version; None when it does."""
-        return update_fits(mode=self.cfg.mode, plan=self.plan, current_version=version, max_staleness=self.cfg.max_staleness,
-                           device_id=device_id, base_version=base_version, round_id=round_id,
-                           device_has_open_update=device_has_open_update)
+        return update_fits(
+            mode=self.cfg.mode,
+            plan=self.plan,
+            current_version=version,
+            max_staleness=self.cfg.max_staleness,
+            device_id=device_id,
+            base_version=base_version,
+            round_id=round_id,
+            device_has_open_update=device_has_open_update,
+        )
 
     def counted(self, device_id: str, update_id: str) -> None:
         """An update of the open round was accepted."""

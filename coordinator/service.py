@@ -13,6 +13,7 @@ batch did not commit is not acknowledged and the broker delivers it again. After
 updates not yet folded into a published version are replayed into the accumulator (each exactly
 once: ``updates.update_id`` is the primary key).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,12 +60,27 @@ class Coordinator:
         self.schema = {k: tuple(v) for k, v in sorted(self.manifest.adapter.shapes.items())}
         self.rank = int(self.manifest.adapter.rank)
         from edge_runtime.protocol import signing
+
         self.signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
-        self.limits = Limits(self.fingerprint, self.schema, cfg.max_update_bytes, cfg.max_update_norm, cfg.sign_key,
-                             signing.device_keys(cfg.device_keys) if cfg.device_keys else None)
-        self.strategy = make_strategy(cfg.strategy, server_lr=cfg.server_lr, server_opt=cfg.server_optimizer, rank=self.rank,
-                                      trim=cfg.trim, dp_noise_multiplier=cfg.dp_noise_multiplier, dp_clip=cfg.dp_clip,
-                                      dp_delta=cfg.dp_delta, seed=cfg.seed)
+        self.limits = Limits(
+            self.fingerprint,
+            self.schema,
+            cfg.max_update_bytes,
+            cfg.max_update_norm,
+            cfg.sign_key,
+            signing.device_keys(cfg.device_keys) if cfg.device_keys else None,
+        )
+        self.strategy = make_strategy(
+            cfg.strategy,
+            server_lr=cfg.server_lr,
+            server_opt=cfg.server_optimizer,
+            rank=self.rank,
+            trim=cfg.trim,
+            dp_noise_multiplier=cfg.dp_noise_multiplier,
+            dp_clip=cfg.dp_clip,
+            dp_delta=cfg.dp_delta,
+            seed=cfg.seed,
+        )
         self.influence = cfg.influence_policy()
         self.lock = threading.RLock()
         self.done = threading.Event()
@@ -78,16 +94,30 @@ class Coordinator:
             tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
             self.state.store_version(0, None, tensors, meta, strategy=cfg.strategy, note="initial adapter from the bundle")
         version = self.state.current_version()
-        if version is None:   # stored just above when missing
+        if version is None:  # stored just above when missing
             raise StateError(f"{cfg.state_dir}: no version recorded")
         self.version: int = version
         self.epoch = self.state.epoch()
-        self.publisher = Publisher(self.topics, self.state, fingerprint=self.fingerprint, epoch=self.epoch, signer=self.signer,
-                                   chunk_size=cfg.chunk_size, keep_versions=cfg.keep_versions)
+        self.publisher = Publisher(
+            self.topics,
+            self.state,
+            fingerprint=self.fingerprint,
+            epoch=self.epoch,
+            signer=self.signer,
+            chunk_size=cfg.chunk_size,
+            keep_versions=cfg.keep_versions,
+        )
         self.global_tensors, self.global_meta = self.state.load_version(self.version)
-        self.open = OpenAggregate(self.strategy, self.influence, self.state, self.global_tensors, clip_norm=cfg.clip_norm,
-                                  sync=cfg.mode == "sync", staleness_exponent=cfg.staleness_exponent,
-                                  max_update_bytes=cfg.max_update_bytes)
+        self.open = OpenAggregate(
+            self.strategy,
+            self.influence,
+            self.state,
+            self.global_tensors,
+            clip_norm=cfg.clip_norm,
+            sync=cfg.mode == "sync",
+            staleness_exponent=cfg.staleness_exponent,
+            max_update_bytes=cfg.max_update_bytes,
+        )
         self.intake = Intake(self.state, self.open, self.limits, self.lock, rebuild=self._replay)
         self.rounds = Rounds(cfg, self.state, self.publisher, train_a=getattr(self.strategy, "train_a", True))
         self._restore()
@@ -122,13 +152,23 @@ class Coordinator:
         self.state.prune_after_checkpoint()
         if self.cfg.keep_large_buffers:
             from edge_runtime.memory import keep_large_buffers
+
             keep_large_buffers()
         if link is None:
             if self.cfg.broker is None:
-                raise ConfigError("the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)")
+                raise ConfigError(
+                    "the coordinator needs a broker URL to serve (the CLI starts an embedded one when none is given)"
+                )
             from edge_runtime.transport import MqttLink
-            link = MqttLink(self.cfg.broker, f"edgefm-coordinator-{self.cfg.fleet}", on_message=self.enqueue,
-                            on_connect=self.on_connect, clean_start=False, manual_ack=True)
+
+            link = MqttLink(
+                self.cfg.broker,
+                f"edgefm-coordinator-{self.cfg.fleet}",
+                on_message=self.enqueue,
+                on_connect=self.on_connect,
+                clean_start=False,
+                manual_ack=True,
+            )
         self.attach(link)
         link.subscribe(self.topics.all_devices("status"), 1)
         link.subscribe(self.topics.all_devices("update"), 1)
@@ -234,8 +274,13 @@ class Coordinator:
         return res
 
     def _fits(self, device_id: str, header: UpdateHeader) -> tuple[RejectReason, str] | None:
-        return self.rounds.fits(device_id, header.base_version, header.round, version=self.version,
-                                device_has_open_update=device_id in self.open.devices)
+        return self.rounds.fits(
+            device_id,
+            header.base_version,
+            header.round,
+            version=self.version,
+            device_has_open_update=device_id in self.open.devices,
+        )
 
     # ------------------------------------------------------------------ rounds
     @property
@@ -251,8 +296,9 @@ class Coordinator:
             if self.plan is None and self.rounds.finished():
                 self.done.set()
                 return
-            closing = self.rounds.due(now or time.time(), self.version,
-                                      connected=self.link is None or self.link.connected.is_set())
+            closing = self.rounds.due(
+                now or time.time(), self.version, connected=self.link is None or self.link.connected.is_set()
+            )
             if closing is not None:
                 self._aggregate(round_id=closing)
 
@@ -263,9 +309,18 @@ class Coordinator:
         if res.tensors is None:
             return None
         with self.state.transaction():  # the version and the optimizer state that produced it, together
-            self.state.store_version(version, self.version, res.tensors, self.global_meta, strategy=self.cfg.strategy, round_id=round_id,
-                                num_updates=len(res.folded_ids), num_examples=res.metrics["num_examples"],
-                                metrics=res.metrics, folded=res.folded_ids)
+            self.state.store_version(
+                version,
+                self.version,
+                res.tensors,
+                self.global_meta,
+                strategy=self.cfg.strategy,
+                round_id=round_id,
+                num_updates=len(res.folded_ids),
+                num_examples=res.metrics["num_examples"],
+                metrics=res.metrics,
+                folded=res.folded_ids,
+            )
             old_opt = self.open.save_opt_state(version)
         if old_opt:
             self.state.blobs.delete(old_opt)
@@ -277,8 +332,7 @@ class Coordinator:
             self.rounds.closed(round_id, version, {**res.metrics, "participants": res.participants})
         self.publish_global(version)
         self.publisher.summary(round_id, version, res.participants, res.metrics)
-        log.info("published global v%d from %d updates (%d examples)", version, len(res.folded_ids),
-                 res.metrics["num_examples"])
+        log.info("published global v%d from %d updates (%d examples)", version, len(res.folded_ids), res.metrics["num_examples"])
         if self.cfg.mode == "async":
             self.rounds.announce(version)
             if self.cfg.max_rounds and version >= self.cfg.max_rounds:
@@ -312,6 +366,7 @@ class Coordinator:
 
     def _loop(self) -> None:
         from coordinator import admin
+
         if self.cfg.mode == "async":
             time.sleep(0.5)
             self.rounds.announce(self.version)

@@ -9,6 +9,7 @@ unpublished update). After a restart the accumulator is the checkpoint plus the 
 since. Two generations are kept so that one damaged copy never loses an acknowledged update: the
 previous checkpoint file, and the log entries of the updates the newest checkpoint added (``logref``);
 older log segments are deleted."""
+
 from __future__ import annotations
 
 import contextlib
@@ -49,9 +50,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-RECOVERY = ("Nothing was changed. Restore coordinator.sqlite (with its -wal file) from a backup, or keep {dir} aside for "
-            "inspection (`mv {dir} {dir}.damaged`) and start a new state dir: the fleet then restarts from the bundle's adapter "
-            "(v0); the stored adapters stay readable under blobs/ (safetensors files named by their sha256).")
+RECOVERY = (
+    "Nothing was changed. Restore coordinator.sqlite (with its -wal file) from a backup, or keep {dir} aside for "
+    "inspection (`mv {dir} {dir}.damaged`) and start a new state dir: the fleet then restarts from the bundle's adapter "
+    "(v0); the stored adapters stay readable under blobs/ (safetensors files named by their sha256)."
+)
 
 CHECKPOINTED = "ckpt"  # updates.blob of an accepted update held only by the accumulator checkpoint
 
@@ -97,6 +100,7 @@ class BlobStore:
 def _intact_update(data: bytes) -> None:
     """Raise unless ``data`` is an update message whose payload matches the hash in its header."""
     from edge_runtime.protocol.messages import decode_update_header
+
     header, payload = decode_update_header(data, max_bytes=len(data))
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         raise OSError("payload does not match its header's sha256")
@@ -118,9 +122,9 @@ class UpdateLog:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._files: list = []          # [segment, parity] while a segment is open
+        self._files: list = []  # [segment, parity] while a segment is open
         self._name = ""
-        self._group: list[tuple[int, bytes]] = []   # (offset, payload) appended since the last parity record
+        self._group: list[tuple[int, bytes]] = []  # (offset, payload) appended since the last parity record
         self._dirty = False
         self._new = False
 
@@ -143,14 +147,16 @@ class UpdateLog:
 
     def _write_parity(self) -> None:
         import numpy as np
+
         if not self._group:
             return
         width = max(len(d) for _, d in self._group)
         par = np.zeros(width, np.uint8)
         for _, d in self._group:
-            np.bitwise_xor(par[:len(d)], np.frombuffer(d, np.uint8), out=par[:len(d)])
-        head = json.dumps({"members": [[off, len(d)] for off, d in self._group], "width": width,
-                           "sha256": hashlib.sha256(par.data).hexdigest()}).encode()
+            np.bitwise_xor(par[: len(d)], np.frombuffer(d, np.uint8), out=par[: len(d)])
+        head = json.dumps(
+            {"members": [[off, len(d)] for off, d in self._group], "width": width, "sha256": hashlib.sha256(par.data).hexdigest()}
+        ).encode()
         self._files[1].write(len(head).to_bytes(4, "little") + head)
         self._files[1].write(par.data)
         self._group = []
@@ -203,7 +209,9 @@ class UpdateLog:
             if check is not None:
                 check(data)
         except Exception as exc:  # noqa: BLE001
-            raise OSError(f"update log {name} at {off}+{n}: damaged ({first}) and not rebuildable from its parity ({exc})") from None
+            raise OSError(
+                f"update log {name} at {off}+{n}: damaged ({first}) and not rebuildable from its parity ({exc})"
+            ) from None
         return data
 
     def _read_at(self, name: str, off: int, n: int) -> bytes:
@@ -217,6 +225,7 @@ class UpdateLog:
     def _rebuild(self, name: str, off: int, n: int) -> bytes:
         """XOR of the parity record whose group holds (off, n) with the group's other payloads."""
         import numpy as np
+
         with open(self.root / (name[:-4] + ".par"), "rb") as f:
             while True:
                 size = f.read(4)
@@ -267,6 +276,7 @@ class Checkpoints:
     def write(self, flat) -> dict:
         """Write a vector durably under a new name; returns {"file", "sha256", "nbytes"}."""
         import numpy as np
+
         data = np.ascontiguousarray(flat, dtype="<f8").data.cast("B")
         name = f"ckpt-{time.time_ns()}.f64"
         with open(self.root / name, "wb") as f:
@@ -279,6 +289,7 @@ class Checkpoints:
     def read(self, rec: dict):
         """The vector a record points at (OSError if missing, short or corrupt)."""
         import numpy as np
+
         name = rec["file"]
         if "/" in name or not name.endswith(".f64"):
             raise OSError(f"bad checkpoint name {name!r}")
@@ -312,13 +323,20 @@ class State:
                 has = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='versions'").fetchone()
                 if not has or not self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0]:
                     self.db.close()
-                    raise StateError(f"{path} records no versions, but {self.dir / 'blobs'} holds {stored_adapters} stored "
-                                     f"adapter(s): the database was truncated, replaced or deleted. {RECOVERY.format(dir=self.dir)}")
+                    raise StateError(
+                        f"{path} records no versions, but {self.dir / 'blobs'} holds {stored_adapters} stored "
+                        f"adapter(s): the database was truncated, replaced or deleted. {RECOVERY.format(dir=self.dir)}"
+                    )
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(updates)")}
-            for col, kind in (("norm", "REAL"), ("clip", "REAL"), ("logref", "TEXT"), ("ckpt", "TEXT")):  # added since 0.1.0 began
+            for col, kind in (
+                ("norm", "REAL"),
+                ("clip", "REAL"),
+                ("logref", "TEXT"),
+                ("ckpt", "TEXT"),
+            ):  # added since 0.1.0 began
                 if col not in cols:
                     self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} {kind}")
         except sqlite3.DatabaseError as exc:
@@ -380,9 +398,11 @@ class State:
             self.x("DELETE FROM kv WHERE key='acc_checkpoint_prev'")
         self.put("acc_checkpoint", rec)
         pending = "status='accepted' AND folded_into IS NULL"
-        self.x(f"UPDATE updates SET logref=NULL WHERE {pending} AND blob=?", (CHECKPOINTED,))   # in both checkpoints now
-        self.x(f"UPDATE updates SET logref=blob, blob=?, ckpt=? WHERE {pending} AND blob IS NOT NULL AND blob<>?",
-               (CHECKPOINTED, rec["file"], CHECKPOINTED))
+        self.x(f"UPDATE updates SET logref=NULL WHERE {pending} AND blob=?", (CHECKPOINTED,))  # in both checkpoints now
+        self.x(
+            f"UPDATE updates SET logref=blob, blob=?, ckpt=? WHERE {pending} AND blob IS NOT NULL AND blob<>?",
+            (CHECKPOINTED, rec["file"], CHECKPOINTED),
+        )
         self.log.rotate()
         return rec
 
@@ -391,9 +411,14 @@ class State:
         log segments no pending update (or its second copy) points into are superseded."""
         rec, prev = self.get("acc_checkpoint"), self.get("acc_checkpoint_prev")
         self.checkpoints.prune({r["file"] for r in (rec, prev) if r})
-        live = {r[0].split(":")[0] for r in self.q("SELECT blob FROM updates WHERE status='accepted' AND folded_into IS NULL "
-                                                   "AND blob LIKE 'seg-%' UNION SELECT logref FROM updates WHERE "
-                                                   "status='accepted' AND folded_into IS NULL AND logref LIKE 'seg-%'")}
+        live = {
+            r[0].split(":")[0]
+            for r in self.q(
+                "SELECT blob FROM updates WHERE status='accepted' AND folded_into IS NULL "
+                "AND blob LIKE 'seg-%' UNION SELECT logref FROM updates WHERE "
+                "status='accepted' AND folded_into IS NULL AND logref LIKE 'seg-%'"
+            )
+        }
         for name in self.log.segments():
             if name not in live and name != self.log.open_segment:
                 self.log.delete(name)
@@ -408,14 +433,20 @@ class State:
 
     def uncovered_log_bytes(self) -> int:
         """Payload bytes of pending accepted updates that no checkpoint covers yet."""
-        return self.q("SELECT COALESCE(SUM(bytes), 0) FROM updates WHERE status='accepted' AND folded_into IS NULL "
-                      "AND blob IS NOT NULL AND blob<>?", (CHECKPOINTED,))[0][0]
+        return self.q(
+            "SELECT COALESCE(SUM(bytes), 0) FROM updates WHERE status='accepted' AND folded_into IS NULL "
+            "AND blob IS NOT NULL AND blob<>?",
+            (CHECKPOINTED,),
+        )[0][0]
 
     def added_by_checkpoint(self, file: str) -> list[tuple]:
         """(update id, payload copy, weight, clip) of the pending updates checkpoint ``file`` was the
         first to cover: what rebuilds it from the previous one."""
-        return self.q("SELECT update_id, logref, weight, clip FROM updates WHERE status='accepted' AND folded_into IS NULL "
-                      "AND blob=? AND ckpt=? ORDER BY received_at, rowid", (CHECKPOINTED, file))
+        return self.q(
+            "SELECT update_id, logref, weight, clip FROM updates WHERE status='accepted' AND folded_into IS NULL "
+            "AND blob=? AND ckpt=? ORDER BY received_at, rowid",
+            (CHECKPOINTED, file),
+        )
 
     def drop_checkpoint(self) -> None:
         """After a version is published: the checkpoints' updates are in it."""
@@ -434,22 +465,37 @@ class State:
         or (None) every unfolded one only the damaged accumulator checkpoint held."""
         if update_id is not None:
             return self.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
-        return self.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
-                      "folded_into IS NULL AND blob=?", (CHECKPOINTED,))
+        return self.x(
+            "UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
+            "folded_into IS NULL AND blob=?",
+            (CHECKPOINTED,),
+        )
 
     def folded_summary(self, update_ids: list[str]) -> list[tuple[int, int, str]]:
         """(claimed examples, bytes, device id) of these updates."""
         if not update_ids:
             return []
-        return self.q(f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})",
-                      tuple(update_ids))
+        return self.q(
+            f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})",
+            tuple(update_ids),
+        )
 
     def release_payloads(self, update_ids: list[str]) -> list[str]:
         """After a version is stored: the payload references of these (folded) updates and of every
         excluded one, which are then no longer needed (excluded rows forget theirs); delete them with
         ``delete_updates``."""
-        refs = [b for row in self.q(f"SELECT blob, logref FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})",
-                                    tuple(update_ids)) for b in row if b] if update_ids else []
+        refs = (
+            [
+                b
+                for row in self.q(
+                    f"SELECT blob, logref FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})", tuple(update_ids)
+                )
+                for b in row
+                if b
+            ]
+            if update_ids
+            else []
+        )
         refs += [b for (b,) in self.q("SELECT blob FROM updates WHERE status='excluded' AND blob IS NOT NULL")]
         self.x("UPDATE updates SET blob=NULL WHERE status='excluded'")
         return refs
@@ -477,12 +523,21 @@ class State:
         msg = status.to_json()
         with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO devices (device_id, last_seen) VALUES (?, ?)", (device_id, time.time()))
-            self.db.execute("UPDATE devices SET state=?, profile=COALESCE(?, profile), base_fingerprint=COALESCE(?, base_fingerprint), "
-                            "adapter_version=COALESCE(?, adapter_version), global_version=COALESCE(?, global_version), "
-                            "last_seen=?, info=? WHERE device_id=?",
-                            (msg.get("state"), msg.get("profile"), msg.get("base_fingerprint"), msg.get("adapter_version"),
-                             msg.get("global_version"), time.time(), json.dumps({k: msg.get(k) for k in ("adapter", "activity", "outbox")}),
-                             device_id))
+            self.db.execute(
+                "UPDATE devices SET state=?, profile=COALESCE(?, profile), base_fingerprint=COALESCE(?, base_fingerprint), "
+                "adapter_version=COALESCE(?, adapter_version), global_version=COALESCE(?, global_version), "
+                "last_seen=?, info=? WHERE device_id=?",
+                (
+                    msg.get("state"),
+                    msg.get("profile"),
+                    msg.get("base_fingerprint"),
+                    msg.get("adapter_version"),
+                    msg.get("global_version"),
+                    time.time(),
+                    json.dumps({k: msg.get(k) for k in ("adapter", "activity", "outbox")}),
+                    device_id,
+                ),
+            )
 
     def count_device(self, device_id: str, accepted: bool) -> None:
         """Count an accepted or rejected update for a device."""
@@ -493,13 +548,29 @@ class State:
 
     def online_devices(self, within_s: float = 120.0) -> list[str]:
         """Devices whose last status said online, seen recently."""
-        return [r[0] for r in self.q("SELECT device_id FROM devices WHERE state='online' AND last_seen > ?", (time.time() - within_s,))]
+        return [
+            r[0]
+            for r in self.q("SELECT device_id FROM devices WHERE state='online' AND last_seen > ?", (time.time() - within_s,))
+        ]
 
     def devices(self) -> list[dict]:
         """Fleet registry rows."""
-        cols = ["device_id", "state", "profile", "base_fingerprint", "adapter_version", "global_version", "last_seen",
-                "accepted", "rejected", "info"]
-        return [dict(zip(cols, r)) | {"info": json.loads(r[-1] or "{}")} for r in self.q(f"SELECT {','.join(cols)} FROM devices ORDER BY device_id")]
+        cols = [
+            "device_id",
+            "state",
+            "profile",
+            "base_fingerprint",
+            "adapter_version",
+            "global_version",
+            "last_seen",
+            "accepted",
+            "rejected",
+            "info",
+        ]
+        return [
+            dict(zip(cols, r)) | {"info": json.loads(r[-1] or "{}")}
+            for r in self.q(f"SELECT {','.join(cols)} FROM devices ORDER BY device_id")
+        ]
 
     # -- updates --
     def update_outcome(self, update_id: str) -> tuple[str, str | None, str | None] | None:
@@ -507,14 +578,45 @@ class State:
         rows = self.q("SELECT status, reason, detail FROM updates WHERE update_id=?", (update_id,))
         return tuple(rows[0]) if rows else None
 
-    def record_update(self, *, update_id: str, device_id: str, round_id: int | None, base_version: int, num_examples: int,
-                      status: str, reason: str | None, detail: str | None, blob: str | None, nbytes: int,
-                      weight: float | None, norm: float | None = None) -> bool:
+    def record_update(
+        self,
+        *,
+        update_id: str,
+        device_id: str,
+        round_id: int | None,
+        base_version: int,
+        num_examples: int,
+        status: str,
+        reason: str | None,
+        detail: str | None,
+        blob: str | None,
+        nbytes: int,
+        weight: float | None,
+        norm: float | None = None,
+    ) -> bool:
         """Record an update once (False if the id was already recorded). An accepted update recorded
         with weight None is held: it is bounded and folded later (``set_update_bound``)."""
-        return self.x("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,NULL,NULL,NULL)",
-                      (update_id, device_id, round_id, base_version, num_examples, status, reason, detail, time.time(), blob,
-                       nbytes, weight, norm)) == 1
+        return (
+            self.x(
+                "INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,NULL,NULL,NULL)",
+                (
+                    update_id,
+                    device_id,
+                    round_id,
+                    base_version,
+                    num_examples,
+                    status,
+                    reason,
+                    detail,
+                    time.time(),
+                    blob,
+                    nbytes,
+                    weight,
+                    norm,
+                ),
+            )
+            == 1
+        )
 
     def set_update_bound(self, update_id: str, weight: float, clip: float) -> None:
         """The weight a held update is folded with and the norm it is clipped to (0: not clipped)."""
@@ -528,13 +630,18 @@ class State:
     def pending_accepted(self) -> list[tuple]:
         """(update id, device id, blob, weight, clip, num_examples, norm, base_version) of accepted
         updates not yet folded into a published version (replayed after a restart); weight None: held."""
-        return self.q("SELECT update_id, device_id, blob, weight, clip, num_examples, norm, base_version FROM updates "
-                      "WHERE status='accepted' AND folded_into IS NULL ORDER BY received_at, rowid")
+        return self.q(
+            "SELECT update_id, device_id, blob, weight, clip, num_examples, norm, base_version FROM updates "
+            "WHERE status='accepted' AND folded_into IS NULL ORDER BY received_at, rowid"
+        )
 
     def influence_reference(self, window: int) -> list[tuple[float, float]]:
         """(claimed examples, norm) of the newest ``window`` accepted, already bounded updates, oldest first."""
-        rows = self.q("SELECT num_examples, norm FROM updates WHERE status='accepted' AND norm IS NOT NULL AND weight IS NOT NULL "
-                      "ORDER BY received_at DESC, rowid DESC LIMIT ?", (window,))
+        rows = self.q(
+            "SELECT num_examples, norm FROM updates WHERE status='accepted' AND norm IS NOT NULL AND weight IS NOT NULL "
+            "ORDER BY received_at DESC, rowid DESC LIMIT ?",
+            (window,),
+        )
         return [(float(c), float(n)) for c, n in reversed(rows)]
 
     # -- versions --
@@ -543,25 +650,72 @@ class State:
         rows = self.q("SELECT MAX(version) FROM versions")
         return rows[0][0]
 
-    def add_version(self, version: int, parent: int | None, sha: str, *, round_id=None, strategy="", num_updates=0,
-                    num_examples=0, metrics=None, note="", folded: list[str] | None = None) -> None:
+    def add_version(
+        self,
+        version: int,
+        parent: int | None,
+        sha: str,
+        *,
+        round_id=None,
+        strategy="",
+        num_updates=0,
+        num_examples=0,
+        metrics=None,
+        note="",
+        folded: list[str] | None = None,
+    ) -> None:
         """Record a new global version and mark the updates folded into it, atomically."""
         with self.transaction():
             self.db.execute("UPDATE versions SET status='superseded' WHERE status='published'")
-            self.db.execute("INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                            (version, parent, sha, time.time(), round_id, strategy, num_updates, num_examples,
-                             json.dumps(metrics or {}), "published", note))
+            self.db.execute(
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    version,
+                    parent,
+                    sha,
+                    time.time(),
+                    round_id,
+                    strategy,
+                    num_updates,
+                    num_examples,
+                    json.dumps(metrics or {}),
+                    "published",
+                    note,
+                ),
+            )
             for uid in folded or []:
                 self.db.execute("UPDATE updates SET folded_into=? WHERE update_id=?", (version, uid))
 
-    def store_version(self, version: int, parent: int | None, tensors: dict, meta: AdapterMeta, *, strategy: str,
-                      round_id: int | None = None, num_updates: int = 0, num_examples: int = 0, metrics: dict | None = None,
-                      note: str = "", folded: list[str] | None = None) -> str:
+    def store_version(
+        self,
+        version: int,
+        parent: int | None,
+        tensors: dict,
+        meta: AdapterMeta,
+        *,
+        strategy: str,
+        round_id: int | None = None,
+        num_updates: int = 0,
+        num_examples: int = 0,
+        metrics: dict | None = None,
+        note: str = "",
+        folded: list[str] | None = None,
+    ) -> str:
         """Store an adapter as global ``version`` (its blob, then its row: ``add_version``); its sha256."""
         meta = AdapterMeta(**{**meta.to_json(), "version": version, "parent_version": parent, "metrics": metrics or {}})
         sha = self.blobs.put(adapter_to_bytes(tensors, meta))
-        self.add_version(version, parent, sha, round_id=round_id, strategy=strategy, num_updates=num_updates,
-                         num_examples=num_examples, metrics=metrics, note=note, folded=folded)
+        self.add_version(
+            version,
+            parent,
+            sha,
+            round_id=round_id,
+            strategy=strategy,
+            num_updates=num_updates,
+            num_examples=num_examples,
+            metrics=metrics,
+            note=note,
+            folded=folded,
+        )
         return sha
 
     def load_version(self, version: int) -> tuple[dict, AdapterMeta]:
@@ -575,14 +729,30 @@ class State:
         epoch = self.get("epoch")
         if not epoch:
             import secrets
+
             epoch = secrets.token_hex(8)
             self.put("epoch", epoch)
         return str(epoch)
 
     def versions(self) -> list[dict]:
         """Version lineage, newest first."""
-        cols = ["version", "parent", "sha256", "created_at", "round", "strategy", "num_updates", "num_examples", "metrics", "status", "note"]
-        return [dict(zip(cols, r)) | {"metrics": json.loads(r[8] or "{}")} for r in self.q(f"SELECT {','.join(cols)} FROM versions ORDER BY version DESC")]
+        cols = [
+            "version",
+            "parent",
+            "sha256",
+            "created_at",
+            "round",
+            "strategy",
+            "num_updates",
+            "num_examples",
+            "metrics",
+            "status",
+            "note",
+        ]
+        return [
+            dict(zip(cols, r)) | {"metrics": json.loads(r[8] or "{}")}
+            for r in self.q(f"SELECT {','.join(cols)} FROM versions ORDER BY version DESC")
+        ]
 
     def version_sha(self, version: int) -> str:
         rows = self.q("SELECT sha256 FROM versions WHERE version=?", (version,))
@@ -607,8 +777,10 @@ class State:
     def open_round(self) -> tuple | None:
         """The newest round still open or extended: (round, base_version, opened_at, deadline, selected
         (decoded), target, quorum), or None."""
-        rows = self.q("SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
-                      "WHERE status IN ('open', 'extended') ORDER BY round DESC LIMIT 1")
+        rows = self.q(
+            "SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
+            "WHERE status IN ('open', 'extended') ORDER BY round DESC LIMIT 1"
+        )
         if not rows:
             return None
         r = rows[0]
@@ -618,12 +790,15 @@ class State:
         """The highest round number recorded (0 before the first)."""
         return self.q("SELECT MAX(round) FROM rounds")[0][0] or 0
 
-    def record_round(self, rnd: int, mode: str, base_version: int, opened_at: float, deadline: float, selected,
-                     target: int, quorum: int) -> None:
+    def record_round(
+        self, rnd: int, mode: str, base_version: int, opened_at: float, deadline: float, selected, target: int, quorum: int
+    ) -> None:
         """A round just opened."""
-        self.x("INSERT INTO rounds (round, mode, base_version, opened_at, deadline, status, selected, target, quorum) "
-               "VALUES (?,?,?,?,?,?,?,?,?)", (rnd, mode, base_version, opened_at, deadline, "open", json.dumps(selected),
-                                             target, quorum))
+        self.x(
+            "INSERT INTO rounds (round, mode, base_version, opened_at, deadline, status, selected, target, quorum) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (rnd, mode, base_version, opened_at, deadline, "open", json.dumps(selected), target, quorum),
+        )
 
     def extend_round(self, rnd: int, deadline: float) -> None:
         """A round below quorum at its deadline gets a new one."""
@@ -631,18 +806,34 @@ class State:
 
     def close_round(self, rnd: int, version: int, summary: dict) -> None:
         """A round closed with a new version."""
-        self.x("UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",
-               (time.time(), version, json.dumps(summary), rnd))
+        self.x(
+            "UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",
+            (time.time(), version, json.dumps(summary), rnd),
+        )
 
     def closed_rounds(self) -> int:
         """How many rounds closed with a new version."""
         return self.q("SELECT COUNT(*) FROM rounds WHERE status='closed'")[0][0]
 
     def rounds(self) -> list[dict]:
-        cols = ["round", "mode", "base_version", "opened_at", "deadline", "closed_at", "status", "selected", "target", "quorum",
-                "result_version", "summary"]
-        return [dict(zip(cols, r)) | {"summary": json.loads(r[-1] or "{}"), "selected": json.loads(r[7] or "null")}
-                for r in self.q(f"SELECT {','.join(cols)} FROM rounds ORDER BY round DESC")]
+        cols = [
+            "round",
+            "mode",
+            "base_version",
+            "opened_at",
+            "deadline",
+            "closed_at",
+            "status",
+            "selected",
+            "target",
+            "quorum",
+            "result_version",
+            "summary",
+        ]
+        return [
+            dict(zip(cols, r)) | {"summary": json.loads(r[-1] or "{}"), "selected": json.loads(r[7] or "null")}
+            for r in self.q(f"SELECT {','.join(cols)} FROM rounds ORDER BY round DESC")
+        ]
 
     def updates_by_device(self) -> dict[str, dict[str, int]]:
         """Per device: updates recorded (any outcome) and accepted (counted)."""
@@ -654,5 +845,9 @@ class State:
         judged by direction with its batch and counted for nothing)."""
         by = dict(self.q("SELECT status, COUNT(*) FROM updates GROUP BY status"))
         reasons = dict(self.q("SELECT reason, COUNT(*) FROM updates WHERE status='rejected' GROUP BY reason"))
-        return {"accepted": by.get("accepted", 0), "excluded": by.get("excluded", 0), "rejected": by.get("rejected", 0),
-                "reasons": reasons}
+        return {
+            "accepted": by.get("accepted", 0),
+            "excluded": by.get("excluded", 0),
+            "rejected": by.get("rejected", 0),
+            "reasons": reasons,
+        }

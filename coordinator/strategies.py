@@ -5,6 +5,7 @@ A strategy turns validated updates into a new global adapter by calling the pure
 independent of the number of updates); robust rules (median, trimmed mean) need every update of
 the round and say so with ``streaming = False``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,8 +23,18 @@ class Strategy:
     server_opt = "fedavg"
     default_server_lr = 1.0
 
-    def __init__(self, *, server_lr: float | None = None, server_opt: str | None = None, rank: int = 8, trim: int = 1,
-                 dp_noise_multiplier: float = 0.0, dp_clip: float = 1.0, dp_delta: float = 1e-5, seed: int = 0):
+    def __init__(
+        self,
+        *,
+        server_lr: float | None = None,
+        server_opt: str | None = None,
+        rank: int = 8,
+        trim: int = 1,
+        dp_noise_multiplier: float = 0.0,
+        dp_clip: float = 1.0,
+        dp_delta: float = 1e-5,
+        seed: int = 0,
+    ):
         if server_opt is not None:  # e.g. a robust rule (median) followed by a server optimizer
             self.server_opt = server_opt
             if server_lr is None and server_opt in ("fedadam", "fedyogi"):
@@ -103,7 +114,9 @@ class FrozenA(Strategy):
         if self.count(acc) == 0:
             return None
         d = self.avg_delta(acc)
-        return {k: (global_t[k] if k.endswith("lora_A") else global_t[k] + self.server_lr * d[k]).astype(np.float32) for k in global_t}
+        return {
+            k: (global_t[k] if k.endswith("lora_A") else global_t[k] + self.server_lr * d[k]).astype(np.float32) for k in global_t
+        }
 
 
 class SvdProduct(Strategy):
@@ -127,7 +140,9 @@ class SvdProduct(Strategy):
     def finish(self, acc, global_t):
         if self.count(acc) == 0:
             return None
-        return acc["prod"].refactor(self.rank, agg.pad_or_truncate_rank(global_t, self.rank) if self.rank else global_t, self.server_lr)
+        return acc["prod"].refactor(
+            self.rank, agg.pad_or_truncate_rank(global_t, self.rank) if self.rank else global_t, self.server_lr
+        )
 
 
 class Median(Strategy):
@@ -166,8 +181,9 @@ class DpFedAvg(Strategy):
         return {k: (v / s.count).astype(np.float32) for k, v in noisy.items()}
 
 
-STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (Strategy, FedAvgM, FedAdam, FedYogi, FrozenA, SvdProduct,
-                                                             Median, TrimmedMean, DpFedAvg)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    c.name: c for c in (Strategy, FedAvgM, FedAdam, FedYogi, FrozenA, SvdProduct, Median, TrimmedMean, DpFedAvg)
+}
 
 
 def make_strategy(name: str, **kw) -> Strategy:

@@ -4,6 +4,7 @@
 payload hash, signature, codec, finite values, base fingerprint, tensor names and shapes, L2 norm.
 What needs state (duplicates, rounds, staleness) stays in the coordinator.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ class Limits:
     max_update_bytes: int
     max_update_norm: float
     sign_key: str | None = None
-    device_keys: dict | None = None     # {device id: Ed25519 public key}: every update must be signed by its device
+    device_keys: dict | None = None  # {device id: Ed25519 public key}: every update must be signed by its device
 
 
 @dataclass
@@ -52,8 +53,13 @@ def validate_update(device_id: str, payload: bytes, limits: Limits) -> Validated
             device_key = limits.device_keys.get(header.device_id)
             if device_key is None:
                 raise ProtocolError(RejectReason.BAD_SIGNATURE, f"device {header.device_id!r} is not provisioned in this fleet")
-        upd = decode_update_body(header, body, max_decoded_bytes=4 * limits.max_update_bytes,
-                                 verify_key=limits.sign_key.encode() if limits.sign_key else None, device_public_key=device_key)
+        upd = decode_update_body(
+            header,
+            body,
+            max_decoded_bytes=4 * limits.max_update_bytes,
+            verify_key=limits.sign_key.encode() if limits.sign_key else None,
+            device_public_key=device_key,
+        )
         if header.base_fingerprint != limits.fingerprint:
             raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "update trained on another base model")
         check_tensors_match(upd.tensors, limits.shapes)

@@ -1,4 +1,5 @@
 """Device data for the fleet: text domains and non-IID partitions (Dirichlet over domains). Pure, seeded."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,8 +12,16 @@ import numpy as np
 
 SYNTHETIC_DOMAINS = {
     "factory": ["pump {n} pressure {v} bar at line {m}", "conveyor {n} speed set to {v} m/s", "valve {n} closed after alarm {m}"],
-    "weather": ["station {n} temperature {v} degrees wind {m} km/h", "rain gauge {n} measured {v} mm", "humidity at site {n} is {v} percent"],
-    "retail": ["order {n} shipped {v} items to store {m}", "customer {n} returned item {v}", "shelf {n} restocked with {v} boxes"],
+    "weather": [
+        "station {n} temperature {v} degrees wind {m} km/h",
+        "rain gauge {n} measured {v} mm",
+        "humidity at site {n} is {v} percent",
+    ],
+    "retail": [
+        "order {n} shipped {v} items to store {m}",
+        "customer {n} returned item {v}",
+        "shelf {n} restocked with {v} boxes",
+    ],
     "health": ["patient {n} heart rate {v} bpm at {m}", "dose {n} given at {v} mg", "room {n} cleaned at {m} o'clock"],
 }
 
@@ -63,7 +72,11 @@ def module_docstrings(modnames: list[str], max_chars: int = 600) -> list[str]:
                 except Exception:
                     continue
         for o in objs:
-            doc = inspect.getdoc(o) if (inspect.ismodule(o) or inspect.isclass(o) or inspect.isfunction(o) or inspect.isbuiltin(o)) else None
+            doc = (
+                inspect.getdoc(o)
+                if (inspect.ismodule(o) or inspect.isclass(o) or inspect.isfunction(o) or inspect.isbuiltin(o))
+                else None
+            )
             if doc and len(doc) > 80:
                 out.append(" ".join(doc.split())[:max_chars])
     return sorted(set(out))
@@ -75,8 +88,9 @@ def dirichlet_partition(domains: list[str], devices: int, alpha: float, seed: in
     return [dict(zip(domains, rng.dirichlet([alpha] * len(domains)).tolist())) for _ in range(devices)]
 
 
-def device_datasets(texts_by_domain: dict[str, list[str]], mixtures: list[dict[str, float]], per_device: int,
-                    heldout_per_domain: int, seed: int) -> tuple[list[list[dict]], dict[str, list[str]]]:
+def device_datasets(
+    texts_by_domain: dict[str, list[str]], mixtures: list[dict[str, float]], per_device: int, heldout_per_domain: int, seed: int
+) -> tuple[list[list[dict]], dict[str, list[str]]]:
     """Split each domain into held-out (shared for evaluation) and a training pool, then draw each device's
     examples from the pool by its mixture. Returns (per-device examples, held-out texts per domain)."""
     rng = random.Random(seed)
@@ -101,6 +115,7 @@ def _read_examples(path: Path) -> list[dict]:
     """Examples of one file: JSONL ({text} or {prompt, completion} per line) or plain text (one example per paragraph)."""
     import json
     from edge_runtime.errors import ConfigError
+
     if path.suffix == ".jsonl":
         out = []
         for i, line in enumerate(path.read_text().splitlines(), 1):
@@ -121,6 +136,7 @@ def load_user_data(root: str | Path) -> dict[str, list[dict]]:
     """A user's own data, one device per entry of ``root``: a ``NAME.jsonl`` file, or a folder ``NAME/`` of
     ``*.jsonl`` / ``*.txt`` files. Returns {device name: examples} in name order."""
     from edge_runtime.errors import ConfigError
+
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"--data {root}: not a folder (expected one NAME.jsonl file or NAME/ folder per device)")
@@ -144,7 +160,9 @@ def example_text(ex: dict) -> str:
     return ex["prompt"] + ex.get("completion", "") if ex.get("prompt") is not None else ex["text"]
 
 
-def split_user_data(data: dict[str, list[dict]], heldout_fraction: float, seed: int) -> tuple[list[list[dict]], dict[str, list[str]]]:
+def split_user_data(
+    data: dict[str, list[dict]], heldout_fraction: float, seed: int
+) -> tuple[list[list[dict]], dict[str, list[str]]]:
     """Per device: examples to send, and a held-out share (at least one, if the device has two or more) that
     only the simulator's evaluation sees. Returns (per-device examples, held-out texts per device)."""
     rng = random.Random(seed)

@@ -1,5 +1,6 @@
 """Fleet simulator: a broker, a coordinator and N agents as separate processes, driven through their
 public interfaces (CLIs, HTTP API, MQTT), with per-round evaluation and an optional chaos schedule."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,16 +28,16 @@ class FleetOptions:
 
     devices: int = 3
     rounds: int = 3
-    model: str = "tiny"                 # tiny | a bundle dir | anything edgefm-export accepts
+    model: str = "tiny"  # tiny | a bundle dir | anything edgefm-export accepts
     broker: str | None = None
-    insecure: bool = False              # accept a --broker beyond loopback without TLS and credentials
+    insecure: bool = False  # accept a --broker beyond loopback without TLS and credentials
     mode: str = "sync"
     strategy: str = "fedavg"
     chaos: bool = False
     out: str = "./fleet-out"
     profile: str = "rpi5"
     fleet: str = "sim"
-    alpha: float = 0.3                  # Dirichlet concentration over domains (smaller = more non-IID)
+    alpha: float = 0.3  # Dirichlet concentration over domains (smaller = more non-IID)
     examples_per_device: int = 48
     heldout_per_domain: int = 8
     steps_per_round: int = 6
@@ -44,8 +45,8 @@ class FleetOptions:
     round_timeout_s: float = 60.0
     timeout_s: float = 900.0
     seed: int = 0
-    data: str = "synthetic"             # synthetic | stdlib | a folder of the user's data (one NAME.jsonl or NAME/ per device)
-    heldout_fraction: float = 0.1       # --data DIR: share of each device's data kept for the report's evaluation
+    data: str = "synthetic"  # synthetic | stdlib | a folder of the user's data (one NAME.jsonl or NAME/ per device)
+    heldout_fraction: float = 0.1  # --data DIR: share of each device's data kept for the report's evaluation
     codec: str = "fp16"
     compression: str = "zstd"
     quiet: bool = False
@@ -59,8 +60,12 @@ def _free_port() -> int:
 
 def http_json(url: str, body: dict | None = None, timeout: float = 60) -> dict:
     """GET (no body) or POST a JSON body to an agent's API; the JSON answer."""
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="GET" if body is None else "POST",
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -69,6 +74,7 @@ def readable_bundle(path: Path) -> bool:
     """Whether a cached bundle's manifest is one this version reads (else it is exported again)."""
     from edge_runtime.errors import BundleError
     from edge_runtime.protocol.manifest import Manifest
+
     try:
         Manifest.load(path)
         return True
@@ -82,6 +88,7 @@ def cached_bundle(model: str, profile: str, *, train_batch: int = 4, train_seq: 
     from export.build import Progress, build_bundle
     from export.cli import resolve_options
     from export.source import cache_root
+
     name = Path(model).name.replace(".", "-")
     key = f"{name}-{profile}-b{train_batch}s{train_seq}"
     out = cache_root() / "bundles" / f"{key}-f{FORMAT_VERSION}"
@@ -112,8 +119,8 @@ class Fleet:
         self.restarts: dict[str, int] = {}
         self.events: list[str] = []
         self.t0 = time.time()
-        self.broker: Any = None   # an EmbeddedBroker when the fleet starts its own
-        self.names: list[str] = []          # device ids (from --data DIR; else dev-0, dev-1, ...)
+        self.broker: Any = None  # an EmbeddedBroker when the fleet starts its own
+        self.names: list[str] = []  # device ids (from --data DIR; else dev-0, dev-1, ...)
         self.intake: dict[str, dict] = {}
 
     def log(self, msg: str) -> None:
@@ -130,21 +137,28 @@ class Fleet:
         if (Path(m) / "manifest.json").is_file():
             return Path(m)
         from export.build import BuildOptions, Progress, build_bundle
+
         if m == "tiny":
             out = self.out / "bundle-tiny"
             if not (out / "manifest.json").is_file():
                 from export.quantize import QuantRecipe
                 from export.tiny import make_tiny_llama
+
                 src = make_tiny_llama(self.out / "tiny-model", layers=2, hidden=64)
                 self.log("exporting the tiny model (fp32 bundle)")
-                build_bundle(str(src), out, BuildOptions(quant=QuantRecipe("fp32"), lora_rank=4, train_batch=4, train_seq=32),
-                             log=Progress(quiet=self.o.quiet))
+                build_bundle(
+                    str(src),
+                    out,
+                    BuildOptions(quant=QuantRecipe("fp32"), lora_rank=4, train_batch=4, train_seq=32),
+                    log=Progress(quiet=self.o.quiet),
+                )
             return out
         return cached_bundle(m, self.o.profile, log=self.log, quiet=self.o.quiet)
 
     def datasets(self):
         """Per-device examples and per-domain held-out texts."""
         from devices import data
+
         if self.o.data not in ("synthetic", "stdlib"):
             user = data.load_user_data(self.o.data)
             bad = [n for n in user if not n.replace("-", "").replace("_", "").isalnum()]
@@ -158,21 +172,26 @@ class Fleet:
             out.mkdir(exist_ok=True)
             for n, texts in heldout.items():
                 (out / f"{n}.eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-            self.log(f"user data from {self.o.data}: {len(user)} devices ({', '.join(f'{n}: {len(e)}' for n, e in zip(user, per_dev))} "
-                     f"examples to send); held back for evaluation: {out}/NAME.eval.jsonl")
+            self.log(
+                f"user data from {self.o.data}: {len(user)} devices ({', '.join(f'{n}: {len(e)}' for n, e in zip(user, per_dev))} "
+                f"examples to send); held back for evaluation: {out}/NAME.eval.jsonl"
+            )
             return per_dev, heldout, mixtures
         if self.o.data == "stdlib":
             texts = {f: data.stdlib_docstrings(f) for f in data.STDLIB_FAMILIES}
         else:
             texts = {d: data.synthetic_domain_texts(d, 400, self.o.seed) for d in data.SYNTHETIC_DOMAINS}
         mixtures = data.dirichlet_partition(sorted(texts), self.o.devices, self.o.alpha, self.o.seed)
-        per_dev, heldout = data.device_datasets(texts, mixtures, self.o.examples_per_device, self.o.heldout_per_domain, self.o.seed)
+        per_dev, heldout = data.device_datasets(
+            texts, mixtures, self.o.examples_per_device, self.o.heldout_per_domain, self.o.seed
+        )
         return per_dev, heldout, mixtures
 
     def _spawn(self, name: str) -> None:
         logf = open(self.out / "logs" / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(self.cmds[name], stdout=logf, stderr=subprocess.STDOUT, cwd=self.out,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.procs[name] = subprocess.Popen(
+            self.cmds[name], stdout=logf, stderr=subprocess.STDOUT, cwd=self.out, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
 
     def start_agent(self, i: int, bundle: Path, broker: str) -> str:
         name = self.names[i] if self.names else f"dev-{i}"
@@ -180,14 +199,34 @@ class Fleet:
         ddir = self.out / "agents" / name
         ddir.mkdir(parents=True, exist_ok=True)
         cfg = ddir / "agent.toml"
-        cfg.write_text(f'steps_per_round = {self.o.steps_per_round}\n'
-                       + (f'learning_rate = {self.o.learning_rate}\n' if self.o.learning_rate else "")
-                       + f'min_new_examples = 1\nthreads_inference = 1\nthreads_training = 1\nmax_train_seconds = 300\n'
-                       f'update_codec = "{self.o.codec}"\nupdate_compression = "{self.o.compression}"\n'
-                       + ('train_step_delay_s = 1.0\n' if self.o.chaos and i == self.o.devices - 1 else ""))
-        self.cmds[name] = [sys.executable, "-m", "edge_runtime.cli", "run", "--bundle", str(bundle), "--broker", broker,
-                           "--fleet", self.o.fleet, "--device-id", name, "--data-dir", str(ddir), "--port", str(port),
-                           "--config", str(cfg), "--no-auto-train"] + (["--insecure"] if self.o.insecure else [])
+        cfg.write_text(
+            f"steps_per_round = {self.o.steps_per_round}\n"
+            + (f"learning_rate = {self.o.learning_rate}\n" if self.o.learning_rate else "")
+            + f"min_new_examples = 1\nthreads_inference = 1\nthreads_training = 1\nmax_train_seconds = 300\n"
+            f'update_codec = "{self.o.codec}"\nupdate_compression = "{self.o.compression}"\n'
+            + ("train_step_delay_s = 1.0\n" if self.o.chaos and i == self.o.devices - 1 else "")
+        )
+        self.cmds[name] = [
+            sys.executable,
+            "-m",
+            "edge_runtime.cli",
+            "run",
+            "--bundle",
+            str(bundle),
+            "--broker",
+            broker,
+            "--fleet",
+            self.o.fleet,
+            "--device-id",
+            name,
+            "--data-dir",
+            str(ddir),
+            "--port",
+            str(port),
+            "--config",
+            str(cfg),
+            "--no-auto-train",
+        ] + (["--insecure"] if self.o.insecure else [])
         self._spawn(name)
         return name
 
@@ -216,6 +255,7 @@ class Fleet:
     # ------------------------------------------------------------------ evaluation
     def evaluator(self, bundle: Path):
         from edge_runtime.engine import Engine
+
         return Engine(bundle, threads=1, verify=False)
 
     def evaluate(self, eng, tensors, meta, heldout: dict[str, list[str]], seq: int) -> dict[str, float]:
@@ -231,12 +271,13 @@ class Fleet:
         return out
 
     # ------------------------------------------------------------------ run
-    RUN_STATE = ("agents", "coordinator", "broker", "logs")   # per-run state; bundles and models stay cached
+    RUN_STATE = ("agents", "coordinator", "broker", "logs")  # per-run state; bundles and models stay cached
 
     def run(self) -> dict:
         o = self.o
         from edge_runtime.transport import require_secure_broker
-        require_secure_broker(o.broker, o.insecure, "edgefm-fleet")   # before minutes of export
+
+        require_secure_broker(o.broker, o.insecure, "edgefm-fleet")  # before minutes of export
         stale = [d for d in self.RUN_STATE if (self.out / d).exists()]
         if stale:  # every run is a fresh fleet: old stores would make agents skip their data and rounds look done
             for d in stale:
@@ -245,12 +286,15 @@ class Fleet:
         (self.out / "logs").mkdir(exist_ok=True)
         bundle = self.bundle()
         per_dev, heldout, mixtures = self.datasets()
-        self.log(f"{o.devices} devices, non-IID mixtures (Dirichlet alpha={o.alpha}): "
-                 + "; ".join(", ".join(f"{d}:{w:.2f}" for d, w in m.items() if w > 0.05) for m in mixtures))
+        self.log(
+            f"{o.devices} devices, non-IID mixtures (Dirichlet alpha={o.alpha}): "
+            + "; ".join(", ".join(f"{d}:{w:.2f}" for d, w in m.items() if w > 0.05) for m in mixtures)
+        )
         if o.broker:
             broker = o.broker
         else:
             from coordinator.broker import EmbeddedBroker
+
             self.broker = EmbeddedBroker(self.out / "broker").start()
             broker = self.broker.url
             self.log(f"embedded broker on {broker}")
@@ -269,27 +313,56 @@ class Fleet:
             self.wait_healthy(n)
         for i, n in enumerate(names):
             fields = ("text", "prompt", "completion", "label")
-            res = http_json(f"http://127.0.0.1:{self.ports[n]}/v1/examples", {"examples": [{k: e[k] for k in fields if k in e} for e in per_dev[i]]})
+            res = http_json(
+                f"http://127.0.0.1:{self.ports[n]}/v1/examples",
+                {"examples": [{k: e[k] for k in fields if k in e} for e in per_dev[i]]},
+            )
             self.intake[n] = res
             gate = http_json(f"http://127.0.0.1:{self.ports[n]}/v1/examples/heldout")["examples"]
             (self.out / "heldout").mkdir(exist_ok=True)
             (self.out / "heldout" / f"{n}.gate.jsonl").write_text("".join(json.dumps(e) + "\n" for e in gate))
-            self.log(f"{n}: stored {res['added']} examples: {res['train']} to train on, {res['heldout']} held out for its gate "
-                     f"(heldout/{n}.gate.jsonl)")
+            self.log(
+                f"{n}: stored {res['added']} examples: {res['train']} to train on, {res['heldout']} held out for its gate "
+                f"(heldout/{n}.gate.jsonl)"
+            )
         state_dir = self.out / "coordinator"
-        self.cmds["coordinator"] = [sys.executable, "-m", "coordinator.cli", "--state-dir", str(state_dir), "serve", "--bundle",
-                                    str(bundle), "--broker", broker, "--fleet", o.fleet, "--mode", o.mode, "--strategy", o.strategy,
-                                    "--rounds", str(o.rounds), "--min-updates", str(o.devices if o.mode == "sync" else max(1, o.devices - 1)),
-                                    "--round-timeout", str(o.round_timeout_s)] + (["--insecure"] if o.insecure else [])
+        self.cmds["coordinator"] = [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "--state-dir",
+            str(state_dir),
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--broker",
+            broker,
+            "--fleet",
+            o.fleet,
+            "--mode",
+            o.mode,
+            "--strategy",
+            o.strategy,
+            "--rounds",
+            str(o.rounds),
+            "--min-updates",
+            str(o.devices if o.mode == "sync" else max(1, o.devices - 1)),
+            "--round-timeout",
+            str(o.round_timeout_s),
+        ] + (["--insecure"] if o.insecure else [])
         self._spawn("coordinator")
-        self.log(f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)"
-                 + (f"; chaos: {names[-1]} is a slow device (+1 s per training step)" if o.chaos else ""))
+        self.log(
+            f"coordinator started ({o.mode}, {o.strategy}, {o.rounds} rounds)"
+            + (f"; chaos: {names[-1]} is a slow device (+1 s per training step)" if o.chaos else "")
+        )
         eng = self.evaluator(bundle)
         from edge_runtime.gate import anchor_texts
+
         general = anchor_texts()  # the agents' forgetting anchor: general text no device trains on
         seq = int(eng.manifest.training.seq)
         from coordinator.state import State
         from edge_runtime.protocol.adapter import adapter_from_bytes
+
         st = None
         evaluated: dict[int, dict] = {}
         probes: list[dict] = []
@@ -310,10 +383,21 @@ class Fleet:
                     general_loss = by_dom.pop("__general__")
                     by_dev = {n: float(sum(mixtures[i][d] * by_dom[d] for d in by_dom)) for i, n in enumerate(names)}
                     row = next((r for r in st.versions() if r["version"] == v), {})
-                    evaluated[v] = {"version": v, "round": row.get("round"), "heldout_by_domain": by_dom, "heldout_by_device": by_dev,
-                                    "heldout_mean": float(np.mean(list(by_dom.values()))), "general_loss": general_loss, **{k: row.get("metrics", {}).get(k) for k in ("bytes", "num_updates", "num_examples")}}
+                    evaluated[v] = {
+                        "version": v,
+                        "round": row.get("round"),
+                        "heldout_by_domain": by_dom,
+                        "heldout_by_device": by_dev,
+                        "heldout_mean": float(np.mean(list(by_dom.values()))),
+                        "general_loss": general_loss,
+                        **{k: row.get("metrics", {}).get(k) for k in ("bytes", "num_updates", "num_examples")},
+                    }
                     self.log(f"global v{v}: held-out loss " + ", ".join(f"{d} {x:.3f}" for d, x in by_dom.items()))
-                done_rounds = sum(1 for r in st.rounds() if r["status"] == "closed") if o.mode == "sync" else max(0, (st.current_version() or 0))
+                done_rounds = (
+                    sum(1 for r in st.rounds() if r["status"] == "closed")
+                    if o.mode == "sync"
+                    else max(0, (st.current_version() or 0))
+                )
                 # chaos schedule: kill + restart an agent after round 1, restart the broker after round 2
                 if o.chaos and done_rounds >= 1 and "kill" not in chaos_done:
                     chaos_done.add("kill")
@@ -335,7 +419,11 @@ class Fleet:
             n = names[len(probes) % len(names)]
             try:
                 t = time.perf_counter()
-                http_json(f"http://127.0.0.1:{self.ports[n]}/v1/completions", {"prompt": "pump 3", "max_tokens": 8, "temperature": 0}, timeout=30)
+                http_json(
+                    f"http://127.0.0.1:{self.ports[n]}/v1/completions",
+                    {"prompt": "pump 3", "max_tokens": 8, "temperature": 0},
+                    timeout=30,
+                )
                 probes.append({"device": n, "latency_ms": (time.perf_counter() - t) * 1000, "ts": time.time() - self.t0})
             except OSError as exc:
                 probes.append({"device": n, "latency_ms": None, "error": str(exc)})
@@ -351,8 +439,12 @@ class Fleet:
                     statuses[n] = http_json(f"http://127.0.0.1:{self.ports[n]}/v1/status", timeout=10)
                 except OSError:
                     pass
-            if len(statuses) == len(names) and all(s["global_version"] == final_version and s["outbox"]["queued"] == 0
-                                                   and s["outbox"].get("awaiting_receipt", 0) == 0 for s in statuses.values()):
+            if len(statuses) == len(names) and all(
+                s["global_version"] == final_version
+                and s["outbox"]["queued"] == 0
+                and s["outbox"].get("awaiting_receipt", 0) == 0
+                for s in statuses.values()
+            ):
                 break
             time.sleep(0.5)
         by_device = st.updates_by_device() if st else {}
@@ -362,26 +454,54 @@ class Fleet:
         for n in names:
             s = statuses.get(n, {})
             ob = s.get("outbox", {})
-            devices[n] = {"global_version": s.get("global_version"), "adapter": s.get("active_adapter"),
-                          "updates_sent": ob.get("acknowledged", 0) + ob.get("queued", 0), "updates_acknowledged": ob.get("acknowledged", 0),
-                          "updates_queued": ob.get("queued", 0), "updates_awaiting_receipt": ob.get("awaiting_receipt", 0),
-                          "updates_receipted": sum((ob.get("receipts") or {}).values()),
-                          "updates_counted": counted.get(n, 0), "updates_recorded": recorded.get(n, 0),
-                          "restarts": self.restarts.get(n, 0), "mixture": mixtures[names.index(n)],
-                          "intake": self.intake.get(n), "gate_decisions": list(reversed(s.get("gate_decisions", [])))}
-        nothing_lost = all(d["updates_queued"] == 0 and d["updates_awaiting_receipt"] == 0
-                           and d["updates_recorded"] >= d["updates_acknowledged"] for d in devices.values())
-        rounds_completed = sum(1 for r in st.rounds() if r["status"] == "closed") if (st and o.mode == "sync") else (final_version or 0)
+            devices[n] = {
+                "global_version": s.get("global_version"),
+                "adapter": s.get("active_adapter"),
+                "updates_sent": ob.get("acknowledged", 0) + ob.get("queued", 0),
+                "updates_acknowledged": ob.get("acknowledged", 0),
+                "updates_queued": ob.get("queued", 0),
+                "updates_awaiting_receipt": ob.get("awaiting_receipt", 0),
+                "updates_receipted": sum((ob.get("receipts") or {}).values()),
+                "updates_counted": counted.get(n, 0),
+                "updates_recorded": recorded.get(n, 0),
+                "restarts": self.restarts.get(n, 0),
+                "mixture": mixtures[names.index(n)],
+                "intake": self.intake.get(n),
+                "gate_decisions": list(reversed(s.get("gate_decisions", []))),
+            }
+        nothing_lost = all(
+            d["updates_queued"] == 0 and d["updates_awaiting_receipt"] == 0 and d["updates_recorded"] >= d["updates_acknowledged"]
+            for d in devices.values()
+        )
+        rounds_completed = (
+            sum(1 for r in st.rounds() if r["status"] == "closed") if (st and o.mode == "sync") else (final_version or 0)
+        )
         lat = [float(p["latency_ms"]) for p in probes if p.get("latency_ms") is not None]
-        report = {"mode": o.mode, "strategy": o.strategy, "model": o.model, "bundle": str(bundle), "devices_count": o.devices,
-                  "rounds_requested": o.rounds, "rounds_completed": rounds_completed, "final_version": final_version,
-                  "metric": "held-out loss (nats/token)", "rounds": [evaluated[v] for v in sorted(evaluated)],
-                  "devices": devices, "probes": probes,
-                  "inference_latency_ms": {"p50": float(np.percentile(lat, 50)) if lat else None,
-                                           "p99": float(np.percentile(lat, 99)) if lat else None, "answered": len(lat), "failed": len(probes) - len(lat)},
-                  "chaos": sorted(chaos_done) if o.chaos else False, "nothing_lost": nothing_lost,
-                  "coordinator_updates": st.update_counts() if st else {}, "duration_s": time.time() - self.t0,
-                  "events": self.events}
+        report = {
+            "mode": o.mode,
+            "strategy": o.strategy,
+            "model": o.model,
+            "bundle": str(bundle),
+            "devices_count": o.devices,
+            "rounds_requested": o.rounds,
+            "rounds_completed": rounds_completed,
+            "final_version": final_version,
+            "metric": "held-out loss (nats/token)",
+            "rounds": [evaluated[v] for v in sorted(evaluated)],
+            "devices": devices,
+            "probes": probes,
+            "inference_latency_ms": {
+                "p50": float(np.percentile(lat, 50)) if lat else None,
+                "p99": float(np.percentile(lat, 99)) if lat else None,
+                "answered": len(lat),
+                "failed": len(probes) - len(lat),
+            },
+            "chaos": sorted(chaos_done) if o.chaos else False,
+            "nothing_lost": nothing_lost,
+            "coordinator_updates": st.update_counts() if st else {},
+            "duration_s": time.time() - self.t0,
+            "events": self.events,
+        }
         j, h = write_report(self.out, report)
         self.log(f"report: {j} and {h}")
         return report

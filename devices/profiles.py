@@ -1,4 +1,5 @@
 """Device profiles: what each class of hardware gets (quantization, LoRA, thread and training budgets)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,16 +44,19 @@ class Profile:
     def check_bundle_fits(self, bundle: Path) -> dict[str, int]:
         """Refuse a bundle whose estimated working set exceeds the budget; returns the estimate."""
         from edge_runtime.protocol.manifest import Manifest
+
         m = Manifest.load(bundle)
         infer = m.files.get("model.onnx", {}).get("size", 0)
         train = m.files.get("train.onnx", {}).get("size", 0)
         # ORT holds weights once per session plus arenas; 1.3x graph size + 64 MB runtime is our measured rule of thumb.
         need = int(1.3 * (infer + train)) + 64 * 1024 * 1024
         if need > self.memory_budget_bytes:
-            raise BundleError(f"bundle needs about {need / 2**20:.0f} MB (inference {infer / 2**20:.0f} MB + training "
-                              f"{train / 2**20:.0f} MB graphs, with overhead) but profile {self.name} allows "
-                              f"{self.memory_budget_bytes / 2**20:.0f} MB ({self.memory_budget_fraction:.0%} of {self.ram_mb} MB); "
-                              "export with a smaller quantization or use a bigger profile")
+            raise BundleError(
+                f"bundle needs about {need / 2**20:.0f} MB (inference {infer / 2**20:.0f} MB + training "
+                f"{train / 2**20:.0f} MB graphs, with overhead) but profile {self.name} allows "
+                f"{self.memory_budget_bytes / 2**20:.0f} MB ({self.memory_budget_fraction:.0%} of {self.ram_mb} MB); "
+                "export with a smaller quantization or use a bigger profile"
+            )
         return {"estimated_bytes": need, "budget_bytes": self.memory_budget_bytes}
 
 
@@ -69,6 +73,7 @@ def load_profile(name: str) -> Profile:
     if not path.is_file():
         raise ConfigError(f"unknown device profile {name!r}; available: {', '.join(list_profiles())}")
     from edge_runtime.settings import read_toml
+
     data = read_toml(path)
     fields = {f.name for f in dataclasses.fields(Profile)}
     unknown = set(data) - fields

@@ -2,6 +2,7 @@
 charts drawn with matplotlib as inline SVG, the gate's decisions, and the event log; no external assets).
 
 Simulator side only: matplotlib is never needed on a device."""
+
 from __future__ import annotations
 
 import html
@@ -21,43 +22,72 @@ def summary_lines(report: dict) -> list[str]:
     rounds = report.get("rounds") or []
     lines: list[str] = []
     if len(rounds) < 2:
-        return [f"No global adapter was produced beyond the start (rounds completed: {report.get('rounds_completed', 0)} "
-                f"of {report.get('rounds_requested', '?')}); see the events below."]
+        return [
+            f"No global adapter was produced beyond the start (rounds completed: {report.get('rounds_completed', 0)} "
+            f"of {report.get('rounds_requested', '?')}); see the events below."
+        ]
     first, last = rounds[0], rounds[-1]
     by_dev0, by_dev1 = first.get("heldout_by_device") or {}, last.get("heldout_by_device") or {}
     changes = {d: by_dev1[d] / by_dev0[d] - 1 for d in by_dev0 if d in by_dev1 and by_dev0[d]}
     worse = sorted(d for d, c in changes.items() if c > 0)
     m0, m1 = _mean(by_dev0.values()), _mean(by_dev1.values())
     learned = m1 is not None and m0 is not None and m1 < m0
-    lines.append(f"{'The fleet learned' if learned else 'The fleet did not learn'}: after {report.get('rounds_completed')} "
-                 f"round(s) the global adapter v{last['version']} has a held-out loss of {m1:.3f} against {m0:.3f} for the start "
-                 f"(v{first['version']}), {m1 / m0 - 1:+.1%} averaged over devices, each on its own data mix.")
+    lines.append(
+        f"{'The fleet learned' if learned else 'The fleet did not learn'}: after {report.get('rounds_completed')} "
+        f"round(s) the global adapter v{last['version']} has a held-out loss of {m1:.3f} against {m0:.3f} for the start "
+        f"(v{first['version']}), {m1 / m0 - 1:+.1%} averaged over devices, each on its own data mix."
+    )
     if changes:
-        lines.append(("Every device improved" if not worse else f"{len(worse)} of {len(changes)} device(s) got worse ({', '.join(worse)})")
-                     + ": " + ", ".join(f"{d} {c:+.1%}" for d, c in sorted(changes.items())) + ".")
+        lines.append(
+            ("Every device improved" if not worse else f"{len(worse)} of {len(changes)} device(s) got worse ({', '.join(worse)})")
+            + ": "
+            + ", ".join(f"{d} {c:+.1%}" for d, c in sorted(changes.items()))
+            + "."
+        )
     g0, g1 = first.get("general_loss"), last.get("general_loss")
     if g0 is not None and g1 is not None:
         ch = math.exp(g1 - g0) - 1
-        lines.append(f"Forgetting: general-text perplexity {math.exp(g0):.1f} -> {math.exp(g1):.1f} ({ch:+.1%}; "
-                     f"{'within' if ch <= 0.05 else 'over'} the +5% the agents' gate allows for what they serve).")
+        lines.append(
+            f"Forgetting: general-text perplexity {math.exp(g0):.1f} -> {math.exp(g1):.1f} ({ch:+.1%}; "
+            f"{'within' if ch <= 0.05 else 'over'} the +5% the agents' gate allows for what they serve)."
+        )
     devices = report.get("devices") or {}
     refused = {d: [g for g in v.get("gate_decisions", []) if not g.get("adopted")] for d, v in devices.items()}
     refused = {d: g for d, g in refused.items() if g}
     if refused:
-        lines.append("Refused by a device's gate (kept on the device for inspection): " + "; ".join(
-            f"{d}: " + ", ".join(f"{g['candidate']} ({g['reason'].replace('_', ' ')})" for g in gs) for d, gs in sorted(refused.items())) + ".")
+        lines.append(
+            "Refused by a device's gate (kept on the device for inspection): "
+            + "; ".join(
+                f"{d}: " + ", ".join(f"{g['candidate']} ({g['reason'].replace('_', ' ')})" for g in gs)
+                for d, gs in sorted(refused.items())
+            )
+            + "."
+        )
     else:
         lines.append("No device's gate refused a candidate: every device serves its newest adapter.")
     counts = report.get("coordinator_updates") or {}
     rejected = {k: v for k, v in counts.items() if k != "accepted" and v}
-    lost = "Nothing was lost: every update a device sent reached the coordinator." if report.get("nothing_lost") else \
-        "Some updates did not reach the coordinator: see the device table."
-    lines.append(lost + (f" The coordinator refused {sum(rejected.values())} update(s) ("
-                         + ", ".join(f"{k}: {v}" for k, v in rejected.items()) + ")." if rejected else ""))
+    lost = (
+        "Nothing was lost: every update a device sent reached the coordinator."
+        if report.get("nothing_lost")
+        else "Some updates did not reach the coordinator: see the device table."
+    )
+    lines.append(
+        lost
+        + (
+            f" The coordinator refused {sum(rejected.values())} update(s) ("
+            + ", ".join(f"{k}: {v}" for k, v in rejected.items())
+            + ")."
+            if rejected
+            else ""
+        )
+    )
     lat = report.get("inference_latency_ms") or {}
     if lat.get("answered") is not None:
-        lines.append(f"Local inference kept answering during training: {lat['answered']} requests answered, {lat.get('failed', 0)} failed"
-                     + (f", median {lat['p50']:.0f} ms." if lat.get("p50") is not None else "."))
+        lines.append(
+            f"Local inference kept answering during training: {lat['answered']} requests answered, {lat.get('failed', 0)} failed"
+            + (f", median {lat['p50']:.0f} ms." if lat.get("p50") is not None else ".")
+        )
     return lines
 
 
@@ -65,17 +95,20 @@ def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     import matplotlib.pyplot as plt
+
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    return text[text.index("<svg") :]
 
 
 def charts(report: dict) -> list[tuple[str, str]]:
     """(title, inline SVG) per chart, drawn with matplotlib."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     rounds = report.get("rounds") or []
     out = []
 
@@ -135,8 +168,13 @@ def charts(report: dict) -> list[tuple[str, str]]:
 
 def _table(head: list[str], rows: list[list]) -> str:
     cell = lambda v: html.escape(f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v)))  # noqa: E731
-    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+        + "</table>"
+    )
 
 
 def write_report(out: Path, report: dict) -> tuple[Path, Path]:
@@ -146,19 +184,44 @@ def write_report(out: Path, report: dict) -> tuple[Path, Path]:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     devices = report.get("devices") or {}
     rounds = report.get("rounds") or []
-    dev_rows = [[d, v.get("global_version"), v.get("adapter"), (v.get("intake") or {}).get("train"), (v.get("intake") or {}).get("heldout"),
-                 v.get("updates_sent"), v.get("updates_counted"), v.get("restarts")] for d, v in sorted(devices.items())]
-    gate_rows = [[d, g.get("kind"), g.get("candidate"), "adopted" if g.get("adopted") else "refused", g.get("reason", "").replace("_", " "),
-                  (g.get("numbers") or {}).get("heldout_candidate"), (g.get("numbers") or {}).get("heldout_current"),
-                  (g.get("numbers") or {}).get("heldout_base"),
-                  None if (g.get("numbers") or {}).get("anchor_ppl_change") is None else f"{g['numbers']['anchor_ppl_change']:+.1%}"]
-                 for d, v in sorted(devices.items()) for g in v.get("gate_decisions", [])]
-    round_rows = [[r["version"], r.get("round"), r.get("num_updates"), r.get("num_examples"), r.get("heldout_mean")] for r in rounds]
+    dev_rows = [
+        [
+            d,
+            v.get("global_version"),
+            v.get("adapter"),
+            (v.get("intake") or {}).get("train"),
+            (v.get("intake") or {}).get("heldout"),
+            v.get("updates_sent"),
+            v.get("updates_counted"),
+            v.get("restarts"),
+        ]
+        for d, v in sorted(devices.items())
+    ]
+    gate_rows = [
+        [
+            d,
+            g.get("kind"),
+            g.get("candidate"),
+            "adopted" if g.get("adopted") else "refused",
+            g.get("reason", "").replace("_", " "),
+            (g.get("numbers") or {}).get("heldout_candidate"),
+            (g.get("numbers") or {}).get("heldout_current"),
+            (g.get("numbers") or {}).get("heldout_base"),
+            None if (g.get("numbers") or {}).get("anchor_ppl_change") is None else f"{g['numbers']['anchor_ppl_change']:+.1%}",
+        ]
+        for d, v in sorted(devices.items())
+        for g in v.get("gate_decisions", [])
+    ]
+    round_rows = [
+        [r["version"], r.get("round"), r.get("num_updates"), r.get("num_examples"), r.get("heldout_mean")] for r in rounds
+    ]
     chart_html = "".join(f'<figure aria-label="{html.escape(t)}">{svg}</figure>' for t, svg in charts(report))
     summary = "".join(f"<li>{html.escape(s)}</li>" for s in summary_lines(report))
-    setup = (f"{report.get('devices_count')} devices, {report.get('rounds_requested')} {report.get('mode')} round(s) of "
-             f"{report.get('strategy')}, model {report.get('model')}, {report.get('duration_s') or 0:.0f} s"
-             + (", chaos: " + ", ".join(report["chaos"]) if report.get("chaos") else ""))
+    setup = (
+        f"{report.get('devices_count')} devices, {report.get('rounds_requested')} {report.get('mode')} round(s) of "
+        f"{report.get('strategy')}, model {report.get('model')}, {report.get('duration_s') or 0:.0f} s"
+        + (", chaos: " + ", ".join(report["chaos"]) if report.get("chaos") else "")
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edgefm fleet report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1250px;line-height:1.4}} table{{border-collapse:collapse;margin:0.5em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}} .charts{{display:flex;flex-wrap:wrap;gap:16px}}
@@ -171,6 +234,6 @@ figure{{margin:0}} figure svg{{width:560px;height:auto}} #summary li{{margin:0.3
 <h2>Gate decisions per device</h2><p>Each candidate (a device's training result or a global adapter) is compared with what the device serves and with the base model on the device's held-out slice, and with the base model on general text.</p>
 {_table(["device", "candidate kind", "candidate", "decision", "reason", "held-out loss", "serving adapter's", "base model's", "general-text ppl vs base"], gate_rows)}
 <h2>Rounds</h2>{_table(["global version", "round", "updates", "examples", "mean held-out loss"], round_rows)}
-<h2>Events</h2><pre>{html.escape(chr(10).join(report.get('events', [])))}</pre></body></html>"""
+<h2>Events</h2><pre>{html.escape(chr(10).join(report.get("events", [])))}</pre></body></html>"""
     (out / "report.html").write_text(page)
     return out / "report.json", out / "report.html"

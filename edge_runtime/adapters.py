@@ -5,6 +5,7 @@ recorded when it was saved before it serves again).
 Every candidate (a local session's result, a global from the fleet, one loaded by hand) comes in
 through ``offer``: checked against this bundle, judged by the gate, then served or kept as refused.
 Bytes from outside are validated in one place, ``parse``."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,19 @@ class AdapterHistory:
     """The serving adapter (``active_id``) and its history, in ``store`` with files under ``folder``;
     at most ``keep`` served adapters and ``keep_refused`` refused candidates are kept."""
 
-    def __init__(self, engine: Engine, store: Store, folder: Path, evaluator: Evaluator, *, keep: int, keep_refused: int,
-                 metrics: Metrics, on_event: Callable[..., None], in_use: Callable[[], set]):
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        folder: Path,
+        evaluator: Evaluator,
+        *,
+        keep: int,
+        keep_refused: int,
+        metrics: Metrics,
+        on_event: Callable[..., None],
+        in_use: Callable[[], set],
+    ):
         self.engine, self.store, self.folder, self.evaluator = engine, store, folder, evaluator
         self.keep, self.keep_refused, self.metrics, self.on_event, self.in_use = keep, keep_refused, metrics, on_event, in_use
         self.fingerprint = engine.manifest.base_fingerprint
@@ -47,8 +59,12 @@ class AdapterHistory:
         for entry in history:
             try:
                 if entry["sha256"] and hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest() != entry["sha256"]:
-                    self.on_event("adapter_damaged", id=entry["id"], path=entry["path"],
-                                  detail="file differs from the sha256 recorded when it was saved")
+                    self.on_event(
+                        "adapter_damaged",
+                        id=entry["id"],
+                        path=entry["path"],
+                        detail="file differs from the sha256 recorded when it was saved",
+                    )
                     self.store.forget_adapter(entry["id"])
                     continue
                 tensors, meta = load_adapter(entry["path"], expect_fingerprint=self.fingerprint)
@@ -79,15 +95,26 @@ class AdapterHistory:
         manifest = self.engine.manifest
         return adapter_from_bytes(blob, expect_fingerprint=manifest.base_fingerprint, expect_shapes=manifest.adapter.shapes)
 
-    def offer(self, kind: str, adapter_id: str, tensors: dict[str, np.ndarray], meta: AdapterMeta,
-              metrics: dict | None = None, note: str = "") -> tuple[GateDecision, dict]:
+    def offer(
+        self,
+        kind: str,
+        adapter_id: str,
+        tensors: dict[str, np.ndarray],
+        meta: AdapterMeta,
+        metrics: dict | None = None,
+        note: str = "",
+    ) -> tuple[GateDecision, dict]:
         """Judge a candidate against the serving adapter and the base model (edge_runtime/evaluation.py;
         the decision is recorded), then serve it or keep it as refused. Returns the decision and the
         numbers recorded with the adapter."""
         candidate = self.engine.make_active(tensors, meta)  # shapes, alpha, finite values
         gate = self.evaluator.judge(kind, adapter_id, candidate, serving_id=self.active_id, serving=self.engine.adapter)
-        metrics = {**(metrics or {}), "heldout_loss": gate.numbers.get("heldout_candidate"),
-                   "heldout_loss_before": gate.numbers.get("heldout_current"), "gate": gate.reason.value}
+        metrics = {
+            **(metrics or {}),
+            "heldout_loss": gate.numbers.get("heldout_candidate"),
+            "heldout_loss_before": gate.numbers.get("heldout_current"),
+            "gate": gate.reason.value,
+        }
         if gate.adopted:
             self.activate(adapter_id, tensors, meta, kind, metrics, note)
         else:
@@ -108,16 +135,28 @@ class AdapterHistory:
         path = self.path_of(adapter_id)
         save_adapter(path, tensors, meta)
         gate, metrics = self.offer("global", adapter_id, tensors, meta)
-        self.on_event("global_adopted" if gate.adopted else "global_not_served", version=version,
-                      **({} if gate.adopted else {"reason": gate.reason.value}), **metrics)
+        self.on_event(
+            "global_adopted" if gate.adopted else "global_not_served",
+            version=version,
+            **({} if gate.adopted else {"reason": gate.reason.value}),
+            **metrics,
+        )
         return tensors, path
 
-    def load_external(self, *, version: int, adapter: bytes | None = None, peft_config: dict | None = None,
-                      peft_weights: bytes | None = None, name: str | None = None) -> dict:
+    def load_external(
+        self,
+        *,
+        version: int,
+        adapter: bytes | None = None,
+        peft_config: dict | None = None,
+        peft_weights: bytes | None = None,
+        name: str | None = None,
+    ) -> dict:
         """An adapter from outside (edgefm safetensors bytes, or a PEFT LoRA's config and tensors),
         offered like any candidate as ``version``. Returns the id, the decision and its numbers."""
         from edge_runtime.protocol.peft import adapter_from_peft
         from edge_runtime.protocol.tensors import decode_tensors
+
         try:
             if adapter is not None:
                 tensors, meta = self.parse(adapter)
@@ -132,8 +171,13 @@ class AdapterHistory:
         adapter_id = f"loaded-{name or hashlib.sha256(raw).hexdigest()[:12]}"
         gate, _ = self.offer("loaded", adapter_id, tensors, meta, note="loaded by hand")
         self.on_event("adapter_loaded", id=adapter_id, adopted=gate.adopted, reason=gate.reason.value)
-        return {"id": adapter_id, "adopted": gate.adopted, "reason": gate.reason.value, "numbers": gate.numbers,
-                "active": self.active_id}
+        return {
+            "id": adapter_id,
+            "adopted": gate.adopted,
+            "reason": gate.reason.value,
+            "numbers": gate.numbers,
+            "active": self.active_id,
+        }
 
     def activate(self, adapter_id: str, tensors: dict, meta: AdapterMeta, kind: str, metrics: dict, note: str = "") -> None:
         """Persist an adapter file, record it, and swap it in atomically (between requests)."""
@@ -163,7 +207,7 @@ class AdapterHistory:
         served = [e for e in entries if e["kind"] not in ("bundle", "refused")]
         refused = [e for e in entries if e["kind"] == "refused"]
         in_use = self.in_use()
-        for e in served[self.keep:] + refused[self.keep_refused:]:
+        for e in served[self.keep :] + refused[self.keep_refused :]:
             if e["id"] == self.active_id:
                 continue
             self.store.forget_adapter(e["id"])
@@ -195,7 +239,8 @@ class AdapterHistory:
             self.active_id = target["id"]
             self.store.put("active_adapter", target["id"])
             # Move it to the front of the history so a second rollback goes further back, not forward.
-            self.store.record_adapter(target["id"], target["version"], target["kind"], target["path"], target["metrics"],
-                                      f"rolled back from {previous}")
+            self.store.record_adapter(
+                target["id"], target["version"], target["kind"], target["path"], target["metrics"], f"rolled back from {previous}"
+            )
         self.on_event("rollback", frm=previous, to=target["id"])
         return {"active": target["id"], "previous": previous}

@@ -8,6 +8,7 @@ Parts: adapters.py (what serves, candidates judged by the gate), evaluation.py (
 numbers), lineage.py (the global this device trains from), session.py (one training session),
 worker.py (work handed to the worker), sync.py (MQTT), store.py (examples, outbox, history).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,10 +60,16 @@ class Agent:
         self.engine = Engine(cfg.bundle, threads=cfg.threads_inference, verify=cfg.verify_bundle)
         if cfg.profile:
             from devices.profiles import load_profile
+
             self.profile_fit = load_profile(cfg.profile).check_bundle_fits(self.engine.dir)
         self.manifest = self.engine.manifest
-        self.store = Store(self.data_dir / "agent.sqlite", max_examples=cfg.max_examples, min_heldout=cfg.min_heldout_examples,
-                           max_evictions_per_hour=cfg.max_evictions_per_hour, max_source_share=cfg.max_source_share)
+        self.store = Store(
+            self.data_dir / "agent.sqlite",
+            max_examples=cfg.max_examples,
+            min_heldout=cfg.min_heldout_examples,
+            max_evictions_per_hour=cfg.max_evictions_per_hour,
+            max_source_share=cfg.max_source_share,
+        )
         self.topics = Topics(cfg.fleet)
         self.inflight = 0
         self._inflight_lock = threading.Lock()
@@ -76,28 +83,64 @@ class Agent:
         base = self.engine.make_active(bundle_tensors, bundle_meta)  # what the gate calls "the base model"
         self.evaluator = Evaluator(self.engine, self.store, base, cfg, self.data_dir, self.metrics, self._event)
         self.lineage = Lineage(self.store, self.manifest.base_fingerprint, bundle_tensors, self._event)
-        self.adapters = AdapterHistory(self.engine, self.store, self.data_dir / "adapters", self.evaluator,
-                                       keep=cfg.keep_adapters, keep_refused=cfg.keep_refused, metrics=self.metrics,
-                                       on_event=self._event, in_use=self.lineage.files_in_use)
+        self.adapters = AdapterHistory(
+            self.engine,
+            self.store,
+            self.data_dir / "adapters",
+            self.evaluator,
+            keep=cfg.keep_adapters,
+            keep_refused=cfg.keep_refused,
+            metrics=self.metrics,
+            on_event=self._event,
+            in_use=self.lineage.files_in_use,
+        )
         self.adapters.restore()
         from edge_runtime.protocol import signing
+
         self.sync: Any = None
         if cfg.broker:
             from edge_runtime.sync import FederatedSync
-            self.sync = FederatedSync(cfg.broker, cfg.fleet, cfg.device_id, self.store, self.data_dir / "chunks",
-                                      base_fingerprint=self.manifest.base_fingerprint,
-                                      wants_global=self.lineage.wants, on_global=self.work.put_global,
-                                      on_round=self._on_round, status=self.status_summary, metrics=self.metrics,
-                                      resend_after_s=cfg.resend_after_s, keepalive_s=cfg.mqtt_keepalive_s,
-                                      coordinator_key=cfg.coordinator_key)
-        self.sessions = Sessions(cfg, make_trainer(cfg, self.engine), self.store, self.evaluator, self.adapters, self.lineage,
-                                 self.metrics, self._event, busy=lambda: self.inflight > 0, disk_ok=self.disk_ok,
-                                 topic=self.topics.update(cfg.device_id),
-                                 signer=signing.load_private_key(cfg.signing_key) if cfg.signing_key else None,
-                                 on_queued=lambda: self.sync.flush() if self.sync else None)
-        self.worker = Worker(self.work, consider_global=self._consider_global, round_due=self._round_due,
-                             train=(lambda forced, msg: self.train_once(forced, msg)) if self.sessions.trainer else None,
-                             auto_train=cfg.auto_train, housekeeping=self._housekeeping, on_event=self._event)
+
+            self.sync = FederatedSync(
+                cfg.broker,
+                cfg.fleet,
+                cfg.device_id,
+                self.store,
+                self.data_dir / "chunks",
+                base_fingerprint=self.manifest.base_fingerprint,
+                wants_global=self.lineage.wants,
+                on_global=self.work.put_global,
+                on_round=self._on_round,
+                status=self.status_summary,
+                metrics=self.metrics,
+                resend_after_s=cfg.resend_after_s,
+                keepalive_s=cfg.mqtt_keepalive_s,
+                coordinator_key=cfg.coordinator_key,
+            )
+        self.sessions = Sessions(
+            cfg,
+            make_trainer(cfg, self.engine),
+            self.store,
+            self.evaluator,
+            self.adapters,
+            self.lineage,
+            self.metrics,
+            self._event,
+            busy=lambda: self.inflight > 0,
+            disk_ok=self.disk_ok,
+            topic=self.topics.update(cfg.device_id),
+            signer=signing.load_private_key(cfg.signing_key) if cfg.signing_key else None,
+            on_queued=lambda: self.sync.flush() if self.sync else None,
+        )
+        self.worker = Worker(
+            self.work,
+            consider_global=self._consider_global,
+            round_due=self._round_due,
+            train=(lambda forced, msg: self.train_once(forced, msg)) if self.sessions.trainer else None,
+            auto_train=cfg.auto_train,
+            housekeeping=self._housekeeping,
+            on_event=self._event,
+        )
         self._threads: list[threading.Thread] = []
 
     def _event(self, kind: str, **info) -> None:
@@ -128,12 +171,19 @@ class Agent:
         return self.lineage.global_version
 
     # ------------------------------------------------------------------ adapters
-    def load_external(self, *, adapter: bytes | None = None, peft_config: dict | None = None,
-                      peft_weights: bytes | None = None, name: str | None = None) -> dict:
+    def load_external(
+        self,
+        *,
+        adapter: bytes | None = None,
+        peft_config: dict | None = None,
+        peft_weights: bytes | None = None,
+        name: str | None = None,
+    ) -> dict:
         """An adapter from outside (edgefm safetensors bytes, or a PEFT LoRA's config and tensors):
         verified against this bundle, judged by the gate like any candidate, then served or kept as refused."""
-        return self.adapters.load_external(version=self.global_version, adapter=adapter, peft_config=peft_config,
-                                           peft_weights=peft_weights, name=name)
+        return self.adapters.load_external(
+            version=self.global_version, adapter=adapter, peft_config=peft_config, peft_weights=peft_weights, name=name
+        )
 
     def rollback(self, to: str | None = None) -> dict:
         """Serve an earlier adapter: ``to`` an id from `adapters`, else the one before the current."""
@@ -155,7 +205,9 @@ class Agent:
         free_mb = shutil.disk_usage(self.data_dir).free / 2**20
         self.metrics.set("edgefm_disk_free_mb", free_mb, help="free disk space in the data dir")
         if free_mb < self.cfg.min_free_disk_mb:
-            self.paused_reason = f"disk nearly full: {free_mb:.0f} MB free < {self.cfg.min_free_disk_mb:.0f} MB; training and data intake paused"
+            self.paused_reason = (
+                f"disk nearly full: {free_mb:.0f} MB free < {self.cfg.min_free_disk_mb:.0f} MB; training and data intake paused"
+            )
             return False
         if self.paused_reason and self.paused_reason.startswith("disk"):
             self.paused_reason = None
@@ -186,11 +238,17 @@ class Agent:
         self.work.put_round(msg)
 
     def _round_due(self, msg: RoundAnnouncement) -> RoundAction:
-        return round_action(round_epoch=msg.epoch, round_base=msg.base_version, selected=msg.selected,
-                            session_key=msg.session_key, device_id=self.cfg.device_id,
-                            fleet_epoch=self.lineage.fleet_epoch, global_version=self.lineage.global_version,
-                            sessions_done=self.lineage.sessions_done(),
-                            has_training_data=self.store.count_examples()["train"] > 0)
+        return round_action(
+            round_epoch=msg.epoch,
+            round_base=msg.base_version,
+            selected=msg.selected,
+            session_key=msg.session_key,
+            device_id=self.cfg.device_id,
+            fleet_epoch=self.lineage.fleet_epoch,
+            global_version=self.lineage.global_version,
+            sessions_done=self.lineage.sessions_done(),
+            has_training_data=self.store.count_examples()["train"] > 0,
+        )
 
     def _housekeeping(self) -> None:
         removed = self.store.apply_retention(self.cfg.retention_days * 86400)
@@ -200,23 +258,40 @@ class Agent:
     # ------------------------------------------------------------------ status
     def status_summary(self) -> dict:
         """Small status for MQTT status messages."""
-        return {"adapter": self.active_id, "adapter_version": self.engine.adapter.version, "global_version": self.global_version,
-                "profile": self.cfg.profile, "activity": self.state.value, "outbox": self.store.outbox_stats()}
+        return {
+            "adapter": self.active_id,
+            "adapter_version": self.engine.adapter.version,
+            "global_version": self.global_version,
+            "profile": self.cfg.profile,
+            "activity": self.state.value,
+            "outbox": self.store.outbox_stats(),
+        }
 
     def status(self) -> dict:
         """Full status for the API and CLI."""
-        return {"device_id": self.cfg.device_id, "fleet": self.cfg.fleet, "state": self.state.value,
-                "paused_reason": self.paused_reason, "task": self.manifest.task,
-                "active_adapter": self.active_id, "adapter_version": self.engine.adapter.version,
-                "global_version": self.global_version, "fleet_epoch": self.lineage.fleet_epoch,
-                "examples": self.store.count_examples(), "outbox": self.store.outbox_stats(),
-                "broker_connected": bool(self.sync and self.sync.connected),
-                "last_train_decision": self.sessions.last_decision.value,
-                "round": self.round.to_json() if self.round else None,
-                "rejected": (self.sync.rejected[-10:] if self.sync else []), "events": self.events[-20:],
-                "training_coverage": self.store.training_coverage(), "gate_decisions": self.store.decisions(20),
-                "broker_disconnects": self.sync.disconnects if self.sync else 0,
-                "base_fingerprint": self.manifest.base_fingerprint, "quant": self.manifest.quant.scheme}
+        return {
+            "device_id": self.cfg.device_id,
+            "fleet": self.cfg.fleet,
+            "state": self.state.value,
+            "paused_reason": self.paused_reason,
+            "task": self.manifest.task,
+            "active_adapter": self.active_id,
+            "adapter_version": self.engine.adapter.version,
+            "global_version": self.global_version,
+            "fleet_epoch": self.lineage.fleet_epoch,
+            "examples": self.store.count_examples(),
+            "outbox": self.store.outbox_stats(),
+            "broker_connected": bool(self.sync and self.sync.connected),
+            "last_train_decision": self.sessions.last_decision.value,
+            "round": self.round.to_json() if self.round else None,
+            "rejected": (self.sync.rejected[-10:] if self.sync else []),
+            "events": self.events[-20:],
+            "training_coverage": self.store.training_coverage(),
+            "gate_decisions": self.store.decisions(20),
+            "broker_disconnects": self.sync.disconnects if self.sync else 0,
+            "base_fingerprint": self.manifest.base_fingerprint,
+            "quant": self.manifest.quant.scheme,
+        }
 
     def metrics_text(self) -> str:
         """Prometheus exposition of the agent's metrics, current as of now."""
@@ -263,12 +338,18 @@ class Agent:
     def start(self) -> None:
         """Start background work (worker, inbox, sync). The HTTP server is started by the caller."""
         self._started = True
-        self._threads.append(threading.Thread(target=self.worker.run, name="edgefm-worker", daemon=True,
-                                              args=(self._stop,)))
+        self._threads.append(threading.Thread(target=self.worker.run, name="edgefm-worker", daemon=True, args=(self._stop,)))
         if self.cfg.inbox:
             from edge_runtime.inbox import watch_inbox
-            self._threads.append(threading.Thread(target=watch_inbox, name="edgefm-inbox", daemon=True,
-                                                  args=(Path(str(self.cfg.inbox)), self.add_examples, self._event, self._stop)))
+
+            self._threads.append(
+                threading.Thread(
+                    target=watch_inbox,
+                    name="edgefm-inbox",
+                    daemon=True,
+                    args=(Path(str(self.cfg.inbox)), self.add_examples, self._event, self._stop),
+                )
+            )
         for t in self._threads:
             t.start()
         if self.sync:

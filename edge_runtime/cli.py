@@ -1,4 +1,5 @@
 """`edgefm-agent`: run the device daemon, or talk to a running one."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,13 @@ EPILOG = """examples:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgefm-agent", description="The edgefm device daemon: local OpenAI-compatible "
-                                "inference, continual LoRA training on local data, federated sync over MQTT.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="edgefm-agent",
+        description="The edgefm device daemon: local OpenAI-compatible "
+        "inference, continual LoRA training on local data, federated sync over MQTT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the daemon")
@@ -37,16 +42,27 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--host", help="API bind address (default 127.0.0.1: local apps only)")
     r.add_argument("--port", type=int, help="API port (default 8080)")
     r.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT?ca=ca.crt; omit to run offline")
-    r.add_argument("--insecure", action="store_const", const=True, default=None, help="accept a broker beyond loopback without TLS and credentials (a network you trust)")
+    r.add_argument(
+        "--insecure",
+        action="store_const",
+        const=True,
+        default=None,
+        help="accept a broker beyond loopback without TLS and credentials (a network you trust)",
+    )
     r.add_argument("--fleet", help="fleet name (MQTT namespace)")
     r.add_argument("--device-id", dest="device_id", help="this device's id (default: hostname)")
     r.add_argument("--data-dir", dest="data_dir", help="where examples, adapters and the outbox live")
     r.add_argument("--inbox", help="folder watched for *.jsonl example files")
     r.add_argument("--no-auto-train", dest="auto_train", action="store_const", const=False, help="train only on request or round")
     for name in ("status", "adapters", "train-now"):
-        s = sub.add_parser(name, help={"status": "show a running agent's status",
-                                       "adapters": "list adapter versions, or `adapters load FILE|PEFT_DIR` one from outside",
-                                       "train-now": "start a training session now"}[name])
+        s = sub.add_parser(
+            name,
+            help={
+                "status": "show a running agent's status",
+                "adapters": "list adapter versions, or `adapters load FILE|PEFT_DIR` one from outside",
+                "train-now": "start a training session now",
+            }[name],
+        )
         s.add_argument("--url", default="http://127.0.0.1:8080")
         s.add_argument("--token", default=None, help="the agent's api_token (default: $EDGEFM_API_TOKEN)")
         if name == "adapters":
@@ -63,8 +79,12 @@ def parser() -> argparse.ArgumentParser:
 def _call(url: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
     token = token or os.environ.get("EDGEFM_API_TOKEN")
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(url.rstrip("/") + path, data=None if body is None else json.dumps(body).encode(),
-                                 headers=headers, method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=None if body is None else json.dumps(body).encode(),
+        headers=headers,
+        method="GET" if body is None else "POST",
+    )
     try:
         with urllib.request.urlopen(req, timeout=600) as resp:
             return json.loads(resp.read())
@@ -81,6 +101,7 @@ def _call(url: str, path: str, body: dict | None = None, token: str | None = Non
 def load_request(path: str | None, name: str | None) -> dict:
     """The POST /v1/adapters body for a file (edgefm adapter) or a directory (PEFT LoRA)."""
     import base64
+
     if not path:
         raise ConfigError("adapters load needs a path: an edgefm .safetensors file or a PEFT directory")
     p = Path(path)
@@ -102,6 +123,7 @@ def run_daemon(args) -> int:
     from edge_runtime.config import AgentConfig
     from edge_runtime.server import make_server
     from edge_runtime.transport import redact
+
     keys = ("bundle", "profile", "host", "port", "broker", "insecure", "fleet", "device_id", "data_dir", "inbox", "auto_train")
     cfg = AgentConfig.from_sources(args.config, {k: getattr(args, k) for k in keys})
     if not cfg.bundle:
@@ -117,8 +139,11 @@ def run_daemon(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"edgefm-agent {cfg.device_id}: serving {agent.manifest.task} on http://{cfg.host}:{srv.server_address[1]} "
-          f"(adapter {agent.active_id}, broker {redact(cfg.broker) or 'none: offline'})", flush=True)
+    print(
+        f"edgefm-agent {cfg.device_id}: serving {agent.manifest.task} on http://{cfg.host}:{srv.server_address[1]} "
+        f"(adapter {agent.active_id}, broker {redact(cfg.broker) or 'none: offline'})",
+        flush=True,
+    )
     try:
         srv.serve_forever()
     finally:

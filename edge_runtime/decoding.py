@@ -3,6 +3,7 @@
 llguidance's token masks over the bundle's own tokenizer. Plus the log-probabilities a response reports.
 
 Pure numpy except the grammar matcher, which llguidance (a maintained Rust library) runs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,14 @@ import numpy as np
 from edge_runtime.errors import ConfigError
 
 
-def apply_bias_and_penalties(logits: np.ndarray, counts: dict[int, int], *, presence: float = 0.0, frequency: float = 0.0,
-                             bias: dict[int, float] | None = None) -> np.ndarray:
+def apply_bias_and_penalties(
+    logits: np.ndarray,
+    counts: dict[int, int],
+    *,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+    bias: dict[int, float] | None = None,
+) -> np.ndarray:
     """OpenAI's adjustment: ``logit[j] += bias[j] - counts[j] * frequency - (counts[j] > 0) * presence``,
     ``counts`` being how often each token was generated so far in this completion (the prompt is not counted)."""
     if not (counts and (presence or frequency)) and not bias:
@@ -51,6 +58,7 @@ class Constraint:
     def __init__(self, ll_tokenizer: Any, grammar: str):
         from llguidance import LLMatcher
         from llguidance.numpy import allocate_token_bitmask
+
         self.matcher = LLMatcher(ll_tokenizer, grammar)
         if self.matcher.is_error():
             raise ConfigError(f"the schema cannot be compiled: {self.matcher.get_error()}")
@@ -59,6 +67,7 @@ class Constraint:
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         from llguidance.numpy import fill_next_token_bitmask
+
         fill_next_token_bitmask(self.matcher, self._mask)
         bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")[: self.vocab].astype(bool)
         out = np.full(logits.shape, -np.inf, np.float32)
@@ -73,7 +82,11 @@ class Constraint:
 
 # JSON as json.dumps writes it (", " and ": ", no other whitespace): a small model can no longer spend
 # its whole budget on newlines between tokens; a schema's own "x-guidance" options override this.
-JSON_LAYOUT: Any = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}   # llguidance's JsonCompileOptions
+JSON_LAYOUT: Any = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}  # llguidance's JsonCompileOptions
 
 
 def response_format_grammar(fmt: Any) -> str | None:
@@ -81,8 +94,9 @@ def response_format_grammar(fmt: Any) -> str | None:
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise ConfigError("'response_format' must be {\"type\": \"text\" | \"json_object\" | \"json_schema\", ...}")
+        raise ConfigError('\'response_format\' must be {"type": "text" | "json_object" | "json_schema", ...}')
     from llguidance import LLMatcher
+
     if fmt["type"] == "text":
         return None
     if fmt["type"] == "json_object":

@@ -1,4 +1,5 @@
 """Inference engine over a device bundle: onnxruntime sessions, KV-cache generation, adapters (no torch)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ def unstack_adapter(stacked: dict[str, np.ndarray], targets: list[str]) -> dict[
 def session_options(threads: int | None):
     """ORT session options with bounded threads (serving must leave cores to the rest of the device)."""
     import onnxruntime as ort
+
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -78,8 +80,9 @@ class Engine:
         self.targets = list(m.adapter.targets)
         self.layers = int(m.model["layers"])
         try:
-            self.session = ort.InferenceSession(str(self.dir / "model.onnx"), session_options(threads),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(self.dir / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:
             raise BundleError(f"{self.dir}: onnxruntime cannot load model.onnx: {exc}") from None
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))
@@ -109,14 +112,17 @@ class Engine:
     def make_active(self, tensors: dict[str, np.ndarray], meta: AdapterMeta) -> ActiveAdapter:
         """Validate an adapter against this bundle and precompute its feeds."""
         from edge_runtime.protocol.adapter import check_adapter
+
         if meta.base_fingerprint != self.manifest.base_fingerprint:
             raise BundleError("adapter was trained for another base model (fingerprint differs)")
         if meta.shapes != {k: list(v) for k, v in self.manifest.adapter.shapes.items()}:
             raise BundleError("adapter shapes differ from this bundle's LoRA slots")
         if abs(meta.alpha - float(self.manifest.adapter.alpha)) > 1e-6 * max(1.0, abs(meta.alpha)):
-            raise BundleError(f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter.alpha:g} "
-                              f"(the graph applies the bundle's alpha/r); convert PEFT adapters with "
-                              f"'edgefm-export adapter from-peft', which rescales them")
+            raise BundleError(
+                f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter.alpha:g} "
+                f"(the graph applies the bundle's alpha/r); convert PEFT adapters with "
+                f"'edgefm-export adapter from-peft', which rescales them"
+            )
         check_adapter(tensors, meta)
         return ActiveAdapter(meta.version, meta, tensors, self.adapter_feeds(tensors))
 
@@ -130,11 +136,22 @@ class Engine:
         shape = (batch, int(self.dims["kv_heads"]), 0, int(self.dims["head_dim"]))
         return {f"past.{i}.{kv}": np.zeros(shape, np.float32) for i in range(self.layers) for kv in ("key", "value")}
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: dict[str, np.ndarray],
-                adapter: ActiveAdapter | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def forward(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray,
+        past: dict[str, np.ndarray],
+        adapter: ActiveAdapter | None = None,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One decoder call: returns logits [b, s, V] and the new KV cache."""
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64),
-                 "position_ids": positions.astype(np.int64), **past, **(adapter or self.adapter).feeds}
+        feeds = {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": mask.astype(np.int64),
+            "position_ids": positions.astype(np.int64),
+            **past,
+            **(adapter or self.adapter).feeds,
+        }
         outs = self.session.run(None, feeds)
         present = {n.replace("present.", "past.", 1): v for n, v in zip(self.output_names[1:], outs[1:])}
         return outs[0], present
@@ -148,8 +165,10 @@ class Engine:
         """Text of token ids (special tokens dropped)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    FALLBACK_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    FALLBACK_TEMPLATE = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
 
     def chat_template(self) -> tuple[str, str]:
         """The bundle's chat template and where it came from: ``tokenizer/chat_template.jinja`` (what current
@@ -179,6 +198,7 @@ class Engine:
         the same template, a sandboxed jinja2 environment with trim_blocks/lstrip_blocks, the tokenizer's
         special tokens as variables, ``raise_exception``, ``tojson`` and ``strftime_now``."""
         import jinja2
+
         special = {n: self._special_token(n) for n in ("bos_token", "eos_token", "unk_token", "pad_token")}
         try:
             return self._compiled_chat_template().render(messages=messages, tools=tools, add_generation_prompt=True, **special)
@@ -198,9 +218,9 @@ class Engine:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
             env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-                x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
-            env.globals.update(raise_exception=raise_exception,
-                               strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+                x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+            )
+            env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
             try:
                 self._chat_compiled = env.from_string(self.chat_template()[0])
             except jinja2.TemplateError as exc:
@@ -220,10 +240,21 @@ class Engine:
                 ids.add(self.tokenizer.token_to_id(tok))
         return ids
 
-    def generate(self, prompt_ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 should_stop: Callable[[], bool] | None = None, adapter: "ActiveAdapter | None" = None,
-                 steer: "Steering | None" = None, on_token: Callable[[int, np.ndarray], None] | None = None) -> Iterator[int]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_ids: set[int] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        adapter: "ActiveAdapter | None" = None,
+        steer: "Steering | None" = None,
+        on_token: Callable[[int, np.ndarray], None] | None = None,
+    ) -> Iterator[int]:
         """Yield new token ids one at a time, using the KV cache (prefill once, then one token per step);
         ``adapter``: another adapter than the serving one (e.g. the base model's); ``steer``: logit bias,
         penalties and a grammar (``edge_runtime.decoding``); ``on_token(tok, logits)`` sees each chosen
@@ -234,7 +265,9 @@ class Engine:
             raise ConfigError("the prompt is empty")
         max_pos = int(self.dims.get("max_positions", 2048))
         if len(prompt_ids) + max_new_tokens > max_pos:
-            raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the model's {max_pos} positions")
+            raise ConfigError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_new_tokens}) exceeds the model's {max_pos} positions"
+            )
         adapter = adapter or self.adapter  # one adapter for the whole request, even if a swap happens meanwhile
         # the API takes any int64 seed (negative too, as OpenAI's does); numpy wants a non-negative one
         rng = np.random.default_rng(None if seed is None else int(seed) % 2**64)
@@ -264,8 +297,9 @@ class Engine:
                 from llguidance import LLTokenizer
             except ImportError:
                 raise ConfigError("structured output needs llguidance (pip install llguidance)") from None
-            self._ll_tokenizer = LLTokenizer(self.tokenizer.to_str(), n_vocab=int(self.dims["vocab"]),
-                                             eos_token=sorted(self.eos_ids))
+            self._ll_tokenizer = LLTokenizer(
+                self.tokenizer.to_str(), n_vocab=int(self.dims["vocab"]), eos_token=sorted(self.eos_ids)
+            )
         return self._ll_tokenizer
 
     def _decoder(self, adapter: ActiveAdapter, capacity: int = 0):
@@ -276,6 +310,7 @@ class Engine:
         builder) get one preallocated buffer of ``capacity`` positions per layer, bound as both past
         and present: nothing is reallocated or copied per token."""
         import onnxruntime as ort
+
         sess = self.session
         binding = sess.io_binding()
         for name, arr in adapter.feeds.items():
@@ -343,7 +378,7 @@ class Engine:
         ids = self.encode(text)
         total, count = 0.0, 0
         for i in range(0, len(ids), window):
-            s, c = self.score(ids[i:i + window], adapter)
+            s, c = self.score(ids[i : i + window], adapter)
             total, count = total + s, count + c
         if count == 0:
             raise ConfigError("text too short to score")
@@ -357,8 +392,8 @@ class Engine:
         ids = np.zeros((len(enc), width), np.int64)
         mask = np.zeros((len(enc), width), np.int64)
         for i, e in enumerate(enc):
-            ids[i, :len(e)] = e
-            mask[i, :len(e)] = 1
+            ids[i, : len(e)] = e
+            mask[i, : len(e)] = 1
         return {"input_ids": ids, "attention_mask": mask}, [len(e) for e in enc]
 
     def embed(self, texts: list[str]) -> np.ndarray:

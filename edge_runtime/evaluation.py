@@ -1,6 +1,7 @@
 """How the agent judges adapters: per-example losses on the held-out slice and on general text, the
 gate's decision (edge_runtime/gate.py: pure) recorded with its numbers, and the general text the base
 model wrote itself, which training replays to keep everyday language (forgetting control)."""
+
 from __future__ import annotations
 
 import json
@@ -17,16 +18,40 @@ from edge_runtime.store import Store
 if TYPE_CHECKING:
     from edge_runtime.config import AgentConfig
 
-GENERAL_OPENINGS = ("The", "Yesterday", "In the morning", "She said", "Our town", "When we", "Most people", "After the",
-                    "My friend", "The weather", "Last year", "At home", "The story", "Every day", "On the way", "He")
+GENERAL_OPENINGS = (
+    "The",
+    "Yesterday",
+    "In the morning",
+    "She said",
+    "Our town",
+    "When we",
+    "Most people",
+    "After the",
+    "My friend",
+    "The weather",
+    "Last year",
+    "At home",
+    "The story",
+    "Every day",
+    "On the way",
+    "He",
+)
 
 
 class Evaluator:
     """Scores adapters of one bundle on one device's data; ``base`` is the bundle's own adapter (what
     the gate calls "the base model")."""
 
-    def __init__(self, engine: Engine, store: Store, base: ActiveAdapter, cfg: AgentConfig, data_dir: Path, metrics: Metrics,
-                 on_event: Callable[..., None]):
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        base: ActiveAdapter,
+        cfg: AgentConfig,
+        data_dir: Path,
+        metrics: Metrics,
+        on_event: Callable[..., None],
+    ):
         self.engine, self.store, self.base, self.cfg, self.data_dir = engine, store, base, cfg, data_dir
         self.metrics, self.on_event = metrics, on_event
         self.manifest = engine.manifest
@@ -71,8 +96,11 @@ class Evaluator:
         for i, opening in enumerate(GENERAL_OPENINGS):
             for j in range(per_opening):
                 ids = self.engine.encode(opening)
-                new = list(self.engine.generate(ids, max_new_tokens=tokens, temperature=1.0, top_p=1.0, seed=1000 * i + j,
-                                                adapter=self.base))
+                new = list(
+                    self.engine.generate(
+                        ids, max_new_tokens=tokens, temperature=1.0, top_p=1.0, seed=1000 * i + j, adapter=self.base
+                    )
+                )
                 texts.append(self.engine.decode(ids + new))
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
@@ -89,8 +117,9 @@ class Evaluator:
             self._cache[full] = self.example_losses(adapter, examples)
         return self._cache[full]
 
-    def judge(self, kind: str, candidate_id: str, candidate: ActiveAdapter, *, serving_id: str,
-              serving: ActiveAdapter) -> GateDecision:
+    def judge(
+        self, kind: str, candidate_id: str, candidate: ActiveAdapter, *, serving_id: str, serving: ActiveAdapter
+    ) -> GateDecision:
         """Judge a candidate against the serving adapter and the base model on the held-out slice and
         the anchor set; the decision is recorded in the store with its numbers."""
         held = self.store.heldout(self.cfg.gate_heldout_limit)
@@ -101,8 +130,12 @@ class Evaluator:
             current=self._cached_losses(("serving", serving_id), serving, held),
             base=self._cached_losses(("base",), self.base, held),
             anchor_candidate=self.example_losses(candidate, anchor),
-            anchor_base=self._cached_losses(("base-anchor",), self.base, anchor))
+            anchor_base=self._cached_losses(("base-anchor",), self.base, anchor),
+        )
         self.store.record_decision(kind, candidate_id, decision.adopted, decision.reason.value, decision.numbers)
-        self.metrics.inc("edgefm_gate_decisions_total", labels={"kind": kind, "reason": decision.reason.value},
-                         help="gate decisions by candidate kind and reason")
+        self.metrics.inc(
+            "edgefm_gate_decisions_total",
+            labels={"kind": kind, "reason": decision.reason.value},
+            help="gate decisions by candidate kind and reason",
+        )
         return decision

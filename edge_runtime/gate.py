@@ -11,6 +11,7 @@ general-text anchor set against the base model (forgetting). Rules, first match 
 - ``forgetting``: anchor perplexity more than ``max_forgetting`` above the base model's;
 - otherwise ``adopted`` (``no_heldout_data`` when there is nothing to judge the domain by).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,9 +37,11 @@ def anchor_texts(path: str | None = None) -> list[str]:
     """The general-text anchor passages: ``path``, else the set shipped with the agent (one per line, # comments)."""
     if path:
         from pathlib import Path
+
         text = Path(path).read_text()
     else:
         from importlib import resources
+
         text = resources.files("edge_runtime").joinpath("data/anchor.txt").read_text()
     return [t.strip() for t in text.splitlines() if t.strip() and not t.startswith("#")]
 
@@ -47,8 +50,8 @@ def anchor_texts(path: str | None = None) -> list[str]:
 class GatePolicy:
     """Gate settings (agent config: gate_z, max_forgetting)."""
 
-    z: float = 1.645               # one-sided 95%: "significantly worse" means mean difference > z standard errors
-    max_forgetting: float = 0.05   # anchor perplexity may rise at most this much over the base model's
+    z: float = 1.645  # one-sided 95%: "significantly worse" means mean difference > z standard errors
+    max_forgetting: float = 0.05  # anchor perplexity may rise at most this much over the base model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +78,28 @@ def significantly_worse(candidate: np.ndarray, reference: np.ndarray, z: float) 
     return mean > z * se and mean > 0
 
 
-def decide_gate(policy: GatePolicy, *, candidate: np.ndarray, current: np.ndarray, base: np.ndarray,
-                anchor_candidate: np.ndarray, anchor_base: np.ndarray) -> GateDecision:
+def decide_gate(
+    policy: GatePolicy,
+    *,
+    candidate: np.ndarray,
+    current: np.ndarray,
+    base: np.ndarray,
+    anchor_candidate: np.ndarray,
+    anchor_base: np.ndarray,
+) -> GateDecision:
     """Adopt or refuse a candidate from per-example losses (held-out: candidate/current/base, paired by
     example; anchor: candidate/base, paired by text). Empty arrays mean "no such data"."""
     cand, cur, bas = (float(np.mean(a)) if len(a) else math.nan for a in (candidate, current, base))
     a_cand, a_base = (float(np.mean(a)) if len(a) else math.nan for a in (anchor_candidate, anchor_base))
-    numbers: dict[str, Any] = {"heldout_examples": int(len(candidate)), "heldout_candidate": cand, "heldout_current": cur,
-                               "heldout_base": bas, "anchor_candidate": a_cand, "anchor_base": a_base}
-    numbers = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in numbers.items()}   # JSON: null, not NaN
+    numbers: dict[str, Any] = {
+        "heldout_examples": int(len(candidate)),
+        "heldout_candidate": cand,
+        "heldout_current": cur,
+        "heldout_base": bas,
+        "anchor_candidate": a_cand,
+        "anchor_base": a_base,
+    }
+    numbers = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in numbers.items()}  # JSON: null, not NaN
     if len(anchor_candidate):
         numbers["anchor_ppl_change"] = anchor_change = math.exp(a_cand - a_base) - 1
     if len(candidate):

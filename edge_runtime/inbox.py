@@ -1,6 +1,7 @@
 """The inbox folder: JSON-lines files of training examples dropped by other programs on the device.
 A file is stored whole and renamed ``.done``; a file with a bad line is renamed ``.bad`` (the reason
 is an event); a file that meets a full store stays and is tried again."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,13 @@ from edge_runtime.errors import EdgefmError
 from edge_runtime.store import StoreFull
 
 
-def watch_inbox(folder: Path, add_examples: Callable[[list[dict], str], dict], on_event: Callable[..., None],
-                stop: threading.Event, every_s: float = 1.0) -> None:
+def watch_inbox(
+    folder: Path,
+    add_examples: Callable[[list[dict], str], dict],
+    on_event: Callable[..., None],
+    stop: threading.Event,
+    every_s: float = 1.0,
+) -> None:
     """Store the examples of each ``*.jsonl`` file in ``folder`` (source ``inbox``) until ``stop`` is set."""
     folder.mkdir(parents=True, exist_ok=True)
     waiting: set[str] = set()

@@ -9,6 +9,7 @@ The delta lineage, explicitly: a session starts from ``training_start()`` and it
 ``result - start``, so sessions that continue a local result each send only their own progress and
 the coordinator never counts one session twice (edge_runtime/session.py).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,7 @@ class Lineage:
         latest = store.get("latest_local")
         if latest:
             try:
-                self.latest_local = (int(latest["base_version"]),
-                                     load_adapter(latest["path"], expect_fingerprint=fingerprint)[0])
+                self.latest_local = (int(latest["base_version"]), load_adapter(latest["path"], expect_fingerprint=fingerprint)[0])
             except (OSError, EdgefmError, KeyError, TypeError) as exc:
                 on_event("local_adapter_unreadable", error=str(exc))
         self.global_version = int(store.get("global_version", 0))
@@ -59,7 +59,7 @@ class Lineage:
         recovery from a bad pointer published before signatures)."""
         if pointer.epoch and pointer.epoch != self.fleet_epoch:
             if pointer.version == 0 and self.global_version == 0 and self.fleet_epoch is None:
-                self.fleet_epoch = pointer.epoch   # a new device meets its fleet: v0 is the bundle's adapter it has
+                self.fleet_epoch = pointer.epoch  # a new device meets its fleet: v0 is the bundle's adapter it has
                 self.store.put("fleet_epoch", pointer.epoch)
                 return False
             return True
@@ -82,8 +82,13 @@ class Lineage:
         what the fleet agreed on; the device's status tells the coordinator which global it trains from).
         A pointer of another lineage resets what this device built on the old one."""
         if pointer.epoch and pointer.epoch != self.fleet_epoch:
-            self.on_event("fleet_epoch_changed", old=self.fleet_epoch, new=pointer.epoch, version=pointer.version,
-                          old_version=self.global_version)
+            self.on_event(
+                "fleet_epoch_changed",
+                old=self.fleet_epoch,
+                new=pointer.epoch,
+                version=pointer.version,
+                old_version=self.global_version,
+            )
             # versions restart in the new lineage: local results and round sessions are keyed by version
             self.latest_local = None
             self.store.put("latest_local", None)

@@ -15,6 +15,7 @@ and the packing happens once per adapter here instead of once per token inside t
 the LoRA paths ~14% of a SmolLM2 int4 decode step). The adapter's own format (per-layer A/B tensors)
 does not change; only how it is fed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,33 +39,50 @@ class Slot:
     R: str
     in_features: int
     out_features: int
-    prefix: int                                  # base columns of L / rows of R before the LoRA part
-    targets: tuple[tuple[str, int, int], ...]    # (module, first output column, output width)
+    prefix: int  # base columns of L / rows of R before the LoRA part
+    targets: tuple[tuple[str, int, int], ...]  # (module, first output column, output width)
 
     @classmethod
     def from_json(cls, d: dict) -> "Slot":
-        return cls(int(d["layer"]), str(d["L"]), str(d["R"]), int(d["in"]), int(d["out"]), int(d.get("prefix", 0)),
-                   tuple((str(m), int(o), int(n)) for m, o, n in d["targets"]))
+        return cls(
+            int(d["layer"]),
+            str(d["L"]),
+            str(d["R"]),
+            int(d["in"]),
+            int(d["out"]),
+            int(d.get("prefix", 0)),
+            tuple((str(m), int(o), int(n)) for m, o, n in d["targets"]),
+        )
 
 
-def pack_slot(slot: Slot, tensors: dict[str, np.ndarray], rank: int, scale: float,
-              base_L: np.ndarray | None = None, base_R: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pack_slot(
+    slot: Slot,
+    tensors: dict[str, np.ndarray],
+    rank: int,
+    scale: float,
+    base_L: np.ndarray | None = None,
+    base_R: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """The (L, R) feeds of one slot from per-layer adapter tensors (A [r, in], B [out, r])."""
     width = slot.prefix + rank * len(slot.targets)
     L = np.zeros((slot.in_features, width), np.float32)
     R = np.zeros((width, slot.out_features), np.float32)
     if slot.prefix:
-        if base_L is None or base_R is None or base_L.shape != (slot.in_features, slot.prefix) \
-                or base_R.shape != (slot.prefix, slot.out_features):
+        if (
+            base_L is None
+            or base_R is None
+            or base_L.shape != (slot.in_features, slot.prefix)
+            or base_R.shape != (slot.prefix, slot.out_features)
+        ):
             raise BundleError(f"{BASE_FILE} lacks the base part of {slot.L}/{slot.R} (or it has the wrong shape)")
-        L[:, :slot.prefix] = base_L
-        R[:slot.prefix] = base_R
+        L[:, : slot.prefix] = base_L
+        R[: slot.prefix] = base_R
     for j, (module, col, n) in enumerate(slot.targets):
         a_name, b_name = lora_names(slot.layer, module)
         a, b = tensors[a_name], tensors[b_name]
         c = slot.prefix + j * rank
-        L[:, c:c + rank] = a.T
-        R[c:c + rank, col:col + n] = scale * b.T
+        L[:, c : c + rank] = a.T
+        R[c : c + rank, col : col + n] = scale * b.T
     return L, R
 
 
@@ -86,6 +104,7 @@ class LowRankLayout:
             if not path.is_file():
                 raise BundleError(f"{bundle_dir}: {BASE_FILE} is missing (the base part of the low-rank inputs)")
             from safetensors.numpy import load_file
+
             try:
                 base = load_file(str(path))
             except Exception as exc:  # the format library's own errors, translated at the boundary

@@ -6,6 +6,7 @@ by one and go back to the kernel on free (``munmap`` / ``madvise``): for a 1.8 M
 ~3 ms of CPU per message, most of what receiving costs. Raising glibc's mmap and trim thresholds
 keeps such buffers in the heap and reuses them (~0.9 ms per message, measured in bench/ingest.py).
 """
+
 from __future__ import annotations
 
 import ctypes

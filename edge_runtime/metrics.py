@@ -1,4 +1,5 @@
 """Tiny Prometheus registry: counters, gauges and histograms rendered in the text exposition format."""
+
 from __future__ import annotations
 
 import bisect
@@ -33,8 +34,9 @@ class Metrics:
             self.help.setdefault(name, ("gauge", help))
             self.gauges[self._key(name, labels)] = float(value)
 
-    def observe(self, name: str, value: float, labels: dict | None = None, help: str = "",
-                buckets: tuple = LATENCY_BUCKETS) -> None:
+    def observe(
+        self, name: str, value: float, labels: dict | None = None, help: str = "", buckets: tuple = LATENCY_BUCKETS
+    ) -> None:
         """Record one observation in a histogram."""
         with self._lock:
             self.help.setdefault(name, ("histogram", help))
@@ -53,9 +55,11 @@ class Metrics:
 
     def render(self) -> str:
         """Prometheus text format."""
+
         def lab(pairs, extra=()):
             items = list(pairs) + list(extra)
             return "{" + ",".join(f'{k}="{v}"' for k, v in items) + "}" if items else ""
+
         out = []
         with self._lock:
             for name, (kind, hlp) in sorted(self.help.items()):

@@ -2,13 +2,13 @@
 takes and what each does here (``PARAMETERS``), their validation, and the shapes of log-probabilities and
 tool calls. Every parameter the OpenAI API documents is either honoured with its documented meaning or
 refused with a 400 naming it; nothing is silently ignored."""
+
 from __future__ import annotations
 
 import json
 import re
 import uuid
 from typing import Any
-
 
 
 class ApiError(Exception):
@@ -22,19 +22,55 @@ class ApiError(Exception):
 # How each parameter is handled: "yes" honoured; "inert" accepted because it cannot change the output
 # (identifiers for the caller's own bookkeeping); "default-only" accepted only at its default value
 # (null, or the value given), refused otherwise.
-_COMMON = {"model": "yes", "user": "inert", "stream": "yes", "stream_options": "yes", "seed": "yes", "stop": "yes",
-           "temperature": "yes", "top_p": "yes", "top_k": "yes", "max_tokens": "yes", "n": "yes",
-           "presence_penalty": "yes", "frequency_penalty": "yes", "logit_bias": "yes"}
+_COMMON = {
+    "model": "yes",
+    "user": "inert",
+    "stream": "yes",
+    "stream_options": "yes",
+    "seed": "yes",
+    "stop": "yes",
+    "temperature": "yes",
+    "top_p": "yes",
+    "top_k": "yes",
+    "max_tokens": "yes",
+    "n": "yes",
+    "presence_penalty": "yes",
+    "frequency_penalty": "yes",
+    "logit_bias": "yes",
+}
 PARAMETERS: dict[str, dict[str, Any]] = {
-    "completions": {**_COMMON, "prompt": "yes", "echo": "yes", "logprobs": "yes",
-                    "best_of": ("default-only", 1), "suffix": ("default-only", None)},
-    "chat": {**_COMMON, "messages": "yes", "max_completion_tokens": "yes", "logprobs": "yes", "top_logprobs": "yes",
-             "response_format": "yes", "tools": "yes", "tool_choice": "yes", "parallel_tool_calls": "yes",
-             "metadata": "inert", "safety_identifier": "inert", "prompt_cache_key": "inert", "service_tier": "inert",
-             "store": ("default-only", False), "modalities": ("default-only", ["text"]), "audio": ("default-only", None),
-             "prediction": ("default-only", None), "reasoning_effort": ("default-only", None),
-             "verbosity": ("default-only", None), "web_search_options": ("default-only", None),
-             "functions": ("default-only", None), "function_call": ("default-only", None)},
+    "completions": {
+        **_COMMON,
+        "prompt": "yes",
+        "echo": "yes",
+        "logprobs": "yes",
+        "best_of": ("default-only", 1),
+        "suffix": ("default-only", None),
+    },
+    "chat": {
+        **_COMMON,
+        "messages": "yes",
+        "max_completion_tokens": "yes",
+        "logprobs": "yes",
+        "top_logprobs": "yes",
+        "response_format": "yes",
+        "tools": "yes",
+        "tool_choice": "yes",
+        "parallel_tool_calls": "yes",
+        "metadata": "inert",
+        "safety_identifier": "inert",
+        "prompt_cache_key": "inert",
+        "service_tier": "inert",
+        "store": ("default-only", False),
+        "modalities": ("default-only", ["text"]),
+        "audio": ("default-only", None),
+        "prediction": ("default-only", None),
+        "reasoning_effort": ("default-only", None),
+        "verbosity": ("default-only", None),
+        "web_search_options": ("default-only", None),
+        "functions": ("default-only", None),
+        "function_call": ("default-only", None),
+    },
     "embeddings": {"model": "yes", "input": "yes", "user": "inert", "encoding_format": "yes", "dimensions": "yes"},
 }
 
@@ -45,11 +81,19 @@ def check_parameters(body: dict, endpoint: str) -> None:
     for key, value in body.items():
         how = table.get(key)
         if how is None:
-            raise ApiError(400, f"unrecognized request argument supplied: {key!r} (this endpoint takes: "
-                                f"{', '.join(sorted(table))})", key, "unknown_parameter")
+            raise ApiError(
+                400,
+                f"unrecognized request argument supplied: {key!r} (this endpoint takes: {', '.join(sorted(table))})",
+                key,
+                "unknown_parameter",
+            )
         if isinstance(how, tuple) and value is not None and value != how[1]:
-            raise ApiError(400, f"'{key}' is not supported by this local agent (only {json.dumps(how[1])} or null)", key,
-                           "unsupported_parameter")
+            raise ApiError(
+                400,
+                f"'{key}' is not supported by this local agent (only {json.dumps(how[1])} or null)",
+                key,
+                "unsupported_parameter",
+            )
 
 
 def number(body: dict, key: str, default, lo, hi, kind=float):
@@ -80,11 +124,13 @@ MAX_N = 8
 def sampling_params(body: dict, default_max: int = 64) -> dict:
     """Validated sampling parameters from an OpenAI-style request body."""
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return {"max_new_tokens": number(body, key, default_max, 1, 4096, int),
-            "temperature": number(body, "temperature", 1.0, 0.0, 2.0),
-            "top_p": number(body, "top_p", 1.0, 0.0, 1.0),
-            "top_k": number(body, "top_k", 0, 0, 100000, int),
-            "seed": None if body.get("seed") is None else number(body, "seed", 0, -2**63, 2**63 - 1, int)}
+    return {
+        "max_new_tokens": number(body, key, default_max, 1, 4096, int),
+        "temperature": number(body, "temperature", 1.0, 0.0, 2.0),
+        "top_p": number(body, "top_p", 1.0, 0.0, 1.0),
+        "top_k": number(body, "top_k", 0, 0, 100000, int),
+        "seed": None if body.get("seed") is None else number(body, "seed", 0, -(2**63), 2**63 - 1, int),
+    }
 
 
 def choices_per_prompt(body: dict) -> int:
@@ -108,8 +154,11 @@ def steering_options(body: dict, vocab: int) -> dict:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
                 raise ApiError(400, f"'logit_bias' values must be numbers in [-100, 100] (got {v!r})", "logit_bias")
             bias[int(k)] = float(v)
-    return {"presence": number(body, "presence_penalty", 0.0, -2.0, 2.0),
-            "frequency": number(body, "frequency_penalty", 0.0, -2.0, 2.0), "bias": bias or None}
+    return {
+        "presence": number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "frequency": number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "bias": bias or None,
+    }
 
 
 def chat_logprobs(body: dict) -> int | None:
@@ -143,8 +192,11 @@ def include_usage(body: dict) -> bool:
 def prompts(body: dict) -> list[str | list[int]]:
     """Completions ``prompt``: a string, a list of strings, a list of token ids, or a list of those lists."""
     p = body.get("prompt")
-    bad = ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists "
-                        "(1-16 prompts)", "prompt")
+    bad = ApiError(
+        400,
+        "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists (1-16 prompts)",
+        "prompt",
+    )
     if isinstance(p, str):
         return [p]
     if not isinstance(p, list) or not p:
@@ -179,8 +231,12 @@ def completion_logprobs_block(entries: list[tuple[str, float, list[tuple[str, fl
     for t, _, _ in entries:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{a: alp for a, alp in alts} for _, _, alts in entries], "text_offset": offsets}
+    return {
+        "tokens": [t for t, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{a: alp for a, alp in alts} for _, _, alts in entries],
+        "text_offset": offsets,
+    }
 
 
 def chat_messages(msgs: Any) -> list[dict]:
@@ -206,8 +262,9 @@ def chat_messages(msgs: Any) -> list[dict]:
         if calls:
             if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
                 raise ApiError(400, f"messages[{i}].tool_calls must be a list of function calls", "messages")
-            out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}}
-                                 for c in calls]
+            out["tool_calls"] = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c["function"].get("arguments"))}} for c in calls
+            ]
         if m["role"] == "tool":
             out["tool_call_id"] = m.get("tool_call_id")
         clean.append(out)
@@ -230,13 +287,14 @@ def tools_for_template(body: dict, template: str) -> list[dict] | None:
     agent cannot guarantee."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if choice not in (None, "none", "auto"):
-        raise ApiError(400, "'tool_choice' may be \"auto\" or \"none\" here (forcing a call is not supported)", "tool_choice")
+        raise ApiError(400, '\'tool_choice\' may be "auto" or "none" here (forcing a call is not supported)', "tool_choice")
     if not tools or choice == "none":
         return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function"
-                                              and isinstance(t.get("function"), dict) and t["function"].get("name")
-                                              for t in tools):
-        raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\": ...}}", "tools")
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict) and t["function"].get("name")
+        for t in tools
+    ):
+        raise ApiError(400, '\'tools\' must be a list of {"type": "function", "function": {"name": ...}}', "tools")
     if "tools" not in template:
         raise ApiError(400, "this model's chat template has no tool support: it was not trained to call tools", "tools")
     return tools
@@ -262,8 +320,13 @@ def parse_tool_calls(text: str, tools: list[dict]) -> tuple[str | None, list[dic
         if not isinstance(obj, dict) or obj.get("name") not in names:
             continue
         args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+        calls.append(
+            {
+                "id": f"call_{uuid.uuid4().hex[:24]}",
+                "type": "function",
+                "function": {"name": obj["name"], "arguments": args if isinstance(args, str) else json.dumps(args)},
+            }
+        )
     if not calls:
         return text, []
     rest = _TOOL_CALL.sub("", text).strip() if _TOOL_CALL.search(text) else ""

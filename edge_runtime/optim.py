@@ -1,4 +1,5 @@
 """AdamW with bias correction, global-norm clipping and LR schedules: plain numpy over LoRA tensors."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ class AdamWConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
-    schedule: str = "constant"   # constant | cosine
+    schedule: str = "constant"  # constant | cosine
     total_steps: int = 1000
 
     def __post_init__(self):
@@ -47,12 +48,18 @@ def clip_by_global_norm(grads: dict[str, np.ndarray], max_norm: float) -> tuple[
     return grads, norm
 
 
-def adamw_step(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], m: dict[str, np.ndarray],
-               v: dict[str, np.ndarray], step: int, cfg: AdamWConfig):
+def adamw_step(
+    params: dict[str, np.ndarray],
+    grads: dict[str, np.ndarray],
+    m: dict[str, np.ndarray],
+    v: dict[str, np.ndarray],
+    step: int,
+    cfg: AdamWConfig,
+):
     """One AdamW update (decoupled weight decay). ``step`` is 1-based. Returns new (params, m, v, lr)."""
     lr = learning_rate(cfg, step - 1)
-    b1c = 1 - cfg.beta1 ** step
-    b2c = 1 - cfg.beta2 ** step
+    b1c = 1 - cfg.beta1**step
+    b2c = 1 - cfg.beta2**step
     new_p, new_m, new_v = {}, {}, {}
     for k, p in params.items():
         g = grads[k].astype(np.float32)

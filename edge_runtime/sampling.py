@@ -1,11 +1,13 @@
 """Next-token selection (pure numpy): greedy, temperature, top-k, top-p, repetition penalty."""
+
 from __future__ import annotations
 
 import numpy as np
 
 
-def sample_next(logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                rng: np.random.Generator | None = None) -> int:
+def sample_next(
+    logits: np.ndarray, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng: np.random.Generator | None = None
+) -> int:
     """Pick a token id from one row of logits; temperature 0 means greedy."""
     if temperature <= 0:  # argmax needs no float64 copy of the vocabulary-sized row (once per token)
         return int(np.argmax(logits))

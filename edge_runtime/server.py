@@ -3,6 +3,7 @@
 Standard library only (ThreadingHTTPServer): one thread per request; onnxruntime sessions are
 thread-safe, adapters are immutable snapshots, so concurrent requests need no global lock.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,8 +62,14 @@ class AgentApi(Protocol):
 
     def adapter_history(self) -> list[dict]: ...
 
-    def load_external(self, *, adapter: bytes | None = None, peft_config: dict | None = None,
-                      peft_weights: bytes | None = None, name: str | None = None) -> dict: ...
+    def load_external(
+        self,
+        *,
+        adapter: bytes | None = None,
+        peft_config: dict | None = None,
+        peft_weights: bytes | None = None,
+        name: str | None = None,
+    ) -> dict: ...
 
     def rollback(self, to: str | None = None) -> dict: ...
 
@@ -81,7 +88,7 @@ def _hostname(value: str) -> str:
     """'localhost:8080' -> 'localhost', '[::1]:8080' -> '[::1]', 'http://x:1/' -> 'x'."""
     v = value.split("://", 1)[-1].split("/", 1)[0]
     if v.startswith("["):
-        return v[:v.index("]") + 1] if "]" in v else v
+        return v[: v.index("]") + 1] if "]" in v else v
     return v.rsplit(":", 1)[0] if v.count(":") == 1 else v
 
 
@@ -91,6 +98,7 @@ def request_origin_refusal(host: str | None, origin: str | None, method: str, bi
     state-changing requests only from no Origin or a loopback one (CSRF from any page the device's
     browser opens). An agent bound elsewhere was exposed on purpose; the Origin rule still applies."""
     from edge_runtime.transport import is_loopback  # one notion of "this machine" for the broker and the API
+
     loopback_bound = is_loopback(bind_host)
     if loopback_bound and host is not None and not is_loopback(_hostname(host)):
         return f"Host {host!r} is not this device's loopback address; the agent API answers local clients only"
@@ -114,9 +122,10 @@ def token_source(header: str | None, api_token: str | None, api_tokens: dict[str
     token, "api" too when no token is configured; None when it carries none of them. Every configured
     token is compared (constant time), so timing does not tell which one was close."""
     import hmac
+
     if api_token is None and not api_tokens:
         return "api"
-    given = header[len("Bearer "):].strip().encode() if header and header.startswith("Bearer ") else b""
+    given = header[len("Bearer ") :].strip().encode() if header and header.startswith("Bearer ") else b""
     found = None
     for source, tok in [("api", api_token), *((f"api:{n}", t) for n, t in api_tokens.items())]:
         if tok is not None and hmac.compare_digest(given, tok.encode()) and found is None:
@@ -147,8 +156,13 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _error(self, err: ApiError) -> None:
-        headers = ({"WWW-Authenticate": 'Bearer realm="edgefm-agent"'} if err.status == 401 else
-                   {"Retry-After": "60"} if err.status == 503 else None)
+        headers = (
+            {"WWW-Authenticate": 'Bearer realm="edgefm-agent"'}
+            if err.status == 401
+            else {"Retry-After": "60"}
+            if err.status == 503
+            else None
+        )
         self._send(err.status, error_body(err.status, err.message, err.param, err.code), headers=headers)
 
     def _body(self, limit: int | None = None) -> dict:
@@ -183,14 +197,20 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(403, refusal, None, "forbidden_origin")
             self.source = token_source(self.headers.get("Authorization"), a.cfg.api_token, a.cfg.api_tokens)
             if self.source is None and path != "/healthz":
-                raise ApiError(401, "this agent requires `Authorization: Bearer <api_token>` (the OpenAI client's api_key)",
-                               None, "invalid_api_key")
+                raise ApiError(
+                    401,
+                    "this agent requires `Authorization: Bearer <api_token>` (the OpenAI client's api_key)",
+                    None,
+                    "invalid_api_key",
+                )
             if route is None and method == "GET" and path.startswith("/v1/models/"):
-                name = urllib.parse.unquote(path[len("/v1/models/"):])
+                name = urllib.parse.unquote(path[len("/v1/models/") :])
                 route = lambda h: model_retrieve(h, name)  # noqa: E731
             if route is None:
                 known = sorted({p for (_, p) in ROUTES})
-                raise ApiError(404 if all(p != path for (_, p) in ROUTES) else 405, f"no route {method} {path}; endpoints: {known}")
+                raise ApiError(
+                    404 if all(p != path for (_, p) in ROUTES) else 405, f"no route {method} {path}; endpoints: {known}"
+                )
             route(self)
         except ApiError as err:
             status = err.status
@@ -209,8 +229,9 @@ class Handler(BaseHTTPRequestHandler):
                 pass
         finally:
             a.request_finished()
-            a.metrics.observe("edgefm_request_seconds", time.perf_counter() - t0, {"path": path},
-                              help="request latency by endpoint")
+            a.metrics.observe(
+                "edgefm_request_seconds", time.perf_counter() - t0, {"path": path}, help="request latency by endpoint"
+            )
             a.metrics.inc("edgefm_requests_total", labels={"path": path, "status": str(status)}, help="requests served")
 
     def do_GET(self):
@@ -236,6 +257,7 @@ class Handler(BaseHTTPRequestHandler):
 
 # ---------------------------------------------------------------------------- generation core
 
+
 class Generation:
     """One finished completion: its text, why it ended, token counts, and per-token log-probabilities
     (token text, logprob, [(alternative text, logprob)]) when they were asked for."""
@@ -254,13 +276,25 @@ def _prompt_ids(h: Handler, prompt: str | list[int]) -> list[int]:
     if not isinstance(prompt, str) and any(not 0 <= t < vocab for t in ids):
         raise ApiError(400, f"token ids in 'prompt' must be in 0..{vocab - 1}", "prompt")
     if len(ids) > h.agent.cfg.max_prompt_tokens:
-        raise ApiError(400, f"prompt has {len(ids)} tokens; this agent accepts at most {h.agent.cfg.max_prompt_tokens}", "prompt",
-                       "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"prompt has {len(ids)} tokens; this agent accepts at most {h.agent.cfg.max_prompt_tokens}",
+            "prompt",
+            "context_length_exceeded",
+        )
     return ids
 
 
-def _generate(h: Handler, ids: list[int], params: dict, stops: list[str], on_text=None, *, steer: Steering | None = None,
-              top_n: int | None = None) -> Generation:
+def _generate(
+    h: Handler,
+    ids: list[int],
+    params: dict,
+    stops: list[str],
+    on_text=None,
+    *,
+    steer: Steering | None = None,
+    top_n: int | None = None,
+) -> Generation:
     """Generate from prompt token ids. ``on_text(delta, logprob_entries)`` streams text as it becomes safe
     to send (no partial stop sequence, no partial UTF-8); ``top_n`` (not None) records log-probabilities."""
     eng = h.agent.engine
@@ -274,7 +308,7 @@ def _generate(h: Handler, ids: list[int], params: dict, stops: list[str], on_tex
     pending: list = []
 
     def record(tok: int, row: np.ndarray) -> None:
-        assert top_n is not None   # record is passed only when log-probabilities were asked for
+        assert top_n is not None  # record is passed only when log-probabilities were asked for
         lp = log_softmax(row)
         pending[:] = [(eng.decode([tok]), float(lp[tok]), [(eng.decode([a]), alp) for a, alp in top_logprobs(row, top_n)])]
 
@@ -320,7 +354,11 @@ def _generate(h: Handler, ids: list[int], params: dict, stops: list[str], on_tex
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _seeded(params: dict, j: int) -> dict:
@@ -349,16 +387,32 @@ def completions(h: Handler) -> None:
 
         def chunk(text, entries=(), finish=None):
             lp = oai.completion_logprobs_block(list(entries)) if top_n is not None else None
-            h._sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+            h._sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
                     "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}],
-                    **({"usage": None} if usage else {})})
+                    **({"usage": None} if usage else {}),
+                }
+            )
+
         if echo:
             chunk(eng.decode(ids_list[0]))
         g = _generate(h, ids_list[0], params, stops, on_text=chunk, steer=Steering(**steer_opts), top_n=top_n)
         chunk("", (), g.finish)
         if usage:
-            h._sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                    "usage": _usage(g.prompt_tokens, g.completion_tokens)})
+            h._sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(g.prompt_tokens, g.completion_tokens),
+                }
+            )
         h._sse("[DONE]")
         return
     choices, pt, ct = [], 0, 0
@@ -368,10 +422,18 @@ def completions(h: Handler) -> None:
             g = _generate(h, ids, _seeded(params, j), stops, steer=Steering(**steer_opts), top_n=top_n)
             ct += g.completion_tokens
             text = (eng.decode(ids) + g.text) if echo else g.text
-            choices.append({"index": i * n + j, "text": text, "finish_reason": g.finish,
-                            "logprobs": oai.completion_logprobs_block(g.logprobs) if top_n is not None else None})
-    h._send(200, {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-                  "usage": _usage(pt, ct)})
+            choices.append(
+                {
+                    "index": i * n + j,
+                    "text": text,
+                    "finish_reason": g.finish,
+                    "logprobs": oai.completion_logprobs_block(g.logprobs) if top_n is not None else None,
+                }
+            )
+    h._send(
+        200,
+        {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices, "usage": _usage(pt, ct)},
+    )
 
 
 def chat_completions(h: Handler) -> None:
@@ -408,15 +470,31 @@ def chat_completions(h: Handler) -> None:
 
         def chunk(delta, entries=None, finish=None):
             lp = {"content": oai.chat_logprobs_content(list(entries or []))} if top_n is not None and entries else None
-            h._sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            h._sse(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
                     "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
-                    **({"usage": None} if usage else {})})
+                    **({"usage": None} if usage else {}),
+                }
+            )
+
         chunk({"role": "assistant", "content": ""})
         g = _generate(h, ids, params, stops, on_text=lambda t, e: chunk({"content": t}, e), steer=steering(), top_n=top_n)
         chunk({}, None, g.finish)
         if usage:
-            h._sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                    "usage": _usage(g.prompt_tokens, g.completion_tokens)})
+            h._sse(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(g.prompt_tokens, g.completion_tokens),
+                }
+            )
         h._sse("[DONE]")
         return
     choices, ct = [], 0
@@ -429,10 +507,25 @@ def chat_completions(h: Handler) -> None:
             content, calls = oai.parse_tool_calls(g.text, tools)
             if calls:
                 message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-        choices.append({"index": j, "message": message, "finish_reason": finish,
-                        "logprobs": {"content": oai.chat_logprobs_content(g.logprobs)} if top_n is not None else None})
-    h._send(200, {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
-                  "usage": _usage(len(ids), ct)})
+        choices.append(
+            {
+                "index": j,
+                "message": message,
+                "finish_reason": finish,
+                "logprobs": {"content": oai.chat_logprobs_content(g.logprobs)} if top_n is not None else None,
+            }
+        )
+    h._send(
+        200,
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+            "usage": _usage(len(ids), ct),
+        },
+    )
 
 
 def _inputs(body: dict) -> list[str]:
@@ -451,7 +544,7 @@ def embeddings(h: Handler) -> None:
     _require_task(h, "embedding")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
-        raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", "encoding_format")
+        raise ApiError(400, '\'encoding_format\' must be "float" or "base64"', "encoding_format")
     hidden = int(h.agent.engine.dims["hidden"])
     dims = body.get("dimensions")
     if dims is not None and dims != hidden:  # shortening needs a model trained for it (Matryoshka); this one was not
@@ -462,11 +555,19 @@ def embeddings(h: Handler) -> None:
     def encode(v: np.ndarray):
         if fmt == "base64":
             import base64
+
             return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode()
         return v.astype(float).tolist()
-    h._send(200, {"object": "list", "model": _model_id(h),
-                  "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vecs)],
-                  "usage": {"prompt_tokens": ntok, "total_tokens": ntok}})
+
+    h._send(
+        200,
+        {
+            "object": "list",
+            "model": _model_id(h),
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vecs)],
+            "usage": {"prompt_tokens": ntok, "total_tokens": ntok},
+        },
+    )
 
 
 def classify(h: Handler) -> None:
@@ -477,23 +578,41 @@ def classify(h: Handler) -> None:
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     names = h.agent.manifest.model.get("id2label") or {}
-    h._send(200, {"object": "list", "model": _model_id(h),
-                  "data": [{"index": i, "label": int(r.argmax()), "label_name": names.get(str(int(r.argmax()))),
-                            "probabilities": r.tolist()} for i, r in enumerate(p)]})
+    h._send(
+        200,
+        {
+            "object": "list",
+            "model": _model_id(h),
+            "data": [
+                {"index": i, "label": int(r.argmax()), "label_name": names.get(str(int(r.argmax()))), "probabilities": r.tolist()}
+                for i, r in enumerate(p)
+            ],
+        },
+    )
 
 
 def add_examples(h: Handler) -> None:
     body = h._body()
     items = body.get("examples")
     if not isinstance(items, list) or not items or not all(isinstance(x, dict) for x in items) or len(items) > 10_000:
-        raise ApiError(400, "'examples' must be a list of 1-10000 objects like {\"text\": ...} or {\"prompt\": ..., \"completion\": ...}", "examples")
+        raise ApiError(
+            400,
+            '\'examples\' must be a list of 1-10000 objects like {"text": ...} or {"prompt": ..., "completion": ...}',
+            "examples",
+        )
     h._send(200, h.agent.add_examples(items, source=h.source or "api"))
 
 
 def heldout_examples(h: Handler) -> None:
     """What this device held back from training for its gate (local API: the data stays on the device)."""
-    h._send(200, {"examples": [{k: e[k] for k in ("text", "prompt", "label") if e.get(k) is not None}
-                               for e in h.agent.heldout_examples()]})
+    h._send(
+        200,
+        {
+            "examples": [
+                {k: e[k] for k in ("text", "prompt", "label") if e.get(k) is not None} for e in h.agent.heldout_examples()
+            ]
+        },
+    )
 
 
 def _require_task(h: Handler, task: str) -> None:
@@ -507,14 +626,22 @@ def _model_id(h: Handler) -> str:
 
 def _model_card(h: Handler) -> dict:
     eng = h.agent.engine
-    card = {"id": _model_id(h), "object": "model", "created": 0, "owned_by": "edgefm", "adapter": h.agent.active_id,
-            "task": eng.task}
+    card = {
+        "id": _model_id(h),
+        "object": "model",
+        "created": 0,
+        "owned_by": "edgefm",
+        "adapter": h.agent.active_id,
+        "task": eng.task,
+    }
     if eng.task == "causal-lm":
         _, source = eng.chat_template()
         card["chat_template"] = source
         if source == "fallback":
-            card["warning"] = ("the bundle has no chat template: chat prompts are rendered as 'role: content' lines, "
-                               "which an instruct model was not trained on; re-export with the model's tokenizer")
+            card["warning"] = (
+                "the bundle has no chat template: chat prompts are rendered as 'role: content' lines, "
+                "which an instruct model was not trained on; re-export with the model's tokenizer"
+            )
     else:
         card["max_input_tokens"] = eng.max_length
     return card
@@ -554,6 +681,7 @@ def load_adapter_api(h: Handler) -> None:
     verified, judged by the gate on the held-out slice, served or kept as refused with the reason."""
     import base64
     import binascii
+
     body = h._body(limit=h.agent.cfg.max_adapter_bytes)
     name = body.get("name")
     if name is not None and (not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64):
@@ -563,12 +691,18 @@ def load_adapter_api(h: Handler) -> None:
             result = h.agent.load_external(adapter=base64.b64decode(body["adapter"], validate=True), name=name)
         elif isinstance(body.get("peft"), dict):
             peft = body["peft"]
-            result = h.agent.load_external(peft_config=peft.get("adapter_config"),
-                                           peft_weights=base64.b64decode(peft.get("adapter_model") or "", validate=True),
-                                           name=name)
+            result = h.agent.load_external(
+                peft_config=peft.get("adapter_config"),
+                peft_weights=base64.b64decode(peft.get("adapter_model") or "", validate=True),
+                name=name,
+            )
         else:
-            raise ApiError(400, "send {\"adapter\": base64 of an edgefm .safetensors} or {\"peft\": {\"adapter_config\": "
-                                "{...}, \"adapter_model\": base64 of adapter_model.safetensors}}", "adapter")
+            raise ApiError(
+                400,
+                'send {"adapter": base64 of an edgefm .safetensors} or {"peft": {"adapter_config": '
+                '{...}, "adapter_model": base64 of adapter_model.safetensors}}',
+                "adapter",
+            )
     except (binascii.Error, TypeError):
         raise ApiError(400, "adapter bytes must be base64", "adapter") from None
     h._send(200, result)
@@ -594,11 +728,20 @@ def train_now(h: Handler) -> None:
 
 
 ROUTES = {
-    ("GET", "/healthz"): healthz, ("GET", "/metrics"): metrics, ("GET", "/v1/models"): models,
-    ("POST", "/v1/completions"): completions, ("POST", "/v1/chat/completions"): chat_completions,
-    ("POST", "/v1/embeddings"): embeddings, ("POST", "/v1/classifications"): classify,
-    ("POST", "/v1/examples"): add_examples, ("GET", "/v1/examples/heldout"): heldout_examples, ("GET", "/v1/status"): status, ("GET", "/v1/adapters"): adapters,
-    ("POST", "/v1/adapters"): load_adapter_api, ("POST", "/v1/adapters/rollback"): rollback, ("POST", "/v1/train"): train_now,
+    ("GET", "/healthz"): healthz,
+    ("GET", "/metrics"): metrics,
+    ("GET", "/v1/models"): models,
+    ("POST", "/v1/completions"): completions,
+    ("POST", "/v1/chat/completions"): chat_completions,
+    ("POST", "/v1/embeddings"): embeddings,
+    ("POST", "/v1/classifications"): classify,
+    ("POST", "/v1/examples"): add_examples,
+    ("GET", "/v1/examples/heldout"): heldout_examples,
+    ("GET", "/v1/status"): status,
+    ("GET", "/v1/adapters"): adapters,
+    ("POST", "/v1/adapters"): load_adapter_api,
+    ("POST", "/v1/adapters/rollback"): rollback,
+    ("POST", "/v1/train"): train_now,
 }
 
 
@@ -623,16 +766,21 @@ class AgentHTTPServer(ThreadingHTTPServer):
                 self._slots.release()
                 raise
             return
-        body = json.dumps(error_body(503, f"the agent is serving {self.max_connections} connections (max_connections); "
-                                          "retry shortly", code="busy")).encode()
+        body = json.dumps(
+            error_body(
+                503, f"the agent is serving {self.max_connections} connections (max_connections); retry shortly", code="busy"
+            )
+        ).encode()
         try:
             request.settimeout(0.2)
             try:
-                request.recv(65536)   # what the client already sent: closing on unread data would reset the connection
+                request.recv(65536)  # what the client already sent: closing on unread data would reset the connection
             except OSError:
                 pass
-            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-                            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            request.sendall(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
         except OSError:
             pass
         self.shutdown_request(request)

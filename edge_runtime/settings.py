@@ -1,4 +1,5 @@
 """Settings dataclasses from defaults < TOML file < explicit overrides, with unknown keys refused."""
+
 from __future__ import annotations
 
 import dataclasses

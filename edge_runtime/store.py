@@ -1,4 +1,5 @@
 """The agent's durable state in SQLite (WAL, synchronous=FULL): examples, the update outbox, adapter history."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,17 @@ class StoreFull(EdgefmError):
 class Store:
     """Thread-safe wrapper over one SQLite file."""
 
-    def __init__(self, path: Path, *, max_examples: int = 100_000, heldout_fraction: float = 0.1, min_heldout: int = 0,
-                 max_evictions_per_hour: int | None = None, max_source_share: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_examples: int = 100_000,
+        heldout_fraction: float = 0.1,
+        min_heldout: int = 0,
+        max_evictions_per_hour: int | None = None,
+        max_source_share: float = 1.0,
+        seed: int = 0,
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
@@ -112,21 +122,38 @@ class Store:
                     if label is not None and (not isinstance(label, int) or isinstance(label, bool) or label < 0):
                         raise ConfigError("'label' must be a non-negative integer")
                     sha = hashlib.sha256(json.dumps([text, prompt, label]).encode()).hexdigest()
-                    split = choose_split(sha, heldout_fraction=self.heldout_fraction, n_train=n_train, n_heldout=n_heldout,
-                                         min_heldout=self.min_heldout)
-                    cur = self.db.execute("INSERT OR IGNORE INTO examples (text, prompt, label, split, source, sha, created_at) "
-                                          "VALUES (?,?,?,?,?,?,?)", (text, prompt, label, split, source, sha, now))
+                    split = choose_split(
+                        sha,
+                        heldout_fraction=self.heldout_fraction,
+                        n_train=n_train,
+                        n_heldout=n_heldout,
+                        min_heldout=self.min_heldout,
+                    )
+                    cur = self.db.execute(
+                        "INSERT OR IGNORE INTO examples (text, prompt, label, split, source, sha, created_at) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (text, prompt, label, split, source, sha, now),
+                    )
                     added += cur.rowcount
                     dup += 1 - cur.rowcount
                     to_split[split] += cur.rowcount
-                    n_train, n_heldout = n_train + (split == "train") * cur.rowcount, n_heldout + (split == "heldout") * cur.rowcount
+                    n_train, n_heldout = (
+                        n_train + (split == "train") * cur.rowcount,
+                        n_heldout + (split == "heldout") * cur.rowcount,
+                    )
                 evicted = self._make_room(source, added, now)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-        return {"added": added, "duplicates": dup, "evicted": evicted, "train": to_split["train"], "heldout": to_split["heldout"],
-                "source": source}
+        return {
+            "added": added,
+            "duplicates": dup,
+            "evicted": evicted,
+            "train": to_split["train"],
+            "heldout": to_split["heldout"],
+            "source": source,
+        }
 
     def _make_room(self, source: str, added: int, now: float) -> int:
         """Evict what a full store needs for ``added`` new examples of ``source`` (inside add_examples'
@@ -139,10 +166,11 @@ class Store:
         if need <= 0:
             return 0
         counts = dict(q("SELECT COALESCE(source, ''), COUNT(*) FROM examples GROUP BY 1").fetchall())
-        recent = [e for e in json.loads((q("SELECT value FROM kv WHERE key='evictions'").fetchone() or ["[]"])[0])
-                  if e[0] > now - 3600]
+        recent = [
+            e for e in json.loads((q("SELECT value FROM kv WHERE key='evictions'").fetchone() or ["[]"])[0]) if e[0] > now - 3600
+        ]
         budget = max(0, self.max_evictions_per_hour - sum(c for _, c in recent))
-        if self.source_quota >= self.max_examples:          # no quotas: anyone's trained-on examples
+        if self.source_quota >= self.max_examples:  # no quotas: anyone's trained-on examples
             from_sources = dict(counts)
         elif counts.get(source, 0) > self.source_quota:
             from_sources = {source: counts[source] - self.source_quota}
@@ -150,8 +178,11 @@ class Store:
             from_sources = {s: c - self.source_quota for s, c in counts.items() if s != source and c > self.source_quota}
         ids: list[tuple[int, str]] = []
         for s, room in from_sources.items():
-            ids += q("SELECT id, COALESCE(source, '') FROM examples WHERE split='train' AND trained>0 AND created_at < ? "
-                     "AND COALESCE(source, '')=? ORDER BY id LIMIT ?", (now, s, min(room, need))).fetchall()
+            ids += q(
+                "SELECT id, COALESCE(source, '') FROM examples WHERE split='train' AND trained>0 AND created_at < ? "
+                "AND COALESCE(source, '')=? ORDER BY id LIMIT ?",
+                (now, s, min(room, need)),
+            ).fetchall()
         ids.sort()
         if need > min(budget, len(ids)):
             if self.source_quota >= self.max_examples:
@@ -160,10 +191,12 @@ class Store:
                 whose = f"source {source!r} holds more than its quota ({self.source_quota}: max_source_share of max_examples), so only its own"
             else:
                 whose = f"examples of other sources under their quota ({self.source_quota}) are protected, so only theirs over it"
-            raise StoreFull(f"example store full ({total - added} of max_examples {self.max_examples}): these {added} new examples "
-                            f"would need {need} older ones evicted; {whose} may make room, and only ones already trained on, at most "
-                            f"{self.max_evictions_per_hour} per hour ({min(budget, len(ids))} now). Nothing was stored; send fewer, "
-                            f"retry after the next training session or in an hour, or raise max_examples")
+            raise StoreFull(
+                f"example store full ({total - added} of max_examples {self.max_examples}): these {added} new examples "
+                f"would need {need} older ones evicted; {whose} may make room, and only ones already trained on, at most "
+                f"{self.max_evictions_per_hour} per hour ({min(budget, len(ids))} now). Nothing was stored; send fewer, "
+                f"retry after the next training session or in an hour, or raise max_examples"
+            )
         gone = [i for i, _ in ids[:need]]
         evicted = q(f"DELETE FROM examples WHERE id IN ({','.join('?' * len(gone))})", gone).rowcount
         q("INSERT OR REPLACE INTO kv VALUES ('evictions', ?)", (json.dumps(recent + [[now, evicted]]),))
@@ -176,8 +209,13 @@ class Store:
             rows = dict(self.db.execute("SELECT split, COUNT(*) FROM examples GROUP BY split").fetchall())
             new = self.db.execute("SELECT COUNT(*) FROM examples WHERE split='train' AND trained=0").fetchone()[0]
             sources = dict(self.db.execute("SELECT COALESCE(source, ''), COUNT(*) FROM examples GROUP BY 1").fetchall())
-        return {"train": rows.get("train", 0), "heldout": rows.get("heldout", 0), "new": new, "by_source": sources,
-                "source_quota": self.source_quota}
+        return {
+            "train": rows.get("train", 0),
+            "heldout": rows.get("heldout", 0),
+            "new": new,
+            "by_source": sources,
+            "source_quota": self.source_quota,
+        }
 
     def training_batch(self, n: int, replay_fraction: float = 0.25) -> list[dict]:
         """``n`` distinct training examples: never-used ones first (oldest first) until each has been seen,
@@ -187,12 +225,15 @@ class Store:
         with self.lock:
             any_used = self.db.execute("SELECT 1 FROM examples WHERE split='train' AND trained>0 LIMIT 1").fetchone()
             n_replay = int(round(n * replay_fraction)) if any_used else 0
-            rows = self.db.execute(f"SELECT {cols} FROM examples WHERE split='train' AND trained=0 ORDER BY id LIMIT ?",
-                                   (n - n_replay,)).fetchall()
+            rows = self.db.execute(
+                f"SELECT {cols} FROM examples WHERE split='train' AND trained=0 ORDER BY id LIMIT ?", (n - n_replay,)
+            ).fetchall()
             taken = [r[0] for r in rows]
             marks = ",".join("?" * len(taken))
-            rows += self.db.execute(f"SELECT {cols} FROM examples WHERE split='train' AND id NOT IN ({marks}) "
-                                    "ORDER BY trained, RANDOM() LIMIT ?", (*taken, n - len(rows))).fetchall()
+            rows += self.db.execute(
+                f"SELECT {cols} FROM examples WHERE split='train' AND id NOT IN ({marks}) ORDER BY trained, RANDOM() LIMIT ?",
+                (*taken, n - len(rows)),
+            ).fetchall()
         return [{"id": r[0], "text": r[1], "prompt": r[2], "label": r[3]} for r in rows]
 
     def mark_trained(self, ids: list[int]) -> None:
@@ -203,22 +244,25 @@ class Store:
     def training_coverage(self) -> dict:
         """How often the training split has been used: examples never used, least and most uses."""
         with self.lock:
-            r = self.db.execute("SELECT COUNT(*), COALESCE(SUM(trained=0),0), MIN(trained), MAX(trained) FROM examples "
-                                "WHERE split='train'").fetchone()
+            r = self.db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(trained=0),0), MIN(trained), MAX(trained) FROM examples WHERE split='train'"
+            ).fetchone()
         return {"examples": r[0], "never_used": r[1], "min_uses": r[2] or 0, "max_uses": r[3] or 0}
 
     def heldout(self, limit: int = 64) -> list[dict]:
         """The held-out slice for local evaluation (stable order)."""
         with self.lock:
-            rows = self.db.execute("SELECT id, text, prompt, label FROM examples WHERE split='heldout' ORDER BY id LIMIT ?",
-                                   (limit,)).fetchall()
+            rows = self.db.execute(
+                "SELECT id, text, prompt, label FROM examples WHERE split='heldout' ORDER BY id LIMIT ?", (limit,)
+            ).fetchall()
         return [{"id": r[0], "text": r[1], "prompt": r[2], "label": r[3]} for r in rows]
 
     def apply_retention(self, max_age_s: float) -> int:
         """Delete training examples older than ``max_age_s`` that were already trained on."""
         with self.lock:
-            return self.db.execute("DELETE FROM examples WHERE split='train' AND trained>0 AND created_at < ?",
-                                   (time.time() - max_age_s,)).rowcount
+            return self.db.execute(
+                "DELETE FROM examples WHERE split='train' AND trained>0 AND created_at < ?", (time.time() - max_age_s,)
+            ).rowcount
 
     def heldout_split(self) -> list[dict]:
         """Every held-out example (what was held back from training for the gate)."""
@@ -228,34 +272,43 @@ class Store:
     def record_decision(self, kind: str, candidate: str, adopted: bool, reason: str, numbers: dict) -> None:
         """Remember one gate decision with the numbers it was made on."""
         with self.lock:
-            self.db.execute("INSERT INTO decisions (ts, kind, candidate, adopted, reason, numbers) VALUES (?,?,?,?,?,?)",
-                            (time.time(), kind, candidate, int(adopted), reason, json.dumps(numbers)))
+            self.db.execute(
+                "INSERT INTO decisions (ts, kind, candidate, adopted, reason, numbers) VALUES (?,?,?,?,?,?)",
+                (time.time(), kind, candidate, int(adopted), reason, json.dumps(numbers)),
+            )
             self.db.execute("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - 1000")
 
     def decisions(self, limit: int = 50) -> list[dict]:
         """Gate decisions, newest first."""
         with self.lock:
-            rows = self.db.execute("SELECT ts, kind, candidate, adopted, reason, numbers FROM decisions ORDER BY id DESC LIMIT ?",
-                                   (limit,)).fetchall()
-        return [{"ts": r[0], "kind": r[1], "candidate": r[2], "adopted": bool(r[3]), "reason": r[4],
-                 "numbers": json.loads(r[5])} for r in rows]
+            rows = self.db.execute(
+                "SELECT ts, kind, candidate, adopted, reason, numbers FROM decisions ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [
+            {"ts": r[0], "kind": r[1], "candidate": r[2], "adopted": bool(r[3]), "reason": r[4], "numbers": json.loads(r[5])}
+            for r in rows
+        ]
 
     # -- outbox --
     def enqueue_update(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
         """Persist an update before any attempt to send it."""
         with self.lock:
-            self.db.execute("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,0,?,NULL)",
-                            (update_id, topic, payload, time.time(), base_version))
+            self.db.execute(
+                "INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,0,?,NULL)", (update_id, topic, payload, time.time(), base_version)
+            )
 
     def pending_updates(self, resend_after_s: float | None = None) -> list[tuple[str, str, bytes]]:
         """Updates to send, oldest first: never acknowledged by the broker, or acknowledged more than
         ``resend_after_s`` ago without a receipt from the coordinator (None: never resend those)."""
         with self.lock:
             if resend_after_s is None:
-                return self.db.execute("SELECT update_id, topic, payload FROM outbox WHERE delivered_at IS NULL "
-                                       "ORDER BY created_at").fetchall()
-            return self.db.execute("SELECT update_id, topic, payload FROM outbox WHERE delivered_at IS NULL OR delivered_at < ? "
-                                   "ORDER BY created_at", (time.time() - resend_after_s,)).fetchall()
+                return self.db.execute(
+                    "SELECT update_id, topic, payload FROM outbox WHERE delivered_at IS NULL ORDER BY created_at"
+                ).fetchall()
+            return self.db.execute(
+                "SELECT update_id, topic, payload FROM outbox WHERE delivered_at IS NULL OR delivered_at < ? ORDER BY created_at",
+                (time.time() - resend_after_s,),
+            ).fetchall()
 
     def mark_attempt(self, update_id: str) -> None:
         """Count a send attempt."""
@@ -276,8 +329,10 @@ class Store:
         Returns False for an update this device does not know."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
-            known = self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,)).rowcount == 1 or \
-                self.db.execute("SELECT 1 FROM sent WHERE update_id=?", (update_id,)).fetchone() is not None
+            known = (
+                self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,)).rowcount == 1
+                or self.db.execute("SELECT 1 FROM sent WHERE update_id=?", (update_id,)).fetchone() is not None
+            )
             if known:
                 self.db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?)", (update_id, time.time()))
                 # a "duplicate" receipt (the same update arrived twice) never overwrites what the first one said
@@ -290,7 +345,9 @@ class Store:
         """queued: not yet acknowledged by the broker; awaiting_receipt: acknowledged, not yet confirmed
         by the coordinator; acknowledged: ever acknowledged; receipts: confirmed by the coordinator."""
         with self.lock:
-            q = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)),0) FROM outbox WHERE delivered_at IS NULL").fetchone()
+            q = self.db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)),0) FROM outbox WHERE delivered_at IS NULL"
+            ).fetchone()
             w = self.db.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NOT NULL").fetchone()[0]
             s = self.db.execute("SELECT COUNT(*) FROM sent").fetchone()[0]
             r = dict(self.db.execute("SELECT status, COUNT(*) FROM receipts GROUP BY status").fetchall())
@@ -302,16 +359,31 @@ class Store:
         (checked before the file is served again)."""
         sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?)",
-                            (adapter_id, version, kind, path, time.time(), json.dumps(metrics), note, sha))
+            self.db.execute(
+                "INSERT OR REPLACE INTO adapters VALUES (?,?,?,?,?,?,?,?)",
+                (adapter_id, version, kind, path, time.time(), json.dumps(metrics), note, sha),
+            )
 
     def adapters(self) -> list[dict]:
         """Adapter history, newest first."""
         with self.lock:
-            rows = self.db.execute("SELECT id, version, kind, path, created_at, metrics, note, sha256 FROM adapters "
-                                   "ORDER BY created_at DESC, rowid DESC").fetchall()
-        return [{"id": r[0], "version": r[1], "kind": r[2], "path": r[3], "created_at": r[4],
-                 "metrics": json.loads(r[5]), "note": r[6], "sha256": r[7]} for r in rows]
+            rows = self.db.execute(
+                "SELECT id, version, kind, path, created_at, metrics, note, sha256 FROM adapters "
+                "ORDER BY created_at DESC, rowid DESC"
+            ).fetchall()
+        return [
+            {
+                "id": r[0],
+                "version": r[1],
+                "kind": r[2],
+                "path": r[3],
+                "created_at": r[4],
+                "metrics": json.loads(r[5]),
+                "note": r[6],
+                "sha256": r[7],
+            }
+            for r in rows
+        ]
 
     def forget_adapter(self, adapter_id: str) -> None:
         """Drop one adapter from the history."""

@@ -7,6 +7,7 @@ session had subscribed to yet (a coordinator that never connected). Undelivered 
 again after a reconnect or a restart, delivered ones without a receipt after ``resend_after_s``;
 the coordinator deduplicates by update id.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,16 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.errors import ProtocolError, RejectReason
-from edge_runtime.protocol.messages import (ChunkAssembler, DeviceStatus, GlobalPointer, Receipt, ReceiptStatus, RoundAnnouncement,
-                                            dump_json_message, parse_json_message)
+from edge_runtime.protocol.messages import (
+    ChunkAssembler,
+    DeviceStatus,
+    GlobalPointer,
+    Receipt,
+    ReceiptStatus,
+    RoundAnnouncement,
+    dump_json_message,
+    parse_json_message,
+)
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.store import Store
 from edge_runtime.transport import MqttLink
@@ -28,20 +37,35 @@ log = logging.getLogger(__name__)
 class FederatedSync:
     """MQTT side of the agent."""
 
-    def __init__(self, url: str, fleet: str, device_id: str, store: Store, chunk_dir: Path, *,
-                 base_fingerprint: str, wants_global: Callable[[GlobalPointer], bool],
-                 on_global: Callable[[GlobalPointer, bytes], None], on_round: Callable[[RoundAnnouncement], None] | None = None,
-                 status: Callable[[], dict] | None = None, metrics=None, status_interval_s: float = 10.0,
-                 resend_after_s: float = 120.0, keepalive_s: int = 15, coordinator_key: str | None = None):
+    def __init__(
+        self,
+        url: str,
+        fleet: str,
+        device_id: str,
+        store: Store,
+        chunk_dir: Path,
+        *,
+        base_fingerprint: str,
+        wants_global: Callable[[GlobalPointer], bool],
+        on_global: Callable[[GlobalPointer, bytes], None],
+        on_round: Callable[[RoundAnnouncement], None] | None = None,
+        status: Callable[[], dict] | None = None,
+        metrics=None,
+        status_interval_s: float = 10.0,
+        resend_after_s: float = 120.0,
+        keepalive_s: int = 15,
+        coordinator_key: str | None = None,
+    ):
         self.topics = Topics(fleet)
         self.device_id = device_id
         self.store = store
         self.chunk_dir = Path(chunk_dir)
         self.base_fingerprint = base_fingerprint
-        self.wants_global = wants_global   # whether a (verified) pointer is newer than what the device has
+        self.wants_global = wants_global  # whether a (verified) pointer is newer than what the device has
         self.on_global, self.on_round, self.status = on_global, on_round, status or (lambda: {})
         self.metrics = metrics
         from edge_runtime.protocol import signing
+
         # pinned coordinator key: pointers, rounds and receipts that do not verify are refused
         self.coordinator_key = signing.load_public_key(Path(coordinator_key)) if coordinator_key else None
         self.status_interval_s = status_interval_s
@@ -51,9 +75,21 @@ class FederatedSync:
         self._assembler: ChunkAssembler | None = None
         self._stop = threading.Event()
         self.rejected: list[dict] = []
-        will = (self.topics.status(device_id), dump_json_message(DeviceStatus(state="offline", device_id=device_id).to_json()), 1, True)
-        self.link = MqttLink(url, f"edgefm-{fleet}-{device_id}", on_message=self._on_message, on_connect=self._on_connect,
-                             on_published=self._on_published, will=will, keepalive=keepalive_s)
+        will = (
+            self.topics.status(device_id),
+            dump_json_message(DeviceStatus(state="offline", device_id=device_id).to_json()),
+            1,
+            True,
+        )
+        self.link = MqttLink(
+            url,
+            f"edgefm-{fleet}-{device_id}",
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            on_published=self._on_published,
+            will=will,
+            keepalive=keepalive_s,
+        )
         self.link.subscribe(self.topics.global_pointer, 1)
         self.link.subscribe(self.topics.round, 1)
         self.link.subscribe(self.topics.ack(device_id), 1)
@@ -86,8 +122,17 @@ class FederatedSync:
     def _status_payload(self, state: str) -> bytes:
         # presence ("online"/"offline") is what the coordinator selects devices by: the agent's own
         # details must not overwrite it
-        return dump_json_message(DeviceStatus(**{**self.status(), "state": state, "device_id": self.device_id, "ts": time.time(),
-                                                 "base_fingerprint": self.base_fingerprint}).to_json())
+        return dump_json_message(
+            DeviceStatus(
+                **{
+                    **self.status(),
+                    "state": state,
+                    "device_id": self.device_id,
+                    "ts": time.time(),
+                    "base_fingerprint": self.base_fingerprint,
+                }
+            ).to_json()
+        )
 
     def publish_status(self) -> None:
         """Retained presence/status message."""
@@ -148,6 +193,7 @@ class FederatedSync:
         msg = parse_json_message(payload)
         if self.coordinator_key is not None:
             from edge_runtime.protocol import signing
+
             signing.verify_message(msg, self.coordinator_key, what)
         return msg
 
@@ -190,15 +236,18 @@ class FederatedSync:
         if receipt.status == ReceiptStatus.REJECTED:
             log.warning("coordinator rejected update %s: %s", receipt.update_id, receipt.reason)
         if self.metrics:
-            self.metrics.inc("edgefm_update_receipts_total", labels={"status": receipt.status.value},
-                             help="coordinator receipts by status")
+            self.metrics.inc(
+                "edgefm_update_receipts_total", labels={"status": receipt.status.value}, help="coordinator receipts by status"
+            )
 
     def _start_fetch(self, ptr: GlobalPointer) -> None:
         if not self.wants_global(ptr):
             return
         if ptr.base_fingerprint != self.base_fingerprint:
-            self._reject(f"global v{ptr.version}", ProtocolError(RejectReason.FINGERPRINT_MISMATCH,
-                                                                 "global adapter is for another base model"))
+            self._reject(
+                f"global v{ptr.version}",
+                ProtocolError(RejectReason.FINGERPRINT_MISMATCH, "global adapter is for another base model"),
+            )
             return
         with self._lock:
             if self._assembler and self._assembler.pointer.epoch == ptr.epoch and self._assembler.pointer.version >= ptr.version:
@@ -259,4 +308,5 @@ class FederatedSync:
             self.on_global(asm.pointer, blob)
         finally:
             import shutil
+
             shutil.rmtree(self.chunk_dir / f"v{asm.pointer.version}", ignore_errors=True)

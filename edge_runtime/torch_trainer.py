@@ -6,6 +6,7 @@ returns the masked mean next-token NLL and one gradient per stacked LoRA tensor,
 the optimizer and the federated protocol do not care which backend ran. Imported lazily: the
 device path never needs torch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,19 +21,32 @@ from edge_runtime.trainer import OnnxTrainer
 class TorchTrainer(OnnxTrainer):
     """LoRA gradients from torch + PEFT (fp32 base on CPU, or a 4-bit base with bitsandbytes on CUDA)."""
 
-    def __init__(self, bundle: Path, manifest, tokenizer, *, model_dir: str, load_4bit: bool = False,
-                 device: str | None = None, threads: int | None = None, optim=None):
+    def __init__(
+        self,
+        bundle: Path,
+        manifest,
+        tokenizer,
+        *,
+        model_dir: str,
+        load_4bit: bool = False,
+        device: str | None = None,
+        threads: int | None = None,
+        optim=None,
+    ):
         try:
             import torch
             from peft import LoraConfig, get_peft_model
             from transformers import AutoModelForCausalLM
         except ImportError as exc:
-            raise ConfigError(f"the torch trainer needs the [torch-train] extra (pip install 'edgefm[torch-train]'): {exc}") from None
+            raise ConfigError(
+                f"the torch trainer needs the [torch-train] extra (pip install 'edgefm[torch-train]'): {exc}"
+            ) from None
         if manifest.task != "causal-lm":
             raise ConfigError("the torch trainer supports causal-lm bundles")
         # The ONNX trainer's batching and loop are reused; only the step differs.
         self.bundle, self.m, self.tok, self.threads = Path(bundle), manifest, tokenizer, threads
         from edge_runtime.optim import AdamWConfig
+
         self.optim = optim or AdamWConfig()
         self.B, self.S = int(manifest.training.batch), int(manifest.training.seq)
         self.targets = list(manifest.adapter.targets)
@@ -47,8 +61,10 @@ class TorchTrainer(OnnxTrainer):
             if self.device != "cuda":
                 raise ConfigError("a 4-bit (bitsandbytes NF4) base needs a CUDA device; use load_4bit=False on CPU")
             from transformers import BitsAndBytesConfig
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                               bnb_4bit_compute_dtype=torch.float32)
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            )
         else:
             kwargs["dtype"] = torch.float32
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -58,8 +74,9 @@ class TorchTrainer(OnnxTrainer):
             p.requires_grad_(False)
         rank, alpha = int(manifest.adapter.rank), float(manifest.adapter.alpha)
         lora: Any = LoraConfig  # PEFT types lora_alpha as int; a float alpha (e.g. 16.0 or 8.5) is what it applies
-        self.model: Any = get_peft_model(model, lora(r=rank, lora_alpha=alpha, target_modules=self.targets, lora_dropout=0.0,
-                                                     bias="none")).eval()
+        self.model: Any = get_peft_model(
+            model, lora(r=rank, lora_alpha=alpha, target_modules=self.targets, lora_dropout=0.0, bias="none")
+        ).eval()
         self._params = {}
         for i in range(self.layers):
             lyr = self.model.base_model.model.model.layers[i]
@@ -88,6 +105,10 @@ class TorchTrainer(OnnxTrainer):
         loss.backward()
         grads = {}
         for t in self.targets:
-            grads[f"lora_A.{t}"] = np.stack([self._params[(i, t)][0].grad.detach().cpu().float().numpy() for i in range(self.layers)])
-            grads[f"lora_B.{t}"] = np.stack([self._params[(i, t)][1].grad.detach().cpu().float().numpy() for i in range(self.layers)])
+            grads[f"lora_A.{t}"] = np.stack(
+                [self._params[(i, t)][0].grad.detach().cpu().float().numpy() for i in range(self.layers)]
+            )
+            grads[f"lora_B.{t}"] = np.stack(
+                [self._params[(i, t)][1].grad.detach().cpu().float().numpy() for i in range(self.layers)]
+            )
         return float(loss), grads

@@ -1,4 +1,5 @@
 """On-device LoRA training with stock onnxruntime: train.onnx gives loss + gradients, AdamW runs in numpy."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,26 +20,27 @@ from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
 class TrainResult:
     """What one training session did."""
 
-    tensors: dict[str, np.ndarray]      # per-layer adapter tensors after training
+    tensors: dict[str, np.ndarray]  # per-layer adapter tensors after training
     steps: int
     losses: list[float]
     examples_used: list[int]
     seconds: float
-    stopped: str                         # budget | steps | yielded | data
+    stopped: str  # budget | steps | yielded | data
 
 
 class OnnxTrainer:
     """Runs train.onnx steps over batches built from stored examples."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, tokenizer, *, threads: int | None = 1,
-                 optim: AdamWConfig | None = None):
+    def __init__(self, bundle: Path, manifest: Manifest, tokenizer, *, threads: int | None = 1, optim: AdamWConfig | None = None):
         self.bundle = Path(bundle)
         self.m = manifest
         self.tok = tokenizer
         self.threads = threads
         self.optim = optim or AdamWConfig()
         if not manifest.training.graph:
-            raise BundleError(f"{bundle}: this bundle has no training graph (exported with --no-train-graph or an embedding task)")
+            raise BundleError(
+                f"{bundle}: this bundle has no training graph (exported with --no-train-graph or an embedding task)"
+            )
         self.B, self.S = int(manifest.training.batch), int(manifest.training.seq)
         self.targets = list(manifest.adapter.targets)
         self.layers = int(manifest.model["layers"])
@@ -49,6 +51,7 @@ class OnnxTrainer:
         """The training session, created on first use (keeps memory low while idle)."""
         if self._session is None:
             import onnxruntime as ort
+
             so = session_options(self.threads)
             so.enable_mem_pattern = False
             self._session = ort.InferenceSession(str(self.bundle / "train.onnx"), so, providers=["CPUExecutionProvider"])
@@ -71,14 +74,14 @@ class OnnxTrainer:
                 ids[r, :n] = toks
                 am[r, :n] = 1
                 start = len(self.tok.encode(ex["prompt"], add_special_tokens=False).ids) if ex.get("prompt") else 0
-                lm[r, min(start, n):n] = 1
+                lm[r, min(start, n) : n] = 1
             return {"input_ids": ids, "attention_mask": am, "loss_mask": lm}
         labels = np.zeros((B,), np.int64)
         rows = [examples[i % len(examples)] for i in range(B)]
         for r, ex in enumerate(rows):
             toks = self.tok.encode(ex["text"]).ids[:S]
-            ids[r, :len(toks)] = toks
-            am[r, :len(toks)] = 1
+            ids[r, : len(toks)] = toks
+            am[r, : len(toks)] = 1
             labels[r] = int(ex.get("label") or 0)
         return {"input_ids": ids, "attention_mask": am, "labels": labels}
 
@@ -87,17 +90,27 @@ class OnnxTrainer:
         outs = self.session.run(None, {**batch, **stacked})
         names = [o.name for o in self.session.get_outputs()]
         loss = float(outs[0])
-        grads = {n[len("grad."):]: g for n, g in zip(names[1:], outs[1:])}
+        grads = {n[len("grad.") :]: g for n, g in zip(names[1:], outs[1:])}
         if not np.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values()):
             raise TrainingError("non-finite loss or gradient; step skipped and adapter left unchanged")
         return loss, grads
 
-    def train(self, start: dict[str, np.ndarray], next_examples: Callable[[int], list[dict]], *, max_steps: int,
-              max_seconds: float, should_yield: Callable[[], bool] = lambda: False,
-              resume: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-              checkpoint_every: int = 4, train_a: bool = True, prox_mu: float = 0.0,
-              on_step: Callable[[int, float], None] | None = None,
-              on_used: Callable[[list[int]], None] | None = None) -> TrainResult:
+    def train(
+        self,
+        start: dict[str, np.ndarray],
+        next_examples: Callable[[int], list[dict]],
+        *,
+        max_steps: int,
+        max_seconds: float,
+        should_yield: Callable[[], bool] = lambda: False,
+        resume: dict | None = None,
+        checkpoint: Callable[[dict], None] | None = None,
+        checkpoint_every: int = 4,
+        train_a: bool = True,
+        prox_mu: float = 0.0,
+        on_step: Callable[[int, float], None] | None = None,
+        on_used: Callable[[list[int]], None] | None = None,
+    ) -> TrainResult:
         """Run up to ``max_steps`` AdamW steps within ``max_seconds``, pausing while ``should_yield()``.
 
         ``prox_mu`` > 0 adds the proximal term mu/2 * ||params - start||^2 to the loss (FedProx): the
@@ -149,12 +162,17 @@ class OnnxTrainer:
 def save_checkpoint(path: Path, state: dict, extra: dict) -> None:
     """Atomically write optimizer state + params (safetensors, no pickle)."""
     import json
+
     tensors = {}
     for group in ("params", "m", "v"):
         for k, a in state[group].items():
             tensors[f"{group}/{k}"] = a
-    meta = {"step": str(state["step"]), "losses": json.dumps(state["losses"]), "used": json.dumps(state["used"]),
-            "extra": json.dumps(extra)}
+    meta = {
+        "step": str(state["step"]),
+        "losses": json.dumps(state["losses"]),
+        "used": json.dumps(state["used"]),
+        "extra": json.dumps(extra),
+    }
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_bytes(encode_tensors(tensors, meta))
     tmp.replace(path)
@@ -163,10 +181,17 @@ def save_checkpoint(path: Path, state: dict, extra: dict) -> None:
 def load_checkpoint(path: Path) -> tuple[dict, dict] | None:
     """Read a checkpoint; None if missing or unreadable (a torn write is discarded, never trusted)."""
     import json
+
     try:
         tensors, meta = decode_tensors(Path(path).read_bytes())
-        state = {"params": {}, "m": {}, "v": {}, "step": int(meta["step"]), "losses": json.loads(meta["losses"]),
-                 "used": json.loads(meta["used"])}
+        state = {
+            "params": {},
+            "m": {},
+            "v": {},
+            "step": int(meta["step"]),
+            "losses": json.loads(meta["losses"]),
+            "used": json.loads(meta["used"]),
+        }
         for k, a in tensors.items():
             group, name = k.split("/", 1)
             state[group][name] = a

@@ -6,6 +6,7 @@ swap in an in-memory fake, while integration tests run it against a real Mosquit
 Broker URL: ``mqtt://[user:password@]host[:port]`` or ``mqtts://...`` with optional query parameters
 ``ca=PATH``, ``cert=PATH``, ``key=PATH``, ``insecure=1`` (skip hostname check, tests only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,9 +47,17 @@ class BrokerAddress:
             port = u.port or (8883 if tls else 1883)
         except ValueError:
             raise ConfigError(f"broker URL {redact(url)!r} has a bad port") from None
-        return cls(u.hostname, port, tls, urllib.parse.unquote(u.username) if u.username else None,
-                   urllib.parse.unquote(u.password) if u.password else None, q.get("ca"), q.get("cert"), q.get("key"),
-                   q.get("insecure") in ("1", "true"))
+        return cls(
+            u.hostname,
+            port,
+            tls,
+            urllib.parse.unquote(u.username) if u.username else None,
+            urllib.parse.unquote(u.password) if u.password else None,
+            q.get("ca"),
+            q.get("cert"),
+            q.get("key"),
+            q.get("insecure") in ("1", "true"),
+        )
 
 
 def redact(url: str | None) -> str | None:
@@ -68,6 +77,7 @@ def redact(url: str | None) -> str | None:
 def is_loopback(host: str) -> bool:
     """Whether a broker host name stays on this machine."""
     import ipaddress
+
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
         return True
     try:
@@ -106,8 +116,10 @@ def require_secure_broker(url: str | None, allow_insecure: bool, who: str, missi
         return
     what = f"{who}: broker {redact(url)} is beyond loopback with " + "; ".join(reasons)
     if not allow_insecure:
-        raise ConfigError(f"{what}. Provision the fleet (`edgefm-coordinator provision`, docs/security.md) and use the "
-                          f"configs it writes, or pass --insecure (insecure = true) to accept this on a network you trust")
+        raise ConfigError(
+            f"{what}. Provision the fleet (`edgefm-coordinator provision`, docs/security.md) and use the "
+            f"configs it writes, or pass --insecure (insecure = true) to accept this on a network you trust"
+        )
     log.warning("%s (allowed by --insecure)", what)
 
 
@@ -135,10 +147,20 @@ class Link(Protocol):
 class MqttLink:
     """A paho client with a persistent session that resubscribes and calls back on every (re)connect."""
 
-    def __init__(self, url: str, client_id: str, *, on_message: MessageHandler | None = None,
-                 on_connect: Callable[[], None] | None = None, on_published: Callable[[int], None] | None = None,
-                 will: tuple[str, bytes, int, bool] | None = None, clean_start: bool = False,
-                 session_expiry_s: int = 7 * 24 * 3600, keepalive: int = 15, manual_ack: bool = False):
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        on_message: MessageHandler | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_published: Callable[[int], None] | None = None,
+        will: tuple[str, bytes, int, bool] | None = None,
+        clean_start: bool = False,
+        session_expiry_s: int = 7 * 24 * 3600,
+        keepalive: int = 15,
+        manual_ack: bool = False,
+    ):
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
         from paho.mqtt.packettypes import PacketTypes
@@ -149,8 +171,13 @@ class MqttLink:
         # manual_ack: the PUBACK for a QoS 1 message is sent only when the handler calls ack(),
         # so a consumer can persist on another thread and still acknowledge only what is durable.
         self.manual_ack = manual_ack
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=mqtt.MQTTv5, reconnect_on_failure=True, manual_ack=manual_ack)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+            reconnect_on_failure=True,
+            manual_ack=manual_ack,
+        )
         self.client.max_inflight_messages_set(50)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -172,7 +199,7 @@ class MqttLink:
         self._subs: dict[str, int] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
-        self.disconnects = 0          # connections lost since start (a missed keep-alive shows up here)
+        self.disconnects = 0  # connections lost since start (a missed keep-alive shows up here)
         self.last_error: str | None = None
         self._on_message, self._on_connect, self._on_published = on_message, on_connect, on_published
         self.client.on_connect = self._handle_connect
@@ -224,8 +251,9 @@ class MqttLink:
     # -- API --
     def start(self) -> "MqttLink":
         """Connect in the background; reconnects forever. Returns at once (see ``connected``)."""
-        self.client.connect_async(self.addr.host, self.addr.port, keepalive=self._keepalive,
-                                  clean_start=self._clean_start, properties=self._props)
+        self.client.connect_async(
+            self.addr.host, self.addr.port, keepalive=self._keepalive, clean_start=self._clean_start, properties=self._props
+        )
         self.client.loop_start()
         return self
 

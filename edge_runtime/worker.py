@@ -6,6 +6,7 @@ put and wake; nothing here computes.
 - a round announcement: kept until it is due (edge_runtime/policy.py:round_action);
 - training asked for by hand: a flag (``train_now``) or a future per waiting request (``train_and_wait``).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -97,12 +98,25 @@ class Worker:
     then a session (``train(forced, round_msg)``) when a round is due (``round_due``), one was asked for,
     or ``auto_train``; ``housekeeping()`` runs at most every ``housekeeping_s``."""
 
-    def __init__(self, queue: WorkQueue, *, consider_global: Callable[[GlobalPointer, bytes], None],
-                 train: Callable[[bool, RoundAnnouncement | None], dict] | None,
-                 round_due: Callable[[RoundAnnouncement], RoundAction], auto_train: bool,
-                 housekeeping: Callable[[], None], on_event: Callable[..., None], housekeeping_s: float = 3600):
+    def __init__(
+        self,
+        queue: WorkQueue,
+        *,
+        consider_global: Callable[[GlobalPointer, bytes], None],
+        train: Callable[[bool, RoundAnnouncement | None], dict] | None,
+        round_due: Callable[[RoundAnnouncement], RoundAction],
+        auto_train: bool,
+        housekeeping: Callable[[], None],
+        on_event: Callable[..., None],
+        housekeeping_s: float = 3600,
+    ):
         self.queue, self.consider_global, self.train, self.round_due = queue, consider_global, train, round_due
-        self.auto_train, self.housekeeping, self.on_event, self.housekeeping_s = auto_train, housekeeping, on_event, housekeeping_s
+        self.auto_train, self.housekeeping, self.on_event, self.housekeeping_s = (
+            auto_train,
+            housekeeping,
+            on_event,
+            housekeeping_s,
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Until ``stop``: wait for work (at most a second), do it; answers waiting requests at the end."""

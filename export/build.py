@@ -3,6 +3,7 @@
 Written to a temporary directory beside the output and renamed at the end, so a failure never leaves
 a half-written bundle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -63,7 +64,7 @@ class BuildOptions:
     verify: bool = True
     archive: bool = False
     seed: int = 0
-    torch_inference_graph: bool = False     # decoders: torch.onnx export instead of the fused-operator builder
+    torch_inference_graph: bool = False  # decoders: torch.onnx export instead of the fused-operator builder
 
     def __post_init__(self):
         if self.task not in ("causal-lm", "classification", "embedding"):
@@ -80,18 +81,30 @@ class BuildOptions:
             raise ExportError(f"LoRA targets {bad} do not exist for {self.task}; choose from {list(allowed)}")
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_shapes=None, optimize: bool = True,
-            external: bool = False):
+def _export(
+    module, args, path: Path, input_names, output_names, dynamic_shapes=None, optimize: bool = True, external: bool = False
+):
     """torch.onnx (dynamo) export. ``optimize=False`` skips onnxscript's rewrite passes: on a training
     graph of ~10k nodes they take ~70% of the export time (minutes) for what onnxruntime's own
     optimizer does again at load. ``external``: weights to ``<file>.data`` (graphs over 2 GB)."""
     import torch
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(args), str(path), input_names=input_names, output_names=output_names,
-                          dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=OPSET, external_data=external,
-                          verbose=False, optimize=optimize)
+        torch.onnx.export(
+            module,
+            tuple(args),
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            external_data=external,
+            verbose=False,
+            optimize=optimize,
+        )
 
 
 def simplify_offline(path: Path) -> None:
@@ -101,6 +114,7 @@ def simplify_offline(path: Path) -> None:
     ~11k after this."""
     import onnxruntime as ort
     from export.quantize import fold_initializer_transposes
+
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
@@ -134,6 +148,7 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
     """Inference graph with KV cache (dynamic batch/seq/past) and the training graph (fixed batch/seq)."""
     import torch
     from torch.export import Dim
+
     L, kvh, hd = graph.n_layers, graph.n_kv, graph.head_dim
     dims = graph.module_dims()
     loras = []
@@ -148,22 +163,34 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
     past = [torch.zeros(b, kvh, p, hd) for _ in range(2 * L)]
     past_names = [f"past.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
     B, S, P, T = Dim("batch"), Dim("seq"), Dim("past"), Dim("total")
-    io: dict[str, Any] = {"inputs": ["input_ids", "attention_mask", "position_ids"] + past_names + lora_input_names(opts.lora_targets),
-          "outputs": ["logits"] + [n.replace("past.", "present.") for n in past_names]}
+    io: dict[str, Any] = {
+        "inputs": ["input_ids", "attention_mask", "position_ids"] + past_names + lora_input_names(opts.lora_targets),
+        "outputs": ["logits"] + [n.replace("past.", "present.") for n in past_names],
+    }
     why_not = None if opts.torch_inference_graph else unsupported(graph)
     if why_not is None and not opts.torch_inference_graph:
-        log(f"writing inference graph with fused attention ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})")
+        log(
+            f"writing inference graph with fused attention ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
+        )
         slots = build_llama_onnx(graph, tmp / "model.fp32.onnx", list(opts.lora_targets), OPSET)
-        io["kv_cache"] = KvCache.SHARED   # GroupQueryAttention appends in place when past and present are one buffer
+        io["kv_cache"] = KvCache.SHARED  # GroupQueryAttention appends in place when past and present are one buffer
         io["lora_layout"] = LoraLayout.LOWRANK  # per-layer low-rank inputs, packed once per adapter (edge_runtime.lowrank)
         io["lowrank"] = slots
-        io["inputs"] = io["inputs"][:3 + 2 * L] + [n for sl in slots for n in (sl["L"], sl["R"])]
+        io["inputs"] = io["inputs"][: 3 + 2 * L] + [n for sl in slots for n in (sl["L"], sl["R"])]
     else:
-        log(f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
-            + (f"; the fused builder does not cover {why_not}" if why_not else ""))
-        _export(graph, (ids, mask, pos, *past, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
-                ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))),
-                external=external)
+        log(
+            f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
+            + (f"; the fused builder does not cover {why_not}" if why_not else "")
+        )
+        _export(
+            graph,
+            (ids, mask, pos, *past, *loras),
+            tmp / "model.fp32.onnx",
+            io["inputs"],
+            io["outputs"],
+            ({0: B, 1: S}, {0: B, 1: T}, {0: B, 1: S}, tuple([{0: B, 2: P}] * (2 * L) + [None] * len(loras))),
+            external=external,
+        )
     log(f"inference graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training:
         log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_batch} x seq {opts.train_seq})")
@@ -188,8 +215,8 @@ def _fused_head_nll():
             for s0 in range(0, h.shape[1], chunk):
                 # 2-D matmuls against the constant head: exported as MatMul(x, const) (quantizable, no
                 # [b, hidden, vocab] Expand of the weight, which cost 900 MB at batch 8)
-                hc = h[:, s0:s0 + chunk].reshape(-1, hidden)
-                tc, wc = targets[:, s0:s0 + chunk].reshape(-1), weights[:, s0:s0 + chunk].reshape(-1)
+                hc = h[:, s0 : s0 + chunk].reshape(-1, hidden)
+                tc, wc = targets[:, s0 : s0 + chunk].reshape(-1), weights[:, s0 : s0 + chunk].reshape(-1)
                 logits = hc @ w_t
                 lse = torch.logsumexp(logits, dim=-1)
                 tgt = torch.gather(logits, -1, tc[:, None])[:, 0]
@@ -217,6 +244,7 @@ def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: in
     per-layer activation recomputation); the plain
     form is the autograd reference the exported gradients are checked against."""
     import torch
+
     fused_fn = _fused_head_nll() if fused else None
 
     def loss_fn(lora, input_ids, attention_mask, loss_mask):
@@ -230,6 +258,7 @@ def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: in
         logp = torch.log_softmax(h[:, :-1] @ graph.head_wT, dim=-1)
         nll = -torch.gather(logp, -1, input_ids[:, 1:, None])[..., 0]
         return (nll * w).sum() / w.sum().clamp(min=1.0)
+
     return loss_fn
 
 
@@ -242,14 +271,19 @@ def classification_loss(graph: BertGraph, targets):
         logits = graph.head(graph.encode(input_ids, attention_mask, loras), attention_mask)
         logp = torch.log_softmax(logits, dim=-1)
         return -torch.gather(logp, -1, labels[:, None]).mean()
+
     return loss_fn
 
 
 def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log, *, external: bool = False) -> None:
     import torch
     from torch.fx.experimental.proxy_tensor import make_fx
-    loss_fn = (causal_lm_loss(graph, opts.lora_targets, fused=True) if opts.task == "causal-lm"
-               else classification_loss(graph, opts.lora_targets))
+
+    loss_fn = (
+        causal_lm_loss(graph, opts.lora_targets, fused=True)
+        if opts.task == "causal-lm"
+        else classification_loss(graph, opts.lora_targets)
+    )
 
     def step(input_ids, attention_mask, third, *lora):
         grads, loss = torch.func.grad_and_value(loss_fn)(tuple(lora), input_ids, attention_mask, third)
@@ -272,9 +306,15 @@ def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log, *, external:
 
     names = lora_input_names(opts.lora_targets)
     third_name = "loss_mask" if opts.task == "causal-lm" else "labels"
-    _export(Step(gm), (ids, am, third, *lora_rand), tmp / "train.fp32.onnx",
-            ["input_ids", "attention_mask", third_name] + names, ["loss"] + [f"grad.{n}" for n in names], optimize=False,
-            external=external)
+    _export(
+        Step(gm),
+        (ids, am, third, *lora_rand),
+        tmp / "train.fp32.onnx",
+        ["input_ids", "attention_mask", third_name] + names,
+        ["loss"] + [f"grad.{n}" for n in names],
+        optimize=False,
+        external=external,
+    )
     simplify_offline(tmp / "train.fp32.onnx")
     log(f"training graph: {mb(tmp / 'train.fp32.onnx')}")
 
@@ -283,6 +323,7 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, externa
     """Encoder graph (dynamic batch/seq) and, for classification, the training graph."""
     import torch
     from torch.export import Dim
+
     L = len(graph.bert.encoder.layer)
     dims = graph.module_dims()
     loras = []
@@ -295,8 +336,15 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, externa
     io = {"inputs": ["input_ids", "attention_mask"] + lora_input_names(opts.lora_targets), "outputs": [out]}
     B, S = Dim("batch"), Dim("seq")
     log(f"exporting {opts.task} graph ({L} layers)")
-    _export(graph, (ids, mask, *loras), tmp / "model.fp32.onnx", io["inputs"], io["outputs"],
-            ({0: B, 1: S}, {0: B, 1: S}, tuple({} for _ in loras)), external=external)
+    _export(
+        graph,
+        (ids, mask, *loras),
+        tmp / "model.fp32.onnx",
+        io["inputs"],
+        io["outputs"],
+        ({0: B, 1: S}, {0: B, 1: S}, tuple({} for _ in loras)),
+        external=external,
+    )
     log(f"encoder graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training and opts.task == "classification":
         _export_train(graph, tmp, opts, loras, log, external=external)
@@ -306,6 +354,7 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, externa
 def add_lora_defaults(path: Path, shapes: dict[str, list[int]]) -> None:
     """Give each LoRA input a zero initializer of the same name: not feeding it serves the base model."""
     from onnx import numpy_helper
+
     model = onnxfile.load(path)
     have = {i.name for i in model.graph.initializer}
     for name, shape in shapes.items():
@@ -321,6 +370,7 @@ def finish_lowrank(model_path: Path, slots: list[dict], rank: int, out_dir: Path
     from onnx import numpy_helper
     from safetensors.numpy import save_file
     from edge_runtime.lowrank import BASE_FILE
+
     model = onnxfile.load(model_path)
     inits = {i.name: i for i in model.graph.initializer}
     base, out = {}, []
@@ -356,6 +406,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
     import torch
 
     from export.source import load_model, normalized_dims, weights_hash
+
     log = log or Progress()
     out = Path(out)
     if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
@@ -373,13 +424,20 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         fp32_bytes = 4 * (nparams + (hf.get_input_embeddings().weight.numel() if tied else 0))  # + the head's own copy
         external = fp32_bytes > onnxfile.EXTERNAL_DATA_BYTES
         if external:
-            log(f"fp32 graphs of {fp32_bytes / 1e9:.1f} GB pass protobuf's 2 GB limit: their weights go to <graph>.onnx.data "
-                f"files (graphs that quantization brings under the limit are single files again)")
+            log(
+                f"fp32 graphs of {fp32_bytes / 1e9:.1f} GB pass protobuf's 2 GB limit: their weights go to <graph>.onnx.data "
+                f"files (graphs that quantization brings under the limit are single files again)"
+            )
         spec = LoraSpec(tuple(opts.lora_targets), opts.lora_rank, opts.lora_alpha)
         with torch.no_grad():
-            graph: LlamaGraph | BertGraph = LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()
-        io = (export_llama(graph, tmp, opts, log, external=external) if isinstance(graph, LlamaGraph)
-              else export_bert(graph, tmp, opts, log, external=external))
+            graph: LlamaGraph | BertGraph = (
+                LlamaGraph(hf, spec).eval() if family == "llama" else BertGraph(hf, spec, opts.task).eval()
+            )
+        io = (
+            export_llama(graph, tmp, opts, log, external=external)
+            if isinstance(graph, LlamaGraph)
+            else export_bert(graph, tmp, opts, log, external=external)
+        )
         module_dims = graph.module_dims()
         layers = int(dims["layers"])
         stacked_shapes = {}
@@ -394,8 +452,14 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             if not src_g.exists():
                 continue
             t = time.time()
-            applied[g] = quantize_graph(src_g, tmp / f"{g}.onnx", opts.quant, module_shapes=module_dims,
-                                        head_output=head_out if g == "model" else None, training=g == "train")
+            applied[g] = quantize_graph(
+                src_g,
+                tmp / f"{g}.onnx",
+                opts.quant,
+                module_shapes=module_dims,
+                head_output=head_out if g == "model" else None,
+                training=g == "train",
+            )
             if g == "model" and io.get("lora_layout") is LoraLayout.LOWRANK:
                 io["lowrank"] = finish_lowrank(tmp / "model.onnx", io["lowrank"], opts.lora_rank, tmp)
             elif g == "model":
@@ -404,6 +468,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             onnxfile.remove(src_g)
         # tokenizer
         from transformers import AutoTokenizer
+
         tok = AutoTokenizer.from_pretrained(src)
         tok.save_pretrained(tmp / "tokenizer")
         if not (tmp / "tokenizer" / "tokenizer.json").is_file():
@@ -413,32 +478,49 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         # fingerprints and adapter
         recipe = dataclasses.asdict(opts.quant)
         recipe["applied"] = applied
-        base_fp = hashlib.sha256(json.dumps({"weights": weights_hash(hf), "task": opts.task, "family": family},
-                                            sort_keys=True).encode()).hexdigest()
+        base_fp = hashlib.sha256(
+            json.dumps({"weights": weights_hash(hf), "task": opts.task, "family": family}, sort_keys=True).encode()
+        ).hexdigest()
         adapter = initial_adapter(module_dims, opts.lora_targets, layers, opts.lora_rank, opts.seed)
-        meta = AdapterMeta(base_fingerprint=base_fp, target_modules=list(opts.lora_targets), rank=opts.lora_rank,
-                           alpha=opts.lora_alpha, shapes={k: list(v.shape) for k, v in adapter.items()}, version=0)
+        meta = AdapterMeta(
+            base_fingerprint=base_fp,
+            target_modules=list(opts.lora_targets),
+            rank=opts.lora_rank,
+            alpha=opts.lora_alpha,
+            shapes={k: list(v.shape) for k, v in adapter.items()},
+            version=0,
+        )
         save_adapter(tmp / "adapter.safetensors", adapter, meta)
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         import onnxruntime
-        versions = {"edgefm": "0.1.0", "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__}
+
+        versions = {"edgefm": "0.1.0", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
         for mod in ("transformers", "onnx", "optimum"):
             try:
                 versions[mod] = __import__(mod).__version__
             except (ImportError, AttributeError):
                 pass
         manifest = Manifest(
-            task=opts.task, architecture=family, model=dims, quant=QuantSpec(**{**recipe, "sensitive_8bit": list(recipe["sensitive_8bit"])}),
+            task=opts.task,
+            architecture=family,
+            model=dims,
+            quant=QuantSpec(**{**recipe, "sensitive_8bit": list(recipe["sensitive_8bit"])}),
             adapter=AdapterSpec(opts.lora_rank, opts.lora_alpha, list(opts.lora_targets), meta.shapes, stacked_shapes),
-            files=hash_files(tmp, files), base_fingerprint=base_fp, io=IoSpec(**io),
-            training=TrainingSpec(graph="train.onnx" if (tmp / "train.onnx").exists() else None, batch=opts.train_batch,
-                                  seq=opts.train_seq),
-            versions=versions, opset=OPSET, source=str(model),
-            recipe_fingerprint=hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest())
+            files=hash_files(tmp, files),
+            base_fingerprint=base_fp,
+            io=IoSpec(**io),
+            training=TrainingSpec(
+                graph="train.onnx" if (tmp / "train.onnx").exists() else None, batch=opts.train_batch, seq=opts.train_seq
+            ),
+            versions=versions,
+            opset=OPSET,
+            source=str(model),
+            recipe_fingerprint=hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest(),
+        )
         manifest.save(tmp)
         if opts.verify:
             from export.verify import verify_against_source
+
             manifest.checks = verify_against_source(tmp, hf, graph, opts, log)
             manifest.save(tmp)
         if out.is_dir():

@@ -8,6 +8,7 @@ key/values), a constant pre-transposed LM head that quantizers can see, and no c
 LoRA inputs are stacked per target module: ``lora_A.<module>`` ``[layers, rank, in]`` and
 ``lora_B.<module>`` ``[layers, out, rank]``; the adapter contract's per-layer names map onto them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,12 @@ from torch import nn
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
-SUPPORTED = {"llama": "Llama, SmolLM2, Mistral-style (LlamaForCausalLM)", "qwen2": "Qwen2 (Qwen2ForCausalLM)",
-             "qwen3": "Qwen3 (Qwen3ForCausalLM)", "bert": "BERT, MiniLM (BertModel / BertForSequenceClassification)"}
+SUPPORTED = {
+    "llama": "Llama, SmolLM2, Mistral-style (LlamaForCausalLM)",
+    "qwen2": "Qwen2 (Qwen2ForCausalLM)",
+    "qwen3": "Qwen3 (Qwen3ForCausalLM)",
+    "bert": "BERT, MiniLM (BertModel / BertForSequenceClassification)",
+}
 
 
 @dataclasses.dataclass
@@ -106,9 +111,15 @@ class LlamaGraph(nn.Module):
     def module_dims(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each LoRA-able module."""
         l0 = self.layers[0]
-        mods = {"q_proj": l0.self_attn.q_proj, "k_proj": l0.self_attn.k_proj, "v_proj": l0.self_attn.v_proj,
-                "o_proj": l0.self_attn.o_proj, "gate_proj": l0.mlp.gate_proj, "up_proj": l0.mlp.up_proj,
-                "down_proj": l0.mlp.down_proj}
+        mods = {
+            "q_proj": l0.self_attn.q_proj,
+            "k_proj": l0.self_attn.k_proj,
+            "v_proj": l0.self_attn.v_proj,
+            "o_proj": l0.self_attn.o_proj,
+            "gate_proj": l0.mlp.gate_proj,
+            "up_proj": l0.mlp.up_proj,
+            "down_proj": l0.mlp.down_proj,
+        }
         return {k: (m.in_features, m.out_features) for k, m in mods.items()}
 
     def _rms(self, x, w):
@@ -130,7 +141,7 @@ class LlamaGraph(nn.Module):
         x = F.embedding(input_ids, self.embed)
         freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq  # [b, s, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[:, None], emb.sin()[:, None]                 # [b, 1, s, hd]
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]  # [b, 1, s, hd]
         total = attention_mask.shape[1]
         past_len = total - seq
         # causal + padding mask as an additive bias [b, 1, s, total]
@@ -143,8 +154,15 @@ class LlamaGraph(nn.Module):
             if recompute:
                 x = _recomputed_layer(self, i, x, cos, sin, bias, loras)
                 continue
-            x, k, v = self.layer(i, x, cos, sin, bias, None if past is None else (past[2 * i], past[2 * i + 1]),
-                                 {t: (A[i], B[i]) for t, (A, B) in loras.items()})
+            x, k, v = self.layer(
+                i,
+                x,
+                cos,
+                sin,
+                bias,
+                None if past is None else (past[2 * i], past[2 * i + 1]),
+                {t: (A[i], B[i]) for t, (A, B) in loras.items()},
+            )
             presents += [k, v]
         return self._rms(x, self.norm_w), presents
 
@@ -204,8 +222,14 @@ class BertGraph(nn.Module):
         self.n_heads = self.bert.config.num_attention_heads
 
     def _target_modules(self, layer):
-        return {"query": layer.attention.self.query, "key": layer.attention.self.key, "value": layer.attention.self.value,
-                "attn_out": layer.attention.output.dense, "ffn_in": layer.intermediate.dense, "ffn_out": layer.output.dense}
+        return {
+            "query": layer.attention.self.query,
+            "key": layer.attention.self.key,
+            "value": layer.attention.self.value,
+            "attn_out": layer.attention.output.dense,
+            "ffn_in": layer.intermediate.dense,
+            "ffn_out": layer.output.dense,
+        }
 
     def module_dims(self) -> dict[str, tuple[int, int]]:
         return {k: (m.in_features, m.out_features) for k, m in self._target_modules(self.bert.encoder.layer[0]).items()}
@@ -262,7 +286,11 @@ def hf_module(hf_model, family: str, layer: int, target: str):
         return getattr(lyr.self_attn, target) if target in ("q_proj", "k_proj", "v_proj", "o_proj") else getattr(lyr.mlp, target)
     bert = hf_model.bert if hasattr(hf_model, "bert") else hf_model
     lyr = bert.encoder.layer[layer]
-    return {"query": lyr.attention.self.query, "key": lyr.attention.self.key, "value": lyr.attention.self.value,
-            "attn_out": lyr.attention.output.dense, "ffn_in": lyr.intermediate.dense, "ffn_out": lyr.output.dense}[target]
-
-
+    return {
+        "query": lyr.attention.self.query,
+        "key": lyr.attention.self.key,
+        "value": lyr.attention.self.value,
+        "attn_out": lyr.attention.output.dense,
+        "ffn_in": lyr.intermediate.dense,
+        "ffn_out": lyr.output.dense,
+    }[target]

@@ -1,4 +1,5 @@
 """Adapter interop: our adapter <-> PEFT (adapter_config.json + adapter_model.safetensors) and ORT .onnx_adapter."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,13 @@ from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
 from edge_runtime.protocol.peft import adapter_from_peft, adapter_to_peft
 
+
 def base_model_path(source: str) -> str:
     """What PEFT's ``base_model_name_or_path`` must say for ``AutoPeftModel*.from_pretrained(dir)`` to find
     the base model: the local transformers checkpoint the bundle was exported from (a packaged model
     or a GGUF file resolves to its cached conversion), else the hub id as given."""
     from export.source import resolve
+
     try:
         return str(Path(resolve(source, log=lambda *_: None)).resolve()) if not _is_hub_id(source) else source
     except ExportError:
@@ -65,6 +68,7 @@ def to_onnx_adapter(adapter_path: Path, bundle: Path, out_path: Path) -> Path:
     import onnxruntime as ort
     from edge_runtime.engine import stack_adapter
     from edge_runtime.lowrank import LowRankLayout
+
     m = Manifest.load(bundle)
     tensors, meta = load_adapter(adapter_path, expect_fingerprint=m.base_fingerprint)
     layout = LowRankLayout.from_bundle(Path(bundle), m)

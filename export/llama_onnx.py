@@ -15,6 +15,7 @@ sequences, which is what the engine feeds).
 Limits (the builder says so and the torch path is used instead): Qwen3's per-head q/k norms, rotary
 scaling other than plain RoPE, attention biases other than q/k/v.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -101,8 +102,17 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
         const(rn, np.zeros((r * len(tg), c), np.float32))
         lowrank_inputs.append(helper.make_tensor_value_info(ln, TensorProto.FLOAT, [k_in, r * len(tg)]))
         lowrank_inputs.append(helper.make_tensor_value_info(rn, TensorProto.FLOAT, [r * len(tg), c]))
-        slots.append({"layer": i, "L": ln, "R": rn, "in": k_in, "out": c, "prefix": 0,
-                      "targets": [[m, cols[m], modules[m].out_features] for m in tg]})
+        slots.append(
+            {
+                "layer": i,
+                "L": ln,
+                "R": rn,
+                "in": k_in,
+                "out": c,
+                "prefix": 0,
+                "targets": [[m, cols[m], modules[m].out_features] for m in tg],
+            }
+        )
         # FusedMatMul, not MatMul: weight quantizers must leave these (graph inputs with defaults) alone
         u = node("FusedMatMul", [inp, ln], [f"{tag}.lr_u"], f"{tag}.lr_u", domain=MS, alpha=1.0)
         return node("FusedMatMul", [u, rn], [f"{tag}.lr_d"], f"{tag}.lr_d", domain=MS, alpha=1.0)
@@ -116,8 +126,14 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
         tag = f"{prefix}.{'+'.join(names)}"
         y = node("MatMul", [inp, const(f"{tag}.weight.T", w)], [f"{tag}.mm"], f"{tag}.mm")
         if any(getattr(modules[m], "bias", None) is not None for m in names):
-            bias = np.concatenate([t(modules[m].bias) if getattr(modules[m], "bias", None) is not None
-                                   else np.zeros(modules[m].out_features, np.float32) for m in names])
+            bias = np.concatenate(
+                [
+                    t(modules[m].bias)
+                    if getattr(modules[m], "bias", None) is not None
+                    else np.zeros(modules[m].out_features, np.float32)
+                    for m in names
+                ]
+            )
             y = node("Add", [y, const(f"{tag}.bias", bias)], [f"{tag}.b"], f"{tag}.bias")
         d = lowrank(tag, names, modules, i, inp)
         if d is not None:
@@ -136,28 +152,66 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
         if delta is None:
             h = node("SimplifiedLayerNormalization", [residual, w_in], [f"{p}.h_attn"], f"{p}.norm_in", axis=-1, epsilon=eps)
         else:
-            h, residual = node("SkipSimplifiedLayerNormalization", [residual, delta, w_in],
-                               [f"{p}.h_attn", "", "", f"{p}.resid_in"], f"{p}.norm_in", domain=MS, epsilon=eps)
+            h, residual = node(
+                "SkipSimplifiedLayerNormalization",
+                [residual, delta, w_in],
+                [f"{p}.h_attn", "", "", f"{p}.resid_in"],
+                f"{p}.norm_in",
+                domain=MS,
+                epsilon=eps,
+            )
         (qkv,) = linears(p, h, {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}, i, split=False)
-        a = node("GroupQueryAttention", [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_len",
-                                         "cos_cache", "sin_cache"],  # packed q/k/v: no Split
-                 [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"], f"{p}.gqa", domain=MS,
-                 num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0, scale=float(1.0 / np.sqrt(hd)))[0]
+        a = node(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                f"past.{i}.key",
+                f"past.{i}.value",
+                "seqlens_k",
+                "total_len",
+                "cos_cache",
+                "sin_cache",
+            ],  # packed q/k/v: no Split
+            [f"{p}.attn", f"present.{i}.key", f"present.{i}.value"],
+            f"{p}.gqa",
+            domain=MS,
+            num_heads=nh,
+            kv_num_heads=nkv,
+            do_rotary=1,
+            rotary_interleaved=0,
+            scale=float(1.0 / np.sqrt(hd)),
+        )[0]
         (o,) = linears(p, a, {"o_proj": attn.o_proj}, i)
         w_post = const(f"{p}.post_attention_layernorm.weight", t(layer.post_attention_layernorm.weight))
-        h2, residual = node("SkipSimplifiedLayerNormalization", [residual, o, w_post],
-                            [f"{p}.h_mlp", "", "", f"{p}.resid_mlp"], f"{p}.norm_post", domain=MS, epsilon=eps)
+        h2, residual = node(
+            "SkipSimplifiedLayerNormalization",
+            [residual, o, w_post],
+            [f"{p}.h_mlp", "", "", f"{p}.resid_mlp"],
+            f"{p}.norm_post",
+            domain=MS,
+            epsilon=eps,
+        )
         g, u = linears(p, h2, {"gate_proj": mlp.gate_proj, "up_proj": mlp.up_proj}, i)
         sg = node("Sigmoid", [g], [f"{p}.sig"], f"{p}.sig")
         act = node("Mul", [node("Mul", [g, sg], [f"{p}.silu"], f"{p}.silu"), u], [f"{p}.act"], f"{p}.act")
         (delta,) = linears(p, act, {"down_proj": mlp.down_proj}, i)
-    hf = node("SkipSimplifiedLayerNormalization", [residual, delta, const("norm.weight", t(graph.norm_w))],
-              ["final_norm"], "final_norm", domain=MS, epsilon=eps)
+    hf = node(
+        "SkipSimplifiedLayerNormalization",
+        [residual, delta, const("norm.weight", t(graph.norm_w))],
+        ["final_norm"],
+        "final_norm",
+        domain=MS,
+        epsilon=eps,
+    )
     node("MatMul", [hf, const("lm_head.weight.T", t(graph.head_wT))], ["logits"], "lm_head")
 
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-              helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+    ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
     for i in range(L):
         for kv in ("key", "value"):
@@ -165,8 +219,10 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, ["batch", nkv, "total", hd]))
     inputs += lowrank_inputs
     g = helper.make_graph(nodes, "edgefm_llama", inputs, outputs, inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
-                              producer_name="edgefm", ir_version=9)
+    model = helper.make_model(
+        g, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)], producer_name="edgefm", ir_version=9
+    )
     from export import onnxfile
-    onnxfile.save(model, path)   # external data beside it when the weights pass protobuf's limit
+
+    onnxfile.save(model, path)  # external data beside it when the weights pass protobuf's limit
     return slots

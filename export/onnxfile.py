@@ -3,6 +3,7 @@
 external-data convention that onnxruntime loads by itself); smaller graphs stay single files.
 Every step of an export that reads or rewrites a graph goes through here, so a stale data file
 never outlives the graph it belonged to."""
+
 from __future__ import annotations
 
 import shutil
@@ -23,6 +24,7 @@ def data_file(path: str | Path) -> Path:
 def tensor_bytes(model) -> int:
     """Bytes of the initializers held in ``model`` (external ones count as 0)."""
     from onnx import helper
+
     total = 0
     for t in model.graph.initializer:
         if t.raw_data:
@@ -35,6 +37,7 @@ def tensor_bytes(model) -> int:
 def load(path: str | Path, *, with_data: bool = True):
     """The model at ``path``, with its external tensors read in unless ``with_data`` is False."""
     import onnx
+
     return onnx.load(str(path), load_external_data=with_data)
 
 
@@ -43,14 +46,16 @@ def save(model, path: str | Path, *, external: bool | None = None) -> None:
     one file (or when ``external`` says so). Note that writing external data moves the tensors out of
     the in-memory ``model``: save last."""
     import onnx
+
     path = Path(path)
     data = data_file(path)
     data.unlink(missing_ok=True)
     if external is None:
         external = tensor_bytes(model) > EXTERNAL_DATA_BYTES
     if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024
+        )
     else:
         onnx.save_model(model, str(path))
 

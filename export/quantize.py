@@ -23,6 +23,7 @@ onnxruntime's slow dequantize path on CPU. ``apply_asym_int4`` keeps the fast sy
 (implicit zero point 8) and adds the per-block offset as ``S(x) @ C`` with S(x) the sums of x over
 each block: exact for grid-sourced weights, a better min/max fit than RTN for any other.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,12 +42,14 @@ class QuantRecipe:
     """How the frozen base is stored."""
 
     scheme: Literal["fp32", "int8", "int8-dynamic", "int4", "nf4"] = "int4"
-    block_size: int = 32          # int4 / nf4 block
-    accuracy_level: int = 4       # MatMulNBits compute precision (0 default, 1 fp32, 4 int8)
-    head: Literal["quant", "int8", "fp32"] = "int8"   # the (tied) LM head: the scheme, 8-bit weight-only, or fp32
-    algo: Literal["asym", "hqq", "rtn"] = "asym"      # int4: asym (min/max grid on the fast kernel), rtn (symmetric), hqq (slow on CPU)
-    sensitive_8bit: tuple[str, ...] = ()              # int4/nf4: modules kept in 8-bit weight-only (e.g. down_proj)
-    train_base: Literal["same", "int8", "fp32"] = "int8"   # frozen base inside train.onnx (8-bit keeps gradients close)
+    block_size: int = 32  # int4 / nf4 block
+    accuracy_level: int = 4  # MatMulNBits compute precision (0 default, 1 fp32, 4 int8)
+    head: Literal["quant", "int8", "fp32"] = "int8"  # the (tied) LM head: the scheme, 8-bit weight-only, or fp32
+    algo: Literal["asym", "hqq", "rtn"] = (
+        "asym"  # int4: asym (min/max grid on the fast kernel), rtn (symmetric), hqq (slow on CPU)
+    )
+    sensitive_8bit: tuple[str, ...] = ()  # int4/nf4: modules kept in 8-bit weight-only (e.g. down_proj)
+    train_base: Literal["same", "int8", "fp32"] = "int8"  # frozen base inside train.onnx (8-bit keeps gradients close)
 
     def __post_init__(self):
         if self.scheme not in QUANTIZERS:
@@ -100,6 +103,7 @@ def fold_initializer_transposes(model: onnx.ModelProto) -> int:
     quantizers only act on MatMuls whose B is a constant, so without this pass those weights stay
     fp32 next to their quantized copies (the file grew instead of shrinking)."""
     from onnx import numpy_helper
+
     graph_inputs = {i.name for i in model.graph.input}
     total = 0
     while True:
@@ -112,7 +116,9 @@ def fold_initializer_transposes(model: onnx.ModelProto) -> int:
             if src in inits and src not in graph_inputs:
                 arr = numpy_helper.to_array(inits[src])
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-                new_inits.append(numpy_helper.from_array(np.ascontiguousarray(arr.transpose(perm) if perm else arr.T), node.output[0]))
+                new_inits.append(
+                    numpy_helper.from_array(np.ascontiguousarray(arr.transpose(perm) if perm else arr.T), node.output[0])
+                )
                 folded += 1
                 continue
             keep_nodes.append(node)
@@ -130,16 +136,28 @@ def fold_initializer_transposes(model: onnx.ModelProto) -> int:
 def _quiet_ort_quantizers() -> None:
     """onnxruntime's quantizers log one INFO line per node (hundreds); our progress lines say enough."""
     import logging
-    for name in ("onnxruntime.quantization", "onnxruntime.quantization.matmul_nbits_quantizer",
-                 "onnxruntime.quantization.matmul_bnb4_quantizer"):
+
+    for name in (
+        "onnxruntime.quantization",
+        "onnxruntime.quantization.matmul_nbits_quantizer",
+        "onnxruntime.quantization.matmul_bnb4_quantizer",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _nbits(model, bits, recipe, exclude=(), algo=None):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     _quiet_ort_quantizers()
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=bits == 8 or recipe.algo == "rtn",
-                             accuracy_level=recipe.accuracy_level, nodes_to_exclude=list(exclude), algo_config=algo)
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=recipe.block_size,
+        is_symmetric=bits == 8 or recipe.algo == "rtn",
+        accuracy_level=recipe.accuracy_level,
+        nodes_to_exclude=list(exclude),
+        algo_config=algo,
+    )
     q.process()
     return q.model.model
 
@@ -161,11 +179,18 @@ class Int8DynamicQuantizer(Quantizer):
 
     def apply(self, src, dst, recipe, *, head, sensitive):
         from onnxruntime.quantization import QuantType, quantize_dynamic
+
         # MatMul only: quantizing the embedding Gather makes decode slower (dequantize every step).
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=head if recipe.head == "fp32" else [],
-                         use_external_data_format=onnxfile.has_external_data(src),
-                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=head if recipe.head == "fp32" else [],
+            use_external_data_format=onnxfile.has_external_data(src),
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
 
 
 class Int8WeightOnlyQuantizer(Quantizer):
@@ -227,6 +252,7 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     P and C are prepended to L's and R's defaults instead: one matmul pair for offsets and LoRA. Returns
     the names of the new small MatMuls (callers keep them out of later quantization passes)."""
     from onnx import helper, numpy_helper
+
     inits = {i.name: i for i in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
     graph_inputs = {i.name: i for i in model.graph.input}
@@ -243,8 +269,13 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     for node in model.graph.node:
         b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         init = inits.get(b) if b else None
-        if init is None or node.name in exclude or len(init.dims) != 2 or init.dims[0] % block \
-                or init.data_type != onnx.TensorProto.FLOAT:
+        if (
+            init is None
+            or node.name in exclude
+            or len(init.dims) != 2
+            or init.dims[0] % block
+            or init.data_type != onnx.TensorProto.FLOAT
+        ):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(init)
@@ -253,27 +284,53 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or str(b)
         new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
-        group = tag[:-len(".mm")] if tag.endswith(".mm") else None
+        group = tag[: -len(".mm")] if tag.endswith(".mm") else None
         lr_u, lr_d = (by_name.get(f"{group}.lr_u"), by_name.get(f"{group}.lr_d")) if group else (None, None)
         if lr_u is not None and lr_d is not None and lr_u.input[0] == x:
-            nodes.append(helper.make_node("MatMulNBits", [x, f"{b}_Q4a", f"{b}_scales"], [y], name=f"{tag}_Q4a",
-                                          domain="com.microsoft", K=K, N=N, bits=4, block_size=block,
-                                          accuracy_level=accuracy_level))
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [x, f"{b}_Q4a", f"{b}_scales"],
+                    [y],
+                    name=f"{tag}_Q4a",
+                    domain="com.microsoft",
+                    K=K,
+                    N=N,
+                    bits=4,
+                    block_size=block,
+                    accuracy_level=accuracy_level,
+                )
+            )
             _prepend_lowrank(inits, graph_inputs, lr_u.input[1], block_sum_matrix(K, block), axis=1)
             _prepend_lowrank(inits, graph_inputs, lr_d.input[1], np.ascontiguousarray(c.T), axis=0)
             continue
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
-        nodes.append(helper.make_node("MatMulNBits", [x, f"{b}_Q4a", f"{b}_scales"], [f"{y}_q4"], name=f"{tag}_Q4a",
-                                      domain="com.microsoft", K=K, N=N, bits=4, block_size=block, accuracy_level=accuracy_level))
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits",
+                [x, f"{b}_Q4a", f"{b}_scales"],
+                [f"{y}_q4"],
+                name=f"{tag}_Q4a",
+                domain="com.microsoft",
+                K=K,
+                N=N,
+                bits=4,
+                block_size=block,
+                accuracy_level=accuracy_level,
+            )
+        )
         if (x, K) not in sums:
             pname = f"{x}_blocksum{block}"
             if opset >= 15:  # reshape to [..., K/block, block] and sum: no 0/1 matrix to store or read
                 nb = const_i64(f"blocks{K // block}x{block}", [K // block, block])
-                nodes += [helper.make_node("Shape", [x], [f"{pname}_lead"], name=f"{pname}_lead", end=-1),
-                          helper.make_node("Concat", [f"{pname}_lead", nb], [f"{pname}_shape"], name=f"{pname}_shape", axis=0),
-                          helper.make_node("Reshape", [x, f"{pname}_shape"], [f"{pname}_blocks"], name=f"{pname}_blocks"),
-                          helper.make_node("ReduceSum", [f"{pname}_blocks", const_i64("axis_last", [-1])], [pname],
-                                           name=pname, keepdims=0)]
+                nodes += [
+                    helper.make_node("Shape", [x], [f"{pname}_lead"], name=f"{pname}_lead", end=-1),
+                    helper.make_node("Concat", [f"{pname}_lead", nb], [f"{pname}_shape"], name=f"{pname}_shape", axis=0),
+                    helper.make_node("Reshape", [x, f"{pname}_shape"], [f"{pname}_blocks"], name=f"{pname}_blocks"),
+                    helper.make_node(
+                        "ReduceSum", [f"{pname}_blocks", const_i64("axis_last", [-1])], [pname], name=pname, keepdims=0
+                    ),
+                ]
             else:
                 new_inits.append(numpy_helper.from_array(block_sum_matrix(K, block), f"{pname}_P"))
                 nodes.append(helper.make_node("MatMul", [x, f"{pname}_P"], [pname], name=pname))
@@ -304,6 +361,7 @@ def _prepend_lowrank(inits: dict, graph_inputs: dict, name: str, part: np.ndarra
     """Put ``part`` in front of low-rank input ``name``'s default (columns for L, rows for R) and widen
     the declared input shape to match."""
     from onnx import numpy_helper
+
     init, gi = inits.get(name), graph_inputs.get(name)
     if init is None or gi is None:
         raise ExportError(f"low-rank input {name} has no default initializer or is not a graph input")
@@ -319,6 +377,7 @@ class Int4Quantizer(Quantizer):
 
     def apply(self, src, dst, recipe, *, head, sensitive):
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
         model = onnxfile.load(src)
         keep8 = list(sensitive) + (head if recipe.head == "int8" else [])
         keep32 = head if recipe.head == "fp32" else []
@@ -337,6 +396,7 @@ class Nf4Quantizer(Quantizer):
 
     def apply(self, src, dst, recipe, *, head, sensitive):
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+
         model = onnxfile.load(src)
         keep = list(sensitive) + head if recipe.head != "quant" else list(sensitive)
         q = MatMulBnb4Quantizer(model, quant_type=MatMulBnb4Quantizer.NF4, block_size=recipe.block_size, nodes_to_exclude=keep)
@@ -347,12 +407,20 @@ class Nf4Quantizer(Quantizer):
         onnxfile.save(model, dst)
 
 
-QUANTIZERS: dict[str, Quantizer] = {q.name: q for q in (Quantizer(), Int8DynamicQuantizer(), Int4Quantizer(), Nf4Quantizer(),
-                                                        Int8WeightOnlyQuantizer())}
+QUANTIZERS: dict[str, Quantizer] = {
+    q.name: q for q in (Quantizer(), Int8DynamicQuantizer(), Int4Quantizer(), Nf4Quantizer(), Int8WeightOnlyQuantizer())
+}
 
 
-def quantize_graph(src: Path, dst: Path, recipe: QuantRecipe, *, module_shapes: dict[str, tuple[int, int]] | None = None,
-                   head_output: str | None = "logits", training: bool = False) -> str:
+def quantize_graph(
+    src: Path,
+    dst: Path,
+    recipe: QuantRecipe,
+    *,
+    module_shapes: dict[str, tuple[int, int]] | None = None,
+    head_output: str | None = "logits",
+    training: bool = False,
+) -> str:
     """Quantize one graph file per the recipe; returns the scheme actually applied."""
     model = onnx.load(str(src), load_external_data=False)
     head = head_nodes(model, head_output) if head_output else []

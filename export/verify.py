@@ -1,5 +1,6 @@
 """Checks built into the export and runnable later (`edgefm-export verify`): hashes, parity, perplexity,
 greedy agreement, training gradients against torch autograd."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,8 @@ HELD_OUT_TEXT = (
     "the west. Ships passed far out on the horizon, their lights small and steady, and he wrote each one into the "
     "logbook with the time and the direction of the wind. In winter the storms were long and the nights longer, "
     "but the light never failed, and the keeper took a quiet pride in that. When the supply boat came in spring, "
-    "he asked for news of the town, for new books, and for seeds to plant in the small garden behind the house.")
+    "he asked for news of the town, for new books, and for seeds to plant in the small garden behind the house."
+)
 
 # fp32 bundles must match torch: logits to 1e-4 absolute; training-graph gradients to 1e-2 of each
 # tensor's largest gradient. The gradient bound leaves room for float32 summation order through a deep
@@ -37,6 +39,7 @@ def merged(hf, family: str, tensors: dict[str, np.ndarray], targets, layers: int
     """Temporarily add scale * B @ A into the HF model's weights (the reference for adapter parity)."""
     import torch
     from export.graphs import hf_module
+
     deltas = []
     with torch.no_grad():
         for i in range(layers):
@@ -57,6 +60,7 @@ def merged(hf, family: str, tensors: dict[str, np.ndarray], targets, layers: int
 def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
     """Run every check that needs the source model; raise ExportError when an fp32 bound is broken."""
     from edge_runtime.engine import Engine
+
     eng = Engine(bundle, threads=2)
     m = eng.manifest
     checks: dict = {}
@@ -67,6 +71,7 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
     meta = eng.adapter.meta
     active = eng.make_active(adapter, type(meta)(**{**meta.to_json(), "version": 0}))
     import torch
+
     if m.task == "causal-lm":
         ids = eng.encode(HELD_OUT_TEXT)[:24]
         arr = np.array([ids], np.int64)
@@ -75,7 +80,10 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
             ref = hf(input_ids=torch.from_numpy(arr)).logits.numpy()
         diff = float(np.abs(got - ref).max())
         checks["logits_max_abs_diff_with_adapter"] = diff
-        log(f"verify: logits vs torch with a random adapter: max abs diff {diff:.2e}" + (f" (limit {FP32_LOGIT_TOL})" if fp32 else ""))
+        log(
+            f"verify: logits vs torch with a random adapter: max abs diff {diff:.2e}"
+            + (f" (limit {FP32_LOGIT_TOL})" if fp32 else "")
+        )
         if fp32 and diff > FP32_LOGIT_TOL:
             raise ExportError(f"fp32 parity failed: max abs logit diff {diff:.3g} > {FP32_LOGIT_TOL}")
         # perplexity (base model, zero adapter) and greedy agreement
@@ -84,7 +92,7 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         tot, cnt = 0.0, 0
         with torch.no_grad():  # same 256-token windows as Engine.perplexity
             for i in range(0, len(all_ids), 256):
-                w = torch.tensor([all_ids[i:i + 256]])
+                w = torch.tensor([all_ids[i : i + 256]])
                 if w.shape[1] < 2:
                     continue
                 tot += float(hf(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
@@ -96,8 +104,9 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         n = 24
         ours = list(eng.generate(prompt, max_new_tokens=n, stop_ids=set()))
         with torch.no_grad():
-            theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 pad_token_id=0)[0, len(prompt):].tolist()
+            theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)[
+                0, len(prompt) :
+            ].tolist()
         agree = sum(a == b for a, b in zip(ours, theirs)) / n
         prefix = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n)
         checks.update(greedy_agreement=agree, greedy_common_prefix=prefix)
@@ -109,8 +118,10 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
         eng.set_adapter(active)
         got = eng.embed(texts) if m.task == "embedding" else eng.classify(texts)
         from transformers import AutoTokenizer
-        ref_in = AutoTokenizer.from_pretrained(bundle / "tokenizer")(texts, padding=True, truncation=True,
-                                                                     max_length=eng.max_length, return_tensors="pt")
+
+        ref_in = AutoTokenizer.from_pretrained(bundle / "tokenizer")(
+            texts, padding=True, truncation=True, max_length=eng.max_length, return_tensors="pt"
+        )
         with merged(hf, "bert", adapter, m.adapter.targets, layers, scale), torch.no_grad():
             ids, am = ref_in["input_ids"], ref_in["attention_mask"]
             if m.task == "classification":
@@ -128,7 +139,10 @@ def verify_against_source(bundle: Path, hf, graph, opts, log) -> dict:
     if m.training.graph:
         rel = check_gradients(bundle, graph, opts, adapter)
         checks["grad_max_rel_err"] = rel
-        log(f"verify: training-graph gradients vs torch autograd: max relative error {rel:.2e}" + (f" (limit {FP32_GRAD_RTOL})" if fp32 else ""))
+        log(
+            f"verify: training-graph gradients vs torch autograd: max relative error {rel:.2e}"
+            + (f" (limit {FP32_GRAD_RTOL})" if fp32 else "")
+        )
         if fp32 and rel > FP32_GRAD_RTOL:
             raise ExportError(f"fp32 gradient check failed: relative error {rel:.3g} > {FP32_GRAD_RTOL}")
     return checks
@@ -140,19 +154,26 @@ def check_gradients(bundle: Path, graph, opts, adapter: dict[str, np.ndarray]) -
     import torch
     from edge_runtime.engine import stack_adapter
     from export.build import causal_lm_loss, classification_loss
-    stacked = stack_adapter(adapter, list(opts.lora_targets), int(graph.n_layers if hasattr(graph, "n_layers") else len(graph.bert.encoder.layer)))
+
+    stacked = stack_adapter(
+        adapter, list(opts.lora_targets), int(graph.n_layers if hasattr(graph, "n_layers") else len(graph.bert.encoder.layer))
+    )
     names = [n for t in opts.lora_targets for n in (f"lora_A.{t}", f"lora_B.{t}")]
     B, S = opts.train_batch, opts.train_seq
     g = torch.Generator().manual_seed(3)
     vocab = graph.embed.shape[0] if hasattr(graph, "embed") else graph.bert.embeddings.word_embeddings.weight.shape[0]
     ids = torch.randint(0, vocab, (B, S), generator=g)
     am = torch.ones(B, S, dtype=torch.long)
-    am[0, S // 2:] = 0  # some padding
+    am[0, S // 2 :] = 0  # some padding
     if opts.task == "causal-lm":
         third, loss_fn, third_name = am.float(), causal_lm_loss(graph, opts.lora_targets), "loss_mask"
     else:
         nl = graph.classifier.out_features
-        third, loss_fn, third_name = torch.randint(0, nl, (B,), generator=g), classification_loss(graph, opts.lora_targets), "labels"
+        third, loss_fn, third_name = (
+            torch.randint(0, nl, (B,), generator=g),
+            classification_loss(graph, opts.lora_targets),
+            "labels",
+        )
     lt = [torch.from_numpy(stacked[n]).clone().requires_grad_(True) for n in names]
     loss = loss_fn(tuple(lt), ids, am, third)
     loss.backward()
@@ -161,7 +182,7 @@ def check_gradients(bundle: Path, graph, opts, adapter: dict[str, np.ndarray]) -
     outs = sess.run(None, feeds)
     rel = abs(float(outs[0]) - loss.item()) / max(abs(loss.item()), 1e-12)
     for t, got in zip(lt, outs[1:]):
-        assert t.grad is not None   # every LoRA tensor takes part in the loss
+        assert t.grad is not None  # every LoRA tensor takes part in the loss
         ref = t.grad.numpy()
         rel = max(rel, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
     return rel

@@ -16,8 +16,9 @@ if .venv-device/bin/python -c "import torch" 2>/dev/null; then echo "FAIL: torch
 (cd tests && ../.venv-device/bin/python -c "import edge_runtime, coordinator, edge_runtime.protocol; print('device imports ok')" \
   && ../.venv-device/bin/python -m pytest -q -m device -p no:cacheprovider --rootdir=. -c ../pyproject.toml .)
 
-log "lint (ruff: pyflakes rules) and types (mypy), see pyproject.toml"
+log "lint and format (ruff) and types (mypy), see pyproject.toml"
 .venv/bin/ruff check edge_runtime coordinator export devices tests bench
+.venv/bin/ruff format --check edge_runtime coordinator export devices
 .venv/bin/python -m mypy
 
 log "full suite"

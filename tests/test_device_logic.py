@@ -143,7 +143,8 @@ def test_lowrank_layout_reads_its_base_part_from_the_bundle(tmp_path):
     from edge_runtime.errors import BundleError
     from edge_runtime.lowrank import BASE_FILE, LowRankLayout
     slot = {"layer": 0, "L": "lowrank.0.q.L", "R": "lowrank.0.q.R", "in": 2, "out": 3, "prefix": 1, "targets": [["q_proj", 0, 3]]}
-    manifest = SimpleNamespace(io={"lora_layout": "lowrank", "lowrank": [slot]}, adapter={"rank": 1, "alpha": 2.0})
+    from edge_runtime.protocol.manifest import AdapterSpec, IoSpec
+    manifest = SimpleNamespace(io=IoSpec(lora_layout="lowrank", lowrank=[slot]), adapter=AdapterSpec(1, 2.0, ["q_proj"], {}))
     with pytest.raises(BundleError, match="missing"):
         LowRankLayout.from_bundle(tmp_path, manifest)             # a prefix but no base file: a clear error
     save_file({"lowrank.0.q.L": np.ones((2, 1), np.float32), "lowrank.0.q.R": np.full((1, 3), 0.5, np.float32)}, str(tmp_path / BASE_FILE))
@@ -151,7 +152,7 @@ def test_lowrank_layout_reads_its_base_part_from_the_bundle(tmp_path):
         {"layers.0.q_proj.lora_A": np.array([[1.0, -1.0]], np.float32), "layers.0.q_proj.lora_B": np.array([[1.0], [2.0], [3.0]], np.float32)})
     np.testing.assert_array_equal(feeds["lowrank.0.q.L"], [[1, 1], [1, -1]])
     np.testing.assert_array_equal(feeds["lowrank.0.q.R"], [[0.5, 0.5, 0.5], [2.0, 4.0, 6.0]])     # alpha/rank = 2
-    assert LowRankLayout.from_bundle(tmp_path, SimpleNamespace(io={}, adapter={})) is None      # stacked-input bundles
+    assert LowRankLayout.from_bundle(tmp_path, SimpleNamespace(io=IoSpec(), adapter=manifest.adapter)) is None  # stacked inputs
     (tmp_path / BASE_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(BundleError, match="unreadable"):
         LowRankLayout.from_bundle(tmp_path, manifest)

@@ -5,6 +5,7 @@ Tensor names: ``layers.<i>.<module>.lora_A`` with shape ``[rank, in_features]`` 
 module is ``(alpha / rank) * B @ A``. Metadata rides in the safetensors ``__metadata__`` under
 ``edgefm.adapter`` as JSON.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,12 +50,17 @@ class AdapterMeta:
         if not isinstance(obj, dict):
             raise ProtocolError(RejectReason.MALFORMED, "adapter metadata must be an object")
         try:
-            meta = cls(base_fingerprint=str(obj["base_fingerprint"]), target_modules=[str(t) for t in obj["target_modules"]],
-                       rank=int(obj["rank"]), alpha=float(obj["alpha"]),
-                       shapes={str(k): [int(d) for d in v] for k, v in obj["shapes"].items()},
-                       version=int(obj.get("version", 0)),
-                       parent_version=None if obj.get("parent_version") is None else int(obj["parent_version"]),
-                       dtype=str(obj.get("dtype", "float32")), metrics=dict(obj.get("metrics") or {}))
+            meta = cls(
+                base_fingerprint=str(obj["base_fingerprint"]),
+                target_modules=[str(t) for t in obj["target_modules"]],
+                rank=int(obj["rank"]),
+                alpha=float(obj["alpha"]),
+                shapes={str(k): [int(d) for d in v] for k, v in obj["shapes"].items()},
+                version=int(obj.get("version", 0)),
+                parent_version=None if obj.get("parent_version") is None else int(obj["parent_version"]),
+                dtype=str(obj.get("dtype", "float32")),
+                metrics=dict(obj.get("metrics") or {}),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError(RejectReason.BAD_FIELD, f"adapter metadata incomplete or mistyped: {exc}") from None
         if meta.rank < 1:
@@ -70,12 +76,14 @@ def lora_names(layer: int, module: str) -> tuple[str, str]:
 def adapter_to_bytes(tensors: dict[str, np.ndarray], meta: AdapterMeta) -> bytes:
     """Serialize an adapter (fp32 tensors + metadata) to safetensors bytes."""
     check_adapter(tensors, meta)
-    return encode_tensors({k: np.asarray(v, np.float32) for k, v in tensors.items()},
-                          {META_KEY: json.dumps(meta.to_json(), sort_keys=True)})
+    return encode_tensors(
+        {k: np.asarray(v, np.float32) for k, v in tensors.items()}, {META_KEY: json.dumps(meta.to_json(), sort_keys=True)}
+    )
 
 
-def adapter_from_bytes(data: bytes, *, expect_fingerprint: str | None = None,
-                       expect_shapes: dict[str, list[int]] | None = None) -> tuple[dict[str, np.ndarray], AdapterMeta]:
+def adapter_from_bytes(
+    data: bytes, *, expect_fingerprint: str | None = None, expect_shapes: dict[str, list[int]] | None = None
+) -> tuple[dict[str, np.ndarray], AdapterMeta]:
     """Parse and validate adapter bytes (hash checks are the caller's, against a pointer/manifest)."""
     tensors, metadata = decode_tensors(data, allowed_dtypes=frozenset({"F32"}))
     if META_KEY not in metadata:
@@ -86,8 +94,10 @@ def adapter_from_bytes(data: bytes, *, expect_fingerprint: str | None = None,
         raise ProtocolError(RejectReason.MALFORMED, f"adapter metadata is not JSON: {exc}") from None
     check_adapter(tensors, meta)
     if expect_fingerprint is not None and meta.base_fingerprint != expect_fingerprint:
-        raise ProtocolError(RejectReason.FINGERPRINT_MISMATCH,
-                            f"adapter is for base {meta.base_fingerprint[:12]}, this model is {expect_fingerprint[:12]}")
+        raise ProtocolError(
+            RejectReason.FINGERPRINT_MISMATCH,
+            f"adapter is for base {meta.base_fingerprint[:12]}, this model is {expect_fingerprint[:12]}",
+        )
     if expect_shapes is not None and {k: list(v) for k, v in expect_shapes.items()} != meta.shapes:
         raise ProtocolError(RejectReason.BAD_SHAPE, "adapter tensor shapes differ from this bundle's adapter schema")
     return tensors, meta

@@ -11,6 +11,7 @@ safetensors bytes; ``decode`` turns them back into fp32 arrays. Stated error bou
   values per byte, an fp16 scale per block; |x - x'| <= s / 2 where s is the stored scale
   (max|block| / 7, rounded up to fp16).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,7 +97,9 @@ class Int8Codec(TensorCodec):
                 raise ProtocolError(RejectReason.BAD_DTYPE, f"int8 codec: {k!r} needs an I8 tensor and an F32 scale")
             rows = v.reshape(v.shape[0], -1) if v.ndim >= 1 and v.shape[0] > 0 else v.reshape(1, -1)
             if scale.shape != (rows.shape[0],):
-                raise ProtocolError(RejectReason.BAD_SHAPE, f"int8 codec: scale of {k!r} has shape {scale.shape}, want ({rows.shape[0]},)")
+                raise ProtocolError(
+                    RejectReason.BAD_SHAPE, f"int8 codec: scale of {k!r} has shape {scale.shape}, want ({rows.shape[0]},)"
+                )
             out[k] = (rows.astype(np.float32) * scale[:, None]).reshape(v.shape)
         return out
 
@@ -122,7 +125,7 @@ class Int4Codec(TensorCodec):
         blocks = np.zeros((sum(nbs), self.block), np.float32)
         row = 0
         for f, nb in zip(flats, nbs):
-            blocks[row:row + nb].ravel()[:f.size] = f
+            blocks[row : row + nb].ravel()[: f.size] = f
             row += nb
         amax = np.abs(blocks).max(axis=1) if blocks.size else np.zeros(0, np.float32)
         # fp16 scale rounded up, so |x| / scale <= 7 and the rounding bound holds with the stored scale
@@ -132,8 +135,11 @@ class Int4Codec(TensorCodec):
         q = np.clip(np.rint(blocks / np.where(s32 > 0, s32, 1.0)[:, None]), -7, 7).astype(np.int8).ravel()
         nib = (q + 8).astype(np.uint8)
         index = json.dumps([[k, list(np.shape(tensors[k]))] for k in names], separators=(",", ":")).encode()
-        return {"int4.index": np.frombuffer(index, np.uint8), "int4.data": (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8),
-                "int4.scales": scale}
+        return {
+            "int4.index": np.frombuffer(index, np.uint8),
+            "int4.data": (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8),
+            "int4.scales": scale,
+        }
 
     def _index(self, wire) -> list[tuple[str, list[int]]]:
         raw = wire.get("int4.index")
@@ -144,8 +150,14 @@ class Int4Codec(TensorCodec):
         except (UnicodeDecodeError, ValueError) as exc:
             raise ProtocolError(RejectReason.MALFORMED, f"int4 codec: int4.index is not JSON: {exc}") from None
         if not isinstance(index, list) or not all(
-                isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], list)
-                and len(e[1]) <= 8 and all(type(d) is int and 0 <= d < 1 << 31 for d in e[1]) for e in index):
+            isinstance(e, list)
+            and len(e) == 2
+            and isinstance(e[0], str)
+            and isinstance(e[1], list)
+            and len(e[1]) <= 8
+            and all(type(d) is int and 0 <= d < 1 << 31 for d in e[1])
+            for e in index
+        ):
             raise ProtocolError(RejectReason.MALFORMED, "int4 codec: int4.index must be a list of [name, shape]")
         if len({e[0] for e in index}) != len(index):
             raise ProtocolError(RejectReason.MALFORMED, "int4 codec: duplicate tensor names in int4.index")
@@ -157,8 +169,14 @@ class Int4Codec(TensorCodec):
             raise ProtocolError(RejectReason.MALFORMED, f"int4 codec: unexpected arrays {sorted(extra)[:3]}")
         index = self._index(wire)
         data, scale = wire.get("int4.data"), wire.get("int4.scales")
-        if data is None or data.dtype != np.uint8 or data.ndim != 1 or scale is None or scale.dtype != np.float16 \
-                or scale.ndim != 1:
+        if (
+            data is None
+            or data.dtype != np.uint8
+            or data.ndim != 1
+            or scale is None
+            or scale.dtype != np.float16
+            or scale.ndim != 1
+        ):
             raise ProtocolError(RejectReason.BAD_DTYPE, "int4 codec: needs U8 int4.data and F16 int4.scales")
         sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in index]
         nbs = [-(-n // self.block) for n in sizes]
@@ -171,7 +189,7 @@ class Int4Codec(TensorCodec):
         vals = q.reshape(total, self.block).astype(np.float32) * scale.astype(np.float32)[:, None]
         out, row = {}, 0
         for (name, shape), n, nb in zip(index, sizes, nbs):
-            out[name] = vals[row:row + nb].ravel()[:n].reshape(shape).copy()
+            out[name] = vals[row : row + nb].ravel()[:n].reshape(shape).copy()
             row += nb
         return out
 
@@ -194,14 +212,16 @@ class Compression:
 
 class ZstdCompression(Compression):
     name = "zstd"
-    small = 4 << 20   # payloads up to this size get the strongest level (~0.1 s for a 0.25 MB update on x86)
+    small = 4 << 20  # payloads up to this size get the strongest level (~0.1 s for a 0.25 MB update on x86)
 
     def compress(self, data):
         import zstandard
+
         return zstandard.ZstdCompressor(level=19 if len(data) <= self.small else 3).compress(data)
 
     def decompress(self, data, max_size):
         import zstandard
+
         try:
             params = zstandard.get_frame_parameters(data)
         except zstandard.ZstdError as exc:
@@ -232,8 +252,9 @@ class CodecSpec:
         if self.dtype not in CODECS:
             raise ProtocolError(RejectReason.UNKNOWN_CODEC, f"unknown codec dtype {self.dtype!r}; known: {sorted(CODECS)}")
         if self.compression not in COMPRESSIONS:
-            raise ProtocolError(RejectReason.UNKNOWN_CODEC,
-                                f"unknown compression {self.compression!r}; known: {sorted(COMPRESSIONS)}")
+            raise ProtocolError(
+                RejectReason.UNKNOWN_CODEC, f"unknown compression {self.compression!r}; known: {sorted(COMPRESSIONS)}"
+            )
 
     def to_json(self) -> dict:
         """Plain-JSON form for headers."""

@@ -1,4 +1,5 @@
 """Device bundle manifest (``manifest.json``) and its verification."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,15 +31,15 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 class LoraLayout(str, enum.Enum):
     """How an adapter reaches the inference graph."""
 
-    STACKED = "stacked"   # one lora_A/lora_B input per target, stacked over layers (edge_runtime/lora.py)
-    LOWRANK = "lowrank"   # per-layer low-rank inputs packed once per adapter (edge_runtime/lowrank.py)
+    STACKED = "stacked"  # one lora_A/lora_B input per target, stacked over layers (edge_runtime/lora.py)
+    LOWRANK = "lowrank"  # per-layer low-rank inputs packed once per adapter (edge_runtime/lowrank.py)
 
 
 class KvCache(str, enum.Enum):
     """How the inference graph treats its KV cache."""
 
     SEPARATE = "separate"  # past and present are different buffers (the cache is copied each step)
-    SHARED = "shared"      # GroupQueryAttention appends in place when past and present are one buffer
+    SHARED = "shared"  # GroupQueryAttention appends in place when past and present are one buffer
 
 
 def _spec(cls, obj: Any, what: str):
@@ -59,7 +60,7 @@ class AdapterSpec:
     rank: int
     alpha: float
     targets: list[str]
-    shapes: dict[str, list[int]]                                   # per-layer name -> shape
+    shapes: dict[str, list[int]]  # per-layer name -> shape
     stacked_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -72,14 +73,14 @@ class AdapterSpec:
 class QuantSpec:
     """How the base weights were quantized (export/quantize.py:QuantRecipe, as recorded)."""
 
-    scheme: str                          # fp32 | int8 | int4 | nf4
+    scheme: str  # fp32 | int8 | int4 | nf4
     block_size: int | None = None
     accuracy_level: int | None = None
     head: str | None = None
     algo: str | None = None
     sensitive_8bit: list[str] = dataclasses.field(default_factory=list)
     train_base: str | None = None
-    applied: dict[str, str] = dataclasses.field(default_factory=dict)   # graph -> scheme actually applied
+    applied: dict[str, str] = dataclasses.field(default_factory=dict)  # graph -> scheme actually applied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +100,7 @@ class IoSpec:
     outputs: list[str] = dataclasses.field(default_factory=list)
     lora_layout: LoraLayout = LoraLayout.STACKED
     kv_cache: KvCache = KvCache.SEPARATE
-    lowrank: list[dict[str, Any]] = dataclasses.field(default_factory=list)   # slots (edge_runtime/lowrank.py:Slot)
+    lowrank: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # slots (edge_runtime/lowrank.py:Slot)
 
     def __post_init__(self):
         object.__setattr__(self, "lora_layout", LoraLayout(self.lora_layout))
@@ -110,16 +111,16 @@ class IoSpec:
 class Manifest:
     """What a bundle holds and how it was made."""
 
-    task: str                         # causal-lm | classification | embedding
-    architecture: str                 # llama | bert
-    model: dict[str, Any]             # dims: layers, hidden, heads, kv_heads, head_dim, vocab, ...
+    task: str  # causal-lm | classification | embedding
+    architecture: str  # llama | bert
+    model: dict[str, Any]  # dims: layers, hidden, heads, kv_heads, head_dim, vocab, ...
     quant: QuantSpec
     adapter: AdapterSpec
     files: dict[str, dict[str, Any]]  # name -> {sha256, size}
     base_fingerprint: str
     io: IoSpec = dataclasses.field(default_factory=IoSpec)
     training: TrainingSpec = dataclasses.field(default_factory=TrainingSpec)
-    versions: dict[str, str] = dataclasses.field(default_factory=dict)   # of the tools that wrote it
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)  # of the tools that wrote it
     opset: int = 17
     source: str = ""
     checks: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -137,8 +138,10 @@ class Manifest:
         if not isinstance(obj, dict):
             raise BundleError(f"{where}: a manifest is a JSON object, this file holds {type(obj).__name__}")
         if obj.get("format") != FORMAT or obj.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"{where}: format {obj.get('format')!r} v{obj.get('format_version')!r}; this edgefm reads "
-                              f"{FORMAT} v{FORMAT_VERSION} (re-export the model with this version's `edgefm-export build`)")
+            raise BundleError(
+                f"{where}: format {obj.get('format')!r} v{obj.get('format_version')!r}; this edgefm reads "
+                f"{FORMAT} v{FORMAT_VERSION} (re-export the model with this version's `edgefm-export build`)"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in obj.items() if k in names}
         for key, spec in (("quant", QuantSpec), ("adapter", AdapterSpec), ("io", IoSpec), ("training", TrainingSpec)):

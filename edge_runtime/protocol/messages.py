@@ -7,6 +7,7 @@ Binary update envelope (device -> coordinator)::
 JSON messages (status, global pointer, round announcement, ack) are UTF-8 JSON objects with a
 ``"protocol"`` field. ``docs/protocol.md`` is the user-facing description; keep it in step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,7 @@ def check_id(value: Any, what: str) -> str:
     return value
 
 
-MAX_INT = 2**53   # integers every JSON reader and SQLite keep exactly
+MAX_INT = 2**53  # integers every JSON reader and SQLite keep exactly
 
 
 def _opt_int(obj: dict, key: str, *, minimum: int = 0) -> int | None:
@@ -115,9 +116,16 @@ class RoundAnnouncement:
 
     def to_json(self) -> dict:
         """Plain-JSON form (what goes on the wire)."""
-        return {"kind": "round", "mode": self.mode.value, "round": self.round, "base_version": self.base_version,
-                "selected": None if self.selected is None else list(self.selected), "deadline": self.deadline,
-                "train_a": self.train_a, "epoch": self.epoch}
+        return {
+            "kind": "round",
+            "mode": self.mode.value,
+            "round": self.round,
+            "base_version": self.base_version,
+            "selected": None if self.selected is None else list(self.selected),
+            "deadline": self.deadline,
+            "train_a": self.train_a,
+            "epoch": self.epoch,
+        }
 
     @classmethod
     def from_json(cls, msg: dict) -> "RoundAnnouncement":
@@ -127,19 +135,27 @@ class RoundAnnouncement:
         if msg.get("mode", "sync") not in ("sync", "async"):
             _fail(RejectReason.BAD_FIELD, "mode must be 'sync' or 'async'")
         selected = msg.get("selected")
-        if selected is not None and (not isinstance(selected, list) or len(selected) > 100_000
-                                     or not all(isinstance(d, str) for d in selected)):
+        if selected is not None and (
+            not isinstance(selected, list) or len(selected) > 100_000 or not all(isinstance(d, str) for d in selected)
+        ):
             _fail(RejectReason.BAD_FIELD, "selected must be null or a list of device ids")
         deadline = msg.get("deadline")
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                     or not math.isfinite(deadline)):
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not math.isfinite(deadline)
+        ):
             _fail(RejectReason.BAD_FIELD, "deadline must be a finite number of unix seconds")
         train_a = msg.get("train_a", True)
         if not isinstance(train_a, bool):
             _fail(RejectReason.BAD_FIELD, "train_a must be true or false")
-        return cls(mode=RoundMode(msg.get("mode", "sync")), round=_opt_int(msg, "round"), base_version=_opt_int(msg, "base_version"),
-                   selected=None if selected is None else tuple(selected), deadline=None if deadline is None else float(deadline),
-                   train_a=train_a, epoch=_epoch(msg.get("epoch")))
+        return cls(
+            mode=RoundMode(msg.get("mode", "sync")),
+            round=_opt_int(msg, "round"),
+            base_version=_opt_int(msg, "base_version"),
+            selected=None if selected is None else tuple(selected),
+            deadline=None if deadline is None else float(deadline),
+            train_a=train_a,
+            epoch=_epoch(msg.get("epoch")),
+        )
 
 
 class ReceiptStatus(str, enum.Enum):
@@ -162,8 +178,14 @@ class Receipt:
 
     def to_json(self) -> dict:
         """Plain-JSON form (what goes on the wire)."""
-        return {"kind": "receipt", "update_id": self.update_id, "status": self.status.value, "reason": self.reason,
-                "version": self.version, "device_id": self.device_id}
+        return {
+            "kind": "receipt",
+            "update_id": self.update_id,
+            "status": self.status.value,
+            "reason": self.reason,
+            "version": self.version,
+            "device_id": self.device_id,
+        }
 
     @classmethod
     def from_json(cls, msg: dict) -> "Receipt":
@@ -173,8 +195,13 @@ class Receipt:
         if msg.get("reason") is not None and not isinstance(msg.get("reason"), str):
             _fail(RejectReason.BAD_FIELD, "reason must be a string or null")
         device_id = msg.get("device_id")
-        return cls(update_id=msg["update_id"], status=ReceiptStatus(msg["status"]), reason=msg.get("reason"),
-                   version=_opt_int(msg, "version"), device_id=None if device_id is None else check_id(device_id, "device_id"))
+        return cls(
+            update_id=msg["update_id"],
+            status=ReceiptStatus(msg["status"]),
+            reason=msg.get("reason"),
+            version=_opt_int(msg, "version"),
+            device_id=None if device_id is None else check_id(device_id, "device_id"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,9 +235,15 @@ class DeviceStatus:
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts)):
             _fail(RejectReason.BAD_FIELD, "ts must be a finite number of unix seconds")
         device_id = msg.get("device_id")
-        return cls(**strs, device_id=None if device_id is None else check_id(device_id, "device_id"),
-                   base_fingerprint=_opt_str(msg, "base_fingerprint", max_len=128), adapter_version=_opt_int(msg, "adapter_version"),
-                   global_version=_opt_int(msg, "global_version"), outbox=outbox, ts=None if ts is None else float(ts))
+        return cls(
+            **strs,
+            device_id=None if device_id is None else check_id(device_id, "device_id"),
+            base_fingerprint=_opt_str(msg, "base_fingerprint", max_len=128),
+            adapter_version=_opt_int(msg, "adapter_version"),
+            global_version=_opt_int(msg, "global_version"),
+            outbox=outbox,
+            ts=None if ts is None else float(ts),
+        )
 
 
 def parse_json_message(data: bytes, max_bytes: int = 1 << 20) -> dict:
@@ -235,6 +268,7 @@ def dump_json_message(obj: dict, signer=None) -> bytes:
     msg = {"protocol": PROTOCOL_VERSION, **obj}
     if signer is not None:
         from edge_runtime.protocol import signing
+
         msg = signing.sign_message(msg, signer)
     return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
 
@@ -274,7 +308,11 @@ class UpdateHeader:
         if obj.get("kind") != "update":
             _fail(RejectReason.BAD_FIELD, f"kind must be 'update', got {obj.get('kind')!r}")
         codec = obj.get("codec")
-        if not isinstance(codec, dict) or not isinstance(codec.get("dtype"), str) or not isinstance(codec.get("compression"), str):
+        if (
+            not isinstance(codec, dict)
+            or not isinstance(codec.get("dtype"), str)
+            or not isinstance(codec.get("compression"), str)
+        ):
             _fail(RejectReason.BAD_FIELD, "codec must be {dtype, compression}")
         created = obj.get("created_at")
         if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
@@ -304,7 +342,7 @@ class Update:
     """A decoded, validated update: header and fp32 delta tensors."""
 
     header: UpdateHeader
-    tensors: DecodedTensors   # a dict, with the flat vector and its sum of squares
+    tensors: DecodedTensors  # a dict, with the flat vector and its sum of squares
 
 
 def _sign(header_json: dict, payload: bytes, key: bytes) -> str:
@@ -313,8 +351,14 @@ def _sign(header_json: dict, payload: bytes, key: bytes) -> str:
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
-def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray] | None, *, sign_key: bytes | None = None,
-                  signer=None, payload: bytes | None = None) -> bytes:
+def encode_update(
+    header: UpdateHeader,
+    tensors: dict[str, np.ndarray] | None,
+    *,
+    sign_key: bytes | None = None,
+    signer=None,
+    payload: bytes | None = None,
+) -> bytes:
     """Build the binary update message; fills in payload hash/size and the signature: the device's
     Ed25519 key (``signer``, see ``protocol.signing``) or the optional fleet-wide HMAC key. ``payload``:
     the tensors already encoded with ``header.codec`` (``encode_payload``), to send one body under
@@ -329,6 +373,7 @@ def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray] | None, *
     hj = header.to_json()
     if signer is not None:
         from edge_runtime.protocol import signing
+
         header.signature = hj["signature"] = signing.signature(signing.canonical(hj) + payload, signer)
     elif sign_key is not None:
         header.signature = hj["signature"] = _sign(hj, payload, sign_key)
@@ -351,34 +396,47 @@ def decode_update_header(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BY
     if 8 + hlen > len(mv):
         _fail(RejectReason.TRUNCATED, f"header claims {hlen} bytes, {len(mv) - 8} present")
     try:
-        hobj = json.loads(bytes(mv[8:8 + hlen]).decode("utf-8"))
+        hobj = json.loads(bytes(mv[8 : 8 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         _fail(RejectReason.MALFORMED, f"header is not UTF-8 JSON: {exc}")
     header = UpdateHeader.from_json(hobj)
-    payload = mv[8 + hlen:]
+    payload = mv[8 + hlen :]
     if len(payload) != header.payload_size:
-        _fail(RejectReason.TRUNCATED if len(payload) < header.payload_size else RejectReason.MALFORMED,
-              f"payload is {len(payload)} bytes, header says {header.payload_size}")
+        _fail(
+            RejectReason.TRUNCATED if len(payload) < header.payload_size else RejectReason.MALFORMED,
+            f"payload is {len(payload)} bytes, header says {header.payload_size}",
+        )
     return header, payload
 
 
-def decode_update(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                  max_decoded_bytes: int | None = None, verify_key: bytes | None = None) -> Update:
+def decode_update(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_decoded_bytes: int | None = None,
+    verify_key: bytes | None = None,
+) -> Update:
     """Validate and decode an update message, or raise ``ProtocolError`` with the reason."""
     header, payload = decode_update_header(data, max_bytes=max_bytes)
     return decode_update_body(header, payload, max_decoded_bytes=max_decoded_bytes or 4 * max_bytes, verify_key=verify_key)
 
 
-def decode_update_body(header: UpdateHeader, payload: memoryview, *, max_decoded_bytes: int,
-                       verify_key: bytes | None = None, device_public_key=None) -> Update:
+def decode_update_body(
+    header: UpdateHeader, payload: memoryview, *, max_decoded_bytes: int, verify_key: bytes | None = None, device_public_key=None
+) -> Update:
     """Second half of ``decode_update`` for a header already validated (the coordinator dedupes in between);
     ``device_public_key``: the Ed25519 key registered for the device the header names."""
     if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
         _fail(RejectReason.HASH_MISMATCH, "payload does not match payload_sha256")
     if device_public_key is not None:
         from edge_runtime.protocol import signing
-        signing.check(signing.canonical(header.to_json()) + bytes(payload), header.signature, device_public_key,
-                      f"update from {header.device_id}")
+
+        signing.check(
+            signing.canonical(header.to_json()) + bytes(payload),
+            header.signature,
+            device_public_key,
+            f"update from {header.device_id}",
+        )
     if verify_key is not None:
         want = _sign(header.to_json(), bytes(payload), verify_key)
         if not header.signature or not hmac.compare_digest(want, header.signature):
@@ -392,7 +450,9 @@ def check_tensors_match(tensors: dict[str, np.ndarray], shapes: dict[str, tuple[
     missing = sorted(set(shapes) - set(tensors))
     extra = sorted(set(tensors) - set(shapes))
     if missing or extra:
-        _fail(RejectReason.BAD_SHAPE, f"tensor names differ from the adapter schema: missing {missing[:3]}, unexpected {extra[:3]}")
+        _fail(
+            RejectReason.BAD_SHAPE, f"tensor names differ from the adapter schema: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     for k, shape in shapes.items():
         if tuple(tensors[k].shape) != tuple(shape):
             _fail(RejectReason.BAD_SHAPE, f"tensor {k!r} has shape {tuple(tensors[k].shape)}, schema says {tuple(shape)}")
@@ -411,7 +471,7 @@ class GlobalPointer:
     chunk_sha256: list[str]
     round: int | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    epoch: str | None = None    # the coordinator's lineage: a new one outranks any version of the old (fleet reset)
+    epoch: str | None = None  # the coordinator's lineage: a new one outranks any version of the old (fleet reset)
 
     def to_json(self) -> dict:
         return {"kind": "global", **dataclasses.asdict(self)}
@@ -434,12 +494,24 @@ class GlobalPointer:
             _fail(RejectReason.BAD_FIELD, "sha256 must be 64 lowercase hex digits")
         if size > max_size:
             _fail(RejectReason.OVERSIZE, f"global adapter of {size} bytes over {max_size}")
-        if not isinstance(chunks, list) or len(chunks) != -(-size // csize) or not all(isinstance(c, str) and SHA_RE.match(c) for c in chunks):
+        if (
+            not isinstance(chunks, list)
+            or len(chunks) != -(-size // csize)
+            or not all(isinstance(c, str) and SHA_RE.match(c) for c in chunks)
+        ):
             _fail(RejectReason.BAD_FIELD, "chunk_sha256 must list one sha256 per chunk")
-        return cls(version=_int(obj, "version", minimum=0), parent=_opt_int(obj, "parent"),  # v0: the bundle's adapter
-                   base_fingerprint=_str(obj, "base_fingerprint"), sha256=sha, size=size, chunk_size=csize,
-                   chunk_sha256=chunks, round=_opt_int(obj, "round"), metrics=_metrics(obj.get("metrics")),
-                   epoch=_epoch(obj.get("epoch")))
+        return cls(
+            version=_int(obj, "version", minimum=0),
+            parent=_opt_int(obj, "parent"),  # v0: the bundle's adapter
+            base_fingerprint=_str(obj, "base_fingerprint"),
+            sha256=sha,
+            size=size,
+            chunk_size=csize,
+            chunk_sha256=chunks,
+            round=_opt_int(obj, "round"),
+            metrics=_metrics(obj.get("metrics")),
+            epoch=_epoch(obj.get("epoch")),
+        )
 
 
 def _epoch(value) -> str | None:
@@ -450,13 +522,31 @@ def _epoch(value) -> str | None:
     return value
 
 
-def make_pointer(version: int, parent: int | None, base_fingerprint: str, blob: bytes, *,
-                 chunk_size: int = 256 * 1024, round: int | None = None,
-                 metrics: dict[str, float] | None = None, epoch: str | None = None) -> tuple[GlobalPointer, list[bytes]]:
+def make_pointer(
+    version: int,
+    parent: int | None,
+    base_fingerprint: str,
+    blob: bytes,
+    *,
+    chunk_size: int = 256 * 1024,
+    round: int | None = None,
+    metrics: dict[str, float] | None = None,
+    epoch: str | None = None,
+) -> tuple[GlobalPointer, list[bytes]]:
     """Split an adapter file into chunks and describe them in a pointer."""
-    chunks = [blob[i:i + chunk_size] for i in range(0, len(blob), chunk_size)] or [b""]
-    ptr = GlobalPointer(version, parent, base_fingerprint, hashlib.sha256(blob).hexdigest(), len(blob), chunk_size,
-                        [hashlib.sha256(c).hexdigest() for c in chunks], round, dict(metrics or {}), epoch)
+    chunks = [blob[i : i + chunk_size] for i in range(0, len(blob), chunk_size)] or [b""]
+    ptr = GlobalPointer(
+        version,
+        parent,
+        base_fingerprint,
+        hashlib.sha256(blob).hexdigest(),
+        len(blob),
+        chunk_size,
+        [hashlib.sha256(c).hexdigest() for c in chunks],
+        round,
+        dict(metrics or {}),
+        epoch,
+    )
     return ptr, chunks
 
 

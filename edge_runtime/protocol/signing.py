@@ -7,6 +7,7 @@ coordinator's public key accept only those that verify. A JSON message's signatu
 canonical form (sorted keys, no whitespace, without the ``signature`` field); an update's covers the
 canonical header without ``signature`` followed by the payload bytes. Signatures travel as
 ``"ed25519:<base64>"``."""
+
 from __future__ import annotations
 
 import base64
@@ -68,8 +69,9 @@ def device_keys(path: str | Path) -> dict[str, Any]:
 
 
 def canonical(obj: dict) -> bytes:
-    return json.dumps({k: v for k, v in obj.items() if k != "signature"}, sort_keys=True, separators=(",", ":"),
-                      allow_nan=False).encode()
+    return json.dumps(
+        {k: v for k, v in obj.items() if k != "signature"}, sort_keys=True, separators=(",", ":"), allow_nan=False
+    ).encode()
 
 
 def signature(data: bytes, key) -> str:
@@ -82,7 +84,7 @@ def check(data: bytes, sig: Any, public_key, what: str) -> None:
     if not isinstance(sig, str) or not sig.startswith(PREFIX):
         raise ProtocolError(RejectReason.BAD_SIGNATURE, f"{what} carries no Ed25519 signature")
     try:
-        public_key.verify(base64.b64decode(sig[len(PREFIX):], validate=True), data)
+        public_key.verify(base64.b64decode(sig[len(PREFIX) :], validate=True), data)
     except (invalid, ValueError):
         raise ProtocolError(RejectReason.BAD_SIGNATURE, f"{what}: signature does not verify") from None
 

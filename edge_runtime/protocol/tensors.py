@@ -6,6 +6,7 @@ then the data buffer. Files we write load with the ``safetensors`` library and v
 it ourselves so that every malformed input becomes a ``ProtocolError`` with a reason, never another
 exception, and never an allocation bigger than the input.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,15 @@ import numpy as np
 
 from edge_runtime.errors import ProtocolError, RejectReason
 
-DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"),
-          "F64": np.dtype("<f8"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "U8": np.dtype("u1")}
+DTYPES: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "I8": np.dtype("i1"),
+    "F64": np.dtype("<f8"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "U8": np.dtype("u1"),
+}
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 1 << 22
 MAX_TENSORS = 10_000
@@ -37,8 +45,7 @@ def encode_tensors(tensors: dict[str, np.ndarray], metadata: dict[str, str] | No
         if dt not in _NAMES:
             raise TypeError(f"tensor {name!r}: dtype {arr.dtype} is not supported")
         raw = arr.astype(dt, copy=False).tobytes()
-        header[name] = {"dtype": _NAMES[dt], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": _NAMES[dt], "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     hjson = json.dumps(header, separators=(",", ":")).encode()
@@ -70,8 +77,9 @@ def span_view(m: TensorMap, names: list[str], dtype=np.float32) -> np.ndarray | 
     return np.frombuffer(m.buffer, dtype=dtype, count=(end - first) // np.dtype(dtype).itemsize, offset=first)
 
 
-def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
-                   copy: bool = True) -> tuple[TensorMap, dict[str, str]]:
+def decode_tensors(
+    data: bytes, *, allowed_dtypes: frozenset[str] | None = None, copy: bool = True
+) -> tuple[TensorMap, dict[str, str]]:
     """Parse safetensors bytes; raise ``ProtocolError`` for anything that is not well formed."""
     mv = memoryview(data)
     if len(mv) < 8:
@@ -82,7 +90,7 @@ def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
     if 8 + hlen > len(mv):
         raise ProtocolError(RejectReason.TRUNCATED, f"tensor header claims {hlen} bytes, only {len(mv) - 8} present")
     try:
-        header = json.loads(bytes(mv[8:8 + hlen]).decode("utf-8"))
+        header = json.loads(bytes(mv[8 : 8 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(RejectReason.MALFORMED, f"tensor header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -92,7 +100,7 @@ def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
         raise ProtocolError(RejectReason.MALFORMED, "__metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
         raise ProtocolError(RejectReason.MALFORMED, f"{len(header)} tensors (max {MAX_TENSORS})")
-    body = mv[8 + hlen:]
+    body = mv[8 + hlen :]
     out = TensorMap()
     out.buffer, out.spans = body, {}
     spans = []
@@ -115,13 +123,20 @@ def decode_tensors(data: bytes, *, allowed_dtypes: frozenset[str] | None = None,
                 count *= d
         if count < 0:
             raise ProtocolError(RejectReason.BAD_SHAPE, f"tensor {name!r}: bad shape {shape!r}")
-        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int or type(offsets[1]) is not int
-                or not 0 <= offsets[0] <= offsets[1]):
+        if (
+            type(offsets) is not list
+            or len(offsets) != 2
+            or type(offsets[0]) is not int
+            or type(offsets[1]) is not int
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
             raise ProtocolError(RejectReason.MALFORMED, f"tensor {name!r}: bad data_offsets {offsets!r}")
         begin, end = offsets
         if count * dt.itemsize != end - begin:
-            raise ProtocolError(RejectReason.BAD_SHAPE,
-                                f"tensor {name!r}: shape {shape} needs {count * dt.itemsize} bytes, offsets span {end - begin}")
+            raise ProtocolError(
+                RejectReason.BAD_SHAPE,
+                f"tensor {name!r}: shape {shape} needs {count * dt.itemsize} bytes, offsets span {end - begin}",
+            )
         if end > nbody:
             raise ProtocolError(RejectReason.TRUNCATED, f"tensor {name!r}: data ends at {end}, buffer has {nbody}")
         spans.append((begin, end, name))
@@ -171,7 +186,7 @@ def flat_view(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray | None:
     off = start - base.__array_interface__["data"][0]
     if off < 0 or off + (end - start) > base.nbytes:
         return None
-    return base[off:off + (end - start)].view(dt)
+    return base[off : off + (end - start)].view(dt)
 
 
 def flatten(arrays: list[np.ndarray], dtype=np.float32) -> np.ndarray:

@@ -3,6 +3,7 @@
 Namespace: ``edgefm/v1/<fleet>/...``. A device publishes only under ``device/<device_id>/`` so a broker
 ACL pattern on the username (``pattern write edgefm/v1/+/device/%u/#``) can enforce it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,7 +81,7 @@ class Topics:
         prefix = self.base + "/device/"
         if not topic.startswith(prefix):
             return None
-        parts = topic[len(prefix):].split("/")
+        parts = topic[len(prefix) :].split("/")
         if len(parts) != 2 or not parts[0] or not parts[1]:
             return None
         return parts[0], parts[1]
@@ -90,7 +91,7 @@ class Topics:
         prefix = self.base + "/global/"
         if not topic.startswith(prefix):
             return None
-        parts = topic[len(prefix):].split("/")
+        parts = topic[len(prefix) :].split("/")
         if len(parts) != 3 or parts[1] != "chunk" or not parts[0].isdigit() or not parts[2].isdigit():
             return None
         return int(parts[0]), int(parts[2])
