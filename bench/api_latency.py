@@ -49,7 +49,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgefm-api-"))
     agent = Agent(AgentConfig(bundle=str(b), data_dir=str(tmp), port=18080, auto_train=False, threads_inference=2,
                               threads_training=1, steps_per_round=10_000, max_train_seconds=3600, min_new_examples=1))
-    srv, _ = serve_in_thread(agent, "127.0.0.1", 18080)
+    srv, _ = serve_in_thread(agent.api, "127.0.0.1", 18080)
     url = "http://127.0.0.1:18080/v1/completions"
     eng = agent.engine
     n = args.requests
@@ -77,7 +77,7 @@ def main() -> None:
         a_lat.append(at)
         a_tok += k
     # while training: a background session on the ONNX trainer (1 thread), requests meanwhile
-    agent.add_examples([{"text": f"{p} number {i} reported normal operation and no alarms."} for i, p in enumerate(PROMPTS * 20)])
+    agent.api.add_examples([{"text": f"{p} number {i} reported normal operation and no alarms."} for i, p in enumerate(PROMPTS * 20)])
     th = threading.Thread(target=agent.train_once, kwargs={"forced": True}, daemon=True)
     th.start()
     t_wait = time.time()

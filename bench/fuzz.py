@@ -221,7 +221,7 @@ def fuzz_http(n, seed, work: Path) -> dict:
         port = s.getsockname()[1]
     agent = Agent(AgentConfig(bundle=str(BUNDLE), data_dir=str(work / "agent"), port=port, auto_train=False,
                               max_examples=1000, general_replay_fraction=0.0))
-    srv, _ = serve_in_thread(agent, "127.0.0.1", port)
+    srv, _ = serve_in_thread(agent.api, "127.0.0.1", port)
     agent.start()
     seeds = [("/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                                        "temperature": 0.5, "logprobs": True, "top_logprobs": 2, "stop": ["\n"]}),

@@ -11,11 +11,9 @@ worker.py (work handed to the worker), sync.py (MQTT), store.py (examples, outbo
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -24,7 +22,6 @@ from typing import Any
 from edge_runtime.adapters import AdapterHistory
 from edge_runtime.config import AgentConfig
 from edge_runtime.engine import Engine
-from edge_runtime.errors import ConfigError, TrainingError
 from edge_runtime.evaluation import Evaluator
 from edge_runtime.lineage import Lineage
 from edge_runtime.metrics import Metrics
@@ -33,7 +30,8 @@ from edge_runtime.protocol.adapter import load_adapter
 from edge_runtime.protocol.messages import GlobalPointer, RoundAnnouncement
 from edge_runtime.protocol.topics import Topics
 from edge_runtime.session import Sessions, make_trainer
-from edge_runtime.store import Store, StoreFull
+from edge_runtime.local_api import LocalApi
+from edge_runtime.store import DiskGuard, Store
 from edge_runtime.worker import WorkQueue, Worker
 
 log = logging.getLogger("edgefm.agent")
@@ -71,12 +69,10 @@ class Agent:
             max_source_share=cfg.max_source_share,
         )
         self.topics = Topics(cfg.fleet)
-        self.inflight = 0
-        self._inflight_lock = threading.Lock()
+        self.disk = DiskGuard(self.data_dir, cfg.min_free_disk_mb, self.metrics)
         self.work = WorkQueue()
         self._stop = threading.Event()
         self._started = False
-        self.paused_reason: str | None = None
         self.round: RoundAnnouncement | None = None
         self.events: list[dict] = []
         bundle_tensors, bundle_meta = load_adapter(self.engine.dir / "adapter.safetensors")
@@ -126,8 +122,8 @@ class Agent:
             self.lineage,
             self.metrics,
             self._event,
-            busy=lambda: self.inflight > 0,
-            disk_ok=self.disk_ok,
+            busy=lambda: self.api.inflight > 0,
+            disk_ok=self.disk.ok,
             topic=self.topics.update(cfg.device_id),
             signer=signing.load_private_key(cfg.signing_key) if cfg.signing_key else None,
             on_queued=lambda: self.sync.flush() if self.sync else None,
@@ -141,6 +137,7 @@ class Agent:
             housekeeping=self._housekeeping,
             on_event=self._event,
         )
+        self.api = LocalApi(self)  # what local apps may ask (edge_runtime/server.py serves it over HTTP)
         self._threads: list[threading.Thread] = []
 
     def _event(self, kind: str, **info) -> None:
@@ -158,7 +155,7 @@ class Agent:
             return AgentState.STARTING
         if self.sessions.running:
             return AgentState.TRAINING
-        return AgentState.PAUSED if self.paused_reason else AgentState.SERVING
+        return AgentState.PAUSED if self.disk.reason else AgentState.SERVING
 
     @property
     def active_id(self) -> str:
@@ -170,25 +167,7 @@ class Agent:
         """The version of the newest global this device trains from."""
         return self.lineage.global_version
 
-    # ------------------------------------------------------------------ adapters
-    def load_external(
-        self,
-        *,
-        adapter: bytes | None = None,
-        peft_config: dict | None = None,
-        peft_weights: bytes | None = None,
-        name: str | None = None,
-    ) -> dict:
-        """An adapter from outside (edgefm safetensors bytes, or a PEFT LoRA's config and tensors):
-        verified against this bundle, judged by the gate like any candidate, then served or kept as refused."""
-        return self.adapters.load_external(
-            version=self.global_version, adapter=adapter, peft_config=peft_config, peft_weights=peft_weights, name=name
-        )
-
-    def rollback(self, to: str | None = None) -> dict:
-        """Serve an earlier adapter: ``to`` an id from `adapters`, else the one before the current."""
-        return self.adapters.rollback(to)
-
+    # ------------------------------------------------------------------ background work
     def _consider_global(self, pointer: GlobalPointer, blob: bytes) -> None:
         """A received global: served if the gate agrees, and the base of further training whatever it says
         (edge_runtime/lineage.py) unless it failed its checks or is no longer news."""
@@ -199,38 +178,10 @@ class Agent:
             self.lineage.adopt_global(pointer, *offered)
             self.metrics.set("edgefm_global_version", pointer.version, help="latest global adapter version received")
 
-    # ------------------------------------------------------------------ training
-    def disk_ok(self) -> bool:
-        """Enough free disk for data intake and checkpoints (else pause both; inference continues)."""
-        free_mb = shutil.disk_usage(self.data_dir).free / 2**20
-        self.metrics.set("edgefm_disk_free_mb", free_mb, help="free disk space in the data dir")
-        if free_mb < self.cfg.min_free_disk_mb:
-            self.paused_reason = (
-                f"disk nearly full: {free_mb:.0f} MB free < {self.cfg.min_free_disk_mb:.0f} MB; training and data intake paused"
-            )
-            return False
-        if self.paused_reason and self.paused_reason.startswith("disk"):
-            self.paused_reason = None
-        return True
-
     def train_once(self, forced: bool = False, round_msg: RoundAnnouncement | None = None) -> dict:
         """One training session on the calling thread (edge_runtime/session.py); ``round_msg``: the round
         announcement it answers."""
         return self.sessions.run(forced=forced, round_msg=round_msg, announced=self.round)
-
-    def train_now(self) -> None:
-        """Ask the worker to run a session as soon as possible."""
-        self.work.request_training()
-
-    def train_and_wait(self, timeout: float | None = None) -> dict:
-        """Run a session on the worker (after any queued global) and return what it did."""
-        if self.sessions.trainer is None:
-            raise ConfigError("this bundle has no training graph")
-        fut = self.work.wait_for_training()
-        try:
-            return fut.result(timeout if timeout is not None else self.cfg.max_train_seconds * 2 + 300)
-        except TimeoutError:
-            raise TrainingError("the training session did not finish in time; see `edgefm-agent status`") from None
 
     # MQTT's network thread calls this: it only hands the announcement to the worker
     def _on_round(self, msg: RoundAnnouncement) -> None:
@@ -267,74 +218,7 @@ class Agent:
             "outbox": self.store.outbox_stats(),
         }
 
-    def status(self) -> dict:
-        """Full status for the API and CLI."""
-        return {
-            "device_id": self.cfg.device_id,
-            "fleet": self.cfg.fleet,
-            "state": self.state.value,
-            "paused_reason": self.paused_reason,
-            "task": self.manifest.task,
-            "active_adapter": self.active_id,
-            "adapter_version": self.engine.adapter.version,
-            "global_version": self.global_version,
-            "fleet_epoch": self.lineage.fleet_epoch,
-            "examples": self.store.count_examples(),
-            "outbox": self.store.outbox_stats(),
-            "broker_connected": bool(self.sync and self.sync.connected),
-            "last_train_decision": self.sessions.last_decision.value,
-            "round": self.round.to_json() if self.round else None,
-            "rejected": (self.sync.rejected[-10:] if self.sync else []),
-            "events": self.events[-20:],
-            "training_coverage": self.store.training_coverage(),
-            "gate_decisions": self.store.decisions(20),
-            "broker_disconnects": self.sync.disconnects if self.sync else 0,
-            "base_fingerprint": self.manifest.base_fingerprint,
-            "quant": self.manifest.quant.scheme,
-        }
-
-    def metrics_text(self) -> str:
-        """Prometheus exposition of the agent's metrics, current as of now."""
-        self.metrics.set("edgefm_inflight_requests", self.inflight, help="requests being served")
-        self.metrics.set("edgefm_outbox_queued", self.store.outbox_stats()["queued"], help="updates waiting to be sent")
-        counts = self.store.count_examples()
-        self.metrics.set("edgefm_examples", counts["train"] + counts["heldout"], help="stored examples")
-        return self.metrics.render()
-
-    def heldout_examples(self) -> list[dict]:
-        """The examples this device holds back from training for its gate."""
-        return self.store.heldout_split()
-
-    def adapter_history(self) -> list[dict]:
-        """Served adapters and refused candidates, newest first."""
-        return self.store.adapters()
-
     # ------------------------------------------------------------------ lifecycle
-    def request_started(self) -> None:
-        with self._inflight_lock:
-            self.inflight += 1
-
-    def request_finished(self) -> None:
-        with self._inflight_lock:
-            self.inflight -= 1
-
-    @contextlib.contextmanager
-    def not_in_flight(self):
-        """A request that waits on background work does not count as serving load (training yields to that)."""
-        self.request_finished()
-        try:
-            yield
-        finally:
-            self.request_started()
-
-    def add_examples(self, items: list[dict], source: str = "api") -> dict:
-        """Validate and store training examples (refused while the disk is nearly full)."""
-        if not self.disk_ok():
-            raise StoreFull(self.paused_reason)
-        res = self.store.add_examples(items, source)
-        self.metrics.inc("edgefm_examples_added_total", res["added"], help="training examples stored")
-        return res
-
     def start(self) -> None:
         """Start background work (worker, inbox, sync). The HTTP server is started by the caller."""
         self._started = True
@@ -347,7 +231,7 @@ class Agent:
                     target=watch_inbox,
                     name="edgefm-inbox",
                     daemon=True,
-                    args=(Path(str(self.cfg.inbox)), self.add_examples, self._event, self._stop),
+                    args=(Path(str(self.cfg.inbox)), self.api.add_examples, self._event, self._stop),
                 )
             )
         for t in self._threads:

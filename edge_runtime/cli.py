@@ -129,7 +129,7 @@ def run_daemon(args) -> int:
     if not cfg.bundle:
         raise ConfigError("no bundle: pass --bundle PATH (or `bundle = ...` in the config file)")
     agent = Agent(cfg)
-    srv = make_server(agent, cfg.host, cfg.port)
+    srv = make_server(agent.api, cfg.host, cfg.port)
     agent.start()
     stop = threading.Event()
 

@@ -44,7 +44,9 @@ class AgentApi(Protocol):
     manifest: Manifest
     metrics: Metrics
     inflight: int
-    paused_reason: str | None
+
+    @property
+    def paused_reason(self) -> str | None: ...
 
     @property
     def state(self) -> AgentState: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import sqlite3
 import threading
 import time
@@ -41,6 +42,25 @@ def choose_split(sha: str, *, heldout_fraction: float, n_train: int, n_heldout: 
     if n_heldout < min_heldout and n_train >= 4 * (n_heldout + 1):
         return "heldout"
     return "train"
+
+
+class DiskGuard:
+    """Free disk in the data dir: below ``min_free_mb`` data intake and training pause (``reason``
+    says why, for status); inference continues."""
+
+    def __init__(self, folder: Path, min_free_mb: float, metrics=None):
+        self.folder, self.min_free_mb, self.metrics = folder, min_free_mb, metrics
+        self.reason: str | None = None
+
+    def ok(self) -> bool:
+        free_mb = shutil.disk_usage(self.folder).free / 2**20
+        if self.metrics is not None:
+            self.metrics.set("edgefm_disk_free_mb", free_mb, help="free disk space in the data dir")
+        if free_mb < self.min_free_mb:
+            self.reason = f"disk nearly full: {free_mb:.0f} MB free < {self.min_free_mb:.0f} MB; training and data intake paused"
+            return False
+        self.reason = None
+        return True
 
 
 class StoreFull(EdgefmError):

@@ -70,7 +70,7 @@ class served_agent:
         cfg = AgentConfig(bundle=str(self.bundle), data_dir=str(self.data_dir), port=free_port(),
                           **{"auto_train": False, **self.kw})
         self.agent = Agent(cfg)
-        self.srv, _ = serve_in_thread(self.agent, "127.0.0.1", cfg.port)
+        self.srv, _ = serve_in_thread(self.agent.api, "127.0.0.1", cfg.port)
         self.agent.start()
         return self.agent, f"http://127.0.0.1:{cfg.port}"
 

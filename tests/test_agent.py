@@ -32,7 +32,7 @@ def start_agent(bundle, data_dir, **kw):
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(data_dir), port=free_port(), auto_train=False, min_new_examples=1,
                       steps_per_round=3, learning_rate=1e-2, **kw)
     agent = Agent(cfg)
-    srv, _ = serve_in_thread(agent, "127.0.0.1", cfg.port)
+    srv, _ = serve_in_thread(agent.api, "127.0.0.1", cfg.port)
     agent.start()
     return agent, srv, f"http://127.0.0.1:{cfg.port}"
 
@@ -118,7 +118,7 @@ def test_bad_requests_get_4xx_and_the_daemon_keeps_serving(bundle, tmp_path):
 def test_concurrent_requests_and_hot_swap_are_safe(bundle, tmp_path):
     agent, srv, url = start_agent(bundle, tmp_path / "a")
     try:
-        agent.add_examples(examples(16))
+        agent.api.add_examples(examples(16))
         results, errors = [], []
 
         def client(i):
@@ -140,12 +140,12 @@ def test_concurrent_requests_and_hot_swap_are_safe(bundle, tmp_path):
         # rollback is one call and restores the previous adapter (a refused candidate never served: nothing to go back to)
         if r["adopted"]:
             before = agent.active_id
-            res = agent.rollback()
+            res = agent.api.rollback()
             assert res["previous"] == before != "bundle" and agent.active_id == "bundle"
         else:
             assert agent.active_id == "bundle"
             with pytest.raises(ConfigError, match="no earlier adapter"):
-                agent.rollback()
+                agent.api.rollback()
     finally:
         srv.shutdown()
         agent.stop()
@@ -163,7 +163,7 @@ def test_offline_first_updates_queue_and_arrive_exactly_once(bundle, tmp_path, b
     agent, srv, url = start_agent(bundle, tmp_path / "a", broker=broker.url, fleet="f", device_id="dev-1")
     try:
         wait_for(lambda: agent.sync.connected, 30, what="agent connected")
-        agent.add_examples(examples(40))
+        agent.api.add_examples(examples(40))
         broker.stop()
         wait_for(lambda: not agent.sync.connected, 30, what="agent to notice the outage")
         ids = [agent.train_once(forced=True)["update_id"] for _ in range(3)]
@@ -271,7 +271,7 @@ def test_sigkill_keeps_queued_updates(bundle, tmp_path):
     data = tmp_path / "agent"
     a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(data), auto_train=False, min_new_examples=1, steps_per_round=2,
                           broker="mqtt://127.0.0.1:1", device_id="dev-q"))  # unreachable broker: updates stay queued
-    a.add_examples(examples(20))
+    a.api.add_examples(examples(20))
     ids = [a.train_once(forced=True)["update_id"] for _ in range(2)]
     # a fresh process view of the same files (what a restart after SIGKILL sees)
     s = Store(data / "agent.sqlite")
@@ -291,16 +291,16 @@ def test_inbox_folder_and_disk_full_pause(bundle, tmp_path, monkeypatch):
         assert agent.store.count_examples()["train"] + agent.store.count_examples()["heldout"] == 5
         # a nearly full disk pauses intake and training, inference continues
         real = _sh.disk_usage
-        monkeypatch.setattr("edge_runtime.agent.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+        monkeypatch.setattr("edge_runtime.store.shutil.disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
         status, resp = post(url + "/v1/examples", {"examples": examples(2, offset=50)})
         assert status == 503 and "disk" in resp["error"]["message"]
         assert agent.train_once(forced=True)["status"] == "paused"
         assert post(url + "/v1/completions", {"prompt": "still serving", "max_tokens": 2})[0] == 200
         # an inbox file that arrives meanwhile waits (it is not the file's fault), then goes in
         (inbox / "batch2.jsonl").write_text("\n".join(json.dumps(e) for e in examples(3, offset=80)) + "\n")
-        wait_for(lambda: any(e["event"] == "inbox_file_waiting" for e in agent.status()["events"]), 20, what="inbox waiting")
+        wait_for(lambda: any(e["event"] == "inbox_file_waiting" for e in agent.api.status()["events"]), 20, what="inbox waiting")
         assert (inbox / "batch2.jsonl").exists() and not (inbox / "batch2.jsonl.bad").exists()
-        monkeypatch.setattr("edge_runtime.agent.shutil.disk_usage", real)
+        monkeypatch.setattr("edge_runtime.store.shutil.disk_usage", real)
         wait_for(lambda: (inbox / "batch2.jsonl.done").exists(), 20, what="the waiting inbox file taken in")
         assert post(url + "/v1/examples", {"examples": examples(2, offset=50)})[0] == 200
     finally:
@@ -320,7 +320,7 @@ def test_training_window_and_profile_backend_take_effect(bundle, tmp_path):
     agent = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), auto_train=False, min_new_examples=1,
                               steps_per_round=2, train_cooldown_s=0, train_window_hours=outside))
     try:
-        agent.add_examples(examples(12))
+        agent.api.add_examples(examples(12))
         assert agent.train_once()["status"] == "outside_window"
         assert agent.train_once(forced=True)["status"] == "trained"      # train-now runs at any hour
     finally:

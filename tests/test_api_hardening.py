@@ -22,7 +22,7 @@ def agent_url(tmp_path, tmp_path_factory, tiny_llama_dir):
     bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), port=free_port(), auto_train=False, http_idle_timeout_s=1.0)
     agent = Agent(cfg)
-    srv, _ = serve_in_thread(agent, "127.0.0.1", cfg.port)
+    srv, _ = serve_in_thread(agent.api, "127.0.0.1", cfg.port)
     agent.start()
     yield agent, cfg.port
     srv.shutdown()
@@ -79,7 +79,7 @@ def test_connections_over_the_limit_get_503_not_resets(tmp_path, tmp_path_factor
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), port=free_port(), auto_train=False,
                       http_idle_timeout_s=30.0, max_connections=4)
     agent = Agent(cfg)
-    srv, _ = serve_in_thread(agent, "127.0.0.1", cfg.port)
+    srv, _ = serve_in_thread(agent.api, "127.0.0.1", cfg.port)
     agent.start()
 
     def get(path="/healthz"):

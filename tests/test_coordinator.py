@@ -259,7 +259,7 @@ def test_tls_broker_end_to_end(bundle, tmp_path, broker_tls):
     a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), broker=url, fleet="c", device_id="tls-dev",
                           auto_train=False, min_new_examples=1, steps_per_round=2))
     try:
-        a.add_examples(examples(12))
+        a.api.add_examples(examples(12))
         a.start()
         wait_for(lambda: a.sync.connected and c.link.connected.is_set(), 30, what="TLS connections")
         a.train_once(forced=True)

@@ -22,7 +22,7 @@ from edge_runtime.agent import Agent
 from edge_runtime.config import AgentConfig
 import coordinator.service
 a = Agent(AgentConfig(bundle={str(BUNDLE)!r}, data_dir={str(tmp_path / 'a')!r}, auto_train=False, min_new_examples=1, steps_per_round=2))
-a.add_examples([{{"text": "pump %d restarted" % i}} for i in range(12)])
+a.api.add_examples([{{"text": "pump %d restarted" % i}} for i in range(12)])
 assert a.train_once(forced=True)["status"] == "trained"
 assert list(a.engine.generate(a.engine.encode("pump"), max_new_tokens=2, stop_ids=set()))
 assert "torch" not in sys.modules, "torch was imported on the device path"
@@ -40,7 +40,7 @@ def test_engine_generates_and_trainer_learns_without_torch(tmp_path):
     eng = a.engine
     out = list(eng.generate(eng.encode("the quick brown"), max_new_tokens=4, stop_ids=set()))
     assert len(out) == 4
-    a.add_examples([{"text": f"valve {i} closed at noon and reopened at two"} for i in range(20)])
+    a.api.add_examples([{"text": f"valve {i} closed at noon and reopened at two"} for i in range(20)])
     r = a.train_once(forced=True)
     assert r["status"] == "trained" and r["losses"][-1] < r["losses"][0]
     assert a.store.outbox_stats()["queued"] == 1
@@ -58,7 +58,7 @@ def test_device_and_coordinator_round_over_real_broker_without_torch(tmp_path, b
     a = Agent(AgentConfig(bundle=str(BUNDLE), data_dir=str(tmp_path / "a"), broker=broker.url, fleet="d", device_id="pi",
                           auto_train=False, min_new_examples=1, steps_per_round=2))
     try:
-        a.add_examples([{"text": f"door sensor {i} reported open"} for i in range(12)])
+        a.api.add_examples([{"text": f"door sensor {i} reported open"} for i in range(12)])
         c.start()
         a.start()
         wait_for(lambda: a.sync.connected, 15, what="agent connected")

@@ -28,7 +28,7 @@ def make_agent(bundle, data_dir, **kw):
     cfg = AgentConfig(**{"bundle": str(bundle), "data_dir": str(data_dir), "port": free_port(), "auto_train": False,
                          "min_new_examples": 1, "steps_per_round": 2, **kw})
     agent = Agent(cfg)
-    srv, _ = serve_in_thread(agent, "127.0.0.1", cfg.port)
+    srv, _ = serve_in_thread(agent.api, "127.0.0.1", cfg.port)
     agent.start()
     return agent, srv, f"http://127.0.0.1:{cfg.port}"
 
@@ -93,7 +93,7 @@ def test_a_redelivered_round_announcement_starts_no_second_session(bundle, tmp_p
     # after a restart the broker hands the retained announcement over again: still no second session
     agent, srv, url = make_agent(bundle, tmp_path / "a", broker=broker.url, fleet="r", device_id="dev-1")
     try:
-        wait_for(lambda: agent.sync.connected and agent.status()["round"], 30, what="retained round re-delivered")
+        wait_for(lambda: agent.sync.connected and agent.api.status()["round"], 30, what="retained round re-delivered")
         time.sleep(3)
         assert sessions(url) == 0
         assert agent.store.outbox_stats()["awaiting_receipt"] + agent.store.outbox_stats()["queued"] == 1
@@ -113,7 +113,7 @@ def test_network_thread_keeps_its_keepalive_while_the_agent_evaluates_under_full
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(4)]
     pub = Publisher(broker, "k")
     try:
-        added = agent.add_examples(examples(12_000))
+        added = agent.api.add_examples(examples(12_000))
         assert added["heldout"] > 800
         wait_for(lambda: agent.sync.connected, 30, what="agent connected")
         tensors, meta = load_adapter(bundle / "adapter.safetensors")

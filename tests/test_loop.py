@@ -25,7 +25,7 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
         a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / f"a{i}"), broker=broker.url, fleet="t1",
                               device_id=f"dev-{i}", auto_train=False, steps_per_round=3, min_new_examples=1,
                               learning_rate=1e-2, update_codec="fp32", update_compression="none"))
-        a.add_examples(examples(24, offset=i * 3))
+        a.api.add_examples(examples(24, offset=i * 3))
         agents.append(a)
     # Execute
     for a in agents:

@@ -41,7 +41,7 @@ def test_agent_with_torch_backend_trains(tmp_path, tmp_path_factory, tiny_llama_
     b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     a = Agent(AgentConfig(bundle=str(b), data_dir=str(tmp_path / "a"), auto_train=False, min_new_examples=1, steps_per_round=3,
                           learning_rate=1e-2, trainer_backend="torch", torch_model=str(tiny_llama_dir)))
-    a.add_examples(examples(16))
+    a.api.add_examples(examples(16))
     r = a.train_once(forced=True)
     assert r["status"] == "trained" and r["losses"][-1] < r["losses"][0]
     a.stop()

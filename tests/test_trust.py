@@ -125,7 +125,7 @@ def test_provisioned_broker_refuses_strangers_and_confines_devices(tmp_path, bun
             acfg = toml(out / "devices" / dev / "agent.toml")
             a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / dev), auto_train=False, min_new_examples=1,
                                   steps_per_round=2, **acfg))
-            a.add_examples(examples(12))
+            a.api.add_examples(examples(12))
             a.start()
             agents.append(a)
         wait_for(lambda: c.link.connected.is_set() and all(a.sync.connected for a in agents), 30, what="mTLS connections")
@@ -194,7 +194,7 @@ def test_forged_globals_rounds_receipts_and_updates_refused_without_any_acl(tmp_
     t = Topics("plant")
     evil = MqttLink(broker.url, "evil").start()
     try:
-        a.add_examples(examples(12))
+        a.api.add_examples(examples(12))
         a.start()
         wait_for(lambda: a.sync.connected and c.link.connected.is_set() and evil.wait_connected(1), 30, what="connections")
         time.sleep(1.0)
@@ -283,8 +283,8 @@ def test_damaged_adapter_snapshot_is_refused_and_the_last_good_one_serves(tmp_pa
     save_adapter(tmp_path / "mine.safetensors", mine, m0)
     cfg = AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "agent"), auto_train=False)
     a = Agent(cfg)
-    a.load_external(adapter=(bundle / "adapter.safetensors").read_bytes(), name="first")
-    res = a.load_external(adapter=(tmp_path / "mine.safetensors").read_bytes(), name="second")
+    a.api.load_external(adapter=(bundle / "adapter.safetensors").read_bytes(), name="first")
+    res = a.api.load_external(adapter=(tmp_path / "mine.safetensors").read_bytes(), name="second")
     assert res["adopted"] and a.active_id == "loaded-second"
     a.stop()
     path = next(e["path"] for e in a.store.adapters() if e["id"] == "loaded-second")
@@ -417,21 +417,21 @@ def test_signed_fleet_reset_recovers_devices_on_an_old_lineage(tmp_path, bundle,
                           signing_key=str(out / "devices/dev-a/signing.key"), coordinator_key=str(out / "coordinator.pub")))
     c2 = None
     try:
-        a.add_examples(examples(12))
+        a.api.add_examples(examples(12))
         a.start()
         wait_for(lambda: a.sync.connected and c.link.connected.is_set(), 30, what="connections")
-        wait_for(lambda: a.status()["fleet_epoch"] == c.epoch, 20, what="the device learns its fleet's lineage from v0")
+        wait_for(lambda: a.api.status()["fleet_epoch"] == c.epoch, 20, what="the device learns its fleet's lineage from v0")
         assert a.global_version == 0 and a.active_id == "bundle"     # v0 is the bundle's adapter: nothing fetched
         for v in (1, 2):
-            a.add_examples(examples(4, offset=100 * v))
+            a.api.add_examples(examples(4, offset=100 * v))
             a.train_once(forced=True)
             wait_for(lambda: a.global_version == v, 60, what=f"v{v}")
         c.stop()
         c2 = coordinator("state-2")                                    # a fresh state: v0 again, a new lineage
         assert c2.epoch != c.epoch and c2.version == 0
-        wait_for(lambda: a.status()["fleet_epoch"] == c2.epoch and a.global_version == 0, 60, what="the device takes the new v0")
-        assert any(e["event"] == "fleet_epoch_changed" for e in a.status()["events"])
-        a.add_examples(examples(4, offset=900))
+        wait_for(lambda: a.api.status()["fleet_epoch"] == c2.epoch and a.global_version == 0, 60, what="the device takes the new v0")
+        assert any(e["event"] == "fleet_epoch_changed" for e in a.api.status()["events"])
+        a.api.add_examples(examples(4, offset=900))
         a.train_once(forced=True)
         wait_for(lambda: c2.version == 1 and a.global_version == 1, 60, what="its update counts in the new lineage")
         assert c2.state.update_counts()["accepted"] == 1

@@ -173,7 +173,7 @@ def test_coordinator_commands(tmp_path, broker_tls, smollm2_bundle, tiny_llama_d
     a = Agent(AgentConfig(bundle=str(b), data_dir=str(tmp_path / "dev"), broker=tls, fleet="default", device_id="d1",
                           auto_train=False, min_new_examples=1, steps_per_round=2))
     try:
-        a.add_examples(examples(12))
+        a.api.add_examples(examples(12))
         a.start()
         wait_for(lambda: a.sync.connected, 30, what="the device on TLS")
         time.sleep(1.0)
