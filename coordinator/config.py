@@ -88,6 +88,31 @@ class CoordinatorConfig:
         if self.chunk_size < 1024:
             raise ConfigError("chunk_size must be at least 1024 bytes")
 
+    def make_strategy(self, rank: int):
+        """The aggregation strategy this config names, with its settings (coordinator/strategies.py)."""
+        from coordinator.strategies import make_strategy
+
+        return make_strategy(
+            self.strategy,
+            server_lr=self.server_lr,
+            server_opt=self.server_optimizer,
+            rank=rank,
+            trim=self.trim,
+            dp_noise_multiplier=self.dp_noise_multiplier,
+            dp_clip=self.dp_clip,
+            dp_delta=self.dp_delta,
+            seed=self.seed,
+        )
+
+    def limits(self, fingerprint: str, shapes: dict[str, tuple[int, ...]]):
+        """What every update is validated against (coordinator/validate.py): this bundle's base and LoRA
+        slots, the size and norm bounds, the HMAC key and the devices' signing keys."""
+        from coordinator.validate import Limits
+        from edge_runtime.protocol import signing
+
+        keys = signing.device_keys(self.device_keys) if self.device_keys else None
+        return Limits(fingerprint, shapes, self.max_update_bytes, self.max_update_norm, self.sign_key, keys)
+
     def influence_policy(self):
         """The bounds every accepted update is held to."""
         from coordinator.influence import InfluencePolicy

@@ -17,12 +17,6 @@ import random
 from edge_runtime.errors import RejectReason
 
 
-class RoundStatus(str, enum.Enum):
-    OPEN = "open"
-    CLOSED = "closed"
-    EXTENDED = "extended"
-
-
 class CloseDecision(str, enum.Enum):
     WAIT = "wait"
     CLOSE = "close"

@@ -30,10 +30,8 @@ from coordinator.publisher import Publisher
 from coordinator.rounds import RoundPlan
 from coordinator.schedule import Rounds
 from coordinator.state import State
-from coordinator.strategies import make_strategy
-from coordinator.validate import Limits
-from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason, StateError
-from edge_runtime.protocol.adapter import adapter_from_bytes
+from coordinator.versions import Versions
+from edge_runtime.errors import BundleError, ConfigError, ProtocolError, RejectReason
 from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.messages import DeviceStatus, UpdateHeader, parse_json_message
 from edge_runtime.protocol.topics import Topics
@@ -62,25 +60,8 @@ class Coordinator:
         from edge_runtime.protocol import signing
 
         self.signer = signing.load_private_key(cfg.signing_key) if cfg.signing_key else None
-        self.limits = Limits(
-            self.fingerprint,
-            self.schema,
-            cfg.max_update_bytes,
-            cfg.max_update_norm,
-            cfg.sign_key,
-            signing.device_keys(cfg.device_keys) if cfg.device_keys else None,
-        )
-        self.strategy = make_strategy(
-            cfg.strategy,
-            server_lr=cfg.server_lr,
-            server_opt=cfg.server_optimizer,
-            rank=self.rank,
-            trim=cfg.trim,
-            dp_noise_multiplier=cfg.dp_noise_multiplier,
-            dp_clip=cfg.dp_clip,
-            dp_delta=cfg.dp_delta,
-            seed=cfg.seed,
-        )
+        self.limits = cfg.limits(self.fingerprint, self.schema)
+        self.strategy = cfg.make_strategy(self.rank)
         self.influence = cfg.influence_policy()
         self.lock = threading.RLock()
         self.done = threading.Event()
@@ -89,14 +70,6 @@ class Coordinator:
         # bounded: back-pressure onto the broker; with the batch being worked on, at most 2 x ingest_batch
         # payloads are in memory whatever the number of updates in a round
         self.inbox = IngestQueue(cfg.ingest_batch, cap=self._batch_cap, process=self.ingest)
-        if self.state.current_version() is None:
-            blob = (bundle / "adapter.safetensors").read_bytes()
-            tensors, meta = adapter_from_bytes(blob, expect_fingerprint=self.fingerprint)
-            self.state.store_version(0, None, tensors, meta, strategy=cfg.strategy, note="initial adapter from the bundle")
-        version = self.state.current_version()
-        if version is None:  # stored just above when missing
-            raise StateError(f"{cfg.state_dir}: no version recorded")
-        self.version: int = version
         self.epoch = self.state.epoch()
         self.publisher = Publisher(
             self.topics,
@@ -107,12 +80,12 @@ class Coordinator:
             chunk_size=cfg.chunk_size,
             keep_versions=cfg.keep_versions,
         )
-        self.global_tensors, self.global_meta = self.state.load_version(self.version)
+        self.versions = Versions(self.state, self.publisher, bundle, self.fingerprint, cfg.strategy)
         self.open = OpenAggregate(
             self.strategy,
             self.influence,
             self.state,
-            self.global_tensors,
+            self.versions.tensors,
             clip_norm=cfg.clip_norm,
             sync=cfg.mode == "sync",
             staleness_exponent=cfg.staleness_exponent,
@@ -121,6 +94,11 @@ class Coordinator:
         self.intake = Intake(self.state, self.open, self.limits, self.lock, rebuild=self._replay)
         self.rounds = Rounds(cfg, self.state, self.publisher, train_a=getattr(self.strategy, "train_a", True))
         self._restore()
+
+    @property
+    def version(self) -> int:
+        """The current global version."""
+        return self.versions.current
 
     def _restore(self) -> None:
         """Resume after a restart: the open round and every accepted-but-unpublished update."""
@@ -133,7 +111,7 @@ class Coordinator:
         """Rebuild the open aggregation from durable state (coordinator/aggregation.py); returns how many
         updates it holds again."""
         self.intake.forget_pending()
-        restored = self.open.replay(self.version, self.global_tensors)
+        restored = self.open.replay(self.version, self.versions.tensors)
         self.rounds.recount(restored)
         return len(restored)
 
@@ -241,7 +219,7 @@ class Coordinator:
 
     def on_connect(self) -> None:
         """The link (re)connected: the retained global and the open round again."""
-        self.publish_global(self.version)
+        self.versions.publish()
         self.rounds.announce(self.version)
 
     def on_message(self, topic: str, payload: bytes, retained: bool) -> tuple[str, Outcome] | None:
@@ -304,33 +282,17 @@ class Coordinator:
 
     def _aggregate(self, round_id: int | None) -> int | None:
         """Fold what is in into a new global version and publish it; returns the version (None: kept previous)."""
-        version = self.version + 1
-        res = self.open.finish(versions=version)
+        res = self.open.finish(versions=self.version + 1)
         if res.tensors is None:
             return None
-        with self.state.transaction():  # the version and the optimizer state that produced it, together
-            self.state.store_version(
-                version,
-                self.version,
-                res.tensors,
-                self.global_meta,
-                strategy=self.cfg.strategy,
-                round_id=round_id,
-                num_updates=len(res.folded_ids),
-                num_examples=res.metrics["num_examples"],
-                metrics=res.metrics,
-                folded=res.folded_ids,
-            )
-            old_opt = self.open.save_opt_state(version)
-        if old_opt:
-            self.state.blobs.delete(old_opt)
+        # the version and the server optimizer state that produced it, in one transaction
+        version = self.versions.add(res.tensors, round_id=round_id, result=res, save_extra=self.open.save_opt_state)
         self.state.delete_updates(self.state.release_payloads(res.folded_ids))
         self.state.drop_checkpoint()  # every update it covered is folded into this version
-        self.version, self.global_tensors = version, res.tensors
         self.open.begin(res.tensors)
         if round_id is not None:
             self.rounds.closed(round_id, version, {**res.metrics, "participants": res.participants})
-        self.publish_global(version)
+        self.versions.publish(version)
         self.publisher.summary(round_id, version, res.participants, res.metrics)
         log.info("published global v%d from %d updates (%d examples)", version, len(res.folded_ids), res.metrics["num_examples"])
         if self.cfg.mode == "async":
@@ -339,28 +301,18 @@ class Coordinator:
                 self.done.set()
         return version
 
-    def publish_global(self, version: int) -> None:
-        """Publish a stored version to the fleet (retained chunks, then the signed pointer)."""
-        self.publisher.global_version(version)
-
     def publish_adapter(self, tensors, note: str) -> int:
         """Publish given tensors as a new version (manual publish / rollback): lineage stays monotonic."""
         with self.lock:
-            version = self.version + 1
-            self.state.store_version(version, self.version, tensors, self.global_meta, strategy=self.cfg.strategy, note=note)
-            self.version, self.global_tensors = version, tensors
+            version = self.versions.add(tensors, note=note)
             self._replay()  # accepted, unpublished updates stay pending: folded into the next version
-            self.publish_global(version)
+            self.versions.publish(version)
             return version
 
     def rollback_to(self, to: int) -> int:
         """Republish version ``to``'s adapter as the next version; versions after it are marked rolled back."""
         with self.lock:
-            try:
-                tensors, _ = self.state.load_version(to)
-            except KeyError:
-                raise ConfigError(f"no version {to}; see `edgefm-coordinator adapters`") from None
-            v = self.publish_adapter(tensors, f"rollback to v{to}")
+            v = self.publish_adapter(self.versions.load(to), f"rollback to v{to}")
             self.state.mark_rolled_back(to, v)
             return v
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.sampling import log_softmax
 
 
 def apply_bias_and_penalties(
@@ -33,13 +34,6 @@ def apply_bias_and_penalties(
     for tok, b in (bias or {}).items():
         out[tok] += b
     return out
-
-
-def log_softmax(row: np.ndarray) -> np.ndarray:
-    z = np.asarray(row, np.float64)
-    finite = np.isfinite(z)
-    m = z[finite].max() if finite.any() else 0.0
-    return z - (m + np.log(np.exp(z[finite] - m).sum()))
 
 
 def top_logprobs(row: np.ndarray, k: int) -> list[tuple[int, float]]:

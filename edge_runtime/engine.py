@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from edge_runtime.decoding import Steering
 from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
 from edge_runtime.protocol.manifest import KvCache, Manifest, open_bundle, verify_files
-from edge_runtime.sampling import sample_next
+from edge_runtime.sampling import nll, sample_next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,11 +367,7 @@ class Engine:
         if n < 2:
             return 0.0, 0
         logits, _ = self.forward(arr, np.ones((1, n), np.int64), np.arange(n)[None], self.empty_past(1), adapter)
-        z = logits[0, :-1].astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-        nll = -logp[np.arange(n - 1), arr[0, 1:]]
-        return float(nll.sum()), n - 1
+        return float(nll(logits[0, :-1], arr[0, 1:]).sum()), n - 1
 
     def perplexity(self, text: str, window: int = 256, adapter: ActiveAdapter | None = None) -> float:
         """Perplexity of ``text`` in non-overlapping windows."""

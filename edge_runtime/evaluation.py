@@ -13,6 +13,7 @@ import numpy as np
 from edge_runtime.engine import ActiveAdapter, Engine
 from edge_runtime.gate import GateDecision, GatePolicy, anchor_texts, decide_gate
 from edge_runtime.metrics import Metrics
+from edge_runtime.sampling import nll
 from edge_runtime.store import Store
 
 if TYPE_CHECKING:
@@ -71,11 +72,8 @@ class Evaluator:
                     out.append(s / c)
             return np.array(out)
         feeds, _ = self.engine.encoder_inputs([e["text"] for e in examples])
-        logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        labels = np.array([e["label"] or 0 for e in examples])
-        return -logp[np.arange(len(labels)), labels]
+        logits = self.engine.session.run(None, {**feeds, **adapter.feeds})[0]
+        return nll(logits, np.array([e["label"] or 0 for e in examples]))
 
     def anchor_examples(self) -> list[dict]:
         """The general-text anchor set (LM bundles only): shipped passages or ``anchor_file``."""

@@ -1,8 +1,22 @@
-"""Next-token selection (pure numpy): greedy, temperature, top-k, top-p, repetition penalty."""
+"""Next-token selection and token log-probabilities (pure numpy): greedy, temperature, top-k, top-p,
+repetition penalty; ``log_softmax`` and ``nll``, the one place losses and scores are computed from logits."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64; -inf entries (masked tokens) stay -inf."""
+    z = np.asarray(logits, np.float64)
+    m = np.max(np.where(np.isfinite(z), z, -np.inf), axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+
+
+def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of each target id under its row of logits (shape: ``targets.shape``)."""
+    return -np.take_along_axis(log_softmax(logits), np.asarray(targets)[..., None], axis=-1)[..., 0]
 
 
 def sample_next(

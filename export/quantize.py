@@ -246,7 +246,7 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     """Replace each MatMul(x, const W) (not excluded, K divisible by ``block``) by
     ``MatMulNBits(x, q, s) + S(x) @ C``: the symmetric 4-bit kernel (implicit zero point 8) plus
     a per-block offset, S(x) [..., K/block] the sums of x over each block (Reshape + ReduceSum, shared
-    by the linears reading the same x; a matmul with a 0/1 matrix P before opset 15) and C
+    by the linears reading the same x) and C
     [K/block, N] the offsets. Where the MatMul already has a
     low-rank LoRA term (``<tag>.lr_u``/``<tag>.lr_d`` over inputs L, R; see ``edge_runtime.lowrank``),
     P and C are prepended to L's and R's defaults instead: one matmul pair for offsets and LoRA. Returns
@@ -258,6 +258,8 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
     graph_inputs = {i.name: i for i in model.graph.input}
     aux, nodes, new_inits, sums = [], [], [], {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 15:  # every graph edgefm-export writes is opset 18
+        raise ExportError(f"the int4 rewrite needs an opset >= 15 graph (Shape with an end); this one is opset {opset}")
     small: set[str] = set()
 
     def const_i64(name: str, values) -> str:
@@ -321,20 +323,14 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
         )
         if (x, K) not in sums:
             pname = f"{x}_blocksum{block}"
-            if opset >= 15:  # reshape to [..., K/block, block] and sum: no 0/1 matrix to store or read
-                nb = const_i64(f"blocks{K // block}x{block}", [K // block, block])
-                nodes += [
-                    helper.make_node("Shape", [x], [f"{pname}_lead"], name=f"{pname}_lead", end=-1),
-                    helper.make_node("Concat", [f"{pname}_lead", nb], [f"{pname}_shape"], name=f"{pname}_shape", axis=0),
-                    helper.make_node("Reshape", [x, f"{pname}_shape"], [f"{pname}_blocks"], name=f"{pname}_blocks"),
-                    helper.make_node(
-                        "ReduceSum", [f"{pname}_blocks", const_i64("axis_last", [-1])], [pname], name=pname, keepdims=0
-                    ),
-                ]
-            else:
-                new_inits.append(numpy_helper.from_array(block_sum_matrix(K, block), f"{pname}_P"))
-                nodes.append(helper.make_node("MatMul", [x, f"{pname}_P"], [pname], name=pname))
-                aux.append(pname)
+            # reshape to [..., K/block, block] and sum: no 0/1 matrix to store or read
+            nb = const_i64(f"blocks{K // block}x{block}", [K // block, block])
+            nodes += [
+                helper.make_node("Shape", [x], [f"{pname}_lead"], name=f"{pname}_lead", end=-1),
+                helper.make_node("Concat", [f"{pname}_lead", nb], [f"{pname}_shape"], name=f"{pname}_shape", axis=0),
+                helper.make_node("Reshape", [x, f"{pname}_shape"], [f"{pname}_blocks"], name=f"{pname}_blocks"),
+                helper.make_node("ReduceSum", [f"{pname}_blocks", const_i64("axis_last", [-1])], [pname], name=pname, keepdims=0),
+            ]
             sums[(x, K)] = pname
         nodes.append(helper.make_node("MatMul", [sums[(x, K)], f"{b}_offsets"], [f"{y}_offset"], name=f"{tag}_offset"))
         nodes.append(helper.make_node("Add", [f"{y}_q4", f"{y}_offset"], [y], name=f"{tag}_addoffset"))

@@ -225,3 +225,21 @@ def test_token_source_names_the_source_a_bearer_token_authenticates():
     assert token_source("Bearer " + "x" * 20, "t" * 20, named) is None
     assert token_source(None, "t" * 20, {}) is None and token_source("Basic " + "t" * 20, "t" * 20, {}) is None
     assert token_source("Bearer ", None, named) is None                            # an empty token matches nothing
+
+
+def test_log_softmax_and_nll_by_hand():
+    """The one place scores and losses come from logits (edge_runtime/sampling.py)."""
+    from edge_runtime.sampling import log_softmax, nll
+    np.testing.assert_allclose(np.exp(log_softmax(np.array([0.0, np.log(3.0)]))), [0.25, 0.75])
+    masked = log_softmax(np.array([-np.inf, 5.0, 5.0]))              # a token masked by a grammar stays impossible
+    assert masked[0] == -np.inf and np.allclose(masked[1:], np.log(0.5))
+    logits = np.array([[[0.0, np.log(3.0)], [1000.0, 1000.0]]])       # batch x positions x vocab; huge but equal
+    np.testing.assert_allclose(nll(logits, np.array([[1, 0]])), [[np.log(4 / 3), np.log(2.0)]])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=40))
+def test_log_softmax_is_a_distribution(row):
+    from edge_runtime.sampling import log_softmax
+    lp = log_softmax(np.array(row))
+    assert abs(np.exp(lp).sum() - 1.0) < 1e-9 and np.all(lp <= 1e-12)
