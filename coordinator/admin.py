@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from edge_runtime.errors import ConfigError
 
 if TYPE_CHECKING:
-    from coordinator.service import Coordinator
+    from coordinator.core import CoordinatorCore
 
 LOCK = "serve.lock"
 SPOOL = "admin"
@@ -93,7 +93,7 @@ def serve_requests(state_dir: Path, execute: Callable[[dict], dict]) -> int:
     return done
 
 
-def execute(coordinator: Coordinator, request: dict) -> dict:
+def execute(coordinator: CoordinatorCore, request: dict) -> dict:
     """Carry out one admin request on ``coordinator``: publish an adapter file, or roll back to a version."""
     from edge_runtime.protocol.adapter import load_adapter
 

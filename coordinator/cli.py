@@ -190,14 +190,14 @@ def admin_command(args) -> int:
             out = admin.submit(state_dir, request)
         else:
             from coordinator.config import CoordinatorConfig
-            from coordinator.service import Coordinator
+            from coordinator.core import CoordinatorCore
             from edge_runtime.transport import MqttLink, redact
 
             if not (state_dir / "coordinator.sqlite").is_file():
                 raise ConfigError(
                     f"no coordinator state in {state_dir}; pass --state-dir or run `edgefm-coordinator serve` first"
                 )
-            coord = Coordinator(
+            coord = CoordinatorCore(  # no coordinator serves this state: the command runs the core itself
                 CoordinatorConfig(
                     bundle=args.bundle, broker=args.broker, fleet=args.fleet, state_dir=str(state_dir), insecure=args.insecure
                 )
