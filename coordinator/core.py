@@ -112,6 +112,11 @@ class CoordinatorCore:
             if self.cfg.mode == "async" and self.open.count() >= self.cfg.buffer_size:
                 self._aggregate(round_id=None)
 
+    def on_connect(self) -> None:
+        """The link (re)connected: the retained global and the open round again."""
+        self.versions.publish()
+        self.rounds.reannounce()
+
     def attach(self, link: Link) -> None:
         """Send to the fleet through ``link`` from now on (an admin command's short-lived link too)."""
         self.link = self.publisher.link = link

@@ -30,15 +30,17 @@ class Rounds:
         self.plan: RoundPlan | None = RoundPlan(*r) if r is not None and self.sync else None
 
     def announce(self, version: int) -> None:
-        """(Re)announce the open round, retained; in async mode that ``version`` is the newest global."""
+        """Announce (retained) the open sync round, or in async mode that ``version`` is the newest global."""
         if self.sync and self.plan is None:
             return
-        self.publisher.round(
-            mode=self.cfg.mode,
-            base_version=self.plan.base_version if self.plan else version,
-            train_a=self.train_a,
-            plan=self.plan,
-        )
+        base = self.plan.base_version if self.plan else version
+        self.publisher.round(mode=self.cfg.mode, base_version=base, train_a=self.train_a, plan=self.plan)
+
+    def reannounce(self) -> None:
+        """After a reconnect: the open sync round again (an async announcement is made per new version only;
+        one on every reconnect would start a session on every device)."""
+        if self.plan is not None:
+            self.announce(self.plan.base_version)
 
     def open(self, version: int) -> RoundPlan:
         """Open the next synchronous round on ``version`` and announce it."""

@@ -105,11 +105,6 @@ class Coordinator(CoordinatorCore):
             self.link.close()
         self.inbox.stop()
 
-    def on_connect(self) -> None:
-        """The link (re)connected: the retained global and the open round again."""
-        self.versions.publish()
-        self.rounds.announce(self.version)
-
     def _loop(self) -> None:
         from coordinator import admin
 

@@ -57,7 +57,7 @@ def test_async_receipts_versions_and_summary_through_the_link(bundle, tmp_path):
         assert link.messages(t.ack("a"))[-1]["status"] == "duplicate" and c.version == 0
         c_id, c_delta, c_msg = _update(meta, "c", 0, 1, rng)
         link.deliver(t.update("c"), c_msg, "c")                             # the buffer (2) is full: v1
-        wait_for(lambda: c.version == 1, 10, what="v1")
+        wait_for(lambda: link.messages(t.summary), 10, what="v1")
         pointer = link.messages(t.global_pointer)[-1]
         assert pointer["version"] == 1 and pointer["epoch"] == c.epoch
         blob = b"".join(link.retained[t.global_chunk(1, i)] for i in range(len(pointer["chunk_sha256"])))
@@ -92,8 +92,24 @@ def test_sync_round_announced_to_the_selected_and_closed_at_target(bundle, tmp_p
         assert link.messages(t.ack(left_out))[0]["reason"] == "stale"
         for d in chosen:
             link.deliver(t.update(d), _update(meta, d, 0, 2, rng, round_id=1)[2], d)
-        wait_for(lambda: c.version == 1, 10, what="the round closed at its target")
-        assert link.messages(t.summary)[-1]["participants"] == sorted(chosen)
+        wait_for(lambda: link.messages(t.summary), 10, what="the round closed at its target")
+        assert c.version == 1 and link.messages(t.summary)[-1]["participants"] == sorted(chosen)
         assert link.messages(t.global_pointer)[-1]["version"] == 1
     finally:
         c.stop()
+
+
+def test_a_reconnect_reannounces_an_open_sync_round_and_no_async_one(bundle, tmp_path):
+    """A reconnect republishes the retained pointer, and the open sync round; an async announcement is
+    made once per new version (one per reconnect started a session on every device: tests/test_trust.py)."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.core import CoordinatorCore
+    for mode, rounds_after in (("async", 0), ("sync", 2)):
+        c = CoordinatorCore(CoordinatorConfig(bundle=str(bundle), state_dir=str(tmp_path / mode), fleet="m", mode=mode))
+        link = MemoryLink()
+        c.attach(link)
+        if mode == "sync":
+            c.rounds.open(c.version)                        # announced once when it opens
+        c.on_connect()
+        assert len(link.messages(c.topics.global_pointer)) == 1
+        assert len(link.messages(c.topics.round)) == rounds_after, mode
