@@ -58,7 +58,7 @@ def child_torch(steps: int) -> dict:
 
 
 def child_onnx(scheme: str, steps: int) -> dict:
-    from edge_runtime.engine import stack_adapter
+    from edge_runtime.protocol.adapter import stack_adapter
     from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
     from edge_runtime.protocol.adapter import load_adapter
     from edge_runtime.protocol.manifest import Manifest

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
+from edge_runtime.protocol.adapter import is_lora_a, partner_b
 from edge_runtime.protocol.tensors import flatten
 
 Tensors = dict[str, np.ndarray]
@@ -170,9 +171,7 @@ def coordinate_median(updates: list[Tensors]) -> Tensors:
 def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
     """(A name, B name) pairs present in a tensor dict."""
     names = set(names)
-    return sorted(
-        (n, n[: -len("lora_A")] + "lora_B") for n in names if n.endswith("lora_A") and n[: -len("lora_A")] + "lora_B" in names
-    )
+    return sorted((n, partner_b(n)) for n in names if is_lora_a(n) and partner_b(n) in names)
 
 
 def pad_or_truncate_rank(t: Tensors, rank: int) -> Tensors:
@@ -251,11 +250,11 @@ class ProductSum:
         for a, s in self.sums.items():
             target = s / self.weight
             if start is not None and lr != 1.0:
-                b = a[: -len("lora_A")] + "lora_B"
+                b = partner_b(a)
                 p = start[b].astype(np.float64) @ start[a].astype(np.float64)
                 target = p + lr * (target - p)
             A, B = svd_refactor(target, rank)
-            out[a], out[a[: -len("lora_A")] + "lora_B"] = A, B
+            out[a], out[partner_b(a)] = A, B
         return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from coordinator import aggregate as agg
+from edge_runtime.protocol.adapter import is_lora_a
 
 Tensors = dict[str, np.ndarray]
 
@@ -114,9 +115,7 @@ class FrozenA(Strategy):
         if self.count(acc) == 0:
             return None
         d = self.avg_delta(acc)
-        return {
-            k: (global_t[k] if k.endswith("lora_A") else global_t[k] + self.server_lr * d[k]).astype(np.float32) for k in global_t
-        }
+        return {k: (global_t[k] if is_lora_a(k) else global_t[k] + self.server_lr * d[k]).astype(np.float32) for k in global_t}
 
 
 class SvdProduct(Strategy):

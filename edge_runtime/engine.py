@@ -15,7 +15,7 @@ from edge_runtime.lowrank import LowRankLayout
 
 if TYPE_CHECKING:
     from edge_runtime.decoding import Steering
-from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, lora_names
+from edge_runtime.protocol.adapter import AdapterMeta, load_adapter, stack_adapter
 from edge_runtime.protocol.manifest import KvCache, Manifest, open_bundle, verify_files
 from edge_runtime.sampling import nll, sample_next
 
@@ -28,28 +28,6 @@ class ActiveAdapter:
     meta: AdapterMeta
     tensors: dict[str, np.ndarray]
     feeds: dict[str, np.ndarray]
-
-
-def stack_adapter(tensors: dict[str, np.ndarray], targets: list[str], layers: int) -> dict[str, np.ndarray]:
-    """Per-layer adapter tensors -> the graph's stacked ``lora_A.<m>`` [L, r, in] / ``lora_B.<m>`` [L, out, r]."""
-    out = {}
-    for t in targets:
-        a = [tensors[lora_names(i, t)[0]] for i in range(layers)]
-        b = [tensors[lora_names(i, t)[1]] for i in range(layers)]
-        out[f"lora_A.{t}"] = np.ascontiguousarray(np.stack(a).astype(np.float32))
-        out[f"lora_B.{t}"] = np.ascontiguousarray(np.stack(b).astype(np.float32))
-    return out
-
-
-def unstack_adapter(stacked: dict[str, np.ndarray], targets: list[str]) -> dict[str, np.ndarray]:
-    """Inverse of ``stack_adapter``."""
-    out = {}
-    for t in targets:
-        for i in range(stacked[f"lora_A.{t}"].shape[0]):
-            na, nb = lora_names(i, t)
-            out[na] = np.array(stacked[f"lora_A.{t}"][i])
-            out[nb] = np.array(stacked[f"lora_B.{t}"][i])
-    return out
 
 
 def session_options(threads: int | None):

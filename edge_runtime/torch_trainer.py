@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.protocol.adapter import stacked_names
 from edge_runtime.trainer import OnnxTrainer
 
 
@@ -89,8 +90,8 @@ class TorchTrainer(OnnxTrainer):
         torch = self.torch
         with torch.no_grad():
             for (i, t), (a, b) in self._params.items():
-                a.copy_(torch.from_numpy(stacked[f"lora_A.{t}"][i]))
-                b.copy_(torch.from_numpy(stacked[f"lora_B.{t}"][i]))
+                a.copy_(torch.from_numpy(stacked[stacked_names(t)[0]][i]))
+                b.copy_(torch.from_numpy(stacked[stacked_names(t)[1]][i]))
         for a, b in self._params.values():
             a.grad = b.grad = None
         ids = torch.from_numpy(batch["input_ids"]).to(self.device)
@@ -105,10 +106,10 @@ class TorchTrainer(OnnxTrainer):
         loss.backward()
         grads = {}
         for t in self.targets:
-            grads[f"lora_A.{t}"] = np.stack(
+            grads[stacked_names(t)[0]] = np.stack(
                 [self._params[(i, t)][0].grad.detach().cpu().float().numpy() for i in range(self.layers)]
             )
-            grads[f"lora_B.{t}"] = np.stack(
+            grads[stacked_names(t)[1]] = np.stack(
                 [self._params[(i, t)][1].grad.detach().cpu().float().numpy() for i in range(self.layers)]
             )
         return float(loss), grads

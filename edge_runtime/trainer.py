@@ -9,7 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_runtime.engine import session_options, stack_adapter, unstack_adapter
+from edge_runtime.engine import session_options
+from edge_runtime.protocol.adapter import is_lora_a, stack_adapter, unstack_adapter
 from edge_runtime.errors import BundleError, TrainingError
 from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
 from edge_runtime.protocol.manifest import Manifest
@@ -142,11 +143,11 @@ class OnnxTrainer:
             if prox_mu:
                 grads = {k: g + prox_mu * (params[k] - center[k]) for k, g in grads.items()}
             if not train_a:  # frozen-A rounds: only B moves, so the server's average is exact
-                grads = {k: (np.zeros_like(g) if k.startswith("lora_A.") else g) for k, g in grads.items()}
+                grads = {k: (np.zeros_like(g) if is_lora_a(k) else g) for k, g in grads.items()}
             grads, _ = clip_by_global_norm(grads, self.optim.max_grad_norm)
             step += 1
             new_params, m, v, _ = adamw_step(params, grads, m, v, step, self.optim)
-            params = new_params if train_a else {k: (params[k] if k.startswith("lora_A.") else p) for k, p in new_params.items()}
+            params = new_params if train_a else {k: (params[k] if is_lora_a(k) else p) for k, p in new_params.items()}
             losses.append(loss)
             if on_step:
                 on_step(step, loss)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.errors import EdgefmError, ExportError
-from edge_runtime.protocol.adapter import AdapterMeta, lora_names, save_adapter
+from edge_runtime.protocol.adapter import AdapterMeta, lora_names, save_adapter, stacked_names
 from edge_runtime.protocol.manifest import AdapterSpec, IoSpec, KvCache, LoraLayout, Manifest, QuantSpec, TrainingSpec, hash_files
 from export.graphs import BERT_TARGETS, LLAMA_TARGETS, BertGraph, LlamaGraph, LoraSpec, lora_input_names
 from export.llama_onnx import build_llama_onnx, unsupported
@@ -443,8 +443,8 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         stacked_shapes = {}
         for tname in opts.lora_targets:
             fin, fout = module_dims[tname]
-            stacked_shapes[f"lora_A.{tname}"] = [layers, opts.lora_rank, fin]
-            stacked_shapes[f"lora_B.{tname}"] = [layers, fout, opts.lora_rank]
+            sa, sb = stacked_names(tname)
+            stacked_shapes[sa], stacked_shapes[sb] = [layers, opts.lora_rank, fin], [layers, fout, opts.lora_rank]
         head_out = "logits" if family == "llama" else None
         applied = {}
         for g in ("model", "train"):

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_runtime.protocol.adapter import stacked_names
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 SUPPORTED = {
@@ -43,7 +45,7 @@ class LoraSpec:
 
 def lora_input_names(targets) -> list[str]:
     """Graph input names of the stacked LoRA tensors, in graph order."""
-    return [n for t in targets for n in (f"lora_A.{t}", f"lora_B.{t}")]
+    return [n for t in targets for n in stacked_names(t)]
 
 
 def _lora(x, w, b, A, B, scale):

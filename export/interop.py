@@ -66,7 +66,7 @@ def to_onnx_adapter(adapter_path: Path, bundle: Path, out_path: Path) -> Path:
     ``edge_runtime.lowrank``), or the raw stacked A/B tensors of torch-exported graphs (which scale
     by alpha/rank themselves)."""
     import onnxruntime as ort
-    from edge_runtime.engine import stack_adapter
+    from edge_runtime.protocol.adapter import stack_adapter
     from edge_runtime.lowrank import LowRankLayout
 
     m = Manifest.load(bundle)

@@ -152,13 +152,13 @@ def check_gradients(bundle: Path, graph, opts, adapter: dict[str, np.ndarray]) -
     """Max over tensors of max|g_onnx - g_torch| / max|g_torch| on a random batch."""
     import onnxruntime as ort
     import torch
-    from edge_runtime.engine import stack_adapter
+    from edge_runtime.protocol.adapter import stack_adapter, stacked_names
     from export.build import causal_lm_loss, classification_loss
 
     stacked = stack_adapter(
         adapter, list(opts.lora_targets), int(graph.n_layers if hasattr(graph, "n_layers") else len(graph.bert.encoder.layer))
     )
-    names = [n for t in opts.lora_targets for n in (f"lora_A.{t}", f"lora_B.{t}")]
+    names = [n for t in opts.lora_targets for n in stacked_names(t)]
     B, S = opts.train_batch, opts.train_seq
     g = torch.Generator().manual_seed(3)
     vocab = graph.embed.shape[0] if hasattr(graph, "embed") else graph.bert.embeddings.word_embeddings.weight.shape[0]

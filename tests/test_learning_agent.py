@@ -147,7 +147,7 @@ def test_gate_refuses_a_global_worse_than_base_and_keeps_it_for_inspection(bundl
         trained = call(url + "/v1/train", {"wait": True})       # the device's own result serves
         assert trained["adopted"]
         # a poisoned global: 40 steps of gradient *ascent* on text like this device's
-        from edge_runtime.engine import stack_adapter, unstack_adapter
+        from edge_runtime.protocol.adapter import stack_adapter, unstack_adapter
         from edge_runtime.trainer import OnnxTrainer
         tr = OnnxTrainer(bundle, agent.manifest, agent.engine.tokenizer)
         params = stack_adapter(tensors, tr.targets, tr.layers)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_torch_and_onnx_backends_same_gradients(tmp_path_factory, tiny_llama_dir):
     pytest.importorskip("peft")
     from tokenizers import Tokenizer
-    from edge_runtime.engine import stack_adapter
+    from edge_runtime.protocol.adapter import stack_adapter
     from edge_runtime.protocol.adapter import load_adapter
     from edge_runtime.protocol.manifest import Manifest
     from edge_runtime.torch_trainer import TorchTrainer

@@ -69,8 +69,44 @@ class AdapterMeta:
 
 
 def lora_names(layer: int, module: str) -> tuple[str, str]:
-    """Names of the A and B tensors of one module."""
+    """Names of the A and B tensors of one module of one layer (an adapter file's tensors)."""
     return f"layers.{layer}.{module}.lora_A", f"layers.{layer}.{module}.lora_B"
+
+
+def stacked_names(module: str) -> tuple[str, str]:
+    """Names of one module's A and B stacked over layers (the training graph's and stacked-layout inputs)."""
+    return f"lora_A.{module}", f"lora_B.{module}"
+
+
+def is_lora_a(name: str) -> bool:
+    """Whether a per-layer or stacked tensor name is an A factor."""
+    return name.endswith(".lora_A") or name.startswith("lora_A.")
+
+
+def partner_b(a_name: str) -> str:
+    """The B factor paired with a per-layer A name."""
+    return a_name[: -len("lora_A")] + "lora_B"
+
+
+def stack_adapter(tensors: dict[str, np.ndarray], targets: list[str], layers: int) -> dict[str, np.ndarray]:
+    """Per-layer adapter tensors -> stacked ``lora_A.<m>`` [L, r, in] / ``lora_B.<m>`` [L, out, r]."""
+    out = {}
+    for t in targets:
+        sa, sb = stacked_names(t)
+        out[sa] = np.ascontiguousarray(np.stack([tensors[lora_names(i, t)[0]] for i in range(layers)]).astype(np.float32))
+        out[sb] = np.ascontiguousarray(np.stack([tensors[lora_names(i, t)[1]] for i in range(layers)]).astype(np.float32))
+    return out
+
+
+def unstack_adapter(stacked: dict[str, np.ndarray], targets: list[str]) -> dict[str, np.ndarray]:
+    """Inverse of ``stack_adapter``."""
+    out = {}
+    for t in targets:
+        sa, sb = stacked_names(t)
+        for i in range(stacked[sa].shape[0]):
+            na, nb = lora_names(i, t)
+            out[na], out[nb] = np.array(stacked[sa][i]), np.array(stacked[sb][i])
+    return out
 
 
 def adapter_to_bytes(tensors: dict[str, np.ndarray], meta: AdapterMeta) -> bytes:

@@ -31,7 +31,7 @@ def sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
 class LoraLayout(str, enum.Enum):
     """How an adapter reaches the inference graph."""
 
-    STACKED = "stacked"  # one lora_A/lora_B input per target, stacked over layers (edge_runtime/lora.py)
+    STACKED = "stacked"  # one lora_A/lora_B input per target, stacked over layers (protocol/adapter.py:stack_adapter)
     LOWRANK = "lowrank"  # per-layer low-rank inputs packed once per adapter (edge_runtime/lowrank.py)
 
 
