@@ -382,7 +382,7 @@ def finish_lowrank(model_path: Path, slots: list[dict], rank: int, out_dir: Path
         if prefix:
             base[sl["L"]] = np.ascontiguousarray(L[:, :prefix])
             base[sl["R"]] = np.ascontiguousarray(R[:prefix])
-        out.append({**sl, "prefix": int(prefix)})
+        out.append({**{k: v for k, v in sl.items() if k != "matmul"}, "prefix": int(prefix)})
     if base:
         save_file(base, str(out_dir / BASE_FILE))
     return out
@@ -459,6 +459,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
                 module_shapes=module_dims,
                 head_output=head_out if g == "model" else None,
                 training=g == "train",
+                lowrank_slots=io.get("lowrank") if g == "model" else None,
             )
             if g == "model" and io.get("lora_layout") is LoraLayout.LOWRANK:
                 io["lowrank"] = finish_lowrank(tmp / "model.onnx", io["lowrank"], opts.lora_rank, tmp)

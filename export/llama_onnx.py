@@ -105,6 +105,7 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
         slots.append(
             {
                 "layer": i,
+                "matmul": f"{tag}.mm",  # the group's weight matmul: the quantizer is told, it does not search
                 "L": ln,
                 "R": rn,
                 "in": k_in,

@@ -167,7 +167,9 @@ class Quantizer:
 
     name = "fp32"
 
-    def apply(self, src: Path, dst: Path, recipe: QuantRecipe, *, head: list[str], sensitive: list[str]) -> None:
+    def apply(
+        self, src: Path, dst: Path, recipe: QuantRecipe, *, head: list[str], sensitive: list[str], lowrank: dict | None = None
+    ) -> None:
         """Write a quantized copy of ``src`` to ``dst``."""
         onnxfile.copy(src, dst)
 
@@ -177,7 +179,7 @@ class Int8DynamicQuantizer(Quantizer):
 
     name = "int8-dynamic"
 
-    def apply(self, src, dst, recipe, *, head, sensitive):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # MatMul only: quantizing the embedding Gather makes decode slower (dequantize every step).
@@ -199,7 +201,7 @@ class Int8WeightOnlyQuantizer(Quantizer):
 
     name = "int8"
 
-    def apply(self, src, dst, recipe, *, head, sensitive):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
         model = onnxfile.load(src)
         fold_initializer_transposes(model)
         onnxfile.save(_nbits(model, 8, recipe, exclude=head if recipe.head == "fp32" else []), dst)
@@ -242,19 +244,21 @@ def asym_int4_blocks(w: np.ndarray, block: int, divisors=(15, 14, 13, 12)) -> tu
     return q.astype(np.uint8), s[..., 0].astype(np.float32), c[..., 0].astype(np.float32)
 
 
-def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exclude: set[str]) -> list[str]:
+def apply_asym_int4(
+    model: onnx.ModelProto, block: int, accuracy_level: int, exclude: set[str], lowrank: dict[str, tuple[str, str]] | None = None
+) -> list[str]:
     """Replace each MatMul(x, const W) (not excluded, K divisible by ``block``) by
     ``MatMulNBits(x, q, s) + S(x) @ C``: the symmetric 4-bit kernel (implicit zero point 8) plus
     a per-block offset, S(x) [..., K/block] the sums of x over each block (Reshape + ReduceSum, shared
     by the linears reading the same x) and C
-    [K/block, N] the offsets. Where the MatMul already has a
-    low-rank LoRA term (``<tag>.lr_u``/``<tag>.lr_d`` over inputs L, R; see ``edge_runtime.lowrank``),
-    P and C are prepended to L's and R's defaults instead: one matmul pair for offsets and LoRA. Returns
-    the names of the new small MatMuls (callers keep them out of later quantization passes)."""
+    [K/block, N] the offsets. Where the builder says a MatMul has a low-rank LoRA term over the inputs
+    L, R (``lowrank``: matmul node name -> (L, R); see ``edge_runtime.lowrank``), P and C are prepended
+    to L's and R's defaults instead: one matmul pair for offsets and LoRA. Returns the names of the new
+    small MatMuls (callers keep them out of later quantization passes)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    by_name = {n.name: n for n in model.graph.node}
+    lowrank = lowrank or {}
     graph_inputs = {i.name: i for i in model.graph.input}
     aux, nodes, new_inits, sums = [], [], [], {}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -286,9 +290,8 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or str(b)
         new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
-        group = tag[: -len(".mm")] if tag.endswith(".mm") else None
-        lr_u, lr_d = (by_name.get(f"{group}.lr_u"), by_name.get(f"{group}.lr_d")) if group else (None, None)
-        if lr_u is not None and lr_d is not None and lr_u.input[0] == x:
+        if node.name in lowrank:
+            L, R = lowrank[node.name]
             nodes.append(
                 helper.make_node(
                     "MatMulNBits",
@@ -303,8 +306,8 @@ def apply_asym_int4(model: onnx.ModelProto, block: int, accuracy_level: int, exc
                     accuracy_level=accuracy_level,
                 )
             )
-            _prepend_lowrank(inits, graph_inputs, lr_u.input[1], block_sum_matrix(K, block), axis=1)
-            _prepend_lowrank(inits, graph_inputs, lr_d.input[1], np.ascontiguousarray(c.T), axis=0)
+            _prepend_lowrank(inits, graph_inputs, L, block_sum_matrix(K, block), axis=1)
+            _prepend_lowrank(inits, graph_inputs, R, np.ascontiguousarray(c.T), axis=0)
             continue
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
         nodes.append(
@@ -371,14 +374,14 @@ def _prepend_lowrank(inits: dict, graph_inputs: dict, name: str, part: np.ndarra
 class Int4Quantizer(Quantizer):
     name = "int4"
 
-    def apply(self, src, dst, recipe, *, head, sensitive):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
 
         model = onnxfile.load(src)
         keep8 = list(sensitive) + (head if recipe.head == "int8" else [])
         keep32 = head if recipe.head == "fp32" else []
         if recipe.algo == "asym":
-            keep32 = keep32 + apply_asym_int4(model, recipe.block_size, recipe.accuracy_level, set(keep8 + keep32))
+            keep32 = keep32 + apply_asym_int4(model, recipe.block_size, recipe.accuracy_level, set(keep8 + keep32), lowrank)
         else:
             algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4) if recipe.algo == "hqq" else None
             model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
@@ -390,7 +393,7 @@ class Int4Quantizer(Quantizer):
 class Nf4Quantizer(Quantizer):
     name = "nf4"
 
-    def apply(self, src, dst, recipe, *, head, sensitive):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
         model = onnxfile.load(src)
@@ -416,8 +419,10 @@ def quantize_graph(
     module_shapes: dict[str, tuple[int, int]] | None = None,
     head_output: str | None = "logits",
     training: bool = False,
+    lowrank_slots: list[dict] | None = None,
 ) -> str:
-    """Quantize one graph file per the recipe; returns the scheme actually applied."""
+    """Quantize one graph file per the recipe; returns the scheme actually applied. ``lowrank_slots``:
+    the builder's low-rank LoRA slots (each names its group's weight ``matmul`` and its L/R inputs)."""
     model = onnx.load(str(src), load_external_data=False)
     head = head_nodes(model, head_output) if head_output else []
     sensitive = nodes_for_modules(model, module_shapes or {}, recipe.sensitive_8bit) if recipe.scheme in ("int4", "nf4") else []
@@ -425,7 +430,8 @@ def quantize_graph(
     if training and scheme != "fp32":
         scheme = {"same": scheme, "int8": "int8", "fp32": "fp32"}[recipe.train_base]
     try:
-        QUANTIZERS[scheme].apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive)
+        lowrank = {sl["matmul"]: (sl["L"], sl["R"]) for sl in lowrank_slots or []}
+        QUANTIZERS[scheme].apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive, lowrank=lowrank)
     except ExportError:
         raise
     except Exception as exc:  # translate onnxruntime/onnx failures at the boundary
