@@ -25,9 +25,10 @@ from edge_runtime.protocol.manifest import AdapterSpec, IoSpec, KvCache, LoraLay
 from export.graphs import BERT_TARGETS, LLAMA_TARGETS, BertGraph, LlamaGraph, LoraSpec, lora_input_names
 from export.llama_onnx import build_llama_onnx, unsupported
 from export import onnxfile
+from export.onnxfile import mb
 from export.quantize import QuantRecipe, quantize_graph
-
-OPSET = 18
+from export.torch_onnx import OPSET, export_module
+from export.training_graph import export_train
 
 
 class Progress:
@@ -40,13 +41,6 @@ class Progress:
     def __call__(self, msg: str) -> None:
         if not self.quiet:
             print(f"[export {time.time() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def mb(path: Path) -> str:
-    """Human size of a file (a graph with its external data file, if it has one)."""
-    data = onnxfile.data_file(path)
-    extra = data.stat().st_size if data.is_file() else 0
-    return f"{(Path(path).stat().st_size + extra) / 1e6:.1f} MB" + (" (external data)" if extra else "")
 
 
 @dataclasses.dataclass
@@ -79,55 +73,6 @@ class BuildOptions:
         bad = [t for t in self.lora_targets if t not in allowed]
         if bad:
             raise ExportError(f"LoRA targets {bad} do not exist for {self.task}; choose from {list(allowed)}")
-
-
-def _export(
-    module, args, path: Path, input_names, output_names, dynamic_shapes=None, optimize: bool = True, external: bool = False
-):
-    """torch.onnx (dynamo) export. ``optimize=False`` skips onnxscript's rewrite passes: on a training
-    graph of ~10k nodes they take ~70% of the export time (minutes) for what onnxruntime's own
-    optimizer does again at load. ``external``: weights to ``<file>.data`` (graphs over 2 GB)."""
-    import torch
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            tuple(args),
-            str(path),
-            input_names=input_names,
-            output_names=output_names,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=OPSET,
-            external_data=external,
-            verbose=False,
-            optimize=optimize,
-        )
-
-
-def simplify_offline(path: Path) -> None:
-    """onnxruntime's basic, provider-independent graph optimizations (constant folding, common
-    subexpressions, redundant nodes) applied once at export and saved in standard operators, then
-    constant transposes of frozen weights folded: the unoptimized training export has ~33k nodes,
-    ~11k after this."""
-    import onnxruntime as ort
-    from export.quantize import fold_initializer_transposes
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
-    out = path.with_suffix(".opt.onnx")
-    so.optimized_model_filepath = str(out)
-    if onnxfile.has_external_data(path):  # the optimized copy must not be one protobuf either
-        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", onnxfile.data_file(out).name)
-        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    model = onnxfile.load(out)
-    fold_initializer_transposes(model)
-    onnxfile.save(model, path, external=onnxfile.has_external_data(path) or None)
-    onnxfile.remove(out)
 
 
 def initial_adapter(dims: dict[str, tuple[int, int]], targets, layers: int, rank: int, seed: int) -> dict[str, np.ndarray]:
@@ -182,7 +127,7 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
             f"exporting inference graph with torch.onnx ({L} layers, LoRA on {','.join(opts.lora_targets)} rank {opts.lora_rank})"
             + (f"; the fused builder does not cover {why_not}" if why_not else "")
         )
-        _export(
+        export_module(
             graph,
             (ids, mask, pos, *past, *loras),
             tmp / "model.fp32.onnx",
@@ -194,129 +139,8 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
     log(f"inference graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training:
         log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_batch} x seq {opts.train_seq})")
-        _export_train(graph, tmp, opts, loras, log, external=external)
+        export_train(graph, tmp, opts, loras, log, external=external)
     return io
-
-
-def _fused_head_nll():
-    """Head matmul + NLL with a hand-written backward, evaluated in sequence chunks.
-
-    Forward returns (loss, d loss / d h) so that backward only scales the saved [b, s, hidden] gradient:
-    the [b, s, vocab] logits, softmax and their gradients exist one chunk at a time (about 200 MB per
-    full copy for SmolLM2 at batch 8 x 128, several copies in a plain autograd graph)."""
-    import torch
-
-    class FusedHeadNLL(torch.autograd.Function):
-        @staticmethod
-        def forward(h, w_t, targets, weights, chunk):
-            loss = h.new_zeros(())
-            grads = []
-            b, hidden = h.shape[0], h.shape[-1]
-            for s0 in range(0, h.shape[1], chunk):
-                # 2-D matmuls against the constant head: exported as MatMul(x, const) (quantizable, no
-                # [b, hidden, vocab] Expand of the weight, which cost 900 MB at batch 8)
-                hc = h[:, s0 : s0 + chunk].reshape(-1, hidden)
-                tc, wc = targets[:, s0 : s0 + chunk].reshape(-1), weights[:, s0 : s0 + chunk].reshape(-1)
-                logits = hc @ w_t
-                lse = torch.logsumexp(logits, dim=-1)
-                tgt = torch.gather(logits, -1, tc[:, None])[:, 0]
-                loss = loss + ((lse - tgt) * wc).sum()
-                onehot = torch.zeros_like(logits).scatter(-1, tc[:, None], 1.0)
-                p = torch.exp(logits - lse[:, None]) - onehot
-                grads.append(((p * wc[:, None]) @ w_t.transpose(0, 1)).reshape(b, -1, hidden))
-            return loss, torch.cat(grads, dim=1)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(output[1])
-
-        @staticmethod
-        def backward(ctx, grad_loss, _grad_of_grad):
-            (grad_h,) = ctx.saved_tensors
-            return grad_loss * grad_h, None, None, None, None
-
-    return FusedHeadNLL
-
-
-def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: int = 16):
-    """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
-    backward came out scaled by the batch size). ``fused`` exports the memory-lean form (chunked head/NLL,
-    per-layer activation recomputation); the plain
-    form is the autograd reference the exported gradients are checked against."""
-    import torch
-
-    fused_fn = _fused_head_nll() if fused else None
-
-    def loss_fn(lora, input_ids, attention_mask, loss_mask):
-        loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras, recompute=fused)
-        w = loss_mask[:, 1:]
-        if fused_fn is not None:
-            loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), chunk)
-            return loss
-        logp = torch.log_softmax(h[:, :-1] @ graph.head_wT, dim=-1)
-        nll = -torch.gather(logp, -1, input_ids[:, 1:, None])[..., 0]
-        return (nll * w).sum() / w.sum().clamp(min=1.0)
-
-    return loss_fn
-
-
-def classification_loss(graph: BertGraph, targets):
-    """Mean cross-entropy of class logits (hand-written log-softmax/gather)."""
-    import torch
-
-    def loss_fn(lora, input_ids, attention_mask, labels):
-        loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
-        logits = graph.head(graph.encode(input_ids, attention_mask, loras), attention_mask)
-        logp = torch.log_softmax(logits, dim=-1)
-        return -torch.gather(logp, -1, labels[:, None]).mean()
-
-    return loss_fn
-
-
-def _export_train(graph, tmp: Path, opts: BuildOptions, loras, log, *, external: bool = False) -> None:
-    import torch
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    loss_fn = (
-        causal_lm_loss(graph, opts.lora_targets, fused=True)
-        if opts.task == "causal-lm"
-        else classification_loss(graph, opts.lora_targets)
-    )
-
-    def step(input_ids, attention_mask, third, *lora):
-        grads, loss = torch.func.grad_and_value(loss_fn)(tuple(lora), input_ids, attention_mask, third)
-        return (loss, *grads)
-
-    B, S = opts.train_batch, opts.train_seq
-    ids = torch.randint(0, 100, (B, S))
-    am = torch.ones(B, S, dtype=torch.long)
-    third = am.float() if opts.task == "causal-lm" else torch.zeros(B, dtype=torch.long)
-    lora_rand = [torch.randn_like(t) * 0.01 for t in loras]
-    gm = make_fx(step)(ids, am, third, *lora_rand)
-
-    class Step(torch.nn.Module):
-        def __init__(self, gm):
-            super().__init__()
-            self.gm = gm
-
-        def forward(self, input_ids, attention_mask, third, *lora):
-            return self.gm(input_ids, attention_mask, third, *lora)
-
-    names = lora_input_names(opts.lora_targets)
-    third_name = "loss_mask" if opts.task == "causal-lm" else "labels"
-    _export(
-        Step(gm),
-        (ids, am, third, *lora_rand),
-        tmp / "train.fp32.onnx",
-        ["input_ids", "attention_mask", third_name] + names,
-        ["loss"] + [f"grad.{n}" for n in names],
-        optimize=False,
-        external=external,
-    )
-    simplify_offline(tmp / "train.fp32.onnx")
-    log(f"training graph: {mb(tmp / 'train.fp32.onnx')}")
 
 
 def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, external: bool = False) -> dict:
@@ -336,7 +160,7 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, externa
     io = {"inputs": ["input_ids", "attention_mask"] + lora_input_names(opts.lora_targets), "outputs": [out]}
     B, S = Dim("batch"), Dim("seq")
     log(f"exporting {opts.task} graph ({L} layers)")
-    _export(
+    export_module(
         graph,
         (ids, mask, *loras),
         tmp / "model.fp32.onnx",
@@ -347,7 +171,7 @@ def export_bert(graph: BertGraph, tmp: Path, opts: BuildOptions, log, *, externa
     )
     log(f"encoder graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training and opts.task == "classification":
-        _export_train(graph, tmp, opts, loras, log, external=external)
+        export_train(graph, tmp, opts, loras, log, external=external)
     return io
 
 

@@ -78,3 +78,10 @@ def remove(path: str | Path) -> None:
     """Delete a graph and its data file."""
     Path(path).unlink(missing_ok=True)
     data_file(path).unlink(missing_ok=True)
+
+
+def mb(path: Path) -> str:
+    """Human size of a file (a graph with its external data file, if it has one)."""
+    data = data_file(path)
+    extra = data.stat().st_size if data.is_file() else 0
+    return f"{(Path(path).stat().st_size + extra) / 1e6:.1f} MB" + (" (external data)" if extra else "")

@@ -153,7 +153,7 @@ def check_gradients(bundle: Path, graph, opts, adapter: dict[str, np.ndarray]) -
     import onnxruntime as ort
     import torch
     from edge_runtime.protocol.adapter import stack_adapter, stacked_names
-    from export.build import causal_lm_loss, classification_loss
+    from export.training_graph import causal_lm_loss, classification_loss
 
     stacked = stack_adapter(
         adapter, list(opts.lora_targets), int(graph.n_layers if hasattr(graph, "n_layers") else len(graph.bert.encoder.layer))
