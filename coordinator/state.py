@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from edge_runtime import database
 from edge_runtime.errors import StateError
 from edge_runtime.protocol.adapter import AdapterMeta, adapter_from_bytes, adapter_to_bytes
 from edge_runtime.protocol.messages import DeviceStatus
@@ -314,7 +315,7 @@ class State:
         path = self.dir / "coordinator.sqlite"
         stored_adapters = sum(1 for _ in (self.dir / "blobs").glob("*/*")) if (self.dir / "blobs").is_dir() else 0
         try:
-            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            self.db = database.connect(path)
             # checked before anything writes: a damaged state is reported, never repaired over
             check = self.db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
@@ -327,18 +328,7 @@ class State:
                         f"{path} records no versions, but {self.dir / 'blobs'} holds {stored_adapters} stored "
                         f"adapter(s): the database was truncated, replaced or deleted. {RECOVERY.format(dir=self.dir)}"
                     )
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-            cols = {r[1] for r in self.db.execute("PRAGMA table_info(updates)")}
-            for col, kind in (
-                ("norm", "REAL"),
-                ("clip", "REAL"),
-                ("logref", "TEXT"),
-                ("ckpt", "TEXT"),
-            ):  # added since 0.1.0 began
-                if col not in cols:
-                    self.db.execute(f"ALTER TABLE updates ADD COLUMN {col} {kind}")
+            database.prepare(self.db, SCHEMA)
         except sqlite3.DatabaseError as exc:
             if getattr(self, "db", None) is not None:
                 self.db.close()
@@ -381,7 +371,7 @@ class State:
 
     def set_update_blob(self, update_id: str, ref: str) -> None:
         """Where an accepted update's payload is stored."""
-        self.x("UPDATE updates SET blob=? WHERE update_id=?", (ref, update_id))
+        self._exec("UPDATE updates SET blob=? WHERE update_id=?", (ref, update_id))
 
     def save_checkpoint(self, flat, meta: dict) -> dict:
         """Inside an ingest transaction: write the accumulator (every accepted update not yet in a
@@ -395,11 +385,11 @@ class State:
         if prev:
             self.put("acc_checkpoint_prev", prev)
         else:
-            self.x("DELETE FROM kv WHERE key='acc_checkpoint_prev'")
+            self._exec("DELETE FROM kv WHERE key='acc_checkpoint_prev'")
         self.put("acc_checkpoint", rec)
         pending = "status='accepted' AND folded_into IS NULL"
-        self.x(f"UPDATE updates SET logref=NULL WHERE {pending} AND blob=?", (CHECKPOINTED,))  # in both checkpoints now
-        self.x(
+        self._exec(f"UPDATE updates SET logref=NULL WHERE {pending} AND blob=?", (CHECKPOINTED,))  # in both checkpoints now
+        self._exec(
             f"UPDATE updates SET logref=blob, blob=?, ckpt=? WHERE {pending} AND blob IS NOT NULL AND blob<>?",
             (CHECKPOINTED, rec["file"], CHECKPOINTED),
         )
@@ -413,7 +403,7 @@ class State:
         self.checkpoints.prune({r["file"] for r in (rec, prev) if r})
         live = {
             r[0].split(":")[0]
-            for r in self.q(
+            for r in self._query(
                 "SELECT blob FROM updates WHERE status='accepted' AND folded_into IS NULL "
                 "AND blob LIKE 'seg-%' UNION SELECT logref FROM updates WHERE "
                 "status='accepted' AND folded_into IS NULL AND logref LIKE 'seg-%'"
@@ -433,7 +423,7 @@ class State:
 
     def uncovered_log_bytes(self) -> int:
         """Payload bytes of pending accepted updates that no checkpoint covers yet."""
-        return self.q(
+        return self._query(
             "SELECT COALESCE(SUM(bytes), 0) FROM updates WHERE status='accepted' AND folded_into IS NULL "
             "AND blob IS NOT NULL AND blob<>?",
             (CHECKPOINTED,),
@@ -442,7 +432,7 @@ class State:
     def added_by_checkpoint(self, file: str) -> list[tuple]:
         """(update id, payload copy, weight, clip) of the pending updates checkpoint ``file`` was the
         first to cover: what rebuilds it from the previous one."""
-        return self.q(
+        return self._query(
             "SELECT update_id, logref, weight, clip FROM updates WHERE status='accepted' AND folded_into IS NULL "
             "AND blob=? AND ckpt=? ORDER BY received_at, rowid",
             (CHECKPOINTED, file),
@@ -450,7 +440,7 @@ class State:
 
     def drop_checkpoint(self) -> None:
         """After a version is published: the checkpoints' updates are in it."""
-        self.x("DELETE FROM kv WHERE key IN ('acc_checkpoint', 'acc_checkpoint_prev')")
+        self._exec("DELETE FROM kv WHERE key IN ('acc_checkpoint', 'acc_checkpoint_prev')")
         self.checkpoints.prune(set())
 
     def delete_updates(self, refs: list[str]) -> None:
@@ -464,8 +454,8 @@ class State:
         """Accepted updates whose stored payload is lost are rejected as ``corrupt_store``: the one named,
         or (None) every unfolded one only the damaged accumulator checkpoint held."""
         if update_id is not None:
-            return self.x("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
-        return self.x(
+            return self._exec("UPDATE updates SET status='rejected', reason='corrupt_store' WHERE update_id=?", (update_id,))
+        return self._exec(
             "UPDATE updates SET status='rejected', reason='corrupt_store' WHERE status='accepted' AND "
             "folded_into IS NULL AND blob=?",
             (CHECKPOINTED,),
@@ -475,7 +465,7 @@ class State:
         """(claimed examples, bytes, device id) of these updates."""
         if not update_ids:
             return []
-        return self.q(
+        return self._query(
             f"SELECT num_examples, bytes, device_id FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})",
             tuple(update_ids),
         )
@@ -487,7 +477,7 @@ class State:
         refs = (
             [
                 b
-                for row in self.q(
+                for row in self._query(
                     f"SELECT blob, logref FROM updates WHERE update_id IN ({','.join('?' * len(update_ids))})", tuple(update_ids)
                 )
                 for b in row
@@ -496,26 +486,53 @@ class State:
             if update_ids
             else []
         )
-        refs += [b for (b,) in self.q("SELECT blob FROM updates WHERE status='excluded' AND blob IS NOT NULL")]
-        self.x("UPDATE updates SET blob=NULL WHERE status='excluded'")
+        refs += [b for (b,) in self._query("SELECT blob FROM updates WHERE status='excluded' AND blob IS NOT NULL")]
+        self._exec("UPDATE updates SET blob=NULL WHERE status='excluded'")
         return refs
 
-    def q(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         """Run a query, return rows."""
         with self.lock:
             return self.db.execute(sql, args).fetchall()
 
-    def x(self, sql: str, args: tuple = ()) -> int:
+    def _exec(self, sql: str, args: tuple = ()) -> int:
         """Run a statement, return rowcount."""
         with self.lock:
             return self.db.execute(sql, args).rowcount
 
+    UPDATE_COLUMNS = (
+        "update_id",
+        "device_id",
+        "round",
+        "base_version",
+        "num_examples",
+        "status",
+        "reason",
+        "detail",
+        "received_at",
+        "blob",
+        "bytes",
+        "weight",
+        "folded_into",
+        "norm",
+        "clip",
+        "logref",
+        "ckpt",
+    )
+
+    def update_records(self, device_id: str | None = None) -> list[dict]:
+        """Every recorded update (of one device), oldest first, as the ledger holds it: status and reason,
+        where its payload lies (``blob``: a log reference, or the checkpoint), its second copy (``logref``)."""
+        where, args = ("WHERE device_id=?", (device_id,)) if device_id is not None else ("", ())
+        rows = self._query(f"SELECT {','.join(self.UPDATE_COLUMNS)} FROM updates {where} ORDER BY received_at, rowid", args)
+        return [dict(zip(self.UPDATE_COLUMNS, r)) for r in rows]
+
     def get(self, key: str, default=None):
-        rows = self.q("SELECT value FROM kv WHERE key=?", (key,))
+        rows = self._query("SELECT value FROM kv WHERE key=?", (key,))
         return json.loads(rows[0][0]) if rows else default
 
     def put(self, key: str, value) -> None:
-        self.x("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
+        self._exec("INSERT OR REPLACE INTO kv VALUES (?, ?)", (key, json.dumps(value)))
 
     # -- devices --
     def seen_device(self, device_id: str, status: DeviceStatus) -> None:
@@ -550,7 +567,9 @@ class State:
         """Devices whose last status said online, seen recently."""
         return [
             r[0]
-            for r in self.q("SELECT device_id FROM devices WHERE state='online' AND last_seen > ?", (time.time() - within_s,))
+            for r in self._query(
+                "SELECT device_id FROM devices WHERE state='online' AND last_seen > ?", (time.time() - within_s,)
+            )
         ]
 
     def devices(self) -> list[dict]:
@@ -569,13 +588,13 @@ class State:
         ]
         return [
             dict(zip(cols, r)) | {"info": json.loads(r[-1] or "{}")}
-            for r in self.q(f"SELECT {','.join(cols)} FROM devices ORDER BY device_id")
+            for r in self._query(f"SELECT {','.join(cols)} FROM devices ORDER BY device_id")
         ]
 
     # -- updates --
     def update_outcome(self, update_id: str) -> tuple[str, str | None, str | None] | None:
         """(status, reason, detail) recorded for an update id, None if never seen (dedupe)."""
-        rows = self.q("SELECT status, reason, detail FROM updates WHERE update_id=?", (update_id,))
+        rows = self._query("SELECT status, reason, detail FROM updates WHERE update_id=?", (update_id,))
         return tuple(rows[0]) if rows else None
 
     def record_update(
@@ -597,7 +616,7 @@ class State:
         """Record an update once (False if the id was already recorded). An accepted update recorded
         with weight None is held: it is bounded and folded later (``set_update_bound``)."""
         return (
-            self.x(
+            self._exec(
                 "INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?,?,?,?,?,?,?,NULL,?,NULL,NULL,NULL)",
                 (
                     update_id,
@@ -620,24 +639,26 @@ class State:
 
     def set_update_bound(self, update_id: str, weight: float, clip: float) -> None:
         """The weight a held update is folded with and the norm it is clipped to (0: not clipped)."""
-        self.x("UPDATE updates SET weight=?, clip=? WHERE update_id=?", (weight, clip, update_id))
+        self._exec("UPDATE updates SET weight=?, clip=? WHERE update_id=?", (weight, clip, update_id))
 
     def exclude_update(self, update_id: str, why: str) -> None:
         """A held update the direction check refused: it counts nothing (its receipt said accepted: it
         was durable and valid; the judgement comes with its batch)."""
-        self.x("UPDATE updates SET status='excluded', reason='direction', detail=?, weight=0 WHERE update_id=?", (why, update_id))
+        self._exec(
+            "UPDATE updates SET status='excluded', reason='direction', detail=?, weight=0 WHERE update_id=?", (why, update_id)
+        )
 
     def pending_accepted(self) -> list[tuple]:
         """(update id, device id, blob, weight, clip, num_examples, norm, base_version) of accepted
         updates not yet folded into a published version (replayed after a restart); weight None: held."""
-        return self.q(
+        return self._query(
             "SELECT update_id, device_id, blob, weight, clip, num_examples, norm, base_version FROM updates "
             "WHERE status='accepted' AND folded_into IS NULL ORDER BY received_at, rowid"
         )
 
     def influence_reference(self, window: int) -> list[tuple[float, float]]:
         """(claimed examples, norm) of the newest ``window`` accepted, already bounded updates, oldest first."""
-        rows = self.q(
+        rows = self._query(
             "SELECT num_examples, norm FROM updates WHERE status='accepted' AND norm IS NOT NULL AND weight IS NOT NULL "
             "ORDER BY received_at DESC, rowid DESC LIMIT ?",
             (window,),
@@ -647,7 +668,7 @@ class State:
     # -- versions --
     def current_version(self) -> int | None:
         """Newest published version, if any."""
-        rows = self.q("SELECT MAX(version) FROM versions")
+        rows = self._query("SELECT MAX(version) FROM versions")
         return rows[0][0]
 
     def add_version(
@@ -751,18 +772,18 @@ class State:
         ]
         return [
             dict(zip(cols, r)) | {"metrics": json.loads(r[8] or "{}")}
-            for r in self.q(f"SELECT {','.join(cols)} FROM versions ORDER BY version DESC")
+            for r in self._query(f"SELECT {','.join(cols)} FROM versions ORDER BY version DESC")
         ]
 
     def version_sha(self, version: int) -> str:
-        rows = self.q("SELECT sha256 FROM versions WHERE version=?", (version,))
+        rows = self._query("SELECT sha256 FROM versions WHERE version=?", (version,))
         if not rows:
             raise KeyError(version)
         return rows[0][0]
 
     def version_record(self, version: int) -> dict:
         """One version's parent, blob hash, round and metrics (KeyError if there is none)."""
-        rows = self.q("SELECT parent, sha256, round, metrics FROM versions WHERE version=?", (version,))
+        rows = self._query("SELECT parent, sha256, round, metrics FROM versions WHERE version=?", (version,))
         if not rows:
             raise KeyError(version)
         parent, sha, rnd, metrics = rows[0]
@@ -771,13 +792,13 @@ class State:
     def mark_rolled_back(self, after: int, before: int) -> int:
         """Versions strictly between ``after`` and ``before`` are rolled back (a rollback to ``after``
         republished as ``before``)."""
-        return self.x("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (after, before))
+        return self._exec("UPDATE versions SET status='rolled_back' WHERE version > ? AND version < ?", (after, before))
 
     # -- rounds --
     def open_round(self) -> tuple | None:
         """The newest round still open or extended: (round, base_version, opened_at, deadline, selected
         (decoded), target, quorum), or None."""
-        rows = self.q(
+        rows = self._query(
             "SELECT round, base_version, opened_at, deadline, selected, target, quorum FROM rounds "
             "WHERE status IN ('open', 'extended') ORDER BY round DESC LIMIT 1"
         )
@@ -788,13 +809,13 @@ class State:
 
     def last_round(self) -> int:
         """The highest round number recorded (0 before the first)."""
-        return self.q("SELECT MAX(round) FROM rounds")[0][0] or 0
+        return self._query("SELECT MAX(round) FROM rounds")[0][0] or 0
 
     def record_round(
         self, rnd: int, mode: str, base_version: int, opened_at: float, deadline: float, selected, target: int, quorum: int
     ) -> None:
         """A round just opened."""
-        self.x(
+        self._exec(
             "INSERT INTO rounds (round, mode, base_version, opened_at, deadline, status, selected, target, quorum) "
             "VALUES (?,?,?,?,?,?,?,?,?)",
             (rnd, mode, base_version, opened_at, deadline, "open", json.dumps(selected), target, quorum),
@@ -802,18 +823,18 @@ class State:
 
     def extend_round(self, rnd: int, deadline: float) -> None:
         """A round below quorum at its deadline gets a new one."""
-        self.x("UPDATE rounds SET deadline=?, status='extended' WHERE round=?", (deadline, rnd))
+        self._exec("UPDATE rounds SET deadline=?, status='extended' WHERE round=?", (deadline, rnd))
 
     def close_round(self, rnd: int, version: int, summary: dict) -> None:
         """A round closed with a new version."""
-        self.x(
+        self._exec(
             "UPDATE rounds SET status='closed', closed_at=?, result_version=?, summary=? WHERE round=?",
             (time.time(), version, json.dumps(summary), rnd),
         )
 
     def closed_rounds(self) -> int:
         """How many rounds closed with a new version."""
-        return self.q("SELECT COUNT(*) FROM rounds WHERE status='closed'")[0][0]
+        return self._query("SELECT COUNT(*) FROM rounds WHERE status='closed'")[0][0]
 
     def rounds(self) -> list[dict]:
         cols = [
@@ -832,19 +853,19 @@ class State:
         ]
         return [
             dict(zip(cols, r)) | {"summary": json.loads(r[-1] or "{}"), "selected": json.loads(r[7] or "null")}
-            for r in self.q(f"SELECT {','.join(cols)} FROM rounds ORDER BY round DESC")
+            for r in self._query(f"SELECT {','.join(cols)} FROM rounds ORDER BY round DESC")
         ]
 
     def updates_by_device(self) -> dict[str, dict[str, int]]:
         """Per device: updates recorded (any outcome) and accepted (counted)."""
-        rows = self.q("SELECT device_id, COUNT(*), COALESCE(SUM(status='accepted'), 0) FROM updates GROUP BY device_id")
+        rows = self._query("SELECT device_id, COUNT(*), COALESCE(SUM(status='accepted'), 0) FROM updates GROUP BY device_id")
         return {d: {"recorded": n, "accepted": a} for d, n, a in rows}
 
     def update_counts(self) -> dict:
         """Accepted/excluded/rejected counts and rejection reasons (excluded: valid and durable, then
         judged by direction with its batch and counted for nothing)."""
-        by = dict(self.q("SELECT status, COUNT(*) FROM updates GROUP BY status"))
-        reasons = dict(self.q("SELECT reason, COUNT(*) FROM updates WHERE status='rejected' GROUP BY reason"))
+        by = dict(self._query("SELECT status, COUNT(*) FROM updates GROUP BY status"))
+        reasons = dict(self._query("SELECT reason, COUNT(*) FROM updates WHERE status='rejected' GROUP BY reason"))
         return {
             "accepted": by.get("accepted", 0),
             "excluded": by.get("excluded", 0),

@@ -6,11 +6,11 @@ import hashlib
 import json
 import random
 import shutil
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
+from edge_runtime import database
 from edge_runtime.errors import ConfigError, EdgefmError
 
 SCHEMA = """
@@ -83,12 +83,7 @@ class Store:
     ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        if "delivered_at" not in {r[1] for r in self.db.execute("PRAGMA table_info(outbox)")}:  # stores from before receipts
-            self.db.execute("ALTER TABLE outbox ADD COLUMN delivered_at REAL")
+        self.db = database.prepare(database.connect(self.path), SCHEMA)
         self.lock = threading.RLock()
         self.max_examples = max_examples
         # a flood of junk may rotate out at most this many trained-on examples per hour (default 10% of the store)

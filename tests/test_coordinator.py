@@ -399,13 +399,13 @@ def test_batches_checkpoint_the_sum_and_a_restart_resumes_from_it(bundle, tmp_pa
     st = c.state
     ck = st.get("acc_checkpoint")
     assert ck["count"] == 4 and ck["nbytes"] == 8 * sum(int(np.prod(s)) for s in meta.shapes.values())
-    blobs = dict(st.q("SELECT update_id, blob FROM updates"))
+    blobs = {r["update_id"]: r["blob"] for r in st.update_records()}
     assert {blobs[ups[i][0]] for i in range(4)} == {"ckpt"}            # d0's log entry is covered too
-    logrefs = [r for (r,) in st.q("SELECT logref FROM updates")]
+    logrefs = [r["logref"] for r in st.update_records()]
     assert all(r and r.startswith("seg-") for r in logrefs)             # ... and kept as the second copy
     assert len(list((st.dir / "acc").glob("ckpt-*.f64"))) == 1
     c.handle_update("d4", ups[4][2])
-    assert st.q("SELECT blob FROM updates WHERE update_id=?", (ups[4][0],))[0][0].startswith("seg-")
+    assert {r["update_id"]: r["blob"] for r in st.update_records()}[ups[4][0]].startswith("seg-")
     from coordinator.cli import main as cli
     assert cli(["--state-dir", str(st.dir), "status", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pending"] == {"updates": 5, "in_checkpoint": 4, "in_log": 1}
@@ -476,7 +476,7 @@ def test_a_damaged_log_copy_loses_no_acknowledged_update(bundle, tmp_path):
     v0, _ = schema(bundle)
     c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
     c.handle_update("d3", ups[3][2])
-    ref = c.state.q("SELECT blob FROM updates WHERE device_id='d3'")[0][0]
+    ref = c.state.update_records("d3")[0]["blob"]
     _flip_a_byte(c.state.dir / "updates" / ref.split(":")[0])
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)
     assert c2.replayed == 4 and c2.state.update_counts()["reasons"] == {}
@@ -489,7 +489,7 @@ def test_payload_and_its_parity_damaged_is_reported(bundle, tmp_path):
     c, ups = _three_in_a_checkpoint(bundle, tmp_path, 12, 4)
     c.handle_update("d3", ups[3][2])
     _flip_a_byte(c.state.dir / "acc" / c.state.get("acc_checkpoint")["file"])
-    for seg in {ref.split(":")[0] for (ref,) in c.state.q("SELECT logref FROM updates WHERE logref IS NOT NULL")}:
+    for seg in {r["logref"].split(":")[0] for r in c.state.update_records() if r["logref"] is not None}:
         _flip_a_byte(c.state.dir / "updates" / seg)
         _flip_a_byte(c.state.dir / "updates" / seg.replace(".log", ".par"))
     c2 = _offline_coordinator(bundle, tmp_path, mode="async", buffer_size=100, judge_batch=1)

@@ -166,8 +166,8 @@ def test_an_update_pointing_away_from_the_fleet_counts_nothing(bundle, tmp_path,
         acc, wsum = acc + w * flat(d) * min(1.0, 1.5 * mn / norm), wsum + w
     np.testing.assert_allclose(got, acc / wsum, rtol=1e-4, atol=1e-6)
     assert float(got @ flat(u)) > 0.9 * np.linalg.norm(got) * np.linalg.norm(flat(u))
-    row = c.state.q("SELECT status, reason, detail FROM updates WHERE device_id='mallory'")[0]
-    assert row[:2] == ("excluded", "direction") and "cosine -" in row[2]
+    row = c.state.update_records("mallory")[0]
+    assert (row["status"], row["reason"]) == ("excluded", "direction") and "cosine -" in row["detail"]
     assert c.state.update_counts()["excluded"] == 1 and c.state.update_counts()["accepted"] == 4
 
 

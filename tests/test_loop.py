@@ -38,7 +38,7 @@ def test_one_federated_round_end_to_end(tmp_path, tmp_path_factory, tiny_llama_d
     wait_for(lambda: all(a.global_version == 1 for a in agents), 30, what="agents to receive v1")
     # Assert: v1 equals FedAvg of the accepted updates applied to v0
     from edge_runtime.protocol.adapter import adapter_from_bytes, load_adapter
-    rows = coord.state.q("SELECT device_id, num_examples, status FROM updates")
+    rows = [(r["device_id"], r["num_examples"], r["status"]) for r in coord.state.update_records()]
     assert sum(1 for r in rows if r[2] == "accepted") == 2
     v0, _ = adapter_from_bytes(coord.state.blobs.get(coord.state.version_sha(0)))
     claims = {dev: n for dev, n, status in rows if status == "accepted"}
