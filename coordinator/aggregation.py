@@ -271,8 +271,8 @@ class OpenAggregate:
         """Store the server optimizer's state (momentum, moments) as of ``version``, so a restart
         continues it instead of starting from zero (FedAvgM, FedAdam, FedYogi); returns the blob it
         supersedes (delete it once this commits)."""
-        opt = getattr(self.strategy, "opt_state", None)
-        if opt is None or not (opt.m or opt.v):
+        opt = self.strategy.opt_state
+        if not (opt.m or opt.v):
             return None
         tensors, meta = agg.opt_state_tensors(opt)
         old = (self.state.get("server_opt") or {}).get("sha256")
@@ -283,7 +283,7 @@ class OpenAggregate:
     def load_opt_state(self, version: int) -> None:
         """The server optimizer's state stored with ``version`` (else it starts afresh, logged)."""
         rec = self.state.get("server_opt")
-        if not rec or getattr(self.strategy, "opt_state", None) is None:
+        if not rec:
             return
         if rec.get("version") != version:
             log.warning(

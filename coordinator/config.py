@@ -90,10 +90,9 @@ class CoordinatorConfig:
 
     def make_strategy(self, rank: int):
         """The aggregation strategy this config names, with its settings (coordinator/strategies.py)."""
-        from coordinator.strategies import make_strategy
+        from coordinator.strategies import StrategyConfig, make_strategy
 
-        return make_strategy(
-            self.strategy,
+        settings = StrategyConfig(
             server_lr=self.server_lr,
             server_opt=self.server_optimizer,
             rank=rank,
@@ -103,6 +102,7 @@ class CoordinatorConfig:
             dp_delta=self.dp_delta,
             seed=self.seed,
         )
+        return make_strategy(self.strategy, settings)
 
     def limits(self, fingerprint: str, shapes: dict[str, tuple[int, ...]]):
         """What every update is validated against (coordinator/validate.py): this bundle's base and LoRA

@@ -84,7 +84,7 @@ class CoordinatorCore:
             max_update_bytes=cfg.max_update_bytes,
         )
         self.intake = Intake(self.state, self.open, self.limits, self.lock, rebuild=self._replay)
-        self.rounds = Rounds(cfg, self.state, self.publisher, train_a=getattr(self.strategy, "train_a", True))
+        self.rounds = Rounds(cfg, self.state, self.publisher, train_a=self.strategy.train_a)
         self._restore()
 
     @property
