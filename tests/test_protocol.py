@@ -355,3 +355,27 @@ def test_pointer_to_version_zero_is_valid():
     from edge_runtime.protocol.messages import GlobalPointer, make_pointer
     ptr, _ = make_pointer(0, None, "f" * 64, b"adapter bytes")
     assert GlobalPointer.from_bytes(ptr.to_bytes()).version == 0
+
+
+def test_manifest_sections_are_checked_once_with_the_section_named(tmp_path):
+    """A hand-edited or damaged manifest is refused at load with what is wrong, not deep in the engine."""
+    import json
+
+    from edge_runtime.errors import BundleError
+    from edge_runtime.protocol.manifest import FORMAT, FORMAT_VERSION, AdapterSpec, Manifest, QuantSpec
+
+    good = Manifest(task="causal-lm", architecture="llama", model={"layers": 1}, quant=QuantSpec("int4", 32),
+                    adapter=AdapterSpec(8, 16.0, ["q_proj"], {"layers.0.q_proj.lora_A": [8, 4]}), files={},
+                    base_fingerprint="f" * 64).to_json()
+    assert good["format"] == FORMAT and good["format_version"] == FORMAT_VERSION and good["io"]["lora_layout"] == "stacked"
+    m = Manifest.from_json(good)
+    assert m.adapter.scale == 2.0 and m.io.kv_cache == "separate" and m.training.batch == 8
+    for section, value, words in (("adapter", {**good["adapter"], "rank": "8"}, "'adapter'.*rank"),
+                                  ("adapter", {**good["adapter"], "shapes": {"x": ["a"]}}, "shapes"),
+                                  ("io", {**good["io"], "lora_layout": "diagonal"}, "'io'"),
+                                  ("training", {"batch": 0}, "'training'.*batch"),
+                                  ("quant", ["int4"], "'quant' must be a JSON object"),
+                                  ("format_version", 1, "re-export")):
+        (tmp_path / "manifest.json").write_text(json.dumps({**good, section: value}))
+        with pytest.raises(BundleError, match=words):
+            Manifest.load(tmp_path)

@@ -42,6 +42,15 @@ class KvCache(str, enum.Enum):
     SHARED = "shared"  # GroupQueryAttention appends in place when past and present are one buffer
 
 
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _spec(cls, obj: Any, what: str):
     """A spec dataclass from its JSON object (unknown keys are ignored: newer writers may add some)."""
     if not isinstance(obj, dict):
@@ -63,6 +72,23 @@ class AdapterSpec:
     shapes: dict[str, list[int]]  # per-layer name -> shape
     stacked_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        _need(_int(self.rank) and self.rank >= 1, f"rank must be a positive integer, not {self.rank!r}")
+        _need(
+            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool),
+            f"alpha must be a number, not {self.alpha!r}",
+        )
+        _need(isinstance(self.targets, list) and all(isinstance(t, str) for t in self.targets), "targets must be module names")
+        for field in ("shapes", "stacked_shapes"):
+            shapes = getattr(self, field)
+            _need(
+                isinstance(shapes, dict)
+                and all(
+                    isinstance(k, str) and isinstance(v, list) and all(_int(d) and d >= 0 for d in v) for k, v in shapes.items()
+                ),
+                f"{field} must map tensor names to lists of sizes",
+            )
+
     @property
     def scale(self) -> float:
         """alpha / rank: what the graphs multiply the LoRA product by."""
@@ -82,6 +108,10 @@ class QuantSpec:
     train_base: str | None = None
     applied: dict[str, str] = dataclasses.field(default_factory=dict)  # graph -> scheme actually applied
 
+    def __post_init__(self):
+        _need(isinstance(self.scheme, str), f"scheme must be a name, not {self.scheme!r}")
+        _need(self.block_size is None or (_int(self.block_size) and self.block_size > 0), "block_size must be a positive integer")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSpec:
@@ -90,6 +120,12 @@ class TrainingSpec:
     graph: str | None = None
     batch: int = 8
     seq: int = 128
+
+    def __post_init__(self):
+        _need(self.graph is None or isinstance(self.graph, str), "graph must be a file name")
+        _need(
+            _int(self.batch) and self.batch >= 1 and _int(self.seq) and self.seq >= 2, "batch and seq must be positive integers"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +139,14 @@ class IoSpec:
     lowrank: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # slots (edge_runtime/lowrank.py:Slot)
 
     def __post_init__(self):
+        for field in ("inputs", "outputs"):
+            _need(
+                isinstance(getattr(self, field), list) and all(isinstance(n, str) for n in getattr(self, field)),
+                f"{field} must be names",
+            )
+        _need(
+            isinstance(self.lowrank, list) and all(isinstance(sl, dict) for sl in self.lowrank), "lowrank must be a list of slots"
+        )
         object.__setattr__(self, "lora_layout", LoraLayout(self.lora_layout))
         object.__setattr__(self, "kv_cache", KvCache(self.kv_cache))
 
