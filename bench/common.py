@@ -57,3 +57,16 @@ def run_json(cmd: list[str], timeout: float = 3600) -> dict:
 
 
 PY = sys.executable
+
+
+def cached_bundle_ok(out: Path) -> bool:
+    """Whether a bundle a bench exported earlier is there and readable by this version (a bundle of an
+    older format is removed, so the bench exports it again instead of failing to load it)."""
+    import shutil
+
+    from devices.fleet import readable_bundle
+
+    if (out / "manifest.json").is_file() and readable_bundle(out):
+        return True
+    shutil.rmtree(out, ignore_errors=True)
+    return False

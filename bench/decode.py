@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PY, ROOT, peak_rss_mb, record, run_json  # noqa: E402
+from bench.common import PY, ROOT, cached_bundle_ok, peak_rss_mb, record, run_json  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 REPEATS = 7  # best of N: on this shared machine a run of 3 can miss every quiet moment
@@ -31,7 +31,7 @@ VARIANT_FLAGS = {"int4-hqq": ["--quant", "int4", "--int4-algo", "hqq", "--sensit
 def bundle_for(variant: str) -> Path:
     """Build (once) an inference-only SmolLM2 bundle for a variant (a scheme name or an entry of VARIANT_FLAGS)."""
     out = CACHE / f"smollm2-{variant}"
-    if not (out / "manifest.json").is_file():
+    if not cached_bundle_ok(out):
         CACHE.mkdir(parents=True, exist_ok=True)
         flags = VARIANT_FLAGS.get(variant, ["--quant", variant])
         subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), *flags, "--no-train-graph", "--no-verify"],

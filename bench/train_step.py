@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PY, ROOT, peak_rss_mb, record, run_json  # noqa: E402
+from bench.common import PY, ROOT, cached_bundle_ok, peak_rss_mb, record, run_json  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 B, S = 8, 128
@@ -22,7 +22,7 @@ B, S = 8, 128
 
 def bundle(scheme: str) -> Path:
     out = CACHE / f"smollm2-{scheme}-train"
-    if not (out / "manifest.json").is_file():
+    if not cached_bundle_ok(out):
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", scheme, "--train-batch", str(B),
                         "--train-seq", str(S), "--no-verify"], check=True)
