@@ -169,7 +169,10 @@ class AdapterHistory:
             raise ConfigError(f"adapter refused: {exc.reason.value}: {exc.detail}") from None
         meta.version = version
         adapter_id = f"loaded-{name or hashlib.sha256(raw).hexdigest()[:12]}"
-        gate, _ = self.offer("loaded", adapter_id, tensors, meta, note="loaded by hand")
+        try:
+            gate, _ = self.offer("loaded", adapter_id, tensors, meta, note="loaded by hand")
+        except ProtocolError as exc:  # does not fit this bundle (e.g. another alpha)
+            raise ConfigError(f"adapter refused: {exc.reason.value}: {exc.detail}") from None
         self.on_event("adapter_loaded", id=adapter_id, adopted=gate.adopted, reason=gate.reason.value)
         return {
             "id": adapter_id,

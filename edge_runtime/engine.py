@@ -89,18 +89,10 @@ class Engine:
     # -- adapters --
     def make_active(self, tensors: dict[str, np.ndarray], meta: AdapterMeta) -> ActiveAdapter:
         """Validate an adapter against this bundle and precompute its feeds."""
-        from edge_runtime.protocol.adapter import check_adapter
+        from edge_runtime.protocol.adapter import check_adapter, check_fits
 
-        if meta.base_fingerprint != self.manifest.base_fingerprint:
-            raise BundleError("adapter was trained for another base model (fingerprint differs)")
-        if meta.shapes != {k: list(v) for k, v in self.manifest.adapter.shapes.items()}:
-            raise BundleError("adapter shapes differ from this bundle's LoRA slots")
-        if abs(meta.alpha - float(self.manifest.adapter.alpha)) > 1e-6 * max(1.0, abs(meta.alpha)):
-            raise BundleError(
-                f"adapter alpha {meta.alpha:g} differs from this bundle's {self.manifest.adapter.alpha:g} "
-                f"(the graph applies the bundle's alpha/r); convert PEFT adapters with "
-                f"'edgefm-export adapter from-peft', which rescales them"
-            )
+        spec = self.manifest.adapter
+        check_fits(meta, fingerprint=self.manifest.base_fingerprint, shapes=spec.shapes, alpha=spec.alpha)
         check_adapter(tensors, meta)
         return ActiveAdapter(meta.version, meta, tensors, self.adapter_feeds(tensors))
 

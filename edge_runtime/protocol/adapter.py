@@ -129,14 +129,28 @@ def adapter_from_bytes(
     except ValueError as exc:
         raise ProtocolError(RejectReason.MALFORMED, f"adapter metadata is not JSON: {exc}") from None
     check_adapter(tensors, meta)
-    if expect_fingerprint is not None and meta.base_fingerprint != expect_fingerprint:
+    check_fits(meta, fingerprint=expect_fingerprint, shapes=expect_shapes)
+    return tensors, meta
+
+
+def check_fits(
+    meta: AdapterMeta, *, fingerprint: str | None = None, shapes: dict[str, list[int]] | None = None, alpha: float | None = None
+) -> None:
+    """Whether an adapter fits a bundle (its base fingerprint, LoRA slots and alpha; None: not checked).
+    The one place these faults are raised, wherever the adapter came from: ProtocolError with the reason."""
+    if fingerprint is not None and meta.base_fingerprint != fingerprint:
         raise ProtocolError(
             RejectReason.FINGERPRINT_MISMATCH,
-            f"adapter is for base {meta.base_fingerprint[:12]}, this model is {expect_fingerprint[:12]}",
+            f"adapter is for base {meta.base_fingerprint[:12]}, this model is {fingerprint[:12]}",
         )
-    if expect_shapes is not None and {k: list(v) for k, v in expect_shapes.items()} != meta.shapes:
-        raise ProtocolError(RejectReason.BAD_SHAPE, "adapter tensor shapes differ from this bundle's adapter schema")
-    return tensors, meta
+    if shapes is not None and {k: list(v) for k, v in shapes.items()} != meta.shapes:
+        raise ProtocolError(RejectReason.BAD_SHAPE, "adapter tensor shapes differ from this bundle's LoRA slots")
+    if alpha is not None and abs(meta.alpha - float(alpha)) > 1e-6 * max(1.0, abs(meta.alpha)):
+        raise ProtocolError(
+            RejectReason.BAD_FIELD,
+            f"adapter alpha {meta.alpha:g} differs from this bundle's {alpha:g} (the graph applies the bundle's "
+            f"alpha/r); convert PEFT adapters with 'edgefm-export adapter from-peft', which rescales them",
+        )
 
 
 def check_adapter(tensors: dict[str, np.ndarray], meta: AdapterMeta) -> None:

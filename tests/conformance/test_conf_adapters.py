@@ -78,11 +78,11 @@ def test_dora_and_per_module_alpha_are_refused(tmp_path, tmp_path_factory, tiny_
 
 def test_adapter_with_another_alpha_is_refused_by_the_engine(tmp_path, tmp_path_factory, tiny_llama_dir):
     from edge_runtime.engine import Engine
-    from edge_runtime.errors import BundleError
+    from edge_runtime.errors import ProtocolError
     from edge_runtime.protocol.adapter import load_adapter
     bundle = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     tensors, meta = load_adapter(bundle / "adapter.safetensors")
-    with pytest.raises(BundleError, match="alpha 8 differs"):
+    with pytest.raises(ProtocolError, match="bad_field: adapter alpha 8 differs"):
         Engine(bundle).make_active(tensors, type(meta)(**{**meta.to_json(), "alpha": 8.0}))
 
 
