@@ -290,31 +290,12 @@ def apply_asym_int4(
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or str(b)
         new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
-        if node.name in lowrank:
-            L, R = lowrank[node.name]
-            nodes.append(
-                helper.make_node(
-                    "MatMulNBits",
-                    [x, f"{b}_Q4a", f"{b}_scales"],
-                    [y],
-                    name=f"{tag}_Q4a",
-                    domain="com.microsoft",
-                    K=K,
-                    N=N,
-                    bits=4,
-                    block_size=block,
-                    accuracy_level=accuracy_level,
-                )
-            )
-            _prepend_lowrank(inits, graph_inputs, L, block_sum_matrix(K, block), axis=1)
-            _prepend_lowrank(inits, graph_inputs, R, np.ascontiguousarray(c.T), axis=0)
-            continue
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
+        fused = node.name in lowrank  # the offsets ride on the group's low-rank LoRA term: no separate path
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
                 [x, f"{b}_Q4a", f"{b}_scales"],
-                [f"{y}_q4"],
+                [y if fused else f"{y}_q4"],
                 name=f"{tag}_Q4a",
                 domain="com.microsoft",
                 K=K,
@@ -324,6 +305,12 @@ def apply_asym_int4(
                 accuracy_level=accuracy_level,
             )
         )
+        if fused:
+            L, R = lowrank[node.name]
+            _prepend_lowrank(inits, graph_inputs, L, block_sum_matrix(K, block), axis=1)
+            _prepend_lowrank(inits, graph_inputs, R, np.ascontiguousarray(c.T), axis=0)
+            continue
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
         if (x, K) not in sums:
             pname = f"{x}_blocksum{block}"
             # reshape to [..., K/block, block] and sum: no 0/1 matrix to store or read
