@@ -56,7 +56,7 @@ def agent_memory(profile: str, requests: int, tokens: int) -> dict:
     import socket
     import subprocess
 
-    from bench.common import PY
+    from bench.common import PY, graph_mb
     from devices.data import module_docstrings
     from devices.fleet import cached_bundle
     from devices.profiles import load_profile
@@ -99,7 +99,7 @@ def agent_memory(profile: str, requests: int, tokens: int) -> dict:
         return {"profile": profile, "budget_mb": prof.memory_budget_bytes / 2**20, "ram_mb": prof.ram_mb, "started": started,
                 "serving": serving, "training": training, "steps": result.get("steps", result.get("training_steps")),
                 "served_while_training": served, "result": {k: v for k, v in result.items() if not isinstance(v, (dict, list))},
-                "train_graph_mb": (b / "train.onnx").stat().st_size / 1e6, "model_mb": (b / "model.onnx").stat().st_size / 1e6}
+                "train_graph_mb": graph_mb(b / "train.onnx"), "model_mb": graph_mb(b / "model.onnx")}
     finally:
         proc.terminate()
         try:
@@ -116,7 +116,12 @@ def agent_memory(profile: str, requests: int, tokens: int) -> dict:
 def memory_section(profiles: list[str], tokens: int) -> None:
     rows = []
     for p in profiles:
-        r = agent_memory(p, 10, tokens)
+        try:
+            r = agent_memory(p, 10, tokens)
+        except RuntimeError as exc:  # e.g. the agent refuses a bundle its profile's budget cannot hold
+            reason = str(exc).strip().splitlines()[-1][:300].replace("|", "/")
+            rows.append(f"| {p} | | | | | refused at start: {reason} | |")
+            continue
         print(json.dumps(r), file=sys.stderr)
         ok = "yes" if r["training"] <= r["budget_mb"] else "no"
         rows.append(f"| {p} ({r['ram_mb']} MB RAM) | {r['model_mb']:.0f} / {r['train_graph_mb']:.0f} MB | {r['started']:.0f} MB | "

@@ -59,6 +59,12 @@ def run_json(cmd: list[str], timeout: float = 3600) -> dict:
 PY = sys.executable
 
 
+def graph_mb(path: Path) -> float:
+    """Size of an ONNX graph with its external data file (bundles keep their weights in one), MB."""
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 1e6
+
+
 def cached_bundle_ok(out: Path) -> bool:
     """Whether a bundle a bench exported earlier is there and readable by this version (a bundle of an
     older format is removed, so the bench exports it again instead of failing to load it)."""

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import llamacpp  # noqa: E402
-from bench.common import PY, ROOT, cached_bundle_ok, peak_rss_mb, record, run_json  # noqa: E402
+from bench.common import PY, ROOT, cached_bundle_ok, graph_mb, peak_rss_mb, record, run_json  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 REPEATS = 7  # best of N: on this shared machine a run of 3 can miss every quiet moment
@@ -120,7 +120,7 @@ def child_onnx(scheme: str, tokens: int, with_ppl: bool) -> dict:
             res["prefill"][n].append(n / (time.perf_counter() - t0))
     if with_ppl:
         res["ppl"] = eng.perplexity(ppl_text())
-    res.update(peak_rss_mb=peak_rss_mb(), file_mb=(b / "model.onnx").stat().st_size / 1e6,
+    res.update(peak_rss_mb=peak_rss_mb(), file_mb=graph_mb(b / "model.onnx"),
                weight_bytes_per_token=weight_bytes_per_token(b / "model.onnx"))
     return res
 
@@ -150,7 +150,8 @@ def weight_bytes_per_token(path: Path) -> int:
         prefix[sl["R"]] = sl["prefix"] * sl["out"] * 4
     total = 0
     for init in m.graph.initializer:
-        size = len(init.raw_data) or np.prod(init.dims) * 4
+        ext = {e.key: e.value for e in init.external_data}
+        size = int(ext["length"]) if "length" in ext else len(init.raw_data) or np.prod(init.dims) * 4
         if init.name in gathered or init.name.startswith("lora_"):
             continue
         total += int(prefix.get(init.name, size))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PY, ROOT, cached_bundle_ok, peak_rss_mb, record, run_json  # noqa: E402
+from bench.common import PY, ROOT, cached_bundle_ok, graph_mb, peak_rss_mb, record, run_json  # noqa: E402
 
 CACHE = ROOT / ".cache" / "bench"
 B, S = 8, 128
@@ -82,7 +82,7 @@ def child_onnx(scheme: str, steps: int) -> dict:
         params, mom, vel, _ = adamw_step(params, grads, mom, vel, step, cfg)
         times.append(time.perf_counter() - t)
     return {"step_s": float(np.median(times[1:])), "peak_rss_mb": peak_rss_mb(), "loss": loss,
-            "train_graph_mb": (b / "train.onnx").stat().st_size / 1e6}
+            "train_graph_mb": graph_mb(b / "train.onnx")}
 
 
 def main() -> None:

@@ -71,13 +71,14 @@ def http_json(url: str, body: dict | None = None, timeout: float = 60) -> dict:
 
 
 def readable_bundle(path: Path) -> bool:
-    """Whether a cached bundle's manifest is one this version reads (else it is exported again)."""
+    """Whether a cached bundle is what this version would export: a manifest it reads, written by the
+    same exporter revision (else the cache exports it again)."""
     from edge_runtime.errors import BundleError
     from edge_runtime.protocol.manifest import Manifest
+    from export.build import EXPORTER_REVISION
 
     try:
-        Manifest.load(path)
-        return True
+        return Manifest.load(path).versions.get("exporter") == EXPORTER_REVISION
     except BundleError:
         return False
 

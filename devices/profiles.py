@@ -46,8 +46,11 @@ class Profile:
         from edge_runtime.protocol.manifest import Manifest
 
         m = Manifest.load(bundle)
-        infer = m.files.get("model.onnx", {}).get("size", 0)
-        train = m.files.get("train.onnx", {}).get("size", 0)
+
+        def graph_bytes(name: str) -> int:  # the graph and its external data file
+            return sum(m.files.get(f, {}).get("size", 0) for f in (name, f"{name}.data"))
+
+        infer, train = graph_bytes("model.onnx"), graph_bytes("train.onnx")
         # ORT holds weights once per session plus arenas; 1.3x graph size + 64 MB runtime is our measured rule of thumb.
         need = int(1.3 * (infer + train)) + 64 * 1024 * 1024
         if need > self.memory_budget_bytes:

@@ -30,6 +30,11 @@ from export.quantize import QuantRecipe, quantize_graph
 from export.torch_onnx import OPSET, export_module
 from export.training_graph import export_train
 
+# What the graphs inside a bundle look like beyond the manifest format: caches of exported bundles
+# (the demo's, the benches', the conformance tests') export again when it changes.
+# 2: graphs keep their tensors in a data file beside them (onnxfile.externalize: less memory to load).
+EXPORTER_REVISION = "2"
+
 
 class Progress:
     """Stage-by-stage progress lines with times and sizes (stderr)."""
@@ -289,6 +294,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
                 io["lowrank"] = finish_lowrank(tmp / "model.onnx", io["lowrank"], opts.lora_rank, tmp)
             elif g == "model":
                 add_lora_defaults(tmp / "model.onnx", stacked_shapes)
+            onnxfile.externalize(tmp / f"{g}.onnx")
             log(f"quantized {g} graph ({applied[g]}): {mb(src_g)} -> {mb(tmp / f'{g}.onnx')} in {time.time() - t:.1f}s")
             onnxfile.remove(src_g)
         # tokenizer
@@ -319,7 +325,12 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         import onnxruntime
 
-        versions = {"edgefm": "0.1.0", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+        versions = {
+            "edgefm": "0.1.0",
+            "exporter": EXPORTER_REVISION,
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        }
         for mod in ("transformers", "onnx", "optimum"):
             try:
                 versions[mod] = __import__(mod).__version__

@@ -1,6 +1,7 @@
 """ONNX files of any size. One protobuf holds at most 2 GiB, so a graph whose tensors pass
 ``EXTERNAL_DATA_BYTES`` is written with them in one data file beside it (``<name>.data``, the ONNX
-external-data convention that onnxruntime loads by itself); smaller graphs stay single files.
+external-data convention that onnxruntime loads by itself); intermediate graphs under it stay single
+files, and a bundle's final graphs always get a data file (``externalize``: less memory on the device).
 Every step of an export that reads or rewrites a graph goes through here, so a stale data file
 never outlives the graph it belonged to."""
 
@@ -58,6 +59,17 @@ def save(model, path: str | Path, *, external: bool | None = None) -> None:
         )
     else:
         onnx.save_model(model, str(path))
+
+
+def externalize(path: str | Path) -> None:
+    """Rewrite a bundle's graph with its tensors in its data file (a no-op when they already are).
+
+    What a device loads: onnxruntime keeps a single-file graph's bytes while it builds the session
+    (SmolLM2-135M: the training session took 725 MB loaded from one file, 443 MB from graph + data
+    file; the inference session 281 vs 156 MB), and from a data file it reads each tensor straight
+    into its buffer."""
+    if not has_external_data(path):
+        save(load(path), path, external=True)
 
 
 def has_external_data(path: str | Path) -> bool:
