@@ -48,9 +48,31 @@ def vm(pid: int, key: str) -> float:
     return float("nan")
 
 
-def agent_memory(profile: str, requests: int, tokens: int) -> dict:
+def single_file_copy(bundle: Path, dst: Path) -> Path:
+    """The bundle as exporters before revision 2 wrote it: each graph one file, weights inside (the
+    baseline of the memory figure, measured in the same run)."""
+    import shutil
+
+    import onnx
+
+    from edge_runtime.protocol.manifest import Manifest, hash_files
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(bundle, dst, ignore=shutil.ignore_patterns("*.onnx.data", "*.onnx"))
+    for g in ("model.onnx", "train.onnx"):
+        if (bundle / g).is_file():
+            onnx.save_model(onnx.load(str(bundle / g)), str(dst / g))
+    m = Manifest.load(bundle)
+    m.files = hash_files(dst, sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file() and p.name != "manifest.json"))
+    m.save(dst)
+    return dst
+
+
+def agent_memory(profile: str, requests: int, tokens: int, *, single_file: bool = False) -> dict:
     """Run the agent daemon on the demo bundle for ``profile`` (offline, no auto-training), serve
-    requests, then serve while it trains one full session; its peak RSS after each phase."""
+    requests, then serve while it trains one full session; its peak RSS after each phase.
+    ``single_file``: the same bundle with each graph in one file (how bundles were written before)."""
     import os
     import shutil
     import socket
@@ -67,6 +89,8 @@ def agent_memory(profile: str, requests: int, tokens: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     tmp = Path(tempfile.mkdtemp(prefix="edgefm-mem-"))
+    if single_file:
+        b = single_file_copy(b, tmp / "bundle")
     cmd = [PY, "-m", "edge_runtime.cli", "run", "--bundle", str(b), "--profile", profile, "--port", str(port),
            "--data-dir", str(tmp / "data"), "--no-auto-train"]
     log = open(tmp / "agent.log", "wb")
@@ -115,16 +139,20 @@ def agent_memory(profile: str, requests: int, tokens: int) -> dict:
 
 def memory_section(profiles: list[str], tokens: int) -> None:
     rows = []
-    for p in profiles:
+    runs = [(p, False) for p in profiles]
+    if "rpi5" in profiles:  # the baseline: the same bundle as earlier exporters wrote it, measured alongside
+        runs.insert(profiles.index("rpi5"), ("rpi5", True))
+    for p, single in runs:
+        label = f"{p}, graphs as single files (before)" if single else p
         try:
-            r = agent_memory(p, 10, tokens)
+            r = agent_memory(p, 10, tokens, single_file=single)
         except RuntimeError as exc:  # e.g. the agent refuses a bundle its profile's budget cannot hold
             reason = str(exc).strip().splitlines()[-1][:300].replace("|", "/")
-            rows.append(f"| {p} | | | | | refused at start: {reason} | |")
+            rows.append(f"| {label} | | | | | refused at start: {reason} | |")
             continue
         print(json.dumps(r), file=sys.stderr)
         ok = "yes" if r["training"] <= r["budget_mb"] else "no"
-        rows.append(f"| {p} ({r['ram_mb']} MB RAM) | {r['model_mb']:.0f} / {r['train_graph_mb']:.0f} MB | {r['started']:.0f} MB | "
+        rows.append(f"| {label} ({r['ram_mb']} MB RAM) | {r['model_mb']:.0f} / {r['train_graph_mb']:.0f} MB | {r['started']:.0f} MB | "
                     f"{r['serving']:.0f} MB | {r['training']:.0f} MB | {r['budget_mb']:.0f} MB: {ok} | {r['served_while_training']} |")
     body = f"""The agent daemon as users run it (`edgefm-agent run --bundle B --profile P --no-auto-train`, offline), its own
 process; the client outside it. The bundle is the demo's: SmolLM2-135M exported for the profile (training graph

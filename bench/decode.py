@@ -137,6 +137,77 @@ def child_llamacpp(variant: str, tokens: int, with_ppl: bool) -> dict:
     return res
 
 
+GENAI = "0.18.0"  # onnxruntime-genai: its own int4 model builder and native (C++) token loop, a route measured here
+
+
+def genai_model() -> Path:
+    """onnxruntime-genai installed into the bench cache (not a dependency of edgefm) and its int4 CPU
+    model built by its own builder from the same fp32 source (once)."""
+    lib, out = CACHE / f"onnxruntime-genai-{GENAI}", CACHE / f"genai-smollm2-int4-{GENAI}"
+    if not (lib / "onnxruntime_genai").is_dir():
+        subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "--target", str(lib), f"onnxruntime-genai=={GENAI}"], check=True)
+    if not (out / "genai_config.json").is_file():
+        from export.source import resolve
+        src = resolve("smollm2", log=lambda *_: None)
+        env = {**__import__("os").environ, "PYTHONPATH": str(lib)}
+        subprocess.run([PY, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4", "-e", "cpu",
+                        "-c", str(CACHE / "genai-tmp")], check=True, env=env, capture_output=True)
+        cfg = json.loads((out / "genai_config.json").read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {}).update(intra_op_num_threads=2, inter_op_num_threads=1)
+        (out / "genai_config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def child_genai(tokens: int, with_ppl: bool) -> dict:
+    """Decode and prefill through onnxruntime-genai's own generator loop (greedy, 2 threads)."""
+    out = genai_model()
+    sys.path.insert(0, str(CACHE / f"onnxruntime-genai-{GENAI}"))
+    import onnxruntime_genai as og
+    model = og.Model(str(out))
+    tok = og.Tokenizer(model)
+
+    def run(ids, n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        first = time.perf_counter() - t0
+        k = 1
+        while not gen.is_done():
+            gen.generate_next_token()
+            k += 1
+        return first, (k - 1) / max(time.perf_counter() - t0 - first, 1e-9)
+
+    ids = list(tok.encode(PROMPT))
+    run(ids, 4)  # warm-up
+    res: dict = {"decode": [], "prefill": {n: [] for n in PREFILL}}
+    prompts = {n: prompt_ids(lambda t: list(tok.encode(t)), n) for n in PREFILL}
+    for _ in range(REPEATS):
+        res["decode"].append(run(ids, tokens)[1])
+        for n, p in prompts.items():
+            res["prefill"][n].append(n / run(p, 1)[0])
+    if with_ppl:  # the logits of a prompt's every position, scored as Engine.perplexity does (256-token windows)
+        from edge_runtime.sampling import log_softmax
+        enc = list(tok.encode(ppl_text()))
+        nll, count = 0.0, 0
+        for i in range(0, len(enc), 256):
+            w = enc[i : i + 256]
+            if len(w) < 2:
+                continue
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(w) + 1, do_sample=False)
+            gen = og.Generator(model, params)
+            gen.append_tokens(w)
+            logp = log_softmax(gen.get_output("logits")[0, :-1].astype(np.float64))
+            nll -= float(logp[np.arange(len(w) - 1), w[1:]].sum())
+            count += len(w) - 1
+        res["ppl"] = float(np.exp(nll / count))
+    res.update(peak_rss_mb=peak_rss_mb(), file_mb=graph_mb(out / "model.onnx"))
+    return res
+
+
 def weight_bytes_per_token(path: Path) -> int:
     """Bytes of initializers read for one decode step: everything but the embedding table (one row is
     read) and the LoRA tensors; of a low-rank LoRA input only its base prefix (int4 offsets) counts."""
@@ -228,13 +299,16 @@ def merge(into: dict, r: dict) -> None:
 
 
 def full_precision(v: str) -> str:
+    """Whose perplexity a variant's is compared with: its engine's own full precision (onnxruntime-genai
+    has none of its own here; its source is edgefm's, so edgefm fp32)."""
     return "llama:f16" if v.startswith("llama:") else "fp32" if v != "torch" else "torch"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-rtn", help="torch and edgefm bundles (schemes or int4-rtn/int4-hqq)")
+    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-rtn,genai",
+                    help="torch, edgefm bundles (schemes or int4-rtn/int4-hqq), genai (onnxruntime-genai's own int4 model)")
     ap.add_argument("--llamacpp", default="f16,q4_1,q4_0,iq4_nl,q8_0", help="llama.cpp GGUF variants ('' for none)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every variant once per round, in turn")
     ap.add_argument("--child", default=None)
@@ -245,6 +319,8 @@ def main() -> None:
             res = {"bw_gbs": memory_bandwidth_gbs()}
         elif args.child.startswith("floor:"):
             res = kernel_floor(args.child.split(":", 1)[1])
+        elif args.child == "genai":
+            res = child_genai(args.tokens, args.ppl)
         elif args.child.startswith("llama:"):
             res = child_llamacpp(args.child.split(":", 1)[1], args.tokens, args.ppl)
         else:
@@ -256,6 +332,8 @@ def main() -> None:
         if v.startswith("llama:"):
             from export.source import find_packaged_model
             llamacpp.gguf(CACHE, find_packaged_model("smollm2"), v.split(":", 1)[1], llamacpp.tools(CACHE))
+        elif v == "genai":
+            genai_model()
         elif v != "torch":
             bundle_for(v)
     bw = memory_bandwidth_gbs()
@@ -265,7 +343,7 @@ def main() -> None:
         for v in variants:
             cmd = [PY, __file__, "--child", v, "--tokens", str(args.tokens)] + (["--ppl"] if r == 0 else [])
             merge(res[v], run_json(cmd))
-            if v != "torch" and not v.startswith("llama:"):  # next to each timing, in its own process
+            if v not in ("torch", "genai") and not v.startswith("llama:"):  # next to each timing, in its own process
                 seen.append(run_json([PY, __file__, "--child", "bandwidth"])["bw_gbs"])
     floor = run_json([PY, __file__, "--child", "floor:int4"]) if "int4" in variants else None
     copy_bw = max(seen)

@@ -176,19 +176,24 @@ class Sessions:
             extra = [{"text": general[i]} for i in rng.choice(len(general), n - device_rows, replace=False)] if batch else []
             return batch + extra
 
-        result = self.trainer.train(
-            start,
-            next_examples,
-            max_steps=steps,
-            max_seconds=self.cfg.max_train_seconds,
-            should_yield=self.busy,
-            resume=resume,
-            checkpoint=lambda st: save_checkpoint(ckpt, st, {"base_version": base_version}),
-            train_a=current.train_a,
-            prox_mu=self.cfg.prox_mu,
-            on_used=self.store.mark_trained,
-            on_step=self._count_step,
-        )
+        try:
+            result = self.trainer.train(
+                start,
+                next_examples,
+                max_steps=steps,
+                max_seconds=self.cfg.max_train_seconds,
+                should_yield=self.busy,
+                resume=resume,
+                checkpoint=lambda st: save_checkpoint(ckpt, st, {"base_version": base_version}),
+                train_a=current.train_a,
+                prox_mu=self.cfg.prox_mu,
+                on_used=self.store.mark_trained,
+                on_step=self._count_step,
+            )
+        finally:
+            # the training session is the agent's biggest allocation: drop it before the gate evaluates
+            # (so the two do not add up) and between sessions (an idle device holds only the server)
+            self.trainer.release()
         self.last_train_at = time.time()
         if result.steps == 0:
             return {"status": "no_steps", "stopped": result.stopped}
