@@ -284,7 +284,8 @@ NAMES = {"torch": "torch eager fp32 `generate`", "fp32": "edgefm ONNX fp32", "in
          "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (default: asym blocks + offset, 8-bit head)",
          "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)", "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head",
          "llama:f16": "llama.cpp F16 (the Q4_1 weights expanded)", "llama:q4_1": "llama.cpp Q4_1 (the packaged file: the source's weights)",
-         "llama:q4_0": "llama.cpp Q4_0 (requantized)", "llama:iq4_nl": "llama.cpp IQ4_NL (requantized)", "llama:q8_0": "llama.cpp Q8_0 (requantized)"}
+         "llama:q4_0": "llama.cpp Q4_0 (requantized)", "llama:iq4_nl": "llama.cpp IQ4_NL (requantized)", "llama:q8_0": "llama.cpp Q8_0 (requantized)",
+         "genai": f"onnxruntime-genai {GENAI} int4 (its own builder and C++ loop)"}
 
 
 def merge(into: dict, r: dict) -> None:
