@@ -303,7 +303,10 @@ class Engine:
         logits1 = np.empty((1, 1, self.session.get_outputs()[0].shape[-1] if shared else 0), np.float32)
         logits1_val = ort.OrtValue.ortvalue_from_numpy(logits1) if shared else None
 
+        last_only = "logits_from" in self.input_names  # bundles whose head can skip the prompt's other positions
+
         def step(ids: np.ndarray, total: int) -> np.ndarray:
+            """Logits of the last position ([1, 1, V], or [1, seq, V] for bundles without ``logits_from``)."""
             seq = ids.shape[1]
             if shared and total > capacity:
                 raise ConfigError(f"sequence of {total} tokens exceeds the cache of {capacity}")
@@ -313,6 +316,10 @@ class Engine:
             binding.bind_cpu_input("input_ids", ids)
             binding.bind_cpu_input("attention_mask", mask)
             binding.bind_cpu_input("position_ids", pos)
+            if last_only:
+                first = np.array([seq - 1], np.int64)
+                keep.append(first)
+                binding.bind_cpu_input("logits_from", first)
             if shared and seq == 1:
                 binding.bind_ortvalue_output(outs[0], logits1_val)
                 sess.run_with_iobinding(binding)

@@ -33,7 +33,8 @@ from export.training_graph import export_train
 # What the graphs inside a bundle look like beyond the manifest format: caches of exported bundles
 # (the demo's, the benches', the conformance tests') export again when it changes.
 # 2: graphs keep their tensors in a data file beside them (onnxfile.externalize: less memory to load).
-EXPORTER_REVISION = "2"
+# 3: the fused Llama graph's head runs from position ``logits_from`` on (generation: the last only).
+EXPORTER_REVISION = "3"
 
 
 class Progress:

@@ -206,14 +206,30 @@ def build_llama_onnx(graph, path, lora_targets, opset: int) -> list[dict]:
         domain=MS,
         epsilon=eps,
     )
-    node("MatMul", [hf, const("lm_head.weight.T", t(graph.head_wT))], ["logits"], "lm_head")
+    # The head runs on positions logits_from.. only: generation needs the last one (for a 512-token
+    # prompt the head over every position is a fifth of the prefill's multiply-adds and a 100 MB
+    # tensor); scoring leaves the input at its default, 0, for all of them.
+    tail = node(
+        "Slice",
+        [
+            hf,
+            "logits_from",
+            const("lm_head.slice_end", np.array([np.iinfo(np.int64).max], np.int64)),
+            const("lm_head.slice_axis", np.array([1], np.int64)),
+        ],
+        ["final_norm_tail"],
+        "lm_head_positions",
+    )
+    node("MatMul", [tail, const("lm_head.weight.T", t(graph.head_wT))], ["logits"], "lm_head")
+    inits.append(numpy_helper.from_array(np.zeros(1, np.int64), "logits_from"))
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("logits_from", TensorProto.INT64, [1]),  # default 0: every position
     ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "positions", vocab])]
     for i in range(L):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past.{i}.{kv}", TensorProto.FLOAT, ["batch", nkv, "past", hd]))

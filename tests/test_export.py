@@ -372,3 +372,25 @@ def test_graphs_over_the_size_limit_keep_weights_in_external_data(tmp_path, tiny
     args = (np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None], a.empty_past(1))
     np.testing.assert_allclose(a.forward(*args)[0], b.forward(*args)[0], atol=1e-5)
     assert list(a.generate(ids, max_new_tokens=5, stop_ids=set())) == list(b.generate(ids, max_new_tokens=5, stop_ids=set()))
+
+
+def test_generation_runs_the_head_on_the_last_prompt_position_only(tmp_path_factory, tiny_llama_dir):
+    """The fused graph's head starts at ``logits_from``: generation asks for the last position (its
+    logits equal that row of a full forward), scoring leaves the default and gets every position."""
+    from edge_runtime.engine import Engine
+
+    eng = Engine(tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "int4"))
+    ids = eng.encode("valve 7 closed at noon and the pump restarted")
+    n = len(ids)
+    feeds = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.arange(n)[None],
+        **eng.empty_past(1),
+        **eng.adapter.feeds,
+    }
+    full = eng.forward(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"], eng.empty_past(1))[0]
+    assert full.shape[1] == n  # default: every position
+    last = eng.session.run(["logits"], {**feeds, "logits_from": np.array([n - 1], np.int64)})[0]
+    assert last.shape == (1, 1, full.shape[-1])
+    np.testing.assert_allclose(last[0, 0], full[0, -1], atol=1e-5)
