@@ -27,6 +27,7 @@ CACHE = ROOT / ".cache" / "bench"
 REPEATS = 7  # best of N: on this shared machine a run of 3 can miss every quiet moment
 PREFILL = (64, 512)  # prompt lengths whose prefill (time to the first token) is measured
 PPL_CHARS = 12000
+PURE = "-pure"  # a variant name ending in it: the same bundle without the native kernels (edge_runtime/native.py)
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
 
@@ -100,8 +101,8 @@ def child_torch(tokens: int, with_ppl: bool) -> dict:
 
 def child_onnx(scheme: str, tokens: int, with_ppl: bool) -> dict:
     from edge_runtime.engine import Engine
-    b = bundle_for(scheme)
-    eng = Engine(b, threads=2, verify=False)
+    b = bundle_for(scheme.removesuffix(PURE))
+    eng = Engine(b, threads=2, verify=False, native=not scheme.endswith(PURE))
     ids = eng.encode(PROMPT)
     list(eng.generate(ids, max_new_tokens=4, stop_ids=set()))  # warm-up
     res: dict = {"decode": [], "prefill": {n: [] for n in PREFILL}}
@@ -121,7 +122,7 @@ def child_onnx(scheme: str, tokens: int, with_ppl: bool) -> dict:
     if with_ppl:
         res["ppl"] = eng.perplexity(ppl_text())
     res.update(peak_rss_mb=peak_rss_mb(), file_mb=graph_mb(b / "model.onnx"),
-               weight_bytes_per_token=weight_bytes_per_token(b / "model.onnx"))
+               weight_bytes_per_token=weight_bytes_per_token(b / "model.onnx"), native=eng.native)
     return res
 
 
@@ -285,7 +286,8 @@ NAMES = {"torch": "torch eager fp32 `generate`", "fp32": "edgefm ONNX fp32", "in
          "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)", "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head",
          "llama:f16": "llama.cpp F16 (the Q4_1 weights expanded)", "llama:q4_1": "llama.cpp Q4_1 (the packaged file: the source's weights)",
          "llama:q4_0": "llama.cpp Q4_0 (requantized)", "llama:iq4_nl": "llama.cpp IQ4_NL (requantized)", "llama:q8_0": "llama.cpp Q8_0 (requantized)",
-         "genai": f"onnxruntime-genai {GENAI} int4 (its own builder and C++ loop)"}
+         "genai": f"onnxruntime-genai {GENAI} int4 (its own builder and C++ loop)",
+         "int4-pure": "edgefm ONNX int4 default, without the native kernel (pure onnxruntime)"}
 
 
 def merge(into: dict, r: dict) -> None:
@@ -308,8 +310,9 @@ def full_precision(v: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-rtn,genai",
-                    help="torch, edgefm bundles (schemes or int4-rtn/int4-hqq), genai (onnxruntime-genai's own int4 model)")
+    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-pure,int4-rtn,genai",
+                    help="torch, edgefm bundles (schemes or int4-rtn/int4-hqq; NAME-pure: without the native kernels), "
+                         "genai (onnxruntime-genai's own int4 model)")
     ap.add_argument("--llamacpp", default="f16,q4_1,q4_0,iq4_nl,q8_0", help="llama.cpp GGUF variants ('' for none)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every variant once per round, in turn")
     ap.add_argument("--child", default=None)
@@ -336,7 +339,7 @@ def main() -> None:
         elif v == "genai":
             genai_model()
         elif v != "torch":
-            bundle_for(v)
+            bundle_for(v.removesuffix(PURE))
     bw = memory_bandwidth_gbs()
     res: dict[str, dict] = {v: {} for v in variants}
     seen = [bw]
@@ -392,6 +395,8 @@ def main() -> None:
     if fast_ours and fast_theirs:
         headline += ratio_row(f"fastest edgefm int4 ({fast_ours}) / fastest llama.cpp 4-bit ({fast_theirs.split(':')[1].upper()})", fast_ours, fast_theirs)
     headline += ratio_row("edgefm int8 / llama.cpp Q8_0", "int8", "llama:q8_0")
+    headline += ratio_row("edgefm int4 default without the native kernel / llama.cpp Q4_1", "int4" + PURE, "llama:q4_1")
+    headline += ratio_row("edgefm int4 default: native kernel / pure onnxruntime (same bundle)", "int4", "int4" + PURE)
     plen = "/".join(map(str, PREFILL))
     body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens; every variant in its own process, {args.rounds} interleaved
 rounds (each round runs every variant once, in turn) of {REPEATS} samples each: tok/s as best / median over all samples.

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
+from edge_runtime import native as native_kernels
 from edge_runtime.errors import BundleError, ConfigError
 from edge_runtime.lowrank import LowRankLayout
 
@@ -43,10 +44,18 @@ def session_options(threads: int | None):
     return so
 
 
+def uses_native_ops(graph: Path) -> bool:
+    """Whether ``graph`` calls functions of the edgefm.native domain (bundle graphs keep their weights in
+    a data file, so the graph file itself is small; a big single-file graph is not searched)."""
+    return graph.is_file() and graph.stat().st_size < 64 << 20 and native_kernels.DOMAIN.encode() in graph.read_bytes()
+
+
 class Engine:
     """Loads a bundle and runs it: ``generate`` (causal LM), ``embed``, ``classify``, ``score``."""
 
-    def __init__(self, bundle: str | Path, *, threads: int | None = None, verify: bool = True):
+    def __init__(self, bundle: str | Path, *, threads: int | None = None, verify: bool = True, native: bool = True):
+        """``native``: run the device's compiled kernels where the graph has functions for them (False: the
+        graph's standard-operator form everywhere, as on a device without a C compiler)."""
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -57,10 +66,12 @@ class Engine:
         self.dims = m.model
         self.targets = list(m.adapter.targets)
         self.layers = int(m.model["layers"])
+        so = session_options(threads)
+        # graphs with edgefm.native functions run the device's compiled kernels where it has them
+        # (edge_runtime/native.py), their standard-operator form where not
+        self.native = native and uses_native_ops(self.dir / "model.onnx") and native_kernels.register(so, threads)
         try:
-            self.session = ort.InferenceSession(
-                str(self.dir / "model.onnx"), session_options(threads), providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(str(self.dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise BundleError(f"{self.dir}: onnxruntime cannot load model.onnx: {exc}") from None
         self.tokenizer = Tokenizer.from_file(str(self.dir / "tokenizer" / "tokenizer.json"))

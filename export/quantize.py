@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 import onnx
 
+from edge_runtime import native
 from edge_runtime.errors import ExportError
 from export import onnxfile
 
@@ -249,28 +250,22 @@ def apply_asym_int4(
 ) -> list[str]:
     """Replace each MatMul(x, const W) (not excluded, K divisible by ``block``) by
     ``MatMulNBits(x, q, s) + S(x) @ C``: the symmetric 4-bit kernel (implicit zero point 8) plus
-    a per-block offset, S(x) [..., K/block] the sums of x over each block (Reshape + ReduceSum, shared
-    by the linears reading the same x) and C
-    [K/block, N] the offsets. Where the builder says a MatMul has a low-rank LoRA term over the inputs
-    L, R (``lowrank``: matmul node name -> (L, R); see ``edge_runtime.lowrank``), P and C are prepended
-    to L's and R's defaults instead: one matmul pair for offsets and LoRA. Returns the names of the new
-    small MatMuls (callers keep them out of later quantization passes)."""
+    a per-block offset, S(x) [..., K/block] the sums of x over each block and C [K/block, N] the offsets,
+    as one ``BlockOffsetAdd`` call (``block_offset_add_function``; a native kernel where the device has
+    it). Where the builder says a MatMul has a low-rank LoRA term over the inputs L, R (``lowrank``:
+    matmul node name -> (L, R); see ``edge_runtime.lowrank``), P and C are prepended to L's and R's
+    defaults instead: one matmul pair for offsets and LoRA. Returns the names of nodes later
+    quantization passes must leave alone (none: the offset matmuls live inside the function)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     lowrank = lowrank or {}
     graph_inputs = {i.name: i for i in model.graph.input}
-    aux, nodes, new_inits, sums = [], [], [], {}
+    nodes, new_inits = [], []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 15:  # every graph edgefm-export writes is opset 18
         raise ExportError(f"the int4 rewrite needs an opset >= 15 graph (Shape with an end); this one is opset {opset}")
-    small: set[str] = set()
-
-    def const_i64(name: str, values) -> str:
-        if name not in small:
-            small.add(name)
-            new_inits.append(numpy_helper.from_array(np.array(values, np.int64), name))
-        return name
+    uses_function = False
 
     for node in model.graph.node:
         b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
@@ -310,21 +305,21 @@ def apply_asym_int4(
             _prepend_lowrank(inits, graph_inputs, L, block_sum_matrix(K, block), axis=1)
             _prepend_lowrank(inits, graph_inputs, R, np.ascontiguousarray(c.T), axis=0)
             continue
-        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), f"{b}_offsets"))
-        if (x, K) not in sums:
-            pname = f"{x}_blocksum{block}"
-            # reshape to [..., K/block, block] and sum: no 0/1 matrix to store or read
-            nb = const_i64(f"blocks{K // block}x{block}", [K // block, block])
-            nodes += [
-                helper.make_node("Shape", [x], [f"{pname}_lead"], name=f"{pname}_lead", end=-1),
-                helper.make_node("Concat", [f"{pname}_lead", nb], [f"{pname}_shape"], name=f"{pname}_shape", axis=0),
-                helper.make_node("Reshape", [x, f"{pname}_shape"], [f"{pname}_blocks"], name=f"{pname}_blocks"),
-                helper.make_node("ReduceSum", [f"{pname}_blocks", const_i64("axis_last", [-1])], [pname], name=pname, keepdims=0),
-            ]
-            sums[(x, K)] = pname
-        nodes.append(helper.make_node("MatMul", [sums[(x, K)], f"{b}_offsets"], [f"{y}_offset"], name=f"{tag}_offset"))
-        nodes.append(helper.make_node("Add", [f"{y}_q4", f"{y}_offset"], [y], name=f"{tag}_addoffset"))
-        aux.append(f"{tag}_offset")
+        # the offset term as one call of the model-local function edgefm.native:BlockOffsetAdd (C in fp16):
+        # onnxruntime runs edge_runtime's native kernel for it where that is registered, and inlines the
+        # function body (the same computation in standard operators) everywhere else
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T).astype(np.float16), f"{b}_offsets"))
+        nodes.append(
+            helper.make_node(
+                BLOCK_OFFSET_ADD,
+                [f"{y}_q4", x, f"{b}_offsets"],
+                [y],
+                name=f"{tag}_offset",
+                domain=NATIVE_DOMAIN,
+                blocks=[-1, block],
+            )
+        )
+        uses_function = True
     replaced = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"} - {n.input[1] for n in nodes if len(n.input) > 1}
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -333,7 +328,61 @@ def apply_asym_int4(
     model.graph.initializer.extend(new_inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    return aux
+    if uses_function:
+        model.functions.append(block_offset_add_function(opset))
+        model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
+    return []
+
+
+NATIVE_DOMAIN = native.DOMAIN  # edge_runtime/data/blockoffset.c registers its kernels under this domain
+BLOCK_OFFSET_ADD = "BlockOffsetAdd"
+
+
+def block_offset_add_function(opset: int):
+    """The ONNX function ``BlockOffsetAdd(y, x, C) = y + S(x) @ float(C)``, S(x) the sums of x over blocks
+    (attribute ``blocks`` = [-1, block]): the reference form of the native kernel of the same name."""
+    from onnx import AttributeProto, helper
+
+    blocks = helper.make_node("Constant", [], ["blocks"])
+    blocks.attribute.append(helper.make_attribute_ref("value_ints", AttributeProto.INTS))
+    blocks.attribute[0].ref_attr_name = "blocks"
+    body = [
+        helper.make_node("Shape", ["x"], ["lead"], end=-1),
+        blocks,
+        helper.make_node("Concat", ["lead", "blocks"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["x", "shape"], ["grouped"]),
+        helper.make_node("Constant", [], ["last"], value_ints=[-1]),
+        helper.make_node("ReduceSum", ["grouped", "last"], ["sums"], keepdims=0),
+        helper.make_node("Cast", ["C"], ["C32"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("MatMul", ["sums", "C32"], ["offset"]),
+        helper.make_node("Add", ["y", "offset"], ["out"]),
+    ]
+    return helper.make_function(
+        NATIVE_DOMAIN, BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], body, [helper.make_opsetid("", opset)], attributes=["blocks"]
+    )
+
+
+def block_offset_check_model() -> onnx.ModelProto:
+    """The one-node graph edge_runtime.native checks a freshly built kernel library with (shipped as
+    edge_runtime/data/blockoffset_check.onnx: devices have no onnx package to build it)."""
+    from onnx import TensorProto, helper
+
+    from edge_runtime.native import CHECK_SHAPE, check_offsets
+
+    k, n, block = CHECK_SHAPE
+    c = check_offsets()
+    graph = helper.make_graph(
+        [helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block])],
+        "blockoffset_check",
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", n])],
+        [helper.make_tensor("C", TensorProto.FLOAT16, list(c.shape), c.tobytes(), raw=True)],
+    )
+    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(NATIVE_DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets, functions=[block_offset_add_function(18)], ir_version=10)
 
 
 def block_sum_matrix(K: int, block: int) -> np.ndarray:

@@ -212,19 +212,23 @@ def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
     sym_s = np.abs(blocks).max(-1, keepdims=True) / 7
     sym = (np.clip(np.rint(blocks / sym_s), -7, 7) * sym_s).reshape(N, K).T
     assert np.sqrt(((rec - w) ** 2).mean()) < 0.8 * np.sqrt(((sym - w) ** 2).mean())
-    # the graph rewrite: MatMulNBits (implicit zero point 8) + block sums @ offsets == dequantized weights
+    # the graph rewrite: MatMulNBits (implicit zero point 8) + block sums @ offsets == dequantized weights,
+    # the offsets held in fp16 (one BlockOffsetAdd call; here onnxruntime inlines its standard-operator body)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, N])],
                               [numpy_helper.from_array(w_grid, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    aux = apply_asym_int4(model, blk, accuracy_level=1, exclude=set())
-    ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 1 and ops.count("ReduceSum") == 1 and len(aux) == 1   # block sums: no P matrix
+    assert apply_asym_int4(model, blk, accuracy_level=1, exclude=set()) == []
+    assert [n.op_type for n in model.graph.node] == ["MatMulNBits", "BlockOffsetAdd"]
+    assert [f.name for f in model.functions] == ["BlockOffsetAdd"]
     assert "W" not in {i.name for i in model.graph.initializer}   # the fp32 weight is gone
+    q, s, c = asym_int4_blocks(w_grid, blk)
+    w_stored = (s[..., None] * (q.astype(np.float32) - 8) + c.astype(np.float16).astype(np.float32)[..., None]).reshape(N, K).T
+    assert np.abs(w_stored - w_grid).max() < 2e-4                 # fp16 offsets: the grid up to half precision
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((1, 3, K)).astype(np.float32)
-    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w_grid, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w_stored, rtol=1e-4, atol=1e-4)
 
 
 def test_sensitive_modules_stay_8bit_in_packed_graphs(tmp_path, tmp_path_factory, tiny_llama_dir):
@@ -305,7 +309,8 @@ def test_asym_int4_offsets_join_the_lowrank_lora_term():
 def test_int4_bundle_feeds_lora_through_the_offset_slots(tmp_path, tiny_llama_dir):
     """A real int4 bundle: q/k/v offsets live in the low-rank slots (lowrank.safetensors holds them),
     the other groups keep their offset path. With weights already on the 4-bit grid and fp32 compute
-    (accuracy level 1) the int4 graph is exact, so with an adapter it must give the fp32 bundle's logits."""
+    (accuracy level 1) the int4 graph is exact, so with an adapter it must give the fp32 bundle's logits,
+    whether the offset term runs as the native kernel or as its standard-operator form."""
     import shutil
     import onnx
     import torch
@@ -322,6 +327,7 @@ def test_int4_bundle_feeds_lora_through_the_offset_slots(tmp_path, tiny_llama_di
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and ".layers." in name:
                 q, sc, c = asym_int4_blocks(mod.weight.numpy().T, 32)
+                c = c.astype(np.float16).astype(np.float32)   # the graph keeps o/gate-up/down offsets in fp16
                 rec = (sc[..., None] * (q.astype(np.float32) - 8) + c[..., None]).reshape(mod.out_features, -1)
                 mod.weight.copy_(torch.from_numpy(rec))
     model.save_pretrained(src)
@@ -344,9 +350,14 @@ def test_int4_bundle_feeds_lora_through_the_offset_slots(tmp_path, tiny_llama_di
         ids = eng.encode("pump 3 pressure rising")
         args = (np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None], eng.empty_past(1))
         out[q] = (eng.forward(*args)[0], eng.forward(*args, eng.make_active(ad, meta))[0])
+    assert eng.native is True   # the test machine has a C compiler: the int4 graph ran the compiled kernel
+    eng = Engine(bundles["int4"], native=False)   # the same graph without the compiled kernel
+    assert eng.native is False
+    out["int4-pure"] = (eng.forward(*args)[0], eng.forward(*args, eng.make_active(ad, meta))[0])
     assert np.abs(out["fp32"][1] - out["fp32"][0]).max() > 0.5                 # the adapter changes the logits
-    np.testing.assert_allclose(out["int4"][0], out["fp32"][0], atol=2e-4)      # base: exact on grid weights
-    np.testing.assert_allclose(out["int4"][1], out["fp32"][1], atol=2e-4)      # with the adapter: the same
+    for q in ("int4", "int4-pure"):
+        np.testing.assert_allclose(out[q][0], out["fp32"][0], atol=2e-4)      # base: exact on grid weights
+        np.testing.assert_allclose(out[q][1], out["fp32"][1], atol=2e-4)      # with the adapter: the same
 
 
 @pytest.mark.parametrize("quant,torch_graph", [("int4", False), ("fp32", True)], ids=["int4-fused", "fp32-torch-onnx"])
@@ -394,3 +405,11 @@ def test_generation_runs_the_head_on_the_last_prompt_position_only(tmp_path_fact
     last = eng.session.run(["logits"], {**feeds, "logits_from": np.array([n - 1], np.int64)})[0]
     assert last.shape == (1, 1, full.shape[-1])
     np.testing.assert_allclose(last[0, 0], full[0, -1], atol=1e-5)
+
+
+def test_shipped_native_check_graph_is_what_the_exporter_writes():
+    """edge_runtime/data/blockoffset_check.onnx (devices cannot build it: no onnx package there) is
+    exactly the exporter's BlockOffsetAdd graph."""
+    from edge_runtime.native import CHECK_MODEL
+    from export.quantize import block_offset_check_model
+    assert CHECK_MODEL.read_bytes() == block_offset_check_model().SerializeToString()

@@ -1,0 +1,196 @@
+"""Optional native kernels: ``edge_runtime/data/blockoffset.c``, compiled on the device itself.
+
+The exported graphs hold every computation in standard ONNX (the asym int4 offset term is the model-local
+function ``edgefm.native:BlockOffsetAdd``); where this module can build the C library for the machine
+(a C compiler is on it), the engine registers it with onnxruntime, which then runs the kernel for that
+function instead of inlining its body: one graph node per linear instead of six, fp16 offsets read
+at kernel speed. Where it cannot (no compiler, a failed build or self-check, ``EDGEFM_NATIVE=0``), the
+same bundle runs its pure-onnxruntime form: the library is a speed-up, never a requirement.
+
+Built once per source, compiler and machine into ``$EDGEFM_CACHE/native`` (default
+``~/.cache/edgefm/native``) with ``-O3 -march=native`` (the device's own instruction set), and checked
+in a child process against numpy before first use, so a broken build can never take the agent down."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "data" / "blockoffset.c"
+DOMAIN = "edgefm.native"  # the ONNX domain of the functions this library has kernels for
+DISABLE_ENV = "EDGEFM_NATIVE"  # "0" / "off": never build or register the library
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept."""
+    root = os.environ.get("EDGEFM_CACHE") or str(Path.home() / ".cache" / "edgefm")
+    return Path(root) / "native"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with ($CC, else cc / gcc / clang on PATH)."""
+    for name in [os.environ.get("CC", ""), "cc", "gcc", "clang"]:
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile the library to ``out``; returns an error text or None."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    errors = []
+    # -march=native first (the device's vector units); plain -O3 where the compiler does not know it
+    for arch in (["-march=native"], ["-mcpu=native"], []):
+        cmd = [cc, "-O3", *arch, "-shared", "-fPIC", "-pthread", "-o", tmp, str(SOURCE)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+            continue
+        if r.returncode == 0:
+            os.replace(tmp, out)  # atomic: agents starting together never load a half-written file
+            return None
+        errors.append(r.stderr.strip()[-400:])
+    Path(tmp).unlink(missing_ok=True)
+    return "; ".join(errors) or "the compiler failed"
+
+
+CHECK_MODEL = Path(__file__).parent / "data" / "blockoffset_check.onnx"  # export.quantize.block_offset_check_model()
+CHECK_SHAPE = (96, 40, 32)  # K, N, block of that model; its C is check_offsets()
+
+
+def check_offsets() -> np.ndarray:
+    """The C [K/block, N] (fp16) inside CHECK_MODEL."""
+    k, n, block = CHECK_SHAPE
+    return (np.arange(k // block * n, dtype=np.float32).reshape(k // block, n) % 7 - 3).astype(np.float16) / 4
+
+
+def self_check(path: str | Path) -> None:
+    """Run the kernel through onnxruntime and numpy on a small case (raises AssertionError on a mismatch).
+    Called in a child process by ``library``: a crash there costs only the check. The graph is shipped
+    (data/blockoffset_check.onnx): a device has onnxruntime but not the onnx package."""
+    import json
+
+    import onnxruntime as ort
+
+    k, n, block = CHECK_SHAPE
+    c = check_offsets().astype(np.float32)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(path))
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edgefm-native-check-{os.getpid()}")
+    sess = ort.InferenceSession(str(CHECK_MODEL), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for rows in (1, 3, 70):  # one token, a short prompt, a threaded prefill
+        y = rng.standard_normal((1, rows, n)).astype(np.float32)
+        x = rng.standard_normal((1, rows, k)).astype(np.float32)
+        want = y + x.reshape(1, rows, k // block, block).sum(-1) @ c
+        got = sess.run(None, {"y": y, "x": x})[0]
+        assert np.allclose(got, want, atol=1e-4), f"rows {rows}: max error {np.abs(got - want).max()}"
+    trace = Path(sess.end_profiling())
+    ops = {e.get("args", {}).get("op_name") for e in json.loads(trace.read_text())}
+    trace.unlink(missing_ok=True)
+    assert "BlockOffsetAdd" in ops, (
+        f"onnxruntime inlined the function instead of running the kernel (ran {sorted(map(str, ops))})"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> Path | None:
+    """The built and checked kernel library for this machine, or None (the reason is logged once)."""
+    if os.environ.get(DISABLE_ENV, "").lower() in ("0", "off", "false", "no"):
+        log.info("native kernels off (%s=%s)", DISABLE_ENV, os.environ[DISABLE_ENV])
+        return None
+    cc = compiler()
+    if cc is None:
+        log.warning("native kernels off: no C compiler (cc, gcc or clang) on PATH; running the pure-onnxruntime graphs")
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + _compiler_version(cc).encode() + platform.machine().encode()).hexdigest()[:16]
+    path = cache_dir() / f"libedgefm_native-{key}.so"
+    ok = path.with_suffix(".ok")
+    if not (path.is_file() and ok.is_file()):
+        err = _build(cc, path)
+        if err:
+            log.warning("native kernels off: building %s failed (%s)", SOURCE.name, err)
+            return None
+        check = subprocess.run(
+            [sys.executable, "-c", f"from edge_runtime.native import self_check; self_check({str(path)!r})"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
+            },
+        )
+        if check.returncode != 0:
+            path.unlink(missing_ok=True)
+            log.warning("native kernels off: the built library failed its check (%s)", (check.stderr or "").strip()[-400:])
+            return None
+        ok.write_text("checked\n")
+    return path
+
+
+def register(so, threads: int | None) -> bool:
+    """Register the kernel library with onnxruntime session options ``so``; False where there is none."""
+    path = library()
+    if path is None:
+        return False
+    so.register_custom_ops_library(str(path))
+    set_threads(threads or os.cpu_count() or 1)
+    return True
+
+
+def set_threads(n: int) -> None:
+    """How many threads the kernels may use for many-row calls (prompts); one-token steps use one."""
+    path = library()
+    if path is not None:
+        ctypes.CDLL(str(path)).edgefm_set_threads(int(n))
+
+
+def block_offset_add(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The kernel called directly (tests): y + S(x) @ C over rows of y [.., N], x [.., K], C [K/block, N] fp16."""
+    path = library()
+    if path is None:
+        raise RuntimeError("the native library is not available on this machine")
+    lib = ctypes.CDLL(str(path))
+    y = np.ascontiguousarray(y, np.float32)
+    x = np.ascontiguousarray(x, np.float32)
+    c = np.ascontiguousarray(c, np.float16)
+    out = np.empty_like(y)
+    rows, k, nb, n = x.size // x.shape[-1], x.shape[-1], c.shape[0], c.shape[1]
+    f = lib.edgefm_block_offset_add
+    f.restype = ctypes.c_int
+    ptr = ctypes.c_void_p
+    rc = f(
+        ptr(y.ctypes.data),
+        ptr(x.ctypes.data),
+        ptr(c.ctypes.data),
+        ptr(out.ctypes.data),
+        *(ctypes.c_size_t(v) for v in (rows, k, nb, n)),
+    )
+    if rc != 0:
+        raise ValueError(f"shapes the kernel does not take: K={k} with {nb} blocks")
+    return out
