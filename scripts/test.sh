@@ -5,6 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 ensure_mosquitto
+ensure_c_compiler
 ensure_chromium
 make_venv "$ROOT/.venv" "export,torch-train,dev,fleet"
 make_venv "$ROOT/.venv-device" ""
