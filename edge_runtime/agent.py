@@ -238,7 +238,13 @@ class Agent:
             t.start()
         if self.sync:
             self.sync.start()
-        self._event("started", bundle=str(self.engine.dir), adapter=self.active_id, global_version=self.global_version)
+        self._event(
+            "started",
+            bundle=str(self.engine.dir),
+            adapter=self.active_id,
+            global_version=self.global_version,
+            native_kernels=self.engine.native,  # edge_runtime/native.py: compiled kernels in use
+        )
 
     def stop(self) -> None:
         """Stop background work and say goodbye on MQTT."""
