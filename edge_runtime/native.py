@@ -129,27 +129,35 @@ def library() -> Path | None:
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + _compiler_version(cc).encode() + platform.machine().encode()).hexdigest()[:16]
     path = cache_dir() / f"libedgefm_native-{key}.so"
-    ok = path.with_suffix(".ok")
-    if not (path.is_file() and ok.is_file()):
-        err = _build(cc, path)
-        if err:
-            log.warning("native kernels off: building %s failed (%s)", SOURCE.name, err)
-            return None
-        check = subprocess.run(
-            [sys.executable, "-c", f"from edge_runtime.native import self_check; self_check({str(path)!r})"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
-            },
-        )
-        if check.returncode != 0:
-            path.unlink(missing_ok=True)
-            log.warning("native kernels off: the built library failed its check (%s)", (check.stderr or "").strip()[-400:])
-            return None
-        ok.write_text("checked\n")
+    if path.is_file() and path.with_suffix(".ok").is_file():
+        return path
+    try:
+        return _build_and_check(cc, path)
+    except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a hung check: run without
+        log.warning("native kernels off: %s", exc)
+        return None
+
+
+def _build_and_check(cc: str, path: Path) -> Path | None:
+    """Build the library to ``path`` and check it in a child process; marks it checked (``.ok``)."""
+    err = _build(cc, path)
+    if err:
+        log.warning("native kernels off: building %s failed (%s)", SOURCE.name, err)
+        return None
+    pythonpath = os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])
+    check = subprocess.run(
+        [sys.executable, "-c", f"from edge_runtime.native import self_check; self_check({str(path)!r})"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+    if check.returncode != 0:
+        path.unlink(missing_ok=True)
+        log.warning("native kernels off: the built library failed its check (%s)", (check.stderr or "").strip()[-400:])
+        return None
+    path.with_suffix(".ok").write_text("checked\n")
+    log.info("native kernels on: %s", path)
     return path
 
 

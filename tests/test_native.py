@@ -63,3 +63,16 @@ def test_shapes_the_kernel_does_not_take_are_refused():
 def test_the_shipped_check_graph_runs_the_kernel_through_onnxruntime():
     # what library() runs in a child process before first use; here in-process, on the built library
     native.self_check(native.library())
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_engine_on_onnxruntime_alone(tmp_path, monkeypatch, caplog):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("EDGEFM_CACHE", str(blocked))
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert "native kernels off" in caplog.text
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
