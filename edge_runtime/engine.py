@@ -69,7 +69,7 @@ class Engine:
         so = session_options(threads)
         # graphs with edgefm.native functions run the device's compiled kernels where it has them
         # (edge_runtime/native.py), their standard-operator form where not
-        self.native = native and uses_native_ops(self.dir / "model.onnx") and native_kernels.register(so, threads)
+        self.native = native and uses_native_ops(self.dir / "model.onnx") and native_kernels.register(so)
         try:
             self.session = ort.InferenceSession(str(self.dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
         except Exception as exc:

@@ -78,7 +78,7 @@ def _build(cc: str, out: Path) -> str | None:
 
 
 CHECK_MODEL = Path(__file__).parent / "data" / "blockoffset_check.onnx"  # export.quantize.block_offset_check_model()
-CHECK_SHAPE = (96, 40, 32)  # K, N, block of that model; its C is check_offsets()
+CHECK_SHAPE = (96, 1100, 32)  # K, N, block of that model (N > 512: one-row steps split by columns); its C is check_offsets()
 
 
 def check_offsets() -> np.ndarray:
@@ -161,25 +161,18 @@ def _build_and_check(cc: str, path: Path) -> Path | None:
     return path
 
 
-def register(so, threads: int | None) -> bool:
+def register(so) -> bool:
     """Register the kernel library with onnxruntime session options ``so``; False where there is none."""
     path = library()
     if path is None:
         return False
-    so.register_custom_ops_library(str(path))
-    set_threads(threads or os.cpu_count() or 1)
+    so.register_custom_ops_library(str(path))  # the kernels run on the session's own intra-op threads
     return True
 
 
-def set_threads(n: int) -> None:
-    """How many threads the kernels may use for many-row calls (prompts); one-token steps use one."""
-    path = library()
-    if path is not None:
-        ctypes.CDLL(str(path)).edgefm_set_threads(int(n))
-
-
 def block_offset_add(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """The kernel called directly (tests): y + S(x) @ C over rows of y [.., N], x [.., K], C [K/block, N] fp16."""
+    """The kernel called directly, on this thread (tests): y + S(x) @ C over rows of y [.., N], x [.., K],
+    C [K/block, N] fp16."""
     path = library()
     if path is None:
         raise RuntimeError("the native library is not available on this machine")

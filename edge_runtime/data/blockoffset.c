@@ -16,7 +16,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <pthread.h>
 #if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define EDGEFM_X86_F16C 1
@@ -29,7 +28,7 @@ typedef struct OrtValue OrtValue;
 typedef struct OrtShapeInfo OrtShapeInfo;
 typedef struct OrtSessionOptions OrtSessionOptions;
 typedef struct OrtCustomOpDomain OrtCustomOpDomain;
-typedef struct OrtApi { void *slot[128]; } OrtApi;
+typedef struct OrtApi { void *slot[512]; } OrtApi;
 typedef struct OrtApiBase {
   const OrtApi *(*GetApi)(uint32_t version);
   const char *(*GetVersionString)(void);
@@ -48,8 +47,9 @@ enum {
   ORT_KERNEL_CONTEXT_GET_INPUT = 90,
   ORT_KERNEL_CONTEXT_GET_OUTPUT = 91,
   ORT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  ORT_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* API version 17 on */
 };
-#define ORT_API_VERSION_USED 16 /* onnxruntime >= 1.16 */
+#define ORT_API_VERSION_USED 17 /* onnxruntime >= 1.17 */
 #define ONNX_FLOAT 1
 #define ONNX_FLOAT16 10
 
@@ -86,10 +86,6 @@ typedef struct OrtCustomOp {
   size_t (*GetAliasMap)(int **, int **);
   void (*ReleaseAliasMap)(int *, int *);
 } OrtCustomOp;
-
-static int max_threads = 1; /* set by the engine (edgefm_set_threads): its intra-op thread count */
-
-void edgefm_set_threads(int n) { max_threads = n < 1 ? 1 : (n > 16 ? 16 : n); }
 
 /* ---- the arithmetic (plain C, no onnxruntime types: edgefm_block_offset_add is also called by the tests) ---- */
 
@@ -135,24 +131,25 @@ static void block_sums(const Job *j, size_t row, float *s) {
   }
 }
 
-/* one row (a token step): out = y, then C streamed row by row (sequential reads, out stays in L1) */
-static void rows_1(const Job *j, size_t r) {
+/* one row, columns [c0, c1) (a token step): out = y, then C streamed row by row (sequential reads,
+ * out stays in L1) */
+static void rows_1(const Job *j, size_t r, size_t c0, size_t c1) {
   const size_t NB = j->nb, N = j->n;
   float s[1024];
   float *out = j->out + r * N;
   block_sums(j, r, s);
-  memcpy(out, j->y + r * N, N * sizeof(float));
+  memcpy(out + c0, j->y + r * N + c0, (c1 - c0) * sizeof(float));
   for (size_t b = 0; b < NB; b++) {
     const uint16_t *cb = j->c + b * N;
-    size_t col = 0;
+    size_t col = c0;
 #ifdef EDGEFM_X86_F16C
     const __m256 sb = _mm256_set1_ps(s[b]);
-    for (; col + 8 <= N; col += 8) {
+    for (; col + 8 <= c1; col += 8) {
       const __m256 cv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cb + col)));
       _mm256_storeu_ps(out + col, _mm256_fmadd_ps(sb, cv, _mm256_loadu_ps(out + col)));
     }
 #endif
-    for (; col < N; col++) out[col] += s[b] * h2f(cb[col]);
+    for (; col < c1; col++) out[col] += s[b] * h2f(cb[col]);
   }
 }
 
@@ -205,53 +202,48 @@ static void rows_4(const Job *j, size_t r) {
   }
 }
 
-static void run_rows(const Job *j, size_t r0, size_t r1) {
-  size_t r = r0;
-  for (; r + 4 <= r1; r += 4) rows_4(j, r);
-  for (; r < r1; r++) rows_1(j, r);
+
+/* The work in independent tasks: groups of four rows for prompts, column ranges for one-row steps
+ * (each task streams its own part of C). Tasks run on onnxruntime's intra-op pool in the op, in a
+ * loop when called directly. */
+enum { COLUMN_TASK = 512 };
+
+static size_t task_count(const Job *j) {
+  if (j->rows >= 4) return (j->rows + 3) / 4;
+  return (j->n + COLUMN_TASK - 1) / COLUMN_TASK;
 }
 
-typedef struct {
-  const Job *job;
-  size_t r0, r1;
-} Part;
-
-static void *run_part(void *arg) {
-  const Part *p = (const Part *)arg;
-  run_rows(p->job, p->r0, p->r1);
-  return NULL;
+/* columns per one-row task: the columns split evenly over task_count tasks, in whole 16-column vectors */
+static size_t task_columns(const Job *j) {
+  const size_t tasks = task_count(j), per = (j->n + tasks - 1) / tasks;
+  return (per + 15) / 16 * 16;
 }
 
-/* Returns 0, or -1 for shapes the kernel does not take (the caller reports it). */
+static void run_task(void *arg, size_t task) {
+  const Job *j = (const Job *)arg;
+  if (j->rows >= 4) {
+    const size_t r = task * 4;
+    if (r + 4 <= j->rows) {
+      rows_4(j, r);
+    } else {
+      for (size_t t = r; t < j->rows; t++) rows_1(j, t, 0, j->n);
+    }
+  } else {
+    const size_t per = task_columns(j), c0 = task * per < j->n ? task * per : j->n;
+    const size_t c1 = c0 + per < j->n ? c0 + per : j->n;
+    for (size_t t = 0; t < j->rows; t++) rows_1(j, t, c0, c1);
+  }
+}
+
+static int valid(size_t k, size_t nb) { return nb != 0 && nb <= 1024 && k % nb == 0; }
+
+/* Returns 0, or -1 for shapes the kernel does not take (the caller reports it). Single-threaded. */
 int edgefm_block_offset_add(const float *y, const float *x, const uint16_t *c, float *out, size_t rows, size_t k,
                             size_t nb, size_t n) {
-  if (nb == 0 || nb > 1024 || k % nb) return -1;
+  if (!valid(k, nb)) return -1;
   const Job job = {y, x, c, out, rows, k, nb, n};
-  /* only long prompts are split: a thread start (and, on a small machine, waiting for a core that
-   * onnxruntime's own spinning workers hold) costs more than a short call's work */
-  size_t parts = rows >= 256 ? (size_t)max_threads : 1;
-  if (parts > rows / 128) parts = rows / 128 ? rows / 128 : 1;
-  if (parts <= 1) {
-    run_rows(&job, 0, rows);
-    return 0;
-  }
-  pthread_t tid[16];
-  Part part[16];
-  const size_t per = ((rows + parts - 1) / parts + 3) / 4 * 4;
-  size_t started = 0;
-  for (size_t i = 1; i < parts; i++) {
-    const size_t r0 = i * per, r1 = r0 + per < rows ? r0 + per : rows;
-    if (r0 >= rows) break;
-    part[i] = (Part){&job, r0, r1};
-    if (pthread_create(&tid[i], NULL, run_part, &part[i]) != 0) {
-      run_rows(&job, r0, r1); /* no thread to be had: do it here */
-      tid[i] = 0;
-    }
-    started = i;
-  }
-  run_rows(&job, 0, per < rows ? per : rows);
-  for (size_t i = 1; i <= started; i++)
-    if (tid[i]) pthread_join(tid[i], NULL);
+  const size_t tasks = task_count(&job);
+  for (size_t i = 0; i < tasks; i++) run_task((void *)&job, i);
   return 0;
 }
 
@@ -295,15 +287,24 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (!outv || rx == 0 || ry == 0 || rc != 2) return fail("BlockOffsetAdd: C must be [K/block, N]");
   const size_t k = (size_t)dx[rx - 1], n = (size_t)dy[ry - 1];
   if (k == 0 || n == 0 || (size_t)dc[1] != n || nx / k != ny / n) return fail("BlockOffsetAdd: y, x and C do not match");
-  if (edgefm_block_offset_add((const float *)data_of(in[0]), (const float *)data_of(in[1]), (const uint16_t *)data_of(in[2]),
-                          (float *)data_of(outv), nx / k, k, (size_t)dc[0], n))
-    return fail("BlockOffsetAdd: K must be a multiple of the block count (at most 1024 blocks)");
-  return NULL;
+  if (!valid(k, (size_t)dc[0])) return fail("BlockOffsetAdd: K must be a multiple of the block count (at most 1024 blocks)");
+  const Job job = {(const float *)data_of(in[0]), (const float *)data_of(in[1]), (const uint16_t *)data_of(in[2]),
+                   (float *)data_of(outv), nx / k, k, (size_t)dc[0], n};
+  const size_t tasks = task_count(&job);
+  if (tasks == 1) {
+    run_task((void *)&job, 0);
+    return NULL;
+  }
+  /* onnxruntime's own intra-op threads (they spin between ops: threads of our own would wait for them) */
+  return ORT_FN(ORT_KERNEL_CONTEXT_PARALLEL_FOR,
+                OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+      ctx, run_task, tasks, 0, (void *)&job);
 }
 
 static OrtStatus *create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
   (void)op, (void)api, (void)info;
-  *kernel = (void *)&max_threads; /* stateless: any non-null pointer */
+  static int stateless;
+  *kernel = &stateless; /* the op keeps no state: any non-null pointer */
   return NULL;
 }
 static const char *op_name(const OrtCustomOp *op) { (void)op; return "BlockOffsetAdd"; }
