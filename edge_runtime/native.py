@@ -78,7 +78,7 @@ def _build(cc: str, out: Path) -> str | None:
 
 
 CHECK_MODEL = Path(__file__).parent / "data" / "blockoffset_check.onnx"  # export.quantize.block_offset_check_model()
-CHECK_SHAPE = (96, 1100, 32)  # K, N, block of that model (N > 512: one-row steps split by columns); its C is check_offsets()
+CHECK_SHAPE = (96, 1100, 32)  # K, N, block of that model; its C is check_offsets()
 
 
 def check_offsets() -> np.ndarray:

@@ -38,7 +38,7 @@ def test_block_offset_add_by_hand():
 @given(rows=st.integers(1, 90), nb=st.integers(1, 20), block=st.sampled_from([1, 16, 32]), n=st.integers(1, 1100),
        seed=st.integers(0, 2**16))
 def test_block_offset_add_matches_numpy(rows, nb, block, n, seed):
-    # row counts cross the 4-row tasks; n crosses the 16- and 8-wide vectors and the 512-column tasks
+    # row counts cross the 4-row tasks and the one-task steps (< 8 rows); n crosses the 16- and 8-wide vectors
     rng = np.random.default_rng(seed)
     y = rng.standard_normal((rows, n)).astype(np.float32)
     x = rng.standard_normal((rows, nb * block)).astype(np.float32)

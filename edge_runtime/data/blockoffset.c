@@ -203,36 +203,17 @@ static void rows_4(const Job *j, size_t r) {
 }
 
 
-/* The work in independent tasks: groups of four rows for prompts, column ranges for one-row steps
- * (each task streams its own part of C). Tasks run on onnxruntime's intra-op pool in the op, in a
- * loop when called directly. */
-enum { COLUMN_TASK = 512 };
-
-static size_t task_count(const Job *j) {
-  if (j->rows >= 4) return (j->rows + 3) / 4;
-  return (j->n + COLUMN_TASK - 1) / COLUMN_TASK;
-}
-
-/* columns per one-row task: the columns split evenly over task_count tasks, in whole 16-column vectors */
-static size_t task_columns(const Job *j) {
-  const size_t tasks = task_count(j), per = (j->n + tasks - 1) / tasks;
-  return (per + 15) / 16 * 16;
-}
+/* The work in independent tasks of four rows (prompts), run on onnxruntime's intra-op pool in the op and
+ * in a loop when called directly. A token step is one task on the calling thread: splitting its
+ * columns over the pool measured no faster (dispatch costs what the split saves). */
+static size_t task_count(const Job *j) { return j->rows >= 8 ? (j->rows + 3) / 4 : 1; }
 
 static void run_task(void *arg, size_t task) {
   const Job *j = (const Job *)arg;
-  if (j->rows >= 4) {
-    const size_t r = task * 4;
-    if (r + 4 <= j->rows) {
-      rows_4(j, r);
-    } else {
-      for (size_t t = r; t < j->rows; t++) rows_1(j, t, 0, j->n);
-    }
-  } else {
-    const size_t per = task_columns(j), c0 = task * per < j->n ? task * per : j->n;
-    const size_t c1 = c0 + per < j->n ? c0 + per : j->n;
-    for (size_t t = 0; t < j->rows; t++) rows_1(j, t, c0, c1);
-  }
+  const size_t r0 = j->rows >= 8 ? task * 4 : 0, r1 = j->rows >= 8 && r0 + 4 < j->rows ? r0 + 4 : j->rows;
+  size_t r = r0;
+  for (; r + 4 <= r1; r += 4) rows_4(j, r);
+  for (; r < r1; r++) rows_1(j, r, 0, j->n);
 }
 
 static int valid(size_t k, size_t nb) { return nb != 0 && nb <= 1024 && k % nb == 0; }
