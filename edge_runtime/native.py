@@ -63,7 +63,7 @@ def _build(cc: str, out: Path) -> str | None:
     errors = []
     # -march=native first (the device's vector units); plain -O3 where the compiler does not know it
     for arch in (["-march=native"], ["-mcpu=native"], []):
-        cmd = [cc, "-O3", *arch, "-shared", "-fPIC", "-pthread", "-o", tmp, str(SOURCE)]
+        cmd = [cc, "-O3", *arch, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -103,7 +103,7 @@ def self_check(path: str | Path) -> None:
     so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edgefm-native-check-{os.getpid()}")
     sess = ort.InferenceSession(str(CHECK_MODEL), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    for rows in (1, 3, 70):  # one token, a short prompt, a threaded prefill
+    for rows in (1, 3, 70):  # one token, a short prompt, a prompt split into tasks on onnxruntime's pool
         y = rng.standard_normal((1, rows, n)).astype(np.float32)
         x = rng.standard_normal((1, rows, k)).astype(np.float32)
         want = y + x.reshape(1, rows, k // block, block).sum(-1) @ c
