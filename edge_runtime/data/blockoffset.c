@@ -131,25 +131,24 @@ static void block_sums(const Job *j, size_t row, float *s) {
   }
 }
 
-/* one row, columns [c0, c1) (a token step): out = y, then C streamed row by row (sequential reads,
- * out stays in L1) */
-static void rows_1(const Job *j, size_t r, size_t c0, size_t c1) {
+/* one row (a token step): out = y, then C streamed row by row (sequential reads, out stays in L1) */
+static void rows_1(const Job *j, size_t r) {
   const size_t NB = j->nb, N = j->n;
   float s[1024];
   float *out = j->out + r * N;
   block_sums(j, r, s);
-  memcpy(out + c0, j->y + r * N + c0, (c1 - c0) * sizeof(float));
+  memcpy(out, j->y + r * N, N * sizeof(float));
   for (size_t b = 0; b < NB; b++) {
     const uint16_t *cb = j->c + b * N;
-    size_t col = c0;
+    size_t col = 0;
 #ifdef EDGEFM_X86_F16C
     const __m256 sb = _mm256_set1_ps(s[b]);
-    for (; col + 8 <= c1; col += 8) {
+    for (; col + 8 <= N; col += 8) {
       const __m256 cv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cb + col)));
       _mm256_storeu_ps(out + col, _mm256_fmadd_ps(sb, cv, _mm256_loadu_ps(out + col)));
     }
 #endif
-    for (; col < c1; col++) out[col] += s[b] * h2f(cb[col]);
+    for (; col < N; col++) out[col] += s[b] * h2f(cb[col]);
   }
 }
 
@@ -202,7 +201,6 @@ static void rows_4(const Job *j, size_t r) {
   }
 }
 
-
 /* The work in independent tasks of four rows (prompts), run on onnxruntime's intra-op pool in the op and
  * in a loop when called directly. A token step is one task on the calling thread: splitting its
  * columns over the pool measured no faster (dispatch costs what the split saves). */
@@ -210,10 +208,13 @@ static size_t task_count(const Job *j) { return j->rows >= 8 ? (j->rows + 3) / 4
 
 static void run_task(void *arg, size_t task) {
   const Job *j = (const Job *)arg;
-  const size_t r0 = j->rows >= 8 ? task * 4 : 0, r1 = j->rows >= 8 && r0 + 4 < j->rows ? r0 + 4 : j->rows;
-  size_t r = r0;
-  for (; r + 4 <= r1; r += 4) rows_4(j, r);
-  for (; r < r1; r++) rows_1(j, r, 0, j->n);
+  size_t r = 0, end = j->rows;
+  if (j->rows >= 8) {
+    r = task * 4;
+    end = r + 4 < j->rows ? r + 4 : j->rows;
+  }
+  for (; r + 4 <= end; r += 4) rows_4(j, r);
+  for (; r < end; r++) rows_1(j, r);
 }
 
 static int valid(size_t k, size_t nb) { return nb != 0 && nb <= 1024 && k % nb == 0; }
