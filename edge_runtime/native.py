@@ -1,10 +1,12 @@
-"""Optional native kernels: ``edge_runtime/data/blockoffset.c``, compiled on the device itself.
+"""Optional native kernels: ``edge_runtime/data/kernels.c``, compiled on the device itself.
 
-The exported graphs hold every computation in standard ONNX (the asym int4 offset term is the model-local
-function ``edgefm.native:BlockOffsetAdd``); where this module can build the C library for the machine
-(a C compiler is on it), the engine registers it with onnxruntime, which then runs the kernel for that
-function instead of inlining its body: one graph node per linear instead of six, fp16 offsets read
-at kernel speed. Where it cannot (no compiler, a failed build or self-check, ``EDGEFM_NATIVE=0``), the
+The exported graphs hold every computation in standard ONNX, some of it as model-local functions of the
+``edgefm.native`` domain: ``BlockOffsetAdd`` (the asym int4 offset term of inference graphs: one graph node
+per linear instead of six, fp16 offsets read at kernel speed) and ``Q8MatMul`` / ``Q8MatMulTransB`` (the
+training graph's frozen 8-bit base, one copy of each weight read by the forward and the backward).
+Where this module can build the C library for the machine (a C compiler is on it), the engine and the
+trainer register it with onnxruntime, which then runs the kernels for those functions instead of
+inlining their bodies. Where it cannot (no compiler, a failed build or self-check, ``EDGEFM_NATIVE=0``), the
 same bundle runs its pure-onnxruntime form: the library is a speed-up, never a requirement.
 
 Built once per source, compiler and machine into ``$EDGEFM_CACHE/native`` (default
@@ -29,7 +31,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "data" / "blockoffset.c"
+SOURCE = Path(__file__).parent / "data" / "kernels.c"
 DOMAIN = "edgefm.native"  # the ONNX domain of the functions this library has kernels for
 DISABLE_ENV = "EDGEFM_NATIVE"  # "0" / "off": never build or register the library
 
@@ -77,8 +79,9 @@ def _build(cc: str, out: Path) -> str | None:
     return "; ".join(errors) or "the compiler failed"
 
 
-CHECK_MODEL = Path(__file__).parent / "data" / "blockoffset_check.onnx"  # export.quantize.block_offset_check_model()
-CHECK_SHAPE = (96, 1100, 32)  # K, N, block of that model; its C is check_offsets()
+CHECK_MODEL = Path(__file__).parent / "data" / "native_check.onnx"  # export.quantize.native_check_model()
+CHECK_SHAPE = (96, 1100, 32)  # K, N, block of its BlockOffsetAdd node; its C is check_offsets()
+Q8_CHECK_SHAPE = (40, 96, 32)  # R, C, block of its Q8MatMul / Q8MatMulTransB nodes; check_q8_weight()
 
 
 def check_offsets() -> np.ndarray:
@@ -87,16 +90,32 @@ def check_offsets() -> np.ndarray:
     return (np.arange(k // block * n, dtype=np.float32).reshape(k // block, n) % 7 - 3).astype(np.float16) / 4
 
 
+def check_q8_weight() -> tuple[np.ndarray, np.ndarray]:
+    """The Q [R, C] (int8) and S [R, C/block] inside CHECK_MODEL (every int8 value but -128 occurs)."""
+    r, c, block = Q8_CHECK_SHAPE
+    q = ((np.arange(r * c).reshape(r, c) * 37) % 255 - 127).astype(np.int8)
+    s = (np.arange(r * c // block, dtype=np.float32).reshape(r, c // block) % 5 + 1) / 64
+    return q, s
+
+
+def q8_dequantize(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """D [R, C] = Q * S, one scale per block of C (the reference the Q8 kernels are checked against)."""
+    r, c = q.shape
+    return (q.reshape(r, s.shape[1], -1).astype(np.float32) * s[:, :, None]).reshape(r, c)
+
+
 def self_check(path: str | Path) -> None:
-    """Run the kernel through onnxruntime and numpy on a small case (raises AssertionError on a mismatch).
+    """Run the kernels through onnxruntime and numpy on small cases (raises AssertionError on a mismatch).
     Called in a child process by ``library``: a crash there costs only the check. The graph is shipped
-    (data/blockoffset_check.onnx): a device has onnxruntime but not the onnx package."""
+    (data/native_check.onnx): a device has onnxruntime but not the onnx package."""
     import json
 
     import onnxruntime as ort
 
     k, n, block = CHECK_SHAPE
     c = check_offsets().astype(np.float32)
+    d = q8_dequantize(*check_q8_weight())
+    r8, c8, _ = Q8_CHECK_SHAPE
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(path))
     so.enable_profiling = True
@@ -104,17 +123,25 @@ def self_check(path: str | Path) -> None:
     sess = ort.InferenceSession(str(CHECK_MODEL), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for rows in (1, 3, 70):  # one token, a short prompt, a prompt split into tasks on onnxruntime's pool
-        y = rng.standard_normal((1, rows, n)).astype(np.float32)
-        x = rng.standard_normal((1, rows, k)).astype(np.float32)
-        want = y + x.reshape(1, rows, k // block, block).sum(-1) @ c
-        got = sess.run(None, {"y": y, "x": x})[0]
-        assert np.allclose(got, want, atol=1e-4), f"rows {rows}: max error {np.abs(got - want).max()}"
+        feeds = {
+            "y": rng.standard_normal((1, rows, n)).astype(np.float32),
+            "x": rng.standard_normal((1, rows, k)).astype(np.float32),
+            "x_t": rng.standard_normal((1, rows, c8)).astype(np.float32),
+            "x_n": rng.standard_normal((1, rows, r8)).astype(np.float32),
+        }
+        want = {
+            "out": feeds["y"] + feeds["x"].reshape(1, rows, k // block, block).sum(-1) @ c,
+            "y_t": feeds["x_t"] @ d.T,
+            "y_n": feeds["x_n"] @ d,
+        }
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        for name, w in want.items():
+            assert np.allclose(got[name], w, atol=1e-4), f"{name}, rows {rows}: max error {np.abs(got[name] - w).max()}"
     trace = Path(sess.end_profiling())
     ops = {e.get("args", {}).get("op_name") for e in json.loads(trace.read_text())}
     trace.unlink(missing_ok=True)
-    assert "BlockOffsetAdd" in ops, (
-        f"onnxruntime inlined the function instead of running the kernel (ran {sorted(map(str, ops))})"
-    )
+    missing = {"BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB"} - ops
+    assert not missing, f"onnxruntime inlined the functions instead of running the kernels of {sorted(missing)}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -194,4 +221,34 @@ def block_offset_add(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
     )
     if rc != 0:
         raise ValueError(f"shapes the kernel does not take: K={k} with {nb} blocks")
+    return out
+
+
+def q8_matmul(x: np.ndarray, q: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np.ndarray:
+    """The Q8 kernels called directly, on this thread (tests): x @ D^T (``trans_b``, x [.., C]) or x @ D
+    (x [.., R]), D = Q [R, C] int8 * S [R, C/block]."""
+    path = library()
+    if path is None:
+        raise RuntimeError("the native library is not available on this machine")
+    lib = ctypes.CDLL(str(path))
+    x = np.ascontiguousarray(x, np.float32)
+    q = np.ascontiguousarray(q, np.int8)
+    s = np.ascontiguousarray(s, np.float32)
+    r, c = q.shape
+    out = np.empty((*x.shape[:-1], r if trans_b else c), np.float32)
+    f = lib.edgefm_q8_matmul
+    f.restype = ctypes.c_int
+    ptr = ctypes.c_void_p
+    if x.shape[-1] != (c if trans_b else r) or s.shape[0] != r:
+        raise ValueError(f"x {x.shape} does not match Q {q.shape} and S {s.shape}")
+    rc = f(
+        ptr(x.ctypes.data),
+        ptr(q.ctypes.data),
+        ptr(s.ctypes.data),
+        ptr(out.ctypes.data),
+        *(ctypes.c_size_t(v) for v in (x.size // x.shape[-1], r, c, s.shape[1])),
+        ctypes.c_int(int(trans_b)),
+    )
+    if rc != 0:
+        raise ValueError(f"shapes the kernel does not take: C={c} with {s.shape[1]} blocks (blocks must be multiples of 16)")
     return out

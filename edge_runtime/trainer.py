@@ -9,7 +9,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_runtime.engine import session_options
+from edge_runtime import native as native_kernels
+from edge_runtime.engine import session_options, uses_native_ops
 from edge_runtime.protocol.adapter import is_lora_a, stack_adapter, unstack_adapter
 from edge_runtime.errors import BundleError, TrainingError
 from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
@@ -32,8 +33,20 @@ class TrainResult:
 class OnnxTrainer:
     """Runs train.onnx steps over batches built from stored examples."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, tokenizer, *, threads: int | None = 1, optim: AdamWConfig | None = None):
+    def __init__(
+        self,
+        bundle: Path,
+        manifest: Manifest,
+        tokenizer,
+        *,
+        threads: int | None = 1,
+        optim: AdamWConfig | None = None,
+        native: bool = True,
+    ):
+        """``native``: run the device's compiled kernels for the graph's edgefm.native functions (the frozen
+        base's Q8 matmuls) where it has them; False: their standard-operator form."""
         self.bundle = Path(bundle)
+        self.native = native
         self.m = manifest
         self.tok = tokenizer
         self.threads = threads
@@ -55,7 +68,9 @@ class OnnxTrainer:
 
             so = session_options(self.threads)
             so.enable_mem_pattern = False
-            self._session = ort.InferenceSession(str(self.bundle / "train.onnx"), so, providers=["CPUExecutionProvider"])
+            graph = self.bundle / "train.onnx"
+            self.native = self.native and uses_native_ops(graph) and native_kernels.register(so)
+            self._session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         return self._session
 
     def release(self) -> None:

@@ -334,7 +334,7 @@ def apply_asym_int4(
     return []
 
 
-NATIVE_DOMAIN = native.DOMAIN  # edge_runtime/data/blockoffset.c registers its kernels under this domain
+NATIVE_DOMAIN = native.DOMAIN  # edge_runtime/data/kernels.c registers its kernels under this domain
 BLOCK_OFFSET_ADD = "BlockOffsetAdd"
 
 
@@ -362,27 +362,182 @@ def block_offset_add_function(opset: int):
     )
 
 
-def block_offset_check_model() -> onnx.ModelProto:
-    """The one-node graph edge_runtime.native checks a freshly built kernel library with (shipped as
-    edge_runtime/data/blockoffset_check.onnx: devices have no onnx package to build it)."""
-    from onnx import TensorProto, helper
+Q8_MATMUL, Q8_MATMUL_TRANS_B = "Q8MatMul", "Q8MatMulTransB"
+Q8_OPSET = 21  # the Q8 functions' bodies dequantize with a blocked DequantizeLinear (opset 21 on)
 
-    from edge_runtime.native import CHECK_SHAPE, check_offsets
+
+def q8_functions() -> list:
+    """The ONNX functions ``Q8MatMulTransB(X, Q, S) = X @ D^T`` and ``Q8MatMul(X, Q, S) = X @ D``, D [R, C] =
+    Q (int8) * S (one scale per block of ``block`` along C): the reference forms of the native kernels
+    of the same names (edge_runtime/data/kernels.c)."""
+    from onnx import AttributeProto, helper
+
+    def dequantize():
+        node = helper.make_node("DequantizeLinear", ["Q", "S"], ["D"], axis=1)
+        node.attribute.append(helper.make_attribute_ref("block_size", AttributeProto.INT))
+        node.attribute[-1].ref_attr_name = "block"
+        return node
+
+    opsets = [helper.make_opsetid("", Q8_OPSET)]
+    trans_b = [dequantize(), helper.make_node("Transpose", ["D"], ["DT"]), helper.make_node("MatMul", ["X", "DT"], ["Y"])]
+    plain = [dequantize(), helper.make_node("MatMul", ["X", "D"], ["Y"])]
+    return [
+        helper.make_function(NATIVE_DOMAIN, Q8_MATMUL_TRANS_B, ["X", "Q", "S"], ["Y"], trans_b, opsets, attributes=["block"]),
+        helper.make_function(NATIVE_DOMAIN, Q8_MATMUL, ["X", "Q", "S"], ["Y"], plain, opsets, attributes=["block"]),
+    ]
+
+
+def q8_quantize(d: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit blocks along the last axis of D [R, C]: Q int8 in [-127, 127], S = absmax / 127."""
+    r, c = d.shape
+    blocks = d.astype(np.float32).reshape(r, c // block, block)
+    s = np.abs(blocks).max(-1) / 127.0
+    s = np.where(s > 0, s, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / s[:, :, None]), -127, 127).astype(np.int8).reshape(r, c)
+    return q, s
+
+
+def _weight_sources(model: onnx.ModelProto, inits: dict) -> dict[str, tuple[str, bool]]:
+    """Name of a 2-D float initializer, or of a chain of 2-D Transposes over one -> (the first initializer
+    holding the same values in either orientation, transposed?). The exported step keeps a frozen weight
+    and its transpose as two initializers (the export folds ``W.t()``), or one behind Transpose nodes."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    out: dict[str, tuple[str, bool]] = {}
+    seen: dict[bytes, str] = {}
+    for name, t in inits.items():
+        if len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(t)
+        key, key_t = (hashlib.sha256(a.tobytes() + str(a.shape).encode()).digest() for a in (w, np.ascontiguousarray(w.T)))
+        if key_t in seen:
+            out[name] = (seen[key_t], True)
+        elif key in seen:
+            out[name] = (seen[key], False)
+        else:
+            seen[key] = name
+            out[name] = (name, False)
+    for node in model.graph.node:  # topological order: a chain's links come before their users
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), [1, 0])
+        if node.op_type == "Transpose" and node.input[0] in out and perm == [1, 0]:
+            src, flipped = out[node.input[0]]
+            out[node.output[0]] = (src, not flipped)
+    return out
+
+
+def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
+    """Rewrite a training graph's matmuls by frozen 2-D weights (in place) to Q8MatMul / Q8MatMulTransB
+    calls reading one 8-bit copy per weight; returns how many weights were shared.
+
+    The exported step multiplies by each frozen weight W in both orientations (x @ W^T forward and in
+    the recomputation, dy @ W backward). Weight-only 8-bit MatMulNBits packs along the reduction axis,
+    so it held two quantized copies of each weight, and onnxruntime a prepacked copy of each; here D is
+    quantized once, with its blocks along the forward's reduction axis (the first use in graph order)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    used_by_matmul = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"} | {
+        n.input[0] for n in model.graph.node if n.op_type == "Transpose"
+    }
+    candidates = {k: v for k, v in inits.items() if k not in graph_inputs and k in used_by_matmul}
+    sources = _weight_sources(model, candidates)
+    uses: dict[str, list[tuple[onnx.NodeProto, bool]]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in sources:
+            src, flipped = sources[node.input[1]]
+            uses.setdefault(src, []).append((node, flipped))
+    shared = 0
+    for src, nodes in uses.items():
+        w = numpy_helper.to_array(inits[src])
+        d_is_src = nodes[0][1]  # first use x @ W^T: D = W; first use x @ W: D = W^T
+        d = w if d_is_src else w.T
+        if d.shape[1] % block:
+            continue  # left to the caller's quantizer
+        q, sc = q8_quantize(np.ascontiguousarray(d), block)
+        qn, sn = f"{src}.q8", f"{src}.q8_scales"
+        model.graph.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(sc, sn)])
+        for node, flipped in nodes:
+            op = Q8_MATMUL_TRANS_B if flipped == d_is_src else Q8_MATMUL  # B = D^T or B = D
+            call = helper.make_node(op, [node.input[0], qn, sn], list(node.output), name=node.name, domain=NATIVE_DOMAIN, block=block)
+            node.CopyFrom(call)
+        shared += 1
+    if shared:
+        _drop_unused(model)
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < Q8_OPSET:
+                o.version = Q8_OPSET  # the standard operators of these graphs mean the same at 21 as at 18
+        if not any(o.domain == NATIVE_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
+        model.functions.extend(q8_functions())
+    return shared
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove nodes whose outputs nothing reads, then initializers nothing reads (to a fixpoint)."""
+    needed = {o.name for o in model.graph.output}
+    keep = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(keep))
+    for i in [i for i in model.graph.initializer if i.name not in needed]:
+        model.graph.initializer.remove(i)
+
+
+class SharedInt8TrainingQuantizer(Quantizer):
+    """The training graph's frozen base in 8 bits, one copy per weight for forward and backward
+    (``share_frozen_base``); matmuls it cannot share go to 8-bit MatMulNBits."""
+
+    name = "int8"
+
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
+        model = onnxfile.load(src)
+        share_frozen_base(model, recipe.block_size)
+        fold_initializer_transposes(model)
+        if const_matmuls(model):
+            model = _nbits(model, 8, recipe)
+        onnxfile.save(model, dst)
+
+
+def native_check_model() -> onnx.ModelProto:
+    """The graph edge_runtime.native checks a freshly built kernel library with, one node per kernel
+    (shipped as edge_runtime/data/native_check.onnx: devices have no onnx package to build it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge_runtime.native import CHECK_SHAPE, Q8_CHECK_SHAPE, check_offsets, check_q8_weight
 
     k, n, block = CHECK_SHAPE
+    r8, c8, block8 = Q8_CHECK_SHAPE
     c = check_offsets()
+    q, s = check_q8_weight()
+    nodes = [
+        helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block]),
+        helper.make_node(Q8_MATMUL_TRANS_B, ["x_t", "Q", "S"], ["y_t"], name="check_t", domain=NATIVE_DOMAIN, block=block8),
+        helper.make_node(Q8_MATMUL, ["x_n", "Q", "S"], ["y_n"], name="check_n", domain=NATIVE_DOMAIN, block=block8),
+    ]
+
+    def io(name, width):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "seq", width])
+
     graph = helper.make_graph(
-        [helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block])],
-        "blockoffset_check",
+        nodes,
+        "native_check",
+        [io("y", n), io("x", k), io("x_t", c8), io("x_n", r8)],
+        [io("out", n), io("y_t", r8), io("y_n", c8)],
         [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n]),
-            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k]),
+            helper.make_tensor("C", TensorProto.FLOAT16, list(c.shape), c.tobytes(), raw=True),
+            numpy_helper.from_array(q, "Q"),
+            numpy_helper.from_array(s, "S"),
         ],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "seq", n])],
-        [helper.make_tensor("C", TensorProto.FLOAT16, list(c.shape), c.tobytes(), raw=True)],
     )
-    opsets = [helper.make_opsetid("", 18), helper.make_opsetid(NATIVE_DOMAIN, 1)]
-    return helper.make_model(graph, opset_imports=opsets, functions=[block_offset_add_function(18)], ir_version=10)
+    opsets = [helper.make_opsetid("", Q8_OPSET), helper.make_opsetid(NATIVE_DOMAIN, 1)]
+    functions = [block_offset_add_function(Q8_OPSET), *q8_functions()]
+    return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=10)
 
 
 def block_sum_matrix(K: int, block: int) -> np.ndarray:
@@ -465,9 +620,10 @@ def quantize_graph(
     scheme = recipe.scheme
     if training and scheme != "fp32":
         scheme = {"same": scheme, "int8": "int8", "fp32": "fp32"}[recipe.train_base]
+    quantizer = SharedInt8TrainingQuantizer() if training and scheme == "int8" else QUANTIZERS[scheme]
     try:
         lowrank = {sl["matmul"]: (sl["L"], sl["R"]) for sl in lowrank_slots or []}
-        QUANTIZERS[scheme].apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive, lowrank=lowrank)
+        quantizer.apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive, lowrank=lowrank)
     except ExportError:
         raise
     except Exception as exc:  # translate onnxruntime/onnx failures at the boundary

@@ -408,8 +408,72 @@ def test_generation_runs_the_head_on_the_last_prompt_position_only(tmp_path_fact
 
 
 def test_shipped_native_check_graph_is_what_the_exporter_writes():
-    """edge_runtime/data/blockoffset_check.onnx (devices cannot build it: no onnx package there) is
-    exactly the exporter's BlockOffsetAdd graph."""
-    from edge_runtime.native import CHECK_MODEL
-    from export.quantize import block_offset_check_model
-    assert CHECK_MODEL.read_bytes() == block_offset_check_model().SerializeToString()
+    """edge_runtime/data/native_check.onnx (devices cannot build it: no onnx package there) is exactly
+    the exporter's graph of one node per native kernel, and its standard-operator form (the functions
+    inlined, no library registered) computes what the kernels are checked against."""
+    import onnxruntime as ort
+    from edge_runtime.native import CHECK_MODEL, Q8_CHECK_SHAPE, check_q8_weight, q8_dequantize
+    from export.quantize import native_check_model
+    assert CHECK_MODEL.read_bytes() == native_check_model().SerializeToString()
+    sess = ort.InferenceSession(str(CHECK_MODEL), providers=["CPUExecutionProvider"])
+    r, c, _ = Q8_CHECK_SHAPE
+    d = q8_dequantize(*check_q8_weight())
+    rng = np.random.default_rng(1)
+    feeds = {i.name: rng.standard_normal((2, 5, i.shape[-1])).astype(np.float32) for i in sess.get_inputs()}
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    np.testing.assert_allclose(got["y_t"], feeds["x_t"] @ d.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["y_n"], feeds["x_n"] @ d, rtol=1e-5, atol=1e-5)
+
+
+def test_training_graph_reads_one_8bit_copy_of_each_frozen_weight(tmp_path, tiny_llama_dir):
+    """train.onnx of a quantized bundle multiplies by each frozen weight in both orientations (forward,
+    recomputation, input gradient) through Q8MatMulTransB / Q8MatMul calls on one int8 copy. With the
+    weights already on the 8-bit grid (blocks of 32 along the input) the 8-bit step is exact, so its loss
+    and LoRA gradients must be the fp32 bundle's, with the compiled kernels and without them."""
+    import shutil
+    import onnx
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+    from edge_runtime.protocol.adapter import load_adapter, stack_adapter
+    from edge_runtime.protocol.manifest import Manifest
+    from edge_runtime.trainer import OnnxTrainer
+    from export.build import BuildOptions, Progress, build_bundle
+    from export.quantize import QuantRecipe, q8_quantize
+    from export.verify import random_adapter
+    from helpers import examples
+    src = tmp_path / "grid"
+    shutil.copytree(tiny_llama_dir, src)
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():   # every frozen weight (decoder linears, the tied embedding/head) onto the grid
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                q, s = q8_quantize(p.numpy(), 32)
+                p.copy_(torch.from_numpy((q.reshape(len(q), -1, 32) * s[..., None]).reshape(p.shape)))
+    model.save_pretrained(src)
+    bundles = {}
+    for name in ("fp32", "int8"):
+        bundles[name] = tmp_path / name
+        build_bundle(str(src), bundles[name], BuildOptions(quant=QuantRecipe(name), lora_rank=4, train_batch=3, train_seq=24,
+                                                           verify=False), log=Progress(quiet=True))
+    graph = onnx.load(str(bundles["int8"] / "train.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert "MatMulNBits" not in ops and ops.count("Q8MatMul") > 0 and ops.count("Q8MatMulTransB") > ops.count("Q8MatMul")
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    cfg = model.config
+    assert len(int8) == 7 * cfg.num_hidden_layers + 1   # q k v o gate up down per layer, the tied head: once each
+    m = Manifest.load(bundles["int8"])
+    tok = Tokenizer.from_file(str(bundles["int8"] / "tokenizer" / "tokenizer.json"))
+    _, meta = load_adapter(bundles["int8"] / "adapter.safetensors")
+    out = {}
+    for name, native in (("fp32", True), ("int8", True), ("int8", False)):
+        tr = OnnxTrainer(bundles[name], m, tok, native=native)
+        params = stack_adapter(random_adapter(meta.shapes, seed=3, scale=0.2), tr.targets, tr.layers)
+        batch = tr.make_batch(examples(2) + [{"text": "valve 7 closed", "prompt": "valve"}])
+        out[(name, native)] = tr.loss_and_grads(params, batch)
+        assert tr.native is (name == "int8" and native)   # the machine has a C compiler: kernels in use
+    loss, grads = out[("fp32", True)]
+    for key in (("int8", True), ("int8", False)):
+        assert abs(out[key][0] - loss) <= 1e-5 * abs(loss), key
+        for k, g in grads.items():
+            np.testing.assert_allclose(out[key][1][k], g, rtol=1e-4, atol=1e-4 * np.abs(g).max(), err_msg=f"{key} {k}")

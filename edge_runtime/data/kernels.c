@@ -1,4 +1,8 @@
-/* edgefm native kernel: the offset term of the asymmetric 4-bit recipe, as an onnxruntime custom op.
+/* edgefm native kernels, as onnxruntime custom ops.
+ *
+ * 1. BlockOffsetAdd: the offset term of the asymmetric 4-bit recipe (inference graphs).
+ * 2. Q8MatMul / Q8MatMulTransB: matmuls by the training graph's frozen 8-bit base, one copy of each weight
+ *    for the forward and the backward (below).
  *
  * BlockOffsetAdd(y [..., N] float, x [..., K] float, C [K/B, N] float16) -> y + S(x) @ C
  * where S(x) [..., K/B] are the sums of x over each block of B = K / (K/B) inputs. The exported graph
@@ -51,6 +55,7 @@ enum {
 };
 #define ORT_API_VERSION_USED 17 /* onnxruntime >= 1.17 */
 #define ONNX_FLOAT 1
+#define ONNX_INT8 3
 #define ONNX_FLOAT16 10
 
 static const OrtApi *ort;
@@ -229,7 +234,140 @@ int edgefm_block_offset_add(const float *y, const float *x, const uint16_t *c, f
   return 0;
 }
 
-/* ---- the onnxruntime custom op around it ---- */
+/* ---- Q8MatMul / Q8MatMulTransB: matmuls by a frozen 8-bit weight, one copy for both directions ----
+ *
+ * D [R, C] = Q [R, C] (int8) * S [R, C/B] (float: one scale per block of B along C; B a multiple of 16)
+ *   Q8MatMulTransB(X [..., C], Q, S) = X @ D^T   (a linear's forward; D's blocks run along the reduction)
+ *   Q8MatMul(X [..., R], Q, S)       = X @ D     (its input gradient, from the same bytes)
+ * onnxruntime's MatMulNBits prepacks its weight for one direction only, so the training graph held every
+ * frozen weight twice, plus the packed copies. Here Y is computed in panels of 16 columns: a task
+ * dequantizes its panel of D to float ([K][16], KC rows of K at a time, so it stays in L1/L2) and
+ * multiplies every row of X by it, MR rows at a time in vector registers. Written with the compiler's
+ * vector extensions (16 floats: one AVX-512 register, two AVX2 or four NEON registers), so the same
+ * source vectorizes on every device. */
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4))); /* loads from unaligned float rows */
+typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define Q8_MR 12 /* rows in registers: 12 accumulators of 16 floats (32 vector registers) */
+#else
+#define Q8_MR 6 /* 16 registers (AVX2): 6 rows x 2 */
+#endif
+#define Q8_KC 512 /* rows of the panel built at a time: 32 KB */
+
+typedef struct {
+  const float *x;
+  const int8_t *q;
+  const float *s;
+  float *y;
+  size_t m, r, c, blk;
+  int trans; /* 1: X @ D^T, 0: X @ D */
+} Q8Job;
+
+/* y[i][0:w] (+)= x[i][0:kc] @ P[0:kc][0:16] for `rows` rows (a constant once inlined) */
+static inline __attribute__((always_inline)) void q8_rows(const float *x, size_t ldx, size_t kc, const float *p, float *y,
+                                                         size_t ldy, size_t w, int accumulate, const int rows) {
+  v16f acc[Q8_MR];
+  for (int i = 0; i < rows; i++) acc[i] = (v16f){0};
+  for (size_t k = 0; k < kc; k++) {
+    const v16f b = *(const v16f *)(p + k * 16);
+    for (int i = 0; i < rows; i++) acc[i] += x[i * ldx + k] * b;
+  }
+  for (int i = 0; i < rows; i++) {
+    float *out = y + i * ldy;
+    if (accumulate) acc[i] += w == 16 ? *(const v16f_u *)out : (v16f){0};
+    if (w == 16) {
+      memcpy(out, &acc[i], sizeof acc[i]);
+    } else {
+      float lane[16];
+      memcpy(lane, &acc[i], sizeof lane);
+      for (size_t t = 0; t < w; t++) out[t] = (accumulate ? out[t] : 0.f) + lane[t];
+    }
+  }
+}
+
+/* 16x16 transpose in registers: at distance d = 8, 4, 2, 1, rows i and i + d swap their off-diagonal d x d
+ * blocks (four rounds of two-source shuffles instead of 256 scattered stores) */
+#if defined(__clang__)
+#define Q8_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define Q8_SHUF(a, b, ...) __builtin_shuffle(a, b, (v16i){__VA_ARGS__})
+#endif
+#define Q8_LIST(...) __VA_ARGS__
+#define Q8_SWAP(d, A, B)                      \
+  for (size_t i = 0; i < 16; i++) {           \
+    if (i & (d)) continue;                    \
+    const v16f a = v[i], b = v[i + (d)];      \
+    v[i] = Q8_SHUF(a, b, Q8_LIST A);          \
+    v[i + (d)] = Q8_SHUF(a, b, Q8_LIST B);    \
+  }
+static inline void q8_transpose(v16f v[16]) {
+  Q8_SWAP(8, (0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+          (8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+  Q8_SWAP(4, (0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27),
+          (4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31))
+  Q8_SWAP(2, (0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29),
+          (2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31))
+  Q8_SWAP(1, (0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30),
+          (1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31))
+}
+
+/* rows k0..k0+kc of the panel of columns j..j+w of B (D^T or D), dequantized into p [kc][16] (zeros past w) */
+static void q8_panel(const Q8Job *jb, size_t j, size_t w, size_t k0, size_t kc, float *p) {
+  const size_t nb = jb->c / jb->blk;
+  if (jb->trans) { /* B = D^T: column j+t of B is row j+t of D; 16x16 tiles dequantized, then transposed */
+    for (size_t k = 0; k < kc; k += 16) {
+      v16f v[16];
+      for (size_t t = 0; t < 16; t++)
+        v[t] = t < w ? __builtin_convertvector(*(const v16b *)(jb->q + (j + t) * jb->c + k0 + k), v16f) *
+                           jb->s[(j + t) * nb + (k0 + k) / jb->blk]
+                     : (v16f){0};
+      q8_transpose(v);
+      for (size_t u = 0; u < 16; u++) memcpy(p + (k + u) * 16, &v[u], sizeof v[u]);
+    }
+  } else { /* B = D: 16 consecutive int8 of row k, all in one block (j and B are multiples of 16) */
+    for (size_t k = 0; k < kc; k++) {
+      const v16f f = __builtin_convertvector(*(const v16b *)(jb->q + (k0 + k) * jb->c + j), v16f) *
+                     jb->s[(k0 + k) * nb + j / jb->blk];
+      memcpy(p + k * 16, &f, sizeof f);
+    }
+  }
+}
+
+static size_t q8_cols(const Q8Job *jb) { return jb->trans ? jb->r : jb->c; }
+static size_t q8_depth(const Q8Job *jb) { return jb->trans ? jb->c : jb->r; }
+static size_t q8_tasks(const Q8Job *jb) { return (q8_cols(jb) + 15) / 16; }
+
+static void q8_task(void *arg, size_t task) {
+  const Q8Job *jb = (const Q8Job *)arg;
+  const size_t n = q8_cols(jb), depth = q8_depth(jb), j = task * 16, w = n - j < 16 ? n - j : 16;
+  float p[Q8_KC * 16] __attribute__((aligned(64)));
+  for (size_t k0 = 0; k0 < depth; k0 += Q8_KC) {
+    const size_t kc = depth - k0 < Q8_KC ? depth - k0 : Q8_KC;
+    q8_panel(jb, j, w, k0, kc, p);
+    const float *x = jb->x + k0;
+    float *y = jb->y + j;
+    size_t i = 0;
+    for (; i + Q8_MR <= jb->m; i += Q8_MR) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, Q8_MR);
+    for (; i + 4 <= jb->m; i += 4) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 4);
+    for (; i < jb->m; i++) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 1);
+  }
+}
+
+static int q8_valid(size_t r, size_t c, size_t nb) { return r && nb && c % nb == 0 && (c / nb) % 16 == 0; }
+
+/* Returns 0, or -1 for shapes the kernels do not take. Single-threaded (the tests call it directly). */
+int edgefm_q8_matmul(const float *x, const int8_t *q, const float *s, float *y, size_t m, size_t r, size_t c, size_t nb,
+                     int trans) {
+  if (!q8_valid(r, c, nb)) return -1;
+  const Q8Job job = {x, q, s, y, m, r, c, c / nb, trans != 0};
+  for (size_t t = 0; t < q8_tasks(&job); t++) q8_task((void *)&job, t);
+  return 0;
+}
+
+/* ---- the onnxruntime custom ops around them ---- */
 
 static size_t dims_of(const OrtValue *v, int64_t *dims, size_t *rank) {
   OrtShapeInfo *info = NULL;
@@ -308,6 +446,62 @@ static OrtCustomOp block_offset_add = {
     no_pairs, free_pairs, no_pairs, free_pairs,
 };
 
+/* Q8MatMulTransB (kernel state 1) and Q8MatMul (0): X [..., K], Q [R, C] int8, S [R, C/B] -> Y [..., N] */
+static OrtStatus *q8_compute(void *kernel, OrtKernelContext *ctx) {
+  const int trans = *(const int *)kernel;
+  const OrtValue *in[3];
+  for (size_t i = 0; i < 3; i++)
+    ORT_FN(ORT_KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, &in[i]);
+  int64_t dx[8], dq[8], ds[8];
+  size_t rx, rq, rs;
+  const size_t nx = dims_of(in[0], dx, &rx);
+  dims_of(in[1], dq, &rq);
+  dims_of(in[2], ds, &rs);
+  if (rx == 0 || rq != 2 || rs != 2 || ds[0] != dq[0]) return fail("Q8MatMul: Q must be [R, C] and S [R, C/block]");
+  const size_t r = (size_t)dq[0], c = (size_t)dq[1], nb = (size_t)ds[1], k = (size_t)dx[rx - 1];
+  if (!q8_valid(r, c, nb)) return fail("Q8MatMul: C must be a multiple of the block count, with blocks of a multiple of 16");
+  if (k != (trans ? c : r)) return fail("Q8MatMul: the last axis of X does not match the weight");
+  int64_t dy[8];
+  memcpy(dy, dx, sizeof dy);
+  dy[rx - 1] = (int64_t)(trans ? r : c);
+  OrtValue *outv = NULL;
+  ORT_FN(ORT_KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, 0, dy, rx, &outv);
+  if (!outv) return fail("Q8MatMul: no output");
+  const Q8Job job = {(const float *)data_of(in[0]), (const int8_t *)data_of(in[1]), (const float *)data_of(in[2]),
+                     (float *)data_of(outv), k ? nx / k : 0, r, c, c / nb, trans};
+  if (job.m == 0) return NULL;
+  const size_t tasks = q8_tasks(&job);
+  if (tasks == 1 || job.m < 4) {
+    for (size_t t = 0; t < tasks; t++) q8_task((void *)&job, t);
+    return NULL;
+  }
+  return ORT_FN(ORT_KERNEL_CONTEXT_PARALLEL_FOR,
+                OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+      ctx, q8_task, tasks, 0, (void *)&job);
+}
+static OrtStatus *q8_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel);
+static const char *q8_name(const OrtCustomOp *op);
+static int q8_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? ONNX_INT8 : ONNX_FLOAT; }
+
+static OrtCustomOp q8_matmul = {
+    17, NULL, q8_name, op_provider, q8_input_type, input_count, output_type, output_count, NULL, destroy_kernel,
+    required, required, required, one, one, one, one, q8_create, q8_compute, NULL, one, last_version,
+    no_pairs, free_pairs, no_pairs, free_pairs,
+};
+static OrtCustomOp q8_matmul_trans_b = {
+    17, NULL, q8_name, op_provider, q8_input_type, input_count, output_type, output_count, NULL, destroy_kernel,
+    required, required, required, one, one, one, one, q8_create, q8_compute, NULL, one, last_version,
+    no_pairs, free_pairs, no_pairs, free_pairs,
+};
+static const char *q8_name(const OrtCustomOp *op) { return op == &q8_matmul_trans_b ? "Q8MatMulTransB" : "Q8MatMul"; }
+static OrtStatus *q8_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+  (void)api, (void)info;
+  static int modes[2] = {0, 1};
+  *kernel = &modes[op == &q8_matmul_trans_b];
+  return NULL;
+}
+
 /* called by onnxruntime (SessionOptions.register_custom_ops_library) */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION_USED);
@@ -315,7 +509,10 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *st = ORT_FN(ORT_CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("edgefm.native", &domain);
   if (st) return st;
-  st = ORT_FN(ORT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, &block_offset_add);
-  if (st) return st;
+  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b};
+  for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
+    st = ORT_FN(ORT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, ops[i]);
+    if (st) return st;
+  }
   return ORT_FN(ORT_ADD_CUSTOM_OP_DOMAIN, OrtStatus *(*)(OrtSessionOptions *, OrtCustomOpDomain *))(options, domain);
 }
