@@ -35,6 +35,7 @@ from export.training_graph import export_train
 # 2: graphs keep their tensors in a data file beside them (onnxfile.externalize: less memory to load).
 # 3: the fused Llama graph's head runs from position ``logits_from`` on (generation: the last only).
 # 4: the asym int4 offset term is one call of the ONNX function edgefm.native:BlockOffsetAdd (C in fp16).
+# 5: the training graph reads one 8-bit copy of each frozen weight (Q8MatMul / Q8MatMulTransB functions).
 EXPORTER_REVISION = "5"
 
 

@@ -20,8 +20,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
 #define EDGEFM_X86_F16C 1
 #endif
 
@@ -247,13 +249,47 @@ int edgefm_block_offset_add(const float *y, const float *x, const uint16_t *c, f
  * source vectorizes on every device. */
 
 typedef float v16f __attribute__((vector_size(64)));
-typedef float v16f_u __attribute__((vector_size(64), aligned(4))); /* loads from unaligned float rows */
-typedef int8_t v16b __attribute__((vector_size(16), aligned(1)));
-#if defined(__AVX512F__) || defined(__aarch64__)
-#define Q8_MR 12 /* rows in registers: 12 accumulators of 16 floats (32 vector registers) */
+
+/* 16 int8 times a scale, as floats (GCC 12 turns the vector extension's int8 -> float conversion, and
+ * a plain loop of them, into scalar code: two to three times the cost of a panel's arithmetic) */
+static inline v16f q8_floats(const int8_t *q, float scale) {
+#if defined(__AVX512F__)
+  return (v16f)_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                             _mm512_set1_ps(scale));
+#elif defined(__AVX2__)
+  const __m256 k = _mm256_set1_ps(scale);
+  const __m256 lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))), k);
+  const __m256 hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)))), k);
+  v16f f;
+  memcpy(&f, &lo, sizeof lo);
+  memcpy((char *)&f + sizeof lo, &hi, sizeof hi);
+  return f;
 #else
-#define Q8_MR 6 /* 16 registers (AVX2): 6 rows x 2 */
+  float lane[16];
+  for (int i = 0; i < 16; i++) lane[i] = (float)q[i] * scale;
+  v16f f;
+  memcpy(&f, lane, sizeof f);
+  return f;
 #endif
+}
+
+/* the multiply runs on the machine's own vector width: VW floats a register, NV registers a panel row */
+#if defined(__AVX512F__)
+#define Q8_VW 16
+#define Q8_MR 12 /* rows in registers: 12 accumulators (of 32 registers) */
+#elif defined(__AVX__)
+#define Q8_VW 8
+#define Q8_MR 6 /* 6 rows x 2 = 12 accumulators (of 16 registers) */
+#elif defined(__aarch64__)
+#define Q8_VW 4
+#define Q8_MR 6 /* 6 rows x 4 = 24 accumulators (of 32 registers) */
+#else
+#define Q8_VW 4
+#define Q8_MR 3 /* 3 rows x 4 = 12 accumulators (of 16 registers) */
+#endif
+#define Q8_NV (16 / Q8_VW)
+typedef float vf __attribute__((vector_size(Q8_VW * 4)));
+typedef float vf_u __attribute__((vector_size(Q8_VW * 4), aligned(4)));
 #define Q8_KC 512 /* rows of the panel built at a time: 32 KB */
 
 typedef struct {
@@ -268,20 +304,28 @@ typedef struct {
 /* y[i][0:w] (+)= x[i][0:kc] @ P[0:kc][0:16] for `rows` rows (a constant once inlined) */
 static inline __attribute__((always_inline)) void q8_rows(const float *x, size_t ldx, size_t kc, const float *p, float *y,
                                                          size_t ldy, size_t w, int accumulate, const int rows) {
-  v16f acc[Q8_MR];
-  for (int i = 0; i < rows; i++) acc[i] = (v16f){0};
+  vf acc[Q8_MR > 4 ? Q8_MR : 4][Q8_NV]; /* calls take Q8_MR, 4 or 1 rows */
+  for (int i = 0; i < rows; i++)
+    for (int v = 0; v < Q8_NV; v++) acc[i][v] = (vf){0};
   for (size_t k = 0; k < kc; k++) {
-    const v16f b = *(const v16f *)(p + k * 16);
-    for (int i = 0; i < rows; i++) acc[i] += x[i * ldx + k] * b;
+    vf b[Q8_NV];
+    for (int v = 0; v < Q8_NV; v++) b[v] = *(const vf *)(p + k * 16 + v * Q8_VW);
+    for (int i = 0; i < rows; i++) {
+      const float a = x[i * ldx + k];
+      for (int v = 0; v < Q8_NV; v++) acc[i][v] += a * b[v];
+    }
   }
   for (int i = 0; i < rows; i++) {
     float *out = y + i * ldy;
-    if (accumulate) acc[i] += w == 16 ? *(const v16f_u *)out : (v16f){0};
     if (w == 16) {
-      memcpy(out, &acc[i], sizeof acc[i]);
+      for (int v = 0; v < Q8_NV; v++) {
+        vf r = acc[i][v];
+        if (accumulate) r += *(const vf_u *)(out + v * Q8_VW);
+        memcpy(out + v * Q8_VW, &r, sizeof r);
+      }
     } else {
       float lane[16];
-      memcpy(lane, &acc[i], sizeof lane);
+      memcpy(lane, acc[i], sizeof lane);
       for (size_t t = 0; t < w; t++) out[t] = (accumulate ? out[t] : 0.f) + lane[t];
     }
   }
@@ -319,18 +363,19 @@ static void q8_panel(const Q8Job *jb, size_t j, size_t w, size_t k0, size_t kc, 
   const size_t nb = jb->c / jb->blk;
   if (jb->trans) { /* B = D^T: column j+t of B is row j+t of D; 16x16 tiles dequantized, then transposed */
     for (size_t k = 0; k < kc; k += 16) {
+      const size_t b = (k0 + k) / jb->blk;
       v16f v[16];
       for (size_t t = 0; t < 16; t++)
-        v[t] = t < w ? __builtin_convertvector(*(const v16b *)(jb->q + (j + t) * jb->c + k0 + k), v16f) *
-                           jb->s[(j + t) * nb + (k0 + k) / jb->blk]
+        v[t] = t < w ? q8_floats(jb->q + (j + t) * jb->c + k0 + k, jb->s[(j + t) * nb + b])
                      : (v16f){0};
       q8_transpose(v);
       for (size_t u = 0; u < 16; u++) memcpy(p + (k + u) * 16, &v[u], sizeof v[u]);
     }
   } else { /* B = D: 16 consecutive int8 of row k, all in one block (j and B are multiples of 16) */
+    const int8_t *q = jb->q + k0 * jb->c + j;
+    const float *sc = jb->s + k0 * nb + j / jb->blk;
     for (size_t k = 0; k < kc; k++) {
-      const v16f f = __builtin_convertvector(*(const v16b *)(jb->q + (k0 + k) * jb->c + j), v16f) *
-                     jb->s[(k0 + k) * nb + j / jb->blk];
+      const v16f f = q8_floats(q + k * jb->c, sc[k * nb]);
       memcpy(p + k * 16, &f, sizeof f);
     }
   }
@@ -338,21 +383,30 @@ static void q8_panel(const Q8Job *jb, size_t j, size_t w, size_t k0, size_t kc, 
 
 static size_t q8_cols(const Q8Job *jb) { return jb->trans ? jb->r : jb->c; }
 static size_t q8_depth(const Q8Job *jb) { return jb->trans ? jb->c : jb->r; }
-static size_t q8_tasks(const Q8Job *jb) { return (q8_cols(jb) + 15) / 16; }
+/* A task computes Q8_GROUP neighbouring panels, chunk of K by chunk: the chunk's rows of X and (for
+ * X @ D) the cache lines of Q it reads serve all of them before the next chunk is read */
+#define Q8_GROUP 4
+static size_t q8_panels(const Q8Job *jb) { return (q8_cols(jb) + 15) / 16; }
+static size_t q8_group(const Q8Job *jb) { return q8_panels(jb) >= 4 * Q8_GROUP ? Q8_GROUP : 1; }
+static size_t q8_tasks(const Q8Job *jb) { return (q8_panels(jb) + q8_group(jb) - 1) / q8_group(jb); }
 
 static void q8_task(void *arg, size_t task) {
   const Q8Job *jb = (const Q8Job *)arg;
-  const size_t n = q8_cols(jb), depth = q8_depth(jb), j = task * 16, w = n - j < 16 ? n - j : 16;
+  const size_t n = q8_cols(jb), depth = q8_depth(jb), group = q8_group(jb);
+  const size_t first = task * group, last = first + group < q8_panels(jb) ? first + group : q8_panels(jb);
   float p[Q8_KC * 16] __attribute__((aligned(64)));
   for (size_t k0 = 0; k0 < depth; k0 += Q8_KC) {
     const size_t kc = depth - k0 < Q8_KC ? depth - k0 : Q8_KC;
-    q8_panel(jb, j, w, k0, kc, p);
-    const float *x = jb->x + k0;
-    float *y = jb->y + j;
-    size_t i = 0;
-    for (; i + Q8_MR <= jb->m; i += Q8_MR) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, Q8_MR);
-    for (; i + 4 <= jb->m; i += 4) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 4);
-    for (; i < jb->m; i++) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 1);
+    for (size_t panel = first; panel < last; panel++) {
+      const size_t j = panel * 16, w = n - j < 16 ? n - j : 16;
+      q8_panel(jb, j, w, k0, kc, p);
+      const float *x = jb->x + k0;
+      float *y = jb->y + j;
+      size_t i = 0;
+      for (; i + Q8_MR <= jb->m; i += Q8_MR) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, Q8_MR);
+      for (; i + 4 <= jb->m; i += 4) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 4);
+      for (; i < jb->m; i++) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 1);
+    }
   }
 }
 
