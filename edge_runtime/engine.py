@@ -31,6 +31,9 @@ class ActiveAdapter:
     feeds: dict[str, np.ndarray]
 
 
+SCORE_CHUNK = 64  # positions a scoring call runs at once (Engine.score)
+
+
 def session_options(threads: int | None):
     """ORT session options with bounded threads (serving must leave cores to the rest of the device)."""
     import onnxruntime as ort
@@ -316,8 +319,9 @@ class Engine:
 
         last_only = "logits_from" in self.input_names  # bundles whose head can skip the prompt's other positions
 
-        def step(ids: np.ndarray, total: int) -> np.ndarray:
-            """Logits of the last position ([1, 1, V], or [1, seq, V] for bundles without ``logits_from``)."""
+        def step(ids: np.ndarray, total: int, all_positions: bool = False) -> np.ndarray:
+            """Logits of the last position ([1, 1, V], or [1, seq, V] for bundles without ``logits_from``
+            and with ``all_positions``)."""
             seq = ids.shape[1]
             if shared and total > capacity:
                 raise ConfigError(f"sequence of {total} tokens exceeds the cache of {capacity}")
@@ -328,7 +332,7 @@ class Engine:
             binding.bind_cpu_input("attention_mask", mask)
             binding.bind_cpu_input("position_ids", pos)
             if last_only:
-                first = np.array([seq - 1], np.int64)
+                first = np.array([0 if all_positions else seq - 1], np.int64)
                 keep.append(first)
                 binding.bind_cpu_input("logits_from", first)
             if shared and seq == 1:
@@ -348,14 +352,23 @@ class Engine:
 
         return step
 
-    def score(self, ids: list[int], adapter: ActiveAdapter | None = None) -> tuple[float, int]:
-        """Sum of next-token negative log-likelihoods over ``ids`` and how many tokens were scored."""
-        arr = np.array([ids], np.int64)
-        n = arr.shape[1]
+    def score(self, ids: list[int], adapter: ActiveAdapter | None = None, chunk: int = SCORE_CHUNK) -> tuple[float, int]:
+        """Sum of next-token negative log-likelihoods over ``ids`` and how many tokens were scored.
+
+        Runs ``chunk`` positions a call over the KV cache: the [positions, vocabulary] logits and their
+        log-softmax exist one chunk at a time (a 256-token window at once grew the process by ~150 MB
+        for SmolLM2, which the gate's evaluation then held through the training session)."""
+        n = len(ids)
         if n < 2:
             return 0.0, 0
-        logits, _ = self.forward(arr, np.ones((1, n), np.int64), np.arange(n)[None], self.empty_past(1), adapter)
-        return float(nll(logits[0, :-1], arr[0, 1:]).sum()), n - 1
+        step = self._decoder(adapter or self.adapter, capacity=-(-n // 64) * 64)
+        total = 0.0
+        for s0 in range(0, n - 1, chunk):
+            seg = np.array([ids[s0 : s0 + chunk]], np.int64)
+            logits = step(seg, s0 + seg.shape[1], all_positions=True)
+            targets = np.asarray(ids[s0 + 1 : s0 + 1 + seg.shape[1]], np.int64)
+            total += float(nll(logits[0, : len(targets)], targets).sum())
+        return total, n - 1
 
     def perplexity(self, text: str, window: int = 256, adapter: ActiveAdapter | None = None) -> float:
         """Perplexity of ``text`` in non-overlapping windows."""

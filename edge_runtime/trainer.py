@@ -13,6 +13,7 @@ from edge_runtime import native as native_kernels
 from edge_runtime.engine import session_options, uses_native_ops
 from edge_runtime.protocol.adapter import is_lora_a, stack_adapter, unstack_adapter
 from edge_runtime.errors import BundleError, TrainingError
+from edge_runtime.memory import release_free_heap
 from edge_runtime.optim import AdamWConfig, adamw_step, clip_by_global_norm
 from edge_runtime.protocol.manifest import Manifest
 from edge_runtime.protocol.tensors import decode_tensors, encode_tensors
@@ -70,12 +71,14 @@ class OnnxTrainer:
             so.enable_mem_pattern = False
             graph = self.bundle / "train.onnx"
             self.native = self.native and uses_native_ops(graph) and native_kernels.register(so)
+            release_free_heap()  # what serving left free in the heap, before the session's peak adds to it
             self._session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
         return self._session
 
     def release(self) -> None:
-        """Drop the training session (frees its memory)."""
+        """Drop the training session (frees its memory and hands it back to the kernel)."""
         self._session = None
+        release_free_heap()
 
     def make_batch(self, examples: list[dict]) -> dict[str, np.ndarray]:
         """Tokenize into a fixed [B, S] batch; loss only on real (and, with a prompt, completion) tokens."""

@@ -238,6 +238,18 @@ def test_log_softmax_and_nll_by_hand():
 
 
 @settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-60, 60, width=32), min_size=2, max_size=40), st.data())
+def test_nll_is_minus_the_log_softmax_of_the_target(row, data):
+    # nll keeps one float32 working copy (memory: vocabulary-sized rows) and sums in float64
+    from edge_runtime.sampling import log_softmax, nll
+    z = np.array([row, row[::-1]], np.float32)
+    z[1, 0] = -np.inf                                                  # a masked token
+    t = np.array([data.draw(st.integers(0, len(row) - 1)), data.draw(st.integers(1, len(row) - 1))])
+    want = -log_softmax(z)[np.arange(2), t]
+    np.testing.assert_allclose(nll(z, t), want, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(-50, 50), min_size=1, max_size=40))
 def test_log_softmax_is_a_distribution(row):
     from edge_runtime.sampling import log_softmax

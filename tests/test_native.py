@@ -1,4 +1,4 @@
-"""The optional native kernel (edge_runtime/data/blockoffset.c): built on this machine, checked against
+"""The optional native kernels (edge_runtime/data/kernels.c): built on this machine, checked against
 numpy, and the same numbers as the graph's standard-operator form (torch-free)."""
 from __future__ import annotations
 
@@ -59,8 +59,46 @@ def test_shapes_the_kernel_does_not_take_are_refused():
         native.block_offset_add(np.zeros((1, 4), np.float32), np.zeros((1, 10), np.float32), np.zeros((3, 4), np.float16))
 
 
-def test_the_shipped_check_graph_runs_the_kernel_through_onnxruntime():
+def test_q8_matmuls_by_hand():
+    # D = Q * S with one block of 16 per row: row 0 = 0.5 * (1, -2, 0...), row 1 = 2 * (0, 1, 3, 0...)
+    q = np.zeros((2, 16), np.int8)
+    q[0, :2] = [1, -2]
+    q[1, 1:3] = [1, 3]
+    s = np.array([[0.5], [2.0]], np.float32)
+    x = np.zeros((1, 16), np.float32)
+    x[0, :3] = [4.0, 1.0, 1.0]
+    np.testing.assert_array_equal(native.q8_matmul(x, q, s, trans_b=True), [[0.5 * (4 - 2), 2.0 * (1 + 3)]])
+    dy = np.array([[1.0, -1.0]], np.float32)   # dy @ D: row 0 minus row 1
+    want = np.zeros((1, 16), np.float32)
+    want[0, :3] = [0.5, -1.0 - 2.0, -6.0]
+    np.testing.assert_array_equal(native.q8_matmul(dy, q, s, trans_b=False), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 40), r=st.integers(1, 70), nb=st.integers(1, 40), block=st.sampled_from([16, 32, 64]),
+       trans_b=st.booleans(), seed=st.integers(0, 2**16))
+def test_q8_matmuls_match_numpy(rows, r, nb, block, trans_b, seed):
+    # rows cross the register tiles (12/6/3, 4, 1); R crosses partial 16-column panels and groups of
+    # panels; C = nb * block crosses the 512-deep chunks the panels are built in
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-127, 128, (r, nb * block)).astype(np.int8)
+    s = rng.random((r, nb)).astype(np.float32) / 64
+    d = native.q8_dequantize(q, s)
+    x = rng.standard_normal((rows, nb * block if trans_b else r)).astype(np.float32)
+    want = x @ d.T if trans_b else x @ d
+    np.testing.assert_allclose(native.q8_matmul(x, q, s, trans_b=trans_b), want, rtol=1e-4, atol=1e-4)
+
+
+def test_q8_shapes_the_kernels_do_not_take_are_refused():
+    with pytest.raises(ValueError, match="multiples of 16"):   # blocks of 8
+        native.q8_matmul(np.zeros((1, 32), np.float32), np.zeros((3, 32), np.int8), np.ones((3, 4), np.float32), trans_b=True)
+    with pytest.raises(ValueError, match="does not match"):
+        native.q8_matmul(np.zeros((1, 5), np.float32), np.zeros((3, 32), np.int8), np.ones((3, 2), np.float32), trans_b=True)
+
+
+def test_the_shipped_check_graph_runs_the_kernels_through_onnxruntime():
     # what library() runs in a child process before first use; here in-process, on the built library
+    # (prompts of 70 rows run the kernels as tasks on onnxruntime's pool)
     native.self_check(native.library())
 
 
