@@ -434,7 +434,8 @@ def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
     The exported step multiplies by each frozen weight W in both orientations (x @ W^T forward and in
     the recomputation, dy @ W backward). Weight-only 8-bit MatMulNBits packs along the reduction axis,
     so it held two quantized copies of each weight, and onnxruntime a prepacked copy of each; here D is
-    quantized once, with its blocks along the forward's reduction axis (the first use in graph order)."""
+    quantized once, with its blocks along the forward's reduction axis (the first use in graph order).
+    A tied embedding's row lookups read the same 8-bit copy."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -449,6 +450,12 @@ def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
         if node.op_type == "MatMul" and node.input[1] in sources:
             src, flipped = sources[node.input[1]]
             uses.setdefault(src, []).append((node, flipped))
+    tables = {
+        n.input[0]: numpy_helper.to_array(inits[n.input[0]])
+        for n in model.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT
+        and len(inits[n.input[0]].dims) == 2
+    }
     shared = 0
     for src, nodes in uses.items():
         w = numpy_helper.to_array(inits[src])
@@ -463,6 +470,9 @@ def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
             op = Q8_MATMUL_TRANS_B if flipped == d_is_src else Q8_MATMUL  # B = D^T or B = D
             call = helper.make_node(op, [node.input[0], qn, sn], list(node.output), name=node.name, domain=NATIVE_DOMAIN, block=block)
             node.CopyFrom(call)
+        for table, rows in tables.items():  # the tied embedding: the same values as D, row for row
+            if rows.shape == d.shape and np.array_equal(rows, d):
+                _gather_rows_from_q8(model, table, qn, sn, block)
         shared += 1
     if shared:
         _drop_unused(model)
@@ -473,6 +483,36 @@ def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
             model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
         model.functions.extend(q8_functions())
     return shared
+
+
+def _gather_rows_from_q8(model: onnx.ModelProto, table: str, qn: str, sn: str, block: int) -> None:
+    """Row lookups in ``table`` (the tied embedding) read its 8-bit copy instead: Gather the int8 rows
+    and their scales, one scale per element by a constant index (any rank of ids), multiply. The float
+    table then leaves the graph (SmolLM2: 113 MB of the data file)."""
+    from onnx import helper, numpy_helper
+
+    width = next(i for i in model.graph.initializer if i.name == qn).dims[1]
+    index = f"{qn}.block_of_column"
+    added = False
+    for node in list(model.graph.node):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or node.input[0] != table or axis != 0:
+            continue
+        if not added:
+            model.graph.initializer.append(numpy_helper.from_array(np.arange(width, dtype=np.int64) // block, index))
+            added = True
+        out, tag = node.output[0], node.name or node.output[0]
+        nodes = [
+            helper.make_node("Gather", [qn, node.input[1]], [f"{tag}.q8_rows"], name=f"{tag}.q8_rows"),
+            helper.make_node("Gather", [sn, node.input[1]], [f"{tag}.q8_row_scales"], name=f"{tag}.q8_row_scales"),
+            helper.make_node("Gather", [f"{tag}.q8_row_scales", index], [f"{tag}.q8_scales"], name=f"{tag}.q8_scales", axis=-1),
+            helper.make_node("Cast", [f"{tag}.q8_rows"], [f"{tag}.q8_floats"], name=f"{tag}.q8_floats", to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{tag}.q8_floats", f"{tag}.q8_scales"], [out], name=f"{tag}.q8_dequantize"),
+        ]
+        at = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for k, n in enumerate(nodes):
+            model.graph.node.insert(at + k, n)
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:

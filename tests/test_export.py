@@ -462,6 +462,8 @@ def test_training_graph_reads_one_8bit_copy_of_each_frozen_weight(tmp_path, tiny
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
     cfg = model.config
     assert len(int8) == 7 * cfg.num_hidden_layers + 1   # q k v o gate up down per layer, the tied head: once each
+    floats = [list(i.dims) for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT]
+    assert [cfg.vocab_size, cfg.hidden_size] not in floats   # embedding lookups read the head's 8-bit rows
     m = Manifest.load(bundles["int8"])
     tok = Tokenizer.from_file(str(bundles["int8"] / "tokenizer" / "tokenizer.json"))
     _, meta = load_adapter(bundles["int8"] / "adapter.safetensors")
