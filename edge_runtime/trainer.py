@@ -57,6 +57,7 @@ class OnnxTrainer:
                 f"{bundle}: this bundle has no training graph (exported with --no-train-graph or an embedding task)"
             )
         self.B, self.S = int(manifest.training.batch), int(manifest.training.seq)
+        self.microbatch = int(manifest.training.graph_batch)  # rows per graph call; a step is B / microbatch calls
         self.targets = list(manifest.adapter.targets)
         self.layers = int(manifest.model["layers"])
         self._session = None
@@ -105,11 +106,18 @@ class OnnxTrainer:
         return {"input_ids": ids, "attention_mask": am, "labels": labels}
 
     def loss_and_grads(self, stacked: dict[str, np.ndarray], batch: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
-        """One forward+backward through train.onnx."""
-        outs = self.session.run(None, {**batch, **stacked})
-        names = [o.name for o in self.session.get_outputs()]
-        loss = float(outs[0])
-        grads = {n[len("grad.") :]: g for n, g in zip(names[1:], outs[1:])}
+        """Loss and gradients of one batch through train.onnx: one forward+backward per microbatch of rows
+        (bundles exported with ``--train-microbatch``), combined as the whole batch's."""
+        names = [o.name[len("grad.") :] for o in self.session.get_outputs()[1:]]
+        parts = []
+        for r0 in range(0, self.B, self.microbatch):
+            rows = {k: v[r0 : r0 + self.microbatch] for k, v in batch.items()}
+            weight = microbatch_weight(rows, self.m.task)
+            if weight == 0 and parts:  # rows with nothing to learn (padding past the examples): nothing to run
+                continue
+            outs = self.session.run(None, {**rows, **stacked})
+            parts.append((float(outs[0]), dict(zip(names, outs[1:])), weight))
+        loss, grads = combine_microbatches(parts)
         if not np.isfinite(loss) or not all(np.all(np.isfinite(g)) for g in grads.values()):
             raise TrainingError("non-finite loss or gradient; step skipped and adapter left unchanged")
         return loss, grads
@@ -176,6 +184,26 @@ class OnnxTrainer:
             if checkpoint and step % checkpoint_every == 0:
                 checkpoint({"params": params, "m": m, "v": v, "step": step, "losses": losses, "used": used})
         return TrainResult(unstack_adapter(params, self.targets), step, losses, sorted(set(used)), time.time() - t0, stopped)
+
+
+def microbatch_weight(rows: dict[str, np.ndarray], task: str) -> float:
+    """What a microbatch's mean loss is a mean over: its scored next-token positions (causal LM: the
+    loss mask from the second position on, as the graph counts them) or its rows (classification)."""
+    if task == "causal-lm":
+        return float(rows["loss_mask"][:, 1:].sum())
+    return float(len(rows["labels"]))
+
+
+def combine_microbatches(parts: list[tuple[float, dict[str, np.ndarray], float]]) -> tuple[float, dict[str, np.ndarray]]:
+    """The whole batch's mean loss and gradients from each microbatch's (mean loss, gradients, weight):
+    means weighted by what each one averaged over. All weights 0 (nothing scored): the first part,
+    whose loss and gradients are then 0 as the graph computes them."""
+    total = sum(w for _, _, w in parts)
+    if total == 0:
+        return parts[0][0], parts[0][1]
+    loss = sum(w * part_loss for part_loss, _, w in parts) / total
+    grads = {k: sum(w * g[k] for _, g, w in parts if w) / total for k in parts[0][1]}
+    return float(loss), {k: np.asarray(v, np.float32) for k, v in grads.items()}
 
 
 def save_checkpoint(path: Path, state: dict, extra: dict) -> None:

@@ -60,8 +60,9 @@ class BuildOptions:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
-    train_batch: int = 8
+    train_batch: int = 8  # examples per optimizer step
     train_seq: int = 128
+    train_microbatch: int | None = None  # rows the training graph takes (a step runs it batch / microbatch times)
     with_training: bool = True
     verify: bool = True
     archive: bool = False
@@ -75,12 +76,22 @@ class BuildOptions:
             raise ExportError("--lora-rank must be between 1 and 256")
         if self.train_batch < 1 or self.train_seq < 4:
             raise ExportError("training batch must be >= 1 and sequence >= 4")
+        if self.train_microbatch is not None and (self.train_microbatch < 1 or self.train_batch % self.train_microbatch):
+            raise ExportError(
+                f"training microbatch {self.train_microbatch} must divide the batch {self.train_batch} (a step runs the graph "
+                "batch / microbatch times)"
+            )
         allowed = LLAMA_TARGETS if self.task == "causal-lm" else BERT_TARGETS
         if not self.lora_targets:
             self.lora_targets = ("q_proj", "v_proj") if self.task == "causal-lm" else ("query", "value")
         bad = [t for t in self.lora_targets if t not in allowed]
         if bad:
             raise ExportError(f"LoRA targets {bad} do not exist for {self.task}; choose from {list(allowed)}")
+
+    @property
+    def train_graph_batch(self) -> int:
+        """Rows the training graph is traced for."""
+        return self.train_microbatch or self.train_batch
 
 
 def initial_adapter(dims: dict[str, tuple[int, int]], targets, layers: int, rank: int, seed: int) -> dict[str, np.ndarray]:
@@ -146,7 +157,7 @@ def export_llama(graph: LlamaGraph, tmp: Path, opts: BuildOptions, log, *, exter
         )
     log(f"inference graph: {mb(tmp / 'model.fp32.onnx')}")
     if opts.with_training:
-        log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_batch} x seq {opts.train_seq})")
+        log(f"tracing one training step (make_fx over grad_and_value, batch {opts.train_graph_batch} x seq {opts.train_seq})")
         export_train(graph, tmp, opts, loras, log, external=external)
     return io
 
@@ -349,7 +360,10 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             base_fingerprint=base_fp,
             io=IoSpec(**io),
             training=TrainingSpec(
-                graph="train.onnx" if (tmp / "train.onnx").exists() else None, batch=opts.train_batch, seq=opts.train_seq
+                graph="train.onnx" if (tmp / "train.onnx").exists() else None,
+                batch=opts.train_batch,
+                seq=opts.train_seq,
+                microbatch=opts.train_microbatch if opts.train_graph_batch != opts.train_batch else None,
             ),
             versions=versions,
             opset=OPSET,

@@ -71,7 +71,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--lora-rank", type=int, default=None)
     b.add_argument("--lora-alpha", type=float, default=None)
     b.add_argument("--lora-targets", nargs="+", default=None, help="e.g. q_proj v_proj (decoders) or query value (encoders)")
-    b.add_argument("--train-batch", type=int, default=None, help="batch size the training graph is built for")
+    b.add_argument("--train-batch", type=int, default=None, help="examples per training step (default 8)")
+    b.add_argument(
+        "--train-microbatch",
+        type=int,
+        default=None,
+        help="rows the training graph takes: a step runs it batch / microbatch times and adds up the gradients "
+        "(less memory, same step; default: the whole batch)",
+    )
     b.add_argument("--train-seq", type=int, default=None, help="sequence length the training graph is built for")
     b.add_argument("--no-train-graph", action="store_true", help="inference only")
     b.add_argument("--no-verify", action="store_true", help="skip parity/gradient checks")
@@ -109,6 +116,7 @@ def resolve_options(
     lora_targets: list[str] | None = None,
     train_batch: int | None = None,
     train_seq: int | None = None,
+    train_microbatch: int | None = None,
     with_training: bool = True,
     verify: bool = True,
     archive: bool = False,
@@ -143,6 +151,7 @@ def resolve_options(
         lora_targets=tuple(pick(lora_targets, "lora_targets", ())),
         train_batch=pick(train_batch, "train_batch", 8),
         train_seq=pick(train_seq, "train_seq", 128),
+        train_microbatch=pick(train_microbatch, "train_microbatch", None),
         with_training=with_training,
         verify=verify,
         archive=archive,
@@ -166,6 +175,7 @@ def build_options(args):
         lora_targets=args.lora_targets,
         train_batch=args.train_batch,
         train_seq=args.train_seq,
+        train_microbatch=getattr(args, "train_microbatch", None),
         with_training=not args.no_train_graph,
         verify=not args.no_verify,
         archive=args.archive,
@@ -203,6 +213,7 @@ def run(args) -> int:
                 lora_targets=tuple(m.adapter.targets),
                 train_batch=m.training.batch,
                 train_seq=m.training.seq,
+                train_microbatch=m.training.microbatch,
             )
             result["checks"] = verify_against_source(Path(args.bundle), hf, graph, opts, log)
         print(json.dumps(result, indent=2))

@@ -108,7 +108,7 @@ def export_train(graph, tmp: Path, opts: BuildOptions, loras, log, *, external: 
         grads, loss = torch.func.grad_and_value(loss_fn)(tuple(lora), input_ids, attention_mask, third)
         return (loss, *grads)
 
-    B, S = opts.train_batch, opts.train_seq
+    B, S = opts.train_graph_batch, opts.train_seq
     ids = torch.randint(0, 100, (B, S))
     am = torch.ones(B, S, dtype=torch.long)
     third = am.float() if opts.task == "causal-lm" else torch.zeros(B, dtype=torch.long)

@@ -159,7 +159,7 @@ def check_gradients(bundle: Path, graph, opts, adapter: dict[str, np.ndarray]) -
         adapter, list(opts.lora_targets), int(graph.n_layers if hasattr(graph, "n_layers") else len(graph.bert.encoder.layer))
     )
     names = [n for t in opts.lora_targets for n in stacked_names(t)]
-    B, S = opts.train_batch, opts.train_seq
+    B, S = opts.train_graph_batch, opts.train_seq
     g = torch.Generator().manual_seed(3)
     vocab = graph.embed.shape[0] if hasattr(graph, "embed") else graph.bert.embeddings.word_embeddings.weight.shape[0]
     ids = torch.randint(0, vocab, (B, S), generator=g)

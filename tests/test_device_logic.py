@@ -255,3 +255,18 @@ def test_log_softmax_is_a_distribution(row):
     from edge_runtime.sampling import log_softmax
     lp = log_softmax(np.array(row))
     assert abs(np.exp(lp).sum() - 1.0) < 1e-9 and np.all(lp <= 1e-12)
+
+
+def test_microbatch_losses_combine_as_the_whole_batch():
+    """Mean losses of microbatches weighted by what each averaged over (scored tokens or rows)."""
+    from edge_runtime.trainer import combine_microbatches, microbatch_weight
+    g = lambda v: {"a": np.array([v], np.float32)}  # noqa: E731
+    # 3 tokens with mean loss 2 and 1 token with mean loss 6: the whole batch's mean is (6 + 6) / 4 = 3
+    loss, grads = combine_microbatches([(2.0, g(1.0), 3.0), (6.0, g(5.0), 1.0)])
+    assert loss == 3.0 and grads["a"][0] == 2.0
+    # a microbatch with nothing scored adds nothing; all of them with nothing: zeros, as the graph gives
+    assert combine_microbatches([(2.0, g(1.0), 3.0), (0.0, g(0.0), 0.0)])[0] == 2.0
+    assert combine_microbatches([(0.0, g(0.0), 0.0)])[0] == 0.0
+    mask = np.array([[1, 1, 1, 0], [0, 0, 1, 1]], np.float32)   # the first position is never a target
+    assert microbatch_weight({"loss_mask": mask}, "causal-lm") == 4.0
+    assert microbatch_weight({"labels": np.zeros(3, np.int64)}, "classification") == 3.0

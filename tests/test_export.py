@@ -479,3 +479,33 @@ def test_training_graph_reads_one_8bit_copy_of_each_frozen_weight(tmp_path, tiny
         assert abs(out[key][0] - loss) <= 1e-5 * abs(loss), key
         for k, g in grads.items():
             np.testing.assert_allclose(out[key][1][k], g, rtol=1e-4, atol=1e-4 * np.abs(g).max(), err_msg=f"{key} {k}")
+
+
+def test_microbatched_training_graph_gives_the_whole_batch_step(tmp_path_factory, tiny_llama_dir):
+    """--train-microbatch: the graph takes 2 rows and the trainer runs it twice per step of 4 examples;
+    loss and gradients are the whole batch's (means weighted by scored tokens: rows of different
+    lengths, a prompt mask, a padding row)."""
+    import onnx
+    from tokenizers import Tokenizer
+    from edge_runtime.protocol.adapter import load_adapter, stack_adapter
+    from edge_runtime.protocol.manifest import Manifest
+    from edge_runtime.trainer import OnnxTrainer
+    from export.verify import random_adapter
+    from helpers import examples
+    whole = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "int8", train_batch=4)
+    micro = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "int8", train_batch=4, train_microbatch=2)
+    mw, mm = Manifest.load(whole), Manifest.load(micro)
+    assert (mw.training.batch, mw.training.microbatch) == (4, None) and (mm.training.batch, mm.training.microbatch) == (4, 2)
+    graph_input = onnx.load(str(micro / "train.onnx"), load_external_data=False).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_value == 2
+    tok = Tokenizer.from_file(str(whole / "tokenizer" / "tokenizer.json"))
+    _, meta = load_adapter(whole / "adapter.safetensors")
+    rows = [examples(1)[0], {"text": "valve 7 closed after the pressure test", "prompt": "valve 7"}, {"text": "ok"}]
+    out = []
+    for b, m in ((whole, mw), (micro, mm)):
+        tr = OnnxTrainer(b, m, tok)
+        params = stack_adapter(random_adapter(meta.shapes, seed=4, scale=0.2), tr.targets, tr.layers)
+        out.append(tr.loss_and_grads(params, tr.make_batch(rows)))   # 3 examples: the 4th row is padding
+    assert abs(out[0][0] - out[1][0]) <= 1e-5 * abs(out[0][0])
+    for k, g in out[0][1].items():
+        np.testing.assert_allclose(out[1][1][k], g, rtol=1e-4, atol=1e-5 * np.abs(g).max(), err_msg=k)

@@ -115,17 +115,28 @@ class QuantSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingSpec:
-    """The training graph, if any, and the batch x sequence it was built for."""
+    """The training graph, if any: examples per optimizer step (``batch``) x sequence, and the rows the
+    graph itself takes (``microbatch``; None: the whole batch), so a step may run it several times."""
 
     graph: str | None = None
     batch: int = 8
     seq: int = 128
+    microbatch: int | None = None
 
     def __post_init__(self):
         _need(self.graph is None or isinstance(self.graph, str), "graph must be a file name")
         _need(
             _int(self.batch) and self.batch >= 1 and _int(self.seq) and self.seq >= 2, "batch and seq must be positive integers"
         )
+        _need(
+            self.microbatch is None or (_int(self.microbatch) and 1 <= self.microbatch and self.batch % self.microbatch == 0),
+            "microbatch must be a positive divisor of batch",
+        )
+
+    @property
+    def graph_batch(self) -> int:
+        """Rows of one call of the training graph."""
+        return self.microbatch or self.batch
 
 
 @dataclasses.dataclass(frozen=True)
