@@ -20,12 +20,22 @@ CACHE = ROOT / ".cache" / "bench"
 B, S = 8, 128
 
 
-def bundle(scheme: str) -> Path:
-    out = CACHE / f"smollm2-{scheme}-train"
+def variant(name: str) -> tuple[str, int | None, bool]:
+    """``int4``, ``int4-mb2`` (graph of 2 rows, 4 calls a step), ``int4-pure`` (no native kernels):
+    (quantization, training microbatch, native kernels)."""
+    parts = name.split("-")
+    micro = next((int(p[2:]) for p in parts[1:] if p.startswith("mb")), None)
+    return parts[0], micro, "pure" not in parts[1:]
+
+
+def bundle(name: str) -> Path:
+    scheme, micro, _ = variant(name)
+    out = CACHE / f"smollm2-{scheme}{f'-mb{micro}' if micro else ''}-train"
     if not cached_bundle_ok(out):
         CACHE.mkdir(parents=True, exist_ok=True)
+        extra = ["--train-microbatch", str(micro)] if micro else []
         subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", scheme, "--train-batch", str(B),
-                        "--train-seq", str(S), "--no-verify"], check=True)
+                        "--train-seq", str(S), "--no-verify", *extra], check=True)
     return out
 
 
@@ -66,7 +76,7 @@ def child_onnx(scheme: str, steps: int) -> dict:
     from tokenizers import Tokenizer
     b = bundle(scheme)
     m = Manifest.load(b)
-    tr = OnnxTrainer(b, m, Tokenizer.from_file(str(b / "tokenizer" / "tokenizer.json")), threads=2)
+    tr = OnnxTrainer(b, m, Tokenizer.from_file(str(b / "tokenizer" / "tokenizer.json")), threads=2, native=variant(scheme)[2])
     tensors, _ = load_adapter(b / "adapter.safetensors")
     params = stack_adapter(tensors, tr.targets, tr.layers)
     mom = {k: np.zeros_like(v) for k, v in params.items()}
@@ -82,7 +92,7 @@ def child_onnx(scheme: str, steps: int) -> dict:
         params, mom, vel, _ = adamw_step(params, grads, mom, vel, step, cfg)
         times.append(time.perf_counter() - t)
     return {"step_s": float(np.median(times[1:])), "peak_rss_mb": peak_rss_mb(), "loss": loss,
-            "train_graph_mb": graph_mb(b / "train.onnx")}
+            "train_graph_mb": graph_mb(b / "train.onnx"), "native": tr.native, "microbatch": tr.microbatch}
 
 
 def main() -> None:
@@ -104,7 +114,9 @@ def main() -> None:
     rows = [f"| torch eager + PEFT (fp32 base) | {t['step_s']:.2f} s | 1.00x | {t['peak_rss_mb']:.0f} MB | 1.00 | {t['loss']:.3f} |"]
     for s in schemes:
         r = res[s]
-        rows.append(f"| edgefm train.onnx ({s} bundle, 8-bit frozen base, {r['train_graph_mb']:.0f} MB graph) | {r['step_s']:.2f} s | "
+        how = f"{'native Q8 kernels' if r['native'] else 'onnxruntime alone'}, graph of {r['microbatch']} rows"
+        rows.append(f"| edgefm train.onnx ({s}: {variant(s)[0]} bundle, 8-bit frozen base once, {how}, {r['train_graph_mb']:.0f} MB "
+                    f"graph) | {r['step_s']:.2f} s | "
                     f"{t['step_s'] / r['step_s']:.2f}x | {r['peak_rss_mb']:.0f} MB | {r['peak_rss_mb'] / t['peak_rss_mb']:.2f} | {r['loss']:.3f} |")
     body = f"""One optimizer step (forward, backward, clipping, AdamW), batch {B} x sequence {S}, LoRA rank 8 on q_proj/v_proj,
 2 threads, median of {args.steps} steps after one warm-up, each variant in its own process (peak RSS of that process).

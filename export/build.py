@@ -36,7 +36,8 @@ from export.training_graph import export_train
 # 3: the fused Llama graph's head runs from position ``logits_from`` on (generation: the last only).
 # 4: the asym int4 offset term is one call of the ONNX function edgefm.native:BlockOffsetAdd (C in fp16).
 # 5: the training graph reads one 8-bit copy of each frozen weight (Q8MatMul / Q8MatMulTransB functions).
-# 6: the profiles' train_microbatch (rpi4, rpi5, tiny): training graphs of fewer rows than a step.
+# 6: the profiles' train_microbatch (rpi4, rpi5, tiny): training graphs of fewer rows than a step; a tied
+#    embedding read from the 8-bit head's rows (export/quantize.py:embedding_from_int8_head).
 EXPORTER_REVISION = "6"
 
 

@@ -509,3 +509,31 @@ def test_microbatched_training_graph_gives_the_whole_batch_step(tmp_path_factory
     assert abs(out[0][0] - out[1][0]) <= 1e-5 * abs(out[0][0])
     for k, g in out[0][1].items():
         np.testing.assert_allclose(out[1][1][k], g, rtol=1e-4, atol=1e-5 * np.abs(g).max(), err_msg=k)
+
+
+def test_tied_embedding_reads_the_8bit_head_rows(tmp_path_factory, tiny_llama_dir):
+    """With an 8-bit head (the int4 default) the tied embedding's float table leaves the inference graph:
+    its rows come from the head's uint8 rows and scales ((q - 128) * scale, one scale per block)."""
+    import onnx
+    from onnx import numpy_helper
+    import onnxruntime as ort
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "int4")
+    model = onnx.load(str(b / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    vocab, hidden = 384, 64
+    assert not any(a.dtype == np.float32 and a.shape == (vocab, hidden) for a in inits.values())
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+    q, s = inits[head.input[1]], inits[head.input[2]]
+    want = ((q.astype(np.float32) - 128) * s[..., None]).reshape(vocab, hidden)
+    # the graph's embedding output: the lookup's last node, exposed as an extra output of a copy
+    out = next(n for n in model.graph.node if n.op_type == "Reshape" and n.input[0].endswith("q8_blocks")).output[0]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 77, 383, 0]], np.int64)
+    feeds = {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32 if "float" in i.type else np.int64)
+             for i in sess.get_inputs()}
+    feeds.update({"input_ids": ids, "attention_mask": np.ones((1, 4), np.int64), "position_ids": np.arange(4)[None]})
+    for name in [i.name for i in sess.get_inputs() if i.name.startswith("past.")]:
+        feeds[name] = np.zeros((1, feeds[name].shape[1], 0, feeds[name].shape[3]), np.float32)
+    got = sess.run([out], feeds)[0]
+    np.testing.assert_array_equal(got[0], want[ids[0]])
