@@ -109,7 +109,7 @@ class OnnxTrainer:
         """Loss and gradients of one batch through train.onnx: one forward+backward per microbatch of rows
         (bundles exported with ``--train-microbatch``), combined as the whole batch's."""
         names = [o.name[len("grad.") :] for o in self.session.get_outputs()[1:]]
-        parts = []
+        parts: list[tuple[float, dict[str, np.ndarray], float]] = []
         for r0 in range(0, self.B, self.microbatch):
             rows = {k: v[r0 : r0 + self.microbatch] for k, v in batch.items()}
             weight = microbatch_weight(rows, self.m.task)

@@ -453,7 +453,9 @@ def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
     tables = {
         n.input[0]: numpy_helper.to_array(inits[n.input[0]])
         for n in model.graph.node
-        if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT
+        if n.op_type == "Gather"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT
         and len(inits[n.input[0]].dims) == 2
     }
     shared = 0
@@ -468,7 +470,9 @@ def share_frozen_base(model: onnx.ModelProto, block: int) -> int:
         model.graph.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(sc, sn)])
         for node, flipped in nodes:
             op = Q8_MATMUL_TRANS_B if flipped == d_is_src else Q8_MATMUL  # B = D^T or B = D
-            call = helper.make_node(op, [node.input[0], qn, sn], list(node.output), name=node.name, domain=NATIVE_DOMAIN, block=block)
+            call = helper.make_node(
+                op, [node.input[0], qn, sn], list(node.output), name=node.name, domain=NATIVE_DOMAIN, block=block
+            )
             node.CopyFrom(call)
         for table, rows in tables.items():  # the tied embedding: the same values as D, row for row
             if rows.shape == d.shape and np.array_equal(rows, d):
@@ -506,7 +510,9 @@ def _gather_rows_from_q8(model: onnx.ModelProto, table: str, qn: str, sn: str, b
             helper.make_node("Gather", [qn, node.input[1]], [f"{tag}.q8_rows"], name=f"{tag}.q8_rows"),
             helper.make_node("Gather", [sn, node.input[1]], [f"{tag}.q8_row_scales"], name=f"{tag}.q8_row_scales"),
             helper.make_node("Gather", [f"{tag}.q8_row_scales", index], [f"{tag}.q8_scales"], name=f"{tag}.q8_scales", axis=-1),
-            helper.make_node("Cast", [f"{tag}.q8_rows"], [f"{tag}.q8_floats"], name=f"{tag}.q8_floats", to=onnx.TensorProto.FLOAT),
+            helper.make_node(
+                "Cast", [f"{tag}.q8_rows"], [f"{tag}.q8_floats"], name=f"{tag}.q8_floats", to=onnx.TensorProto.FLOAT
+            ),
             helper.make_node("Mul", [f"{tag}.q8_floats", f"{tag}.q8_scales"], [out], name=f"{tag}.q8_dequantize"),
         ]
         at = list(model.graph.node).index(node)
@@ -556,7 +562,11 @@ def embedding_from_int8_head(src: Path, dst: Path, head: list[str]) -> bool:
 
     fp = onnxfile.load(src)
     inits = {i.name: i for i in fp.graph.initializer}
-    gathers = [n for n in fp.graph.node if n.op_type == "Gather" and n.input[0] in inits and not any(a.name == "axis" and a.i for a in n.attribute)]
+    gathers = [
+        n
+        for n in fp.graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and not any(a.name == "axis" and a.i for a in n.attribute)
+    ]
     heads = [n for n in fp.graph.node if n.name in head and n.op_type == "MatMul" and n.input[1] in inits]
     if len(gathers) != 1 or len(heads) != 1:
         return False
@@ -575,8 +585,11 @@ def embedding_from_int8_head(src: Path, dst: Path, head: list[str]) -> bool:
     ids, out, tag = gather.input[1], gather.output[0], gather.name or gather.output[0]
     width = np.array([table.shape[1]], np.int64)
     model.graph.initializer.extend(
-        [numpy_helper.from_array(width, f"{tag}.width"), numpy_helper.from_array(np.array(128.0, np.float32), f"{tag}.zero"),
-         numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last")]
+        [
+            numpy_helper.from_array(width, f"{tag}.width"),
+            numpy_helper.from_array(np.array(128.0, np.float32), f"{tag}.zero"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{tag}.last"),
+        ]
     )
     nodes = [
         helper.make_node("Gather", [qn, ids], [f"{tag}.q8_rows"]),
