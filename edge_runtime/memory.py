@@ -20,16 +20,22 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
+def _glibc_function(name: str):
+    """``name`` from the C library where it is glibc's (Linux), else None (musl, macOS: nothing done)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # musl (Alpine) and others have no mallopt / malloc_trim
+        return None
+
+
 def keep_large_buffers(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
     """Ask glibc to serve allocations below ``mmap_threshold`` from the heap and to keep up to
     ``trim_threshold`` bytes of freed heap for reuse. Process-wide; returns False (and changes
     nothing) where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl (Alpine) and others have no mallopt
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
@@ -40,16 +46,11 @@ def keep_large_buffers(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 
 
 def release_free_heap() -> bool:
     """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim``), e.g. before the agent
-    creates its training session: decoding and evaluation leave tens of MB free but held in the
-    heaps of the threads that served them (measured: ~60 MB on the SmolLM2 agent after sampling its
-    general replay text), which would otherwise add to the training session's peak. False (nothing
-    done) where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+    creates its training session: decoding and evaluation leave memory free but held in the heaps of
+    the threads that served them, which would otherwise add to the training session's peak (measured
+    ~20 MB off the SmolLM2 agent's). False (nothing done) where the C library is not glibc."""
+    trim = _glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)

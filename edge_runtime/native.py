@@ -197,20 +197,25 @@ def register(so) -> bool:
     return True
 
 
-def block_offset_add(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """The kernel called directly, on this thread (tests): y + S(x) @ C over rows of y [.., N], x [.., K],
-    C [K/block, N] fp16."""
+def _entry(name: str):
+    """A C entry point of the built library (an int status), for calling the kernels directly."""
     path = library()
     if path is None:
         raise RuntimeError("the native library is not available on this machine")
-    lib = ctypes.CDLL(str(path))
+    f = getattr(ctypes.CDLL(str(path)), name)
+    f.restype = ctypes.c_int
+    return f
+
+
+def block_offset_add(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The kernel called directly, on this thread (tests): y + S(x) @ C over rows of y [.., N], x [.., K],
+    C [K/block, N] fp16."""
+    f = _entry("edgefm_block_offset_add")
     y = np.ascontiguousarray(y, np.float32)
     x = np.ascontiguousarray(x, np.float32)
     c = np.ascontiguousarray(c, np.float16)
     out = np.empty_like(y)
     rows, k, nb, n = x.size // x.shape[-1], x.shape[-1], c.shape[0], c.shape[1]
-    f = lib.edgefm_block_offset_add
-    f.restype = ctypes.c_int
     ptr = ctypes.c_void_p
     rc = f(
         ptr(y.ctypes.data),
@@ -227,17 +232,12 @@ def block_offset_add(y: np.ndarray, x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def q8_matmul(x: np.ndarray, q: np.ndarray, s: np.ndarray, *, trans_b: bool) -> np.ndarray:
     """The Q8 kernels called directly, on this thread (tests): x @ D^T (``trans_b``, x [.., C]) or x @ D
     (x [.., R]), D = Q [R, C] int8 * S [R, C/block]."""
-    path = library()
-    if path is None:
-        raise RuntimeError("the native library is not available on this machine")
-    lib = ctypes.CDLL(str(path))
+    f = _entry("edgefm_q8_matmul")
     x = np.ascontiguousarray(x, np.float32)
     q = np.ascontiguousarray(q, np.int8)
     s = np.ascontiguousarray(s, np.float32)
     r, c = q.shape
     out = np.empty((*x.shape[:-1], r if trans_b else c), np.float32)
-    f = lib.edgefm_q8_matmul
-    f.restype = ctypes.c_int
     ptr = ctypes.c_void_p
     if x.shape[-1] != (c if trans_b else r) or s.shape[0] != r:
         raise ValueError(f"x {x.shape} does not match Q {q.shape} and S {s.shape}")
