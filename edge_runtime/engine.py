@@ -49,8 +49,13 @@ def session_options(threads: int | None):
 
 def uses_native_ops(graph: Path) -> bool:
     """Whether ``graph`` calls functions of the edgefm.native domain (bundle graphs keep their weights in
-    a data file, so the graph file itself is small; a big single-file graph is not searched)."""
-    return graph.is_file() and graph.stat().st_size < 64 << 20 and native_kernels.DOMAIN.encode() in graph.read_bytes()
+    a data file, so the graph file itself is small; a big single-file graph is not searched). The functions'
+    names, not the domain: torch's exporter lists every custom domain it has seen in the process among a
+    graph's opset imports, used or not."""
+    if not graph.is_file() or graph.stat().st_size >= 64 << 20:
+        return False
+    data = graph.read_bytes()
+    return native_kernels.DOMAIN.encode() in data and any(op.encode() in data for op in native_kernels.OPS)
 
 
 class Engine:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "data" / "kernels.c"
 DOMAIN = "edgefm.native"  # the ONNX domain of the functions this library has kernels for
+OPS = ("BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB")  # their names
 DISABLE_ENV = "EDGEFM_NATIVE"  # "0" / "off": never build or register the library
 
 
