@@ -75,10 +75,10 @@ def test_q8_matmuls_by_hand():
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(0, 40), r=st.integers(1, 70), nb=st.integers(1, 40), block=st.sampled_from([16, 32, 64]),
+@given(rows=st.one_of(st.integers(0, 40), st.integers(250, 530)), r=st.integers(1, 70), nb=st.integers(1, 40), block=st.sampled_from([16, 32, 64]),
        trans_b=st.booleans(), seed=st.integers(0, 2**16))
 def test_q8_matmuls_match_numpy(rows, r, nb, block, trans_b, seed):
-    # rows cross the register tiles (12/6/3, 4, 1); R crosses partial 16-column panels and groups of
+    # rows cross the register tiles (12/6/3, 4, 1) and the 256-row blocks; R crosses partial 16-column panels and groups of
     # panels; C = nb * block crosses the 512-deep chunks the panels are built in
     rng = np.random.default_rng(seed)
     q = rng.integers(-127, 128, (r, nb * block)).astype(np.int8)

@@ -386,14 +386,19 @@ static size_t q8_depth(const Q8Job *jb) { return jb->trans ? jb->c : jb->r; }
 /* A task computes Q8_GROUP neighbouring panels, chunk of K by chunk: the chunk's rows of X and (for
  * X @ D) the cache lines of Q it reads serve all of them before the next chunk is read */
 #define Q8_GROUP 4
+/* and one block of at most Q8_ROWS rows of X: a training step's 1024 rows streamed whole past every
+ * panel group ran at half speed (its chunk of X no longer stays in L2 between the group's panels) */
+#define Q8_ROWS 256
 static size_t q8_panels(const Q8Job *jb) { return (q8_cols(jb) + 15) / 16; }
 static size_t q8_group(const Q8Job *jb) { return q8_panels(jb) >= 4 * Q8_GROUP ? Q8_GROUP : 1; }
-static size_t q8_tasks(const Q8Job *jb) { return (q8_panels(jb) + q8_group(jb) - 1) / q8_group(jb); }
+static size_t q8_groups(const Q8Job *jb) { return (q8_panels(jb) + q8_group(jb) - 1) / q8_group(jb); }
+static size_t q8_tasks(const Q8Job *jb) { return q8_groups(jb) * ((jb->m + Q8_ROWS - 1) / Q8_ROWS); }
 
 static void q8_task(void *arg, size_t task) {
   const Q8Job *jb = (const Q8Job *)arg;
   const size_t n = q8_cols(jb), depth = q8_depth(jb), group = q8_group(jb);
-  const size_t first = task * group, last = first + group < q8_panels(jb) ? first + group : q8_panels(jb);
+  const size_t first = task % q8_groups(jb) * group, last = first + group < q8_panels(jb) ? first + group : q8_panels(jb);
+  const size_t r0 = task / q8_groups(jb) * Q8_ROWS, r1 = r0 + Q8_ROWS < jb->m ? r0 + Q8_ROWS : jb->m;
   float p[Q8_KC * 16] __attribute__((aligned(64)));
   for (size_t k0 = 0; k0 < depth; k0 += Q8_KC) {
     const size_t kc = depth - k0 < Q8_KC ? depth - k0 : Q8_KC;
@@ -402,10 +407,10 @@ static void q8_task(void *arg, size_t task) {
       q8_panel(jb, j, w, k0, kc, p);
       const float *x = jb->x + k0;
       float *y = jb->y + j;
-      size_t i = 0;
-      for (; i + Q8_MR <= jb->m; i += Q8_MR) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, Q8_MR);
-      for (; i + 4 <= jb->m; i += 4) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 4);
-      for (; i < jb->m; i++) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 1);
+      size_t i = r0;
+      for (; i + Q8_MR <= r1; i += Q8_MR) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, Q8_MR);
+      for (; i + 4 <= r1; i += 4) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 4);
+      for (; i < r1; i++) q8_rows(x + i * depth, depth, kc, p, y + i * n, n, w, k0 > 0, 1);
     }
   }
 }
