@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "data" / "kernels.c"
 DOMAIN = "edgefm.native"  # the ONNX domain of the functions this library has kernels for
-OPS = ("BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB")  # their names
+OPS = ("BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB", "Q4MatMul", "Q4MatMulOffset")  # their names
 DISABLE_ENV = "EDGEFM_NATIVE"  # "0" / "off": never build or register the library
 
 
@@ -83,6 +83,8 @@ def _build(cc: str, out: Path) -> str | None:
 CHECK_MODEL = Path(__file__).parent / "data" / "native_check.onnx"  # export.quantize.native_check_model()
 CHECK_SHAPE = (96, 1100, 32)  # K, N, block of its BlockOffsetAdd node; its C is check_offsets()
 Q8_CHECK_SHAPE = (40, 96, 32)  # R, C, block of its Q8MatMul / Q8MatMulTransB nodes; check_q8_weight()
+Q4_CHECK_SHAPE = (96, 48)  # K, N of its Q4MatMul / Q4MatMulOffset nodes; check_q4_weight()
+Q4_BLOCK = 32  # the Q4 kernels' block along K
 
 
 def check_offsets() -> np.ndarray:
@@ -97,6 +99,41 @@ def check_q8_weight() -> tuple[np.ndarray, np.ndarray]:
     q = ((np.arange(r * c).reshape(r, c) * 37) % 255 - 127).astype(np.int8)
     s = (np.arange(r * c // block, dtype=np.float32).reshape(r, c // block) % 5 + 1) / 64
     return q, s
+
+
+def check_q4_weight() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 4-bit values q [N, K/32, 32], scales S and offsets C [K/32, N] (fp16) inside CHECK_MODEL."""
+    k, n = Q4_CHECK_SHAPE
+    q = ((np.arange(n * k).reshape(n, k // Q4_BLOCK, Q4_BLOCK) * 7) % 16).astype(np.uint8)
+    s = ((np.arange(k // Q4_BLOCK * n).reshape(k // Q4_BLOCK, n) % 9 + 1) / 128).astype(np.float16)
+    c = ((np.arange(k // Q4_BLOCK * n).reshape(k // Q4_BLOCK, n) % 5 - 2) / 64).astype(np.float16)
+    return q, s, c
+
+
+def q4_pack(q: np.ndarray) -> np.ndarray:
+    """4-bit values q [N, K/32, 32] (0..15) as the Q4 kernels read them: MatMulNBits' bytes (element 2i
+    in the low nibble of byte i of a block) regrouped to P [N/16, K/32, 4, 16, 4], so that for 16
+    neighbouring columns and one block chunk j holds bytes 4j..4j+3 of each column."""
+    n, nb, _ = q.shape
+    b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(b.reshape(n // 16, 16, nb, 4, 4).transpose(0, 2, 3, 1, 4))
+
+
+def q4_reference(x: np.ndarray, q: np.ndarray, s: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """What the Q4 kernels compute, in numpy: x [M, K] quantized per block of 32 to int8 (scale absmax / 127,
+    round half to even), an exact integer dot product with q - 8 [N, K/32, 32], times s [K/32, N] and the
+    block's scale; plus the block sums of x times c [K/32, N] where given."""
+    m, k = x.shape
+    nb = k // Q4_BLOCK
+    xb = x.astype(np.float32).reshape(m, nb, Q4_BLOCK)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    qx = np.rint(xb * inv[..., None]).astype(np.int64)
+    dot = np.einsum("mbi,nbi->mnb", qx, q.astype(np.int64) - 8)
+    y = (dot * (s.astype(np.float32).T[None] * (amax / np.float32(127))[:, None, :])).sum(-1)
+    if c is not None:
+        y = y + xb.sum(-1) @ c.astype(np.float32)
+    return y.astype(np.float32)
 
 
 def q8_dequantize(q: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -117,6 +154,8 @@ def self_check(path: str | Path) -> None:
     c = check_offsets().astype(np.float32)
     d = q8_dequantize(*check_q8_weight())
     r8, c8, _ = Q8_CHECK_SHAPE
+    k4, _ = Q4_CHECK_SHAPE
+    q4, s4, c4 = check_q4_weight()
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(path))
     so.enable_profiling = True
@@ -129,11 +168,14 @@ def self_check(path: str | Path) -> None:
             "x": rng.standard_normal((1, rows, k)).astype(np.float32),
             "x_t": rng.standard_normal((1, rows, c8)).astype(np.float32),
             "x_n": rng.standard_normal((1, rows, r8)).astype(np.float32),
+            "x_4": rng.standard_normal((1, rows, k4)).astype(np.float32),
         }
         want = {
             "out": feeds["y"] + feeds["x"].reshape(1, rows, k // block, block).sum(-1) @ c,
             "y_t": feeds["x_t"] @ d.T,
             "y_n": feeds["x_n"] @ d,
+            "y_4": q4_reference(feeds["x_4"][0], q4, s4)[None],
+            "y_4c": q4_reference(feeds["x_4"][0], q4, s4, c4)[None],
         }
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         for name, w in want.items():
@@ -141,7 +183,8 @@ def self_check(path: str | Path) -> None:
     trace = Path(sess.end_profiling())
     ops = {e.get("args", {}).get("op_name") for e in json.loads(trace.read_text())}
     trace.unlink(missing_ok=True)
-    missing = {"BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB"} - ops
+    expected = set(OPS) if q4_vector(path) else set(OPS) - {"Q4MatMul", "Q4MatMulOffset"}
+    missing = expected - ops
     assert not missing, f"onnxruntime inlined the functions instead of running the kernels of {sorted(missing)}"
 
 
@@ -187,6 +230,12 @@ def _build_and_check(cc: str, path: Path) -> Path | None:
     path.with_suffix(".ok").write_text("checked\n")
     log.info("native kernels on: %s", path)
     return path
+
+
+def q4_vector(path: str | Path) -> bool:
+    """Whether the library at ``path`` has a vector kernel for the Q4 functions (AVX-512 VNNI or AVX2 here;
+    it registers them only then: elsewhere onnxruntime's MatMulNBits, in their bodies, is the faster)."""
+    return bool(ctypes.CDLL(str(path)).edgefm_q4_vector())
 
 
 def register(so) -> bool:
@@ -252,4 +301,30 @@ def q8_matmul(x: np.ndarray, q: np.ndarray, s: np.ndarray, *, trans_b: bool) -> 
     )
     if rc != 0:
         raise ValueError(f"shapes the kernel does not take: C={c} with {s.shape[1]} blocks (blocks must be multiples of 16)")
+    return out
+
+
+def q4_matmul(x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+    """The Q4 kernel called directly, on this thread (tests): x [.., K] by the packed 4-bit weight p
+    (``q4_pack``) with fp16 scales s [K/32, N] and, where given, fp16 offsets c [K/32, N]."""
+    f = _entry("edgefm_q4_matmul")
+    x = np.ascontiguousarray(x, np.float32)
+    p = np.ascontiguousarray(p, np.uint8)
+    s = np.ascontiguousarray(s, np.float16)
+    k, n = x.shape[-1], p.shape[0] * 16
+    if p.ndim != 5 or p.shape[1] * Q4_BLOCK != k or s.shape != (k // Q4_BLOCK, n) or (c is not None and c.shape != s.shape):
+        raise ValueError(f"x {x.shape} does not match P {p.shape}, S {s.shape}")
+    c16 = None if c is None else np.ascontiguousarray(c, np.float16)
+    out = np.empty((*x.shape[:-1], n), np.float32)
+    ptr = ctypes.c_void_p
+    rc = f(
+        ptr(x.ctypes.data),
+        ptr(p.ctypes.data),
+        ptr(s.ctypes.data),
+        None if c16 is None else ptr(c16.ctypes.data),
+        ptr(out.ctypes.data),
+        *(ctypes.c_size_t(v) for v in (x.size // k, k, n)),
+    )
+    if rc != 0:
+        raise ValueError(f"shapes the kernel does not take: K={k}, N={n} (K a multiple of 32, N of 16)")
     return out

@@ -38,7 +38,9 @@ from export.training_graph import export_train
 # 5: the training graph reads one 8-bit copy of each frozen weight (Q8MatMul / Q8MatMulTransB functions).
 # 6: the profiles' train_microbatch (rpi4, rpi5, tiny): training graphs of fewer rows than a step; a tied
 #    embedding read from the 8-bit head's rows (export/quantize.py:embedding_from_int8_head).
-EXPORTER_REVISION = "6"
+# 7: 4-bit linears as edgefm.native:Q4MatMul / Q4MatMulOffset calls (regrouped bytes, fp16 scales; the
+#    asymmetric recipe's offsets inside the same call).
+EXPORTER_REVISION = "7"
 
 
 class Progress:

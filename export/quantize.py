@@ -362,6 +362,113 @@ def block_offset_add_function(opset: int):
     )
 
 
+Q4_MATMUL, Q4_MATMUL_OFFSET = "Q4MatMul", "Q4MatMulOffset"
+Q4_BLOCK = native.Q4_BLOCK
+
+
+def q4_functions(opset: int) -> list:
+    """The ONNX functions ``Q4MatMul(X, P, S)`` and ``Q4MatMulOffset(X, P, S, C)``: a 4-bit linear by the
+    regrouped bytes P (``edge_runtime.native.q4_pack``) with fp16 scales S [K/32, N] (and the asymmetric recipe's offsets C
+    [K/32, N], added as ``BlockOffsetAdd``). Their bodies undo the regrouping (onnxruntime folds the
+    constant Transpose at load) and call MatMulNBits: the reference form of the native kernels."""
+    from onnx import AttributeProto, helper
+
+    def ref(node, name, attr, kind):
+        node.attribute.append(helper.make_attribute_ref(name, kind))
+        node.attribute[-1].ref_attr_name = attr
+        return node
+
+    shape = ref(helper.make_node("Constant", [], ["shape"]), "value_ints", "shape", AttributeProto.INTS)
+    nbits = helper.make_node("MatMulNBits", ["X", "B", "ST"], ["Y"], domain="com.microsoft", bits=4, block_size=Q4_BLOCK)
+    for a in ("K", "N", "accuracy_level"):
+        ref(nbits, a, a, AttributeProto.INT)
+    body = [
+        helper.make_node("Transpose", ["P"], ["B5"], perm=[0, 3, 1, 2, 4]),
+        shape,
+        helper.make_node("Reshape", ["B5", "shape"], ["B"]),
+        helper.make_node("Cast", ["S"], ["S32"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Transpose", ["S32"], ["ST"], perm=[1, 0]),
+        nbits,
+    ]
+    offset = helper.make_node(BLOCK_OFFSET_ADD, ["Y", "X", "C"], ["YC"], domain=NATIVE_DOMAIN, blocks=[-1, Q4_BLOCK])
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(NATIVE_DOMAIN, 1)]
+    attrs = ["K", "N", "accuracy_level", "shape"]
+    return [
+        helper.make_function(NATIVE_DOMAIN, Q4_MATMUL, ["X", "P", "S"], ["Y"], body, opsets, attributes=attrs),
+        helper.make_function(NATIVE_DOMAIN, Q4_MATMUL_OFFSET, ["X", "P", "S", "C"], ["YC"], [*body, offset], opsets, attributes=attrs),
+    ]
+
+
+def native_q4_linears(model: onnx.ModelProto) -> int:
+    """Rewrite (in place) each 4-bit MatMulNBits node the native kernel takes (blocks of 32, no zero
+    points, N a multiple of 16) to a Q4MatMul call, folding a BlockOffsetAdd that adds its offsets into a
+    Q4MatMulOffset call; returns how many were rewritten. The bytes are the same, regrouped (``edge_runtime.native.q4_pack``);
+    the scales become fp16 [K/32, N] (as the offsets are): 0.06 instead of 0.125 bytes a weight."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    nodes, dropped, added, count = [], set(), [], 0
+    skip = set()
+    for node in model.graph.node:
+        if id(node) in skip:
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        if (
+            node.op_type != "MatMulNBits"
+            or len(node.input) != 3
+            or a.get("bits") != 4
+            or a.get("block_size") != Q4_BLOCK
+            or a.get("N", 0) % 16
+            or node.input[1] not in inits
+            or node.input[2] not in inits
+        ):
+            nodes.append(node)
+            continue
+        K, N = a["K"], a["N"]
+        b = numpy_helper.to_array(inits[node.input[1]]).reshape(N, K // Q4_BLOCK, 16)
+        s = numpy_helper.to_array(inits[node.input[2]]).reshape(N, K // Q4_BLOCK)
+        p_name, s_name = f"{node.input[1]}_P", f"{node.input[2]}_T16"
+        q = np.stack([b & 15, b >> 4], -1).reshape(N, K // Q4_BLOCK, Q4_BLOCK)  # the 4-bit values, in order
+        added += [numpy_helper.from_array(native.q4_pack(q), p_name),
+                  numpy_helper.from_array(np.ascontiguousarray(s.T).astype(np.float16), s_name)]
+        dropped |= {node.input[1], node.input[2]}
+        after = users.get(node.output[0], [])
+        fold = (
+            len(after) == 1
+            and after[0].op_type == BLOCK_OFFSET_ADD
+            and after[0].domain == NATIVE_DOMAIN
+            and list(after[0].input[:2]) == [node.output[0], node.input[0]]
+        )
+        attrs = dict(K=K, N=N, accuracy_level=a.get("accuracy_level", 0), shape=[N, K // Q4_BLOCK, 16])
+        if fold:
+            skip.add(id(after[0]))
+            nodes.append(helper.make_node(Q4_MATMUL_OFFSET, [node.input[0], p_name, s_name, after[0].input[2]], [after[0].output[0]],
+                                          name=node.name, domain=NATIVE_DOMAIN, **attrs))
+        else:
+            nodes.append(helper.make_node(Q4_MATMUL, [node.input[0], p_name, s_name], list(node.output), name=node.name,
+                                          domain=NATIVE_DOMAIN, **attrs))
+        count += 1
+    if not count:
+        return 0
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    for i in [i for i in model.graph.initializer if i.name in dropped]:
+        model.graph.initializer.remove(i)
+    model.graph.initializer.extend(added)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    have = {f.name for f in model.functions if f.domain == NATIVE_DOMAIN}
+    if BLOCK_OFFSET_ADD not in have:
+        model.functions.append(block_offset_add_function(opset))
+    model.functions.extend(f for f in q4_functions(opset) if f.name not in have)
+    if not any(o.domain == NATIVE_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
+    return count
+
+
 Q8_MATMUL, Q8_MATMUL_TRANS_B = "Q8MatMul", "Q8MatMulTransB"
 Q8_OPSET = 21  # the Q8 functions' bodies dequantize with a blocked DequantizeLinear (opset 21 on)
 
@@ -618,16 +725,21 @@ def native_check_model() -> onnx.ModelProto:
     (shipped as edge_runtime/data/native_check.onnx: devices have no onnx package to build it)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_runtime.native import CHECK_SHAPE, Q8_CHECK_SHAPE, check_offsets, check_q8_weight
+    from edge_runtime.native import CHECK_SHAPE, Q4_CHECK_SHAPE, Q8_CHECK_SHAPE, check_offsets, check_q4_weight, check_q8_weight
 
     k, n, block = CHECK_SHAPE
     r8, c8, block8 = Q8_CHECK_SHAPE
+    k4, n4 = Q4_CHECK_SHAPE
     c = check_offsets()
     q, s = check_q8_weight()
+    q4, s4, c4 = check_q4_weight()
+    q4_attrs = dict(domain=NATIVE_DOMAIN, K=k4, N=n4, accuracy_level=4, shape=[n4, k4 // Q4_BLOCK, 16])
     nodes = [
         helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block]),
         helper.make_node(Q8_MATMUL_TRANS_B, ["x_t", "Q", "S"], ["y_t"], name="check_t", domain=NATIVE_DOMAIN, block=block8),
         helper.make_node(Q8_MATMUL, ["x_n", "Q", "S"], ["y_n"], name="check_n", domain=NATIVE_DOMAIN, block=block8),
+        helper.make_node(Q4_MATMUL, ["x_4", "P4", "S4"], ["y_4"], name="check_4", **q4_attrs),
+        helper.make_node(Q4_MATMUL_OFFSET, ["x_4", "P4", "S4", "C4"], ["y_4c"], name="check_4c", **q4_attrs),
     ]
 
     def io(name, width):
@@ -636,16 +748,19 @@ def native_check_model() -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "native_check",
-        [io("y", n), io("x", k), io("x_t", c8), io("x_n", r8)],
-        [io("out", n), io("y_t", r8), io("y_n", c8)],
+        [io("y", n), io("x", k), io("x_t", c8), io("x_n", r8), io("x_4", k4)],
+        [io("out", n), io("y_t", r8), io("y_n", c8), io("y_4", n4), io("y_4c", n4)],
         [
             helper.make_tensor("C", TensorProto.FLOAT16, list(c.shape), c.tobytes(), raw=True),
             numpy_helper.from_array(q, "Q"),
             numpy_helper.from_array(s, "S"),
+            numpy_helper.from_array(native.q4_pack(q4), "P4"),
+            numpy_helper.from_array(s4, "S4"),
+            numpy_helper.from_array(c4, "C4"),
         ],
     )
-    opsets = [helper.make_opsetid("", Q8_OPSET), helper.make_opsetid(NATIVE_DOMAIN, 1)]
-    functions = [block_offset_add_function(Q8_OPSET), *q8_functions()]
+    opsets = [helper.make_opsetid("", Q8_OPSET), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(NATIVE_DOMAIN, 1)]
+    functions = [block_offset_add_function(Q8_OPSET), *q8_functions(), *q4_functions(Q8_OPSET)]
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=10)
 
 
@@ -687,6 +802,7 @@ class Int4Quantizer(Quantizer):
             model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
         if keep8:  # second pass: what is still a float MatMul (minus fp32-kept nodes) goes 8-bit
             model = _nbits(model, 8, recipe, exclude=keep32)
+        native_q4_linears(model)  # the 4-bit linears as edgefm.native calls (MatMulNBits inside, as fallback)
         onnxfile.save(model, dst)
 
 

@@ -57,6 +57,7 @@ enum {
 };
 #define ORT_API_VERSION_USED 17 /* onnxruntime >= 1.17 */
 #define ONNX_FLOAT 1
+#define ONNX_UINT8 2
 #define ONNX_INT8 3
 #define ONNX_FLOAT16 10
 
@@ -426,6 +427,218 @@ int edgefm_q8_matmul(const float *x, const int8_t *q, const float *s, float *y, 
   return 0;
 }
 
+/* ---- Q4MatMul: the inference graphs' 4-bit linears, int8 activations, offsets inside ----
+ *
+ * Y [M, N] = X [M, K] @ W, W [K, N] in blocks of 32 along K: w = s (q - 8) (+ c: the asymmetric recipe's
+ * per-block offset, when C is given), q 4-bit, s and c fp16 [K/32, N].
+ * The packed weight P [N/16, K/32, 4, 16, 4] holds onnxruntime MatMulNBits' bytes (two 4-bit values a
+ * byte, element 2i in the low nibble of byte i) regrouped: for 16 neighbouring columns and one block,
+ * chunk j holds bytes 4j..4j+3 of each column, so one 64-byte load carries 16 columns x 8 elements and
+ * one int8 dot-product instruction (four bytes a lane) serves 16 columns. The exported function body
+ * undoes the regrouping (a constant Transpose onnxruntime folds at load) and calls MatMulNBits: the same
+ * bytes, one copy, either way.
+ * X is quantized per row and block to int8 (scale absmax / 127, the precision MatMulNBits' accuracy
+ * level 4 computes at), in the order the nibbles come out: within each 8 elements, the even ones, then
+ * the odd ones. Per block, row and column: sum_i q_i x_i in int32 (q unsigned 0..15), minus 8 sum_i x_i,
+ * times s dx; plus c times the block's exact float sum of x. */
+
+#define Q4_BLOCK 32
+
+typedef struct {
+  int8_t *q;    /* [M][nb][32], the permuted order above */
+  float *dx;    /* [M][nb] scales */
+  int32_t *s8;  /* [M][nb] 8 * sum of the block's int8 values */
+  float *sum;   /* [M][nb] exact float sums (offsets) */
+} Q4Acts;
+
+typedef struct {
+  const float *x;
+  const uint8_t *p;
+  const uint16_t *s, *c; /* c may be NULL */
+  float *y;
+  size_t m, k, n, nb;
+  Q4Acts a;
+} Q4Job;
+
+static void q4_quantize_row(const Q4Job *jb, size_t row) {
+  const float *x = jb->x + row * jb->k;
+  for (size_t b = 0; b < jb->nb; b++) {
+    const float *xb = x + b * Q4_BLOCK;
+    float amax = 0.f, sum = 0.f;
+    for (int i = 0; i < Q4_BLOCK; i++) {
+      const float v = xb[i] < 0 ? -xb[i] : xb[i];
+      amax = v > amax ? v : amax;
+      sum += xb[i];
+    }
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    int8_t *q = jb->a.q + (row * jb->nb + b) * Q4_BLOCK;
+    int32_t total = 0;
+    for (int j = 0; j < 4; j++)
+      for (int p = 0; p < 4; p++) {
+        const int8_t lo = (int8_t)__builtin_lrintf(xb[8 * j + 2 * p] * id), hi = (int8_t)__builtin_lrintf(xb[8 * j + 2 * p + 1] * id);
+        q[8 * j + p] = lo;
+        q[8 * j + 4 + p] = hi;
+        total += lo + hi;
+      }
+    jb->a.dx[row * jb->nb + b] = amax / 127.f;
+    jb->a.s8[row * jb->nb + b] = 8 * total;
+    jb->a.sum[row * jb->nb + b] = sum;
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define Q4_AVX512 1
+#define Q4_MR 8 /* rows a column group is multiplied with per pass over its weights (8 accumulators) */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define Q4_AVX2 1
+#define Q4_MR 4 /* 8 unpacked weight registers + 4 accumulators of 16 */
+#else
+#define Q4_MR 8
+#endif
+/* whether this build has a vector path for Q4MatMul; where not, the library leaves those functions to
+ * onnxruntime (their MatMulNBits body has kernels for every architecture) */
+int edgefm_q4_vector(void) {
+#if defined(Q4_AVX512) || defined(Q4_AVX2)
+  return 1;
+#else
+  return 0;
+#endif
+}
+#define Q4_GROUPS 4  /* column groups (of 16) a task takes */
+#define Q4_ROWS 64   /* rows a task takes */
+
+static void q4_groups_rows(const Q4Job *jb, size_t g, size_t r0, size_t rows) {
+  const size_t nb = jb->nb, n = jb->n;
+  const uint8_t *pg = jb->p + g * nb * 256;
+#if defined(Q4_AVX512)
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  __m512 acc[Q4_MR];
+  for (size_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+  for (size_t b = 0; b < nb; b++) {
+    const uint8_t *pb = pg + b * 256;
+    __m512i w[8];
+    for (int j = 0; j < 4; j++) {
+      const __m512i v = _mm512_loadu_si512((const void *)(pb + 64 * j));
+      w[2 * j] = _mm512_and_si512(v, low);
+      w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(jb->s + b * n + g * 16)));
+    __m512 cv = _mm512_setzero_ps();
+    if (jb->c) cv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(jb->c + b * n + g * 16)));
+    for (size_t r = 0; r < rows; r++) {
+      const size_t at = (r0 + r) * nb + b;
+      const int32_t *qx = (const int32_t *)(jb->a.q + at * Q4_BLOCK);
+      __m512i d = _mm512_set1_epi32(-jb->a.s8[at]);
+      for (int t = 0; t < 8; t++) d = _mm512_dpbusd_epi32(d, w[t], _mm512_set1_epi32(qx[t]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sv, _mm512_set1_ps(jb->a.dx[at])), acc[r]);
+      if (jb->c) acc[r] = _mm512_fmadd_ps(cv, _mm512_set1_ps(jb->a.sum[at]), acc[r]);
+    }
+  }
+  for (size_t r = 0; r < rows; r++) _mm512_storeu_ps(jb->y + (r0 + r) * n + g * 16, acc[r]);
+#elif defined(Q4_AVX2)
+  /* 8 columns (one 32-byte half of each 64-byte chunk) at a time; u8 x s8 products summed in int16
+   * (at most 16 x 15 x 127 = 30480 a lane over a block), then to int32 */
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int half = 0; half < 2; half++) {
+    __m256 acc[Q4_MR];
+    for (size_t r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    for (size_t b = 0; b < nb; b++) {
+      const uint8_t *pb = pg + b * 256 + 32 * half;
+      __m256i w[8];
+      for (int j = 0; j < 4; j++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(pb + 64 * j));
+        w[2 * j] = _mm256_and_si256(v, low);
+        w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      }
+      const size_t col = b * n + g * 16 + 8 * half;
+      const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(jb->s + col)));
+      __m256 cv = _mm256_setzero_ps();
+      if (jb->c) cv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(jb->c + col)));
+      for (size_t r = 0; r < rows; r++) {
+        const size_t at = (r0 + r) * nb + b;
+        const int32_t *qx = (const int32_t *)(jb->a.q + at * Q4_BLOCK);
+        __m256i d16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(qx[0]));
+        for (int t = 1; t < 8; t++) d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(qx[t])));
+        const __m256i d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), _mm256_set1_epi32(jb->a.s8[at]));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sv, _mm256_set1_ps(jb->a.dx[at])), acc[r]);
+        if (jb->c) acc[r] = _mm256_fmadd_ps(cv, _mm256_set1_ps(jb->a.sum[at]), acc[r]);
+      }
+    }
+    for (size_t r = 0; r < rows; r++) _mm256_storeu_ps(jb->y + (r0 + r) * n + g * 16 + 8 * half, acc[r]);
+  }
+#else
+  float acc[Q4_MR][16];
+  for (size_t r = 0; r < rows; r++)
+    for (int c = 0; c < 16; c++) acc[r][c] = 0.f;
+  for (size_t b = 0; b < nb; b++) {
+    const uint8_t *pb = pg + b * 256;
+    float sv[16], cv[16];
+    for (int c = 0; c < 16; c++) {
+      sv[c] = h2f(jb->s[b * n + g * 16 + c]);
+      cv[c] = jb->c ? h2f(jb->c[b * n + g * 16 + c]) : 0.f;
+    }
+    for (size_t r = 0; r < rows; r++) {
+      const size_t at = (r0 + r) * nb + b;
+      const int8_t *qx = jb->a.q + at * Q4_BLOCK;
+      int32_t d[16];
+      for (int c = 0; c < 16; c++) d[c] = -jb->a.s8[at];
+      for (int j = 0; j < 4; j++)
+        for (int c = 0; c < 16; c++)
+          for (int p = 0; p < 4; p++) {
+            const uint8_t v = pb[64 * j + 4 * c + p];
+            d[c] += (int32_t)(v & 15) * qx[8 * j + p] + (int32_t)(v >> 4) * qx[8 * j + 4 + p];
+          }
+      const float dx = jb->a.dx[at], sum = jb->a.sum[at];
+      for (int c = 0; c < 16; c++) acc[r][c] += (float)d[c] * (sv[c] * dx) + cv[c] * sum;
+    }
+  }
+  for (size_t r = 0; r < rows; r++) memcpy(jb->y + (r0 + r) * n + g * 16, acc[r], sizeof acc[r]);
+#endif
+}
+
+static size_t q4_col_tasks(const Q4Job *jb) { return (jb->n / 16 + Q4_GROUPS - 1) / Q4_GROUPS; }
+static size_t q4_tasks(const Q4Job *jb) { return q4_col_tasks(jb) * ((jb->m + Q4_ROWS - 1) / Q4_ROWS); }
+
+static void q4_task(void *arg, size_t task) {
+  const Q4Job *jb = (const Q4Job *)arg;
+  const size_t groups = jb->n / 16, g0 = task % q4_col_tasks(jb) * Q4_GROUPS;
+  const size_t g1 = g0 + Q4_GROUPS < groups ? g0 + Q4_GROUPS : groups;
+  const size_t r0 = task / q4_col_tasks(jb) * Q4_ROWS, r1 = r0 + Q4_ROWS < jb->m ? r0 + Q4_ROWS : jb->m;
+  for (size_t g = g0; g < g1; g++)
+    for (size_t r = r0; r < r1; r += Q4_MR) q4_groups_rows(jb, g, r, r1 - r < Q4_MR ? r1 - r : Q4_MR);
+}
+
+static void q4_quantize_task(void *arg, size_t task) {
+  const Q4Job *jb = (const Q4Job *)arg;
+  for (size_t r = task * 16; r < jb->m && r < task * 16 + 16; r++) q4_quantize_row(jb, r);
+}
+
+static int q4_valid(size_t k, size_t n) { return k && n && k % Q4_BLOCK == 0 && n % 16 == 0; }
+
+/* scratch for the quantized activations: one allocation per call */
+static int q4_alloc(Q4Job *jb) {
+  const size_t cells = jb->m * jb->nb;
+  char *mem = malloc(cells * (Q4_BLOCK + 12) + 64);
+  if (!mem) return -1;
+  jb->a.dx = (float *)mem;
+  jb->a.sum = jb->a.dx + cells;
+  jb->a.s8 = (int32_t *)(jb->a.sum + cells);
+  jb->a.q = (int8_t *)(jb->a.s8 + cells);
+  return 0;
+}
+
+/* Returns 0, or -1 for shapes the kernel does not take / no memory. Single-threaded (tests). */
+int edgefm_q4_matmul(const float *x, const uint8_t *p, const uint16_t *s, const uint16_t *c, float *y, size_t m, size_t k,
+                     size_t n) {
+  if (!q4_valid(k, n)) return -1;
+  Q4Job jb = {x, p, s, c, y, m, k, n, k / Q4_BLOCK, {0}};
+  if (q4_alloc(&jb)) return -1;
+  for (size_t t = 0; t < (m + 15) / 16; t++) q4_quantize_task(&jb, t);
+  for (size_t t = 0; t < q4_tasks(&jb); t++) q4_task(&jb, t);
+  free(jb.a.dx);
+  return 0;
+}
+
 /* ---- the onnxruntime custom ops around them ---- */
 
 static size_t dims_of(const OrtValue *v, int64_t *dims, size_t *rank) {
@@ -561,6 +774,81 @@ static OrtStatus *q8_create(const OrtCustomOp *op, const OrtApi *api, const OrtK
   return NULL;
 }
 
+
+/* Q4MatMul (kernel state 0) and Q4MatMulOffset (1): X [..., K], P [N/16, K/32, 4, 16, 4] uint8,
+ * S [K/32, N] fp16 (, C [K/32, N] fp16) -> Y [..., N] */
+static OrtStatus *q4_compute(void *kernel, OrtKernelContext *ctx) {
+  const int offsets = *(const int *)kernel;
+  const OrtValue *in[4];
+  for (size_t i = 0; i < 3u + (size_t)offsets; i++)
+    ORT_FN(ORT_KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, &in[i]);
+  int64_t dx[8], dp[8], ds[8], dc[8];
+  size_t rx, rp, rs, rc = 2;
+  const size_t nx = dims_of(in[0], dx, &rx);
+  dims_of(in[1], dp, &rp);
+  dims_of(in[2], ds, &rs);
+  if (rx == 0 || rp != 5 || dp[2] != 4 || dp[3] != 16 || dp[4] != 4) return fail("Q4MatMul: P must be [N/16, K/32, 4, 16, 4]");
+  const size_t n = (size_t)dp[0] * 16, nb = (size_t)dp[1], k = (size_t)dx[rx - 1];
+  if (rs != 2 || (size_t)ds[0] != nb || (size_t)ds[1] != n) return fail("Q4MatMul: S must be [K/32, N]");
+  if (offsets) {
+    dims_of(in[3], dc, &rc);
+    if (rc != 2 || dc[0] != ds[0] || dc[1] != ds[1]) return fail("Q4MatMulOffset: C must be [K/32, N]");
+  }
+  if (k != nb * Q4_BLOCK || !q4_valid(k, n)) return fail("Q4MatMul: the last axis of X does not match the weight");
+  int64_t dy[8];
+  memcpy(dy, dx, sizeof dy);
+  dy[rx - 1] = (int64_t)n;
+  OrtValue *outv = NULL;
+  ORT_FN(ORT_KERNEL_CONTEXT_GET_OUTPUT, OrtStatus *(*)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **))(
+      ctx, 0, dy, rx, &outv);
+  if (!outv) return fail("Q4MatMul: no output");
+  Q4Job jb = {(const float *)data_of(in[0]), (const uint8_t *)data_of(in[1]), (const uint16_t *)data_of(in[2]),
+              offsets ? (const uint16_t *)data_of(in[3]) : NULL, (float *)data_of(outv), nx / k, k, n, nb, {0}};
+  if (jb.m == 0) return NULL;
+  if (q4_alloc(&jb)) return fail("Q4MatMul: out of memory");
+  typedef OrtStatus *(*ParallelFor)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
+  OrtStatus *st = NULL;
+  const size_t qt = (jb.m + 15) / 16, tasks = q4_tasks(&jb);
+  if (qt == 1)
+    q4_quantize_task(&jb, 0);
+  else
+    st = ORT_FN(ORT_KERNEL_CONTEXT_PARALLEL_FOR, ParallelFor)(ctx, q4_quantize_task, qt, 0, (void *)&jb);
+  if (!st) {
+    if (tasks == 1)
+      q4_task(&jb, 0);
+    else
+      st = ORT_FN(ORT_KERNEL_CONTEXT_PARALLEL_FOR, ParallelFor)(ctx, q4_task, tasks, 0, (void *)&jb);
+  }
+  free(jb.a.dx);
+  return st;
+}
+static OrtStatus *q4_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel);
+static const char *q4_name(const OrtCustomOp *op);
+static int q4_input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return i == 0 ? ONNX_FLOAT : i == 1 ? ONNX_UINT8 : ONNX_FLOAT16;
+}
+static size_t q4_input_count(const OrtCustomOp *op);
+
+static OrtCustomOp q4_matmul = {
+    17, NULL, q4_name, op_provider, q4_input_type, q4_input_count, output_type, output_count, NULL, destroy_kernel,
+    required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
+    no_pairs, free_pairs, no_pairs, free_pairs,
+};
+static OrtCustomOp q4_matmul_offset = {
+    17, NULL, q4_name, op_provider, q4_input_type, q4_input_count, output_type, output_count, NULL, destroy_kernel,
+    required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
+    no_pairs, free_pairs, no_pairs, free_pairs,
+};
+static const char *q4_name(const OrtCustomOp *op) { return op == &q4_matmul_offset ? "Q4MatMulOffset" : "Q4MatMul"; }
+static size_t q4_input_count(const OrtCustomOp *op) { return op == &q4_matmul_offset ? 4 : 3; }
+static OrtStatus *q4_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+  (void)api, (void)info;
+  static int modes[2] = {0, 1};
+  *kernel = &modes[op == &q4_matmul_offset];
+  return NULL;
+}
+
 /* called by onnxruntime (SessionOptions.register_custom_ops_library) */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION_USED);
@@ -568,8 +856,9 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *st = ORT_FN(ORT_CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("edgefm.native", &domain);
   if (st) return st;
-  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b};
-  for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
+  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b, &q4_matmul, &q4_matmul_offset};
+  const size_t count = sizeof ops / sizeof ops[0] - (edgefm_q4_vector() ? 0 : 2);
+  for (size_t i = 0; i < count; i++) {
     st = ORT_FN(ORT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, ops[i]);
     if (st) return st;
   }
