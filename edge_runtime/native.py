@@ -238,6 +238,15 @@ def q4_vector(path: str | Path) -> bool:
     return bool(ctypes.CDLL(str(path)).edgefm_q4_vector())
 
 
+def x86_avx2() -> bool:
+    """Whether this is an x86 machine with AVX2, FMA and F16C (what the Q4 kernels' AVX2 path needs)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return platform.machine() in ("x86_64", "AMD64") and all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+
+
 def register(so) -> bool:
     """Register the kernel library with onnxruntime session options ``so``; False where there is none."""
     path = library()
@@ -247,9 +256,10 @@ def register(so) -> bool:
     return True
 
 
-def _entry(name: str):
-    """A C entry point of the built library (an int status), for calling the kernels directly."""
-    path = library()
+def _entry(name: str, path: Path | None = None):
+    """A C entry point of the built library (or of the one at ``path``), an int status, for calling the
+    kernels directly."""
+    path = path or library()
     if path is None:
         raise RuntimeError("the native library is not available on this machine")
     f = getattr(ctypes.CDLL(str(path)), name)
@@ -304,10 +314,13 @@ def q8_matmul(x: np.ndarray, q: np.ndarray, s: np.ndarray, *, trans_b: bool) -> 
     return out
 
 
-def q4_matmul(x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
+def q4_matmul(
+    x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, *, lib: Path | None = None
+) -> np.ndarray:
     """The Q4 kernel called directly, on this thread (tests): x [.., K] by the packed 4-bit weight p
-    (``q4_pack``) with fp16 scales s [K/32, N] and, where given, fp16 offsets c [K/32, N]."""
-    f = _entry("edgefm_q4_matmul")
+    (``q4_pack``) with fp16 scales s [K/32, N] and, where given, fp16 offsets c [K/32, N]. ``lib``: a
+    library other than this machine's build (tests of its other code paths)."""
+    f = _entry("edgefm_q4_matmul", lib)
     x = np.ascontiguousarray(x, np.float32)
     p = np.ascontiguousarray(p, np.uint8)
     s = np.ascontiguousarray(s, np.float16)

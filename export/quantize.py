@@ -401,7 +401,7 @@ def q4_functions(opset: int) -> list:
 
 def native_q4_linears(model: onnx.ModelProto) -> int:
     """Rewrite (in place) each 4-bit MatMulNBits node the native kernel takes (blocks of 32, no zero
-    points, N a multiple of 16) to a Q4MatMul call, folding a BlockOffsetAdd that adds its offsets into a
+    points, N a multiple of 16, int8 compute: accuracy level 4) to a Q4MatMul call, folding a BlockOffsetAdd that adds its offsets into a
     Q4MatMulOffset call; returns how many were rewritten. The bytes are the same, regrouped (``edge_runtime.native.q4_pack``);
     the scales become fp16 [K/32, N] (as the offsets are): 0.06 instead of 0.125 bytes a weight."""
     from onnx import helper, numpy_helper
@@ -422,6 +422,7 @@ def native_q4_linears(model: onnx.ModelProto) -> int:
             or len(node.input) != 3
             or a.get("bits") != 4
             or a.get("block_size") != Q4_BLOCK
+            or a.get("accuracy_level") != 4  # the kernel computes with int8 activations, as level 4 does
             or a.get("N", 0) % 16
             or node.input[1] not in inits
             or node.input[2] not in inits
@@ -443,7 +444,7 @@ def native_q4_linears(model: onnx.ModelProto) -> int:
             and after[0].domain == NATIVE_DOMAIN
             and list(after[0].input[:2]) == [node.output[0], node.input[0]]
         )
-        attrs = dict(K=K, N=N, accuracy_level=a.get("accuracy_level", 0), shape=[N, K // Q4_BLOCK, 16])
+        attrs = dict(K=K, N=N, accuracy_level=4, shape=[N, K // Q4_BLOCK, 16])
         if fold:
             skip.add(id(after[0]))
             nodes.append(helper.make_node(Q4_MATMUL_OFFSET, [node.input[0], p_name, s_name, after[0].input[2]], [after[0].output[0]],

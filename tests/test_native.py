@@ -2,6 +2,8 @@
 numpy, and the same numbers as the graph's standard-operator form (torch-free)."""
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -94,6 +96,76 @@ def test_q8_shapes_the_kernels_do_not_take_are_refused():
         native.q8_matmul(np.zeros((1, 32), np.float32), np.zeros((3, 32), np.int8), np.ones((3, 4), np.float32), trans_b=True)
     with pytest.raises(ValueError, match="does not match"):
         native.q8_matmul(np.zeros((1, 5), np.float32), np.zeros((3, 32), np.int8), np.ones((3, 2), np.float32), trans_b=True)
+
+
+def test_q4_matmul_by_hand():
+    # one block of 32 inputs, all 1: int8 values 127 at scale 1/127, block sum 32.
+    # column 0: q = 9 (weight 1 x scale 0.5) -> 32 * 0.5 = 16; column 1: q = 8 (weight 0) plus offset 0.25 x 32 = 8;
+    # column 2: q = 0 (weight -8 x 0.125) -> -32; the other 13 columns: zero
+    q = np.full((16, 1, 32), 8, np.uint8)
+    q[0], q[2] = 9, 0
+    s = np.zeros((1, 16), np.float16)
+    s[0, :3] = [0.5, 1.0, 0.125]
+    c = np.zeros((1, 16), np.float16)
+    c[0, 1] = 0.25
+    x = np.ones((1, 32), np.float32)
+    want = np.zeros((1, 16), np.float32)
+    want[0, :3] = [16.0, 8.0, -32.0]
+    np.testing.assert_allclose(native.q4_matmul(x, native.q4_pack(q), s, c), want, rtol=1e-6)
+    want[0, 1] = 0.0
+    np.testing.assert_allclose(native.q4_matmul(x, native.q4_pack(q), s), want, rtol=1e-6)
+
+
+def q4_case(rng, rows, nb, groups):
+    q = rng.integers(0, 16, (16 * groups, nb, 32)).astype(np.uint8)
+    s = (rng.random((nb, 16 * groups)) / 16).astype(np.float16)
+    c = (rng.standard_normal((nb, 16 * groups)) / 32).astype(np.float16)
+    x = (rng.standard_normal((rows, 32 * nb)) * np.exp(rng.standard_normal(32 * nb))).astype(np.float32)  # outlier inputs
+    if rows and nb > 1:
+        x[0, 32:64] = 0.0  # an all-zero block: scale 0
+    return x, q, s, c
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.one_of(st.integers(0, 20), st.integers(60, 140)), nb=st.integers(1, 50), groups=st.integers(1, 10),
+       offsets=st.booleans(), seed=st.integers(0, 2**16))
+def test_q4_matmul_matches_numpy(rows, nb, groups, offsets, seed):
+    # rows cross the register tiles (8 / 4) and the 64-row tasks; groups of 16 columns cross the 4-group tasks
+    x, q, s, c = q4_case(np.random.default_rng(seed), rows, nb, groups)
+    c = c if offsets else None
+    want = native.q4_reference(x, q, s, c)
+    np.testing.assert_allclose(native.q4_matmul(x, native.q4_pack(q), s, c), want, rtol=1e-5, atol=1e-5 * (np.abs(want).max(initial=0) + 1))
+
+
+def test_q4_reference_is_the_dequantized_matmul_up_to_int8_inputs():
+    # the numpy model of the kernel against plain float arithmetic: w = s (q - 8) + c, x rounded to 8 bits a block
+    x, q, s, c = q4_case(np.random.default_rng(3), 5, 6, 2)
+    w = (s.T[:, :, None].astype(np.float32) * (q.astype(np.float32) - 8) + c.T[:, :, None].astype(np.float32)).reshape(32, -1)
+    exact = x @ w.T
+    err = np.abs(native.q4_reference(x, q, s, c) - exact).max() / np.abs(exact).max()
+    assert 0 < err < 0.02
+
+
+@pytest.mark.skipif(not native.x86_avx2(), reason="the AVX2 build needs an x86 machine with AVX2")
+@pytest.mark.parametrize("flags", [["-mavx2", "-mfma", "-mf16c"], []], ids=["avx2", "plain-c"])
+def test_every_q4_code_path_computes_the_same(tmp_path, flags):
+    # the machine's own build runs its widest path (AVX-512 VNNI here); the AVX2 path (x86 without VNNI) and the plain C
+    # one (the loop every other machine compiles) are built here and checked against the same numpy model
+    lib = tmp_path / "lib.so"
+    subprocess.run([native.compiler(), "-O3", *flags, "-shared", "-fPIC", "-o", str(lib), str(native.SOURCE)], check=True)
+    assert native.q4_vector(lib) == bool(flags)
+    for rows, nb, groups, seed in [(1, 18, 3, 0), (13, 2, 5, 1), (70, 48, 2, 2)]:
+        x, q, s, c = q4_case(np.random.default_rng(seed), rows, nb, groups)
+        want = native.q4_reference(x, q, s, c)
+        got = native.q4_matmul(x, native.q4_pack(q), s, c, lib=lib)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_q4_shapes_the_kernel_does_not_take_are_refused():
+    with pytest.raises(ValueError, match="does not match"):   # K = 40: not whole blocks of 32
+        native.q4_matmul(np.zeros((1, 40), np.float32), np.zeros((1, 1, 4, 16, 4), np.uint8), np.zeros((1, 16), np.float16))
+    with pytest.raises(ValueError, match="does not match"):   # scales for another N
+        native.q4_matmul(np.zeros((1, 32), np.float32), np.zeros((1, 1, 4, 16, 4), np.uint8), np.zeros((1, 32), np.float16))
 
 
 def test_the_shipped_check_graph_runs_the_kernels_through_onnxruntime():
