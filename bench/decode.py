@@ -27,6 +27,7 @@ CACHE = ROOT / ".cache" / "bench"
 REPEATS = 7  # best of N: on this shared machine a run of 3 can miss every quiet moment
 PREFILL = (64, 512)  # prompt lengths whose prefill (time to the first token) is measured
 PPL_CHARS = 12000
+KERNEL_OPS = ("MatMulNBits", "Q4MatMul", "Q4MatMulOffset")  # the weight matmuls of a quantized graph
 PURE = "-pure"  # a variant name ending in it: the same bundle without the native kernels (edge_runtime/native.py)
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
@@ -231,26 +232,32 @@ def weight_bytes_per_token(path: Path) -> int:
 
 
 def kernel_floor(variant: str) -> dict:
-    """The 4/8-bit matmul kernels alone: every MatMulNBits node of the bundle's graph, fed from graph
-    inputs of the right width, run once per "token" on 2 threads (the weights do not fit the caches, so
-    each run streams them from memory as a decode step does). Its time bounds the roofline ratio
-    that any graph around these kernels can reach."""
+    """The 4/8-bit matmul kernels alone: every MatMulNBits and edgefm.native Q4MatMul(Offset) node of the
+    bundle's graph, fed from graph inputs of the right width, run once per "token" on 2 threads (the
+    weights do not fit the caches, so each run streams them from memory as a decode step does). Its time
+    bounds the roofline ratio that any graph around these kernels can reach."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from edge_runtime import native
     m = onnx.load(str(bundle_for(variant) / "model.onnx"))
-    keep = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+    keep = [n for n in m.graph.node if n.op_type in KERNEL_OPS]
     used = {i for n in keep for i in n.input[1:] if i}
     inits = [i for i in m.graph.initializer if i.name in used]
-    attrs = [{a.name: a.i for a in n.attribute} for n in keep]
-    widths = sorted({a["K"] for a in attrs})
-    nodes = [helper.make_node("MatMulNBits", [f"x{a['K']}", *n.input[1:]], [f"y{j}"], domain="com.microsoft", **a)
-             for j, (n, a) in enumerate(zip(keep, attrs))]
+    widths = sorted({a.i for n in keep for a in n.attribute if a.name == "K"})
+    nodes = []
+    for j, n in enumerate(keep):
+        k = next(a.i for a in n.attribute if a.name == "K")
+        node = helper.make_node(n.op_type, [f"x{k}", *n.input[1:]], [f"y{j}"], domain=n.domain)
+        node.attribute.extend(n.attribute)
+        nodes.append(node)
     g = helper.make_graph(nodes, "kernels", [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
                           [helper.make_tensor_value_info(f"y{j}", TensorProto.FLOAT, None) for j in range(len(nodes))], inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)], ir_version=9)
+    model = helper.make_model(g, opset_imports=list(m.opset_import), functions=list(m.functions), ir_version=m.ir_version)
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = 2, 1, 3
+    native.register(so)
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     b = sess.io_binding()
     for k in widths:
@@ -427,7 +434,7 @@ Goals (issue 3): int4 >= 4x torch decode tok/s."""
         roof_ms = r4["weight_bytes_per_token"] / (bw * 1e9) * 1e3
         body += f"""
 
-What bounds the int4 decode, measured in this run: the {floor['nodes']} MatMulNBits kernels of the int4 graph alone
+What bounds the int4 decode, measured in this run: the {floor['nodes']} matmul kernels of the int4 graph alone (Q4MatMul(Offset), the 8-bit head's MatMulNBits)
 ({floor['mb']:.0f} MB of 4/8-bit weights, nothing else in the graph) take {floor['ms']:.2f} ms per token on 2 threads =
 {floor['gbs']:.1f} GB/s, against the {roof_ms:.2f} ms the roofline allows for the whole step ({r4['weight_bytes_per_token'] / 1e6:.0f} MB at {bw:.1f} GB/s).
 The full step takes {1e3 / best('int4'):.2f} ms; attention, the offsets of o/gate-up/down, norms and the run itself are the
