@@ -231,14 +231,44 @@ def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w_stored, rtol=1e-4, atol=1e-4)
 
 
+def test_int4_linears_call_the_native_kernel_with_matmulnbits_inside(tmp_path_factory, tiny_llama_dir):
+    """The default int4 graph (int8 compute) calls edgefm.native:Q4MatMul / Q4MatMulOffset for its 4-bit
+    linears: the compiled kernel where the device has one, the function body (onnxruntime's MatMulNBits
+    on the regrouped bytes, plus the offsets) where not. Both give the same logits; the regrouping is
+    lossless."""
+    import onnx
+    from edge_runtime import native
+    from edge_runtime.engine import Engine
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "int4")
+    nodes = onnx.load(str(b / "model.onnx"), load_external_data=False).graph.node
+    ops = [n.op_type for n in nodes]
+    layers = Engine(b).layers
+    assert ops.count("Q4MatMul") == layers and ops.count("Q4MatMulOffset") == 3 * layers   # q/k/v; o, gate/up, down
+    assert [n.name for n in nodes if n.op_type == "MatMulNBits"] == ["lm_head_Q8"]  # the 8-bit head
+    eng, pure = Engine(b), Engine(b, native=False)
+    assert eng.native and not pure.native
+    ids = eng.encode("pump 3 pressure rising")
+    args = (np.array([ids]), np.ones((1, len(ids))), np.arange(len(ids))[None], eng.empty_past(1))
+    got, want = eng.forward(*args)[0], pure.forward(*args)[0]
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    # the regrouping is lossless: P unpacked is MatMulNBits' B, S the scales in fp16
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 16, (48, 3, 32)).astype(np.uint8)
+    p = native.q4_pack(q)
+    b_bytes = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    np.testing.assert_array_equal(p.transpose(0, 3, 1, 2, 4).reshape(48, 3, 16), b_bytes)
+    # (graphs at another compute precision keep MatMulNBits: test_int4_bundle_feeds_lora_through_the_offset_slots)
+
+
 def test_sensitive_modules_stay_8bit_in_packed_graphs(tmp_path, tmp_path_factory, tiny_llama_dir):
     import onnx
     from export.quantize import QuantRecipe, quantize_graph
     b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
     dst = tmp_path / "m.onnx"
     quantize_graph(b / "model.onnx", dst, QuantRecipe("int4", sensitive_8bit=("down_proj",)), module_shapes={})
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
-            for n in onnx.load(str(dst), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    nodes = onnx.load(str(dst), load_external_data=False).graph.node
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
+    bits.update({n.name: 4 for n in nodes if n.op_type in ("Q4MatMul", "Q4MatMulOffset")})   # the native 4-bit kernel's calls
     down = {k: v for k, v in bits.items() if "down_proj" in k}
     packed = {k: v for k, v in bits.items() if "q_proj+k_proj+v_proj" in k or "gate_proj+up_proj" in k}
     assert down and set(down.values()) == {8}            # the sensitive module: 8-bit
