@@ -53,9 +53,24 @@ def _fetch_sdist(dest: Path, log) -> Path:
     return out
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+# On x86 machines that report AMX (Sapphire Rapids and later), the native build's AMX matmul segfaults on its first
+# call in a worker thread (llama.cpp issue #20824, open; seen on this project's 2026-12 Xeon VMs: every llama-bench
+# run died with SIGSEGV in ggml_backend_amx_mul_mat). The AMX path is left out there; AVX-512 VNNI and the repacked
+# Q4_0 kernels stay on (GCC's explicit -mno-* flags win over -march=native in any order).
+NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+
+
 def tools(cache: Path, log=print) -> dict[str, Path]:
     """Paths of the llama.cpp tools, building them once (about 15 minutes on 2 cores)."""
-    home = cache / f"llama.cpp-{VERSION}"
+    amx = _cpu_has_amx()
+    home = cache / (f"llama.cpp-{VERSION}" + ("-noamx" if amx else ""))
     bins = {t: home / "bin" / t for t in TOOLS}
     if all(p.is_file() for p in bins.values()):
         return bins
@@ -70,6 +85,8 @@ def tools(cache: Path, log=print) -> dict[str, Path]:
         build = Path(tmp) / "build"
         flags = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF",
                  "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_CCACHE=OFF"]
+        if amx:
+            flags += [f"-DCMAKE_C_FLAGS={' '.join(NO_AMX)}", f"-DCMAKE_CXX_FLAGS={' '.join(NO_AMX)}"]
         log("llama.cpp: configuring and building llama-bench, llama-quantize, llama-perplexity (once)")
         subprocess.run(["cmake", "-S", str(src), "-B", str(build), *flags], check=True, capture_output=True)
         subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TOOLS],
