@@ -92,7 +92,9 @@ class Engine:
             self.tokenizer.enable_truncation(self.max_length)
         tc = self.dir / "tokenizer" / "tokenizer_config.json"
         self.tokenizer_config = json.loads(tc.read_text()) if tc.is_file() else {}
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        # inputs with a default (logits_from, low-rank slots) are "overridable initializers" to onnxruntime, not inputs
+        overridable = self.session.get_overridable_initializers()
+        self.input_names = {i.name for i in self.session.get_inputs()} | {i.name for i in overridable}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.lowrank = LowRankLayout.from_bundle(self.dir, m)
         tensors, meta = load_adapter(self.dir / "adapter.safetensors", expect_fingerprint=m.base_fingerprint)
@@ -339,7 +341,9 @@ class Engine:
             if last_only:
                 first = np.array([0 if all_positions else seq - 1], np.int64)
                 keep.append(first)
-                binding.bind_cpu_input("logits_from", first)
+                # an input with a default: onnxruntime binds it as an OrtValue only (bind_cpu_input looks it up
+                # among the inputs without one, and fails)
+                binding.bind_ortvalue_input("logits_from", ort.OrtValue.ortvalue_from_numpy(first))
             if shared and seq == 1:
                 binding.bind_ortvalue_output(outs[0], logits1_val)
                 sess.run_with_iobinding(binding)
