@@ -211,11 +211,13 @@ def child_genai(tokens: int, with_ppl: bool) -> dict:
 
 
 def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of initializers read for one decode step: everything but the embedding table (one row is
-    read) and the LoRA tensors; of a low-rank LoRA input only its base prefix (int4 offsets) counts."""
+    """Bytes of initializers read for one decode step: everything but an embedding table only gathered from
+    (one row is read; a tied embedding read from the head's rows counts, the head reads all of it) and
+    the LoRA tensors; of a low-rank LoRA input only its base prefix (int4 offsets) counts."""
     import onnx
     m = onnx.load(str(path), load_external_data=False)
     gathered = {n.input[0] for n in m.graph.node if n.op_type == "Gather"}
+    gathered -= {i for n in m.graph.node if n.op_type != "Gather" for i in n.input}
     manifest = json.loads((path.parent / "manifest.json").read_text())
     prefix = {}
     for sl in manifest["io"].get("lowrank", []):
