@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "data" / "kernels.c"
 DOMAIN = "edgefm.native"  # the ONNX domain of the functions this library has kernels for
-OPS = ("BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB", "Q4MatMul", "Q4MatMulOffset")  # their names
+OPS = ("BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB", "Q4MatMul", "Q4MatMulOffset", "Q8Linear")  # their names
+VECTOR_OPS = ("Q4MatMul", "Q4MatMulOffset", "Q8Linear")  # registered only where the library has a vector path for them
 DISABLE_ENV = "EDGEFM_NATIVE"  # "0" / "off": never build or register the library
 
 
@@ -83,7 +84,7 @@ def _build(cc: str, out: Path) -> str | None:
 CHECK_MODEL = Path(__file__).parent / "data" / "native_check.onnx"  # export.quantize.native_check_model()
 CHECK_SHAPE = (96, 1100, 32)  # K, N, block of its BlockOffsetAdd node; its C is check_offsets()
 Q8_CHECK_SHAPE = (40, 96, 32)  # R, C, block of its Q8MatMul / Q8MatMulTransB nodes; check_q8_weight()
-Q4_CHECK_SHAPE = (96, 48)  # K, N of its Q4MatMul / Q4MatMulOffset nodes; check_q4_weight()
+Q4_CHECK_SHAPE = (96, 48)  # K, N of its Q4MatMul / Q4MatMulOffset / Q8Linear nodes; check_q4_weight(), check_q8_linear()
 Q4_BLOCK = 32  # the Q4 kernels' block along K
 
 
@@ -108,6 +109,34 @@ def check_q4_weight() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     s = ((np.arange(k // Q4_BLOCK * n).reshape(k // Q4_BLOCK, n) % 9 + 1) / 128).astype(np.float16)
     c = ((np.arange(k // Q4_BLOCK * n).reshape(k // Q4_BLOCK, n) % 5 - 2) / 64).astype(np.float16)
     return q, s, c
+
+
+def check_q8_linear() -> tuple[np.ndarray, np.ndarray]:
+    """The 8-bit bytes B [N, K/32, 32] (every value 0..255 occurs) and scales S [K/32, N] (fp16) of the
+    check graph's Q8Linear node."""
+    k, n = Q4_CHECK_SHAPE
+    b = ((np.arange(n * k).reshape(n, k // Q4_BLOCK, Q4_BLOCK) * 37) % 256).astype(np.uint8)
+    s = ((np.arange(k // Q4_BLOCK * n).reshape(k // Q4_BLOCK, n) % 7 + 1) / 512).astype(np.float16)
+    return b, s
+
+
+def q8_pack(b: np.ndarray) -> np.ndarray:
+    """MatMulNBits' 8-bit bytes B [N, K/32, 32] as the Q8Linear kernel reads them: P [N/16, K/32, 8, 16, 4]
+    (for 16 neighbouring columns and one block, chunk t holds bytes 4t..4t+3 of each column)."""
+    n, nb, _ = b.shape
+    return np.ascontiguousarray(b.reshape(n // 16, 16, nb, 8, 4).transpose(0, 2, 3, 1, 4))
+
+
+def q8_linear_reference(x: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """What the Q8Linear kernel computes, in numpy: x [M, K] quantized as for ``q4_reference``, an exact
+    integer dot product with B - 128 [N, K/32, 32], times s [K/32, N] and the block's scale."""
+    m, k = x.shape
+    xb = x.astype(np.float32).reshape(m, k // Q4_BLOCK, Q4_BLOCK)
+    amax = np.abs(xb).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    qx = np.rint(xb * inv[..., None]).astype(np.int64)
+    dot = np.einsum("mbi,nbi->mnb", qx, b.astype(np.int64) - 128)
+    return (dot * (s.astype(np.float32).T[None] * (amax / np.float32(127))[:, None, :])).sum(-1).astype(np.float32)
 
 
 def q4_pack(q: np.ndarray) -> np.ndarray:
@@ -156,6 +185,7 @@ def self_check(path: str | Path) -> None:
     r8, c8, _ = Q8_CHECK_SHAPE
     k4, _ = Q4_CHECK_SHAPE
     q4, s4, c4 = check_q4_weight()
+    b8, s8 = check_q8_linear()
     vector = q4_vector(path)
     so = ort.SessionOptions()
     so.register_custom_ops_library(str(path))
@@ -179,13 +209,14 @@ def self_check(path: str | Path) -> None:
         if vector:  # else onnxruntime runs the Q4 functions' bodies (its MatMulNBits, which may compute in float)
             want["y_4"] = q4_reference(feeds["x_4"][0], q4, s4)[None]
             want["y_4c"] = q4_reference(feeds["x_4"][0], q4, s4, c4)[None]
+            want["y_8"] = q8_linear_reference(feeds["x_4"][0], b8, s8)[None]
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         for name, w in want.items():
             assert np.allclose(got[name], w, atol=1e-4), f"{name}, rows {rows}: max error {np.abs(got[name] - w).max()}"
     trace = Path(sess.end_profiling())
     ops = {e.get("args", {}).get("op_name") for e in json.loads(trace.read_text())}
     trace.unlink(missing_ok=True)
-    expected = set(OPS) if vector else set(OPS) - {"Q4MatMul", "Q4MatMulOffset"}
+    expected = set(OPS) if vector else set(OPS) - set(VECTOR_OPS)
     missing = expected - ops
     assert not missing, f"onnxruntime inlined the functions instead of running the kernels of {sorted(missing)}"
 
@@ -322,12 +353,22 @@ def q4_matmul(
     """The Q4 kernel called directly, on this thread (tests): x [.., K] by the packed 4-bit weight p
     (``q4_pack``) with fp16 scales s [K/32, N] and, where given, fp16 offsets c [K/32, N]. ``lib``: a
     library other than this machine's build (tests of its other code paths)."""
+    return _q4_call(x, p, s, c, 4, lib)
+
+
+def q8_linear(x: np.ndarray, p: np.ndarray, s: np.ndarray, *, lib: Path | None = None) -> np.ndarray:
+    """The Q8Linear kernel called directly, on this thread (tests): x [.., K] by the packed 8-bit weight p
+    (``q8_pack``) with fp16 scales s [K/32, N]."""
+    return _q4_call(x, p, s, None, 8, lib)
+
+
+def _q4_call(x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None, bits: int, lib: Path | None) -> np.ndarray:
     f = _entry("edgefm_q4_matmul", lib)
     x = np.ascontiguousarray(x, np.float32)
     p = np.ascontiguousarray(p, np.uint8)
     s = np.ascontiguousarray(s, np.float16)
     k, n = x.shape[-1], p.shape[0] * 16
-    if p.ndim != 5 or p.shape[1] * Q4_BLOCK != k or s.shape != (k // Q4_BLOCK, n) or (c is not None and c.shape != s.shape):
+    if p.ndim != 5 or p.shape[2] != bits or p.shape[1] * Q4_BLOCK != k or s.shape != (k // Q4_BLOCK, n) or (c is not None and c.shape != s.shape):
         raise ValueError(f"x {x.shape} does not match P {p.shape}, S {s.shape}")
     c16 = None if c is None else np.ascontiguousarray(c, np.float16)
     out = np.empty((*x.shape[:-1], n), np.float32)
@@ -339,6 +380,7 @@ def q4_matmul(
         None if c16 is None else ptr(c16.ctypes.data),
         ptr(out.ctypes.data),
         *(ctypes.c_size_t(v) for v in (x.size // k, k, n)),
+        ctypes.c_int(bits),
     )
     if rc != 0:
         raise ValueError(f"shapes the kernel does not take: K={k}, N={n} (K a multiple of 32, N of 16)")

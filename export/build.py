@@ -40,7 +40,9 @@ from export.training_graph import export_train
 #    embedding read from the 8-bit head's rows (export/quantize.py:embedding_from_int8_head).
 # 7: 4-bit linears as edgefm.native:Q4MatMul / Q4MatMulOffset calls (regrouped bytes, fp16 scales; the
 #    asymmetric recipe's offsets inside the same call).
-EXPORTER_REVISION = "7"
+# 8: 8-bit linears (the int4 recipes' head, int8 bundles) as edgefm.native:Q8Linear calls (regrouped bytes, fp16
+#    scales); a tied embedding keeps reading the head's original bytes.
+EXPORTER_REVISION = "8"
 
 
 class Progress:

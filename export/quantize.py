@@ -362,7 +362,7 @@ def block_offset_add_function(opset: int):
     )
 
 
-Q4_MATMUL, Q4_MATMUL_OFFSET = "Q4MatMul", "Q4MatMulOffset"
+Q4_MATMUL, Q4_MATMUL_OFFSET, Q8_LINEAR = "Q4MatMul", "Q4MatMulOffset", "Q8Linear"
 Q4_BLOCK = native.Q4_BLOCK
 
 
@@ -397,6 +397,79 @@ def q4_functions(opset: int) -> list:
         helper.make_function(NATIVE_DOMAIN, Q4_MATMUL, ["X", "P", "S"], ["Y"], body, opsets, attributes=attrs),
         helper.make_function(NATIVE_DOMAIN, Q4_MATMUL_OFFSET, ["X", "P", "S", "C"], ["YC"], [*body, offset], opsets, attributes=attrs),
     ]
+
+
+def q8_linear_function(opset: int):
+    """The ONNX function ``Q8Linear(X, P, S)``: an 8-bit weight-only linear by MatMulNBits' bytes regrouped
+    (``edge_runtime.native.q8_pack``) with fp16 scales S [K/32, N]. The body undoes the regrouping (a
+    constant Transpose, folded at load) and calls MatMulNBits: the reference form of the native kernel."""
+    from onnx import AttributeProto, helper
+
+    def ref(node, name, attr, kind):
+        node.attribute.append(helper.make_attribute_ref(name, kind))
+        node.attribute[-1].ref_attr_name = attr
+        return node
+
+    shape = ref(helper.make_node("Constant", [], ["shape"]), "value_ints", "shape", AttributeProto.INTS)
+    nbits = helper.make_node("MatMulNBits", ["X", "B", "ST"], ["Y"], domain="com.microsoft", bits=8, block_size=Q4_BLOCK, accuracy_level=4)
+    for a in ("K", "N"):
+        ref(nbits, a, a, AttributeProto.INT)
+    body = [
+        helper.make_node("Transpose", ["P"], ["B5"], perm=[0, 3, 1, 2, 4]),
+        shape,
+        helper.make_node("Reshape", ["B5", "shape"], ["B"]),
+        helper.make_node("Cast", ["S"], ["S32"], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Transpose", ["S32"], ["ST"], perm=[1, 0]),
+        nbits,
+    ]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_function(NATIVE_DOMAIN, Q8_LINEAR, ["X", "P", "S"], ["Y"], body, opsets, attributes=["K", "N", "shape"])
+
+
+def native_q8_linears(model: onnx.ModelProto) -> int:
+    """Rewrite (in place) each 8-bit MatMulNBits node the native kernel takes (blocks of 32, no zero
+    points, N a multiple of 16, accuracy level 4) to a Q8Linear call on its bytes regrouped
+    (``edge_runtime.native.q8_pack``) and its scales in fp16 [K/32, N]; returns how many were rewritten.
+    The original bytes stay only where something else reads them (a tied embedding's row lookups)."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, added, count = [], [], 0
+    for node in model.graph.node:
+        a = {x.name: x.i for x in node.attribute}
+        if (
+            node.op_type != "MatMulNBits"
+            or len(node.input) != 3
+            or a.get("bits") != 8
+            or a.get("block_size") != Q4_BLOCK
+            or a.get("accuracy_level") != 4
+            or a.get("N", 0) % 16
+            or node.input[1] not in inits
+            or node.input[2] not in inits
+        ):
+            nodes.append(node)
+            continue
+        K, N = a["K"], a["N"]
+        b = numpy_helper.to_array(inits[node.input[1]]).reshape(N, K // Q4_BLOCK, Q4_BLOCK)
+        s = numpy_helper.to_array(inits[node.input[2]]).reshape(N, K // Q4_BLOCK)
+        p_name, s_name = f"{node.input[1]}_P8", f"{node.input[2]}_T16"
+        added += [numpy_helper.from_array(native.q8_pack(b), p_name),
+                  numpy_helper.from_array(np.ascontiguousarray(s.T).astype(np.float16), s_name)]
+        nodes.append(helper.make_node(Q8_LINEAR, [node.input[0], p_name, s_name], list(node.output), name=node.name,
+                                      domain=NATIVE_DOMAIN, K=K, N=N, shape=[N, K // Q4_BLOCK, Q4_BLOCK]))
+        count += 1
+    if not count:
+        return 0
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(added)
+    _drop_unused(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if not any(f.name == Q8_LINEAR and f.domain == NATIVE_DOMAIN for f in model.functions):
+        model.functions.append(q8_linear_function(opset))
+    if not any(o.domain == NATIVE_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
+    return count
 
 
 def native_q4_linears(model: onnx.ModelProto) -> int:
@@ -726,7 +799,15 @@ def native_check_model() -> onnx.ModelProto:
     (shipped as edge_runtime/data/native_check.onnx: devices have no onnx package to build it)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from edge_runtime.native import CHECK_SHAPE, Q4_CHECK_SHAPE, Q8_CHECK_SHAPE, check_offsets, check_q4_weight, check_q8_weight
+    from edge_runtime.native import (
+        CHECK_SHAPE,
+        Q4_CHECK_SHAPE,
+        Q8_CHECK_SHAPE,
+        check_offsets,
+        check_q4_weight,
+        check_q8_linear,
+        check_q8_weight,
+    )
 
     k, n, block = CHECK_SHAPE
     r8, c8, block8 = Q8_CHECK_SHAPE
@@ -734,6 +815,7 @@ def native_check_model() -> onnx.ModelProto:
     c = check_offsets()
     q, s = check_q8_weight()
     q4, s4, c4 = check_q4_weight()
+    b8, s8 = check_q8_linear()
     q4_attrs = dict(domain=NATIVE_DOMAIN, K=k4, N=n4, accuracy_level=4, shape=[n4, k4 // Q4_BLOCK, 16])
     nodes = [
         helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block]),
@@ -741,6 +823,8 @@ def native_check_model() -> onnx.ModelProto:
         helper.make_node(Q8_MATMUL, ["x_n", "Q", "S"], ["y_n"], name="check_n", domain=NATIVE_DOMAIN, block=block8),
         helper.make_node(Q4_MATMUL, ["x_4", "P4", "S4"], ["y_4"], name="check_4", **q4_attrs),
         helper.make_node(Q4_MATMUL_OFFSET, ["x_4", "P4", "S4", "C4"], ["y_4c"], name="check_4c", **q4_attrs),
+        helper.make_node(Q8_LINEAR, ["x_4", "P8", "S8"], ["y_8"], name="check_8", domain=NATIVE_DOMAIN, K=k4, N=n4,
+                         shape=[n4, k4 // Q4_BLOCK, Q4_BLOCK]),
     ]
 
     def io(name, width):
@@ -750,7 +834,7 @@ def native_check_model() -> onnx.ModelProto:
         nodes,
         "native_check",
         [io("y", n), io("x", k), io("x_t", c8), io("x_n", r8), io("x_4", k4)],
-        [io("out", n), io("y_t", r8), io("y_n", c8), io("y_4", n4), io("y_4c", n4)],
+        [io("out", n), io("y_t", r8), io("y_n", c8), io("y_4", n4), io("y_4c", n4), io("y_8", n4)],
         [
             helper.make_tensor("C", TensorProto.FLOAT16, list(c.shape), c.tobytes(), raw=True),
             numpy_helper.from_array(q, "Q"),
@@ -758,10 +842,12 @@ def native_check_model() -> onnx.ModelProto:
             numpy_helper.from_array(native.q4_pack(q4), "P4"),
             numpy_helper.from_array(s4, "S4"),
             numpy_helper.from_array(c4, "C4"),
+            numpy_helper.from_array(native.q8_pack(b8), "P8"),
+            numpy_helper.from_array(s8, "S8"),
         ],
     )
     opsets = [helper.make_opsetid("", Q8_OPSET), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(NATIVE_DOMAIN, 1)]
-    functions = [block_offset_add_function(Q8_OPSET), *q8_functions(), *q4_functions(Q8_OPSET)]
+    functions = [block_offset_add_function(Q8_OPSET), *q8_functions(), *q4_functions(Q8_OPSET), q8_linear_function(Q8_OPSET)]
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=10)
 
 
@@ -852,6 +938,10 @@ def quantize_graph(
         quantizer.apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive, lowrank=lowrank)
         if head and not training and recipe.head == "int8" and scheme in ("int4", "nf4", "int8"):
             embedding_from_int8_head(Path(src), Path(dst), head)
+        if not training and scheme in ("int4", "nf4", "int8"):  # after the embedding: it reads the head's own bytes
+            model = onnxfile.load(dst)
+            if native_q8_linears(model):
+                onnxfile.save(model, dst)
     except ExportError:
         raise
     except Exception as exc:  # translate onnxruntime/onnx failures at the boundary

@@ -233,7 +233,7 @@ def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
 
 def test_int4_linears_call_the_native_kernel_with_matmulnbits_inside(tmp_path_factory, tiny_llama_dir):
     """The default int4 graph (int8 compute) calls edgefm.native:Q4MatMul / Q4MatMulOffset for its 4-bit
-    linears: the compiled kernel where the device has one, the function body (onnxruntime's MatMulNBits
+    linears and Q8Linear for its 8-bit head: the compiled kernel where the device has one, the function body (onnxruntime's MatMulNBits
     on the regrouped bytes, plus the offsets) where not. Both give the same logits; the regrouping is
     lossless."""
     import onnx
@@ -244,7 +244,8 @@ def test_int4_linears_call_the_native_kernel_with_matmulnbits_inside(tmp_path_fa
     ops = [n.op_type for n in nodes]
     layers = Engine(b).layers
     assert ops.count("Q4MatMul") == layers and ops.count("Q4MatMulOffset") == 3 * layers   # q/k/v; o, gate/up, down
-    assert [n.name for n in nodes if n.op_type == "MatMulNBits"] == ["lm_head_Q8"]  # the 8-bit head
+    assert [n.name for n in nodes if n.op_type == "Q8Linear"] == ["lm_head_Q8"]  # the 8-bit head
+    assert not [n for n in nodes if n.op_type == "MatMulNBits"]
     eng, pure = Engine(b), Engine(b, native=False)
     assert eng.native and not pure.native
     ids = eng.encode("pump 3 pressure rising")
@@ -268,7 +269,8 @@ def test_sensitive_modules_stay_8bit_in_packed_graphs(tmp_path, tmp_path_factory
     quantize_graph(b / "model.onnx", dst, QuantRecipe("int4", sensitive_8bit=("down_proj",)), module_shapes={})
     nodes = onnx.load(str(dst), load_external_data=False).graph.node
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes if n.op_type == "MatMulNBits"}
-    bits.update({n.name: 4 for n in nodes if n.op_type in ("Q4MatMul", "Q4MatMulOffset")})   # the native 4-bit kernel's calls
+    bits.update({n.name: 4 for n in nodes if n.op_type in ("Q4MatMul", "Q4MatMulOffset")})   # the native kernels' calls
+    bits.update({n.name: 8 for n in nodes if n.op_type == "Q8Linear"})
     down = {k: v for k, v in bits.items() if "down_proj" in k}
     packed = {k: v for k, v in bits.items() if "q_proj+k_proj+v_proj" in k or "gate_proj+up_proj" in k}
     assert down and set(down.values()) == {8}            # the sensitive module: 8-bit
@@ -555,8 +557,14 @@ def test_tied_embedding_reads_the_8bit_head_rows(tmp_path_factory, tiny_llama_di
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     vocab, hidden = 384, 64
     assert not any(a.dtype == np.float32 and a.shape == (vocab, hidden) for a in inits.values())
-    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
-    q, s = inits[head.input[1]], inits[head.input[2]]
+    # the rows are the head's own 8-bit bytes: the ones its Q8Linear call reads, regrouped, with fp16 scales
+    gathers = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    q = inits[next(v for k, v in gathers.items() if k.endswith("q8_rows"))]
+    s = inits[next(v for k, v in gathers.items() if k.endswith("q8_row_scales"))]
+    head = next(n for n in model.graph.node if n.op_type == "Q8Linear" and "logits" in n.output)
+    from edge_runtime.native import q8_pack
+    np.testing.assert_array_equal(inits[head.input[1]], q8_pack(q.reshape(vocab, hidden // 32, 32)))
+    np.testing.assert_array_equal(inits[head.input[2]], s.reshape(vocab, -1).T.astype(np.float16))
     want = ((q.astype(np.float32) - 128) * s[..., None]).reshape(vocab, hidden)
     # the graph's embedding output: the lookup's last node, exposed as an extra output of a copy
     out = next(n for n in model.graph.node if n.op_type == "Reshape" and n.input[0].endswith("q8_blocks")).output[0]

@@ -137,6 +137,30 @@ def test_q4_matmul_matches_numpy(rows, nb, groups, offsets, seed):
     np.testing.assert_allclose(native.q4_matmul(x, native.q4_pack(q), s, c), want, rtol=1e-5, atol=1e-5 * (np.abs(want).max(initial=0) + 1))
 
 
+def test_q8_linear_by_hand():
+    # one block of 32 inputs, all 1 (int8 127 at scale 1/127): column 0 bytes 129 (weight 1 x scale 0.5) -> 16;
+    # column 1 bytes 0 (weight -128 x 2^-7) -> -32; column 2 bytes 128 (weight 0) -> 0
+    b = np.full((16, 1, 32), 128, np.uint8)
+    b[0], b[1] = 129, 0
+    s = np.zeros((1, 16), np.float16)
+    s[0, :2] = [0.5, 2.0**-7]
+    want = np.zeros((1, 16), np.float32)
+    want[0, :2] = [16.0, -32.0]
+    np.testing.assert_allclose(native.q8_linear(np.ones((1, 32), np.float32), native.q8_pack(b), s), want, rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.one_of(st.integers(0, 20), st.integers(60, 140)), nb=st.integers(1, 30), groups=st.integers(1, 10),
+       seed=st.integers(0, 2**16))
+def test_q8_linear_matches_numpy(rows, nb, groups, seed):
+    rng = np.random.default_rng(seed)
+    x, _, s, _ = q4_case(rng, rows, nb, groups)
+    b = rng.integers(0, 256, (16 * groups, nb, 32)).astype(np.uint8)   # 0 and 255: the extremes of the bytes
+    want = native.q8_linear_reference(x, b, s)
+    got = native.q8_linear(x, native.q8_pack(b), s)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * (np.abs(want).max(initial=0) + 1))
+
+
 def test_q4_reference_is_the_dequantized_matmul_up_to_int8_inputs():
     # the numpy model of the kernel against plain float arithmetic: w = s (q - 8) + c, x rounded to 8 bits a block
     x, q, s, c = q4_case(np.random.default_rng(3), 5, 6, 2)
@@ -158,6 +182,10 @@ def test_every_q4_code_path_computes_the_same(tmp_path, flags):
         x, q, s, c = q4_case(np.random.default_rng(seed), rows, nb, groups)
         want = native.q4_reference(x, q, s, c)
         got = native.q4_matmul(x, native.q4_pack(q), s, c, lib=lib)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        b = np.random.default_rng(seed).integers(0, 256, q.shape).astype(np.uint8)
+        want = native.q8_linear_reference(x, b, s)
+        got = native.q8_linear(x, native.q8_pack(b), s, lib=lib)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # and through onnxruntime: the build passes the check a device runs (the plain one leaves the Q4 functions to
     # onnxruntime, whose MatMulNBits may compute in float where it has no int8 kernel, as on a Raspberry Pi 4)

@@ -458,6 +458,7 @@ typedef struct {
   float *y;
   size_t m, k, n, nb;
   Q4Acts a;
+  int bits; /* 4: Q4MatMul(Offset); 8: Q8Linear (P [N/16, K/32, 8, 16, 4]: chunk t holds bytes 4t..4t+3, natural order) */
 } Q4Job;
 
 static void q4_quantize_row(const Q4Job *jb, size_t row) {
@@ -473,15 +474,21 @@ static void q4_quantize_row(const Q4Job *jb, size_t row) {
     const float id = amax > 0.f ? 127.f / amax : 0.f;
     int8_t *q = jb->a.q + (row * jb->nb + b) * Q4_BLOCK;
     int32_t total = 0;
-    for (int j = 0; j < 4; j++)
-      for (int p = 0; p < 4; p++) {
-        const int8_t lo = (int8_t)__builtin_lrintf(xb[8 * j + 2 * p] * id), hi = (int8_t)__builtin_lrintf(xb[8 * j + 2 * p + 1] * id);
-        q[8 * j + p] = lo;
-        q[8 * j + 4 + p] = hi;
-        total += lo + hi;
+    if (jb->bits == 8) /* natural order; the weights' zero point is 128 */
+      for (int i = 0; i < Q4_BLOCK; i++) {
+        q[i] = (int8_t)__builtin_lrintf(xb[i] * id);
+        total += q[i];
       }
+    else
+      for (int j = 0; j < 4; j++)
+        for (int p = 0; p < 4; p++) {
+          const int8_t lo = (int8_t)__builtin_lrintf(xb[8 * j + 2 * p] * id), hi = (int8_t)__builtin_lrintf(xb[8 * j + 2 * p + 1] * id);
+          q[8 * j + p] = lo;
+          q[8 * j + 4 + p] = hi;
+          total += lo + hi;
+        }
     jb->a.dx[row * jb->nb + b] = amax / 127.f;
-    jb->a.s8[row * jb->nb + b] = 8 * total;
+    jb->a.s8[row * jb->nb + b] = (jb->bits == 8 ? 128 : 8) * total;
     jb->a.sum[row * jb->nb + b] = sum;
   }
 }
@@ -509,19 +516,23 @@ int edgefm_q4_vector(void) {
 
 static void q4_groups_rows(const Q4Job *jb, size_t g, size_t r0, size_t rows) {
   const size_t nb = jb->nb, n = jb->n;
-  const uint8_t *pg = jb->p + g * nb * 256;
+  const size_t bb = jb->bits == 8 ? 512 : 256; /* bytes of a block of 16 columns */
+  const uint8_t *pg = jb->p + g * nb * bb;
 #if defined(Q4_AVX512)
   const __m512i low = _mm512_set1_epi8(0x0f);
   __m512 acc[Q4_MR];
   for (size_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
   for (size_t b = 0; b < nb; b++) {
-    const uint8_t *pb = pg + b * 256;
+    const uint8_t *pb = pg + b * bb;
     __m512i w[8];
-    for (int j = 0; j < 4; j++) {
-      const __m512i v = _mm512_loadu_si512((const void *)(pb + 64 * j));
-      w[2 * j] = _mm512_and_si512(v, low);
-      w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-    }
+    if (jb->bits == 8)
+      for (int t = 0; t < 8; t++) w[t] = _mm512_loadu_si512((const void *)(pb + 64 * t));
+    else
+      for (int j = 0; j < 4; j++) {
+        const __m512i v = _mm512_loadu_si512((const void *)(pb + 64 * j));
+        w[2 * j] = _mm512_and_si512(v, low);
+        w[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
     const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(jb->s + b * n + g * 16)));
     __m512 cv = _mm512_setzero_ps();
     if (jb->c) cv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(jb->c + b * n + g * 16)));
@@ -538,18 +549,21 @@ static void q4_groups_rows(const Q4Job *jb, size_t g, size_t r0, size_t rows) {
 #elif defined(Q4_AVX2)
   /* 8 columns (one 32-byte half of each 64-byte chunk) at a time; u8 x s8 products summed in int16
    * (at most 16 x 15 x 127 = 30480 a lane over a block), then to int32 */
-  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
   for (int half = 0; half < 2; half++) {
     __m256 acc[Q4_MR];
     for (size_t r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
     for (size_t b = 0; b < nb; b++) {
-      const uint8_t *pb = pg + b * 256 + 32 * half;
+      const uint8_t *pb = pg + b * bb + 32 * half;
       __m256i w[8];
-      for (int j = 0; j < 4; j++) {
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(pb + 64 * j));
-        w[2 * j] = _mm256_and_si256(v, low);
-        w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-      }
+      if (jb->bits == 8) /* signed q = B ^ 0x80; |q| (up to 128) as the unsigned operand, q's sign moved to x */
+        for (int t = 0; t < 8; t++) w[t] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(pb + 64 * t)), flip);
+      else
+        for (int j = 0; j < 4; j++) {
+          const __m256i v = _mm256_loadu_si256((const __m256i *)(pb + 64 * j));
+          w[2 * j] = _mm256_and_si256(v, low);
+          w[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
       const size_t col = b * n + g * 16 + 8 * half;
       const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(jb->s + col)));
       __m256 cv = _mm256_setzero_ps();
@@ -557,9 +571,18 @@ static void q4_groups_rows(const Q4Job *jb, size_t g, size_t r0, size_t rows) {
       for (size_t r = 0; r < rows; r++) {
         const size_t at = (r0 + r) * nb + b;
         const int32_t *qx = (const int32_t *)(jb->a.q + at * Q4_BLOCK);
-        __m256i d16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(qx[0]));
-        for (int t = 1; t < 8; t++) d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(qx[t])));
-        const __m256i d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), _mm256_set1_epi32(jb->a.s8[at]));
+        __m256i d;
+        if (jb->bits == 8) { /* a pair of products is at most 2 x 128 x 127: summed in int32 chunk by chunk */
+          d = _mm256_setzero_si256();
+          for (int t = 0; t < 8; t++) {
+            const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(qx[t]), w[t]);
+            d = _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w[t]), xs), ones));
+          }
+        } else {
+          __m256i d16 = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(qx[0]));
+          for (int t = 1; t < 8; t++) d16 = _mm256_add_epi16(d16, _mm256_maddubs_epi16(w[t], _mm256_set1_epi32(qx[t])));
+          d = _mm256_sub_epi32(_mm256_madd_epi16(d16, ones), _mm256_set1_epi32(jb->a.s8[at]));
+        }
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(sv, _mm256_set1_ps(jb->a.dx[at])), acc[r]);
         if (jb->c) acc[r] = _mm256_fmadd_ps(cv, _mm256_set1_ps(jb->a.sum[at]), acc[r]);
       }
@@ -571,7 +594,7 @@ static void q4_groups_rows(const Q4Job *jb, size_t g, size_t r0, size_t rows) {
   for (size_t r = 0; r < rows; r++)
     for (int c = 0; c < 16; c++) acc[r][c] = 0.f;
   for (size_t b = 0; b < nb; b++) {
-    const uint8_t *pb = pg + b * 256;
+    const uint8_t *pb = pg + b * bb;
     float sv[16], cv[16];
     for (int c = 0; c < 16; c++) {
       sv[c] = h2f(jb->s[b * n + g * 16 + c]);
@@ -582,12 +605,17 @@ static void q4_groups_rows(const Q4Job *jb, size_t g, size_t r0, size_t rows) {
       const int8_t *qx = jb->a.q + at * Q4_BLOCK;
       int32_t d[16];
       for (int c = 0; c < 16; c++) d[c] = -jb->a.s8[at];
-      for (int j = 0; j < 4; j++)
-        for (int c = 0; c < 16; c++)
-          for (int p = 0; p < 4; p++) {
-            const uint8_t v = pb[64 * j + 4 * c + p];
-            d[c] += (int32_t)(v & 15) * qx[8 * j + p] + (int32_t)(v >> 4) * qx[8 * j + 4 + p];
-          }
+      if (jb->bits == 8)
+        for (int t = 0; t < 8; t++)
+          for (int c = 0; c < 16; c++)
+            for (int p = 0; p < 4; p++) d[c] += (int32_t)pb[64 * t + 4 * c + p] * qx[4 * t + p];
+      else
+        for (int j = 0; j < 4; j++)
+          for (int c = 0; c < 16; c++)
+            for (int p = 0; p < 4; p++) {
+              const uint8_t v = pb[64 * j + 4 * c + p];
+              d[c] += (int32_t)(v & 15) * qx[8 * j + p] + (int32_t)(v >> 4) * qx[8 * j + 4 + p];
+            }
       const float dx = jb->a.dx[at], sum = jb->a.sum[at];
       for (int c = 0; c < 16; c++) acc[r][c] += (float)d[c] * (sv[c] * dx) + cv[c] * sum;
     }
@@ -629,9 +657,9 @@ static int q4_alloc(Q4Job *jb) {
 
 /* Returns 0, or -1 for shapes the kernel does not take / no memory. Single-threaded (tests). */
 int edgefm_q4_matmul(const float *x, const uint8_t *p, const uint16_t *s, const uint16_t *c, float *y, size_t m, size_t k,
-                     size_t n) {
-  if (!q4_valid(k, n)) return -1;
-  Q4Job jb = {x, p, s, c, y, m, k, n, k / Q4_BLOCK, {0}};
+                     size_t n, int bits) {
+  if (!q4_valid(k, n) || (bits != 4 && bits != 8) || (bits == 8 && c)) return -1;
+  Q4Job jb = {x, p, s, c, y, m, k, n, k / Q4_BLOCK, {0}, bits};
   if (q4_alloc(&jb)) return -1;
   for (size_t t = 0; t < (m + 15) / 16; t++) q4_quantize_task(&jb, t);
   for (size_t t = 0; t < q4_tasks(&jb); t++) q4_task(&jb, t);
@@ -776,9 +804,9 @@ static OrtStatus *q8_create(const OrtCustomOp *op, const OrtApi *api, const OrtK
 
 
 /* Q4MatMul (kernel state 0) and Q4MatMulOffset (1): X [..., K], P [N/16, K/32, 4, 16, 4] uint8,
- * S [K/32, N] fp16 (, C [K/32, N] fp16) -> Y [..., N] */
+ * S [K/32, N] fp16 (, C [K/32, N] fp16) -> Y [..., N]; Q8Linear (2): P [N/16, K/32, 8, 16, 4] (8-bit) */
 static OrtStatus *q4_compute(void *kernel, OrtKernelContext *ctx) {
-  const int offsets = *(const int *)kernel;
+  const int mode = *(const int *)kernel, offsets = mode == 1, bits = mode == 2 ? 8 : 4;
   const OrtValue *in[4];
   for (size_t i = 0; i < 3u + (size_t)offsets; i++)
     ORT_FN(ORT_KERNEL_CONTEXT_GET_INPUT, OrtStatus *(*)(const OrtKernelContext *, size_t, const OrtValue **))(ctx, i, &in[i]);
@@ -787,7 +815,8 @@ static OrtStatus *q4_compute(void *kernel, OrtKernelContext *ctx) {
   const size_t nx = dims_of(in[0], dx, &rx);
   dims_of(in[1], dp, &rp);
   dims_of(in[2], ds, &rs);
-  if (rx == 0 || rp != 5 || dp[2] != 4 || dp[3] != 16 || dp[4] != 4) return fail("Q4MatMul: P must be [N/16, K/32, 4, 16, 4]");
+  if (rx == 0 || rp != 5 || dp[2] != bits || dp[3] != 16 || dp[4] != 4)
+    return fail(bits == 8 ? "Q8Linear: P must be [N/16, K/32, 8, 16, 4]" : "Q4MatMul: P must be [N/16, K/32, 4, 16, 4]");
   const size_t n = (size_t)dp[0] * 16, nb = (size_t)dp[1], k = (size_t)dx[rx - 1];
   if (rs != 2 || (size_t)ds[0] != nb || (size_t)ds[1] != n) return fail("Q4MatMul: S must be [K/32, N]");
   if (offsets) {
@@ -803,7 +832,7 @@ static OrtStatus *q4_compute(void *kernel, OrtKernelContext *ctx) {
       ctx, 0, dy, rx, &outv);
   if (!outv) return fail("Q4MatMul: no output");
   Q4Job jb = {(const float *)data_of(in[0]), (const uint8_t *)data_of(in[1]), (const uint16_t *)data_of(in[2]),
-              offsets ? (const uint16_t *)data_of(in[3]) : NULL, (float *)data_of(outv), nx / k, k, n, nb, {0}};
+              offsets ? (const uint16_t *)data_of(in[3]) : NULL, (float *)data_of(outv), nx / k, k, n, nb, {0}, bits};
   if (jb.m == 0) return NULL;
   if (q4_alloc(&jb)) return fail("Q4MatMul: out of memory");
   typedef OrtStatus *(*ParallelFor)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
@@ -840,12 +869,19 @@ static OrtCustomOp q4_matmul_offset = {
     required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
     no_pairs, free_pairs, no_pairs, free_pairs,
 };
-static const char *q4_name(const OrtCustomOp *op) { return op == &q4_matmul_offset ? "Q4MatMulOffset" : "Q4MatMul"; }
+static OrtCustomOp q8_linear = {
+    17, NULL, q4_name, op_provider, q4_input_type, q4_input_count, output_type, output_count, NULL, destroy_kernel,
+    required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
+    no_pairs, free_pairs, no_pairs, free_pairs,
+};
+static const char *q4_name(const OrtCustomOp *op) {
+  return op == &q4_matmul_offset ? "Q4MatMulOffset" : op == &q8_linear ? "Q8Linear" : "Q4MatMul";
+}
 static size_t q4_input_count(const OrtCustomOp *op) { return op == &q4_matmul_offset ? 4 : 3; }
 static OrtStatus *q4_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
   (void)api, (void)info;
-  static int modes[2] = {0, 1};
-  *kernel = &modes[op == &q4_matmul_offset];
+  static int modes[3] = {0, 1, 2};
+  *kernel = &modes[op == &q4_matmul_offset ? 1 : op == &q8_linear ? 2 : 0];
   return NULL;
 }
 
@@ -856,8 +892,8 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *st = ORT_FN(ORT_CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("edgefm.native", &domain);
   if (st) return st;
-  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b, &q4_matmul, &q4_matmul_offset};
-  const size_t count = sizeof ops / sizeof ops[0] - (edgefm_q4_vector() ? 0 : 2);
+  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b, &q4_matmul, &q4_matmul_offset, &q8_linear};
+  const size_t count = sizeof ops / sizeof ops[0] - (edgefm_q4_vector() ? 0 : 3);
   for (size_t i = 0; i < count; i++) {
     st = ORT_FN(ORT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, ops[i]);
     if (st) return st;
