@@ -27,7 +27,7 @@ CACHE = ROOT / ".cache" / "bench"
 REPEATS = 7  # best of N: on this shared machine a run of 3 can miss every quiet moment
 PREFILL = (64, 512)  # prompt lengths whose prefill (time to the first token) is measured
 PPL_CHARS = 12000
-KERNEL_OPS = ("MatMulNBits", "Q4MatMul", "Q4MatMulOffset")  # the weight matmuls of a quantized graph
+KERNEL_OPS = ("MatMulNBits", "Q4MatMul", "Q4MatMulOffset", "Q8Linear")  # the weight matmuls of a quantized graph
 PURE = "-pure"  # a variant name ending in it: the same bundle without the native kernels (edge_runtime/native.py)
 PROMPT = "The history of the lighthouse begins with the ancient harbours of the Mediterranean, where"
 
