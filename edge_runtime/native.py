@@ -347,9 +347,7 @@ def q8_matmul(x: np.ndarray, q: np.ndarray, s: np.ndarray, *, trans_b: bool) -> 
     return out
 
 
-def q4_matmul(
-    x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, *, lib: Path | None = None
-) -> np.ndarray:
+def q4_matmul(x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None = None, *, lib: Path | None = None) -> np.ndarray:
     """The Q4 kernel called directly, on this thread (tests): x [.., K] by the packed 4-bit weight p
     (``q4_pack``) with fp16 scales s [K/32, N] and, where given, fp16 offsets c [K/32, N]. ``lib``: a
     library other than this machine's build (tests of its other code paths)."""
@@ -368,7 +366,13 @@ def _q4_call(x: np.ndarray, p: np.ndarray, s: np.ndarray, c: np.ndarray | None, 
     p = np.ascontiguousarray(p, np.uint8)
     s = np.ascontiguousarray(s, np.float16)
     k, n = x.shape[-1], p.shape[0] * 16
-    if p.ndim != 5 or p.shape[2] != bits or p.shape[1] * Q4_BLOCK != k or s.shape != (k // Q4_BLOCK, n) or (c is not None and c.shape != s.shape):
+    if (
+        p.ndim != 5
+        or p.shape[2] != bits
+        or p.shape[1] * Q4_BLOCK != k
+        or s.shape != (k // Q4_BLOCK, n)
+        or (c is not None and c.shape != s.shape)
+    ):
         raise ValueError(f"x {x.shape} does not match P {p.shape}, S {s.shape}")
     c16 = None if c is None else np.ascontiguousarray(c, np.float16)
     out = np.empty((*x.shape[:-1], n), np.float32)

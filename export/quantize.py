@@ -366,11 +366,10 @@ Q4_MATMUL, Q4_MATMUL_OFFSET, Q8_LINEAR = "Q4MatMul", "Q4MatMulOffset", "Q8Linear
 Q4_BLOCK = native.Q4_BLOCK
 
 
-def q4_functions(opset: int) -> list:
-    """The ONNX functions ``Q4MatMul(X, P, S)`` and ``Q4MatMulOffset(X, P, S, C)``: a 4-bit linear by the
-    regrouped bytes P (``edge_runtime.native.q4_pack``) with fp16 scales S [K/32, N] (and the asymmetric recipe's offsets C
-    [K/32, N], added as ``BlockOffsetAdd``). Their bodies undo the regrouping (onnxruntime folds the
-    constant Transpose at load) and call MatMulNBits: the reference form of the native kernels."""
+def _regrouped_nbits_body(bits: int) -> list:
+    """Function body nodes: the regrouped bytes P back to MatMulNBits' layout (a constant Transpose and
+    Reshape, folded at load), the fp16 scales S [K/32, N] to float [N, K/32], and MatMulNBits at int8
+    compute (accuracy level 4, what the kernels do) on them: Y = X @ W."""
     from onnx import AttributeProto, helper
 
     def ref(node, name, attr, kind):
@@ -378,71 +377,80 @@ def q4_functions(opset: int) -> list:
         node.attribute[-1].ref_attr_name = attr
         return node
 
-    shape = ref(helper.make_node("Constant", [], ["shape"]), "value_ints", "shape", AttributeProto.INTS)
-    nbits = helper.make_node("MatMulNBits", ["X", "B", "ST"], ["Y"], domain="com.microsoft", bits=4, block_size=Q4_BLOCK)
-    for a in ("K", "N", "accuracy_level"):
+    nbits = helper.make_node(
+        "MatMulNBits", ["X", "B", "ST"], ["Y"], domain="com.microsoft", bits=bits, block_size=Q4_BLOCK, accuracy_level=4
+    )
+    for a in ("K", "N"):
         ref(nbits, a, a, AttributeProto.INT)
-    body = [
+    return [
         helper.make_node("Transpose", ["P"], ["B5"], perm=[0, 3, 1, 2, 4]),
-        shape,
+        ref(helper.make_node("Constant", [], ["shape"]), "value_ints", "shape", AttributeProto.INTS),
         helper.make_node("Reshape", ["B5", "shape"], ["B"]),
         helper.make_node("Cast", ["S"], ["S32"], to=onnx.TensorProto.FLOAT),
         helper.make_node("Transpose", ["S32"], ["ST"], perm=[1, 0]),
         nbits,
     ]
+
+
+NBITS_ATTRS = ["K", "N", "shape"]  # the Q4/Q8 functions' attributes: MatMulNBits' K and N, and its B's shape
+
+
+def q4_functions(opset: int) -> list:
+    """The ONNX functions ``Q4MatMul(X, P, S)`` and ``Q4MatMulOffset(X, P, S, C)``: a 4-bit linear by the
+    regrouped bytes P (``edge_runtime.native.q4_pack``) with fp16 scales S [K/32, N] (and the asymmetric
+    recipe's offsets C [K/32, N], added as ``BlockOffsetAdd``); their bodies (``_regrouped_nbits_body``)
+    are the reference form of the native kernels."""
+    from onnx import helper
+
+    body = _regrouped_nbits_body(4)
     offset = helper.make_node(BLOCK_OFFSET_ADD, ["Y", "X", "C"], ["YC"], domain=NATIVE_DOMAIN, blocks=[-1, Q4_BLOCK])
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(NATIVE_DOMAIN, 1)]
-    attrs = ["K", "N", "accuracy_level", "shape"]
     return [
-        helper.make_function(NATIVE_DOMAIN, Q4_MATMUL, ["X", "P", "S"], ["Y"], body, opsets, attributes=attrs),
-        helper.make_function(NATIVE_DOMAIN, Q4_MATMUL_OFFSET, ["X", "P", "S", "C"], ["YC"], [*body, offset], opsets, attributes=attrs),
+        helper.make_function(NATIVE_DOMAIN, Q4_MATMUL, ["X", "P", "S"], ["Y"], body, opsets, attributes=NBITS_ATTRS),
+        helper.make_function(
+            NATIVE_DOMAIN, Q4_MATMUL_OFFSET, ["X", "P", "S", "C"], ["YC"], [*body, offset], opsets, attributes=NBITS_ATTRS
+        ),
     ]
 
 
 def q8_linear_function(opset: int):
     """The ONNX function ``Q8Linear(X, P, S)``: an 8-bit weight-only linear by MatMulNBits' bytes regrouped
-    (``edge_runtime.native.q8_pack``) with fp16 scales S [K/32, N]. The body undoes the regrouping (a
-    constant Transpose, folded at load) and calls MatMulNBits: the reference form of the native kernel."""
-    from onnx import AttributeProto, helper
+    (``edge_runtime.native.q8_pack``) with fp16 scales S [K/32, N]; its body (``_regrouped_nbits_body``)
+    is the reference form of the native kernel."""
+    from onnx import helper
 
-    def ref(node, name, attr, kind):
-        node.attribute.append(helper.make_attribute_ref(name, kind))
-        node.attribute[-1].ref_attr_name = attr
-        return node
-
-    shape = ref(helper.make_node("Constant", [], ["shape"]), "value_ints", "shape", AttributeProto.INTS)
-    nbits = helper.make_node("MatMulNBits", ["X", "B", "ST"], ["Y"], domain="com.microsoft", bits=8, block_size=Q4_BLOCK, accuracy_level=4)
-    for a in ("K", "N"):
-        ref(nbits, a, a, AttributeProto.INT)
-    body = [
-        helper.make_node("Transpose", ["P"], ["B5"], perm=[0, 3, 1, 2, 4]),
-        shape,
-        helper.make_node("Reshape", ["B5", "shape"], ["B"]),
-        helper.make_node("Cast", ["S"], ["S32"], to=onnx.TensorProto.FLOAT),
-        helper.make_node("Transpose", ["S32"], ["ST"], perm=[1, 0]),
-        nbits,
-    ]
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_function(NATIVE_DOMAIN, Q8_LINEAR, ["X", "P", "S"], ["Y"], body, opsets, attributes=["K", "N", "shape"])
+    return helper.make_function(
+        NATIVE_DOMAIN, Q8_LINEAR, ["X", "P", "S"], ["Y"], _regrouped_nbits_body(8), opsets, attributes=NBITS_ATTRS
+    )
 
 
-def native_q8_linears(model: onnx.ModelProto) -> int:
-    """Rewrite (in place) each 8-bit MatMulNBits node the native kernel takes (blocks of 32, no zero
-    points, N a multiple of 16, accuracy level 4) to a Q8Linear call on its bytes regrouped
-    (``edge_runtime.native.q8_pack``) and its scales in fp16 [K/32, N]; returns how many were rewritten.
-    The original bytes stay only where something else reads them (a tied embedding's row lookups)."""
+def native_linears(model: onnx.ModelProto) -> int:
+    """Rewrite (in place) each MatMulNBits node the native kernels take (4 or 8 bits, blocks of 32, no
+    zero points, N a multiple of 16, int8 compute: accuracy level 4) to a call of Q4MatMul (folding a
+    BlockOffsetAdd that adds its offsets into Q4MatMulOffset) or Q8Linear; returns how many were
+    rewritten. The bytes are the same, regrouped (``edge_runtime.native.q4_pack`` / ``q8_pack``); the
+    scales become fp16 [K/32, N] (as the offsets are): 0.06 instead of 0.125 bytes a weight. Original
+    bytes stay only where something else reads them (a tied embedding's row lookups)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    nodes, added, count = [], [], 0
+    users: dict[str, list] = {}
     for node in model.graph.node:
+        for i in node.input:
+            users.setdefault(i, []).append(node)
+    nodes, added, folded, count = [], [], set(), 0
+    for node in model.graph.node:
+        if id(node) in folded:
+            continue
         a = {x.name: x.i for x in node.attribute}
+        bits = a.get("bits")
         if (
             node.op_type != "MatMulNBits"
             or len(node.input) != 3
-            or a.get("bits") != 8
+            or bits not in (4, 8)
             or a.get("block_size") != Q4_BLOCK
-            or a.get("accuracy_level") != 4
+            or a.get("accuracy_level") != 4  # the kernels compute with int8 activations, as level 4 does
             or a.get("N", 0) % 16
             or node.input[1] not in inits
             or node.input[2] not in inits
@@ -450,13 +458,36 @@ def native_q8_linears(model: onnx.ModelProto) -> int:
             nodes.append(node)
             continue
         K, N = a["K"], a["N"]
-        b = numpy_helper.to_array(inits[node.input[1]]).reshape(N, K // Q4_BLOCK, Q4_BLOCK)
-        s = numpy_helper.to_array(inits[node.input[2]]).reshape(N, K // Q4_BLOCK)
-        p_name, s_name = f"{node.input[1]}_P8", f"{node.input[2]}_T16"
-        added += [numpy_helper.from_array(native.q8_pack(b), p_name),
-                  numpy_helper.from_array(np.ascontiguousarray(s.T).astype(np.float16), s_name)]
-        nodes.append(helper.make_node(Q8_LINEAR, [node.input[0], p_name, s_name], list(node.output), name=node.name,
-                                      domain=NATIVE_DOMAIN, K=K, N=N, shape=[N, K // Q4_BLOCK, Q4_BLOCK]))
+        nb = K // Q4_BLOCK
+        b = numpy_helper.to_array(inits[node.input[1]]).reshape(N, nb, 4 * bits)
+        s = numpy_helper.to_array(inits[node.input[2]]).reshape(N, nb)
+        if bits == 4:
+            packed = native.q4_pack(np.stack([b & 15, b >> 4], -1).reshape(N, nb, Q4_BLOCK))  # the values, in order
+        else:
+            packed = native.q8_pack(b)
+        p_name, s_name = f"{node.input[1]}_P", f"{node.input[2]}_T16"
+        added += [
+            numpy_helper.from_array(packed, p_name),
+            numpy_helper.from_array(np.ascontiguousarray(s.T).astype(np.float16), s_name),
+        ]
+        attrs = dict(name=node.name, domain=NATIVE_DOMAIN, K=K, N=N, shape=[N, nb, 4 * bits])
+        after = users.get(node.output[0], [])
+        if (
+            bits == 4
+            and len(after) == 1
+            and after[0].op_type == BLOCK_OFFSET_ADD
+            and after[0].domain == NATIVE_DOMAIN
+            and list(after[0].input[:2]) == [node.output[0], node.input[0]]
+        ):
+            folded.add(id(after[0]))
+            call = helper.make_node(
+                Q4_MATMUL_OFFSET, [node.input[0], p_name, s_name, after[0].input[2]], [after[0].output[0]], **attrs
+            )
+        else:
+            call = helper.make_node(
+                Q4_MATMUL if bits == 4 else Q8_LINEAR, [node.input[0], p_name, s_name], list(node.output), **attrs
+            )
+        nodes.append(call)
         count += 1
     if not count:
         return 0
@@ -465,79 +496,9 @@ def native_q8_linears(model: onnx.ModelProto) -> int:
     model.graph.initializer.extend(added)
     _drop_unused(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if not any(f.name == Q8_LINEAR and f.domain == NATIVE_DOMAIN for f in model.functions):
-        model.functions.append(q8_linear_function(opset))
-    if not any(o.domain == NATIVE_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
-    return count
-
-
-def native_q4_linears(model: onnx.ModelProto) -> int:
-    """Rewrite (in place) each 4-bit MatMulNBits node the native kernel takes (blocks of 32, no zero
-    points, N a multiple of 16, int8 compute: accuracy level 4) to a Q4MatMul call, folding a BlockOffsetAdd that adds its offsets into a
-    Q4MatMulOffset call; returns how many were rewritten. The bytes are the same, regrouped (``edge_runtime.native.q4_pack``);
-    the scales become fp16 [K/32, N] (as the offsets are): 0.06 instead of 0.125 bytes a weight."""
-    from onnx import helper, numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    users: dict[str, list] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            users.setdefault(i, []).append(node)
-    nodes, dropped, added, count = [], set(), [], 0
-    skip = set()
-    for node in model.graph.node:
-        if id(node) in skip:
-            continue
-        a = {x.name: x.i for x in node.attribute}
-        if (
-            node.op_type != "MatMulNBits"
-            or len(node.input) != 3
-            or a.get("bits") != 4
-            or a.get("block_size") != Q4_BLOCK
-            or a.get("accuracy_level") != 4  # the kernel computes with int8 activations, as level 4 does
-            or a.get("N", 0) % 16
-            or node.input[1] not in inits
-            or node.input[2] not in inits
-        ):
-            nodes.append(node)
-            continue
-        K, N = a["K"], a["N"]
-        b = numpy_helper.to_array(inits[node.input[1]]).reshape(N, K // Q4_BLOCK, 16)
-        s = numpy_helper.to_array(inits[node.input[2]]).reshape(N, K // Q4_BLOCK)
-        p_name, s_name = f"{node.input[1]}_P", f"{node.input[2]}_T16"
-        q = np.stack([b & 15, b >> 4], -1).reshape(N, K // Q4_BLOCK, Q4_BLOCK)  # the 4-bit values, in order
-        added += [numpy_helper.from_array(native.q4_pack(q), p_name),
-                  numpy_helper.from_array(np.ascontiguousarray(s.T).astype(np.float16), s_name)]
-        dropped |= {node.input[1], node.input[2]}
-        after = users.get(node.output[0], [])
-        fold = (
-            len(after) == 1
-            and after[0].op_type == BLOCK_OFFSET_ADD
-            and after[0].domain == NATIVE_DOMAIN
-            and list(after[0].input[:2]) == [node.output[0], node.input[0]]
-        )
-        attrs = dict(K=K, N=N, accuracy_level=4, shape=[N, K // Q4_BLOCK, 16])
-        if fold:
-            skip.add(id(after[0]))
-            nodes.append(helper.make_node(Q4_MATMUL_OFFSET, [node.input[0], p_name, s_name, after[0].input[2]], [after[0].output[0]],
-                                          name=node.name, domain=NATIVE_DOMAIN, **attrs))
-        else:
-            nodes.append(helper.make_node(Q4_MATMUL, [node.input[0], p_name, s_name], list(node.output), name=node.name,
-                                          domain=NATIVE_DOMAIN, **attrs))
-        count += 1
-    if not count:
-        return 0
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    for i in [i for i in model.graph.initializer if i.name in dropped]:
-        model.graph.initializer.remove(i)
-    model.graph.initializer.extend(added)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     have = {f.name for f in model.functions if f.domain == NATIVE_DOMAIN}
-    if BLOCK_OFFSET_ADD not in have:
-        model.functions.append(block_offset_add_function(opset))
-    model.functions.extend(f for f in q4_functions(opset) if f.name not in have)
+    wanted = [block_offset_add_function(opset), *q4_functions(opset), q8_linear_function(opset)]
+    model.functions.extend(f for f in wanted if f.name not in have)
     if not any(o.domain == NATIVE_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
     return count
@@ -816,15 +777,23 @@ def native_check_model() -> onnx.ModelProto:
     q, s = check_q8_weight()
     q4, s4, c4 = check_q4_weight()
     b8, s8 = check_q8_linear()
-    q4_attrs = dict(domain=NATIVE_DOMAIN, K=k4, N=n4, accuracy_level=4, shape=[n4, k4 // Q4_BLOCK, 16])
+    q4_attrs = dict(domain=NATIVE_DOMAIN, K=k4, N=n4, shape=[n4, k4 // Q4_BLOCK, 16])
     nodes = [
         helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block]),
         helper.make_node(Q8_MATMUL_TRANS_B, ["x_t", "Q", "S"], ["y_t"], name="check_t", domain=NATIVE_DOMAIN, block=block8),
         helper.make_node(Q8_MATMUL, ["x_n", "Q", "S"], ["y_n"], name="check_n", domain=NATIVE_DOMAIN, block=block8),
         helper.make_node(Q4_MATMUL, ["x_4", "P4", "S4"], ["y_4"], name="check_4", **q4_attrs),
         helper.make_node(Q4_MATMUL_OFFSET, ["x_4", "P4", "S4", "C4"], ["y_4c"], name="check_4c", **q4_attrs),
-        helper.make_node(Q8_LINEAR, ["x_4", "P8", "S8"], ["y_8"], name="check_8", domain=NATIVE_DOMAIN, K=k4, N=n4,
-                         shape=[n4, k4 // Q4_BLOCK, Q4_BLOCK]),
+        helper.make_node(
+            Q8_LINEAR,
+            ["x_4", "P8", "S8"],
+            ["y_8"],
+            name="check_8",
+            domain=NATIVE_DOMAIN,
+            K=k4,
+            N=n4,
+            shape=[n4, k4 // Q4_BLOCK, Q4_BLOCK],
+        ),
     ]
 
     def io(name, width):
@@ -889,7 +858,6 @@ class Int4Quantizer(Quantizer):
             model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
         if keep8:  # second pass: what is still a float MatMul (minus fp32-kept nodes) goes 8-bit
             model = _nbits(model, 8, recipe, exclude=keep32)
-        native_q4_linears(model)  # the 4-bit linears as edgefm.native calls (MatMulNBits inside, as fallback)
         onnxfile.save(model, dst)
 
 
@@ -940,7 +908,7 @@ def quantize_graph(
             embedding_from_int8_head(Path(src), Path(dst), head)
         if not training and scheme in ("int4", "nf4", "int8"):  # after the embedding: it reads the head's own bytes
             model = onnxfile.load(dst)
-            if native_q8_linears(model):
+            if native_linears(model):  # the 4/8-bit linears as edgefm.native calls (MatMulNBits inside, as fallback)
                 onnxfile.save(model, dst)
     except ExportError:
         raise
