@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -470,7 +470,7 @@ def native_linears(model: onnx.ModelProto) -> int:
             numpy_helper.from_array(packed, p_name),
             numpy_helper.from_array(np.ascontiguousarray(s.T).astype(np.float16), s_name),
         ]
-        attrs = dict(name=node.name, domain=NATIVE_DOMAIN, K=K, N=N, shape=[N, nb, 4 * bits])
+        attrs: dict[str, Any] = dict(name=node.name, domain=NATIVE_DOMAIN, K=K, N=N, shape=[N, nb, 4 * bits])
         after = users.get(node.output[0], [])
         if (
             bits == 4
@@ -777,7 +777,7 @@ def native_check_model() -> onnx.ModelProto:
     q, s = check_q8_weight()
     q4, s4, c4 = check_q4_weight()
     b8, s8 = check_q8_linear()
-    q4_attrs = dict(domain=NATIVE_DOMAIN, K=k4, N=n4, shape=[n4, k4 // Q4_BLOCK, 16])
+    q4_attrs: dict[str, Any] = dict(domain=NATIVE_DOMAIN, K=k4, N=n4, shape=[n4, k4 // Q4_BLOCK, 16])
     nodes = [
         helper.make_node(BLOCK_OFFSET_ADD, ["y", "x", "C"], ["out"], name="check", domain=NATIVE_DOMAIN, blocks=[-1, block]),
         helper.make_node(Q8_MATMUL_TRANS_B, ["x_t", "Q", "S"], ["y_t"], name="check_t", domain=NATIVE_DOMAIN, block=block8),
