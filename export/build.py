@@ -42,7 +42,8 @@ from export.training_graph import export_train
 #    asymmetric recipe's offsets inside the same call).
 # 8: 8-bit linears (the int4 recipes' head, int8 bundles) as edgefm.native:Q8Linear calls (regrouped bytes, fp16
 #    scales); a tied embedding keeps reading the head's original bytes.
-EXPORTER_REVISION = "8"
+# 9: at accuracy level 4 (the int4 default) the q/k/v offsets go inside Q4MatMulOffset, not into the low-rank slots.
+EXPORTER_REVISION = "9"
 
 
 class Progress:
