@@ -740,11 +740,13 @@ static int last_version(const OrtCustomOp *op) { (void)op; return 2147483647; }
 static size_t no_pairs(int **a, int **b) { *a = NULL, *b = NULL; return 0; }
 static void free_pairs(int *a, int *b) { (void)a, (void)b; }
 
-static OrtCustomOp block_offset_add = {
-    17, NULL, op_name, op_provider, input_type, input_count, output_type, output_count, NULL, destroy_kernel,
-    required, required, required, one, one, one, one, create_kernel, compute, NULL, one, last_version,
-    no_pairs, free_pairs, no_pairs, free_pairs,
-};
+/* an OrtCustomOp (API version 17): the op's name, input types and count, kernel creation and compute */
+#define CUSTOM_OP(name, input_type, input_count, create, compute)                                               \
+  {17, NULL, name, op_provider, input_type, input_count, output_type, output_count, NULL, destroy_kernel, required, \
+   required, required, one, one, one, one, create, compute, NULL, one, last_version, no_pairs, free_pairs, no_pairs, \
+   free_pairs}
+
+static OrtCustomOp block_offset_add = CUSTOM_OP(op_name, input_type, input_count, create_kernel, compute);
 
 /* Q8MatMulTransB (kernel state 1) and Q8MatMul (0): X [..., K], Q [R, C] int8, S [R, C/B] -> Y [..., N] */
 static OrtStatus *q8_compute(void *kernel, OrtKernelContext *ctx) {
@@ -784,16 +786,8 @@ static OrtStatus *q8_create(const OrtCustomOp *op, const OrtApi *api, const OrtK
 static const char *q8_name(const OrtCustomOp *op);
 static int q8_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 1 ? ONNX_INT8 : ONNX_FLOAT; }
 
-static OrtCustomOp q8_matmul = {
-    17, NULL, q8_name, op_provider, q8_input_type, input_count, output_type, output_count, NULL, destroy_kernel,
-    required, required, required, one, one, one, one, q8_create, q8_compute, NULL, one, last_version,
-    no_pairs, free_pairs, no_pairs, free_pairs,
-};
-static OrtCustomOp q8_matmul_trans_b = {
-    17, NULL, q8_name, op_provider, q8_input_type, input_count, output_type, output_count, NULL, destroy_kernel,
-    required, required, required, one, one, one, one, q8_create, q8_compute, NULL, one, last_version,
-    no_pairs, free_pairs, no_pairs, free_pairs,
-};
+static OrtCustomOp q8_matmul = CUSTOM_OP(q8_name, q8_input_type, input_count, q8_create, q8_compute);
+static OrtCustomOp q8_matmul_trans_b = CUSTOM_OP(q8_name, q8_input_type, input_count, q8_create, q8_compute);
 static const char *q8_name(const OrtCustomOp *op) { return op == &q8_matmul_trans_b ? "Q8MatMulTransB" : "Q8MatMul"; }
 static OrtStatus *q8_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
   (void)api, (void)info;
@@ -859,21 +853,9 @@ static int q4_input_type(const OrtCustomOp *op, size_t i) {
 }
 static size_t q4_input_count(const OrtCustomOp *op);
 
-static OrtCustomOp q4_matmul = {
-    17, NULL, q4_name, op_provider, q4_input_type, q4_input_count, output_type, output_count, NULL, destroy_kernel,
-    required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
-    no_pairs, free_pairs, no_pairs, free_pairs,
-};
-static OrtCustomOp q4_matmul_offset = {
-    17, NULL, q4_name, op_provider, q4_input_type, q4_input_count, output_type, output_count, NULL, destroy_kernel,
-    required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
-    no_pairs, free_pairs, no_pairs, free_pairs,
-};
-static OrtCustomOp q8_linear = {
-    17, NULL, q4_name, op_provider, q4_input_type, q4_input_count, output_type, output_count, NULL, destroy_kernel,
-    required, required, required, one, one, one, one, q4_create, q4_compute, NULL, one, last_version,
-    no_pairs, free_pairs, no_pairs, free_pairs,
-};
+static OrtCustomOp q4_matmul = CUSTOM_OP(q4_name, q4_input_type, q4_input_count, q4_create, q4_compute);
+static OrtCustomOp q4_matmul_offset = CUSTOM_OP(q4_name, q4_input_type, q4_input_count, q4_create, q4_compute);
+static OrtCustomOp q8_linear = CUSTOM_OP(q4_name, q4_input_type, q4_input_count, q4_create, q4_compute);
 static const char *q4_name(const OrtCustomOp *op) {
   return op == &q4_matmul_offset ? "Q4MatMulOffset" : op == &q8_linear ? "Q8Linear" : "Q4MatMul";
 }
