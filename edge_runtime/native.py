@@ -192,30 +192,33 @@ def self_check(path: str | Path) -> None:
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edgefm-native-check-{os.getpid()}")
     sess = ort.InferenceSession(str(CHECK_MODEL), so, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    for rows in (1, 3, 70):  # one token, a short prompt, a prompt split into tasks on onnxruntime's pool
-        feeds = {
-            "y": rng.standard_normal((1, rows, n)).astype(np.float32),
-            "x": rng.standard_normal((1, rows, k)).astype(np.float32),
-            "x_t": rng.standard_normal((1, rows, c8)).astype(np.float32),
-            "x_n": rng.standard_normal((1, rows, r8)).astype(np.float32),
-            "x_4": rng.standard_normal((1, rows, k4)).astype(np.float32),
-        }
-        want = {
-            "out": feeds["y"] + feeds["x"].reshape(1, rows, k // block, block).sum(-1) @ c,
-            "y_t": feeds["x_t"] @ d.T,
-            "y_n": feeds["x_n"] @ d,
-        }
-        if vector:  # else onnxruntime runs the Q4 functions' bodies (its MatMulNBits, which may compute in float)
-            want["y_4"] = q4_reference(feeds["x_4"][0], q4, s4)[None]
-            want["y_4c"] = q4_reference(feeds["x_4"][0], q4, s4, c4)[None]
-            want["y_8"] = q8_linear_reference(feeds["x_4"][0], b8, s8)[None]
-        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-        for name, w in want.items():
-            assert np.allclose(got[name], w, atol=1e-4), f"{name}, rows {rows}: max error {np.abs(got[name] - w).max()}"
-    trace = Path(sess.end_profiling())
-    ops = {e.get("args", {}).get("op_name") for e in json.loads(trace.read_text())}
-    trace.unlink(missing_ok=True)
+    try:
+        rng = np.random.default_rng(0)
+        for rows in (1, 3, 70):  # one token, a short prompt, a prompt split into tasks on onnxruntime's pool
+            feeds = {
+                "y": rng.standard_normal((1, rows, n)).astype(np.float32),
+                "x": rng.standard_normal((1, rows, k)).astype(np.float32),
+                "x_t": rng.standard_normal((1, rows, c8)).astype(np.float32),
+                "x_n": rng.standard_normal((1, rows, r8)).astype(np.float32),
+                "x_4": rng.standard_normal((1, rows, k4)).astype(np.float32),
+            }
+            want = {
+                "out": feeds["y"] + feeds["x"].reshape(1, rows, k // block, block).sum(-1) @ c,
+                "y_t": feeds["x_t"] @ d.T,
+                "y_n": feeds["x_n"] @ d,
+            }
+            if vector:  # else onnxruntime runs the Q4 functions' bodies (its MatMulNBits, which may compute in float)
+                want["y_4"] = q4_reference(feeds["x_4"][0], q4, s4)[None]
+                want["y_4c"] = q4_reference(feeds["x_4"][0], q4, s4, c4)[None]
+                want["y_8"] = q8_linear_reference(feeds["x_4"][0], b8, s8)[None]
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            for name, w in want.items():
+                assert np.allclose(got[name], w, atol=1e-4), f"{name}, rows {rows}: max error {np.abs(got[name] - w).max()}"
+    finally:  # the profile file goes, whether the check passed or not
+        trace = Path(sess.end_profiling())
+        text = trace.read_text() if trace.is_file() else "[]"
+        trace.unlink(missing_ok=True)
+    ops = {e.get("args", {}).get("op_name") for e in json.loads(text)}
     expected = set(OPS) if vector else set(OPS) - set(VECTOR_OPS)
     missing = expected - ops
     assert not missing, f"onnxruntime inlined the functions instead of running the kernels of {sorted(missing)}"
