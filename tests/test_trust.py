@@ -189,7 +189,9 @@ def test_forged_globals_rounds_receipts_and_updates_refused_without_any_acl(tmp_
                                       device_keys=str(out / "fleet.json")))
     c.start()
     a = Agent(AgentConfig(bundle=str(bundle), data_dir=str(tmp_path / "a"), broker=broker.url, fleet="plant", device_id="dev-a",
-                          auto_train=False, min_new_examples=1, steps_per_round=2,
+                          # it trains when told (forced) only: answering the coordinator's next round with its
+                          # unused examples raced the forged updates below for version 2
+                          auto_train=False, min_new_examples=10_000, steps_per_round=2,
                           signing_key=str(out / "devices/dev-a/signing.key"), coordinator_key=str(out / "coordinator.pub")))
     t = Topics("plant")
     evil = MqttLink(broker.url, "evil").start()
