@@ -20,20 +20,22 @@ CACHE = ROOT / ".cache" / "bench"
 B, S = 8, 128
 
 
-def variant(name: str) -> tuple[str, int | None, bool]:
-    """``int4``, ``int4-mb2`` (graph of 2 rows, 4 calls a step), ``int4-pure`` (no native kernels):
-    (quantization, training microbatch, native kernels)."""
+def variant(name: str) -> tuple[str, int | None, bool, bool]:
+    """``int4``, ``int4-mb2`` (graph of 2 rows, 4 calls a step), ``int4-pure`` (no native kernels),
+    ``int4-keep`` (activations kept, not recomputed): (quantization, training microbatch, native kernels,
+    recompute)."""
     parts = name.split("-")
     micro = next((int(p[2:]) for p in parts[1:] if p.startswith("mb")), None)
-    return parts[0], micro, "pure" not in parts[1:]
+    return parts[0], micro, "pure" not in parts[1:], "keep" not in parts[1:]
 
 
 def bundle(name: str) -> Path:
-    scheme, micro, _ = variant(name)
-    out = CACHE / f"smollm2-{scheme}{f'-mb{micro}' if micro else ''}-train"
+    scheme, micro, _, recompute = variant(name)
+    out = CACHE / f"smollm2-{scheme}{f'-mb{micro}' if micro else ''}{'' if recompute else '-keep'}-train"
     if not cached_bundle_ok(out):
         CACHE.mkdir(parents=True, exist_ok=True)
         extra = ["--train-microbatch", str(micro)] if micro else []
+        extra += [] if recompute else ["--no-train-recompute"]
         subprocess.run([PY, "-m", "export.cli", "build", "smollm2", "-o", str(out), "--quant", scheme, "--train-batch", str(B),
                         "--train-seq", str(S), "--no-verify", *extra], check=True)
     return out
@@ -115,6 +117,7 @@ def main() -> None:
     for s in schemes:
         r = res[s]
         how = f"{'native Q8 kernels' if r['native'] else 'onnxruntime alone'}, graph of {r['microbatch']} rows"
+        how += "" if variant(s)[3] else ", activations kept (no recomputation)"
         rows.append(f"| edgefm train.onnx ({s}: {variant(s)[0]} bundle, 8-bit frozen base once, {how}, {r['train_graph_mb']:.0f} MB "
                     f"graph) | {r['step_s']:.2f} s | "
                     f"{t['step_s'] / r['step_s']:.2f}x | {r['peak_rss_mb']:.0f} MB | {r['peak_rss_mb'] / t['peak_rss_mb']:.2f} | {r['loss']:.3f} |")

@@ -43,7 +43,9 @@ from export.training_graph import export_train
 # 8: 8-bit linears (the int4 recipes' head, int8 bundles) as edgefm.native:Q8Linear calls (regrouped bytes, fp16
 #    scales); a tied embedding keeps reading the head's original bytes.
 # 9: at accuracy level 4 (the int4 default) the q/k/v offsets go inside Q4MatMulOffset, not into the low-rank slots.
-EXPORTER_REVISION = "9"
+# 10: training graphs without slice-scatter backwards (rotary halves by chunk, stacked LoRA tensors unbound
+#     once), no Pow(x, 1); --no-train-recompute keeps activations instead of recomputing them.
+EXPORTER_REVISION = "10"
 
 
 class Progress:
@@ -70,6 +72,7 @@ class BuildOptions:
     train_batch: int = 8  # examples per optimizer step
     train_seq: int = 128
     train_microbatch: int | None = None  # rows the training graph takes (a step runs it batch / microbatch times)
+    train_recompute: bool = True  # decoders: each layer's activations recomputed in the backward pass (less memory, more work)
     with_training: bool = True
     verify: bool = True
     archive: bool = False

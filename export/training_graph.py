@@ -57,10 +57,10 @@ def _fused_head_nll():
     return FusedHeadNLL
 
 
-def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: int = 16):
+def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, recompute: bool = True, chunk: int = 16):
     """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
     backward came out scaled by the batch size). ``fused`` exports the memory-lean form (chunked head/NLL,
-    per-layer activation recomputation); the plain
+    and with ``recompute`` per-layer activation recomputation); the plain
     form is the autograd reference the exported gradients are checked against."""
     import torch
 
@@ -69,7 +69,7 @@ def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, chunk: in
     def loss_fn(lora, input_ids, attention_mask, loss_mask):
         loras = {t: (lora[2 * j], lora[2 * j + 1]) for j, t in enumerate(targets)}
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras, recompute=fused)
+        h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras, recompute=fused and recompute)
         w = loss_mask[:, 1:]
         if fused_fn is not None:
             loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), chunk)
@@ -99,7 +99,7 @@ def export_train(graph, tmp: Path, opts: BuildOptions, loras, log, *, external: 
     from torch.fx.experimental.proxy_tensor import make_fx
 
     loss_fn = (
-        causal_lm_loss(graph, opts.lora_targets, fused=True)
+        causal_lm_loss(graph, opts.lora_targets, fused=True, recompute=opts.train_recompute)
         if opts.task == "causal-lm"
         else classification_loss(graph, opts.lora_targets)
     )
