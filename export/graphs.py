@@ -156,7 +156,8 @@ class LlamaGraph(nn.Module):
         presents = []
         # each stacked [layers, ...] LoRA tensor split once: the backward stacks the layers' gradients
         # (one Concat) instead of scattering each into a zero-filled copy of the whole stack
-        loras = {t: (A.unbind(0), B.unbind(0)) for t, (A, B) in loras.items()}
+        # (split, not unbind: onnxruntime runs unbind's SplitToSequence / SequenceAt several times slower)
+        loras = {t: tuple([p.squeeze(0) for p in T.split(1, 0)] for T in AB) for t, AB in loras.items()}
         for i in range(self.n_layers):
             if recompute:
                 x = _recomputed_layer(self, i, x, cos, sin, bias, loras)
