@@ -67,7 +67,9 @@ def drop_unit_powers(model) -> int:
     from onnx import numpy_helper
 
     consts = {i.name: i for i in model.graph.initializer}
-    consts.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    consts.update(
+        {n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    )
     outputs = {o.name for o in model.graph.output}
 
     def is_one(name: str) -> bool:
