@@ -57,7 +57,10 @@ def _fused_head_nll():
     return FusedHeadNLL
 
 
-def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, recompute: bool = True, chunk: int = 16):
+HEAD_CHUNK_ROWS = 128  # rows (batch x positions) of each head/NLL chunk: ~25 MB of SmolLM2 logits a copy
+
+
+def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, recompute: bool = True, chunk: int | None = None):
     """Mean next-token NLL over positions where loss_mask is 1 (hand-written: F.cross_entropy's exported
     backward came out scaled by the batch size). ``fused`` exports the memory-lean form (chunked head/NLL,
     and with ``recompute`` per-layer activation recomputation); the plain
@@ -72,7 +75,10 @@ def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, recompute
         h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras, recompute=fused and recompute)
         w = loss_mask[:, 1:]
         if fused_fn is not None:
-            loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), chunk)
+            # chunks of about HEAD_CHUNK_ROWS rows whatever the graph's batch: a graph of 2 rows in chunks of 16
+            # positions ran the head in calls of 32 rows, each re-reading the whole 8-bit head (~10% of its step)
+            positions = chunk or max(1, HEAD_CHUNK_ROWS // input_ids.shape[0])
+            loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), positions)
             return loss
         logp = torch.log_softmax(h[:, :-1] @ graph.head_wT, dim=-1)
         nll = -torch.gather(logp, -1, input_ids[:, 1:, None])[..., 0]

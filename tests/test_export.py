@@ -582,3 +582,79 @@ def test_tied_embedding_reads_the_8bit_head_rows(tmp_path_factory, tiny_llama_di
         feeds[name] = np.zeros((1, feeds[name].shape[1], 0, feeds[name].shape[3]), np.float32)
     got = sess.run([out], feeds)[0]
     np.testing.assert_array_equal(got[0], want[ids[0]])
+
+
+def test_training_graph_keeping_activations_gives_the_recomputing_step(tmp_path_factory, tiny_llama_dir):
+    """--no-train-recompute: each frozen weight's forward runs once (no recomputation in the backward),
+    and loss and LoRA gradients are the recomputing graph's. Neither graph scatters gradients into
+    zero-filled copies (rotary halves, stacked LoRA tensors) nor raises anything to the power 1."""
+    import onnx
+    from onnx import numpy_helper
+    from tokenizers import Tokenizer
+    from edge_runtime.protocol.adapter import load_adapter, stack_adapter
+    from edge_runtime.protocol.manifest import Manifest
+    from edge_runtime.trainer import OnnxTrainer
+    from export.cli import build_options, parser
+    from export.verify import random_adapter
+    from helpers import examples
+    args = parser().parse_args(["build", "m", "-o", "out", "--no-train-recompute"])
+    assert build_options(args).train_recompute is False
+    assert build_options(parser().parse_args(["build", "m", "-o", "out"])).train_recompute is True
+    root = tmp_path_factory.getbasetemp()
+    bundles = {rc: tiny_bundle(root, tiny_llama_dir, "int8", train_recompute=rc) for rc in (True, False)}
+    graphs = {rc: onnx.load(str(b / "train.onnx"), load_external_data=False).graph for rc, b in bundles.items()}
+    ops = {rc: [n.op_type for n in g.node] for rc, g in graphs.items()}
+    # the recomputation runs each layer's forward matmuls again (tiny model: 2 layers), all but down_proj's,
+    # whose output the backward does not read
+    assert ops[True].count("Q8MatMulTransB") - ops[False].count("Q8MatMulTransB") == 2 * 6
+    assert ops[True].count("Q8MatMul") == ops[False].count("Q8MatMul")
+    for rc, g in graphs.items():
+        # the head's own: the backward of h[:, :-1] (ScatterND) and the one-hot targets of its single chunk
+        # (ScatterElements); per-layer scatters (rotary halves, stacked LoRA tensors) are gone
+        assert ops[rc].count("ScatterND") <= 1 and ops[rc].count("ScatterElements") <= 1, rc
+        consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if not i.external_data and i.data_type == onnx.TensorProto.FLOAT}
+        consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
+        powers = [float(consts[n.input[1]].reshape(())) for n in g.node if n.op_type == "Pow" and n.input[1] in consts]
+        assert powers and 1.0 not in powers, (rc, powers)
+    m = Manifest.load(bundles[True])
+    tok = Tokenizer.from_file(str(bundles[True] / "tokenizer" / "tokenizer.json"))
+    _, meta = load_adapter(bundles[True] / "adapter.safetensors")
+    out = []
+    for b in bundles.values():
+        tr = OnnxTrainer(b, m, tok)
+        params = stack_adapter(random_adapter(meta.shapes, seed=5, scale=0.2), tr.targets, tr.layers)
+        out.append(tr.loss_and_grads(params, tr.make_batch(examples(3) + [{"text": "valve 7 closed", "prompt": "valve"}])))
+    assert abs(out[0][0] - out[1][0]) <= 1e-5 * abs(out[0][0])
+    for k, g in out[0][1].items():
+        np.testing.assert_allclose(out[1][1][k], g, rtol=1e-4, atol=1e-5 * np.abs(g).max(), err_msg=k)
+
+
+def test_unit_powers_leave_the_graph():
+    """drop_unit_powers: Pow(x, 1) goes and its users read x; other powers, and a Pow(x, 1) that is a graph
+    output, stay; the graph computes what it did."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from export.torch_onnx import drop_unit_powers
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    nodes = [
+        helper.make_node("Pow", ["x", "one"], ["p1"]),
+        helper.make_node("Constant", [], ["one_i"], value=numpy_helper.from_array(np.array(1, np.int64))),
+        helper.make_node("Pow", ["p1", "one_i"], ["p2"]),
+        helper.make_node("Pow", ["p2", "two"], ["sq"]),
+        helper.make_node("Mul", ["sq", "p2"], ["y"]),
+        helper.make_node("Pow", ["x", "one"], ["z"]),
+    ]
+    io = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, [3])  # noqa: E731
+    model = helper.make_model(helper.make_graph(nodes, "g", [io("x")], [io("y"), io("z")], [one, two]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    x = np.array([-1.5, 0.5, 3.0], np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    assert drop_unit_powers(model) == 2
+    onnx.checker.check_model(model)
+    pows = [(n.input[0], n.input[1]) for n in model.graph.node if n.op_type == "Pow"]
+    assert pows == [("x", "two"), ("x", "one")]   # x ** 2 now reads x; the output z keeps its node
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
