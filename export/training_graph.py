@@ -57,7 +57,8 @@ def _fused_head_nll():
     return FusedHeadNLL
 
 
-HEAD_CHUNK_ROWS = 128  # rows (batch x positions) of each head/NLL chunk: ~25 MB of SmolLM2 logits a copy
+HEAD_CHUNK = 16  # positions of each head/NLL chunk (memory-lean graphs: SmolLM2 logits of 2 rows, ~6 MB a copy)
+HEAD_CHUNK_ROWS = 128  # graphs that keep activations: chunks of about this many rows (batch x positions), ~25 MB a copy
 
 
 def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, recompute: bool = True, chunk: int | None = None):
@@ -75,9 +76,10 @@ def causal_lm_loss(graph: LlamaGraph, targets, *, fused: bool = False, recompute
         h, _ = graph.hidden_states(input_ids, attention_mask, pos, None, loras, recompute=fused and recompute)
         w = loss_mask[:, 1:]
         if fused_fn is not None:
-            # chunks of about HEAD_CHUNK_ROWS rows whatever the graph's batch: a graph of 2 rows in chunks of 16
-            # positions ran the head in calls of 32 rows, each re-reading the whole 8-bit head (~10% of its step)
-            positions = chunk or max(1, HEAD_CHUNK_ROWS // input_ids.shape[0])
+            # where activations are kept (memory to spare), chunks of about HEAD_CHUNK_ROWS rows whatever the graph's
+            # batch: a graph of 2 rows in chunks of 16 positions ran the head in calls of 32 rows, each re-reading the
+            # whole 8-bit head (the head 276 -> 194 ms of a 2-row call; peak +50-70 MB)
+            positions = chunk or (HEAD_CHUNK if recompute else max(1, HEAD_CHUNK_ROWS // input_ids.shape[0]))
             loss, _ = fused_fn.apply(h[:, :-1], graph.head_wT, input_ids[:, 1:], w / w.sum().clamp(min=1.0), positions)
             return loss
         logp = torch.log_softmax(h[:, :-1] @ graph.head_wT, dim=-1)
