@@ -43,8 +43,8 @@ from export.training_graph import export_train
 # 8: 8-bit linears (the int4 recipes' head, int8 bundles) as edgefm.native:Q8Linear calls (regrouped bytes, fp16
 #    scales); a tied embedding keeps reading the head's original bytes.
 # 9: at accuracy level 4 (the int4 default) the q/k/v offsets go inside Q4MatMulOffset, not into the low-rank slots.
-# 10: training graphs without slice-scatter backwards (rotary halves by chunk, stacked LoRA tensors unbound
-#     once), no Pow(x, 1); --no-train-recompute keeps activations instead of recomputing them.
+# 10: training graphs without per-layer scatters in their backward (rotary halves by chunk, stacked LoRA tensors
+#     split once), no Pow(x, 1); --no-train-recompute keeps activations (head chunks of ~128 rows there).
 EXPORTER_REVISION = "10"
 
 
