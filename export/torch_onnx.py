@@ -73,8 +73,8 @@ def drop_unit_powers(model) -> int:
     outputs = {o.name for o in model.graph.output}
 
     def is_one(name: str) -> bool:
-        t = consts.get(name)
-        return t is not None and numpy_helper.to_array(t).size == 1 and float(numpy_helper.to_array(t).reshape(())) == 1.0
+        a = numpy_helper.to_array(consts[name]) if name in consts else None
+        return a is not None and a.size == 1 and float(a.reshape(())) == 1.0
 
     renamed: dict[str, str] = {}
     keep = []
