@@ -461,8 +461,43 @@ typedef struct {
   int bits; /* 4: Q4MatMul(Offset); 8: Q8Linear (P [N/16, K/32, 8, 16, 4]: chunk t holds bytes 4t..4t+3, natural order) */
 } Q4Job;
 
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define Q4_AVX512 1
+#define Q4_MR 8 /* rows a column group is multiplied with per pass over its weights (8 accumulators) */
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define Q4_AVX2 1
+#define Q4_MR 4 /* 8 unpacked weight registers + 4 accumulators of 16 */
+#else
+#define Q4_MR 8
+#endif
+
+/* One row of X to int8 blocks. The vector form rounds as lrintf does (to nearest, ties to even: the
+ * default MXCSR mode) and multiplies by the same 127 / absmax, so both give the same bytes; the block's
+ * float sum is added in another order (a rounding's difference in the offset term). On a single-token
+ * step this runs before the column tasks, while the other threads wait. */
 static void q4_quantize_row(const Q4Job *jb, size_t row) {
   const float *x = jb->x + row * jb->k;
+#if defined(Q4_AVX512)
+  const __m512 nosign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  /* within each 8 values, the even ones, then the odd ones (the order the nibbles come out of a byte) */
+  const __m128i nibble_order = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15);
+  for (size_t b = 0; b < jb->nb; b++) {
+    const __m512 v0 = _mm512_loadu_ps(x + b * Q4_BLOCK), v1 = _mm512_loadu_ps(x + b * Q4_BLOCK + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(v0, nosign), _mm512_and_ps(v1, nosign)));
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    const __m512i i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+    const __m512i i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+    __m128i b0 = _mm512_cvtsepi32_epi8(i0), b1 = _mm512_cvtsepi32_epi8(i1); /* |values| <= 127: no saturation */
+    if (jb->bits == 4) b0 = _mm_shuffle_epi8(b0, nibble_order), b1 = _mm_shuffle_epi8(b1, nibble_order);
+    int8_t *q = jb->a.q + (row * jb->nb + b) * Q4_BLOCK;
+    _mm_storeu_si128((__m128i *)q, b0);
+    _mm_storeu_si128((__m128i *)(q + 16), b1);
+    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(i0, i1));
+    jb->a.dx[row * jb->nb + b] = amax / 127.f;
+    jb->a.s8[row * jb->nb + b] = (jb->bits == 8 ? 128 : 8) * total;
+    jb->a.sum[row * jb->nb + b] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+  }
+#else
   for (size_t b = 0; b < jb->nb; b++) {
     const float *xb = x + b * Q4_BLOCK;
     float amax = 0.f, sum = 0.f;
@@ -491,17 +526,9 @@ static void q4_quantize_row(const Q4Job *jb, size_t row) {
     jb->a.s8[row * jb->nb + b] = (jb->bits == 8 ? 128 : 8) * total;
     jb->a.sum[row * jb->nb + b] = sum;
   }
+#endif
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
-#define Q4_AVX512 1
-#define Q4_MR 8 /* rows a column group is multiplied with per pass over its weights (8 accumulators) */
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define Q4_AVX2 1
-#define Q4_MR 4 /* 8 unpacked weight registers + 4 accumulators of 16 */
-#else
-#define Q4_MR 8
-#endif
 /* whether this build has a vector path for Q4MatMul; where not, the library leaves those functions to
  * onnxruntime (their MatMulNBits body has kernels for every architecture) */
 int edgefm_q4_vector(void) {
@@ -643,10 +670,13 @@ static void q4_quantize_task(void *arg, size_t task) {
 
 static int q4_valid(size_t k, size_t n) { return k && n && k % Q4_BLOCK == 0 && n % 16 == 0; }
 
-/* scratch for the quantized activations: one allocation per call */
-static int q4_alloc(Q4Job *jb) {
+/* scratch for the quantized activations: the caller's buffer of Q4_STACK bytes where they fit (a
+ * single-token step: no allocation per call), else one allocation, which q4_release frees */
+#define Q4_STACK 8192
+static size_t q4_scratch(const Q4Job *jb) { return jb->m * jb->nb * (Q4_BLOCK + 12); }
+static int q4_alloc(Q4Job *jb, void *stack) {
   const size_t cells = jb->m * jb->nb;
-  char *mem = malloc(cells * (Q4_BLOCK + 12) + 64);
+  char *mem = q4_scratch(jb) <= Q4_STACK ? stack : malloc(q4_scratch(jb) + 64);
   if (!mem) return -1;
   jb->a.dx = (float *)mem;
   jb->a.sum = jb->a.dx + cells;
@@ -654,16 +684,20 @@ static int q4_alloc(Q4Job *jb) {
   jb->a.q = (int8_t *)(jb->a.s8 + cells);
   return 0;
 }
+static void q4_release(Q4Job *jb, void *stack) {
+  if ((void *)jb->a.dx != stack) free(jb->a.dx);
+}
 
 /* Returns 0, or -1 for shapes the kernel does not take / no memory. Single-threaded (tests). */
 int edgefm_q4_matmul(const float *x, const uint8_t *p, const uint16_t *s, const uint16_t *c, float *y, size_t m, size_t k,
                      size_t n, int bits) {
   if (!q4_valid(k, n) || (bits != 4 && bits != 8) || (bits == 8 && c)) return -1;
   Q4Job jb = {x, p, s, c, y, m, k, n, k / Q4_BLOCK, {0}, bits};
-  if (q4_alloc(&jb)) return -1;
+  float stack[Q4_STACK / sizeof(float)];
+  if (q4_alloc(&jb, stack)) return -1;
   for (size_t t = 0; t < (m + 15) / 16; t++) q4_quantize_task(&jb, t);
   for (size_t t = 0; t < q4_tasks(&jb); t++) q4_task(&jb, t);
-  free(jb.a.dx);
+  q4_release(&jb, stack);
   return 0;
 }
 
@@ -828,7 +862,8 @@ static OrtStatus *q4_compute(void *kernel, OrtKernelContext *ctx) {
   Q4Job jb = {(const float *)data_of(in[0]), (const uint8_t *)data_of(in[1]), (const uint16_t *)data_of(in[2]),
               offsets ? (const uint16_t *)data_of(in[3]) : NULL, (float *)data_of(outv), nx / k, k, n, nb, {0}, bits};
   if (jb.m == 0) return NULL;
-  if (q4_alloc(&jb)) return fail("Q4MatMul: out of memory");
+  float stack[Q4_STACK / sizeof(float)];
+  if (q4_alloc(&jb, stack)) return fail("Q4MatMul: out of memory");
   typedef OrtStatus *(*ParallelFor)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *);
   OrtStatus *st = NULL;
   const size_t qt = (jb.m + 15) / 16, tasks = q4_tasks(&jb);
@@ -842,7 +877,7 @@ static OrtStatus *q4_compute(void *kernel, OrtKernelContext *ctx) {
     else
       st = ORT_FN(ORT_KERNEL_CONTEXT_PARALLEL_FOR, ParallelFor)(ctx, q4_task, tasks, 0, (void *)&jb);
   }
-  free(jb.a.dx);
+  q4_release(&jb, stack);
   return st;
 }
 static OrtStatus *q4_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel);
