@@ -5,7 +5,7 @@ interleaved rounds. Reports decode tokens/s, prefill tokens/s for 64- and 512-to
 first token, peak RSS, perplexity against each engine's own full precision, the edgefm / llama.cpp
 ratios, and the int4 bundle against the memory-bandwidth roofline. llama.cpp is built once from
 source (bench/llamacpp.py, about 15 minutes on 2 cores) and cached under .cache/bench.
-Usage: python bench/decode.py [--tokens 64] [--variants torch,fp32,int8,int4,int4-rtn]
+Usage: python bench/decode.py [--tokens 64] [--variants torch,fp32,int8,int4,int4-rtn,int4-q4head]
        [--llamacpp f16,q4_1,q4_0,iq4_nl,q8_0] [--rounds 2]
 """
 from __future__ import annotations
@@ -33,7 +33,8 @@ PROMPT = "The history of the lighthouse begins with the ancient harbours of the 
 
 
 VARIANT_FLAGS = {"int4-hqq": ["--quant", "int4", "--int4-algo", "hqq", "--sensitive-8bit", "down_proj"],
-                 "int4-rtn": ["--quant", "int4", "--int4-algo", "rtn"]}
+                 "int4-rtn": ["--quant", "int4", "--int4-algo", "rtn"],
+                 "int4-q4head": ["--quant", "int4", "--head", "quant"]}
 
 
 def bundle_for(variant: str) -> Path:
@@ -292,7 +293,8 @@ def memory_bandwidth_gbs() -> float:
 
 NAMES = {"torch": "torch eager fp32 `generate`", "fp32": "edgefm ONNX fp32", "int8": "edgefm ONNX int8 (8-bit weight-only)",
          "int8-dynamic": "edgefm ONNX int8-dynamic (quantize_dynamic)", "int4": "edgefm ONNX int4 (default: asym blocks + offset, 8-bit head)",
-         "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)", "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head",
+         "int4-rtn": "edgefm ONNX int4 (symmetric RTN, 8-bit head)",
+         "int4-q4head": "edgefm ONNX int4 asym, 4-bit head too (`--head quant`)", "int4-hqq": "edgefm ONNX int4 HQQ + 8-bit down_proj/head",
          "llama:f16": "llama.cpp F16 (the Q4_1 weights expanded)", "llama:q4_1": "llama.cpp Q4_1 (the packaged file: the source's weights)",
          "llama:q4_0": "llama.cpp Q4_0 (requantized)", "llama:iq4_nl": "llama.cpp IQ4_NL (requantized)", "llama:q8_0": "llama.cpp Q8_0 (requantized)",
          "genai": f"onnxruntime-genai {GENAI} int4 (its own builder and C++ loop)",
@@ -319,8 +321,8 @@ def full_precision(v: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-pure,int4-rtn,genai",
-                    help="torch, edgefm bundles (schemes or int4-rtn/int4-hqq; NAME-pure: without the native kernels), "
+    ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-pure,int4-rtn,int4-q4head,genai",
+                    help="torch, edgefm bundles (schemes or int4-rtn/int4-hqq/int4-q4head; NAME-pure: without the native kernels), "
                          "genai (onnxruntime-genai's own int4 model)")
     ap.add_argument("--llamacpp", default="f16,q4_1,q4_0,iq4_nl,q8_0", help="llama.cpp GGUF variants ('' for none)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every variant once per round, in turn")
