@@ -443,7 +443,7 @@ Goals (issue 3): int4 >= 4x torch decode tok/s."""
 What bounds the int4 decode, measured in this run: the {floor['nodes']} matmul kernels of the int4 graph alone (Q4MatMul(Offset), the 8-bit head's Q8Linear)
 ({floor['mb']:.0f} MB of 4/8-bit weights, nothing else in the graph) take {floor['ms']:.2f} ms per token on 2 threads =
 {floor['gbs']:.1f} GB/s, against the {roof_ms:.2f} ms the roofline allows for the whole step ({r4['weight_bytes_per_token'] / 1e6:.0f} MB at {bw:.1f} GB/s).
-The full step takes {1e3 / best('int4'):.2f} ms; attention, the offsets of o/gate-up/down, norms and the run itself are the
+The full step takes {1e3 / best('int4'):.2f} ms; attention, norms, the LoRA term, SiLU and the run itself are the
 other {1e3 / best('int4') - floor['ms']:.2f} ms (docs/architecture.md, Known limits)."""
     record("SmolLM2-135M decode and prefill against llama.cpp (issues 3, 14)", body,
            f"python bench/decode.py --tokens {args.tokens} --variants {args.variants} --llamacpp {args.llamacpp} --rounds {args.rounds}")
