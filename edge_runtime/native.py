@@ -32,6 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "data" / "kernels.c"
+CFLAGS = ["-O3", "-fno-math-errno"]  # -fno-math-errno: lrintf is one instruction, not a libm call
 DOMAIN = "edgefm.native"  # the ONNX domain of the functions this library has kernels for
 OPS = ("BlockOffsetAdd", "Q8MatMul", "Q8MatMulTransB", "Q4MatMul", "Q4MatMulOffset", "Q8Linear")  # their names
 VECTOR_OPS = ("Q4MatMul", "Q4MatMulOffset", "Q8Linear")  # registered only where the library has a vector path for them
@@ -65,10 +66,9 @@ def _build(cc: str, out: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     errors = []
-    # -march=native first (the device's vector units); plain -O3 where the compiler does not know it;
-    # -fno-math-errno: lrintf becomes one instruction instead of a libm call
+    # -march=native first (the device's vector units); plain CFLAGS where the compiler does not know it
     for arch in (["-march=native"], ["-mcpu=native"], []):
-        cmd = [cc, "-O3", "-fno-math-errno", *arch, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+        cmd = [cc, *CFLAGS, *arch, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -235,7 +235,9 @@ def library() -> Path | None:
     if cc is None:
         log.warning("native kernels off: no C compiler (cc, gcc or clang) on PATH; running the pure-onnxruntime graphs")
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + _compiler_version(cc).encode() + platform.machine().encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _compiler_version(cc).encode() + platform.machine().encode()
+    ).hexdigest()[:16]
     path = cache_dir() / f"libedgefm_native-{key}.so"
     if path.is_file() and path.with_suffix(".ok").is_file():
         return path
