@@ -53,6 +53,23 @@ def compiler() -> str | None:
     return None
 
 
+def library_key(source: bytes, compiler_version: str, machine: str, cpu_features: str) -> str:
+    """The built library's name in the cache: what the build depends on. ``-march=native`` builds for the
+    instruction set the CPU reports, so a home directory copied to a machine with another one (an SD card
+    image moved between boards, a VM moved between hosts) gets its own build instead of one that faults."""
+    parts = [source, " ".join(CFLAGS).encode(), compiler_version.encode(), machine.encode(), cpu_features.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _cpu_features() -> str:
+    """The CPU's instruction-set flags (x86 ``flags``, ARM ``Features``), "" where the system does not say."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":")[0].strip() in ("flags", "Features")), "")
+
+
 def _compiler_version(cc: str) -> str:
     try:
         return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -235,9 +252,7 @@ def library() -> Path | None:
     if cc is None:
         log.warning("native kernels off: no C compiler (cc, gcc or clang) on PATH; running the pure-onnxruntime graphs")
         return None
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _compiler_version(cc).encode() + platform.machine().encode()
-    ).hexdigest()[:16]
+    key = library_key(SOURCE.read_bytes(), _compiler_version(cc), platform.machine(), _cpu_features())
     path = cache_dir() / f"libedgefm_native-{key}.so"
     if path.is_file() and path.with_suffix(".ok").is_file():
         return path

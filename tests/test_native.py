@@ -216,3 +216,13 @@ def test_a_cache_that_cannot_be_written_leaves_the_engine_on_onnxruntime_alone(t
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+
+
+def test_the_library_is_built_again_for_another_instruction_set():
+    # a home directory copied between machines (an SD card image, a moved VM) must not load a -march=native
+    # build made for other vector units
+    key = native.library_key(b"src", "gcc 12", "x86_64", "fpu sse2 avx2 avx512f")
+    assert key == native.library_key(b"src", "gcc 12", "x86_64", "fpu sse2 avx2 avx512f")
+    assert key != native.library_key(b"src", "gcc 12", "x86_64", "fpu sse2 avx2")
+    assert key != native.library_key(b"src2", "gcc 12", "x86_64", "fpu sse2 avx2 avx512f")
+    assert key != native.library_key(b"src", "gcc 13", "x86_64", "fpu sse2 avx2 avx512f")
