@@ -294,11 +294,7 @@ def q4_vector(path: str | Path) -> bool:
 
 def x86_avx2() -> bool:
     """Whether this is an x86 machine with AVX2, FMA and F16C (what the Q4 kernels' AVX2 path needs)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return platform.machine() in ("x86_64", "AMD64") and all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+    return platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= set(_cpu_features().split())
 
 
 def register(so) -> bool:
