@@ -254,6 +254,17 @@ def encoder_max_length(src, tok, max_positions: int) -> int:
     return min(int(n), max_positions) if isinstance(n, int) and 0 < n < 1_000_000 else max_positions
 
 
+def calibration_ids(src) -> list[int]:
+    """Token ids of the general-text passages shipped with the agent (``edge_runtime/data/anchor.txt``,
+    everyday prose, no benchmark text): what ``--int4-algo sym`` weighs its rounding by."""
+    from transformers import AutoTokenizer
+
+    from edge_runtime.gate import anchor_texts
+
+    tok = AutoTokenizer.from_pretrained(src)
+    return list(tok("\n".join(anchor_texts()))["input_ids"])
+
+
 def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -> Manifest:
     """Export ``model`` into a bundle at ``out`` (directory; plus ``out.tar`` with ``archive``)."""
     import torch
@@ -299,6 +310,10 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
             sa, sb = stacked_names(tname)
             stacked_shapes[sa], stacked_shapes[sb] = [layers, opts.lora_rank, fin], [layers, fout, opts.lora_rank]
         head_out = "logits" if family == "llama" else None
+        calibration = None
+        if family == "llama" and opts.quant.scheme == "int4" and opts.quant.algo == "sym":
+            calibration = calibration_ids(src)
+            log(f"calibrating the int4 rounding on {len(calibration)} tokens of the shipped anchor text")
         applied = {}
         for g in ("model", "train"):
             src_g = tmp / f"{g}.fp32.onnx"
@@ -313,6 +328,7 @@ def build_bundle(model: str, out: str | Path, opts: BuildOptions, *, log=None) -
                 head_output=head_out if g == "model" else None,
                 training=g == "train",
                 lowrank_slots=io.get("lowrank") if g == "model" else None,
+                calibration=calibration if g == "model" else None,
             )
             if g == "model" and io.get("lora_layout") is LoraLayout.LOWRANK:
                 io["lowrank"] = finish_lowrank(tmp / "model.onnx", io["lowrank"], opts.lora_rank, tmp)

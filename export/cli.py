@@ -49,10 +49,10 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--int4-algo",
-        choices=["asym", "rtn", "hqq"],
+        choices=["asym", "sym", "rtn", "hqq"],
         default=None,
         help="int4 algorithm: asym (default: per-block min/max grid on the fast symmetric kernel plus an offset term), "
-        "rtn (symmetric round-to-nearest, fewest nodes) or hqq (float zero points, slow on CPU)",
+        "sym (symmetric, scale searched per block: fewer bytes, the fastest decode), rtn (symmetric round-to-nearest) or hqq (float zero points, slow on CPU)",
     )
     b.add_argument(
         "--sensitive-8bit",

@@ -46,8 +46,8 @@ class QuantRecipe:
     block_size: int = 32  # int4 / nf4 block
     accuracy_level: int = 4  # MatMulNBits compute precision (0 default, 1 fp32, 4 int8)
     head: Literal["quant", "int8", "fp32"] = "int8"  # the (tied) LM head: the scheme, 8-bit weight-only, or fp32
-    algo: Literal["asym", "hqq", "rtn"] = (
-        "asym"  # int4: asym (min/max grid on the fast kernel), rtn (symmetric), hqq (slow on CPU)
+    algo: Literal["asym", "sym", "hqq", "rtn"] = (
+        "asym"  # int4: asym (min/max grid + offsets), sym (symmetric, scale searched), rtn (symmetric), hqq (slow on CPU)
     )
     sensitive_8bit: tuple[str, ...] = ()  # int4/nf4: modules kept in 8-bit weight-only (e.g. down_proj)
     train_base: Literal["same", "int8", "fp32"] = "int8"  # frozen base inside train.onnx (8-bit keeps gradients close)
@@ -61,8 +61,8 @@ class QuantRecipe:
             raise ExportError("accuracy level must be 0-4 (see onnxruntime MatMulNBits)")
         if self.head not in ("quant", "int8", "fp32"):
             raise ExportError("head must be 'quant', 'int8' or 'fp32'")
-        if self.algo not in ("asym", "hqq", "rtn"):
-            raise ExportError("int4 algo must be 'asym', 'rtn' or 'hqq'")
+        if self.algo not in ("asym", "sym", "hqq", "rtn"):
+            raise ExportError("int4 algo must be 'asym', 'sym', 'rtn' or 'hqq'")
         self.sensitive_8bit = tuple(self.sensitive_8bit)
 
 
@@ -169,9 +169,18 @@ class Quantizer:
     name = "fp32"
 
     def apply(
-        self, src: Path, dst: Path, recipe: QuantRecipe, *, head: list[str], sensitive: list[str], lowrank: dict | None = None
+        self,
+        src: Path,
+        dst: Path,
+        recipe: QuantRecipe,
+        *,
+        head: list[str],
+        sensitive: list[str],
+        lowrank: dict | None = None,
+        calibration: list[int] | None = None,
     ) -> None:
-        """Write a quantized copy of ``src`` to ``dst``."""
+        """Write a quantized copy of ``src`` to ``dst``; ``calibration``: token ids of real text for recipes
+        that weigh their rounding by the activations (``--int4-algo sym``)."""
         onnxfile.copy(src, dst)
 
 
@@ -180,7 +189,7 @@ class Int8DynamicQuantizer(Quantizer):
 
     name = "int8-dynamic"
 
-    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None, calibration=None):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         # MatMul only: quantizing the embedding Gather makes decode slower (dequantize every step).
@@ -202,7 +211,7 @@ class Int8WeightOnlyQuantizer(Quantizer):
 
     name = "int8"
 
-    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None, calibration=None):
         model = onnxfile.load(src)
         fold_initializer_transposes(model)
         onnxfile.save(_nbits(model, 8, recipe, exclude=head if recipe.head == "fp32" else []), dst)
@@ -245,8 +254,100 @@ def asym_int4_blocks(w: np.ndarray, block: int, divisors=(15, 14, 13, 12)) -> tu
     return q.astype(np.uint8), s[..., 0].astype(np.float32), c[..., 0].astype(np.float32)
 
 
+SYM_STEPS = np.linspace(0.8, 1.2, 21)  # sym_int4_blocks: the scales tried, as multiples of the max-abs scale
+
+
+def sym_int4_blocks(w: np.ndarray, block: int, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit blocks along axis 0 of ``w`` [K, N]: w ~= s * (q - 8) per block, no offset.
+
+    Returns codes q [N, K/block, block] (0..15) and scales s [N, K/block]. Per block, the value of
+    largest magnitude fixes the sign (it may take level -8, the grid's longer side); each scale of
+    ``SYM_STEPS`` times amax / 8 is tried, refit by least squares on its codes (sum(x u) / sum(u u)),
+    and the one of least squared error kept. Round to nearest at amax / 8 (``--int4-algo rtn``, llama.cpp's
+    Q4_0) is the candidate 1.0 before its refit, so the result is never worse than it.
+
+    ``importance`` [K]: weights of the squared error per input channel (the mean square of the
+    activations that meet it, ``input_importance``): an error on a channel whose inputs are large moves
+    the output more, so the search trades it against errors where the inputs are small."""
+    K, N = w.shape
+    x = np.ascontiguousarray(w.T, dtype=np.float64).reshape(N, K // block, block)
+    imp = (
+        np.ones((1, K // block, block))
+        if importance is None
+        else np.asarray(importance, np.float64).reshape(1, K // block, block)
+    )
+    idx = np.abs(x).argmax(-1)[..., None]
+    peak = np.take_along_axis(x, idx, -1)  # signed value of largest magnitude
+    base = np.where(peak != 0, -peak / 8, 1e-30)  # its code is -8 at step 1.0
+    best_q, best_s, best_err = None, None, None
+    for f in SYM_STEPS:
+        s = base * f
+        u = np.clip(np.rint(x / s), -8, 7)
+        uu = (imp * u * u).sum(-1, keepdims=True)
+        s_fit = np.where(uu > 0, (imp * u * x).sum(-1, keepdims=True) / np.where(uu > 0, uu, 1), s)
+        for cand in ((s, u), (s_fit, np.clip(np.rint(x / np.where(s_fit != 0, s_fit, 1e-30)), -8, 7))):
+            cs, cu = cand
+            err = (imp * (cs * cu - x) ** 2).sum(-1, keepdims=True)
+            if best_err is None:
+                best_q, best_s, best_err = cu, cs, err
+            else:
+                better = err < best_err
+                best_q, best_s, best_err = (
+                    np.where(better, cu, best_q),
+                    np.where(better, cs, best_s),
+                    np.where(better, err, best_err),
+                )
+    assert best_q is not None and best_s is not None
+    return (best_q + 8).astype(np.uint8), best_s[..., 0].astype(np.float32)
+
+
+def input_importance(model: onnx.ModelProto, ids: list[int], window: int = 256) -> dict[str, np.ndarray]:
+    """The mean square of each constant-weight MatMul's input over the tokens ``ids``, per input channel
+    (keyed by the input's tensor name): ``model`` (a causal-LM inference graph in fp32) run by
+    onnxruntime over non-overlapping windows from an empty cache, those inputs added as outputs."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    inits = {i.name for i in model.graph.initializer}
+    wanted = sorted({n.input[0] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in wanted if n not in have)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds_spec = {i.name: i for i in sess.get_inputs()}
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for start in range(0, max(len(ids) - 1, 1), window):
+        chunk = np.asarray(ids[start : start + window], np.int64)[None]
+        n = chunk.shape[1]
+        feeds: dict[str, np.ndarray] = {"input_ids": chunk}
+        for name, spec in feeds_spec.items():
+            if name == "attention_mask":
+                feeds[name] = np.ones((1, n), np.int64)
+            elif name == "position_ids":
+                feeds[name] = np.arange(n, dtype=np.int64)[None]
+            elif name.startswith("past."):
+                feeds[name] = np.zeros((1, int(spec.shape[1]), 0, int(spec.shape[3])), np.float32)
+        outs = sess.run(wanted, feeds)
+        for name, v in zip(wanted, outs):
+            v = v.reshape(-1, v.shape[-1]).astype(np.float64)
+            sums[name] = sums.get(name, 0) + (v * v).sum(0)
+        count += n
+    return {name: v / max(count, 1) for name, v in sums.items()}
+
+
 def apply_asym_int4(
-    model: onnx.ModelProto, block: int, accuracy_level: int, exclude: set[str], lowrank: dict[str, tuple[str, str]] | None = None
+    model: onnx.ModelProto,
+    block: int,
+    accuracy_level: int,
+    exclude: set[str],
+    lowrank: dict[str, tuple[str, str]] | None = None,
+    *,
+    symmetric: bool = False,
+    importance: dict[str, np.ndarray] | None = None,
 ) -> list[str]:
     """Replace each MatMul(x, const W) (not excluded, K divisible by ``block``) by
     ``MatMulNBits(x, q, s) + S(x) @ C``: the symmetric 4-bit kernel (implicit zero point 8) plus
@@ -255,7 +356,10 @@ def apply_asym_int4(
     it). Where the builder says a MatMul has a low-rank LoRA term over the inputs L, R (``lowrank``:
     matmul node name -> (L, R); see ``edge_runtime.lowrank``), P and C are prepended to L's and R's
     defaults instead: one matmul pair for offsets and LoRA. Returns the names of nodes later
-    quantization passes must leave alone (none: the offset matmuls live inside the function)."""
+    quantization passes must leave alone (none: the offset matmuls live inside the function).
+
+    ``symmetric``: blocks by ``sym_int4_blocks`` instead (weighted by ``importance`` of the MatMul's input
+    where given), plain MatMulNBits nodes without an offset term."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -281,11 +385,15 @@ def apply_asym_int4(
             continue
         w = numpy_helper.to_array(init)
         K, N = w.shape
-        q, s, c = asym_int4_blocks(w, block)
+        if symmetric:
+            q, s = sym_int4_blocks(w, block, (importance or {}).get(node.input[0]))
+            c = None
+        else:
+            q, s, c = asym_int4_blocks(w, block)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or str(b)
         new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
-        fused = node.name in lowrank  # the offsets ride on the group's low-rank LoRA term: no separate path
+        fused = c is None or node.name in lowrank  # no offsets, or they ride on the group's low-rank LoRA term: no separate path
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
@@ -300,6 +408,8 @@ def apply_asym_int4(
                 accuracy_level=accuracy_level,
             )
         )
+        if c is None:
+            continue
         if fused:
             L, R = lowrank[node.name]
             _prepend_lowrank(inits, graph_inputs, L, block_sum_matrix(K, block), axis=1)
@@ -683,7 +793,7 @@ class SharedInt8TrainingQuantizer(Quantizer):
 
     name = "int8"
 
-    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None, calibration=None):
         model = onnxfile.load(src)
         share_frozen_base(model, recipe.block_size)
         fold_initializer_transposes(model)
@@ -845,7 +955,7 @@ def _prepend_lowrank(inits: dict, graph_inputs: dict, name: str, part: np.ndarra
 class Int4Quantizer(Quantizer):
     name = "int4"
 
-    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None, calibration=None):
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
 
         model = onnxfile.load(src)
@@ -856,6 +966,11 @@ class Int4Quantizer(Quantizer):
             # on the low-rank LoRA term instead widens that term's two matmuls (SmolLM2 decode 7% slower, measured)
             fuse = lowrank if recipe.accuracy_level != 4 else None
             keep32 = keep32 + apply_asym_int4(model, recipe.block_size, recipe.accuracy_level, set(keep8 + keep32), fuse)
+        elif recipe.algo == "sym":
+            importance = input_importance(model, calibration) if calibration else None
+            apply_asym_int4(
+                model, recipe.block_size, recipe.accuracy_level, set(keep8 + keep32), symmetric=True, importance=importance
+            )
         else:
             algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=4) if recipe.algo == "hqq" else None
             model = _nbits(model, 4, recipe, exclude=keep8 + keep32, algo=algo)
@@ -867,7 +982,7 @@ class Int4Quantizer(Quantizer):
 class Nf4Quantizer(Quantizer):
     name = "nf4"
 
-    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None):
+    def apply(self, src, dst, recipe, *, head, sensitive, lowrank=None, calibration=None):
         from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
         model = onnxfile.load(src)
@@ -894,9 +1009,11 @@ def quantize_graph(
     head_output: str | None = "logits",
     training: bool = False,
     lowrank_slots: list[dict] | None = None,
+    calibration: list[int] | None = None,
 ) -> str:
     """Quantize one graph file per the recipe; returns the scheme actually applied. ``lowrank_slots``:
-    the builder's low-rank LoRA slots (each names its group's weight ``matmul`` and its L/R inputs)."""
+    the builder's low-rank LoRA slots (each names its group's weight ``matmul`` and its L/R inputs);
+    ``calibration``: token ids of real text (inference graphs of recipes that use it)."""
     model = onnx.load(str(src), load_external_data=False)
     head = head_nodes(model, head_output) if head_output else []
     sensitive = nodes_for_modules(model, module_shapes or {}, recipe.sensitive_8bit) if recipe.scheme in ("int4", "nf4") else []
@@ -906,7 +1023,7 @@ def quantize_graph(
     quantizer = SharedInt8TrainingQuantizer() if training and scheme == "int8" else QUANTIZERS[scheme]
     try:
         lowrank = {sl["matmul"]: (sl["L"], sl["R"]) for sl in lowrank_slots or []}
-        quantizer.apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive, lowrank=lowrank)
+        quantizer.apply(Path(src), Path(dst), recipe, head=head, sensitive=sensitive, lowrank=lowrank, calibration=calibration)
         if head and not training and recipe.head == "int8" and scheme in ("int4", "nf4", "int8"):
             embedding_from_int8_head(Path(src), Path(dst), head)
         if not training and scheme in ("int4", "nf4", "int8"):  # after the embedding: it reads the head's own bytes
