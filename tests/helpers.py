@@ -15,7 +15,8 @@ def tiny_bundle(tmp_root: Path, model_dir: Path, quant: str = "fp32", task: str 
         from export.build import BuildOptions, Progress, build_bundle
         from export.quantize import QuantRecipe
         out = Path(tmp_root) / f"bundle-{task}-{quant}-{abs(hash(key)) % 10**8}"
-        opts = BuildOptions(task=task, quant=QuantRecipe(scheme=quant), lora_rank=kw.pop("lora_rank", 4),
+        recipe = QuantRecipe(scheme=quant, algo=kw.pop("algo", "asym"), head=kw.pop("head", "int8"))
+        opts = BuildOptions(task=task, quant=recipe, lora_rank=kw.pop("lora_rank", 4),
                             train_batch=kw.pop("train_batch", 4), train_seq=kw.pop("train_seq", 32), **kw)
         build_bundle(str(model_dir), out, opts, log=Progress(quiet=True))
         _CACHE[key] = out

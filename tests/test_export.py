@@ -231,6 +231,79 @@ def test_asym_int4_reproduces_grid_weights_and_beats_symmetric_rtn():
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w_stored, rtol=1e-4, atol=1e-4)
 
 
+def test_sym_int4_search_reproduces_a_symmetric_grid_and_never_loses_to_rtn():
+    from export.quantize import sym_int4_blocks
+    rng = np.random.default_rng(1)
+    K, N, blk = 64, 24, 32
+
+    def rec(q, s):
+        return (s[..., None] * (q.astype(np.float64) - 8)).reshape(N, K).T
+
+    # weights on a symmetric grid (levels -8..7 times a scale per block, the value of largest magnitude at -8 * s):
+    # reproduced exactly, codes included
+    s0 = rng.uniform(0.01, 0.05, (N, K // blk, 1))
+    u0 = rng.integers(-8, 8, (N, K // blk, blk))
+    u0[..., 0] = -8
+    w_grid = (s0 * u0).reshape(N, K).T
+    q, s = sym_int4_blocks(w_grid, blk)
+    np.testing.assert_array_equal(q.astype(int) - 8, u0)
+    assert np.abs(rec(q, s) - w_grid).max() < 1e-6
+    for seed in range(5):  # any weights, any channel weights: never a larger weighted error than round-to-nearest
+        r = np.random.default_rng(seed)
+        w = r.standard_normal((K, N)) * np.exp(r.standard_normal((K, 1)))
+        imp = np.exp(3 * r.standard_normal(K))
+        blocks = w.T.reshape(N, K // blk, blk)
+        peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)
+        rtn = (np.clip(np.rint(blocks / (-peak / 8)), -8, 7) * (-peak / 8)).reshape(N, K).T
+        q, s = sym_int4_blocks(w, blk, imp)
+        err = lambda r_: (imp[:, None] * (r_ - w) ** 2).sum()  # noqa: E731
+        assert err(rec(q, s)) <= err(rtn) * (1 + 1e-9)
+        assert q.min() >= 0 and q.max() <= 15
+    # the weights move the error: one channel a thousand times as important comes out closer than unweighted
+    w = np.random.default_rng(7).standard_normal((K, N))
+    imp = np.ones(K)
+    imp[5] = 1000.0
+    plain, weighted = rec(*sym_int4_blocks(w, blk)), rec(*sym_int4_blocks(w, blk, imp))
+    assert np.abs(weighted[5] - w[5]).mean() < 0.5 * np.abs(plain[5] - w[5]).mean()
+
+
+def test_input_importance_is_the_mean_square_of_what_each_linear_reads(tmp_path_factory, tiny_llama_dir):
+    """The calibration of ``--int4-algo sym``: per input channel, the mean square of the activations each
+    weight matmul of the fp32 inference graph reads; the first layer's q/k/v read the RMS-normed embeddings,
+    checked against transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from export import onnxfile
+    from export.quantize import input_importance
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "fp32")
+    model = onnxfile.load(b / "model.onnx")
+    ids = list(np.random.default_rng(0).integers(5, 200, 40))
+    imp = input_importance(model, ids, window=16)  # windows of 16, 16 and 8 tokens, each from an empty cache
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        h = hf.model.layers[0].input_layernorm(hf.model.embed_tokens(torch.tensor([ids])))[0].numpy()
+    want = (h.astype(np.float64) ** 2).mean(0)
+    np.testing.assert_allclose(imp["layers.0.h_attn"], want, rtol=1e-4)  # the fused builder's name of q/k/v's input
+    assert all((v >= 0).all() and v.ndim == 1 for v in imp.values())
+
+
+def test_int4_sym_bundle_calls_the_symmetric_kernel(tmp_path_factory, tiny_llama_dir):
+    """``--int4-algo sym``: plain 4-bit linears (Q4MatMul, no offsets), calibrated at export, within the
+    export's own quality checks; the 4-bit head too with ``--head quant``."""
+    import onnx
+    from edge_runtime.engine import Engine
+    from edge_runtime.protocol.manifest import verify_files
+    b = tiny_bundle(tmp_path_factory.getbasetemp(), tiny_llama_dir, "int4", algo="sym", head="quant")
+    m = verify_files(b)
+    assert m.quant.scheme == "int4"
+    ops = [n.op_type for n in onnx.load(str(b / "model.onnx"), load_external_data=False).graph.node]
+    layers = int(m.model["layers"])
+    assert ops.count("Q4MatMul") == 4 * layers + 1 and "Q4MatMulOffset" not in ops and "Q8Linear" not in ops
+    assert abs(m.checks["perplexity_ratio"] - 1) < 0.05, m.checks
+    eng = Engine(b)
+    assert len(list(eng.generate(eng.encode("valve 2 opens"), max_new_tokens=4, stop_ids=set()))) == 4
+
+
 def test_int4_linears_call_the_native_kernel_with_matmulnbits_inside(tmp_path_factory, tiny_llama_dir):
     """The default int4 graph (int8 compute) calls edgefm.native:Q4MatMul / Q4MatMulOffset for its 4-bit
     linears and Q8Linear for its 8-bit head: the compiled kernel where the device has one, the function body (onnxruntime's MatMulNBits
