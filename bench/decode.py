@@ -324,6 +324,7 @@ def full_precision(v: str) -> str:
 
 
 def main() -> None:
+    global REPEATS  # --repeats: the children read it too
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--variants", default="torch,fp32,int8,int4,int4-pure,int4-rtn,int4-q4head,int4-sym-q4head,genai",
@@ -336,7 +337,6 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--ppl", action="store_true")
     args = ap.parse_args()
-    global REPEATS
     REPEATS = args.repeats
     if args.child:
         if args.child == "bandwidth":
