@@ -294,25 +294,23 @@ def sym_int4_blocks(w: np.ndarray, block: int, importance: np.ndarray | None = N
     idx = np.abs(x).argmax(-1)[..., None]
     peak = np.take_along_axis(x, idx, -1)  # signed value of largest magnitude
     base = np.where(peak != 0, -peak / 8, 1e-30)  # its code is -8 at step 1.0
-    best_q, best_s, best_err = None, None, None
-    for f in SYM_STEPS:
-        s = base * f
-        u = np.clip(np.rint(x / s), -8, 7)
-        uu = (imp * u * u).sum(-1, keepdims=True)
-        s_fit = np.where(uu > 0, (imp * u * x).sum(-1, keepdims=True) / np.where(uu > 0, uu, 1), s)
-        for cand in ((s, u), (s_fit, np.clip(np.rint(x / np.where(s_fit != 0, s_fit, 1e-30)), -8, 7))):
-            cs, cu = cand
-            err = (imp * (cs * cu - x) ** 2).sum(-1, keepdims=True)
-            if best_err is None:
-                best_q, best_s, best_err = cu, cs, err
-            else:
-                better = err < best_err
-                best_q, best_s, best_err = (
-                    np.where(better, cu, best_q),
-                    np.where(better, cs, best_s),
-                    np.where(better, err, best_err),
-                )
-    assert best_q is not None and best_s is not None
+
+    def candidates():
+        for f in SYM_STEPS:
+            s = base * f
+            u = np.clip(np.rint(x / s), -8, 7)
+            uu = (imp * u * u).sum(-1, keepdims=True)
+            s_fit = np.where(uu > 0, (imp * u * x).sum(-1, keepdims=True) / np.where(uu > 0, uu, 1), s)
+            yield s, u
+            yield s_fit, np.clip(np.rint(x / np.where(s_fit != 0, s_fit, 1e-30)), -8, 7)
+
+    found = candidates()
+    best_s, best_q = next(found)
+    best_err = (imp * (best_s * best_q - x) ** 2).sum(-1, keepdims=True)
+    for cs, cu in found:
+        err = (imp * (cs * cu - x) ** 2).sum(-1, keepdims=True)
+        better = err < best_err
+        best_q, best_s, best_err = np.where(better, cu, best_q), np.where(better, cs, best_s), np.where(better, err, best_err)
     return (best_q + 8).astype(np.uint8), best_s[..., 0].astype(np.float32)
 
 
