@@ -45,7 +45,9 @@ from export.training_graph import export_train
 # 9: at accuracy level 4 (the int4 default) the q/k/v offsets go inside Q4MatMulOffset, not into the low-rank slots.
 # 10: training graphs without per-layer scatters in their backward (rotary halves by chunk, stacked LoRA tensors
 #     split once), no Pow(x, 1); --no-train-recompute keeps activations (head chunks of ~128 rows there).
-EXPORTER_REVISION = "10"
+# 11: the quantized inference graphs' attention nodes as edgefm.native:Attention calls (GroupQueryAttention inside;
+#     the native kernel runs one token's decode step itself).
+EXPORTER_REVISION = "11"
 
 
 class Progress:

@@ -628,6 +628,60 @@ def native_linears(model: onnx.ModelProto) -> int:
     return count
 
 
+ATTENTION = "Attention"
+ATTENTION_ATTRS = ["num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"]
+
+
+def attention_function():
+    """The ONNX function ``Attention(QKV, past_key, past_value, seqlens_k, total_len, cos, sin)``: onnxruntime's
+    GroupQueryAttention on packed q/k/v with rotary, its body; the native kernel runs one token's decode step
+    itself and calls GroupQueryAttention for the rest (edge_runtime/data/kernels.c)."""
+    from onnx import AttributeProto, helper
+
+    gqa = helper.make_node(
+        "GroupQueryAttention",
+        ["QKV", "", "", "past_key", "past_value", "seqlens_k", "total_len", "cos", "sin"],
+        ["Y", "present_key", "present_value"],
+        domain="com.microsoft",
+    )
+    kinds = {"scale": AttributeProto.FLOAT}
+    for a in ATTENTION_ATTRS:
+        gqa.attribute.append(helper.make_attribute_ref(a, kinds.get(a, AttributeProto.INT)))
+    return helper.make_function(
+        NATIVE_DOMAIN,
+        ATTENTION,
+        ["QKV", "past_key", "past_value", "seqlens_k", "total_len", "cos", "sin"],
+        ["Y", "present_key", "present_value"],
+        [gqa],
+        [helper.make_opsetid("com.microsoft", 1)],
+        attributes=ATTENTION_ATTRS,
+    )
+
+
+def native_attention(model: onnx.ModelProto) -> int:
+    """Rewrite (in place) each GroupQueryAttention node on packed q/k/v (no separate key and value inputs) to a
+    call of ``Attention`` (``attention_function``); returns how many were rewritten."""
+    from onnx import helper
+
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.input) != 9:
+            continue
+        if node.input[1] or node.input[2] or {a.name for a in node.attribute} - set(ATTENTION_ATTRS):
+            continue
+        ins = [node.input[0], *node.input[3:]]
+        call = helper.make_node(ATTENTION, ins, list(node.output), name=node.name, domain=NATIVE_DOMAIN)
+        call.attribute.extend(node.attribute)
+        node.CopyFrom(call)
+        count += 1
+    if count:
+        if not any(f.name == ATTENTION and f.domain == NATIVE_DOMAIN for f in model.functions):
+            model.functions.append(attention_function())
+        if not any(o.domain == NATIVE_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(NATIVE_DOMAIN, 1))
+    return count
+
+
 Q8_MATMUL, Q8_MATMUL_TRANS_B = "Q8MatMul", "Q8MatMulTransB"
 Q8_OPSET = 21  # the Q8 functions' bodies dequantize with a blocked DequantizeLinear (opset 21 on)
 
@@ -1042,7 +1096,8 @@ def quantize_graph(
             embedding_from_int8_head(Path(src), Path(dst), head)
         if not training and scheme in ("int4", "nf4", "int8"):  # after the embedding: it reads the head's own bytes
             model = onnxfile.load(dst)
-            if native_linears(model):  # the 4/8-bit linears as edgefm.native calls (MatMulNBits inside, as fallback)
+            # the 4/8-bit linears and the attention as edgefm.native calls (onnxruntime's operators inside, as fallback)
+            if native_linears(model) + native_attention(model):
                 onnxfile.save(model, dst)
     except ExportError:
         raise

@@ -226,3 +226,83 @@ def test_the_library_is_built_again_for_another_instruction_set():
     assert key != native.library_key(b"src", "gcc 12", "x86_64", "fpu sse2 avx2")
     assert key != native.library_key(b"src2", "gcc 12", "x86_64", "fpu sse2 avx2 avx512f")
     assert key != native.library_key(b"src", "gcc 13", "x86_64", "fpu sse2 avx2 avx512f")
+
+
+def _attention_model(heads, groups, dim, cap, positions):
+    """One edgefm.native:Attention call (its body: GroupQueryAttention on packed q/k/v with rotary), as the
+    exporter writes it (export/quantize.py:attention_function), with the cache as inputs and outputs."""
+    import onnx
+    from onnx import AttributeProto, TensorProto, helper
+
+    attrs = ["num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"]
+    gqa = helper.make_node("GroupQueryAttention", ["QKV", "", "", "pk", "pv", "sl", "tl", "cos", "sin"], ["Y", "K", "V"],
+                           domain="com.microsoft")
+    for a in attrs:
+        gqa.attribute.append(helper.make_attribute_ref(a, AttributeProto.FLOAT if a == "scale" else AttributeProto.INT))
+    fn = helper.make_function(native.DOMAIN, "Attention", ["QKV", "pk", "pv", "sl", "tl", "cos", "sin"], ["Y", "K", "V"],
+                              [gqa], [helper.make_opsetid("com.microsoft", 1)], attributes=attrs)
+    call = helper.make_node("Attention", ["qkv", "past_k", "past_v", "seqlens", "total", "cos", "sin"],
+                            ["y", "present_k", "present_v"], domain=native.DOMAIN, num_heads=heads, kv_num_heads=groups,
+                            scale=0.3, do_rotary=1, rotary_interleaved=0)
+    f = TensorProto.FLOAT
+    graph = helper.make_graph([call], "attention", [
+        helper.make_tensor_value_info("qkv", f, [1, "s", (heads + 2 * groups) * dim]),
+        helper.make_tensor_value_info("past_k", f, [1, groups, cap, dim]),
+        helper.make_tensor_value_info("past_v", f, [1, groups, cap, dim]),
+        helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total", TensorProto.INT32, []),
+        helper.make_tensor_value_info("cos", f, [positions, dim // 2]),
+        helper.make_tensor_value_info("sin", f, [positions, dim // 2]),
+    ], [helper.make_tensor_value_info(n, f, None) for n in ("y", "present_k", "present_v")])
+    ops = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1), helper.make_opsetid(native.DOMAIN, 1)]
+    return onnx.helper.make_model(graph, opset_imports=ops, functions=[fn], ir_version=9).SerializeToString()
+
+
+def test_attention_decode_step_matches_group_query_attention(tmp_path):
+    """The native Attention runs a one-token step itself (rotary on q and k, k and v appended in place, softmax
+    attention per query head over its key/value head) and gives onnxruntime's GroupQueryAttention's outputs and
+    cache; the prompt before it goes through GroupQueryAttention (InvokeOp) in both sessions."""
+    import json
+
+    import onnxruntime as ort
+    heads, groups, dim, cap, positions = 6, 2, 16, 12, 32
+    model = _attention_model(heads, groups, dim, cap, positions)
+    rng = np.random.default_rng(3)
+    angles = np.arange(positions)[:, None] / 10000 ** (np.arange(dim // 2) / (dim // 2))
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    steps = [rng.standard_normal((1, n, (heads + 2 * groups) * dim)).astype(np.float32) for n in (5, 1, 1, 1, 1)]
+    results = {}
+    for mode in ("native", "onnxruntime"):
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(tmp_path / mode)
+        if mode == "native":
+            assert native.register(so)
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        k = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, groups, cap, dim), np.float32))
+        v = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, groups, cap, dim), np.float32))
+        outs, total = [], 0
+        for qkv in steps:
+            total += qkv.shape[1]
+            b = sess.io_binding()
+            b.bind_cpu_input("qkv", qkv)
+            b.bind_ortvalue_input("past_k", k)
+            b.bind_ortvalue_input("past_v", v)
+            b.bind_cpu_input("seqlens", np.array([total - 1], np.int32))
+            b.bind_cpu_input("total", np.array(total, np.int32))
+            b.bind_cpu_input("cos", cos)
+            b.bind_cpu_input("sin", sin)
+            b.bind_output("y", "cpu")
+            b.bind_ortvalue_output("present_k", k)  # the cache appended in place, as the engine's decode loop does
+            b.bind_ortvalue_output("present_v", v)
+            sess.run_with_iobinding(b)
+            outs.append(b.get_outputs()[0].numpy().copy())
+        ran = {e.get("args", {}).get("op_name") for e in json.loads(open(sess.end_profiling()).read())}
+        results[mode] = (outs, k.numpy().copy(), v.numpy().copy(), ran)
+    (got, gk, gv, ran_native), (want, wk, wv, ran_plain) = results["native"], results["onnxruntime"]
+    assert "Attention" in ran_native and "Attention" not in ran_plain    # the kernel ran; the other session inlined
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gk, wk, rtol=1e-5, atol=1e-5)             # rotated keys at positions 0..8
+    np.testing.assert_allclose(gv, wv, rtol=1e-5, atol=1e-5)
+    assert np.abs(gk[:, :, 9:]).max() == 0                                # nothing past the last position

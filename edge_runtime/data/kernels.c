@@ -16,6 +16,7 @@
  * few entry points used are declared here from the published ABI: the OrtApi function table is
  * append-only, so a slot number never changes, and OrtApiBase::GetApi(version) hands out the table of
  * any earlier API version. Built by edge_runtime/native.py with the machine's C compiler. */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -50,15 +51,24 @@ enum {
   ORT_GET_DIMENSIONS_COUNT = 61,
   ORT_GET_DIMENSIONS = 62,
   ORT_GET_TENSOR_TYPE_AND_SHAPE = 65,
+  ORT_KERNEL_INFO_GET_ATTRIBUTE_FLOAT = 85,
+  ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
   ORT_KERNEL_CONTEXT_GET_INPUT = 90,
   ORT_KERNEL_CONTEXT_GET_OUTPUT = 91,
   ORT_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  ORT_RELEASE_STATUS = 93,
+  ORT_CREATE_OP_ATTR = 211, /* API version 12 on: a built-in operator called from a custom one */
+  ORT_RELEASE_OP_ATTR = 212,
+  ORT_CREATE_OP = 213,
+  ORT_INVOKE_OP = 214,
+  ORT_RELEASE_OP = 215,
   ORT_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* API version 17 on */
 };
 #define ORT_API_VERSION_USED 17 /* onnxruntime >= 1.17 */
 #define ONNX_FLOAT 1
 #define ONNX_UINT8 2
 #define ONNX_INT8 3
+#define ONNX_INT32 6
 #define ONNX_FLOAT16 10
 
 static const OrtApi *ort;
@@ -902,6 +912,181 @@ static OrtStatus *q4_create(const OrtCustomOp *op, const OrtApi *api, const OrtK
   return NULL;
 }
 
+/* ---- Attention: GroupQueryAttention (com.microsoft) with one token's decode step in C ----
+ *
+ * Attention(QKV [B, S, (H + 2 G) D], past_key/value [B, G, L, D], seqlens_k [B] int32, total_len int32,
+ * cos/sin [P, D/2]) -> (out [B, S, H D], present_key/value): the graph's attention node. One token of one
+ * sequence whose cache is appended in place (present bound to past's buffer, as the engine's decode loop
+ * does) runs here: rotary (non-interleaved) on q and k, k and v written at position seqlens_k, softmax
+ * attention of each query head over the positions so far, one task per key/value head. Everything else
+ * (prompts, batches, separate caches) calls onnxruntime's own GroupQueryAttention kernel (InvokeOp). */
+typedef struct OrtOp OrtOp;
+typedef struct OrtOpAttr OrtOpAttr;
+typedef struct {
+  OrtOp *gqa; /* onnxruntime's kernel, for what the decode path does not take */
+  int64_t heads, kv_heads, rotary, interleaved;
+  float scale;
+} AttnKernel;
+
+typedef struct {
+  const float *qkv, *cos, *sin;
+  float *k, *v, *out;
+  size_t heads, groups, dim, cap, pos;
+  float scale;
+} AttnJob;
+
+static void rotate(const float *x, const float *c, const float *s, size_t half, float *y) {
+  for (size_t i = 0; i < half; i++) {
+    const float a = x[i], b = x[i + half];
+    y[i] = a * c[i] - b * s[i];
+    y[i + half] = b * c[i] + a * s[i];
+  }
+}
+
+#define ATTN_MAX_DIM 256
+#define ATTN_MAX_GROUP 16
+static void attend_group(void *arg, size_t g) {
+  const AttnJob *j = (const AttnJob *)arg;
+  const size_t d = j->dim, half = d / 2, r = j->heads / j->groups, t_len = j->pos + 1;
+  const float *c = j->cos + j->pos * half, *s = j->sin + j->pos * half;
+  float *kc = j->k + g * j->cap * d, *vc = j->v + g * j->cap * d;
+  rotate(j->qkv + (j->heads + g) * d, c, s, half, kc + j->pos * d);
+  memcpy(vc + j->pos * d, j->qkv + (j->heads + j->groups + g) * d, d * sizeof(float));
+  float q[ATTN_MAX_GROUP][ATTN_MAX_DIM];
+  for (size_t h = 0; h < r; h++) rotate(j->qkv + (g * r + h) * d, c, s, half, q[h]);
+  float stack[4096];
+  float *p = r * t_len <= 4096 ? stack : (float *)malloc(r * t_len * sizeof(float));
+  if (!p) return; /* checked by the caller's size limit: 4096 floats or the heap */
+  for (size_t t = 0; t < t_len; t++) {
+    const float *kt = kc + t * d;
+    for (size_t h = 0; h < r; h++) {
+      float acc = 0.0f;
+      for (size_t i = 0; i < d; i++) acc += q[h][i] * kt[i];
+      p[h * t_len + t] = acc * j->scale;
+    }
+  }
+  for (size_t h = 0; h < r; h++) {
+    float *ph = p + h * t_len, m = ph[0], sum = 0.0f;
+    for (size_t t = 1; t < t_len; t++) m = ph[t] > m ? ph[t] : m;
+    for (size_t t = 0; t < t_len; t++) sum += (ph[t] = expf(ph[t] - m));
+    const float inv = 1.0f / sum;
+    float *o = j->out + (g * r + h) * d;
+    float acc[ATTN_MAX_DIM] = {0};
+    for (size_t t = 0; t < t_len; t++) {
+      const float w = ph[t] * inv, *vt = vc + t * d;
+      for (size_t i = 0; i < d; i++) acc[i] += w * vt[i];
+    }
+    memcpy(o, acc, d * sizeof(float));
+  }
+  if (p != stack) free(p);
+}
+
+static OrtStatus *attn_compute(void *kernel, OrtKernelContext *ctx) {
+  const AttnKernel *ak = (const AttnKernel *)kernel;
+  typedef OrtStatus *(*GetInput)(const OrtKernelContext *, size_t, const OrtValue **);
+  typedef OrtStatus *(*GetOutput)(OrtKernelContext *, size_t, const int64_t *, size_t, OrtValue **);
+  const OrtValue *in[7];
+  for (size_t i = 0; i < 7; i++) ORT_FN(ORT_KERNEL_CONTEXT_GET_INPUT, GetInput)(ctx, i, &in[i]);
+  int64_t dq[8], dk[8], dc[8], ds[8];
+  size_t rq, rk, rc, rs;
+  dims_of(in[0], dq, &rq);
+  dims_of(in[1], dk, &rk);
+  dims_of(in[5], dc, &rc);
+  dims_of(in[3], ds, &rs);
+  const size_t heads = (size_t)ak->heads, groups = (size_t)ak->kv_heads;
+  if (rq != 3 || rk != 4 || rc != 2 || rs != 1 || groups == 0 || heads % groups || (size_t)dk[1] != groups)
+    return fail("Attention: QKV must be [B, S, (H + 2 G) D] and the caches [B, G, L, D]");
+  const size_t d = (size_t)dk[3], b = (size_t)dq[0], seq = (size_t)dq[1];
+  const int32_t total = *(const int32_t *)data_of(in[4]);
+  const int64_t present_len = dk[2] > total ? dk[2] : total;
+  int64_t dout[3] = {dq[0], dq[1], (int64_t)(heads * d)}, dpres[4] = {dk[0], dk[1], present_len, dk[3]};
+  OrtValue *out[3] = {NULL, NULL, NULL};
+  ORT_FN(ORT_KERNEL_CONTEXT_GET_OUTPUT, GetOutput)(ctx, 0, dout, 3, &out[0]);
+  ORT_FN(ORT_KERNEL_CONTEXT_GET_OUTPUT, GetOutput)(ctx, 1, dpres, 4, &out[1]);
+  ORT_FN(ORT_KERNEL_CONTEXT_GET_OUTPUT, GetOutput)(ctx, 2, dpres, 4, &out[2]);
+  if (!out[0] || !out[1] || !out[2]) return fail("Attention: no output");
+  const int32_t pos = *(const int32_t *)data_of(in[3]);
+  const int decode = b == 1 && seq == 1 && ak->rotary == 1 && ak->interleaved == 0 && d <= ATTN_MAX_DIM && d % 2 == 0 &&
+                     heads / groups <= ATTN_MAX_GROUP && (size_t)dq[2] == (heads + 2 * groups) * d &&
+                     (size_t)dc[1] * 2 == d && pos >= 0 && pos + 1 == total && pos < dk[2] && pos < dc[0] &&
+                     data_of(in[1]) == data_of(out[1]) && data_of(in[2]) == data_of(out[2]);
+  if (!decode) {
+    const OrtValue *gin[9] = {in[0], NULL, NULL, in[1], in[2], in[3], in[4], in[5], in[6]};
+    typedef OrtStatus *(*InvokeOp)(const OrtKernelContext *, const OrtOp *, const OrtValue *const *, int, OrtValue *const *, int);
+    return ORT_FN(ORT_INVOKE_OP, InvokeOp)(ctx, ak->gqa, gin, 9, out, 3);
+  }
+  const AttnJob job = {(const float *)data_of(in[0]), (const float *)data_of(in[5]), (const float *)data_of(in[6]),
+                       (float *)data_of(out[1]), (float *)data_of(out[2]), (float *)data_of(out[0]),
+                       heads, groups, d, (size_t)dk[2], (size_t)pos, ak->scale != 0.0f ? ak->scale : 1.0f / sqrtf((float)d)};
+  for (size_t g = 0; g < groups; g++) attend_group((void *)&job, g);
+  return NULL;
+}
+
+static OrtStatus *attn_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
+  (void)op, (void)api;
+  typedef OrtStatus *(*GetInt)(const OrtKernelInfo *, const char *, int64_t *);
+  typedef OrtStatus *(*GetFloat)(const OrtKernelInfo *, const char *, float *);
+  typedef void (*Release)(void *);
+  AttnKernel *ak = (AttnKernel *)calloc(1, sizeof *ak);
+  if (!ak) return fail("Attention: out of memory");
+  const char *names[4] = {"num_heads", "kv_num_heads", "do_rotary", "rotary_interleaved"};
+  int64_t *fields[4] = {&ak->heads, &ak->kv_heads, &ak->rotary, &ak->interleaved};
+  OrtOpAttr *attrs[5] = {NULL};
+  int count = 0;
+  OrtStatus *st = NULL;
+  typedef OrtStatus *(*CreateAttr)(const char *, const void *, int, int, OrtOpAttr **);
+  for (int i = 0; i < 4; i++) {
+    st = ORT_FN(ORT_KERNEL_INFO_GET_ATTRIBUTE_INT64, GetInt)(info, names[i], fields[i]);
+    if (st) { /* absent: GroupQueryAttention's default (0) */
+      ORT_FN(ORT_RELEASE_STATUS, Release)(st);
+      *fields[i] = 0;
+      continue;
+    }
+    st = ORT_FN(ORT_CREATE_OP_ATTR, CreateAttr)(names[i], fields[i], 1, 1 /* ORT_OP_ATTR_INT */, &attrs[count]);
+    if (st) break;
+    count++;
+  }
+  if (!st) {
+    OrtStatus *sc = ORT_FN(ORT_KERNEL_INFO_GET_ATTRIBUTE_FLOAT, GetFloat)(info, "scale", &ak->scale);
+    if (sc) {
+      ORT_FN(ORT_RELEASE_STATUS, Release)(sc);
+      ak->scale = 0.0f;
+    } else {
+      st = ORT_FN(ORT_CREATE_OP_ATTR, CreateAttr)("scale", &ak->scale, 1, 3 /* ORT_OP_ATTR_FLOAT */, &attrs[count]);
+      if (!st) count++;
+    }
+  }
+  if (!st) {
+    const char *tnames[2] = {"T", "M"};
+    const int tvalues[2] = {ONNX_FLOAT, ONNX_INT32};
+    /* the signature of onnxruntime >= 1.13 (input and output counts before the result) */
+    typedef OrtStatus *(*CreateOp)(const OrtKernelInfo *, const char *, const char *, int, const char **, const int *, int,
+                                   const OrtOpAttr *const *, int, int, int, OrtOp **);
+    st = ORT_FN(ORT_CREATE_OP, CreateOp)(info, "GroupQueryAttention", "com.microsoft", 1, tnames, tvalues, 2,
+                                         (const OrtOpAttr *const *)attrs, count, 9, 3, &ak->gqa);
+  }
+  for (int i = 0; i < count; i++) ORT_FN(ORT_RELEASE_OP_ATTR, Release)(attrs[i]);
+  if (st) {
+    free(ak);
+    return st;
+  }
+  *kernel = ak;
+  return NULL;
+}
+static void attn_destroy(void *kernel) {
+  AttnKernel *ak = (AttnKernel *)kernel;
+  if (ak && ak->gqa) ORT_FN(ORT_RELEASE_OP, void (*)(OrtOp *))(ak->gqa);
+  free(ak);
+}
+static const char *attn_name(const OrtCustomOp *op) { (void)op; return "Attention"; }
+static int attn_input_type(const OrtCustomOp *op, size_t i) { (void)op; return i == 3 || i == 4 ? ONNX_INT32 : ONNX_FLOAT; }
+static size_t attn_input_count(const OrtCustomOp *op) { (void)op; return 7; }
+static size_t attn_output_count(const OrtCustomOp *op) { (void)op; return 3; }
+static OrtCustomOp attention = {17, NULL, attn_name, op_provider, attn_input_type, attn_input_count, output_type,
+                                attn_output_count, NULL, attn_destroy, required, required, required, one, one, one, one,
+                                attn_create, attn_compute, NULL, one, last_version, no_pairs, free_pairs, no_pairs,
+                                free_pairs};
+
 /* called by onnxruntime (SessionOptions.register_custom_ops_library) */
 OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
   ort = base->GetApi(ORT_API_VERSION_USED);
@@ -909,7 +1094,7 @@ OrtStatus *RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base)
   OrtCustomOpDomain *domain = NULL;
   OrtStatus *st = ORT_FN(ORT_CREATE_CUSTOM_OP_DOMAIN, OrtStatus *(*)(const char *, OrtCustomOpDomain **))("edgefm.native", &domain);
   if (st) return st;
-  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b, &q4_matmul, &q4_matmul_offset, &q8_linear};
+  const OrtCustomOp *ops[] = {&block_offset_add, &q8_matmul, &q8_matmul_trans_b, &attention, &q4_matmul, &q4_matmul_offset, &q8_linear};
   const size_t count = sizeof ops / sizeof ops[0] - (edgefm_q4_vector() ? 0 : 3);
   for (size_t i = 0; i < count; i++) {
     st = ORT_FN(ORT_CUSTOM_OP_DOMAIN_ADD, OrtStatus *(*)(OrtCustomOpDomain *, const OrtCustomOp *))(domain, ops[i]);
