@@ -319,6 +319,7 @@ def test_int4_linears_call_the_native_kernel_with_matmulnbits_inside(tmp_path_fa
     assert ops.count("Q4MatMulOffset") == 4 * layers   # q/k/v, o, gate/up, down: offsets inside (none on the low-rank term)
     assert all(sl.get("prefix", 0) == 0 for sl in Engine(b).manifest.io.lowrank)
     assert [n.name for n in nodes if n.op_type == "Q8Linear"] == ["lm_head_Q8"]  # the 8-bit head
+    assert ops.count("Attention") == layers and "GroupQueryAttention" not in ops  # attention: the native call too
     assert not [n for n in nodes if n.op_type == "MatMulNBits"]
     eng, pure = Engine(b), Engine(b, native=False)
     assert eng.native and not pure.native
