@@ -943,6 +943,33 @@ static void rotate(const float *x, const float *c, const float *s, size_t half, 
   }
 }
 
+/* exp(x) for x <= 0 (softmax after the max is taken off), in a form the compiler vectorizes: x = n ln2 + r,
+ * 2^n from the exponent bits, e^r by a degree-6 polynomial (relative error ~2e-7); below -87 it is 0. */
+static inline float exp_neg(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = __builtin_roundf(x * 1.44269504f);
+  const float r = x - n * 0.693145752f - n * 1.42860677e-6f;
+  float p = 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  union { int32_t i; float f; } u = {.i = ((int32_t)n + 127) << 23};
+  return p * u.f;
+}
+
+/* dot product of two float vectors of length d (a multiple of 16: 16 partial sums the compiler vectorizes) */
+static inline float dot16(const float *a, const float *b, size_t d) {
+  float part[16] = {0};
+  for (size_t i = 0; i < d; i += 16)
+    for (size_t l = 0; l < 16; l++) part[l] += a[i + l] * b[i + l];
+  float sum = 0.0f;
+  for (size_t l = 0; l < 16; l++) sum += part[l];
+  return sum;
+}
+
 #define ATTN_MAX_DIM 256
 #define ATTN_MAX_GROUP 16
 static void attend_group(void *arg, size_t g) {
@@ -959,16 +986,13 @@ static void attend_group(void *arg, size_t g) {
   if (!p) return; /* checked by the caller's size limit: 4096 floats or the heap */
   for (size_t t = 0; t < t_len; t++) {
     const float *kt = kc + t * d;
-    for (size_t h = 0; h < r; h++) {
-      float acc = 0.0f;
-      for (size_t i = 0; i < d; i++) acc += q[h][i] * kt[i];
-      p[h * t_len + t] = acc * j->scale;
-    }
+    for (size_t h = 0; h < r; h++) p[h * t_len + t] = dot16(q[h], kt, d) * j->scale;
   }
   for (size_t h = 0; h < r; h++) {
     float *ph = p + h * t_len, m = ph[0], sum = 0.0f;
     for (size_t t = 1; t < t_len; t++) m = ph[t] > m ? ph[t] : m;
-    for (size_t t = 0; t < t_len; t++) sum += (ph[t] = expf(ph[t] - m));
+    for (size_t t = 0; t < t_len; t++) ph[t] = exp_neg(ph[t] - m);
+    for (size_t t = 0; t < t_len; t++) sum += ph[t];
     const float inv = 1.0f / sum;
     float *o = j->out + (g * r + h) * d;
     float acc[ATTN_MAX_DIM] = {0};
@@ -1006,7 +1030,7 @@ static OrtStatus *attn_compute(void *kernel, OrtKernelContext *ctx) {
   ORT_FN(ORT_KERNEL_CONTEXT_GET_OUTPUT, GetOutput)(ctx, 2, dpres, 4, &out[2]);
   if (!out[0] || !out[1] || !out[2]) return fail("Attention: no output");
   const int32_t pos = *(const int32_t *)data_of(in[3]);
-  const int decode = b == 1 && seq == 1 && ak->rotary == 1 && ak->interleaved == 0 && d <= ATTN_MAX_DIM && d % 2 == 0 &&
+  const int decode = b == 1 && seq == 1 && ak->rotary == 1 && ak->interleaved == 0 && d <= ATTN_MAX_DIM && d % 16 == 0 &&
                      heads / groups <= ATTN_MAX_GROUP && (size_t)dq[2] == (heads + 2 * groups) * d &&
                      (size_t)dc[1] * 2 == d && pos >= 0 && pos + 1 == total && pos < dk[2] && pos < dc[0] &&
                      data_of(in[1]) == data_of(out[1]) && data_of(in[2]) == data_of(out[2]);
