@@ -930,7 +930,7 @@ typedef struct {
 
 typedef struct {
   const float *qkv, *cos, *sin;
-  float *k, *v, *out;
+  float *k, *v, *out, *scratch; /* scratch: heads x (pos + 1) scores */
   size_t heads, groups, dim, cap, pos;
   float scale;
 } AttnJob;
@@ -981,9 +981,7 @@ static void attend_group(void *arg, size_t g) {
   memcpy(vc + j->pos * d, j->qkv + (j->heads + j->groups + g) * d, d * sizeof(float));
   float q[ATTN_MAX_GROUP][ATTN_MAX_DIM];
   for (size_t h = 0; h < r; h++) rotate(j->qkv + (g * r + h) * d, c, s, half, q[h]);
-  float stack[4096];
-  float *p = r * t_len <= 4096 ? stack : (float *)malloc(r * t_len * sizeof(float));
-  if (!p) return; /* checked by the caller's size limit: 4096 floats or the heap */
+  float *p = j->scratch + g * r * t_len;
   for (size_t t = 0; t < t_len; t++) {
     const float *kt = kc + t * d;
     for (size_t h = 0; h < r; h++) p[h * t_len + t] = dot16(q[h], kt, d) * j->scale;
@@ -1002,7 +1000,6 @@ static void attend_group(void *arg, size_t g) {
     }
     memcpy(o, acc, d * sizeof(float));
   }
-  if (p != stack) free(p);
 }
 
 static OrtStatus *attn_compute(void *kernel, OrtKernelContext *ctx) {
@@ -1039,11 +1036,22 @@ static OrtStatus *attn_compute(void *kernel, OrtKernelContext *ctx) {
     typedef OrtStatus *(*InvokeOp)(const OrtKernelContext *, const OrtOp *, const OrtValue *const *, int, OrtValue *const *, int);
     return ORT_FN(ORT_INVOKE_OP, InvokeOp)(ctx, ak->gqa, gin, 9, out, 3);
   }
+  float stack[4096];
+  const size_t need = heads * ((size_t)pos + 1);
+  float *scratch = need <= 4096 ? stack : (float *)malloc(need * sizeof(float));
+  if (!scratch) return fail("Attention: out of memory");
   const AttnJob job = {(const float *)data_of(in[0]), (const float *)data_of(in[5]), (const float *)data_of(in[6]),
-                       (float *)data_of(out[1]), (float *)data_of(out[2]), (float *)data_of(out[0]),
+                       (float *)data_of(out[1]), (float *)data_of(out[2]), (float *)data_of(out[0]), scratch,
                        heads, groups, d, (size_t)dk[2], (size_t)pos, ak->scale != 0.0f ? ak->scale : 1.0f / sqrtf((float)d)};
-  for (size_t g = 0; g < groups; g++) attend_group((void *)&job, g);
-  return NULL;
+  OrtStatus *st = NULL;
+  if (groups == 1)
+    for (size_t g = 0; g < groups; g++) attend_group((void *)&job, g);
+  else /* one task per key/value head on onnxruntime's pool */
+    st = ORT_FN(ORT_KERNEL_CONTEXT_PARALLEL_FOR,
+                OrtStatus *(*)(const OrtKernelContext *, void (*)(void *, size_t), size_t, size_t, void *))(
+        ctx, attend_group, groups, 0, (void *)&job);
+  if (scratch != stack) free(scratch);
+  return st;
 }
 
 static OrtStatus *attn_create(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info, void **kernel) {
