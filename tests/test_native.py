@@ -229,18 +229,14 @@ def test_the_library_is_built_again_for_another_instruction_set():
 
 
 def _attention_model(heads, groups, dim, cap, positions):
-    """One edgefm.native:Attention call (its body: GroupQueryAttention on packed q/k/v with rotary), as the
-    exporter writes it (export/quantize.py:attention_function), with the cache as inputs and outputs."""
+    """One edgefm.native:Attention call with the exporter's function (export/quantize.py:attention_function:
+    GroupQueryAttention on packed q/k/v with rotary as its body), the cache as inputs and outputs."""
     import onnx
-    from onnx import AttributeProto, TensorProto, helper
+    from onnx import TensorProto, helper
 
-    attrs = ["num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved"]
-    gqa = helper.make_node("GroupQueryAttention", ["QKV", "", "", "pk", "pv", "sl", "tl", "cos", "sin"], ["Y", "K", "V"],
-                           domain="com.microsoft")
-    for a in attrs:
-        gqa.attribute.append(helper.make_attribute_ref(a, AttributeProto.FLOAT if a == "scale" else AttributeProto.INT))
-    fn = helper.make_function(native.DOMAIN, "Attention", ["QKV", "pk", "pv", "sl", "tl", "cos", "sin"], ["Y", "K", "V"],
-                              [gqa], [helper.make_opsetid("com.microsoft", 1)], attributes=attrs)
+    from export.quantize import attention_function
+
+    fn = attention_function()
     call = helper.make_node("Attention", ["qkv", "past_k", "past_v", "seqlens", "total", "cos", "sin"],
                             ["y", "present_k", "present_v"], domain=native.DOMAIN, num_heads=heads, kv_num_heads=groups,
                             scale=0.3, do_rotary=1, rotary_interleaved=0)
